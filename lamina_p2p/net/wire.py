@@ -1,0 +1,234 @@
+"""The wire format: one message = one ZeroMQ multipart message.
+
+frame 0      msgpack map {"v": version, "op": str, "id": int, "dl": deadline (unix s, optional),
+             "t": [[dtype, shape], ...] one per tensor frame, "f": {op fields}}
+frames 1..n  raw C-contiguous tensor bytes, one frame per tensor
+
+The decoder is the trust boundary of every peer: it checks each header field and each frame's
+real byte length before it builds anything, and it never allocates from a size a header merely
+claims (tensors are `np.frombuffer` views of the frames that actually arrived). No pickle.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# Wire tag -> numpy dtype. bf16 has no numpy dtype: it travels as its uint16 bit pattern.
+DTYPES: dict[str, np.dtype] = {
+    "f32": np.dtype("<f4"),
+    "f64": np.dtype("<f8"),
+    "f16": np.dtype("<f2"),
+    "bf16": np.dtype("<u2"),
+    "i8": np.dtype("i1"),
+    "i32": np.dtype("<i4"),
+    "i64": np.dtype("<i8"),
+    "u8": np.dtype("u1"),
+    "u16": np.dtype("<u2"),
+    "bool": np.dtype("?"),
+}
+_NP_TO_TAG = {np.dtype(v): k for k, v in DTYPES.items() if k != "bf16"}
+
+# Frames at or above this size are handed to ZeroMQ without a copy. Below it the copy is cheaper
+# than the bookkeeping (pyzmq uses the same figure for its own copy threshold).
+ZERO_COPY_THRESHOLD = 64 * 1024
+
+MAX_OP_LEN = 64
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format. The text says what was wrong."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int = 64 * 1024
+    max_frames: int = 64  # tensor frames, header excluded
+    max_frame_bytes: int = 1 << 30
+    max_total_bytes: int = 2 << 30
+    max_ndim: int = 8
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Message:
+    op: str
+    rid: int
+    fields: dict = field(default_factory=dict)
+    tensors: list = field(default_factory=list)  # np.ndarray views of the received frames
+    dtypes: list = field(default_factory=list)  # wire tags, one per tensor
+    deadline: float | None = None
+
+    def torch(self, i: int):
+        """Tensor i as a torch tensor: shares the frame's memory when it can.
+
+        bf16 comes back as torch.bfloat16. A frame buffer that is not aligned to the item size
+        (ZeroMQ may hand back small messages at any offset inside its receive buffer) is copied,
+        because torch and numba kernels assume aligned data.
+        """
+        import torch
+
+        arr = self.tensors[i]
+        if not arr.flags.aligned or not arr.flags.writeable:
+            # A read-only buffer (bytes frames in tests) cannot be shared safely with torch,
+            # which has no read-only tensors: copy it rather than hand out undefined behaviour.
+            arr = arr.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
+        if self.dtypes[i] == "bf16":
+            t = t.view(torch.bfloat16)
+        return t
+
+
+def _as_array(t: Any) -> tuple[str, np.ndarray]:
+    """(wire tag, C-contiguous numpy array sharing memory with t where possible)."""
+    if type(t).__module__.startswith("torch"):
+        import torch
+
+        if t.device.type != "cpu":
+            raise WireError(f"tensor on {t.device}: move it to the CPU before encoding")
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            return "bf16", t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        arr = t.contiguous().numpy()
+    else:
+        arr = np.asarray(t)
+    native = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+    tag = _NP_TO_TAG.get(native)
+    if tag is None:
+        raise WireError(f"dtype {arr.dtype} has no wire tag")
+    if arr.dtype != DTYPES[tag]:  # big-endian input: the wire is little-endian
+        arr = arr.astype(DTYPES[tag])
+    if not arr.flags.c_contiguous:
+        # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+        arr = arr.copy(order="C")
+    return tag, arr
+
+
+def encode(
+    op: str,
+    rid: int,
+    fields: dict | None = None,
+    tensors: Sequence = (),
+    deadline: float | None = None,
+) -> list:
+    """Frames for `socket.send_multipart(frames, copy=False)`.
+
+    Large tensor frames are memoryviews of the caller's arrays: pyzmq wraps each in a zmq.Frame
+    that holds a reference to the buffer until libzmq has sent it, so the memory stays alive on its
+    own. The caller must not write into those arrays until the send completes (pass track=True to
+    send_multipart and wait on the tracker if it must).
+    """
+    specs = []
+    frames: list = [b""]
+    for t in tensors:
+        tag, arr = _as_array(t)
+        specs.append([tag, list(arr.shape)])
+        if arr.nbytes >= ZERO_COPY_THRESHOLD:
+            frames.append(memoryview(arr.reshape(-1)).cast("B"))
+        else:
+            frames.append(arr.tobytes())
+    header: dict = {"v": PROTOCOL_VERSION, "op": op, "id": rid, "t": specs, "f": fields or {}}
+    if deadline is not None:
+        header["dl"] = float(deadline)
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
+
+
+def _frame_view(frame: Any) -> memoryview:
+    """A byte view of one received frame: zmq.Frame, bytes, bytearray or memoryview."""
+    buf = getattr(frame, "buffer", None)  # zmq.Frame
+    mv = memoryview(buf if buf is not None else frame)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _check_header(raw: memoryview, limits: Limits) -> dict:
+    if raw.nbytes > limits.max_header_bytes:
+        raise WireError(f"header is {raw.nbytes} bytes, limit {limits.max_header_bytes}")
+    try:
+        # unpackb caps every container and string length at the input's size, so a small header
+        # cannot declare a huge list; ext types (and with them msgpack timestamps) are refused.
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_ext_len=0)
+    except Exception as e:  # msgpack raises a zoo of exception types on garbage
+        raise WireError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header is a {type(header).__name__}, not a map")
+    return header
+
+
+def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Validate and view a received multipart message. Raises WireError on anything wrong."""
+    if len(frames) == 0:
+        raise WireError("empty message")
+    if len(frames) - 1 > limits.max_frames:
+        raise WireError(f"{len(frames) - 1} tensor frames, limit {limits.max_frames}")
+    header = _check_header(_frame_view(frames[0]), limits)
+
+    v = header.get("v")
+    if type(v) is not int or v != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {v!r}, expected {PROTOCOL_VERSION}")
+    op = header.get("op")
+    if type(op) is not str or not 0 < len(op) <= MAX_OP_LEN:
+        raise WireError(f"op must be a str of 1..{MAX_OP_LEN} chars, got {type(op).__name__}")
+    rid = header.get("id")
+    if type(rid) is not int:
+        raise WireError(f"id must be an int, got {type(rid).__name__}")
+    dl = header.get("dl")
+    if dl is not None:
+        if type(dl) not in (int, float) or not math.isfinite(dl):
+            raise WireError("deadline must be a finite number")
+        dl = float(dl)
+    fields = header.get("f", {})
+    if not isinstance(fields, dict):
+        raise WireError(f"fields must be a map, got {type(fields).__name__}")
+    specs = header.get("t", [])
+    if not isinstance(specs, list):
+        raise WireError("tensor specs must be a list")
+    if len(specs) != len(frames) - 1:
+        raise WireError(f"header declares {len(specs)} tensors, message has {len(frames) - 1} frames")
+
+    # First pass: check every spec against its frame's real length. Nothing is built until all pass.
+    checked = []
+    total = 0
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, list) or len(spec) != 2:
+            raise WireError(f"tensor {i}: spec must be [dtype, shape]")
+        tag, shape = spec
+        if type(tag) is not str or tag not in DTYPES:
+            raise WireError(f"tensor {i}: unknown dtype {tag!r}")
+        if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+            raise WireError(f"tensor {i}: shape must be a list of at most {limits.max_ndim} dims")
+        if any(type(d) is not int or d < 0 for d in shape):
+            raise WireError(f"tensor {i}: shape {shape!r} must hold non-negative ints")
+        # Python ints do not overflow, so a shape of 2**40 x 2**40 is just a big number here.
+        declared = DTYPES[tag].itemsize * math.prod(shape)
+        if declared > limits.max_frame_bytes:
+            raise WireError(f"tensor {i}: {declared} bytes, limit {limits.max_frame_bytes}")
+        view = _frame_view(frames[i + 1])
+        if view.nbytes != declared:
+            raise WireError(f"tensor {i}: header declares {declared} bytes, frame has {view.nbytes}")
+        total += declared
+        if total > limits.max_total_bytes:
+            raise WireError(f"message tensors exceed {limits.max_total_bytes} bytes")
+        checked.append((tag, shape, view))
+
+    tensors = [np.frombuffer(view, dtype=DTYPES[tag]).reshape(shape) for tag, shape, view in checked]
+    return Message(
+        op=op,
+        rid=rid,
+        fields=fields,
+        tensors=tensors,
+        dtypes=[tag for tag, _, _ in checked],
+        deadline=dl,
+    )
