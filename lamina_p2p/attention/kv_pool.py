@@ -1,0 +1,155 @@
+"""Paged KV storage of an attention peer.
+
+A block holds `block_size` tokens of ONE kv head for ALL layers
+(`[n_blocks, n_layers, block_size, head_dim]`), so a shard that holds any range
+of kv heads, and every model with the same (layers, head_dim, storage), share
+one pool. A sequence shard lives in a slot; its block table row
+`table[slot, h, :]` lists the blocks of local kv head h in token order.
+
+Capacity is a byte budget shared by every pool of the peer. The pool arrays
+are allocated with np.empty, which only reserves address space: pages become
+resident as blocks are written, so several pools can each be sized to the
+whole budget while the budget itself is what limits them.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from lamina_kernels import storage_itemsize
+
+STORAGE_NP = {"float32": np.float32, "float16": np.uint16, "bfloat16": np.uint16}
+
+
+class KVFull(Exception):
+    """The byte budget cannot hold the blocks a request needs."""
+
+
+class ShardError(Exception):
+    """A request names a shard that does not exist or contradicts its state."""
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    num_layers: int
+    head_dim: int
+    storage: str
+    block_size: int
+
+    def block_bytes(self) -> int:
+        # K and V, every layer, one kv head, block_size tokens.
+        return 2 * self.num_layers * self.block_size * self.head_dim * storage_itemsize(self.storage)
+
+
+class KVBudget:
+    """Bytes promised to blocks across all pools of one peer."""
+
+    def __init__(self, total_bytes: int):
+        if total_bytes <= 0:
+            raise ValueError("kv memory must be positive")
+        self.total = int(total_bytes)
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.total:
+                return False
+            self.used += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+
+class KVPool:
+    """Blocks, slots and block tables for one PoolKey."""
+
+    def __init__(self, key: PoolKey, budget: KVBudget, max_blocks_per_seq: int, num_kv_heads: int,
+                 initial_slots: int = 64):
+        self.key = key
+        self.budget = budget
+        self.block_bytes = key.block_bytes()
+        n_blocks = max(1, budget.total // self.block_bytes)
+        shape = (n_blocks, key.num_layers, key.block_size, key.head_dim)
+        dtype = STORAGE_NP[key.storage]
+        self.k = np.empty(shape, dtype)
+        self.v = np.empty(shape, dtype)
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.num_kv_heads = num_kv_heads
+        # LIFO free list: recently freed blocks are likely still resident.
+        self._free_blocks = list(range(n_blocks - 1, -1, -1))
+        self.table = np.full((initial_slots, num_kv_heads, max_blocks_per_seq), -1, np.int32)
+        self.capacity_tokens = np.zeros(initial_slots, np.int64)  # tokens the slot's blocks can hold
+        self.heads = np.zeros(initial_slots, np.int32)  # kv heads held by the slot's shard
+        self.length = np.zeros(initial_slots, np.int64)  # tokens written (highest position + 1)
+        self._free_slots = list(range(initial_slots - 1, -1, -1))
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.k.shape[0] - len(self._free_blocks)
+
+    def widen_heads(self, num_kv_heads: int) -> None:
+        if num_kv_heads <= self.table.shape[1]:
+            return
+        grown = np.full((self.table.shape[0], num_kv_heads, self.max_blocks_per_seq), -1, np.int32)
+        grown[:, : self.table.shape[1]] = self.table
+        self.table = grown
+        self.num_kv_heads = num_kv_heads
+
+    def new_slot(self, heads: int) -> int:
+        if not self._free_slots:
+            self._grow_slots()
+        slot = self._free_slots.pop()
+        self.heads[slot] = heads
+        self.capacity_tokens[slot] = 0
+        self.length[slot] = 0
+        return slot
+
+    def _grow_slots(self) -> None:
+        old = self.table.shape[0]
+        new = old * 2
+        table = np.full((new, self.table.shape[1], self.max_blocks_per_seq), -1, np.int32)
+        table[:old] = self.table
+        self.table = table
+        self.capacity_tokens = np.concatenate([self.capacity_tokens, np.zeros(new - old, np.int64)])
+        self.heads = np.concatenate([self.heads, np.zeros(new - old, np.int32)])
+        self.length = np.concatenate([self.length, np.zeros(new - old, np.int64)])
+        self._free_slots.extend(range(new - 1, old - 1, -1))
+
+    def ensure(self, slot: int, tokens: int) -> None:
+        """Give the slot enough blocks for `tokens` tokens on each of its heads, or raise KVFull."""
+        bs = self.key.block_size
+        have = int(self.capacity_tokens[slot]) // bs
+        need = -(-tokens // bs)
+        if need <= have:
+            return
+        if need > self.max_blocks_per_seq:
+            raise ShardError(f"{tokens} tokens exceed the {self.max_blocks_per_seq * bs}-token limit of a shard")
+        heads = int(self.heads[slot])
+        count = (need - have) * heads
+        if count > len(self._free_blocks) or not self.budget.take(count * self.block_bytes):
+            raise KVFull(f"kv pool full: need {count} blocks, {self.budget.free // self.block_bytes} free")
+        blocks = [self._free_blocks.pop() for _ in range(count)]
+        self.table[slot, :heads, have:need] = np.asarray(blocks, np.int32).reshape(heads, need - have)
+        self.capacity_tokens[slot] = need * bs
+
+    def release(self, slot: int) -> None:
+        heads = int(self.heads[slot])
+        used = self.table[slot, :heads]
+        blocks = used[used >= 0]
+        self._free_blocks.extend(int(b) for b in blocks)
+        self.budget.give(len(blocks) * self.block_bytes)
+        self.table[slot] = -1
+        self.capacity_tokens[slot] = 0
+        self.heads[slot] = 0
+        self.length[slot] = 0
+        self._free_slots.append(slot)

@@ -1,0 +1,196 @@
+"""The compute peer's engine: one decode step over the running sequences, in pipelined micro-batches.
+
+Each micro-batch is a coroutine that walks the layers:
+    x, requests = dense(embed, pre 0)
+    for each layer:  partials = await attention(requests)   # the wire or a local worker
+                     x, requests = dense(merge, post, next pre)
+Dense work runs on one executor thread (torch releases the GIL), so while one
+micro-batch waits on the network another computes. The event loop only moves
+requests; it never runs a torch op or a kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from lamina_p2p.compute.fanout import MicroBatch, build_requests, merge_results, plan_micro_batch
+from lamina_p2p.compute.placement import Placer
+from lamina_p2p.compute.sampling import sample
+from lamina_p2p.compute.sequence import SamplingParams, Sequence
+
+
+class Engine:
+    def __init__(self, model, transport, *, placement: str = "request", micro_batches: int = 1,
+                 shard_tokens: int | None = None, max_step_tokens: int = 4096, owner: str | None = None):
+        if micro_batches < 1:
+            raise ValueError("micro_batches must be >= 1")
+        self.model = model
+        self.cfg = model.config
+        self.transport = transport
+        self.owner = owner or uuid.uuid4().hex
+        self.micro_batches = micro_batches
+        self.max_step_tokens = max_step_tokens
+        self.group_size = self.cfg.num_heads // self.cfg.num_kv_heads
+        self.placer = Placer(placement, self.cfg.num_kv_heads,
+                             shard_tokens or max(16, self.cfg.max_position_embeddings // 4))
+        self.dense = ThreadPoolExecutor(1, thread_name_prefix="dense")
+        self.storage = str(next(model.parameters()).dtype).removeprefix("torch.")
+        transport.bind(self.owner, self.geometry())
+        self._ids = itertools.count(1)
+        self.eos = set(self.cfg.eos_token_ids)
+        self.logits_sink = None  # tests: called with (sequences, logits) for every sampled row
+        self.steps = 0
+
+    def geometry(self) -> dict:
+        """What an attention peer needs to hold this model's KV."""
+        c = self.cfg
+        return {"num_layers": c.num_layers, "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
+                "head_dim": c.head_dim, "storage": self.storage, "max_positions": c.max_position_embeddings}
+
+    def new_sequence(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        params.validate()
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if len(prompt) + params.max_tokens > self.cfg.max_position_embeddings:
+            raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {self.cfg.max_position_embeddings}")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        return Sequence(next(self._ids), list(prompt), params)
+
+    # -- one step ---------------------------------------------------------------
+    async def step(self, running: list[Sequence]) -> list[Sequence]:
+        """Advance every running sequence by one chunk; returns those that finished."""
+        self.placer.set_peers(self.transport.peers())
+        chosen, counts, budget = [], [], self.max_step_tokens
+        # Decode tokens first (they are cheap and latency-bound), then prefill chunks.
+        for seq in sorted(running, key=lambda s: s.pending):
+            if seq.finished or budget <= 0:
+                continue
+            if not seq.shards:
+                seq.shards = self.placer.place(seq.length + seq.params.max_tokens)
+            self.placer.roll(seq.shards, seq.cached)
+            n = min(seq.pending, budget)
+            end = self.placer.tail_end(seq.shards)
+            if end is not None:
+                n = min(n, end - seq.cached)
+            chosen.append(seq)
+            counts.append(n)
+            budget -= n
+        if not chosen:
+            return []
+        batches = self._split(chosen, counts)
+        sampled = await asyncio.gather(*(self._run_micro_batch(mb) for mb in batches))
+        self.steps += 1
+        finished = []
+        for mb, (tokens, logprobs) in zip(batches, sampled):
+            for seq, n in zip(mb.seqs, mb.n):
+                seq.cached += n
+            for seq, tok, lp in zip(mb.sample_seqs, tokens, logprobs):
+                seq.output.append(tok)
+                seq.logprobs.append(lp)
+                if self._check_stop(seq, tok):
+                    finished.append(seq)
+        if finished:
+            await self.release(finished)
+        return finished
+
+    def _check_stop(self, seq: Sequence, tok: int) -> bool:
+        p = seq.params
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= p.max_tokens:
+            seq.finish_reason = "length"
+        return seq.finished
+
+    def _split(self, seqs: list[Sequence], counts: list[int]) -> list[MicroBatch]:
+        """Balance micro-batches by attention cost (context read + new tokens)."""
+        m = min(self.micro_batches, len(seqs))
+        bins = [([], [], 0) for _ in range(m)]
+        order = sorted(range(len(seqs)), key=lambda i: -(seqs[i].cached + counts[i]))
+        for i in order:
+            j = min(range(m), key=lambda b: bins[b][2])
+            s, c, cost = bins[j]
+            bins[j] = (s + [seqs[i]], c + [counts[i]], cost + seqs[i].cached + counts[i])
+        return [plan_micro_batch(s, c, self.cfg.num_kv_heads) for s, c, _ in bins if s]
+
+    async def _run_micro_batch(self, mb: MicroBatch):
+        loop = asyncio.get_running_loop()
+        x, reqs = await loop.run_in_executor(self.dense, self._first, mb)
+        last = self.cfg.num_layers - 1
+        for layer in range(self.cfg.num_layers):
+            results = await asyncio.gather(*(self.transport.attend(g.peer, r) for g, r in zip(mb.groups, reqs)))
+            if layer < last:
+                x, reqs = await loop.run_in_executor(self.dense, self._next, mb, layer, x, results)
+        return await loop.run_in_executor(self.dense, self._last, mb, last, x, results)
+
+    # -- dense work (on the executor thread) ------------------------------------
+    def _first(self, mb: MicroBatch):
+        with torch.inference_mode():
+            x = self.model.embed(mb.tokens)
+            q, k, v = self.model.pre(0, x, mb.positions)
+            return x, build_requests(self.owner, 0, mb, q, k, v, self.group_size)
+
+    def _post(self, mb: MicroBatch, layer: int, x, results):
+        attn = merge_results(mb, results, self.cfg.num_heads, self.cfg.head_dim, self.group_size)
+        return self.model.post(layer, x, attn.to(x.dtype))
+
+    def _next(self, mb: MicroBatch, layer: int, x, results):
+        with torch.inference_mode():
+            x = self._post(mb, layer, x, results)
+            q, k, v = self.model.pre(layer + 1, x, mb.positions)
+            return x, build_requests(self.owner, layer + 1, mb, q, k, v, self.group_size)
+
+    def _last(self, mb: MicroBatch, layer: int, x, results):
+        with torch.inference_mode():
+            x = self._post(mb, layer, x, results)
+            if not mb.sample_seqs:
+                return [], []
+            logits = self.model.logits(x.index_select(0, mb.sample_rows))
+            if self.logits_sink is not None:
+                self.logits_sink(mb.sample_seqs, logits)
+            return sample(logits, mb.sample_seqs)
+
+    # -- lifecycle --------------------------------------------------------------
+    async def release(self, seqs: list[Sequence]) -> None:
+        """Free the sequences' KV on every peer that holds a shard of them."""
+        by_peer: dict[str, list[int]] = {}
+        for seq in seqs:
+            for shard in seq.shards:
+                by_peer.setdefault(shard.peer, []).append(seq.seq_id)
+            self.placer.forget(seq.shards)
+            seq.shards = []
+        await asyncio.gather(*(self.transport.free(peer, ids) for peer, ids in by_peer.items()),
+                             return_exceptions=True)
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[Sequence], dict]:
+        """Run prompts to completion as one batch (the `generate` command's path)."""
+        seqs = [self.new_sequence(p, SamplingParams(**vars(params))) for p in prompts]
+        t0 = time.perf_counter()
+        first_token_at = None
+        running = list(seqs)
+        while running:
+            await self.step(running)
+            if first_token_at is None and all(s.output for s in seqs):
+                first_token_at = time.perf_counter()
+            running = [s for s in running if not s.finished]
+        t1 = time.perf_counter()
+        decoded = sum(len(s.output) - 1 for s in seqs)
+        decode_time = t1 - (first_token_at or t1)
+        stats = {
+            "prefill_s": (first_token_at or t1) - t0,
+            "decode_s": decode_time,
+            "tokens_per_s": decoded / decode_time if decode_time > 0 else 0.0,
+            "steps": self.steps,
+        }
+        return seqs, stats
+
+    def close(self) -> None:
+        self.dense.shutdown(wait=False, cancel_futures=True)

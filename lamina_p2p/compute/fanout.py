@@ -1,0 +1,165 @@
+"""Per layer: split a micro-batch's q/k/v over the shards that hold it, and merge what comes back.
+
+A micro-batch is planned once per step: every (peer, kv-head range) that holds
+a shard of one of its sequences becomes a Group with the rows, shard-local
+context lengths and append flags it needs. Per layer the dense thread cuts q/k/v
+into one AttendRequest per group, the transports carry them (in-process or over
+the wire), and the dense thread merges the (out, lse) partials exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lamina_p2p.attention.service import AttendRequest
+from lamina_p2p.compute.sequence import Sequence
+
+
+@dataclass
+class Group:
+    peer: str
+    h0: int
+    h1: int
+    seq_ids: np.ndarray  # int64 [n]
+    ctx: np.ndarray  # int64 [n], shard-local tokens already cached
+    n_q: np.ndarray  # int64 [n]
+    n_kv: np.ndarray  # int64 [n], n_q for the tail shard, 0 for an earlier one
+    rows: torch.Tensor | None  # micro-batch rows of the group's queries; None = all rows in order
+    kv_rows: torch.Tensor | None  # rows whose K/V are appended; None = same as rows
+
+
+@dataclass
+class MicroBatch:
+    seqs: list[Sequence]
+    n: list[int]  # chunk length per sequence this step
+    tokens: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    groups: list[Group]
+    overlapping: bool  # some (row, head) is covered by more than one group: needs the LSE merge
+    sample_rows: torch.Tensor  # rows whose logits are sampled (the chunk ends its pending tokens)
+    sample_seqs: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> MicroBatch:
+    tokens, positions, sample_rows, sample_seqs = [], [], [], []
+    starts, row = [], 0
+    by_group: dict[tuple[str, int, int], list] = {}
+    for seq, count in zip(seqs, n):
+        start = seq.cached
+        toks = seq.tokens[start : start + count]
+        tokens.extend(toks)
+        positions.extend(range(start, start + count))
+        starts.append(row)
+        if start + count == seq.length:
+            sample_rows.append(row + count - 1)
+            sample_seqs.append(seq)
+        for shard in seq.shards:
+            held = shard.tokens_before(start)
+            is_tail = shard.t1 is None
+            if held == 0 and not is_tail:
+                continue
+            key = (shard.peer, shard.h0, shard.h1)
+            by_group.setdefault(key, []).append((seq.seq_id, held, count, count if is_tail else 0, row))
+        row += count
+    T = row
+    groups, coverage = [], {}
+    for (peer, h0, h1), members in by_group.items():
+        seq_ids = np.array([m[0] for m in members], np.int64)
+        ctx = np.array([m[1] for m in members], np.int64)
+        n_q = np.array([m[2] for m in members], np.int64)
+        n_kv = np.array([m[3] for m in members], np.int64)
+        rows = _rows([(m[4], m[2]) for m in members], T)
+        kv_rows = rows if n_kv.all() else _rows([(m[4], m[2]) for m in members if m[3]], None)
+        groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows))
+        for m in members:
+            for h in range(h0, h1):
+                coverage[(m[0], h)] = coverage.get((m[0], h), 0) + 1
+    overlapping = any(c > 1 for c in coverage.values())
+    return MicroBatch(seqs, n, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                      groups, overlapping, torch.tensor(sample_rows, dtype=torch.long), sample_seqs)
+
+
+def _rows(spans: list[tuple[int, int]], total: int | None) -> torch.Tensor | None:
+    """Row index for the spans, or None when they are all rows 0..total-1 in order."""
+    if total is not None and len(spans) and spans[0][0] == 0:
+        end, contiguous = 0, True
+        for s, c in spans:
+            contiguous &= s == end
+            end = s + c
+        if contiguous and end == total:
+            return None
+    if not spans:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat([torch.arange(s, s + c) for s, c in spans])
+
+
+def to_wire(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy in the attention storage encoding (16-bit floats as uint16 bits)."""
+    t = t.detach().contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.float32:
+        return t.numpy()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    raise TypeError(f"unsupported activation dtype {t.dtype}")
+
+
+def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   group_size: int) -> list[AttendRequest]:
+    """Cut one layer's q [T,Hq,D], k/v [T,Hkv,D] into the micro-batch's per-group requests."""
+    reqs = []
+    for g in mb.groups:
+        qg = q if g.rows is None else q.index_select(0, g.rows)
+        qg = qg[:, g.h0 * group_size : g.h1 * group_size]
+        if g.n_kv.any():
+            kv_rows = g.rows if g.kv_rows is None else g.kv_rows
+            kg = k if kv_rows is None else k.index_select(0, kv_rows)
+            vg = v if kv_rows is None else v.index_select(0, kv_rows)
+            kg, vg = kg[:, g.h0 : g.h1], vg[:, g.h0 : g.h1]
+        else:
+            kg = vg = k[:0, g.h0 : g.h1]
+        reqs.append(AttendRequest(owner, layer, g.seq_ids, g.ctx, g.n_q, g.n_kv, g.h0, g.h1,
+                                  to_wire(qg), to_wire(kg), to_wire(vg)))
+    return reqs
+
+
+def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], num_heads: int, head_dim: int,
+                  group_size: int) -> torch.Tensor:
+    """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials."""
+    T = mb.num_tokens
+    out = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
+    if not mb.overlapping:
+        for g, (o, _) in zip(mb.groups, results):
+            o = torch.from_numpy(np.asarray(o, dtype=np.float32))
+            hs = slice(g.h0 * group_size, g.h1 * group_size)
+            if g.rows is None:
+                out[:, hs] = o
+            else:
+                out[g.rows, hs] = o
+        return out
+    # Exact LSE merge (DESIGN.md section 4), one partial at a time.
+    lse = torch.full((T, num_heads), float("-inf"))
+    for g, (o, l) in zip(mb.groups, results):
+        o = torch.from_numpy(np.asarray(o, dtype=np.float32))
+        l = torch.from_numpy(np.asarray(l, dtype=np.float32))
+        hs = slice(g.h0 * group_size, g.h1 * group_size)
+        rows = g.rows if g.rows is not None else torch.arange(T)
+        acc_o, acc_l = out[rows, hs], lse[rows, hs]
+        m = torch.maximum(acc_l, l)
+        m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        w_old, w_new = torch.exp(acc_l - m_safe), torch.exp(l - m_safe)
+        total = w_old + w_new
+        merged = (acc_o * w_old[..., None] + o * w_new[..., None]) / total.clamp_min(1e-30)[..., None]
+        out[rows, hs] = merged
+        lse[rows, hs] = m_safe + torch.log(total)
+    if torch.isinf(lse).any():
+        raise RuntimeError("attention saw no tokens for some query (every shard empty)")
+    return out

@@ -1,0 +1,126 @@
+"""Where a sequence's KV lives: its shards on attention peers.
+
+A shard is (peer, kv-head range, token range). The three policies of
+DESIGN.md section 4 are one mechanism:
+
+- request:  one shard, all heads, all tokens;
+- head:     one shard per peer, kv heads split in proportion to peer weight;
+- sequence: shards by token range; only the tail shard takes new tokens, and a
+            new tail opens on another peer every `shard_tokens` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POLICIES = ("request", "head", "sequence")
+
+
+@dataclass
+class Shard:
+    peer: str
+    h0: int
+    h1: int
+    t0: int  # first token position held
+    t1: int | None = None  # end (exclusive) of a closed shard; None while it is the tail
+    reserved: int = 0  # load this shard adds to its peer in placement's bookkeeping
+
+    def tokens_before(self, cached: int) -> int:
+        """Tokens this shard holds when the sequence has `cached` tokens in KV."""
+        end = cached if self.t1 is None else min(cached, self.t1)
+        return max(0, end - self.t0)
+
+
+@dataclass
+class PeerLoad:
+    """What placement knows of a peer: its weight and the tokens we placed there."""
+
+    peer: str
+    weight: float  # advertised capacity (free + used KV bytes), relative
+    placed_tokens: int = 0
+
+
+@dataclass
+class Placer:
+    policy: str
+    num_kv_heads: int
+    shard_tokens: int = 1024
+    peers: dict[str, PeerLoad] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown placement {self.policy!r}; expected one of {', '.join(POLICIES)}")
+        if self.shard_tokens <= 0:
+            raise ValueError("shard_tokens must be positive")
+
+    def set_peers(self, weights: dict[str, float]) -> None:
+        """Replace the set of usable peers, keeping what we know of those that stay."""
+        self.peers = {p: self.peers.get(p, PeerLoad(p, w)) for p, w in weights.items() if w > 0}
+        for p, w in weights.items():
+            if p in self.peers:
+                self.peers[p].weight = w
+
+    def _least_loaded(self, exclude=()) -> str:
+        if not self.peers:
+            raise NoPeers("no attention peer is available")
+        candidates = [p for p in self.peers.values() if p.peer not in exclude] or list(self.peers.values())
+        return min(candidates, key=lambda p: (p.placed_tokens / p.weight, p.peer)).peer
+
+    def place(self, expected_tokens: int) -> list[Shard]:
+        """Initial shards for a new sequence."""
+        if self.policy == "head":
+            shards = self._head_split()
+            for s in shards:
+                s.reserved = expected_tokens * (s.h1 - s.h0) // self.num_kv_heads
+        else:
+            shards = [Shard(self._least_loaded(), 0, self.num_kv_heads, 0, reserved=expected_tokens)]
+        for s in shards:
+            self.peers[s.peer].placed_tokens += s.reserved
+        return shards
+
+    def _head_split(self) -> list[Shard]:
+        if not self.peers:
+            raise NoPeers("no attention peer is available")
+        # Largest weights first; every used peer gets at least one head.
+        order = sorted(self.peers.values(), key=lambda p: (-p.weight, p.peer))[: self.num_kv_heads]
+        total = sum(p.weight for p in order)
+        counts = [max(1, round(self.num_kv_heads * p.weight / total)) for p in order]
+        while sum(counts) > self.num_kv_heads:
+            counts[counts.index(max(counts))] -= 1
+        while sum(counts) < self.num_kv_heads:
+            counts[counts.index(min(counts))] += 1
+        shards, h = [], 0
+        for p, c in zip(order, counts):
+            if c:
+                shards.append(Shard(p.peer, h, h + c, 0))
+                h += c
+        return shards
+
+    def tail_end(self, shards: list[Shard]) -> int | None:
+        """Position where the tail shard closes and a new one opens (None = never)."""
+        if self.policy != "sequence":
+            return None
+        return shards[-1].t0 + self.shard_tokens
+
+    def roll(self, shards: list[Shard], cached: int) -> None:
+        """Open a new tail shard when the current one is full (sequence placement only)."""
+        if self.policy != "sequence":
+            return
+        tail = shards[-1]
+        if cached < tail.t0 + self.shard_tokens:
+            return
+        tail.t1 = cached
+        holders = {s.peer for s in shards}
+        peer = self._least_loaded(exclude=holders)
+        self.peers[peer].placed_tokens += self.shard_tokens
+        shards.append(Shard(peer, 0, self.num_kv_heads, cached, reserved=self.shard_tokens))
+
+    def forget(self, shards: list[Shard]) -> None:
+        for s in shards:
+            load = self.peers.get(s.peer)
+            if load is not None:
+                load.placed_tokens = max(0, load.placed_tokens - s.reserved)
+
+
+class NoPeers(Exception):
+    pass
