@@ -1,0 +1,220 @@
+"""The dense half of a Llama-family decoder, split at the attention boundary.
+
+A decoder layer is two calls with attention in between, done by someone else
+(an attention peer over the wire, or a local backend in tests):
+
+    q, k, v = model.pre(i, x, positions)      # norm, fused QKV, q/k norm, rotary
+    o       = attention(q, k, v)              # not here
+    x       = model.post(i, x, o)             # O proj, residual, norm, SwiGLU, residual
+
+A batch is ragged and token-major: T tokens from any number of sequences, each
+token with its own position, so prefill chunks and decode tokens mix freely.
+Dense ops are per token, so nothing here needs to know where sequences begin.
+
+Speed notes (CPU decode is the headline number): q/k/v are one matmul and
+gate/up are one matmul; rotary cos/sin come from a table built once, and the
+gather is shared by all layers of a step; weights are buffers, not parameters,
+so no autograd graph is ever recorded. Numerics follow transformers op for op
+(norm in float32, rounded to the model dtype before the weight; rotary in the
+model dtype) so bfloat16 greedy output matches it token for token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, ModelError
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise ModelError(f"unsupported dtype {name!r} (expected one of {', '.join(TORCH_DTYPES)})") from None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers normalises in float32, rounds to the model dtype, then scales
+    # in the model dtype. For float32 the casts are no-ops.
+    y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return y.to(x.dtype) * weight
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] in float32, with HF's rope scaling rules."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`,
+        # interpolate smoothly in between (same formula as transformers).
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ModelError(f"unsupported rope type {kind!r}")
+
+
+class Layer(torch.nn.Module):
+    """One decoder layer's weights, fused for few large matmuls."""
+
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device):
+        super().__init__()
+        d, hq, hkv, h = c.head_dim, c.num_heads, c.num_kv_heads, c.hidden_size
+
+        def empty(*shape):
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        self.register_buffer("input_norm", empty(h))
+        # Rows: q heads, then k heads, then v heads — the order of the split in pre().
+        self.register_buffer("wqkv", empty((hq + 2 * hkv) * d, h))
+        self.register_buffer("bqkv", empty((hq + 2 * hkv) * d) if c.qkv_bias else None)
+        # Qwen3 q_norm/k_norm weights broadcast to [hq + hkv, d] so q and k are
+        # normalised together.
+        self.register_buffer("qk_norm", empty(hq + hkv, d) if c.qk_norm else None)
+        self.register_buffer("wo", empty(h, hq * d))
+        self.register_buffer("post_norm", empty(h))
+        # Rows: gate, then up.
+        self.register_buffer("w_gate_up", empty(2 * c.intermediate_size, h))
+        self.register_buffer("w_down", empty(h, c.intermediate_size))
+
+
+class Transformer(torch.nn.Module):
+    """Dense part of the model. Build with `load_model` (loader.py) or fill `hf_tensors()`.
+
+    Weights live on one device in one dtype, chosen at construction; moving the
+    module afterwards is not supported (the rotary table would stay behind).
+    """
+
+    def __init__(self, config: ModelConfig, dtype: str | None = None, device="cpu"):
+        super().__init__()
+        self.config = config
+        self.dtype = torch_dtype(dtype or config.dtype)
+        self.device = torch.device(device)
+        c = config
+        self.register_buffer("embed_weight", torch.empty(c.vocab_size, c.hidden_size, dtype=self.dtype, device=device))
+        self.layers = torch.nn.ModuleList(Layer(c, self.dtype, device) for _ in range(c.num_layers))
+        self.register_buffer("final_norm", torch.empty(c.hidden_size, dtype=self.dtype, device=device))
+        # Tied checkpoints (no lm_head.weight) reuse the embedding; see lm_head_weight.
+        lm_head = None if c.tie_word_embeddings else torch.empty(c.vocab_size, c.hidden_size, dtype=self.dtype, device=device)
+        self.register_buffer("lm_head", lm_head)
+        # A plain tuple: indexing a ModuleList costs more than the ops of a decode step's norm.
+        self._layers = tuple(self.layers)
+        self._nq = c.num_heads
+        self._nqk = c.num_heads + c.num_kv_heads
+        self._nqkv = c.num_heads + 2 * c.num_kv_heads
+        self._inv_freq = rope_inv_freq(c)
+        self._build_rope_table(c.max_position_embeddings)
+        self._rope_positions: torch.Tensor | None = None  # last positions seen, see _rope()
+
+    # ---- weights in HF naming --------------------------------------------------------------
+
+    def hf_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
+        """HF tensor name -> (shape in the checkpoint, destination view in this model).
+
+        The loader copies each checkpoint tensor into its view (`dst.copy_(src)`
+        converts dtype and broadcasts the Qwen3 q/k norm vectors over heads), so
+        the fused layout is known only here.
+        """
+        c = self.config
+        d, hq, hkv, h, inter = c.head_dim, c.num_heads, c.num_kv_heads, c.hidden_size, c.intermediate_size
+        q_rows, kv_rows = hq * d, hkv * d
+        out = {"model.embed_tokens.weight": ((c.vocab_size, h), self.embed_weight),
+               "model.norm.weight": ((h,), self.final_norm)}
+        if not c.tie_word_embeddings:
+            out["lm_head.weight"] = ((c.vocab_size, h), self.lm_head)
+        for i, L in enumerate(self._layers):
+            p = f"model.layers.{i}."
+            qkv = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, q_rows + 2 * kv_rows)}
+            out[p + "input_layernorm.weight"] = ((h,), L.input_norm)
+            for name, (a, b) in qkv.items():
+                out[p + f"self_attn.{name}_proj.weight"] = ((b - a, h), L.wqkv[a:b])
+                if c.qkv_bias:
+                    out[p + f"self_attn.{name}_proj.bias"] = ((b - a,), L.bqkv[a:b])
+            if c.qk_norm:
+                out[p + "self_attn.q_norm.weight"] = ((d,), L.qk_norm[:hq])
+                out[p + "self_attn.k_norm.weight"] = ((d,), L.qk_norm[hq:])
+            out[p + "self_attn.o_proj.weight"] = ((h, q_rows), L.wo)
+            out[p + "post_attention_layernorm.weight"] = ((h,), L.post_norm)
+            out[p + "mlp.gate_proj.weight"] = ((inter, h), L.w_gate_up[:inter])
+            out[p + "mlp.up_proj.weight"] = ((inter, h), L.w_gate_up[inter:])
+            out[p + "mlp.down_proj.weight"] = ((h, inter), L.w_down)
+        return out
+
+    # ---- rotary ----------------------------------------------------------------------------
+
+    def _build_rope_table(self, n: int) -> None:
+        # Same arithmetic as transformers: angles in float32, cos/sin rounded to
+        # the model dtype. sin carries the sign of rotate_half, so rotation is
+        # x*cos + roll(x, d/2)*sin: one roll instead of slice, negate and cat.
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * self._inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        half = self.config.head_dim // 2
+        sin = emb.sin()
+        sin[:, :half].neg_()
+        self._cos = emb.cos().to(self.dtype).to(self.device)
+        self._sin = sin.to(self.dtype).to(self.device)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] for these positions, growing the table if a position is past it."""
+        # Every layer of a step passes the same positions tensor, so check the
+        # bound once per tensor (a host sync on GPU). The reference keeps the
+        # tensor alive, so `is` cannot match a new tensor at a recycled address.
+        # The gather itself is two small index ops, cheap enough to redo per layer.
+        if positions is not self._rope_positions:
+            top = int(positions.max()) if positions.numel() else 0
+            if top >= self._cos.shape[0]:
+                self._build_rope_table(max(top + 1, 2 * self._cos.shape[0]))
+            self._rope_positions = positions
+        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+
+    # ---- the four entry points -------------------------------------------------------------
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] residual stream in the model dtype."""
+        return F.embedding(token_ids, self.embed_weight)
+
+    def pre(self, layer: int, x: torch.Tensor, positions: torch.Tensor):
+        """Residual stream [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], contiguous."""
+        L = self._layers[layer]
+        eps = self.config.rms_norm_eps
+        t = x.shape[0]
+        qkv = F.linear(rms_norm(x, L.input_norm, eps), L.wqkv, L.bqkv).view(t, self._nqkv, -1)
+        qk = qkv[:, : self._nqk]
+        if L.qk_norm is not None:
+            qk = rms_norm(qk, L.qk_norm, eps)
+        cos, sin = self._rope(positions)
+        qk = qk * cos + qk.roll(qk.shape[-1] // 2, -1) * sin
+        q, k, v = qk[:, : self._nq], qk[:, self._nq :], qkv[:, self._nqk :]
+        return q.contiguous(), k.contiguous(), v.contiguous()
+
+    def post(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual stream [T, hidden] and attention output [T, Hq, D] -> next residual stream."""
+        L = self._layers[layer]
+        x = x + F.linear(attn_out.reshape(x.shape[0], -1), L.wo)
+        gate, up = F.linear(rms_norm(x, L.post_norm, self.config.rms_norm_eps), L.w_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, L.w_down)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] (usually each sequence's last token) -> [N, vocab] float32."""
+        return F.linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.lm_head_weight).float()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_weight if self.lm_head is None else self.lm_head
