@@ -1,0 +1,374 @@
+"""append_attend on CPU with Numba: append a chunk's K/V into the paged pool, then attend.
+
+One call = one layer of one micro-batch. Three parallel passes:
+
+1. append: prange over (sequence, kv head) copies the new rows (token-major as they
+   come from the projection) into the head-major pool blocks;
+2. attend: prange over the planned items (see plan.py), each an online-softmax pass
+   over a key range of one (sequence, kv head, query tile) for all its query rows;
+3. merge: prange over groups that were split, exact LSE merge of their partials.
+
+Pools of float16/bfloat16 hold uint16 bits. A block is widened into a small per-item
+float32 scratch once and then used by every query row of the GQA group (float32
+pools are read in place). Scores use q pre-multiplied by `scale`.
+"""
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from . import plan as P
+from .storage import CODE, check_storage, storage_dtype
+
+# No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+
+# Query positions per group for chunks (prefill). 64 rows x head_dim floats of
+# accumulator stay in L1/L2 while the block is streamed.
+_ROWS_PER_GROUP = 64
+# Smallest key range given its own item (per query position).
+_MIN_SPLIT = 256
+
+
+@intrinsic
+def _u32_as_f32(typingctx, u):
+    """Reinterpret the bits of a uint32 as float32 (no value conversion)."""
+    if not isinstance(u, types.Integer):
+        return None
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", **_JIT)
+def _bf16_to_f32(h):
+    return _u32_as_f32(np.uint32(h) << np.uint32(16))
+
+
+@njit(inline="always", **_JIT)
+def _f16_to_f32(h):
+    # Manual IEEE half decode; written branch-light so LLVM turns it into selects
+    # and the widening loop still vectorises.
+    a = np.uint32(h) & np.uint32(0x7FFF)
+    normal = _u32_as_f32((a << np.uint32(13)) + np.uint32(0x38000000))  # rebias 15 -> 127
+    special = _u32_as_f32((a << np.uint32(13)) | np.uint32(0x7F800000))  # inf / nan
+    subnormal = np.float32(a) * np.float32(5.9604644775390625e-08)  # a * 2**-24
+    f = normal if a >= np.uint32(0x0400) else subnormal
+    f = special if a >= np.uint32(0x7C00) else f
+    return -f if (np.uint32(h) & np.uint32(0x8000)) != 0 else f
+
+
+def _widen_rows(src, dst, t0, t1, code):
+    """Rows [t0, t1) of a 2-D block as float32; returns a [rows, D] float32 array."""
+    raise NotImplementedError  # replaced by the overload below inside jitted code
+
+
+@overload(_widen_rows, jit_options=_JIT)
+def _ov_widen_rows(src, dst, t0, t1, code):
+    if src.dtype == types.float32:
+        # float32 pools are used in place: no copy at all.
+        def impl(src, dst, t0, t1, code):
+            return src
+
+        return impl
+    if src.dtype == types.uint16:
+
+        def impl(src, dst, t0, t1, code):
+            d = src.shape[1]
+            if code == 2:
+                for t in range(t0, t1):
+                    for k in range(d):
+                        dst[t, k] = _bf16_to_f32(src[t, k])
+            else:
+                for t in range(t0, t1):
+                    for k in range(d):
+                        dst[t, k] = _f16_to_f32(src[t, k])
+            return dst
+
+        return impl
+    return None
+
+
+@njit(**_JIT)
+def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, code,
+                 kbuf, vbuf, s, m, l, acc):
+    """Online softmax of rows qs[:n_rows] over keys [k0, k1); row r sees keys < row_lim[r].
+
+    Leaves the running max m, sum l and unnormalised accumulator acc.
+    """
+    bs = k_pool.shape[2]
+    d = k_pool.shape[3]
+    for r in range(n_rows):
+        m[r] = -np.inf
+        l[r] = 0.0
+        for x in range(d):
+            acc[r, x] = 0.0
+    if k1 <= k0:
+        return
+    for b in range(k0 // bs, (k1 + bs - 1) // bs):
+        blk = bt_row[b]  # one table lookup per block, not per token
+        base = b * bs
+        t0 = max(k0 - base, 0)
+        t1 = min(k1 - base, bs)
+        kb = _widen_rows(k_pool[blk, layer], kbuf, t0, t1, code)
+        vb = _widen_rows(v_pool[blk, layer], vbuf, t0, t1, code)
+        for r in range(n_rows):
+            te = min(t1, row_lim[r] - base)
+            if te <= t0:
+                continue
+            mx = m[r]
+            for t in range(t0, te):
+                dot = np.float32(0.0)
+                for x in range(d):
+                    dot += qs[r, x] * kb[t, x]
+                s[r, t] = dot
+                mx = max(mx, dot)
+            alpha = np.exp(m[r] - mx)  # 0 on the first block (m = -inf)
+            psum = np.float32(0.0)
+            for t in range(t0, te):
+                p = np.exp(s[r, t] - mx)
+                s[r, t] = p
+                psum += p
+            l[r] = l[r] * alpha + psum
+            m[r] = mx
+            if alpha != 1.0:
+                for x in range(d):
+                    acc[r, x] *= alpha
+            for t in range(t0, te):
+                p = s[r, t]
+                for x in range(d):
+                    acc[r, x] += p * vb[t, x]
+
+
+@njit(inline="always", **_JIT)
+def _decode_q(x, code):
+    # q shares the storage encoding; one element at a time is fine (q is tiny).
+    if code == 0:
+        return np.float32(x)
+    if code == 2:
+        return _bf16_to_f32(x)
+    return _f16_to_f32(x)
+
+
+@njit(parallel=True, **_JIT)
+def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                   ctx_lens, layer, scale, code, groups, items, order, n_parts, q_tile,
+                   out, lse):
+    n_seq = slots.shape[0]
+    n_kv = block_table.shape[1]
+    bs = k_pool.shape[2]
+    d = k_pool.shape[3]
+    n_q_heads = q.shape[1]
+    gsz = n_q_heads // n_kv
+    rmax = q_tile * gsz
+
+    # Pass 1: append. Bits are copied as they are (same encoding in and out).
+    for w in prange(n_seq * n_kv):
+        i = w // n_kv
+        h = w - i * n_kv
+        kv0 = kv_start[i]
+        nk = kv_start[i + 1] - kv0
+        bt_row = block_table[slots[i], h]
+        for t in range(nk):
+            pos = ctx_lens[i] + t
+            blk = bt_row[pos // bs]
+            off = pos - (pos // bs) * bs
+            for x in range(d):
+                k_pool[blk, layer, off, x] = k_new[kv0 + t, h, x]
+                v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
+
+    # Pass 2: attend, one item per iteration, longest items first.
+    part_o = np.empty((n_parts, rmax, d), np.float32)
+    part_lse = np.empty((n_parts, rmax), np.float32)
+    n_items = items.shape[0]
+    for it in prange(n_items):
+        item = order[it]
+        g = items[item, P.I_GROUP]
+        k0 = items[item, P.I_K0]
+        k1 = items[item, P.I_K1]
+        part = items[item, P.I_PART]
+        i = groups[g, P.G_SEQ]
+        h = groups[g, P.G_HEAD]
+        j0 = groups[g, P.G_J0]
+        nqt = groups[g, P.G_NQ]
+        n_rows = nqt * gsz
+        append = kv_start[i + 1] > kv_start[i]
+        qs = np.empty((rmax, d), np.float32)
+        row_lim = np.empty(rmax, np.int64)
+        for jj in range(nqt):
+            tok = q_start[i] + j0 + jj
+            lim = ctx_lens[i] + (j0 + jj + 1 if append else 0)
+            for gg in range(gsz):
+                r = jj * gsz + gg
+                row_lim[r] = lim
+                for x in range(d):
+                    qs[r, x] = _decode_q(q[tok, h * gsz + gg, x], code) * scale
+        kbuf = np.empty((bs, d), np.float32)
+        vbuf = np.empty((bs, d), np.float32)
+        s = np.empty((rmax, bs), np.float32)
+        m = np.empty(rmax, np.float32)
+        l = np.empty(rmax, np.float32)
+        acc = np.empty((rmax, d), np.float32)
+        _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                     layer, k0, k1, code, kbuf, vbuf, s, m, l, acc)
+        for jj in range(nqt):
+            tok = q_start[i] + j0 + jj
+            for gg in range(gsz):
+                r = jj * gsz + gg
+                hq = h * gsz + gg
+                if l[r] > 0.0:
+                    inv = np.float32(1.0) / l[r]
+                    val = m[r] + np.log(l[r])
+                else:
+                    inv = np.float32(0.0)
+                    val = -np.inf
+                if part < 0:
+                    lse[tok, hq] = val
+                    for x in range(d):
+                        out[tok, hq, x] = acc[r, x] * inv
+                else:
+                    part_lse[part, r] = val
+                    for x in range(d):
+                        part_o[part, r, x] = acc[r, x] * inv
+
+    # Pass 3: merge split groups and fill groups that see no key at all.
+    n_groups = groups.shape[0]
+    for g in prange(n_groups):
+        n_split = groups[g, P.G_NITEMS]
+        if n_split == 1:
+            continue
+        i = groups[g, P.G_SEQ]
+        h = groups[g, P.G_HEAD]
+        j0 = groups[g, P.G_J0]
+        nqt = groups[g, P.G_NQ]
+        p0 = groups[g, P.G_PART0]
+        for jj in range(nqt):
+            tok = q_start[i] + j0 + jj
+            for gg in range(gsz):
+                r = jj * gsz + gg
+                hq = h * gsz + gg
+                mx = -np.inf
+                for sp in range(n_split):
+                    mx = max(mx, part_lse[p0 + sp, r])
+                for x in range(d):
+                    out[tok, hq, x] = 0.0
+                if mx == -np.inf:
+                    lse[tok, hq] = -np.inf
+                    continue
+                wsum = np.float32(0.0)
+                for sp in range(n_split):
+                    v = part_lse[p0 + sp, r]
+                    if v == -np.inf:
+                        continue
+                    w = np.exp(v - mx)
+                    wsum += w
+                    for x in range(d):
+                        out[tok, hq, x] += w * part_o[p0 + sp, r, x]
+                inv = np.float32(1.0) / wsum
+                for x in range(d):
+                    out[tok, hq, x] *= inv
+                lse[tok, hq] = mx + np.log(wsum)
+
+
+def _check_array(name, a, dtype, ndim):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype or a.ndim != ndim:
+        raise TypeError(f"{name} must be {ndim}-d {np.dtype(dtype)}, got {a.ndim}-d {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+
+
+def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start, ctx_lens,
+            layer, storage):
+    """Check a call's arguments; return the int32-normalised index arrays."""
+    check_storage(storage)
+    dt = storage_dtype(storage)
+    for name, a, nd in (("q", q, 3), ("k_new", k_new, 3), ("v_new", v_new, 3),
+                        ("k_pool", k_pool, 4), ("v_pool", v_pool, 4)):
+        _check_array(name, a, dt, nd)
+    idx = [np.ascontiguousarray(a, dtype=np.int32) for a in (slots, q_start, kv_start, ctx_lens)]
+    slots, q_start, kv_start, ctx_lens = idx
+    _check_array("block_table", block_table, np.int32, 3)
+    n_blocks, n_layers, bs, d = k_pool.shape
+    if v_pool.shape != k_pool.shape:
+        raise ValueError("k_pool and v_pool differ in shape")
+    n_kv = block_table.shape[1]
+    n_seq = slots.shape[0]
+    if q.shape[2] != d or k_new.shape[1:] != (n_kv, d) or v_new.shape != k_new.shape:
+        raise ValueError(f"shape mismatch: q {q.shape}, k_new {k_new.shape}, v_new "
+                         f"{v_new.shape}, pool head_dim {d}, {n_kv} local kv heads")
+    if q.shape[1] % n_kv:
+        raise ValueError(f"{q.shape[1]} query heads is not a multiple of {n_kv} kv heads")
+    if q_start.shape != (n_seq + 1,) or kv_start.shape != (n_seq + 1,) or ctx_lens.shape != (n_seq,):
+        raise ValueError("q_start/kv_start need n_seq+1 entries and ctx_lens n_seq")
+    if n_seq and (q_start[-1] != q.shape[0] or kv_start[-1] != k_new.shape[0]):
+        raise ValueError("q_start/kv_start must end at the token counts of q/k_new")
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} outside the pool's {n_layers} layers")
+    err, seq = P.validate(block_table, bs, n_blocks, slots, q_start, kv_start, ctx_lens)
+    if err:
+        raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
+    return slots, q_start, kv_start, ctx_lens
+
+
+def q_tile_for(n_q_heads, n_kv, max_chunk):
+    """Query positions per group: 1 for decode, enough for ~64 rows in prefill."""
+    g = n_q_heads // n_kv
+    return max(1, min(max_chunk, _ROWS_PER_GROUP // g))
+
+
+def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                  ctx_lens, layer, scale, storage):
+    """Append each sequence's new K/V rows into the pool, then attend; see DESIGN.md s4.
+
+    Returns (out float32 [T, Hq, D], lse float32 [T, Hq]).
+    """
+    slots, q_start, kv_start, ctx_lens = prepare(
+        q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start, ctx_lens,
+        layer, storage)
+    t, n_q_heads, d = q.shape
+    n_kv = block_table.shape[1]
+    bs = k_pool.shape[2]
+    out = np.zeros((t, n_q_heads, d), np.float32)
+    lse = np.full((t, n_q_heads), -np.inf, np.float32)
+    if t == 0:
+        return out, lse
+    max_chunk = int(np.max(np.diff(q_start))) if slots.shape[0] else 1
+    q_tile = q_tile_for(n_q_heads, n_kv, max_chunk)
+    groups, items, order, n_parts = P.make_plan(
+        q_start, kv_start, ctx_lens, n_kv, q_tile, bs, numba.get_num_threads(), _MIN_SPLIT)
+    # Items differ in size: hand them out one at a time (dynamic scheduling). The
+    # setting is thread-local, so concurrent callers on other threads are unaffected.
+    with numba.parallel_chunksize(1):
+        _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
+                       kv_start, ctx_lens, int(layer), np.float32(scale), CODE[storage],
+                       groups, items, order, n_parts, q_tile, out, lse)
+    return out, lse
+
+
+def warmup(storages=("float32", "float16", "bfloat16")):
+    """Compile (or load from cache) every kernel variant on tiny shapes."""
+    from .storage import to_storage
+
+    rng = np.random.default_rng(0)
+    for storage in storages:
+        n_kv, g, d, bs = 1, 2, 8, 4
+        pool_shape = (4, 1, bs, d)
+        k_pool = to_storage(np.zeros(pool_shape, np.float32), storage)
+        v_pool = to_storage(np.zeros(pool_shape, np.float32), storage)
+        bt = np.arange(4, dtype=np.int32).reshape(1, 1, 4)
+        qf = rng.standard_normal((2, n_kv * g, d)).astype(np.float32)
+        kf = rng.standard_normal((2, n_kv, d)).astype(np.float32)
+        append_attend(to_storage(qf, storage), to_storage(kf, storage), to_storage(kf, storage),
+                      k_pool, v_pool, bt, np.array([0], np.int32), np.array([0, 2], np.int32),
+                      np.array([0, 2], np.int32), np.array([5], np.int32), 0,
+                      1.0 / math.sqrt(d), storage)
