@@ -1,0 +1,25 @@
+"""lamina_kernels: paged-KV attention kernels for lamina-p2p (numpy + numba only).
+
+Public API:
+  append_attend(...)       CPU (Numba) append-then-attend, returns (out, lse)
+  append_attend_cuda(...)  the same with numba.cuda (imported lazily on first use)
+  merge(outs, lses)        exact LSE merge of partial results
+  warmup(storages)         compile every CPU variant before serving
+  to_storage, widen, storage_itemsize, STORAGES   storage encodings
+The pure-torch oracle lives in lamina_kernels.reference (imports torch).
+"""
+
+from .cpu import append_attend, warmup
+from .merge import merge
+from .storage import STORAGES, storage_dtype, storage_itemsize, to_storage, widen
+
+
+def append_attend_cuda(*args, **kwargs):
+    """numba.cuda version of append_attend; see lamina_kernels.cuda (lazy import)."""
+    from .cuda import append_attend_cuda as impl
+
+    return impl(*args, **kwargs)
+
+
+__all__ = ["append_attend", "append_attend_cuda", "merge", "warmup", "STORAGES",
+           "storage_dtype", "storage_itemsize", "to_storage", "widen"]
