@@ -101,6 +101,10 @@ class AttentionService:
         return {"block_size": self.block_size, "block_bytes": reg.pool.block_bytes,
                 "kv_total_bytes": self.budget.total, "kv_free_bytes": self.budget.free}
 
+    def owner_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._owners)
+
     def drop_owner(self, owner: str) -> int:
         with self._lock:
             return self._drop_locked(owner)

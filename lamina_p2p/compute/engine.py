@@ -33,14 +33,14 @@ class Engine:
         self.model = model
         self.cfg = model.config
         self.transport = transport
-        self.owner = owner or uuid.uuid4().hex
+        self.owner = owner or getattr(transport, "owner_id", None) or uuid.uuid4().hex
         self.micro_batches = micro_batches
         self.max_step_tokens = max_step_tokens
         self.group_size = self.cfg.num_heads // self.cfg.num_kv_heads
         self.placer = Placer(placement, self.cfg.num_kv_heads,
                              shard_tokens or max(16, self.cfg.max_position_embeddings // 4))
         self.dense = ThreadPoolExecutor(1, thread_name_prefix="dense")
-        self.storage = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.storage = str(model.dtype).removeprefix("torch.")
         transport.bind(self.owner, self.geometry())
         self._ids = itertools.count(1)
         self.eos = set(self.cfg.eos_token_ids)
@@ -164,7 +164,7 @@ class Engine:
         by_peer: dict[str, list[int]] = {}
         for seq in seqs:
             for shard in seq.shards:
-                by_peer.setdefault(shard.peer, []).append(seq.seq_id)
+                by_peer.setdefault(shard.peer, []).append(shard.key(seq.seq_id))
             self.placer.forget(seq.shards)
             seq.shards = []
         await asyncio.gather(*(self.transport.free(peer, ids) for peer, ids in by_peer.items()),

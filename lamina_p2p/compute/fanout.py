@@ -23,7 +23,7 @@ class Group:
     peer: str
     h0: int
     h1: int
-    seq_ids: np.ndarray  # int64 [n]
+    seq_ids: np.ndarray  # int64 [n], shard keys (Shard.key)
     ctx: np.ndarray  # int64 [n], shard-local tokens already cached
     n_q: np.ndarray  # int64 [n]
     n_kv: np.ndarray  # int64 [n], n_q for the tail shard, 0 for an earlier one
@@ -50,7 +50,7 @@ class MicroBatch:
 def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> MicroBatch:
     tokens, positions, sample_rows, sample_seqs = [], [], [], []
     starts, row = [], 0
-    by_group: dict[tuple[str, int, int], list] = {}
+    by_group: dict[tuple[str, int, int, int], list] = {}
     for seq, count in zip(seqs, n):
         start = seq.cached
         toks = seq.tokens[start : start + count]
@@ -60,17 +60,22 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
         if start + count == seq.length:
             sample_rows.append(row + count - 1)
             sample_seqs.append(seq)
+        seen: dict[tuple, int] = {}
         for shard in seq.shards:
             held = shard.tokens_before(start)
             is_tail = shard.t1 is None
             if held == 0 and not is_tail:
                 continue
-            key = (shard.peer, shard.h0, shard.h1)
-            by_group.setdefault(key, []).append((seq.seq_id, held, count, count if is_tail else 0, row))
+            # A peer may hold several shards of one sequence: each goes in its own request,
+            # since a request's rows are merged by assignment, not by LSE.
+            where = (shard.peer, shard.h0, shard.h1)
+            seen[where] = seen.get(where, -1) + 1
+            key = (*where, seen[where])
+            by_group.setdefault(key, []).append((shard.key(seq.seq_id), held, count, count if is_tail else 0, row))
         row += count
     T = row
     groups, coverage = [], {}
-    for (peer, h0, h1), members in by_group.items():
+    for (peer, h0, h1, _), members in by_group.items():
         seq_ids = np.array([m[0] for m in members], np.int64)
         ctx = np.array([m[1] for m in members], np.int64)
         n_q = np.array([m[2] for m in members], np.int64)
@@ -80,7 +85,7 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
         groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows))
         for m in members:
             for h in range(h0, h1):
-                coverage[(m[0], h)] = coverage.get((m[0], h), 0) + 1
+                coverage[(m[4], h)] = coverage.get((m[4], h), 0) + 1
     overlapping = any(c > 1 for c in coverage.values())
     return MicroBatch(seqs, n, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                       groups, overlapping, torch.tensor(sample_rows, dtype=torch.long), sample_seqs)

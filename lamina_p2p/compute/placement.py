@@ -24,6 +24,11 @@ class Shard:
     t0: int  # first token position held
     t1: int | None = None  # end (exclusive) of a closed shard; None while it is the tail
     reserved: int = 0  # load this shard adds to its peer in placement's bookkeeping
+    index: int = 0  # position in the sequence's shard list; a peer may hold several shards of one sequence
+
+    def key(self, seq_id: int) -> int:
+        """The id the attention peer files this shard under."""
+        return (seq_id << 12) | self.index
 
     def tokens_before(self, cached: int) -> int:
         """Tokens this shard holds when the sequence has `cached` tokens in KV."""
@@ -113,7 +118,7 @@ class Placer:
         holders = {s.peer for s in shards}
         peer = self._least_loaded(exclude=holders)
         self.peers[peer].placed_tokens += self.shard_tokens
-        shards.append(Shard(peer, 0, self.num_kv_heads, cached, reserved=self.shard_tokens))
+        shards.append(Shard(peer, 0, self.num_kv_heads, cached, reserved=self.shard_tokens, index=len(shards)))
 
     def forget(self, shards: list[Shard]) -> None:
         for s in shards:

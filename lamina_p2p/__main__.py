@@ -1,0 +1,3 @@
+from lamina_p2p.cli import main
+
+main(prog_name="lamina-node")

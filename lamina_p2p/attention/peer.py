@@ -1,0 +1,184 @@
+"""The attention peer process: a ROUTER for requests, membership, and a kernel worker thread.
+
+Ops served (besides membership's gossip/status):
+  register {owner, num_layers, num_heads, num_kv_heads, head_dim, storage, max_positions}
+  attend   {owner, layer, h0, h1} + tensors [meta int64 [n, 4] = (seq id, ctx, n_q, n_kv), q, k, v]
+           -> tensors [out f32 [T, Hq, D], lse f32 [T, Hq]]
+  free     {owner, seq_ids}
+  drop     {owner}            (a compute peer leaving)
+  stats    -> the pool's counters
+The event loop only decodes and replies: the kernel, and anything that touches
+the pool, runs on one worker thread, so heartbeats are answered while it works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from lamina_p2p.attention.service import AttendRequest, AttentionService
+from lamina_p2p.net.membership import Membership, PeerInfo
+from lamina_p2p.net.rpc import RpcServer
+from lamina_p2p.net.wire import PROTOCOL_VERSION, Message
+
+log = logging.getLogger("lamina.attention")
+
+
+@dataclass
+class AttentionPeerConfig:
+    listen: str = "tcp://127.0.0.1:0"
+    join: tuple[str, ...] = ()
+    kv_bytes: int = 4 << 30
+    device: str = "cpu"
+    threads: int | None = None
+    cluster: str = "lamina"
+    block_size: int = 16
+    heartbeat_interval: float = 0.5
+    suspect_after: float = 2.0
+    dead_after: float = 5.0
+    owner_timeout: float = 60.0  # free the KV of a compute peer that has been dead this long
+
+
+class AttentionPeer:
+    def __init__(self, config: AttentionPeerConfig):
+        self.config = config
+        if config.device != "cpu":
+            raise ValueError(f"device {config.device!r}: this build serves attention on cpu only")
+        self.service = AttentionService(config.kv_bytes, config.block_size)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="kernel")
+        self.busy_s = 0.0  # kernel time, for the advertised load
+        self.in_flight = 0
+
+    def _warm(self) -> None:
+        """Compile every kernel variant, then run the exact request path once, before announcing."""
+        import lamina_kernels
+
+        lamina_kernels.warmup()
+        for storage, dtype in (("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.uint16)):
+            owner = f"warmup-{storage}"
+            self.service.register(owner, 1, 2, 1, 8, storage, 64)
+            q, kv = np.zeros((1, 2, 8), dtype), np.zeros((1, 1, 8), dtype)
+            for arr in (q, kv):
+                arr.flags.writeable = False  # frames from the wire are read-only
+            ids = np.array([1], np.int64)
+            one = np.array([1], np.int64)
+            self.service.attend(AttendRequest(owner, 0, ids, np.zeros(1, np.int64), one, one, 0, 1, q, kv, kv))
+            self.service.drop_owner(owner)
+
+    async def run(self, stop: asyncio.Event, on_ready=None) -> None:
+        loop = asyncio.get_running_loop()
+        from lamina_p2p.runtime import set_threads
+
+        set_threads(numba_threads=self.config.threads)
+        await loop.run_in_executor(self.worker, self._warm)
+        ctx = zmq.asyncio.Context()
+        server = RpcServer(ctx, self.config.listen)
+        for op, handler in (("register", self._register), ("attend", self._attend), ("free", self._free),
+                            ("drop", self._drop), ("stats", self._stats)):
+            server.register(op, handler)
+        await server.start()
+        me = PeerInfo(id=os.urandom(8).hex(), role="attention", address=server.bound_address,
+                      device=self.config.device, kv_total_bytes=self.service.budget.total,
+                      kv_free_bytes=self.service.budget.free, load=0.0, version=PROTOCOL_VERSION,
+                      cluster=self.config.cluster, heartbeat=0, ready=True)
+        self.membership = Membership(server, ctx, me, list(self.config.join),
+                                     heartbeat_interval=self.config.heartbeat_interval,
+                                     suspect_after=self.config.suspect_after, dead_after=self.config.dead_after)
+        await self.membership.start()
+        log.info("attention peer %s ready on %s", me.id, server.bound_address)
+        if on_ready is not None:
+            on_ready(server.bound_address, me.id)
+        reporter = asyncio.create_task(self._report())
+        try:
+            await stop.wait()
+        finally:
+            reporter.cancel()
+            await self.membership.stop()
+            await server.close()
+            ctx.destroy(linger=0)
+            self.worker.shutdown(wait=False, cancel_futures=True)
+
+    async def _report(self) -> None:
+        """Advertise free KV and load; free the KV of compute peers that are gone."""
+        last_busy, last_t = 0.0, time.monotonic()
+        gone_since: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            now = time.monotonic()
+            load = (self.busy_s - last_busy) / max(now - last_t, 1e-6)
+            last_busy, last_t = self.busy_s, now
+            self.membership.update_self(kv_free_bytes=self.service.budget.free, load=round(load, 3))
+            alive = {p.id for p in self.membership.peers(role="compute")}
+            for owner in self.service.owner_ids():
+                if owner in alive:
+                    gone_since.pop(owner, None)
+                elif now - gone_since.setdefault(owner, now) > self.config.owner_timeout:
+                    freed = self.service.drop_owner(owner)
+                    gone_since.pop(owner, None)
+                    log.warning("compute peer %s is gone: freed its %d sequences", owner, freed)
+
+    async def _in_worker(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.worker, fn, *args)
+
+    async def _register(self, msg: Message):
+        f = msg.fields
+        keys = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "storage", "max_positions")
+        missing = [k for k in ("owner", *keys) if k not in f]
+        if missing:
+            raise ValueError(f"register: missing fields {missing}")
+        info = await self._in_worker(lambda: self.service.register(str(f["owner"]), **{k: f[k] for k in keys}))
+        return info, []
+
+    async def _attend(self, msg: Message):
+        f = msg.fields
+        if len(msg.tensors) != 4:
+            raise ValueError("attend: expected 4 tensors (meta, q, k, v)")
+        meta, q, k, v = msg.tensors
+        if meta.dtype != np.int64 or meta.ndim != 2 or meta.shape[1] != 4:
+            raise ValueError("attend: meta must be int64 [n, 4]")
+        q, k, v = (a if a.flags.aligned else a.copy() for a in (q, k, v))
+        req = AttendRequest(str(f.get("owner")), _int(f, "layer"), meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3],
+                            _int(f, "h0"), _int(f, "h1"), q, k, v)
+        self.in_flight += 1
+        try:
+            out, lse = await self._in_worker(self._timed_attend, req)
+        finally:
+            self.in_flight -= 1
+        return {}, [out, lse]
+
+    def _timed_attend(self, req: AttendRequest):
+        t0 = time.perf_counter()
+        try:
+            return self.service.attend(req)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    async def _free(self, msg: Message):
+        ids = msg.fields.get("seq_ids", [])
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise ValueError("free: seq_ids must be a list of ints")
+        freed = await self._in_worker(self.service.free, str(msg.fields.get("owner")), ids)
+        return {"freed": freed}, []
+
+    async def _drop(self, msg: Message):
+        freed = await self._in_worker(self.service.drop_owner, str(msg.fields.get("owner")))
+        return {"freed": freed}, []
+
+    async def _stats(self, msg: Message):
+        return self.service.stats(), []
+
+
+def _int(fields: dict, key: str) -> int:
+    value = fields.get(key)
+    if not isinstance(value, int):
+        raise ValueError(f"field {key!r} must be an int, got {type(value).__name__}")
+    return value

@@ -1,0 +1,212 @@
+"""`lamina-node`: thin click commands that parse, build a config and call into the package."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from lamina_p2p.config import ConfigError, check_address, parse_bytes
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group()
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """lamina-p2p: attention offloading across peers."""
+    import logging
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+@main.command("init-model")
+@click.option("--preset", type=click.Choice(["tiny", "bench"]), default="tiny", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write (HF format).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+def init_model(preset: str, out: str, seed: int, dtype: str) -> None:
+    """Write the embedded default model (random weights from a seed) in Hugging Face format."""
+    from lamina_p2p.model.presets import write_preset
+
+    path = write_preset(preset, out, seed=seed, dtype=dtype)
+    click.echo(f"wrote {preset} model to {path}")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated token ids, got {text!r}") from None
+    if not ids:
+        raise click.BadParameter("empty --prompt-ids")
+    return ids
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", multiple=True, help="Prompt text (repeatable: one sequence each).")
+@click.option("--prompt-ids", multiple=True, help="Prompt as token ids 1,2,3 (repeatable).")
+@click.option("--random-prompt-len", type=int, default=None, help="Seeded random prompts of this many tokens.")
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0))
+@click.option("--top-k", default=0, type=click.IntRange(0))
+@click.option("--top-p", default=1.0, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=None, type=int)
+@click.option("--ignore-eos", is_flag=True, help="Generate max-tokens tokens even past end-of-sequence.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1),
+              help="Number of sequences; prompts are repeated in turn to fill it.")
+@click.option("--attention-peers", default=0, show_default=True, type=click.IntRange(0),
+              help="0: in-process attention; K: start K local attention peer processes.")
+@click.option("--join", multiple=True, help="Run against this cluster (a peer's address) instead.")
+@click.option("--placement", type=click.Choice(["request", "head", "sequence"]), default="request", show_default=True)
+@click.option("--shard-tokens", type=click.IntRange(1), default=None, help="Sequence placement: tokens per shard.")
+@click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Override the checkpoint's dtype.")
+@click.option("--kv-memory", default="2GiB", show_default=True, help="KV budget of each attention peer.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads of the compute side.")
+@click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
+@click.option("--trace", type=click.Path(dir_okay=False), default=None, help="Write a Chrome trace JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, temperature, top_k, top_p, seed,
+             ignore_eos, batch, attention_peers, join, placement, shard_tokens, micro_batches, dtype, kv_memory,
+             threads, attention_threads, trace, as_json):
+    """Generate from prompts, in process or on a cluster."""
+    from lamina_p2p.compute.generate import GenerateOptions, run_generate
+
+    try:
+        kv_bytes = parse_bytes(kv_memory)
+        for addr in join:
+            check_address(addr)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    if not (prompt or prompt_ids or random_prompt_len):
+        raise click.UsageError("give --prompt, --prompt-ids or --random-prompt-len")
+    opts = GenerateOptions(
+        model_dir=model_dir, prompts=list(prompt), prompt_ids=[_parse_ids(p) for p in prompt_ids],
+        random_prompt_len=random_prompt_len, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, ignore_eos=ignore_eos, batch=batch, attention_peers=attention_peers,
+        join=list(join), placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, dtype=dtype,
+        kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, trace=trace)
+    try:
+        result = run_generate(opts)
+    except (ValueError, ConfigError) as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for i, text in enumerate(result["text"]):
+            click.echo(f"[{i}] {text}")
+        click.echo(f"{result['tokens_per_s']:.1f} tokens/s decode, batch {len(result['text'])}", err=True)
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["attention", "compute"]), required=True)
+@click.option("--listen", default="tcp://127.0.0.1:0", show_default=True,
+              help="ZeroMQ endpoint to bind (port 0 picks a free port).")
+@click.option("--join", multiple=True, help="Seed peer address (repeatable); none starts a new cluster.")
+@click.option("--cluster", default="lamina", show_default=True, help="Cluster name: keeps clusters on one LAN apart.")
+@click.option("--kv-memory", default="4GiB", show_default=True, help="Attention: KV cache budget.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="Kernel (attention) or torch (compute) threads.")
+@click.option("--block-size", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option("--heartbeat", type=click.FloatRange(0.01), default=0.5, show_default=True, help="Seconds.")
+@click.option("--dead-after", type=click.FloatRange(0.05), default=5.0, show_default=True,
+              help="Seconds without a heartbeat before a peer is declared dead.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
+@click.option("--placement", type=click.Choice(["request", "head", "sequence"]), default="request", show_default=True)
+@click.option("--shard-tokens", type=click.IntRange(1), default=None)
+@click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--http", default=None, help="Compute: serve the OpenAI-compatible API on HOST:PORT.")
+@click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True)
+def start(role, listen, join, cluster, kv_memory, device, threads, block_size, heartbeat, dead_after, model_dir,
+          dtype, placement, shard_tokens, micro_batches, http, max_batch):
+    """Run one peer until SIGTERM or Ctrl-C."""
+    from lamina_p2p.node import run_attention, run_compute
+    from lamina_p2p.runtime import run_async
+
+    try:
+        check_address(listen)
+        for addr in join:
+            check_address(addr)
+        kv_bytes = parse_bytes(kv_memory)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    if role == "attention":
+        from lamina_p2p.attention.peer import AttentionPeerConfig
+
+        cfg = AttentionPeerConfig(listen=listen, join=tuple(join), kv_bytes=kv_bytes, device=device, threads=threads,
+                                  cluster=cluster, block_size=block_size, heartbeat_interval=heartbeat,
+                                  suspect_after=dead_after / 2, dead_after=dead_after)
+        try:
+            run_async(run_attention(cfg))
+        except ValueError as e:
+            _fail(str(e))
+        return
+    if not model_dir:
+        raise click.UsageError("a compute peer needs --model")
+    if not join:
+        raise click.UsageError("a compute peer needs --join (an attention peer's address)")
+    from lamina_p2p.serve.server import ComputeOptions
+
+    opts = ComputeOptions(model_dir=model_dir, listen=listen, join=list(join), cluster=cluster, dtype=dtype,
+                          placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, http=http,
+                          threads=threads, heartbeat=heartbeat, dead_after=dead_after, max_batch=max_batch)
+    run_async(run_compute(opts))
+
+
+@main.command()
+@click.option("--join", required=True, help="Any peer's address.")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1))
+@click.option("--json", "as_json", is_flag=True)
+def status(join, timeout, as_json):
+    """Show the cluster as a peer sees it."""
+    from lamina_p2p.cluster import format_table, query_status
+    from lamina_p2p.runtime import run_async
+
+    try:
+        check_address(join)
+        table = run_async(query_status(join, timeout))
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    except Exception as e:  # unreachable peer, timeout
+        _fail(f"cannot get status from {join}: {e}")
+    click.echo(json.dumps(table, indent=2) if as_json else format_table(table))
+
+
+@main.group()
+def cluster():
+    """Scripted local clusters."""
+
+
+@cluster.command("up")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
+def cluster_up(config_path):
+    """Start every peer of a TOML config as a local process; stop them all on Ctrl-C / SIGTERM."""
+    from lamina_p2p.cluster import run_cluster
+    from lamina_p2p.config import load_cluster
+
+    try:
+        spec = load_cluster(config_path)
+    except ConfigError as e:
+        _fail(str(e))
+    sys.exit(run_cluster(spec))
+
+
+def _register_optional_commands() -> None:
+    """Commands that live with the subsystem they drive."""
+    try:
+        from lamina_p2p.plan.command import plan_command
+    except ImportError:  # the planner is optional at import time
+        return
+    main.add_command(plan_command)
+
+
+_register_optional_commands()

@@ -1,0 +1,114 @@
+"""The `generate` command: prompts in, tokens out, in process or on a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from dataclasses import dataclass, field
+
+from lamina_p2p.compute.engine import Engine
+from lamina_p2p.compute.sequence import SamplingParams
+from lamina_p2p.runtime import run_async, set_threads
+
+
+@dataclass
+class GenerateOptions:
+    model_dir: str
+    prompts: list[str] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    random_prompt_len: int | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    batch: int = 1
+    attention_peers: int = 0
+    join: list[str] = field(default_factory=list)
+    placement: str = "request"
+    shard_tokens: int | None = None
+    micro_batches: int = 1
+    dtype: str | None = None
+    kv_bytes: int = 2 << 30
+    threads: int | None = None
+    attention_threads: int | None = None
+    trace: str | None = None
+    cluster: str = "lamina"
+
+
+def build_prompts(opts: GenerateOptions, tokenizer, vocab_size: int) -> list[list[int]]:
+    prompts = [list(p) for p in opts.prompt_ids]
+    if opts.prompts:
+        if tokenizer is None:
+            raise ValueError(f"{opts.model_dir} has no tokenizer.json: use --prompt-ids")
+        prompts += [tokenizer.encode(p) for p in opts.prompts]
+    if opts.random_prompt_len:
+        rng = random.Random(opts.seed or 0)
+        prompts += [[rng.randrange(vocab_size) for _ in range(opts.random_prompt_len)] for _ in range(opts.batch)]
+    return [prompts[i % len(prompts)] for i in range(max(opts.batch, 1))]
+
+
+def run_generate(opts: GenerateOptions) -> dict:
+    from lamina_p2p.model.loader import load_model
+    from lamina_p2p.model.tokenizer import load_tokenizer
+
+    set_threads(opts.threads)
+    model = load_model(opts.model_dir, dtype=opts.dtype)
+    tokenizer = load_tokenizer(opts.model_dir)
+    prompts = build_prompts(opts, tokenizer, model.config.vocab_size)
+    params = SamplingParams(max_tokens=opts.max_tokens, temperature=opts.temperature, top_k=opts.top_k,
+                            top_p=opts.top_p, seed=opts.seed, ignore_eos=opts.ignore_eos)
+    seqs, stats = run_async(_generate(opts, model, prompts, params))
+    texts = [tokenizer.decode(s.output) if tokenizer else "" for s in seqs]
+    return {
+        "token_ids": [s.output for s in seqs],
+        "text": texts,
+        "finish_reason": [s.finish_reason for s in seqs],
+        "prompt_tokens": [len(s.prompt) for s in seqs],
+        "tokens_per_s": stats["tokens_per_s"],
+        "prefill_s": stats["prefill_s"],
+        "decode_s": stats["decode_s"],
+        "batch": len(seqs),
+        "attention_peers": opts.attention_peers if not opts.join else None,
+        "placement": opts.placement,
+        "micro_batches": opts.micro_batches,
+    }
+
+
+async def _generate(opts: GenerateOptions, model, prompts, params):
+    async with contextlib.AsyncExitStack() as stack:
+        transport = await stack.enter_async_context(open_transport(opts))
+        engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
+                        shard_tokens=opts.shard_tokens)
+        stack.callback(engine.close)
+        if hasattr(transport, "wait_for_peers"):
+            await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
+        return await engine.generate(prompts, params)
+
+
+@contextlib.asynccontextmanager
+async def open_transport(opts: GenerateOptions):
+    """In-process attention, K freshly started local peers, or an existing cluster."""
+    if opts.join or opts.attention_peers > 0:
+        from lamina_p2p.compute.remote import open_cluster_transport
+
+        async with open_cluster_transport(opts) as transport:
+            yield transport
+        return
+    from lamina_p2p.compute.local import LocalTransport
+
+    transport = LocalTransport(opts.kv_bytes)
+    try:
+        await asyncio.get_running_loop().run_in_executor(transport.executor, _warm_kernels)
+        yield transport
+    finally:
+        transport.close()
+
+
+def _warm_kernels() -> None:
+    import lamina_kernels
+
+    lamina_kernels.warmup()
+

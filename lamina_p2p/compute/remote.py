@@ -1,0 +1,188 @@
+"""Attention over the wire: the compute side's view of the cluster's attention peers.
+
+The transport joins the cluster as a compute peer (its own ROUTER for gossip),
+registers the model geometry with every attention peer that becomes alive, and
+sends per-layer attend requests to them over one DEALER each, many in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from lamina_p2p.attention.service import AttendRequest
+from lamina_p2p.net.membership import Membership, PeerInfo
+from lamina_p2p.net.rpc import RpcClient, RpcError, RpcServer
+from lamina_p2p.net.wire import PROTOCOL_VERSION
+
+log = logging.getLogger("lamina.compute")
+
+
+class AttentionPeerError(RuntimeError):
+    """An attention peer failed a request (it died, timed out, or refused)."""
+
+    def __init__(self, peer: str, reason: str):
+        super().__init__(f"attention peer {peer}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+    @property
+    def kv_full(self) -> bool:
+        return "KVFull" in self.reason
+
+
+class ClusterTransport:
+    def __init__(self, ctx: zmq.asyncio.Context, server: RpcServer, membership: Membership,
+                 request_timeout: float = 30.0):
+        self.ctx = ctx
+        self.server = server
+        self.membership = membership
+        self.request_timeout = request_timeout
+        # Attention peers free an owner's KV once its membership entry is dead, so own as our peer id.
+        self.owner_id = membership.me.id
+        self.owner: str | None = None
+        self.expected_peers = 1
+        self.geometry: dict | None = None
+        self._clients: dict[str, RpcClient] = {}
+        self._registered: dict[str, asyncio.Task] = {}
+        membership.subscribe(self._on_event)
+
+    # -- membership -------------------------------------------------------------
+    def bind(self, owner: str, geometry: dict) -> None:
+        self.owner, self.geometry = owner, geometry
+        for p in self.membership.peers(role="attention"):
+            self._ensure_registered(p)
+
+    def _on_event(self, event: str, peer: PeerInfo) -> None:
+        if peer.role != "attention":
+            return
+        if event == "joined" and self.geometry is not None:
+            self._ensure_registered(peer)
+        elif event == "died":
+            task = self._registered.pop(peer.id, None)
+            if task is not None:
+                task.cancel()
+            client = self._clients.pop(peer.id, None)
+            if client is not None:
+                asyncio.ensure_future(client.close())
+
+    def _ensure_registered(self, peer: PeerInfo) -> None:
+        if peer.id in self._registered:
+            return
+        self._clients.setdefault(peer.id, RpcClient(self.ctx, peer.address))
+        self._registered[peer.id] = asyncio.ensure_future(self._register(peer))
+
+    async def _register(self, peer: PeerInfo) -> None:
+        await self._clients[peer.id].call("register", {"owner": self.owner, **self.geometry},
+                                          timeout=self.request_timeout)
+
+    def peers(self) -> dict[str, float]:
+        """Attention peers registered and alive, weighted by advertised KV capacity."""
+        out = {}
+        for p in self.membership.peers(role="attention"):
+            task = self._registered.get(p.id)
+            if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+                out[p.id] = float(max(p.kv_total_bytes, 1))
+        return out
+
+    async def wait_for_peers(self, count: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.peers()) < count:
+            pending = [t for t in self._registered.values() if not t.done()]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"only {len(self.peers())} of {count} attention peers ready after {timeout:g} s")
+            if pending:
+                await asyncio.wait(pending, timeout=min(remaining, 0.5))
+            else:
+                await asyncio.sleep(min(remaining, self.membership.heartbeat_interval))
+
+    # -- requests ---------------------------------------------------------------
+    async def attend(self, peer: str, req: AttendRequest):
+        client = self._clients.get(peer)
+        if client is None:
+            raise AttentionPeerError(peer, "not connected")
+        meta = np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
+        fields = {"owner": req.owner, "layer": req.layer, "h0": req.h0, "h1": req.h1}
+        try:
+            msg = await client.call("attend", fields, [meta, req.q, req.k, req.v], timeout=self.request_timeout)
+        except RpcError as e:
+            raise AttentionPeerError(peer, str(e)) from None
+        if len(msg.tensors) != 2:
+            raise AttentionPeerError(peer, f"attend reply has {len(msg.tensors)} tensors, expected 2")
+        return msg.tensors[0], msg.tensors[1]
+
+    async def free(self, peer: str, seq_ids: list[int]) -> None:
+        client = self._clients.get(peer)
+        if client is not None:
+            await client.call("free", {"owner": self.owner, "seq_ids": list(seq_ids)}, timeout=self.request_timeout)
+
+    async def close(self) -> None:
+        for task in self._registered.values():
+            task.cancel()
+        if self.owner is not None:
+            await asyncio.gather(*(c.call("drop", {"owner": self.owner}, timeout=2.0) for c in self._clients.values()),
+                                 return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self._clients.values()), return_exceptions=True)
+        self._clients.clear()
+
+    def wire_bytes(self) -> tuple[int, int]:
+        sent = sum(c.bytes_sent for c in self._clients.values())
+        received = sum(c.bytes_received for c in self._clients.values())
+        return sent, received
+
+
+@contextlib.asynccontextmanager
+async def join_cluster(seeds: list[str], listen: str = "tcp://127.0.0.1:0", cluster: str = "lamina",
+                       peer_id: str | None = None, heartbeat_interval: float = 0.5, dead_after: float = 5.0):
+    """Join as a compute peer; yields the ClusterTransport."""
+    ctx = zmq.asyncio.Context()
+    server = RpcServer(ctx, listen)
+    await server.start()
+    me = PeerInfo(id=peer_id or os.urandom(8).hex(), role="compute", address=server.bound_address, device="cpu",
+                  kv_total_bytes=0, kv_free_bytes=0, load=0.0, version=PROTOCOL_VERSION, cluster=cluster,
+                  heartbeat=0, ready=True)
+    membership = Membership(server, ctx, me, list(seeds), heartbeat_interval=heartbeat_interval,
+                            suspect_after=min(2.0, dead_after / 2), dead_after=dead_after)
+    transport = ClusterTransport(ctx, server, membership)
+    await membership.start()
+    try:
+        yield transport
+    finally:
+        await transport.close()
+        await membership.stop()
+        await server.close()
+        ctx.destroy(linger=0)
+
+
+@contextlib.asynccontextmanager
+async def open_cluster_transport(opts):
+    """For generate/serve: join opts.join, or start opts.attention_peers local peers and join them."""
+    from lamina_p2p.launch import start_attention_peers, stop_all
+
+    peers = []
+    loop = asyncio.get_running_loop()
+    try:
+        if opts.join:
+            seeds, expect = list(opts.join), 1
+        else:
+            kv = f"{opts.kv_bytes}"
+            peers = await loop.run_in_executor(None, lambda: start_attention_peers(
+                opts.attention_peers, kv, opts.attention_threads, opts.cluster))
+            seeds, expect = [peers[0].address], len(peers)
+        async with join_cluster(seeds, cluster=opts.cluster) as transport:
+            # The engine binds (registers) right after this; wait for membership to show the peers first.
+            await transport.membership.wait_for(
+                lambda: len(transport.membership.peers(role="attention")) >= expect, timeout=60.0)
+            transport.expected_peers = expect
+            yield transport
+    finally:
+        if peers:
+            await loop.run_in_executor(None, stop_all, peers)
