@@ -6,14 +6,19 @@ prompt runs alone through transformers with its KV cache. Prompt logits, then
 32 greedy decode steps, must agree.
 """
 
+import inspect
+
 import pytest
 import torch
+from transformers import DynamicCache, LlamaForCausalLM
 
 from hf_models import ARCHITECTURES, build_hf_model, load_hf_model
 from lamina_p2p.model.loader import load_model
 from lamina_p2p.model.presets import write_preset
 from lamina_p2p.model.torch_attention import TorchAttention, forward, generate_greedy
 
+# transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 STEPS = 32
 PROMPTS = [[1, 17, 33, 99, 100, 7, 8, 250, 4, 4, 61], [1, 200], [1, 5, 6, 7, 90]]
 
@@ -21,12 +26,13 @@ PROMPTS = [[1, 17, 33, 99, 100, 7, 8, 250, 4, 4, 61], [1, 200], [1, 5, 6, 7, 90]
 @torch.no_grad()
 def hf_greedy(hf, prompt, steps):
     """(greedy tokens, [prompt logits [P, V], step 1 logits [V], ...]) for one prompt."""
-    out = hf(torch.tensor([prompt]), use_cache=True)
+    cache = {CACHE_KWARG: DynamicCache()}  # filled in place by every call
+    out = hf(torch.tensor([prompt]), use_cache=True, **cache)
     logits, tokens = [out.logits[0].float()], []
     for _ in range(steps):
         token = int(out.logits[0, -1].argmax())
         tokens.append(token)
-        out = hf(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        out = hf(torch.tensor([[token]]), use_cache=True, **cache)
         logits.append(out.logits[0, -1].float())
     return tokens, logits
 

@@ -22,7 +22,7 @@ class LocalTransport:
         self.owner = None
 
     def bind(self, owner: str, geometry: dict) -> None:
-        self.owner = owner
+        self.owner, self.geometry = owner, geometry
         self.service.register(owner, **geometry)
 
     def peers(self) -> dict[str, float]:
@@ -34,6 +34,15 @@ class LocalTransport:
 
     async def free(self, peer: str, seq_ids: list[int]) -> None:
         self.service.free(self.owner, seq_ids)
+
+    def kv_capacity(self) -> dict[str, tuple[int, int]]:
+        """peer -> (total, free) KV bytes."""
+        return {LOCAL_PEER: (self.service.budget.total, self.service.budget.free)}
+
+    def block_bytes_per_token(self) -> float:
+        """KV bytes one token of the bound model takes on a peer (all heads, all layers)."""
+        g = self.geometry
+        return 2 * g["num_layers"] * g["num_kv_heads"] * g["head_dim"] * (4 if g["storage"] == "float32" else 2)
 
     def stats(self) -> dict:
         return {LOCAL_PEER: self.service.stats()}

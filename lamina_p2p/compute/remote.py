@@ -91,6 +91,16 @@ class ClusterTransport:
                 out[p.id] = float(max(p.kv_total_bytes, 1))
         return out
 
+    def kv_capacity(self) -> dict[str, tuple[int, int]]:
+        """peer -> (total, free) KV bytes, as last advertised by gossip."""
+        usable = self.peers()
+        return {p.id: (p.kv_total_bytes, p.kv_free_bytes) for p in self.membership.peers(role="attention")
+                if p.id in usable}
+
+    def block_bytes_per_token(self) -> float:
+        g = self.geometry
+        return 2 * g["num_layers"] * g["num_kv_heads"] * g["head_dim"] * (4 if g["storage"] == "float32" else 2)
+
     async def wait_for_peers(self, count: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -49,16 +49,28 @@ class TorchAttention:
                 kc = torch.cat((layers[layer][0], k_new), dim=1)
                 vc = torch.cat((layers[layer][1], v_new), dim=1)
             layers[layer] = (kc, vc)
-            total = kc.shape[1]
-            # Query i of the chunk sits at position total - n + i and sees keys 0..that.
-            rows = torch.arange(total - n, total, device=q.device)[:, None]
-            mask = rows >= torch.arange(total, device=q.device)[None, :]
             o = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), kc, vc, attn_mask=mask, enable_gqa=True
-            )  # [Hq, n, D]
+                q[start:end].transpose(0, 1)[None], kc[None], vc[None], enable_gqa=True, **_causal(n, kc.shape[1], q.device)
+            )[0]  # [Hq, n, D]
             out[start:end] = o.transpose(0, 1)
             start = end
         return out
+
+
+def _causal(n: int, total: int, device) -> dict:
+    """SDPA arguments for n new queries at the end of `total` keys.
+
+    The no-mask and is_causal forms select the same CPU kernels transformers
+    uses (as does the 4-D layout above), which keeps bfloat16 results bitwise
+    equal to it; an explicit mask is needed only for a chunk after a prefix.
+    """
+    if n == 1:
+        return {}
+    if n == total:
+        return {"is_causal": True}
+    # Query i of the chunk sits at position total - n + i and sees keys 0..that.
+    rows = torch.arange(total - n, total, device=device)[:, None]
+    return {"attn_mask": rows >= torch.arange(total, device=device)[None, :]}
 
 
 def forward(model: Transformer, attention: TorchAttention, seq_ids, chunks, all_logits: bool = False):

@@ -43,7 +43,13 @@ MAX_OP_LEN = 64
 
 
 class WireError(ValueError):
-    """A message that does not follow the wire format. The text says what was wrong."""
+    """A message that does not follow the wire format. The text says what was wrong.
+
+    `rid` is the request id when the header got far enough to carry a valid one, so a server can
+    address its error reply to the right call instead of leaving the caller to time out.
+    """
+
+    rid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,14 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     rid = header.get("id")
     if type(rid) is not int:
         raise WireError(f"id must be an int, got {type(rid).__name__}")
+    try:
+        return _decode_body(header, op, rid, frames, limits)
+    except WireError as e:
+        e.rid = rid
+        raise
+
+
+def _decode_body(header: dict, op: str, rid: int, frames: Sequence, limits: Limits) -> Message:
     dl = header.get("dl")
     if dl is not None:
         if type(dl) not in (int, float) or not math.isfinite(dl):

@@ -201,8 +201,12 @@ def _cap_batch(cap: float, a: Assumptions) -> tuple[int, str]:
 
 
 def estimate_lamina(cm: CostModel, comp: Group, att: Group, micro_batches: int | None,
-                    network_bw: float | None = None, rtt_s: float | None = None) -> Estimate:
-    """Offloaded plan. micro_batches None = try 1..max_micro_batches and keep the best."""
+                    network_bw: float | None = None, rtt_s: float | None = None,
+                    batch: int | None = None) -> Estimate:
+    """Offloaded plan. micro_batches None = try 1..max_micro_batches and keep the best.
+
+    `batch` fixes the batch (to predict a measured run) instead of the largest that fits.
+    """
     g, a = cm.g, cm.a
     est = Estimate("lamina", comp, att, micro_batches or 1)
     spare = cm.usable(comp) - g.weight_bytes()
@@ -212,17 +216,21 @@ def estimate_lamina(cm: CostModel, comp: Group, att: Group, micro_batches: int |
         return est
     kv_cap = cm.usable(att) / cm.seq_kv_bytes()
     ws_cap = spare / cm.seq_workspace_bytes()
+    fixed = batch
     batch, why = _cap_batch(kv_cap, a)
     if ws_cap < batch:
         batch, why = int(ws_cap), "compute memory"
+    if fixed is not None:
+        batch, why = fixed, "given"
     if batch < 1:
         est.error = f"not one sequence of {cm.w.mean_context:.0f} tokens fits in the KV memory of {att}"
         return est
 
     nic = min(comp.count * (network_bw or comp.device.nic_bw), att.count * (network_bw or att.device.nic_bw))
-    if cm.p is not None and cm.p.wire_bytes_per_s and network_bw is None:
-        nic = min(nic, cm.p.wire_bytes_per_s)  # a measured wire is the ceiling, whatever the NIC
     wire_rate = nic * a.nic_efficiency
+    if cm.p is not None and cm.p.wire_bytes_per_s and network_bw is None:
+        # a measured message rate already includes the overheads nic_efficiency stands for
+        wire_rate = min(nic, cm.p.wire_bytes_per_s)
     if rtt_s is not None:
         rtt = rtt_s
     else:
@@ -247,7 +255,7 @@ def estimate_lamina(cm: CostModel, comp: Group, att: Group, micro_batches: int |
         b, lim = batch, why
         if b < m:
             continue
-        if a.tpot_slo_s:
+        if a.tpot_slo_s and fixed is None:
             b, lim = _slo_batch(lambda x: step(x, m)[0], m, b, a.tpot_slo_s, lim)
             if b < m:
                 continue

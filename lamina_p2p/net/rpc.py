@@ -1,0 +1,273 @@
+"""Async request/reply over ZeroMQ: one ROUTER per peer serves, one DEALER per remote peer calls.
+
+Many requests are in flight on one socket at once; replies carry the request's id and are matched
+to their caller by a single receiver task. Every request carries a deadline (unix seconds), so a
+server can drop work nobody waits for and a caller never waits forever.
+
+Frames on the wire, DEALER -> ROUTER:  [header, tensor...]     (ZeroMQ adds the routing id)
+                    ROUTER -> DEALER:  [routing id, header, tensor...]
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any, Awaitable, Callable, Sequence
+
+import zmq
+import zmq.asyncio
+
+from .wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message], Awaitable[tuple[dict, list]]]
+
+
+class RpcError(Exception):
+    """The remote peer answered with an error; str(e) is its reason."""
+
+
+class RpcTimeout(RpcError, TimeoutError):
+    """No reply arrived before the call's deadline."""
+
+
+class RpcClosed(RpcError):
+    """The client was closed while the call was pending."""
+
+
+def _apply_security(sock: zmq.Socket, security: Any, server: bool) -> None:
+    """Where CURVE keys will go (`--secret`): server sockets set curve_server + secret key,
+    clients set their key pair and the server's public key. Until then only None is accepted,
+    so nobody believes they have encryption when they do not."""
+    if security is not None:
+        raise NotImplementedError("CURVE security is not implemented yet")
+
+
+def _nbytes(frames: Sequence) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+
+
+def _error_frames(rid: int, reason: str) -> list:
+    return encode("error", rid, {"reason": reason})
+
+
+class RpcServer:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        bind: str,
+        limits: Limits = DEFAULT_LIMITS,
+        security: Any = None,
+    ):
+        self._ctx = ctx
+        self._bind = bind
+        self._limits = limits
+        self._security = security
+        self._handlers: dict[str, Handler] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._recv_task: asyncio.Task | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self.bound_address: str | None = None
+        # counters for metrics
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.requests = 0
+        self.errors = 0
+
+    def register(self, op: str, handler: Handler) -> None:
+        if op in ("reply", "error"):
+            raise ValueError(f"{op!r} is reserved for responses")
+        self._handlers[op] = handler
+
+    async def start(self) -> None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        _apply_security(sock, self._security, server=True)
+        sock.bind(self._bind)
+        # LAST_ENDPOINT resolves a port-0 / wildcard bind to the port actually taken.
+        self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock = sock
+        self._recv_task = asyncio.create_task(self._serve(), name=f"rpc-server {self.bound_address}")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._recv_task, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            self.bytes_received += _nbytes(frames[1:])  # payload only, as the client counts it
+            try:
+                self._dispatch(frames)
+            except Exception:  # a bug here must not stop the server answering everyone else
+                log.exception("rpc server: dispatch failed")
+
+    def _dispatch(self, frames: list) -> None:
+        routing = frames[0].bytes
+        self.requests += 1
+        try:
+            msg = decode(frames[1:], self._limits)
+        except WireError as e:
+            self._reject(routing, e.rid if e.rid is not None else -1, f"bad message: {e}")
+            return
+        handler = self._handlers.get(msg.op)
+        if handler is None:
+            self._reject(routing, msg.rid, f"unknown op {msg.op!r}")
+            return
+        if msg.deadline is not None and msg.deadline <= time.time():
+            self._reject(routing, msg.rid, f"{msg.op}: deadline exceeded before start")
+            return
+        task = asyncio.create_task(self._run(routing, msg, handler))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reject(self, routing: bytes, rid: int, reason: str) -> None:
+        log.warning("rpc server %s: %s", self.bound_address, reason)
+        self.errors += 1
+        task = asyncio.create_task(self._send(routing, _error_frames(rid, reason)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, routing: bytes, msg: Message, handler: Handler) -> None:
+        try:
+            if msg.deadline is None:
+                fields, tensors = await handler(msg)
+            else:
+                # Stop work the caller has given up on; time.time() because the deadline is wall
+                # clock (it crosses machines), loop.time() because that is what asyncio schedules by.
+                when = asyncio.get_running_loop().time() + (msg.deadline - time.time())
+                async with asyncio.timeout_at(when):
+                    fields, tensors = await handler(msg)
+            frames = encode("reply", msg.rid, fields, tensors)
+        except asyncio.CancelledError:
+            raise  # the server is closing
+        except TimeoutError:
+            self.errors += 1
+            log.warning("rpc server %s: %s id=%d: deadline exceeded", self.bound_address, msg.op, msg.rid)
+            frames = _error_frames(msg.rid, f"{msg.op}: deadline exceeded")
+        except Exception as e:
+            self.errors += 1
+            log.warning("rpc server %s: %s id=%d failed: %r", self.bound_address, msg.op, msg.rid, e)
+            frames = _error_frames(msg.rid, f"{msg.op} failed: {type(e).__name__}: {e}")
+        await self._send(routing, frames)
+
+    async def _send(self, routing: bytes, frames: list) -> None:
+        if self._sock is None:
+            return
+        # ROUTER never blocks: a reply to a peer that has gone away is dropped by ZeroMQ.
+        await self._sock.send_multipart([routing, *frames], copy=False)
+        self.bytes_sent += _nbytes(frames)
+
+
+class RpcClient:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        address: str,
+        limits: Limits = DEFAULT_LIMITS,
+        security: Any = None,
+    ):
+        self.address = address
+        self._limits = limits
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # IMMEDIATE: queue only on a finished connection, so calls to a peer that is not up wait
+        # (and time out) here instead of piling up and reaching it stale when it starts.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        _apply_security(sock, security, server=False)
+        sock.connect(address)
+        self._sock = sock
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._recv_task: asyncio.Task | None = None
+        self._closed = False
+        # counters for metrics
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+        self.timeouts = 0
+
+    async def call(
+        self, op: str, fields: dict | None = None, tensors: Sequence = (), timeout: float = 10.0
+    ) -> Message:
+        if self._closed:
+            raise RpcClosed(f"client for {self.address} is closed")
+        if self._recv_task is None:  # created here because __init__ may run outside a loop
+            self._recv_task = asyncio.create_task(self._receive(), name=f"rpc-client {self.address}")
+        rid = next(self._ids)
+        frames = encode(op, rid, fields, tensors, deadline=time.time() + timeout)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self.calls += 1
+        try:
+            async with asyncio.timeout(timeout):
+                await self._sock.send_multipart(frames, copy=False)
+                self.bytes_sent += _nbytes(frames)
+                msg = await fut
+        except TimeoutError:
+            self.timeouts += 1
+            raise RpcTimeout(f"{op} to {self.address}: no reply within {timeout:g} s") from None
+        except asyncio.CancelledError:
+            # close() closes the socket, and pyzmq cancels a send still waiting on it: report that
+            # as the close it is, unless it is this task that is being cancelled.
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise RpcClosed(f"client for {self.address} closed") from None
+            raise
+        finally:
+            self._pending.pop(rid, None)
+        if msg.op == "error":
+            raise RpcError(str(msg.fields.get("reason", "unknown error")))
+        return msg
+
+    async def _receive(self) -> None:
+        try:
+            while True:
+                frames = await self._sock.recv_multipart(copy=False)
+                self.bytes_received += _nbytes(frames)
+                try:
+                    msg = decode(frames, self._limits)
+                except WireError as e:
+                    log.warning("rpc client %s: bad reply: %s", self.address, e)
+                    fut = self._pending.get(e.rid) if e.rid is not None else None
+                    if fut is not None and not fut.done():
+                        fut.set_exception(RpcError(f"bad reply: {e}"))
+                    continue
+                fut = self._pending.get(msg.rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+                # else: a late reply to a call that already timed out; nothing waits for it.
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the socket failed: nobody can be answered any more
+            log.warning("rpc client %s: receiver stopped: %r", self.address, e)
+            self._fail_pending(RpcClosed(f"receiver for {self.address} stopped: {e!r}"))
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_pending(RpcClosed(f"client for {self.address} closed"))
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+            await asyncio.gather(self._recv_task, return_exceptions=True)
+        self._sock.close(linger=0)
