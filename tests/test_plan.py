@@ -230,3 +230,27 @@ def test_resolve_model_errors():
     with pytest.raises(GeometryError):
         resolve_model("/no/such/dir")
     assert math.isclose(resolve_model("LLaMA3-70B").num_params(), PRESETS["llama3-70b"].num_params())
+
+
+def test_baseline_never_gets_slower_with_more_money():
+    # Two 4090s doing TP over a 10 GbE NIC are slower than one: the baseline keeps one.
+    cm = CostModel(PRESETS["llama3-8b"], Workload(1155, 211), CAT.assumptions)
+    p = plan_one(cm, Group(CAT.get("rtx4090"), 1), Group(CAT.get("ryzen-7950x"), 4), None)
+    assert p.baseline.compute.count == 1
+
+
+def test_plan_with_profile_file(tmp_path):
+    prof = {"version": 1, "dense": {"batch": [1, 64], "seconds_per_layer": [1e-3, 4e-3],
+                                    "head_seconds": [1e-3, 2e-3]},
+            "attention": {"kv_bytes_per_s": 5e9}, "round_trip_s": 3e-4, "wire_bytes_per_s": 2e9,
+            "devices": {"local": {"tflops": 0.1, "mem_bw_gbs": 20, "mem_gb": 16, "nic_gbps": 16,
+                                  "price_per_hour": 0.05}}}
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(prof))
+    r = run("--model", "llama3-8b", "--compute", "local", "--attention", "local", "--profile", str(f), "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["source"].startswith("profile") and d["terms_us_per_layer"]["rtt"] == pytest.approx(300)
+    f.write_text("{}")
+    r = run("--model", "llama3-8b", "--compute", "local", "--attention", "local", "--profile", str(f))
+    assert r.exit_code == 2 and "version-1" in r.output

@@ -127,17 +127,17 @@ class CostModel:
         return v if v is not None else getattr(self.a, name)
 
     # -- terms --------------------------------------------------------------------------
-    def allreduce(self, grp: Group, tokens: float) -> float:
+    def allreduce(self, grp: Group, tokens: float, network_bw: float | None = None) -> float:
         n = grp.count
         if n == 1:
             return 0.0
-        link = grp.device.link_bw or grp.device.nic_bw
+        link = grp.device.link_bw or network_bw or grp.device.nic_bw
         eff = self.a.link_efficiency if grp.device.link_bw else self.a.nic_efficiency
         nbytes = tokens * self.g.hidden_size * self.g.bytes_per_element
         one = 2 * (n - 1) / n * nbytes / (link * eff) + self.a.collective_latency_s
         return 2 * one  # after attention's O projection and after the MLP
 
-    def dense(self, grp: Group, seqs: float) -> float:
+    def dense(self, grp: Group, seqs: float, network_bw: float | None = None) -> float:
         tokens = seqs * (1 + self.prefill_ratio)
         if self.p is not None:
             t = self.p.dense_layer(tokens) / grp.count
@@ -148,7 +148,7 @@ class CostModel:
             nbytes = pl * self.g.bytes_per_element + self.g.activation_bytes_per_token_layer() * tokens
             t = max(flops / (n * d.flops * self._eff(d, "flops_efficiency")),
                     nbytes / (n * d.mem_bw * self._eff(d, "mem_efficiency")))
-        return t + self.allreduce(grp, tokens)
+        return t + self.allreduce(grp, tokens, network_bw)
 
     def head(self, grp: Group, seqs: float) -> float:
         """Embedding, final norm and LM head: once per step per micro-batch, not per layer."""
@@ -277,8 +277,11 @@ def estimate_lamina(cm: CostModel, comp: Group, att: Group, micro_batches: int |
     return est
 
 
-def estimate_baseline(cm: CostModel, grp: Group) -> Estimate:
-    """Homogeneous plan: dense and attention on the same TP group, serial every layer."""
+def estimate_baseline(cm: CostModel, grp: Group, network_bw: float | None = None) -> Estimate:
+    """Homogeneous plan: dense and attention on the same TP group, serial every layer.
+
+    `network_bw` is the per-device rate TP uses when the devices have no NVLink-class link.
+    """
     g, a = cm.g, cm.a
     est = Estimate("baseline", grp, None, 1)
     spare = cm.usable(grp) - g.weight_bytes()
@@ -291,7 +294,7 @@ def estimate_baseline(cm: CostModel, grp: Group) -> Estimate:
     kv_rate = cm.p.baseline_kv_bytes_per_s if cm.p is not None else None
 
     def step(b: int) -> tuple[float, dict]:
-        t = {"dense": cm.dense(grp, b), "attention": cm.attention(grp, b, kv_rate)}
+        t = {"dense": cm.dense(grp, b, network_bw), "attention": cm.attention(grp, b, kv_rate)}
         t["cycle"] = t["dense"] + t["attention"]
         t["head"] = cm.head(grp, b)
         return g.num_layers * t["cycle"] + t["head"], t
@@ -309,7 +312,7 @@ def estimate_baseline(cm: CostModel, grp: Group) -> Estimate:
         tokens = batch * (1 + cm.prefill_ratio)
         per_dev = 2 * 2 * (grp.count - 1) / grp.count * tokens * g.hidden_size * g.bytes_per_element
         est.required_gbps = 8 * per_dev * g.num_layers / sec / 1e9
-    link = grp.device.link_bw or grp.device.nic_bw
+    link = grp.device.link_bw or network_bw or grp.device.nic_bw
     est.nic_gbps = 8 * link / 1e9
     return est
 

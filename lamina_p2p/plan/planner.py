@@ -3,7 +3,8 @@
 The baseline for an offloaded configuration is the compute device alone, as many as cost
 about the same per hour (nearest count; ties go to the larger, dearer baseline), and a
 count that divides the model's heads so tensor parallelism is possible. The paper's pairs
-come out of this rule: 1 H100 + 2 H20 ($20.32/h) against 2 H100 ($22.12/h).
+come out of this rule: 1 H100 + 2 H20 ($20.32/h) against 2 H100 ($22.12/h). If fewer of
+them are faster (TP over a slow NIC), the faster, cheaper group is the baseline.
 """
 
 from __future__ import annotations
@@ -33,9 +34,17 @@ def equal_cost_count(cm: CostModel, device: Device, cost: float) -> int:
     return min(valid, key=lambda n: (abs(n * price - cost), -n))
 
 
-def baseline_for(cm: CostModel, est: Estimate) -> Estimate:
-    n = equal_cost_count(cm, est.compute.device, est.cost_per_hour)
-    return estimate_baseline(cm, Group(est.compute.device, n))
+def baseline_for(cm: CostModel, est: Estimate, network_bw: float | None = None) -> Estimate:
+    """The best homogeneous group of the compute device costing at most the equal-cost count.
+
+    Fewer devices can win when tensor parallelism has to cross a slow NIC (consumer GPUs),
+    and a baseline that more money makes slower would flatter the offloaded plan.
+    """
+    n_eq = equal_cost_count(cm, est.compute.device, est.cost_per_hour)
+    tries = [estimate_baseline(cm, Group(est.compute.device, n), network_bw)
+             for n in range(1, n_eq + 1) if tp_ok(cm, n)]
+    ok = [e for e in tries if e.feasible]
+    return max(ok, key=lambda e: e.tokens_per_s) if ok else tries[-1]
 
 
 def plan_one(cm: CostModel, comp: Group, att: Group, micro_batches: int | None,
@@ -44,7 +53,7 @@ def plan_one(cm: CostModel, comp: Group, att: Group, micro_batches: int | None,
         raise HardwareError(f"{comp.count} compute devices cannot split {cm.g.num_heads} heads "
                             "evenly for tensor parallelism")
     est = estimate_lamina(cm, comp, att, micro_batches, network_bw, rtt_s)
-    return Plan(est, baseline_for(cm, est), [est])
+    return Plan(est, baseline_for(cm, est, network_bw), [est])
 
 
 def search(cm: CostModel, cat: Catalog, compute: list[tuple[str, int | None]],
@@ -79,4 +88,4 @@ def search(cm: CostModel, cat: Catalog, compute: list[tuple[str, int | None]],
     # near-equal throughputs rank by cost efficiency, so the list shows real alternatives
     ranked = sorted(found, key=lambda e: (-round(e.tokens_per_s / top, 3), -e.tokens_per_s_per_dollar))
     alts = [best] + [e for e in ranked if e is not best][: keep - 1]
-    return Plan(best, baseline_for(cm, best), alts)
+    return Plan(best, baseline_for(cm, best, network_bw), alts)
