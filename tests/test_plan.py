@@ -243,7 +243,7 @@ def test_plan_with_profile_file(tmp_path):
     prof = {"version": 1, "dense": {"batch": [1, 64], "seconds_per_layer": [1e-3, 4e-3],
                                     "head_seconds": [1e-3, 2e-3]},
             "attention": {"kv_bytes_per_s": 5e9}, "round_trip_s": 3e-4, "wire_bytes_per_s": 2e9,
-            "devices": {"local": {"tflops": 0.1, "mem_bw_gbs": 20, "mem_gb": 16, "nic_gbps": 16,
+            "devices": {"local": {"tflops": 0.1, "mem_bw_gbs": 20, "mem_gb": 64, "nic_gbps": 16,
                                   "price_per_hour": 0.05}}}
     f = tmp_path / "p.json"
     f.write_text(json.dumps(prof))
