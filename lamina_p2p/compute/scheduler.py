@@ -1,0 +1,313 @@
+"""Continuous batching over Engine.step: requests join and leave at step boundaries.
+
+One task (`Scheduler.run`) owns the running batch and the waiting queue; HTTP
+handlers only `submit`, read their request's queue, and `abort`. Nothing else
+touches a Sequence while the loop runs, so there are no locks.
+
+Admission is by KV capacity. Each running sequence is promised the KV it can
+grow to (prompt + max_tokens, rounded up to whole blocks per kv head), so in
+the default `reserve="full"` mode a batch never runs out of KV in decode. A
+request that does not fit waits in FIFO order: the head of the queue is never
+overtaken, so a long prompt cannot starve behind a stream of short ones.
+
+If KV runs out anyway (other compute peers share the attention peers, or
+`reserve="prompt"` admits optimistically), the newest running sequences are
+preempted: their KV is freed and they go back to the front of the queue with
+their tokens kept. When readmitted, their first step prefills prompt + output
+so far, which rebuilds the KV, and decoding continues where it stopped; the
+client only sees a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+from lamina_p2p.compute.sequence import SamplingParams, Sequence
+
+log = logging.getLogger("lamina.scheduler")
+
+
+@dataclass
+class Delta:
+    """New tokens of one request (and, when finish_reason is set, the last event it gets)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """A sequence plus the queue its consumer reads. Subclass `on_tokens` to post-process."""
+
+    seq: Sequence
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    sent: int = 0  # output tokens already delivered
+    aborted: bool = False
+    preemptions: int = 0
+    done: bool = False
+
+    def on_tokens(self, tokens: list[int], logprobs: list[float]) -> bool:
+        """Called in the step loop with this step's new tokens; return True to stop here (stop string)."""
+        self.queue.put_nowait(Delta(tokens, logprobs))
+        return False
+
+    def on_finish(self, reason: str, error: str | None = None) -> None:
+        self.queue.put_nowait(Delta([], [], reason, error))
+
+    async def stream(self):
+        """Yield Deltas until the finishing one (inclusive)."""
+        while True:
+            d = await self.queue.get()
+            yield d
+            if d.finish_reason is not None:
+                return
+
+
+def is_kv_full(exc: BaseException) -> bool:
+    from lamina_p2p.attention.kv_pool import KVFull
+
+    return isinstance(exc, KVFull) or bool(getattr(exc, "kv_full", False))
+
+
+class Scheduler:
+    def __init__(self, engine, *, max_batch: int = 64, reserve: str = "full", metrics=None,
+                 max_consecutive_errors: int = 3, retry_delay: float = 0.5):
+        if reserve not in ("full", "prompt"):
+            raise ValueError("reserve must be 'full' or 'prompt'")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.engine = engine
+        self.transport = engine.transport
+        self.max_batch = max_batch
+        self.reserve = reserve
+        self.metrics = metrics
+        self.max_consecutive_errors = max_consecutive_errors
+        self.retry_delay = retry_delay
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._wake = asyncio.Event()
+        self.preempted_total = 0
+        self.steps = 0
+        self.bpt = float(self.transport.block_bytes_per_token())
+        self.block = int(getattr(self.transport, "block_size", None)
+                         or getattr(getattr(self.transport, "service", None), "block_size", 16))
+
+    # -- the API handlers use ---------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, request: type[Request] | None = None,
+               **kwargs) -> Request:
+        """Queue a request (ValueError if it can never run); its tokens arrive on `req.queue`."""
+        seq = self.engine.new_sequence(prompt, params)
+        need = self._bytes(len(prompt) + params.max_tokens, full=True)
+        cap = self.transport.kv_capacity()
+        total = sum(t for t, _ in cap.values())
+        if self.engine.placer.policy == "request" and cap:
+            total = max(t for t, _ in cap.values())  # the whole sequence lives on one peer
+        if cap and need > total:
+            raise ValueError(f"prompt + max_tokens need {need} bytes of KV, more than the attention "
+                             f"peers hold ({total} bytes)")
+        req = (request or Request)(seq, **kwargs)
+        self.waiting.append(req)
+        self._wake.set()
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Stop a request (client gone); its KV is freed at the next step boundary."""
+        if not req.done:
+            req.aborted = True
+            self._wake.set()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- KV accounting ----------------------------------------------------------
+    def _bytes(self, tokens: int, full: bool) -> int:
+        """KV bytes `tokens` tokens take: whole blocks per kv head (+ one spare block per shard
+        under sequence placement, where every shard rounds up on its own)."""
+        blocks = -(-tokens // self.block)
+        placer = self.engine.placer
+        if placer.policy == "sequence":
+            blocks += -(-tokens // placer.shard_tokens)
+        return int(blocks * self.block * self.bpt)
+
+    def _promise(self, seq: Sequence) -> int:
+        if self.reserve == "full":
+            return self._bytes(len(seq.prompt) + seq.params.max_tokens, True)
+        return self._bytes(seq.length + 1, False)
+
+    def _allocated(self, seq: Sequence) -> int:
+        return self._bytes(seq.cached, False) if seq.cached else 0
+
+    def available(self) -> int:
+        """KV bytes not used by other owners nor promised to our running sequences."""
+        cap = self.transport.kv_capacity()
+        total = sum(t for t, _ in cap.values())
+        used = sum(t - f for t, f in cap.values())
+        ours = sum(self._allocated(r.seq) for r in self.running)
+        # Reported usage beyond what we hold is other compute peers' (or stale gossip: conservative).
+        others = max(0, used - ours)
+        return total - others - sum(self._promise(r.seq) for r in self.running)
+
+    # -- the loop ---------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        errors = 0
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                await self._reap_aborted()
+                self._admit()
+                self._report()
+                if not self.running:
+                    await self._idle(stopper)
+                    continue
+                try:
+                    finished = await self.engine.step([r.seq for r in self.running])
+                except Exception as e:  # noqa: BLE001 - every failure is handled or reported below
+                    if is_kv_full(e):
+                        await self._preempt()
+                        continue
+                    errors += 1
+                    await self._recover(e, give_up=errors >= self.max_consecutive_errors)
+                    if errors >= self.max_consecutive_errors:
+                        errors = 0
+                    else:
+                        await asyncio.wait([stopper], timeout=self.retry_delay)
+                    continue
+                errors = 0
+                self.steps += 1
+                await self._deliver(set(finished))
+        finally:
+            stopper.cancel()
+            await self._shutdown()
+
+    async def _idle(self, stopper) -> None:
+        self._wake.clear()
+        waker = asyncio.ensure_future(self._wake.wait())
+        # Queued requests with nothing running wait for capacity other owners hold: poll it.
+        timeout = 0.05 if self.waiting else None
+        await asyncio.wait([waker, stopper], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waker.cancel()
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            if req.aborted:
+                self.waiting.popleft()
+                self._close(req, "abort")
+                continue
+            if self._promise(req.seq) > self.available():
+                break  # FIFO: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.running.append(req)
+
+    async def _deliver(self, finished: set) -> None:
+        now = time.perf_counter()
+        keep, stopped = [], []
+        for req in self.running:
+            seq = req.seq
+            new = seq.output[req.sent:]
+            if new:
+                lps = seq.logprobs[req.sent:]
+                req.sent = len(seq.output)
+                if req.first_token_at is None:
+                    req.first_token_at = now
+                    if self.metrics:
+                        self.metrics.first_token(req, now)
+                elif self.metrics:
+                    self.metrics.next_tokens(req, len(new), now)
+                req.last_token_at = now
+                if self.metrics:
+                    self.metrics.tokens(len(new))
+                if req.on_tokens(new, lps) and not seq.finished:
+                    seq.finish_reason = "stop"
+                    stopped.append(seq)
+            if seq.finished:
+                self._close(req, seq.finish_reason)
+            else:
+                keep.append(req)
+        self.running = keep
+        if stopped:  # the engine freed those it finished itself; stop strings are ours to free
+            await self.engine.release(stopped)
+
+    async def _reap_aborted(self) -> None:
+        gone = [r for r in self.running if r.aborted]
+        if gone:
+            self.running = [r for r in self.running if not r.aborted]
+            for r in gone:
+                r.seq.finish_reason = "abort"
+            await self.engine.release([r.seq for r in gone])
+            for r in gone:
+                self._close(r, "abort")
+        if any(r.aborted for r in self.waiting):
+            for r in [r for r in self.waiting if r.aborted]:
+                self.waiting.remove(r)
+                self._close(r, "abort")
+
+    async def _preempt(self) -> None:
+        """KV ran out mid-step: free the newest sequence and queue it (first) for recompute."""
+        if len(self.running) == 1:
+            # Nothing else to free: we cannot make room ourselves (another owner holds the KV).
+            req = self.running.pop()
+            await self._requeue([req])
+            log.warning("KV full with one sequence running; it waits for capacity")
+            return
+        victim = self.running.pop()  # admitted last
+        await self._requeue([victim])
+
+    async def _requeue(self, reqs: list[Request]) -> None:
+        await self.engine.release([r.seq for r in reqs])
+        for r in reversed(reqs):
+            r.seq.cached = 0  # prefill prompt + output so far again; tokens are kept
+            r.preemptions += 1
+            self.preempted_total += 1
+            self.waiting.appendleft(r)
+
+    async def _recover(self, exc: Exception, give_up: bool) -> None:
+        """A step failed (an attention peer died or timed out): recompute everyone elsewhere, or
+        after repeated failures end the running requests with an error."""
+        log.warning("step failed (%s: %s)%s", type(exc).__name__, exc, "; giving up" if give_up else "; retrying")
+        reqs, self.running = self.running, []
+        if give_up:
+            for r in reqs:
+                r.seq.finish_reason = "error"
+            await self.engine.release([r.seq for r in reqs])
+            for r in reqs:
+                self._close(r, "error", f"{type(exc).__name__}: {exc}")
+        else:
+            await self._requeue(reqs)
+
+    def _close(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req.seq.finish_reason is None:
+            req.seq.finish_reason = reason
+        if self.metrics:
+            self.metrics.finished(req, reason, time.perf_counter())
+        req.on_finish(reason, error)
+
+    def _report(self) -> None:
+        if self.metrics:
+            self.metrics.queue(len(self.running), len(self.waiting))
+
+    async def _shutdown(self) -> None:
+        reqs = self.running + list(self.waiting)
+        self.running, self.waiting = [], collections.deque()
+        try:
+            await self.engine.release([r.seq for r in reqs])
+        finally:
+            for r in reqs:
+                self._close(r, "abort", "server shutting down")
