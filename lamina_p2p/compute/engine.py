@@ -87,7 +87,12 @@ class Engine:
         if not chosen:
             return []
         batches = self._split(chosen, counts)
-        sampled = await asyncio.gather(*(self._run_micro_batch(mb) for mb in batches))
+        # Let every micro-batch end before raising: one left running after a failure (KV full)
+        # would write KV for sequences the caller is about to free and requeue.
+        sampled = await asyncio.gather(*(self._run_micro_batch(mb) for mb in batches), return_exceptions=True)
+        for r in sampled:
+            if isinstance(r, BaseException):
+                raise r
         self.steps += 1
         finished = []
         for mb, (tokens, logprobs) in zip(batches, sampled):
