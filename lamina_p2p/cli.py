@@ -200,13 +200,11 @@ def cluster_up(config_path):
     sys.exit(run_cluster(spec))
 
 
-def _register_optional_commands() -> None:
+def _add_subsystem_commands() -> None:
     """Commands that live with the subsystem they drive."""
-    try:
-        from lamina_p2p.plan.command import plan_command
-    except ImportError:  # the planner is optional at import time
-        return
+    from lamina_p2p.plan.command import plan_command
+
     main.add_command(plan_command)
 
 
-_register_optional_commands()
+_add_subsystem_commands()
