@@ -19,6 +19,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import plan as P
@@ -97,6 +98,72 @@ def _ov_widen_rows(src, dst, t0, t1, code):
     return None
 
 
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """llvm.prefetch of arr.ravel()[idx] (read, keep in all cache levels)."""
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**_JIT)
+def _scores(qs, n_rows, kb, t0, t1, s):
+    """s[r, t] = qs[r] . kb[t] for t in [t0, t1).
+
+    Four rows share each K row load: with one row at a time the loop is bound by
+    the horizontal-add latency of each dot, not by loads.
+    """
+    d = kb.shape[1]
+    r = 0
+    while r + 4 <= n_rows:
+        for t in range(t0, t1):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for x in range(d):
+                k = kb[t, x]
+                a0 += qs[r, x] * k
+                a1 += qs[r + 1, x] * k
+                a2 += qs[r + 2, x] * k
+                a3 += qs[r + 3, x] * k
+            s[r, t] = a0
+            s[r + 1, t] = a1
+            s[r + 2, t] = a2
+            s[r + 3, t] = a3
+        r += 4
+    for rr in range(r, n_rows):
+        for t in range(t0, t1):
+            a = np.float32(0.0)
+            for x in range(d):
+                a += qs[rr, x] * kb[t, x]
+            s[rr, t] = a
+
+
+@njit(**_JIT)
+def _prefetch_block(k_pool, v_pool, blk, layer):
+    # Blocks are only block_size rows long and scattered, so the hardware
+    # prefetcher restarts at every block; ask for the next one while this one is
+    # being computed on (one request per 64-byte line).
+    kr = k_pool[blk, layer].ravel()
+    vr = v_pool[blk, layer].ravel()
+    step = 64 // k_pool.itemsize
+    for o in range(0, kr.shape[0], step):
+        _prefetch(kr, o)
+        _prefetch(vr, o)
+
+
 @njit(**_JIT)
 def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, code,
                  kbuf, vbuf, s, m, l, acc):
@@ -113,24 +180,26 @@ def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, cod
             acc[r, x] = 0.0
     if k1 <= k0:
         return
-    for b in range(k0 // bs, (k1 + bs - 1) // bs):
+    b_end = (k1 + bs - 1) // bs
+    for b in range(k0 // bs, b_end):
         blk = bt_row[b]  # one table lookup per block, not per token
+        if b + 1 < b_end:
+            _prefetch_block(k_pool, v_pool, bt_row[b + 1], layer)
         base = b * bs
         t0 = max(k0 - base, 0)
         t1 = min(k1 - base, bs)
         kb = _widen_rows(k_pool[blk, layer], kbuf, t0, t1, code)
         vb = _widen_rows(v_pool[blk, layer], vbuf, t0, t1, code)
+        _scores(qs, n_rows, kb, t0, t1, s)
         for r in range(n_rows):
-            te = min(t1, row_lim[r] - base)
-            if te <= t0:
+            te = max(min(t1, row_lim[r] - base), t0)  # causal limit of this row
+            for t in range(te, t1):
+                s[r, t] = 0.0  # masked keys get probability 0 in _accumulate
+            if te == t0:
                 continue
             mx = m[r]
             for t in range(t0, te):
-                dot = np.float32(0.0)
-                for x in range(d):
-                    dot += qs[r, x] * kb[t, x]
-                s[r, t] = dot
-                mx = max(mx, dot)
+                mx = max(mx, s[r, t])
             alpha = np.exp(m[r] - mx)  # 0 on the first block (m = -inf)
             psum = np.float32(0.0)
             for t in range(t0, te):
@@ -142,10 +211,32 @@ def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, cod
             if alpha != 1.0:
                 for x in range(d):
                     acc[r, x] *= alpha
-            for t in range(t0, te):
-                p = s[r, t]
-                for x in range(d):
-                    acc[r, x] += p * vb[t, x]
+        _accumulate(s, n_rows, vb, t0, t1, acc)
+
+
+@njit(**_JIT)
+def _accumulate(p, n_rows, vb, t0, t1, acc):
+    """acc[r] += sum_t p[r, t] * vb[t], four rows per V row load (as in _scores)."""
+    d = vb.shape[1]
+    r = 0
+    while r + 4 <= n_rows:
+        for t in range(t0, t1):
+            p0 = p[r, t]
+            p1 = p[r + 1, t]
+            p2 = p[r + 2, t]
+            p3 = p[r + 3, t]
+            for x in range(d):
+                v = vb[t, x]
+                acc[r, x] += p0 * v
+                acc[r + 1, x] += p1 * v
+                acc[r + 2, x] += p2 * v
+                acc[r + 3, x] += p3 * v
+        r += 4
+    for rr in range(r, n_rows):
+        for t in range(t0, t1):
+            pr = p[rr, t]
+            for x in range(d):
+                acc[rr, x] += pr * vb[t, x]
 
 
 @njit(inline="always", **_JIT)
