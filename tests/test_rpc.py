@@ -106,10 +106,12 @@ def test_large_tensors_round_trip():
 def test_unknown_op_and_handler_exception_are_error_replies():
     async def body():
         async with Cluster() as c:
-            with pytest.raises(RpcError, match="unknown op 'nope'"):
+            with pytest.raises(RpcError, match="unknown op 'nope'") as e:
                 await c.client.call("nope")
-            with pytest.raises(RpcError, match="fail failed: ValueError: boom"):
+            assert e.value.code == "unknown_op"
+            with pytest.raises(RpcError, match="fail failed: ValueError: boom") as e:
                 await c.client.call("fail")
+            assert e.value.code == "handler"
             assert (await c.client.call("echo", {"x": 5})).fields["x"] == 5
             assert c.server.errors == 2
 

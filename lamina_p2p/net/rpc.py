@@ -25,8 +25,16 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], Awaitable[tuple[dict, list]]]
 
 
+# Error reply codes, so a caller can tell kinds of failure apart without parsing the reason.
+BAD_MESSAGE, UNKNOWN_OP, DEADLINE, HANDLER_FAILED = "bad_message", "unknown_op", "deadline", "handler"
+
+
 class RpcError(Exception):
-    """The remote peer answered with an error; str(e) is its reason."""
+    """The remote peer answered with an error; str(e) is its reason, .code its kind."""
+
+    def __init__(self, reason: str, code: str | None = None):
+        super().__init__(reason)
+        self.code = code
 
 
 class RpcTimeout(RpcError, TimeoutError):
@@ -49,8 +57,8 @@ def _nbytes(frames: Sequence) -> int:
     return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
-def _error_frames(rid: int, reason: str) -> list:
-    return encode("error", rid, {"reason": reason})
+def _error_frames(rid: int, code: str, reason: str) -> list:
+    return encode("error", rid, {"code": code, "reason": reason})
 
 
 class RpcServer:
@@ -117,23 +125,23 @@ class RpcServer:
         try:
             msg = decode(frames[1:], self._limits)
         except WireError as e:
-            self._reject(routing, e.rid if e.rid is not None else -1, f"bad message: {e}")
+            self._reject(routing, e.rid if e.rid is not None else -1, BAD_MESSAGE, f"bad message: {e}")
             return
         handler = self._handlers.get(msg.op)
         if handler is None:
-            self._reject(routing, msg.rid, f"unknown op {msg.op!r}")
+            self._reject(routing, msg.rid, UNKNOWN_OP, f"unknown op {msg.op!r}")
             return
         if msg.deadline is not None and msg.deadline <= time.time():
-            self._reject(routing, msg.rid, f"{msg.op}: deadline exceeded before start")
+            self._reject(routing, msg.rid, DEADLINE, f"{msg.op}: deadline exceeded before start")
             return
         task = asyncio.create_task(self._run(routing, msg, handler))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _reject(self, routing: bytes, rid: int, reason: str) -> None:
+    def _reject(self, routing: bytes, rid: int, code: str, reason: str) -> None:
         log.warning("rpc server %s: %s", self.bound_address, reason)
         self.errors += 1
-        task = asyncio.create_task(self._send(routing, _error_frames(rid, reason)))
+        task = asyncio.create_task(self._send(routing, _error_frames(rid, code, reason)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -153,11 +161,11 @@ class RpcServer:
         except TimeoutError:
             self.errors += 1
             log.warning("rpc server %s: %s id=%d: deadline exceeded", self.bound_address, msg.op, msg.rid)
-            frames = _error_frames(msg.rid, f"{msg.op}: deadline exceeded")
+            frames = _error_frames(msg.rid, DEADLINE, f"{msg.op}: deadline exceeded")
         except Exception as e:
             self.errors += 1
             log.warning("rpc server %s: %s id=%d failed: %r", self.bound_address, msg.op, msg.rid, e)
-            frames = _error_frames(msg.rid, f"{msg.op} failed: {type(e).__name__}: {e}")
+            frames = _error_frames(msg.rid, HANDLER_FAILED, f"{msg.op} failed: {type(e).__name__}: {e}")
         await self._send(routing, frames)
 
     async def _send(self, routing: bytes, frames: list) -> None:
@@ -210,8 +218,7 @@ class RpcClient:
         self.calls += 1
         try:
             async with asyncio.timeout(timeout):
-                await self._sock.send_multipart(frames, copy=False)
-                self.bytes_sent += _nbytes(frames)
+                await self._send(frames)
                 msg = await fut
         except TimeoutError:
             self.timeouts += 1
@@ -226,8 +233,24 @@ class RpcClient:
         finally:
             self._pending.pop(rid, None)
         if msg.op == "error":
-            raise RpcError(str(msg.fields.get("reason", "unknown error")))
+            reason, code = str(msg.fields.get("reason", "unknown error")), msg.fields.get("code")
+            # The server gives up at the same deadline and may say so a moment before our own
+            # timer fires: that is still a timeout to the caller.
+            raise (RpcTimeout if code == DEADLINE else RpcError)(reason, code)
         return msg
+
+    async def _send(self, frames: list) -> None:
+        while True:
+            try:
+                await self._sock.send_multipart(frames, copy=False)
+                break
+            except zmq.Again:
+                # pyzmq can see the socket writable and then get EAGAIN from libzmq (pyzmq #925;
+                # seen here with IMMEDIATE while a connection to a dead port comes and goes).
+                # Wait for writability again; the caller's timeout bounds the loop.
+                await self._sock.poll(flags=zmq.POLLOUT)
+                await asyncio.sleep(0.001)  # never spin if poll and send keep disagreeing
+        self.bytes_sent += _nbytes(frames)
 
     async def _receive(self) -> None:
         try:
