@@ -43,7 +43,8 @@ def to_storage(x_f32: np.ndarray, storage: str) -> np.ndarray:
     if storage == "float32":
         return x.copy()
     if storage == "float16":
-        return x.astype(np.float16).view(np.uint16)
+        with np.errstate(over="ignore"):  # overflow to +-inf is the correct encoding
+            return x.astype(np.float16).view(np.uint16)
     u = x.view(np.uint32)
     # Adding 0x7fff plus the lowest kept bit rounds ties to even; a carry out of
     # the mantissa bumps the exponent, which is exactly the right rounding.

@@ -1,0 +1,242 @@
+"""CPU kernels against the pure-torch reference (DESIGN.md s4, s9).
+
+Grid: storages x GQA ratio x block size, each case a ragged micro-batch mixing decode,
+causal chunks (longer than one query tile), attend-only sequences, sequences that see
+no token at all, and one long sequence that the planner splits across items.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from numba import njit
+
+from lamina_kernels import (STORAGES, append_attend, merge, storage_itemsize, to_storage,
+                            warmup, widen)
+from lamina_kernels import cpu
+from lamina_kernels.reference import append_attend_ref
+
+D = 32
+N_KV = 2
+N_LAYERS = 2
+LAYER = 1
+
+
+def rand_enc(rng, shape, storage):
+    return to_storage(rng.standard_normal(shape, dtype=np.float32), storage)
+
+
+class Call:
+    """A ready append_attend call. seqs: list of (ctx, n_query, append)."""
+
+    def __init__(self, rng, storage, g, bs, seqs, n_kv=N_KV, d=D):
+        self.storage = storage
+        max_blocks = max((c + n) // bs + 1 for c, n, _ in seqs)
+        n_blocks = len(seqs) * n_kv * max_blocks + 3
+        self.k_pool = rand_enc(rng, (n_blocks, N_LAYERS, bs, d), storage)
+        self.v_pool = rand_enc(rng, (n_blocks, N_LAYERS, bs, d), storage)
+        # Scattered, distinct blocks; unused tail entries stay -1.
+        bt = np.full((len(seqs) + 1, n_kv, max_blocks), -1, np.int32)
+        free = list(rng.permutation(n_blocks))
+        for i, (c, n, app) in enumerate(seqs):
+            need = -(-(c + (n if app else 0)) // bs)
+            for h in range(n_kv):
+                for b in range(need):
+                    bt[i + 1, h, b] = free.pop()  # slot i+1: slot 0 stays unused
+        self.block_table = bt
+        self.slots = np.arange(1, len(seqs) + 1, dtype=np.int32)
+        self.q_start = np.cumsum([0] + [n for _, n, _ in seqs]).astype(np.int32)
+        self.kv_start = np.cumsum([0] + [n if a else 0 for _, n, a in seqs]).astype(np.int32)
+        self.ctx_lens = np.array([c for c, _, _ in seqs], np.int32)
+        self.q = rand_enc(rng, (self.q_start[-1], n_kv * g, d), storage)
+        self.k_new = rand_enc(rng, (self.kv_start[-1], n_kv, d), storage)
+        self.v_new = rand_enc(rng, (self.kv_start[-1], n_kv, d), storage)
+        self.scale = 1.0 / math.sqrt(d)
+
+    def run(self, fn, layer=LAYER):
+        """Run fn on private copies of the pools; returns (out, lse, k_pool, v_pool)."""
+        kp, vp = self.k_pool.copy(), self.v_pool.copy()
+        out, lse = fn(self.q, self.k_new, self.v_new, kp, vp, self.block_table, self.slots,
+                      self.q_start, self.kv_start, self.ctx_lens, layer, self.scale,
+                      self.storage)
+        return out, lse, kp, vp
+
+
+def assert_matches(got, want, atol=2e-5):
+    out, lse, kp, vp = got
+    rout, rlse, rkp, rvp = want
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(rlse))
+    fin = np.isfinite(rlse)
+    np.testing.assert_allclose(lse[fin], rlse[fin], atol=atol, rtol=1e-5)
+    np.testing.assert_allclose(out, rout, atol=atol, rtol=1e-5)
+    assert (out[np.isneginf(lse)] == 0).all()
+    np.testing.assert_array_equal(kp, rkp)  # appended rows land bit-exactly
+    np.testing.assert_array_equal(vp, rvp)
+
+
+MIXED = [
+    (0, 1, True),      # first decode step
+    (37, 1, True),     # decode
+    (5, 19, True),     # causal chunk on top of a short context
+    (0, 70, True),     # prefill longer than a query tile
+    (40, 3, False),    # attend-only (a non-tail 'sequence' shard)
+    (0, 2, False),     # attend-only on an empty shard: sees nothing
+    (900, 1, True),    # long enough to be split across items
+]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("g", [1, 4, 8])
+@pytest.mark.parametrize("bs", [8, 16, 32])
+def test_append_attend_matches_reference(storage, g, bs):
+    rng = np.random.default_rng(hash((storage, g, bs)) % 2**32)
+    order = rng.permutation(len(MIXED))  # ragged, in a different order per case
+    call = Call(rng, storage, g, bs, [MIXED[i] for i in order])
+    assert_matches(call.run(append_attend), call.run(append_attend_ref))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_single_long_sequence_uses_splits(storage):
+    rng = np.random.default_rng(7)
+    call = Call(rng, storage, 4, 16, [(3000, 1, True)], n_kv=1, d=64)
+    _, items, _, n_parts = cpu.P.make_plan(call.q_start, call.kv_start, call.ctx_lens, 1, 1,
+                                           16, 2, cpu._MIN_SPLIT)
+    assert len(items) >= 2 and n_parts == len(items)  # both cores get work
+    assert_matches(call.run(append_attend), call.run(append_attend_ref))
+
+
+def test_nothing_visible_anywhere():
+    rng = np.random.default_rng(3)
+    call = Call(rng, "float32", 2, 8, [(0, 1, False), (0, 4, False)])
+    out, lse, _, _ = call.run(append_attend)
+    assert np.isneginf(lse).all() and (out == 0).all()
+
+
+def test_empty_batch():
+    rng = np.random.default_rng(4)
+    call = Call(rng, "bfloat16", 2, 8, [(3, 1, True)])
+    e = np.zeros((0, N_KV * 2, D), np.uint16)
+    kv = np.zeros((0, N_KV, D), np.uint16)
+    z = np.zeros(1, np.int32)
+    out, lse = append_attend(e, kv, kv, call.k_pool, call.v_pool, call.block_table,
+                             np.zeros(0, np.int32), z, z, np.zeros(0, np.int32), 0, 1.0,
+                             "bfloat16")
+    assert out.shape == (0, 4, D) and lse.shape == (0, 4)
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 4])
+@pytest.mark.parametrize("storage", STORAGES)
+def test_sequence_shards_merge_to_whole(storage, n_shards):
+    """Split each sequence's cached tokens over several pools ('sequence' placement):
+    earlier shards attend-only, the tail shard appends; the merge equals one pool."""
+    rng = np.random.default_rng(n_shards)
+    g, bs = 4, 8
+    seqs = [(50, 1, True), (33, 6, True), (9, 1, True)]
+    whole = Call(rng, storage, g, bs, seqs)
+    out_w, lse_w, kp_w, vp_w = whole.run(append_attend)
+    outs, lses = [], []
+    for s in range(n_shards):
+        tail = s == n_shards - 1
+        # Uneven cut points; with 3+ shards shard 1 is empty on purpose.
+        fr = {1: [0, 1], 2: [0, 0.5, 1], 3: [0, 1 / 3, 1 / 3, 1],
+              4: [0, 1 / 3, 1 / 3, 0.7, 1]}[n_shards]
+        lo = [int(c * fr[s]) for c, _, _ in seqs]
+        hi = [int(c * fr[s + 1]) for c, _, _ in seqs]
+        shard = Call(rng, storage, g, bs,
+                     [(h - l, n, tail) for (l, h), (_, n, _) in zip(zip(lo, hi), seqs)])
+        shard.q = whole.q
+        if tail:
+            shard.k_new, shard.v_new = whole.k_new, whole.v_new
+        else:
+            shard.k_new = shard.v_new = whole.k_new[:0]
+        shard.kv_start = whole.kv_start if tail else np.zeros_like(whole.kv_start)
+        # Copy this shard's token range of the whole cache into the shard's pool.
+        for i in range(len(seqs)):
+            for h in range(N_KV):
+                for p in range(lo[i], hi[i]):
+                    src = whole.block_table[i + 1, h, p // bs], LAYER, p % bs
+                    q = p - lo[i]
+                    dst = shard.block_table[i + 1, h, q // bs], LAYER, q % bs
+                    shard.k_pool[dst] = whole.k_pool[src]
+                    shard.v_pool[dst] = whole.v_pool[src]
+        out, lse, _, _ = shard.run(append_attend)
+        outs.append(out)
+        lses.append(lse)
+    out_m, lse_m = merge(outs, lses)
+    np.testing.assert_allclose(out_m, out_w, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse_m, lse_w, atol=2e-5, rtol=1e-5)
+
+
+def test_appended_rows_are_token_major_to_head_major():
+    rng = np.random.default_rng(11)
+    call = Call(rng, "float16", 2, 8, [(6, 5, True)])
+    _, _, kp, vp = call.run(append_attend)
+    for t in range(5):
+        for h in range(N_KV):
+            pos = 6 + t
+            blk = call.block_table[1, h, pos // 8]
+            np.testing.assert_array_equal(kp[blk, LAYER, pos % 8], call.k_new[t, h])
+            np.testing.assert_array_equal(vp[blk, LAYER, pos % 8], call.v_new[t, h])
+    other = 1 - LAYER  # the other layer's rows are untouched
+    np.testing.assert_array_equal(kp[:, other], call.k_pool[:, other])
+
+
+@pytest.mark.parametrize("what", ["missing_block", "bad_count", "bad_slot", "wrong_dtype"])
+def test_rejects_malformed_calls(what):
+    rng = np.random.default_rng(5)
+    call = Call(rng, "float32", 2, 8, [(10, 3, True)])
+    if what == "missing_block":
+        call.block_table[1, 1, 1] = -1
+    elif what == "bad_count":
+        call.kv_start = np.array([0, 2], np.int32)
+        call.k_new = call.k_new[:2]
+        call.v_new = call.v_new[:2]
+    elif what == "bad_slot":
+        call.slots = np.array([7], np.int32)
+    else:
+        call.q = call.q.astype(np.float64)
+    with pytest.raises((ValueError, TypeError)):
+        call.run(append_attend)
+
+
+@njit
+def _widen_all(src, code):
+    dst = np.empty(src.shape, np.float32)
+    return cpu._widen_rows(src, dst, 0, src.shape[0], code).copy()
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_kernel_decoders_cover_every_bit_pattern(storage):
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
+    got = _widen_all(bits, 1 if storage == "float16" else 2)
+    want = widen(bits, storage)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
+
+
+def test_storage_helpers():
+    import torch
+
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.standard_normal(10000, dtype=np.float32) * 1e3,
+                        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, 1e-40,
+                                  1.00390625, 1.01171875], np.float32)])
+    bf = to_storage(x, "bfloat16")
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    fin = ~np.isnan(x)
+    np.testing.assert_array_equal(bf[fin], want[fin])  # round to nearest even
+    assert np.isnan(widen(bf, "bfloat16")[~fin]).all()
+    h = to_storage(x, "float16")
+    with np.errstate(over="ignore"):
+        want16 = x[fin].astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(widen(h, "float16")[fin], want16)
+    assert storage_itemsize("float32") == 4 and storage_itemsize("bfloat16") == 2
+    with pytest.raises(ValueError):
+        to_storage(x, "int8")
+
+
+def test_warmup_compiles_every_variant():
+    warmup()  # also what an attention peer calls before announcing itself
