@@ -1,0 +1,56 @@
+"""`lamina-node serve`: one command from a model directory to an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from lamina_p2p.config import ConfigError, check_address, parse_bytes
+
+
+@click.command("serve")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--attention-peers", default=0, show_default=True, type=click.IntRange(0),
+              help="0: attention in this process; K: start K local attention peer processes.")
+@click.option("--join", multiple=True, help="Use this cluster's attention peers (any peer's address) instead.")
+@click.option("--http", default="127.0.0.1:8000", show_default=True, help="HOST:PORT to serve on (port 0: any).")
+@click.option("--placement", type=click.Choice(["request", "head", "sequence"]), default="request", show_default=True)
+@click.option("--shard-tokens", type=click.IntRange(1), default=None, help="Sequence placement: tokens per shard.")
+@click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--kv-memory", default="2GiB", show_default=True,
+              help="KV budget (in process, or of each attention peer started here).")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1),
+              help="Most sequences in one step.")
+@click.option("--reserve", type=click.Choice(["full", "prompt"]), default="full", show_default=True,
+              help="Admission: promise each request KV for prompt + max_tokens (full), or only what it "
+                   "holds now and preempt when KV runs out (prompt).")
+@click.option("--api-key", default=lambda: os.environ.get("LAMINA_API_KEY"),
+              help="Require 'Authorization: Bearer KEY' on /v1/* (default: $LAMINA_API_KEY, else none).")
+@click.option("--served-model-name", default=None, help="Model id clients use (default: the directory name).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
+@click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads of the compute side.")
+@click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
+@click.option("--cluster", default="lamina", show_default=True)
+def serve_command(model_dir, attention_peers, join, http, placement, shard_tokens, micro_batches, kv_memory,
+                  max_batch, reserve, api_key, served_model_name, dtype, threads, attention_threads, cluster):
+    """Serve a model over HTTP (OpenAI API), starting attention peers locally or joining a cluster."""
+    from lamina_p2p.node import run_compute
+    from lamina_p2p.runtime import run_async
+    from lamina_p2p.serve.server import ComputeOptions, parse_http
+
+    if join and attention_peers:
+        raise click.UsageError("give --attention-peers or --join, not both")
+    try:
+        kv_bytes = parse_bytes(kv_memory)
+        for addr in join:
+            check_address(addr)
+        parse_http(http)
+    except (ConfigError, ValueError) as e:
+        raise click.BadParameter(str(e)) from None
+    opts = ComputeOptions(model_dir=model_dir, join=list(join), cluster=cluster, dtype=dtype, placement=placement,
+                          shard_tokens=shard_tokens, micro_batches=micro_batches, http=http, threads=threads,
+                          max_batch=max_batch, attention_peers=attention_peers, kv_bytes=kv_bytes,
+                          attention_threads=attention_threads, api_key=api_key or None,
+                          model_name=served_model_name, reserve=reserve, announce_http=True)
+    run_async(run_compute(opts))

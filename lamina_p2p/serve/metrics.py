@@ -1,0 +1,137 @@
+"""Prometheus metrics of a compute peer, in its own registry (several servers may share a process in tests).
+
+Latencies are observed by the scheduler as tokens leave a step; KV per
+attention peer and bytes on the wire are read from the transport when
+/metrics is scraped, so they cost nothing between scrapes.
+
+Per-layer network wait vs compute: the transport is wrapped (`TimedTransport`)
+to time each attend call per layer (for a remote peer: wire + queueing + the
+peer's kernel; in process: the attention kernel), and the engine's dense
+executor is wrapped (`TimedExecutor`) to time each dense job per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LAYER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class ServeMetrics:
+    def __init__(self, transport=None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("lamina_time_to_first_token_seconds", "Request arrival to its first token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("lamina_inter_token_latency_seconds", "Time between a request's tokens.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("lamina_request_latency_seconds", "Request arrival to its last token.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.generated = Counter("lamina_generated_tokens", "Tokens generated.", registry=r)
+        self.prompt_tokens = Counter("lamina_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.requests = Counter("lamina_requests_finished", "Finished requests by reason.", ["reason"], registry=r)
+        self.running = Gauge("lamina_requests_running", "Requests in the running batch.", registry=r)
+        self.waiting = Gauge("lamina_requests_waiting", "Requests queued for KV capacity or a batch slot.",
+                             registry=r)
+        self.attend = Histogram("lamina_layer_attention_wait_seconds",
+                                "Per layer: time a micro-batch waits for attention (network + remote kernel).",
+                                ["layer"], buckets=LAYER_BUCKETS, registry=r)
+        self.dense = Histogram("lamina_layer_dense_seconds",
+                               "Per layer: dense compute of a micro-batch (merge, post, next pre).",
+                               ["layer"], buckets=LAYER_BUCKETS, registry=r)
+        self.transport = transport
+        if transport is not None:
+            r.register(_TransportCollector(transport))
+
+    # -- scheduler hooks --------------------------------------------------------
+    def first_token(self, req, now: float) -> None:
+        self.ttft.observe(now - req.submitted_at)
+        self.prompt_tokens.inc(len(req.seq.prompt))
+
+    def next_tokens(self, req, n: int, now: float) -> None:
+        # n tokens arrived together (one per step normally); spread the gap over them.
+        gap = (now - req.last_token_at) / n
+        for _ in range(n):
+            self.itl.observe(gap)
+
+    def tokens(self, n: int) -> None:
+        self.generated.inc(n)
+
+    def finished(self, req, reason: str, now: float) -> None:
+        self.requests.labels(reason).inc()
+        if req.first_token_at is not None:
+            self.e2e.observe(now - req.submitted_at)
+
+    def queue(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _TransportCollector:
+    """KV per attention peer and wire bytes, read at scrape time."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def collect(self):
+        used = GaugeMetricFamily("lamina_kv_used_bytes", "KV bytes in use on an attention peer.", labels=["peer"])
+        free = GaugeMetricFamily("lamina_kv_free_bytes", "KV bytes free on an attention peer.", labels=["peer"])
+        for peer, (total, fr) in sorted(self.transport.kv_capacity().items()):
+            used.add_metric([peer], total - fr)
+            free.add_metric([peer], fr)
+        yield used
+        yield free
+        sent, received = self.transport.wire_bytes() if hasattr(self.transport, "wire_bytes") else (0, 0)
+        yield CounterMetricFamily("lamina_wire_sent_bytes", "Bytes sent to attention peers.", value=sent)
+        yield CounterMetricFamily("lamina_wire_received_bytes", "Bytes received from attention peers.",
+                                  value=received)
+
+
+class TimedTransport:
+    """Delegates to a transport, timing attend() per layer."""
+
+    def __init__(self, inner, metrics: ServeMetrics):
+        self._inner = inner
+        self._hist = metrics.attend
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    async def attend(self, peer, req):
+        t0 = time.perf_counter()
+        try:
+            return await self._inner.attend(peer, req)
+        finally:
+            self._hist.labels(str(req.layer)).observe(time.perf_counter() - t0)
+
+
+class TimedExecutor(ThreadPoolExecutor):
+    """The engine's dense executor, timing each job. Engine jobs are `_first(mb)` (embed + layer 0
+    pre), `_next(mb, layer, ...)` (layer's post + next pre) and `_last(mb, layer, ...)` (post +
+    logits + sampling); they are labelled "embed", the layer, and "last"."""
+
+    def __init__(self, metrics: ServeMetrics):
+        super().__init__(1, thread_name_prefix="dense")
+        self._hist = metrics.dense
+
+    def submit(self, fn, /, *args, **kwargs):
+        name = getattr(fn, "__name__", "")
+        label = "embed" if name == "_first" else "last" if name == "_last" else str(args[1]) if len(args) > 1 else name
+        hist = self._hist
+
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                hist.labels(label).observe(time.perf_counter() - t0)
+
+        return super().submit(timed)

@@ -1,0 +1,133 @@
+"""A compute peer: model + transport + engine + scheduler, and the HTTP API when asked.
+
+`serve_compute` is what `lamina-node start --role compute` and `lamina-node serve`
+run. Everything lives on one event loop: gossip and attend replies (cluster
+transport), the scheduler's step loop, and aiohttp. Dense work and kernels run on
+executor threads, so the loop stays free to answer heartbeats and HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+log = logging.getLogger("lamina.serve")
+
+
+@dataclass
+class ComputeOptions:
+    model_dir: str
+    listen: str = "tcp://127.0.0.1:0"
+    join: list[str] = field(default_factory=list)
+    cluster: str = "lamina"
+    dtype: str | None = None
+    placement: str = "request"
+    shard_tokens: int | None = None
+    micro_batches: int = 1
+    http: str | None = None
+    threads: int | None = None
+    heartbeat: float = 0.5
+    dead_after: float = 5.0
+    max_batch: int = 64
+    # The one-command `serve` form: start K local attention peers (0 = attention in process).
+    attention_peers: int = 0
+    kv_bytes: int = 2 << 30
+    attention_threads: int | None = None
+    api_key: str | None = None
+    model_name: str | None = None
+    reserve: str = "full"
+    max_step_tokens: int = 4096
+    announce_http: bool = False  # READY names the HTTP URL (serve) instead of the peer's ZeroMQ address
+
+
+def parse_http(http: str) -> tuple[str, int]:
+    host, sep, port = http.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--http expects HOST:PORT, got {http!r}")
+    return host.strip("[]"), int(port)
+
+
+@contextlib.asynccontextmanager
+async def open_compute_transport(opts: ComputeOptions):
+    """Join a cluster as a compute peer (start --role compute), or what `generate` does for serve."""
+    if opts.join and opts.attention_peers == 0:
+        from lamina_p2p.compute.remote import join_cluster
+
+        async with join_cluster(opts.join, listen=opts.listen, cluster=opts.cluster,
+                                heartbeat_interval=opts.heartbeat, dead_after=opts.dead_after) as transport:
+            await transport.membership.wait_for(lambda: bool(transport.membership.peers(role="attention")),
+                                                timeout=60.0)
+            yield transport
+        return
+    from lamina_p2p.compute.generate import open_transport
+
+    async with open_transport(opts) as transport:
+        yield transport
+
+
+async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> None:
+    from lamina_p2p.compute.engine import Engine
+    from lamina_p2p.compute.scheduler import Scheduler
+    from lamina_p2p.model.loader import load_model
+    from lamina_p2p.model.tokenizer import load_tokenizer
+    from lamina_p2p.runtime import set_threads
+    from lamina_p2p.serve.app import ServeApp
+    from lamina_p2p.serve.metrics import ServeMetrics, TimedExecutor, TimedTransport
+
+    if opts.http:
+        host, port = parse_http(opts.http)
+    set_threads(opts.threads)
+    loop = asyncio.get_running_loop()
+    model = await loop.run_in_executor(None, lambda: load_model(opts.model_dir, dtype=opts.dtype))
+    tokenizer = load_tokenizer(opts.model_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        raw = await stack.enter_async_context(open_compute_transport(opts))
+        if hasattr(raw, "wait_for_peers"):
+            await raw.wait_for_peers(getattr(raw, "expected_peers", 1), timeout=60.0)
+        metrics = ServeMetrics(raw)
+        transport = TimedTransport(raw, metrics)
+        engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
+                        shard_tokens=opts.shard_tokens, max_step_tokens=opts.max_step_tokens)
+        engine.dense.shutdown(wait=False)
+        engine.dense = TimedExecutor(metrics)  # same single dense thread, timed per layer
+        stack.callback(engine.close)
+        if hasattr(raw, "wait_for_peers"):  # registration happens on bind: wait until it is done
+            await raw.wait_for_peers(getattr(raw, "expected_peers", 1), timeout=60.0)
+        scheduler = Scheduler(engine, max_batch=opts.max_batch, reserve=opts.reserve, metrics=metrics)
+        sched_stop = asyncio.Event()
+        sched_task = asyncio.create_task(scheduler.run(sched_stop))
+        # A scheduler that dies would leave every request hanging: take the whole peer down instead.
+        sched_task.add_done_callback(lambda t: stop.set())
+
+        async def _stop_scheduler():
+            sched_stop.set()
+            with contextlib.suppress(Exception):
+                await sched_task
+
+        stack.push_async_callback(_stop_scheduler)
+        peer_id = getattr(raw, "owner_id", None) or engine.owner
+        address = getattr(getattr(raw, "server", None), "bound_address", None)
+        if opts.http:
+            name = opts.model_name or Path(opts.model_dir).resolve().name
+            api = ServeApp(scheduler, tokenizer, name, model.config.max_position_embeddings, metrics, opts.api_key)
+            # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests.
+            runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            bound_port = runner.addresses[0][1]  # the real port when asked for port 0
+            url = f"http://{host if ':' not in host else f'[{host}]'}:{bound_port}"
+            print(f"HTTP {url}", flush=True)
+            log.info("serving %s on %s", name, url)
+            if opts.announce_http or address is None:
+                address = url
+        on_ready(address or "inprocess", peer_id)
+        await stop.wait()
+        if sched_task.done() and not sched_task.cancelled() and sched_task.exception():
+            log.error("scheduler failed: %r", sched_task.exception())
