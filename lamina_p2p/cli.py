@@ -202,6 +202,12 @@ def cluster_up(config_path):
 
 def _add_subsystem_commands() -> None:
     """Commands that live with the subsystem they drive."""
+    try:
+        from lamina_p2p.serve.command import serve_command
+    except ImportError:  # serving deps (aiohttp, prometheus-client) are optional at import time
+        pass
+    else:
+        main.add_command(serve_command)
     from lamina_p2p.plan.command import plan_command
 
     main.add_command(plan_command)
