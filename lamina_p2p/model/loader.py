@@ -22,8 +22,12 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def load_model(path, dtype: str | None = None, device="cpu") -> Transformer:
-    """Build the model from directory `path` in `dtype` (default: the checkpoint's) on `device`."""
+def load_model(path, dtype: str | None = None, device="cpu", onednn: bool | None = None) -> Transformer:
+    """Build the model from directory `path` in `dtype` (default: the checkpoint's) on `device`.
+
+    `onednn` (default: when float32 on CPU) re-lays the matmul weights out for
+    oneDNN, see Transformer.use_onednn.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: model directory not found")
@@ -34,7 +38,9 @@ def load_model(path, dtype: str | None = None, device="cpu") -> Transformer:
     with torch.inference_mode():
         for file, names in by_file.items():
             _copy_file(file, names, expected)
-    return model
+    if onednn is None:
+        onednn = model.dtype == torch.float32 and model.device.type == "cpu"
+    return model.use_onednn() if onednn else model
 
 
 def _locate(path: Path, expected: dict) -> dict[Path, list[str]]:

@@ -45,6 +45,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.to(x.dtype) * weight
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b). `w` may be a oneDNN tensor, see Transformer.use_onednn."""
+    if w.is_mkldnn:
+        y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), w).to_dense()
+        return y if b is None else y + b
+    return F.linear(x, w, b)
+
+
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] in float32, with HF's rope scaling rules."""
     d = config.head_dim
@@ -119,6 +127,7 @@ class Transformer(torch.nn.Module):
         self._nq = c.num_heads
         self._nqk = c.num_heads + c.num_kv_heads
         self._nqkv = c.num_heads + 2 * c.num_kv_heads
+        self.onednn = False
         self._inv_freq = rope_inv_freq(c)
         self._build_rope_table(c.max_position_embeddings)
         self._rope_positions: torch.Tensor | None = None  # last positions seen, see _rope()
@@ -132,6 +141,8 @@ class Transformer(torch.nn.Module):
         converts dtype and broadcasts the Qwen3 q/k norm vectors over heads), so
         the fused layout is known only here.
         """
+        if self.onednn:
+            raise RuntimeError("hf_tensors() is for filling the model; call it before use_onednn()")
         c = self.config
         d, hq, hkv, h, inter = c.head_dim, c.num_heads, c.num_kv_heads, c.hidden_size, c.intermediate_size
         q_rows, kv_rows = hq * d, hkv * d
@@ -156,6 +167,25 @@ class Transformer(torch.nn.Module):
             out[p + "mlp.up_proj.weight"] = ((inter, h), L.w_gate_up[inter:])
             out[p + "mlp.down_proj.weight"] = ((h, inter), L.w_down)
         return out
+
+    def use_onednn(self) -> "Transformer":
+        """Re-lay the matmul weights out for oneDNN (float32 on CPU); returns self.
+
+        torch's float32 CPU matmul goes to MKL, whose skinny-GEMM path (a decode
+        batch is 1..64 rows) is slow on AMD CPUs: the bench preset's dense step
+        at batch 16 took 76 ms with MKL and 44 ms with oneDNN's blocked weights
+        on the 2-core EPYC dev box. bfloat16 already goes through oneDNN. The
+        packed weights are opaque tensors, so do this after loading.
+        """
+        if self.onednn or self.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return self
+        for L in self._layers:
+            for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+                setattr(L, name, getattr(L, name).to_mkldnn())
+        # A tied model keeps the plain embedding for lookups and a packed copy for the head.
+        self.lm_head = self.lm_head_weight.to_mkldnn()
+        self.onednn = True
+        return self
 
     # ---- rotary ----------------------------------------------------------------------------
 
@@ -195,7 +225,7 @@ class Transformer(torch.nn.Module):
         L = self._layers[layer]
         eps = self.config.rms_norm_eps
         t = x.shape[0]
-        qkv = F.linear(rms_norm(x, L.input_norm, eps), L.wqkv, L.bqkv).view(t, self._nqkv, -1)
+        qkv = linear(rms_norm(x, L.input_norm, eps), L.wqkv, L.bqkv).view(t, self._nqkv, -1)
         qk = qkv[:, : self._nqk]
         if L.qk_norm is not None:
             qk = rms_norm(qk, L.qk_norm, eps)
@@ -207,13 +237,13 @@ class Transformer(torch.nn.Module):
     def post(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual stream [T, hidden] and attention output [T, Hq, D] -> next residual stream."""
         L = self._layers[layer]
-        x = x + F.linear(attn_out.reshape(x.shape[0], -1), L.wo)
-        gate, up = F.linear(rms_norm(x, L.post_norm, self.config.rms_norm_eps), L.w_gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, L.w_down)
+        x = x + linear(attn_out.reshape(x.shape[0], -1), L.wo)
+        gate, up = linear(rms_norm(x, L.post_norm, self.config.rms_norm_eps), L.w_gate_up).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, L.w_down)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[N, hidden] (usually each sequence's last token) -> [N, vocab] float32."""
-        return F.linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.lm_head_weight).float()
+        return linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.lm_head_weight).float()
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
