@@ -1,0 +1,245 @@
+"""Membership over real sockets: join via seeds, late joiners, deaths, leaves, foreign clusters."""
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+import uvloop
+import zmq.asyncio
+
+from lamina_p2p.net.membership import Membership, PeerInfo, fetch_status
+from lamina_p2p.net.rpc import RpcServer
+
+FAST = dict(heartbeat_interval=0.05, suspect_after=0.3, dead_after=0.6)
+
+
+def run(coro):
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+class Peers:
+    """Starts in-process peers and stops whatever is still running at the end."""
+
+    def __init__(self):
+        self.ctx = zmq.asyncio.Context()
+        self.running: list[tuple[RpcServer, Membership]] = []
+
+    async def start(self, seeds=(), role="attention", cluster="test", bind="tcp://127.0.0.1:0", **timing):
+        server = RpcServer(self.ctx, bind)
+        await server.start()
+        me = PeerInfo(id=uuid.uuid4().hex, role=role, address=server.bound_address, cluster=cluster)
+        m = Membership(server, self.ctx, me, list(seeds), **{**FAST, **timing})
+        await m.start()
+        self.running.append((server, m))
+        return m
+
+    async def kill(self, m: Membership):
+        """Stop without a word, as a crashed process would."""
+        server = next(s for s, mm in self.running if mm is m)
+        self.running.remove((server, m))
+        await m.stop(leave=False)
+        await server.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        for server, m in self.running:
+            await m.stop(leave=False)
+            await server.close()
+        self.ctx.destroy(linger=0)
+
+
+def ids(m, **kw):
+    return {p.id for p in m.peers(**kw)}
+
+
+def sees(*ms):
+    want = {m.me.id for m in ms}
+    return lambda m: ids(m) == want
+
+
+def test_three_peers_join_via_seeds_and_a_late_joiner_is_seen_by_all():
+    async def body():
+        async with Peers() as P:
+            a = await P.start(role="compute")
+            b = await P.start(seeds=[a.me.address])
+            c = await P.start(seeds=[a.me.address])
+            for m in (a, b, c):
+                await m.wait_for(sees(a, b, c), timeout=5)
+            # b and c never named each other: they met through a's table.
+            assert {p.role for p in a.peers()} == {"compute", "attention"}
+            assert ids(a, role="attention") == {b.me.id, c.me.id}
+
+            d = await P.start(seeds=[c.me.address])  # seeds the newest, not the first
+            for m in (a, b, c, d):
+                await m.wait_for(sees(a, b, c, d), timeout=5)
+
+            # Fields set with update_self travel with the next heartbeat.
+            d.update_self(kv_free_bytes=12345, ready=True)
+            await a.wait_for(lambda m: m.get(d.me.id).kv_free_bytes == 12345 and m.get(d.me.id).ready, 5)
+
+            status = await fetch_status(P.ctx, b.me.address, timeout=5)
+            assert status["id"] == b.me.id
+            assert {p["id"] for p in status["peers"]} == {a.me.id, b.me.id, c.me.id, d.me.id}
+            assert all(p["state"] == "alive" for p in status["peers"])
+
+    run(body())
+
+
+def test_killed_peer_is_dead_within_dead_after_and_leave_is_immediate():
+    async def body():
+        async with Peers() as P:
+            a = await P.start()
+            b = await P.start(seeds=[a.me.address])
+            c = await P.start(seeds=[a.me.address])
+            for m in (a, b, c):
+                await m.wait_for(sees(a, b, c), timeout=5)
+            events = []
+            a.subscribe(lambda ev, p: events.append((ev, p.id)))
+
+            t0 = time.monotonic()
+            await P.kill(c)
+            dead = lambda m: m.get(c.me.id).state == "dead"
+            await a.wait_for(dead, timeout=FAST["dead_after"] + 1.0)
+            await b.wait_for(dead, timeout=FAST["dead_after"] + 1.0)
+            assert time.monotonic() - t0 < FAST["dead_after"] + 1.0
+            assert ("died", c.me.id) in events
+            assert ids(a) == {a.me.id, b.me.id}
+            assert c.me.id in ids(a, alive=False)
+
+            # A leave is heard at once, long before the (here 5 s) timeout could fire.
+            d = await P.start(seeds=[a.me.address], suspect_after=4.0, dead_after=5.0)
+            await a.wait_for(lambda m: d.me.id in ids(m), timeout=5)
+            await d.wait_for(lambda m: a.me.id in ids(m), timeout=5)
+            t0 = time.monotonic()
+            P.running = [(s, m) for s, m in P.running if m is not d]
+            await d.stop(leave=True)
+            await a.wait_for(lambda m: m.get(d.me.id).state == "dead", timeout=2)
+            assert time.monotonic() - t0 < 2
+            assert ("joined", d.me.id) in events and ("died", d.me.id) in events
+
+    run(body())
+
+
+def test_restarted_peer_at_the_same_address_replaces_the_old_id():
+    async def body():
+        async with Peers() as P:
+            a = await P.start()
+            b = await P.start(seeds=[a.me.address])
+            await a.wait_for(sees(a, b), timeout=5)
+            address, old_id = b.me.address, b.me.id
+            await P.kill(b)
+            b2 = await P.start(seeds=[a.me.address], bind=address)  # new process, same endpoint
+            await a.wait_for(lambda m: ids(m) == {a.me.id, b2.me.id}, timeout=5)
+            assert a.get(old_id).state == "dead"
+
+    run(body())
+
+
+def test_other_cluster_is_ignored():
+    async def body():
+        async with Peers() as P:
+            a = await P.start(cluster="blue")
+            b = await P.start(seeds=[a.me.address], cluster="blue")
+            x = await P.start(seeds=[a.me.address], cluster="red")
+            await a.wait_for(sees(a, b), timeout=5)
+            # x has gossiped to a and been told a is of another cluster.
+            await x.wait_for(lambda m: a.me.address in m._refused, timeout=5)
+            assert ids(a, alive=False) == {a.me.id, b.me.id}
+            assert ids(x, alive=False) == {x.me.id}
+
+    run(body())
+
+
+def test_peer_info_from_wire_rejects_bad_entries():
+    good = PeerInfo(id="p", role="compute", address="tcp://127.0.0.1:1").to_wire()
+    assert PeerInfo.from_wire(good).to_wire() == good
+    for bad in [
+        [],
+        {**good, "heartbeat": "3"},
+        {**good, "heartbeat": True},
+        {**good, "ready": 1},
+        {**good, "role": "boss"},
+        {k: v for k, v in good.items() if k != "address"},
+    ]:
+        with pytest.raises(ValueError):
+            PeerInfo.from_wire(bad)
+
+
+PEER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys, uuid, uvloop, zmq.asyncio
+    from lamina_p2p.net.membership import Membership, PeerInfo
+    from lamina_p2p.net.rpc import RpcServer
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        server = RpcServer(ctx, "tcp://127.0.0.1:0")
+        await server.start()
+        me = PeerInfo(id=uuid.uuid4().hex, role="attention", address=server.bound_address, cluster="test")
+        m = Membership(server, ctx, me, sys.argv[1:], heartbeat_interval=0.05, suspect_after=0.3, dead_after=0.6)
+        await m.start()
+        print(server.bound_address, me.id, flush=True)
+        await asyncio.Event().wait()  # until killed
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    """
+)
+
+
+def test_peers_in_separate_processes_and_sigkill():
+    procs = []
+    try:
+
+        async def body():
+            loop = asyncio.get_running_loop()
+            async with Peers() as P:
+                a = await P.start(role="compute")
+                found = {}
+                for _ in range(2):
+                    p = subprocess.Popen(
+                        [sys.executable, "-c", PEER_SCRIPT, a.me.address], stdout=subprocess.PIPE, text=True
+                    )
+                    procs.append(p)
+                    line = await asyncio.wait_for(loop.run_in_executor(None, p.stdout.readline), 30)
+                    address, peer_id = line.split()
+                    found[peer_id] = address
+                await a.wait_for(lambda m: set(found) <= ids(m), timeout=10)
+                # Each child sees the whole cluster too.
+                everyone = {a.me.id, *found}
+                for address in found.values():
+                    deadline = time.monotonic() + 5
+                    while True:
+                        st = await fetch_status(P.ctx, address, timeout=5)
+                        if {p["id"] for p in st["peers"] if p["state"] == "alive"} == everyone:
+                            break
+                        assert time.monotonic() < deadline, st
+                        await asyncio.sleep(0.02)
+
+                victim, survivor = list(found)
+                t0 = time.monotonic()
+                procs[0].send_signal(signal.SIGKILL)
+                await a.wait_for(lambda m: m.get(victim).state == "dead", timeout=FAST["dead_after"] + 1.5)
+                assert time.monotonic() - t0 < FAST["dead_after"] + 1.5
+                deadline = time.monotonic() + FAST["dead_after"] + 1.5
+                while True:
+                    st = await fetch_status(P.ctx, found[survivor], timeout=5)
+                    if {p["id"]: p["state"] for p in st["peers"]}[victim] == "dead":
+                        break
+                    assert time.monotonic() < deadline, st
+                    await asyncio.sleep(0.02)
+
+        run(body())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
