@@ -44,6 +44,11 @@ class ServeMetrics:
         self.dense = Histogram("lamina_layer_dense_seconds",
                                "Per layer: dense compute of a micro-batch (merge, post, next pre).",
                                ["layer"], buckets=LAYER_BUCKETS, registry=r)
+        self.kv_peak = Gauge("lamina_kv_used_peak_bytes", "Most KV bytes in use seen at a step boundary.",
+                             ["peer"], registry=r)
+        self.waiting_peak = Gauge("lamina_requests_waiting_peak", "Longest waiting queue seen.", registry=r)
+        self._peaks: dict[str, int] = {}
+        self._waiting_peak = 0
         self.transport = transport
         if transport is not None:
             r.register(_TransportCollector(transport))
@@ -68,8 +73,17 @@ class ServeMetrics:
             self.e2e.observe(now - req.submitted_at)
 
     def queue(self, running: int, waiting: int) -> None:
+        """Called by the scheduler at every step boundary."""
         self.running.set(running)
         self.waiting.set(waiting)
+        if waiting > self._waiting_peak:
+            self._waiting_peak = waiting
+            self.waiting_peak.set(waiting)
+        if self.transport is not None:
+            for peer, (total, free) in self.transport.kv_capacity().items():
+                if total - free > self._peaks.get(peer, -1):
+                    self._peaks[peer] = total - free
+                    self.kv_peak.labels(peer).set(total - free)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
