@@ -136,7 +136,16 @@ def test_restarted_peer_at_the_same_address_replaces_the_old_id():
             await a.wait_for(sees(a, b), timeout=5)
             address, old_id = b.me.address, b.me.id
             await P.kill(b)
-            b2 = await P.start(seeds=[a.me.address], bind=address)  # new process, same endpoint
+            # New process, same endpoint. libzmq releases the port from its I/O thread a moment
+            # after close, so retry the bind until a deadline.
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    b2 = await P.start(seeds=[a.me.address], bind=address)
+                    break
+                except zmq.ZMQError:
+                    assert time.monotonic() < deadline, f"{address} never freed"
+                    await asyncio.sleep(0.02)
             await a.wait_for(lambda m: ids(m) == {a.me.id, b2.me.id}, timeout=5)
             assert a.get(old_id).state == "dead"
 

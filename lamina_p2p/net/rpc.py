@@ -92,8 +92,12 @@ class RpcServer:
     async def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        _apply_security(sock, self._security, server=True)
-        sock.bind(self._bind)
+        try:
+            _apply_security(sock, self._security, server=True)
+            sock.bind(self._bind)
+        except BaseException:
+            sock.close(linger=0)  # a failed bind (port in use) must not leak the socket
+            raise
         # LAST_ENDPOINT resolves a port-0 / wildcard bind to the port actually taken.
         self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
