@@ -77,6 +77,9 @@ def _decode(bits, code):
     return f
 
 
+_NEG_INF = np.float32(-np.inf)
+
+
 def shared_bytes(d, rmax, tk):
     return 4 * (2 * rmax * d + tk * (d + 1) + rmax * tk + 4 * rmax)
 
@@ -127,7 +130,7 @@ def _kernels(d, rmax, tk):
             q_s[r, x] = _decode(q[tok0 + r // gsz, qh, x], code) * scale
             acc[r, x] = 0.0
         for r in range(tid, n_rows, nth):
-            m_s[r] = -math.inf
+            m_s[r] = _NEG_INF
             l_s[r] = 0.0
             lim_s[r] = ctx + (j0 + r // gsz + 1 if append else 0)
         cuda.syncthreads()
@@ -152,9 +155,9 @@ def _kernels(d, rmax, tk):
             for idx in range(tid, n_rows * tk, nth):
                 r = idx // tk
                 t = idx - r * tk
-                sc = -math.inf
+                sc = _NEG_INF  # float32 throughout: a float64 literal would make the dot fp64
                 if t < nt and kt + t < lim_s[r]:
-                    sc = 0.0
+                    sc = float32(0.0)
                     for x in range(d):
                         sc += q_s[r, x] * kv_s[t, x]
                 s_s[r, t] = sc
@@ -165,7 +168,7 @@ def _kernels(d, rmax, tk):
                 mx = m_s[r]
                 for t in range(nt):
                     mx = max(mx, s_s[r, t])
-                if mx == -math.inf:  # row sees nothing yet: keep state, add zeros
+                if mx == _NEG_INF:  # row sees nothing yet: keep state, add zeros
                     a_s[r] = 1.0
                     for t in range(nt):
                         s_s[r, t] = 0.0

@@ -103,7 +103,7 @@ def bench_cpu(args_ns):
         numba.set_num_threads(args_ns.threads)
         torch.set_num_threads(args_ns.threads)
     warmup()
-    contexts = (512, 2048) if args_ns.quick else (512, 2048, 8192)
+    contexts = _contexts(args_ns)
     reps = 3 if args_ns.quick else 7
     stream = stream_read_gbps(1 << 30, 3 if args_ns.quick else 5)
     rng = np.random.default_rng(0)
@@ -134,7 +134,7 @@ def bench_cuda(args_ns):
     from lamina_kernels import STORAGES
     from lamina_kernels.cuda import append_attend_cuda
 
-    contexts = (512, 2048) if args_ns.quick else (512, 2048, 8192)
+    contexts = _contexts(args_ns)
     reps = 5 if args_ns.quick else 20
     # Device-to-device copy bandwidth: reads + writes 2 x nbytes per copy.
     n = 1 << 28
@@ -172,6 +172,12 @@ def bench_cuda(args_ns):
     return rows
 
 
+def _contexts(ns):
+    if ns.contexts:
+        return tuple(int(c) for c in ns.contexts.split(","))
+    return (512, 2048) if ns.quick else (512, 2048, 8192)
+
+
 def _cpu_reference(a):
     from lamina_kernels import append_attend
 
@@ -186,6 +192,7 @@ def main():
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     ap.add_argument("--threads", type=int, default=0, help="numba/torch threads (default: all)")
     ap.add_argument("--cuda", action="store_true", help="benchmark the numba.cuda kernel")
+    ap.add_argument("--contexts", default="", help="comma-separated context lengths")
     ns = ap.parse_args()
     rows = bench_cuda(ns) if ns.cuda else bench_cpu(ns)
     if ns.json:
