@@ -252,3 +252,55 @@ def test_peers_in_separate_processes_and_sigkill():
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
             p.wait()
+
+
+# --- LAN beacon, loopback only ---
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_beacon_discovery_on_loopback():
+    """Two peers with no seeds find each other by broadcast on 127.255.255.255."""
+    import socket
+
+    from lamina_p2p.net.beacon import Beacon
+
+    async def body():
+        port = _free_udp_port()
+        async with Peers() as P:
+            a = await P.start()
+            b = await P.start()
+            beacons = [
+                Beacon("test", m.me.address, m.add_seed, port=port, interval=0.05, broadcast="127.255.255.255")
+                for m in (a, b)
+            ]
+            heard_by_red = []
+            red = Beacon("red", "tcp://127.0.0.1:1", heard_by_red.append, port=port, interval=0.05,
+                         broadcast="127.255.255.255")
+            for bc in (*beacons, red):
+                await bc.start()
+            try:
+                # Junk on the port is dropped, not fatal.
+                junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                junk.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                for data in (b"\xc1garbage", b"\x93\x01\x02\x03", b"x" * 2000):
+                    junk.sendto(data, ("127.255.255.255", port))
+                junk.close()
+                for m in (a, b):
+                    await m.wait_for(sees(a, b), timeout=5)
+                assert set(beacons[0].seen) == {b.me.address}
+                assert heard_by_red == []  # other cluster: never reported
+                assert a.seeds == [b.me.address] and b.seeds == [a.me.address]
+            finally:
+                for bc in (*beacons, red):
+                    await bc.stop()
+
+    run(body())

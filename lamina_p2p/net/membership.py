@@ -138,6 +138,12 @@ class Membership:
             setattr(self.me, k, v)
         self._notify()  # others hear of it with the next heartbeat
 
+    def add_seed(self, address: str) -> None:
+        """Another address to gossip with until met (the LAN beacon calls this)."""
+        if address not in self.seeds and address != self.me.address:
+            self.seeds.append(address)
+            self._refused.pop(address, None)
+
     def subscribe(self, callback: Callable[[str, PeerInfo], Any]) -> None:
         """callback(event, peer) on "joined" / "died"; called on the event loop, must not block."""
         self._subscribers.append(callback)
