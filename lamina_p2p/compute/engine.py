@@ -47,6 +47,12 @@ class Engine:
         self.logits_sink = None  # tests: called with (sequences, logits) for every sampled row
         self.steps = 0
 
+    @property
+    def max_context(self) -> int:
+        # Sliding-window attention (Mistral) is not implemented: stay inside the window, where it is exact.
+        window = getattr(self.cfg, "sliding_window", None)
+        return min(self.cfg.max_position_embeddings, window or self.cfg.max_position_embeddings)
+
     def geometry(self) -> dict:
         """What an attention peer needs to hold this model's KV."""
         c = self.cfg
@@ -57,9 +63,9 @@ class Engine:
         params.validate()
         if not prompt:
             raise ValueError("prompt is empty")
-        if len(prompt) + params.max_tokens > self.cfg.max_position_embeddings:
+        if len(prompt) + params.max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"model's context of {self.cfg.max_position_embeddings}")
+                             f"model's context of {self.max_context}")
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary (0..{self.cfg.vocab_size - 1})")
