@@ -190,7 +190,7 @@ async def open_cluster_transport(opts):
         async with join_cluster(seeds, cluster=opts.cluster) as transport:
             # The engine binds (registers) right after this; wait for membership to show the peers first.
             await transport.membership.wait_for(
-                lambda: len(transport.membership.peers(role="attention")) >= expect, timeout=60.0)
+                lambda m: len(m.peers(role="attention")) >= expect, timeout=60.0)
             transport.expected_peers = expect
             yield transport
     finally:
