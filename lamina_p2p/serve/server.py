@@ -60,8 +60,7 @@ async def open_compute_transport(opts: ComputeOptions):
 
         async with join_cluster(opts.join, listen=opts.listen, cluster=opts.cluster,
                                 heartbeat_interval=opts.heartbeat, dead_after=opts.dead_after) as transport:
-            await transport.membership.wait_for(lambda: bool(transport.membership.peers(role="attention")),
-                                                timeout=60.0)
+            await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60.0)
             yield transport
         return
     from lamina_p2p.compute.generate import open_transport
@@ -87,8 +86,6 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
     tokenizer = load_tokenizer(opts.model_dir)
     async with contextlib.AsyncExitStack() as stack:
         raw = await stack.enter_async_context(open_compute_transport(opts))
-        if hasattr(raw, "wait_for_peers"):
-            await raw.wait_for_peers(getattr(raw, "expected_peers", 1), timeout=60.0)
         metrics = ServeMetrics(raw)
         transport = TimedTransport(raw, metrics)
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
