@@ -112,6 +112,7 @@ class Membership:
         self._warned: set = set()
         self._refused: dict[str, float] = {}  # seed address -> when it said "other cluster"
         self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()  # clients of dead peers being closed
         self._stopped = False
         server.register("gossip", self._on_gossip)
         server.register("status", self._on_status)
@@ -179,6 +180,7 @@ class Membership:
         for c in self._clients.values():
             await c.close()
         self._clients.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     # --- the protocol ---
 
@@ -254,7 +256,10 @@ class Membership:
         p.state = DEAD
         client = self._clients.pop(p.address, None)
         if client is not None and p.address not in self.seeds:
-            asyncio.get_running_loop().create_task(client.close())
+            # Keep a reference: the loop holds tasks only weakly.
+            t = asyncio.get_running_loop().create_task(client.close())
+            self._closing.add(t)
+            t.add_done_callback(self._closing.discard)
         elif client is not None:
             self._clients[p.address] = client  # seeds stay reachable for a rejoin
         self._emit(DIED, p)
