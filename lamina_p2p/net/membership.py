@@ -96,7 +96,7 @@ class Membership:
             raise ValueError("need heartbeat_interval < suspect_after < dead_after")
         self.me = me
         self.seeds = list(seeds)
-        self.interval = heartbeat_interval
+        self.heartbeat_interval = heartbeat_interval
         self.suspect_after = suspect_after
         self.dead_after = dead_after
         self.fanout = fanout
@@ -290,7 +290,7 @@ class Membership:
                     t = asyncio.create_task(self._exchange(address))
                     self._gossiping[address] = t
                     t.add_done_callback(lambda _t, a=address: self._gossiping.pop(a, None))
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.heartbeat_interval)
 
     def _targets(self) -> list[str]:
         others = [p for p in self._table.values() if p.id != self.me.id and p.state != DEAD]
