@@ -100,7 +100,7 @@ def _ov_widen_rows(src, dst, t0, t1, code):
 
 @intrinsic
 def _prefetch(typingctx, arr, idx):
-    """llvm.prefetch of arr.ravel()[idx] (read, keep in all cache levels)."""
+    """llvm.prefetch of arr.ravel()[idx] for reading, into L2 (locality 1)."""
     sig = types.void(arr, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -111,7 +111,7 @@ def _prefetch(typingctx, arr, idx):
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
             "llvm.prefetch.p0")
         ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        builder.call(fn, [ptr, i32(0), i32(1), i32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -153,13 +153,14 @@ def _scores(qs, n_rows, kb, t0, t1, s):
 
 @njit(**_JIT)
 def _prefetch_block(k_pool, v_pool, blk, layer):
-    # Blocks are only block_size rows long and scattered, so the hardware
-    # prefetcher restarts at every block; ask for the next one while this one is
-    # being computed on (one request per 64-byte line).
+    # A layer's rows of one block are only block_size * head_dim elements long and
+    # blocks are scattered, so the hardware prefetcher stops at every block edge.
+    # Touching the start of each 4 KiB page of the next block (into L2) restarts it
+    # early. Measured single-thread, float32, 4 rows: scattered blocks 195 -> 165
+    # ns/token; prefetching every line instead made sequential blocks 1.7x slower.
     kr = k_pool[blk, layer].ravel()
     vr = v_pool[blk, layer].ravel()
-    step = 64 // k_pool.itemsize
-    for o in range(0, kr.shape[0], step):
+    for o in range(0, kr.shape[0], 4096 // k_pool.itemsize):
         _prefetch(kr, o)
         _prefetch(vr, o)
 
@@ -254,7 +255,7 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                    ctx_lens, layer, scale, code, groups, items, order, n_parts, q_tile,
                    out, lse):
     n_seq = slots.shape[0]
-    n_kv = block_table.shape[1]
+    n_kv = k_new.shape[1]  # local kv heads; the table may be wider (rows past n_kv unused)
     bs = k_pool.shape[2]
     d = k_pool.shape[3]
     n_q_heads = q.shape[1]
@@ -392,8 +393,10 @@ def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_sta
     n_blocks, n_layers, bs, d = k_pool.shape
     if v_pool.shape != k_pool.shape:
         raise ValueError("k_pool and v_pool differ in shape")
-    n_kv = block_table.shape[1]
+    n_kv = k_new.shape[1]
     n_seq = slots.shape[0]
+    if block_table.shape[1] < n_kv:
+        raise ValueError(f"block table has {block_table.shape[1]} kv head rows, request has {n_kv}")
     if q.shape[2] != d or k_new.shape[1:] != (n_kv, d) or v_new.shape != k_new.shape:
         raise ValueError(f"shape mismatch: q {q.shape}, k_new {k_new.shape}, v_new "
                          f"{v_new.shape}, pool head_dim {d}, {n_kv} local kv heads")
@@ -427,7 +430,7 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, 
         q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start, ctx_lens,
         layer, storage)
     t, n_q_heads, d = q.shape
-    n_kv = block_table.shape[1]
+    n_kv = k_new.shape[1]
     bs = k_pool.shape[2]
     out = np.zeros((t, n_q_heads, d), np.float32)
     lse = np.full((t, n_q_heads), -np.inf, np.float32)
