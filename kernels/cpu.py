@@ -408,7 +408,7 @@ def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_sta
         raise ValueError("q_start/kv_start must end at the token counts of q/k_new")
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} outside the pool's {n_layers} layers")
-    err, seq = P.validate(block_table, bs, n_blocks, slots, q_start, kv_start, ctx_lens)
+    err, seq = P.validate(block_table, bs, n_blocks, slots, q_start, kv_start, ctx_lens, n_kv)
     if err:
         raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
     return slots, q_start, kv_start, ctx_lens

@@ -112,7 +112,7 @@ def _kernels(d, rmax, tk):
         h = groups[g, 1]
         j0 = groups[g, 2]
         nqt = groups[g, 3]
-        n_kv = block_table.shape[1]
+        n_kv = k_new.shape[1]  # local kv heads; the block table may have more rows
         gsz = q.shape[1] // n_kv
         n_rows = nqt * gsz
         bs = k_pool.shape[2]
@@ -313,11 +313,13 @@ def append_attend_cuda(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_st
     n_blocks, n_layers, bs, d = k_pool.shape
     if isinstance(block_table, np.ndarray):
         err, seq = P.validate(np.ascontiguousarray(block_table, np.int32), bs, n_blocks,
-                              slots_h, q_start_h, kv_start_h, ctx_h)
+                              slots_h, q_start_h, kv_start_h, ctx_h, k_new.shape[1])
         if err:
             raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
     bt = _device(block_table)
-    n_kv = bt.shape[1]
+    n_kv = k_new.shape[1]  # local kv heads; the block table may have more rows
+    if bt.shape[1] < n_kv:
+        raise ValueError(f"block table has {bt.shape[1]} kv head rows, request has {n_kv}")
     t_all, n_q_heads, _ = q.shape
     gsz = n_q_heads // n_kv
     if gsz * n_kv != n_q_heads or not 0 <= layer < n_layers:

@@ -37,10 +37,14 @@ ERRORS = {
 
 
 @njit(**_JIT)
-def validate(block_table, block_size, n_blocks, slots, q_start, kv_start, ctx_lens):
-    """Return (error code, sequence index); code 0 means the call is well formed."""
+def validate(block_table, block_size, n_blocks, slots, q_start, kv_start, ctx_lens, n_kv):
+    """Return (error code, sequence index); code 0 means the call is well formed.
+
+    Only the first n_kv rows of a slot's table are the call's: a shard may hold
+    fewer kv heads than the table is wide.
+    """
     n_seq = slots.shape[0]
-    n_slots, n_kv, max_blocks = block_table.shape
+    n_slots, _, max_blocks = block_table.shape
     if q_start[0] != 0 or kv_start[0] != 0:
         return 1, 0
     for i in range(n_seq):

@@ -24,7 +24,7 @@ def append_attend_ref(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_sta
     """Same contract as lamina_kernels.cpu.append_attend; mutates k_pool/v_pool in place."""
     q64 = _as_f64(q, storage)
     t_all, n_q_heads, d = q64.shape
-    n_kv = block_table.shape[1]
+    n_kv = k_new.shape[1]  # local kv heads; the block table may have more rows
     g = n_q_heads // n_kv
     bs = k_pool.shape[2]
     kp = torch.from_numpy(k_pool)  # shares memory: appends land in the caller's arrays

@@ -31,8 +31,8 @@ def format_table(status: dict) -> str:
     rows = [("ID", "ROLE", "STATE", "ADDRESS", "DEVICE", "KV USED GiB", "KV FREE GiB", "LOAD", "LAST SEEN s")]
     for p in sorted(status.get("peers", []), key=lambda p: (p.get("role", ""), p.get("address", ""))):
         total, free = p.get("kv_total_bytes", 0), p.get("kv_free_bytes", 0)
-        seen = p.get("last_seen_s")
-        rows.append((str(p.get("id", ""))[:12] + ("*" if p.get("id") == status.get("self") else ""),
+        seen = p.get("age")
+        rows.append((str(p.get("id", ""))[:12] + ("*" if p.get("id") == status.get("id") else ""),
                      p.get("role", ""), p.get("state", ""), p.get("address", ""), p.get("device", ""),
                      _gib(total - free) if p.get("role") == "attention" else "-",
                      _gib(free) if p.get("role") == "attention" else "-",

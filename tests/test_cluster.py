@@ -1,0 +1,85 @@
+"""Real multi-process clusters on loopback: attention peers are separate processes, the wire is real.
+
+Greedy tokens through the cluster equal transformers' and the in-process
+engine's, for every placement, micro-batch count 1-3, batch 1 and 8.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from hf_models import build_hf_model, load_hf_model
+
+from lamina_p2p.compute.generate import GenerateOptions, run_generate
+from lamina_p2p.launch import node_command, start_attention_peers, stop_all
+
+pytestmark = pytest.mark.cluster
+
+PROMPTS = [[1, 5, 9, 22, 7], [3, 4, 8, 10, 11, 12, 13, 14, 2, 2, 2, 40, 41], [17, 200], [9] * 20,
+           [30, 31, 32], [100, 101, 102, 103, 104, 105, 106], [4, 4], [250, 1, 250, 1, 250, 1, 250, 1, 9]]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return str(build_hf_model("llama"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    hf = load_hf_model(model_dir)
+    out = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            seq = hf.generate(torch.tensor([p]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+            out.append(seq[0, len(p):].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def peers():
+    procs = start_attention_peers(2, "64MiB", threads=1, extra=["--heartbeat", "0.1", "--dead-after", "2"])
+    yield procs
+    stop_all(procs)
+
+
+def generate(model_dir, batch, **kw):
+    opts = GenerateOptions(model_dir=model_dir, prompt_ids=PROMPTS[:batch], batch=batch, max_tokens=STEPS,
+                           ignore_eos=True, **kw)
+    return run_generate(opts)
+
+
+def test_in_process_matches_transformers(model_dir, reference):
+    assert generate(model_dir, 8)["token_ids"] == reference
+
+
+@pytest.mark.parametrize("placement", ["request", "head", "sequence"])
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+def test_cluster_matches_transformers(model_dir, reference, peers, placement, micro_batches):
+    shard = 6 if placement == "sequence" else None  # several shards per sequence, across both peers
+    for batch in (1, 8):
+        result = generate(model_dir, batch, join=[peers[0].address], placement=placement,
+                          micro_batches=micro_batches, shard_tokens=shard)
+        assert result["token_ids"] == reference[:batch], (placement, micro_batches, batch)
+
+
+def _attention_pids() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "lamina_p2p start --role attention"], capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_generate_command_starts_and_stops_its_peers(model_dir, reference):
+    ids = [",".join(map(str, p)) for p in PROMPTS[:3]]
+    cmd = node_command("generate", "--model", model_dir, "--max-tokens", str(STEPS), "--ignore-eos", "--batch", "3",
+                       "--attention-peers", "2", "--placement", "head", "--micro-batches", "2", "--json",
+                       "--kv-memory", "64MiB", *[a for i in ids for a in ("--prompt-ids", i)])
+    before = _attention_pids()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["token_ids"] == reference[:3]
+    assert result["tokens_per_s"] > 0
+    assert _attention_pids() <= before  # the command stopped the peers it started
