@@ -240,3 +240,13 @@ def test_storage_helpers():
 
 def test_warmup_compiles_every_variant():
     warmup()  # also what an attention peer calls before announcing itself
+
+
+def test_block_table_wider_than_local_heads():
+    """A shard holding a kv-head range may index a table with more head rows than
+    the call's local kv heads; only the first n_kv rows are used."""
+    rng = np.random.default_rng(12)
+    call = Call(rng, "bfloat16", 4, 8, [(20, 1, True), (4, 3, True)])
+    extra = np.full(call.block_table.shape[:1] + (1,) + call.block_table.shape[2:], -1, np.int32)
+    call.block_table = np.ascontiguousarray(np.concatenate([call.block_table, extra], axis=1))
+    assert_matches(call.run(append_attend), call.run(append_attend_ref))

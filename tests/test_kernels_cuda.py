@@ -89,3 +89,11 @@ def test_two_shards_merge_to_whole():
     np.testing.assert_allclose(out, want, atol=2e-5)
     np.testing.assert_allclose(lse, want_lse, atol=2e-5)
     assert math.isfinite(float(lse.max()))
+
+
+def test_block_table_wider_than_local_heads():
+    rng = np.random.default_rng(13)
+    call = Call(rng, "float32", 2, 8, [(6, 2, True)], n_kv=1, d=D)
+    extra = np.full(call.block_table.shape[:1] + (2,) + call.block_table.shape[2:], -1, np.int32)
+    call.block_table = np.ascontiguousarray(np.concatenate([call.block_table, extra], axis=1))
+    assert_matches(call.run(run_cuda), call.run(append_attend_ref))
