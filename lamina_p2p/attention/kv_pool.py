@@ -74,15 +74,22 @@ class KVPool:
     """Blocks, slots and block tables for one PoolKey."""
 
     def __init__(self, key: PoolKey, budget: KVBudget, max_blocks_per_seq: int, num_kv_heads: int,
-                 initial_slots: int = 64):
+                 initial_slots: int = 64, device: str = "cpu"):
         self.key = key
         self.budget = budget
         self.block_bytes = key.block_bytes()
         n_blocks = max(1, budget.total // self.block_bytes)
         shape = (n_blocks, key.num_layers, key.block_size, key.head_dim)
         dtype = STORAGE_NP[key.storage]
-        self.k = np.empty(shape, dtype)
-        self.v = np.empty(shape, dtype)
+        if device == "cuda":
+            # GPU memory is not overcommitted: this pool takes the whole budget up front.
+            from numba import cuda
+
+            self.k = cuda.device_array(shape, dtype)
+            self.v = cuda.device_array(shape, dtype)
+        else:
+            self.k = np.empty(shape, dtype)
+            self.v = np.empty(shape, dtype)
         self.max_blocks_per_seq = max_blocks_per_seq
         self.num_kv_heads = num_kv_heads
         # LIFO free list: recently freed blocks are likely still resident.

@@ -50,9 +50,9 @@ class AttentionPeerConfig:
 class AttentionPeer:
     def __init__(self, config: AttentionPeerConfig):
         self.config = config
-        if config.device != "cpu":
-            raise ValueError(f"device {config.device!r}: this build serves attention on cpu only")
-        self.service = AttentionService(config.kv_bytes, config.block_size)
+        if config.device == "cuda":
+            _check_cuda()
+        self.service = AttentionService(config.kv_bytes, config.block_size, config.device)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="kernel")
         self.busy_s = 0.0  # kernel time, for the advertised load
         self.in_flight = 0
@@ -61,7 +61,8 @@ class AttentionPeer:
         """Compile every kernel variant, then run the exact request path once, before announcing."""
         import lamina_kernels
 
-        lamina_kernels.warmup()
+        if self.config.device == "cpu":
+            lamina_kernels.warmup()
         for storage, dtype in (("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.uint16)):
             owner = f"warmup-{storage}"
             self.service.register(owner, 1, 2, 1, 8, storage, 64)
@@ -175,6 +176,17 @@ class AttentionPeer:
 
     async def _stats(self, msg: Message):
         return self.service.stats(), []
+
+
+def _check_cuda() -> None:
+    """Fail at start-up, with a reason, where no CUDA device (or simulator) is usable."""
+    try:
+        from numba import cuda
+
+        if not cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available (numba.cuda.is_available() is False)")
+    except ImportError as e:
+        raise ValueError(f"--device cuda needs numba-cuda: {e}") from None
 
 
 def _int(fields: dict, key: str) -> int:

@@ -59,9 +59,12 @@ class AttendRequest:
 
 
 class AttentionService:
-    def __init__(self, kv_bytes: int, block_size: int = 16):
+    def __init__(self, kv_bytes: int, block_size: int = 16, device: str = "cpu"):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}")
         self.budget = KVBudget(kv_bytes)
         self.block_size = block_size
+        self.device = device
         self._pools: dict[PoolKey, KVPool] = {}
         self._owners: dict[str, Registration] = {}
         # Register/free arrive from the event loop's worker threads while a kernel runs.
@@ -88,7 +91,7 @@ class AttentionService:
             pool = self._pools.get(key)
             max_blocks = -(-max_positions // self.block_size)
             if pool is None:
-                pool = self._pools[key] = KVPool(key, self.budget, max_blocks, num_kv_heads)
+                pool = self._pools[key] = KVPool(key, self.budget, max_blocks, num_kv_heads, device=self.device)
             pool.widen_heads(num_kv_heads)
             if max_blocks > pool.max_blocks_per_seq:
                 raise ShardError(f"register: max_positions {max_positions} exceeds this pool's "
@@ -151,8 +154,13 @@ class AttentionService:
             slots = self._prepare(reg, req)
         q_start = _offsets(req.n_q)
         kv_start = _offsets(req.n_kv)
-        return lk.append_attend(req.q, req.k, req.v, reg.pool.k, reg.pool.v, reg.pool.table, slots, q_start,
-                                kv_start, req.ctx.astype(np.int32), req.layer, reg.scale, reg.storage)
+        args = (req.q, req.k, req.v, reg.pool.k, reg.pool.v, reg.pool.table, slots, q_start, kv_start,
+                req.ctx.astype(np.int32), req.layer, reg.scale, reg.storage)
+        if self.device == "cuda":
+            # One launch per layer and micro-batch; the (small) outputs come back for the reply.
+            out, lse = lk.append_attend_cuda(*args)
+            return out.copy_to_host(), lse.copy_to_host()
+        return lk.append_attend(*args)
 
     def _prepare(self, reg: Registration, req: AttendRequest) -> np.ndarray:
         """Check the request against the shard table, create and grow shards; returns slots."""
