@@ -67,6 +67,30 @@ def _f16_to_f32(h):
     return -f if (np.uint32(h) & np.uint32(0x8000)) != 0 else f
 
 
+@njit(inline="always", **_JIT)
+def _exp_nonpos(x):
+    """exp(x) for x <= 0 (scores minus their running max), vectorisable.
+
+    llvmlite's LLVM here is not SVML-patched, so np.exp is a scalar expf call per
+    element and the softmax loop cannot vectorise. Cody-Waite reduction to
+    r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial: ~1 ulp. x is clamped at
+    -87 (result ~1e-38 instead of a denormal or 0; callers only ever scale zeros by
+    such a value).
+    """
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _u32_as_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
+
+
 def _widen_rows(src, dst, t0, t1, code):
     """Rows [t0, t1) of a 2-D block as float32; returns a [rows, D] float32 array."""
     raise NotImplementedError  # replaced by the overload below inside jitted code
@@ -201,10 +225,10 @@ def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, cod
             mx = m[r]
             for t in range(t0, te):
                 mx = max(mx, s[r, t])
-            alpha = np.exp(m[r] - mx)  # 0 on the first block (m = -inf)
+            alpha = _exp_nonpos(m[r] - mx)  # ~0 on the first block (m = -inf)
             psum = np.float32(0.0)
             for t in range(t0, te):
-                p = np.exp(s[r, t] - mx)
+                p = _exp_nonpos(s[r, t] - mx)
                 s[r, t] = p
                 psum += p
             l[r] = l[r] * alpha + psum
