@@ -126,14 +126,22 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--http", default=None, help="Compute: serve the OpenAI-compatible API on HOST:PORT.")
 @click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--advertise", default=None, help="Address other peers dial (default: the bound one; a wildcard "
+              "host is replaced by this machine's LAN address).")
+@click.option("--discover", is_flag=True, help="Find peers of this cluster on the LAN with a UDP beacon.")
+@click.option("--discover-port", type=click.IntRange(1, 65535), default=47474, show_default=True)
+@click.option("--discover-broadcast", default="255.255.255.255", show_default=True)
 def start(role, listen, join, cluster, kv_memory, device, threads, block_size, heartbeat, dead_after, model_dir,
-          dtype, placement, shard_tokens, micro_batches, http, max_batch):
+          dtype, placement, shard_tokens, micro_batches, http, max_batch, advertise, discover, discover_port,
+          discover_broadcast):
     """Run one peer until SIGTERM or Ctrl-C."""
     from lamina_p2p.node import run_attention, run_compute
     from lamina_p2p.runtime import run_async
 
     try:
         check_address(listen)
+        if advertise:
+            check_address(advertise)
         for addr in join:
             check_address(addr)
         kv_bytes = parse_bytes(kv_memory)
@@ -144,7 +152,9 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
 
         cfg = AttentionPeerConfig(listen=listen, join=tuple(join), kv_bytes=kv_bytes, device=device, threads=threads,
                                   cluster=cluster, block_size=block_size, heartbeat_interval=heartbeat,
-                                  suspect_after=dead_after / 2, dead_after=dead_after)
+                                  suspect_after=dead_after / 2, dead_after=dead_after, advertise=advertise,
+                                  discover=discover, discover_port=discover_port,
+                                  discover_broadcast=discover_broadcast)
         try:
             run_async(run_attention(cfg))
         except ValueError as e:
@@ -152,13 +162,15 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
         return
     if not model_dir:
         raise click.UsageError("a compute peer needs --model")
-    if not join:
-        raise click.UsageError("a compute peer needs --join (an attention peer's address)")
+    if not join and not discover:
+        raise click.UsageError("a compute peer needs --join (an attention peer's address) or --discover")
     from lamina_p2p.serve.server import ComputeOptions
 
     opts = ComputeOptions(model_dir=model_dir, listen=listen, join=list(join), cluster=cluster, dtype=dtype,
                           placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, http=http,
-                          threads=threads, heartbeat=heartbeat, dead_after=dead_after, max_batch=max_batch)
+                          threads=threads, heartbeat=heartbeat, dead_after=dead_after, max_batch=max_batch,
+                          advertise=advertise, discover=discover, discover_port=discover_port,
+                          discover_broadcast=discover_broadcast)
     run_async(run_compute(opts))
 
 

@@ -25,6 +25,8 @@ import zmq
 import zmq.asyncio
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
+from lamina_p2p.net.address import advertise_address
+from lamina_p2p.net.beacon import Beacon
 from lamina_p2p.net.membership import Membership, PeerInfo
 from lamina_p2p.net.rpc import RpcServer
 from lamina_p2p.net.wire import PROTOCOL_VERSION, Message
@@ -45,6 +47,10 @@ class AttentionPeerConfig:
     suspect_after: float = 2.0
     dead_after: float = 5.0
     owner_timeout: float = 60.0  # free the KV of a compute peer that has been dead this long
+    advertise: str | None = None  # address others dial; default: the bound one
+    discover: bool = False  # UDP beacon on the LAN
+    discover_port: int = 47474
+    discover_broadcast: str = "255.255.255.255"
 
 
 class AttentionPeer:
@@ -56,6 +62,7 @@ class AttentionPeer:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="kernel")
         self.busy_s = 0.0  # kernel time, for the advertised load
         self.in_flight = 0
+        self.attend_calls = 0
 
     def _warm(self) -> None:
         """Compile every kernel variant, then run the exact request path once, before announcing."""
@@ -86,7 +93,8 @@ class AttentionPeer:
                             ("drop", self._drop), ("stats", self._stats)):
             server.register(op, handler)
         await server.start()
-        me = PeerInfo(id=os.urandom(8).hex(), role="attention", address=server.bound_address,
+        address = advertise_address(server.bound_address, self.config.advertise, list(self.config.join))
+        me = PeerInfo(id=os.urandom(8).hex(), role="attention", address=address,
                       device=self.config.device, kv_total_bytes=self.service.budget.total,
                       kv_free_bytes=self.service.budget.free, load=0.0, version=PROTOCOL_VERSION,
                       cluster=self.config.cluster, heartbeat=0, ready=True)
@@ -94,14 +102,21 @@ class AttentionPeer:
                                      heartbeat_interval=self.config.heartbeat_interval,
                                      suspect_after=self.config.suspect_after, dead_after=self.config.dead_after)
         await self.membership.start()
-        log.info("attention peer %s ready on %s", me.id, server.bound_address)
+        beacon = None
+        if self.config.discover:
+            beacon = Beacon(self.config.cluster, address, self.membership.add_seed, port=self.config.discover_port,
+                            broadcast=self.config.discover_broadcast)
+            await beacon.start()
+        log.info("attention peer %s ready on %s", me.id, address)
         if on_ready is not None:
-            on_ready(server.bound_address, me.id)
+            on_ready(address, me.id)
         reporter = asyncio.create_task(self._report())
         try:
             await stop.wait()
         finally:
             reporter.cancel()
+            if beacon is not None:
+                await beacon.stop()
             await self.membership.stop()
             await server.close()
             ctx.destroy(linger=0)
@@ -150,6 +165,7 @@ class AttentionPeer:
         req = AttendRequest(str(f.get("owner")), _int(f, "layer"), meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3],
                             _int(f, "h0"), _int(f, "h1"), q, k, v)
         self.in_flight += 1
+        self.attend_calls += 1
         try:
             out, lse = await self._in_worker(self._timed_attend, req)
         finally:
@@ -175,7 +191,7 @@ class AttentionPeer:
         return {"freed": freed}, []
 
     async def _stats(self, msg: Message):
-        return self.service.stats(), []
+        return {**self.service.stats(), "attend_calls": self.attend_calls, "busy_s": round(self.busy_s, 3)}, []
 
 
 def _check_cuda() -> None:

@@ -17,6 +17,8 @@ import zmq
 import zmq.asyncio
 
 from lamina_p2p.attention.service import AttendRequest
+from lamina_p2p.net.address import advertise_address
+from lamina_p2p.net.beacon import Beacon
 from lamina_p2p.net.membership import Membership, PeerInfo
 from lamina_p2p.net.rpc import RpcClient, RpcError, RpcServer
 from lamina_p2p.net.wire import PROTOCOL_VERSION
@@ -151,21 +153,30 @@ class ClusterTransport:
 
 @contextlib.asynccontextmanager
 async def join_cluster(seeds: list[str], listen: str = "tcp://127.0.0.1:0", cluster: str = "lamina",
-                       peer_id: str | None = None, heartbeat_interval: float = 0.5, dead_after: float = 5.0):
+                       peer_id: str | None = None, heartbeat_interval: float = 0.5, dead_after: float = 5.0,
+                       advertise: str | None = None, discover: bool = False, discover_port: int = 47474,
+                       discover_broadcast: str = "255.255.255.255"):
     """Join as a compute peer; yields the ClusterTransport."""
     ctx = zmq.asyncio.Context()
     server = RpcServer(ctx, listen)
     await server.start()
-    me = PeerInfo(id=peer_id or os.urandom(8).hex(), role="compute", address=server.bound_address, device="cpu",
+    address = advertise_address(server.bound_address, advertise, list(seeds))
+    me = PeerInfo(id=peer_id or os.urandom(8).hex(), role="compute", address=address, device="cpu",
                   kv_total_bytes=0, kv_free_bytes=0, load=0.0, version=PROTOCOL_VERSION, cluster=cluster,
                   heartbeat=0, ready=True)
     membership = Membership(server, ctx, me, list(seeds), heartbeat_interval=heartbeat_interval,
                             suspect_after=min(2.0, dead_after / 2), dead_after=dead_after)
     transport = ClusterTransport(ctx, server, membership)
     await membership.start()
+    beacon = None
+    if discover:
+        beacon = Beacon(cluster, address, membership.add_seed, port=discover_port, broadcast=discover_broadcast)
+        await beacon.start()
     try:
         yield transport
     finally:
+        if beacon is not None:
+            await beacon.stop()
         await transport.close()
         await membership.stop()
         await server.close()

@@ -43,6 +43,10 @@ class ComputeOptions:
     reserve: str = "full"
     max_step_tokens: int = 4096
     announce_http: bool = False  # READY names the HTTP URL (serve) instead of the peer's ZeroMQ address
+    advertise: str | None = None
+    discover: bool = False
+    discover_port: int = 47474
+    discover_broadcast: str = "255.255.255.255"
 
 
 def parse_http(http: str) -> tuple[str, int]:
@@ -55,11 +59,13 @@ def parse_http(http: str) -> tuple[str, int]:
 @contextlib.asynccontextmanager
 async def open_compute_transport(opts: ComputeOptions):
     """Join a cluster as a compute peer (start --role compute), or what `generate` does for serve."""
-    if opts.join and opts.attention_peers == 0:
+    if (opts.join or opts.discover) and opts.attention_peers == 0:
         from lamina_p2p.compute.remote import join_cluster
 
         async with join_cluster(opts.join, listen=opts.listen, cluster=opts.cluster,
-                                heartbeat_interval=opts.heartbeat, dead_after=opts.dead_after) as transport:
+                                heartbeat_interval=opts.heartbeat, dead_after=opts.dead_after,
+                                advertise=opts.advertise, discover=opts.discover, discover_port=opts.discover_port,
+                                discover_broadcast=opts.discover_broadcast) as transport:
             await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60.0)
             yield transport
         return
