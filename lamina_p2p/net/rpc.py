@@ -46,11 +46,21 @@ class RpcClosed(RpcError):
 
 
 def _apply_security(sock: zmq.Socket, security: Any, server: bool) -> None:
-    """Where CURVE keys will go (`--secret`): server sockets set curve_server + secret key,
-    clients set their key pair and the server's public key. Until then only None is accepted,
-    so nobody believes they have encryption when they do not."""
-    if security is not None:
-        raise NotImplementedError("CURVE security is not implemented yet")
+    """CURVE keys (`--secret`): a server socket becomes a CURVE server with the cluster key pair, a
+    client authenticates with its key pair and checks the server's public key. None: plain text."""
+    from .security import apply
+
+    apply(sock, security, server)
+
+
+def _apply_limits(sock: zmq.Socket, limits: Limits) -> None:
+    # libzmq drops the connection of a peer that sends a frame bigger than this, before buffering
+    # it: the decoder's size checks come after the whole message is in memory.
+    sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_frame_bytes, limits.max_header_bytes))
+
+
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 def _nbytes(frames: Sequence) -> int:
@@ -83,6 +93,9 @@ class RpcServer:
         self.bytes_sent = 0
         self.requests = 0
         self.errors = 0
+        self.handshake_failures = 0  # connections refused: wrong/no key, garbage instead of ZMTP
+        self._monitor_task: asyncio.Task | None = None
+        self._zap = False
 
     def register(self, op: str, handler: Handler) -> None:
         if op in ("reply", "error"):
@@ -93,25 +106,62 @@ class RpcServer:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
+            _apply_limits(sock, self._limits)
             _apply_security(sock, self._security, server=True)
+            if self._security is not None:
+                # The ZAP handler must listen before the socket binds: libzmq lets every CURVE
+                # client in when no handler answers.
+                from .security import acquire_zap
+
+                acquire_zap(self._ctx, self._security)
+                self._zap = True
+            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
             sock.bind(self._bind)
         except BaseException:
             sock.close(linger=0)  # a failed bind (port in use) must not leak the socket
+            self._release_zap()
             raise
         # LAST_ENDPOINT resolves a port-0 / wildcard bind to the port actually taken.
         self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
+        self._monitor_task = asyncio.create_task(self._watch(monitor), name=f"rpc-monitor {self.bound_address}")
         self._recv_task = asyncio.create_task(self._serve(), name=f"rpc-server {self.bound_address}")
 
+    def _release_zap(self) -> None:
+        if self._zap:
+            from .security import release_zap
+
+            self._zap = False
+            release_zap(self._ctx)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Count (and log, a few times) connections whose handshake failed."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                self.handshake_failures += 1
+                if self.handshake_failures <= 5 or self.handshake_failures % 100 == 0:
+                    log.warning("rpc server %s: handshake failed (%s; wrong or missing key, or not ZeroMQ): "
+                                "%d so far", self.bound_address, _event_name(event), self.handshake_failures)
+        finally:
+            monitor.close(linger=0)
+
     async def close(self) -> None:
-        tasks = [t for t in (self._recv_task, *self._tasks) if t is not None]
+        tasks = [t for t in (self._recv_task, self._monitor_task, *self._tasks) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         if self._sock is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
             self._sock.close(linger=0)
             self._sock = None
+        self._release_zap()
 
     async def _serve(self) -> None:
         assert self._sock is not None
@@ -180,6 +230,14 @@ class RpcServer:
         self.bytes_sent += _nbytes(frames)
 
 
+def _event_name(event: dict) -> str:
+    code = event.get("event")
+    for name in ("HANDSHAKE_FAILED_AUTH", "HANDSHAKE_FAILED_PROTOCOL", "HANDSHAKE_FAILED_NO_DETAIL"):
+        if code == getattr(zmq, f"EVENT_{name}"):
+            return f"{name.lower()} {event.get('value')}"
+    return str(code)
+
+
 class RpcClient:
     def __init__(
         self,
@@ -195,6 +253,7 @@ class RpcClient:
         # IMMEDIATE: queue only on a finished connection, so calls to a peer that is not up wait
         # (and time out) here instead of piling up and reaching it stale when it starts.
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        _apply_limits(sock, limits)
         _apply_security(sock, security, server=False)
         sock.connect(address)
         self._sock = sock
