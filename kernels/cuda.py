@@ -33,7 +33,6 @@ _SHARED_LIMIT = 48 * 1024  # static shared memory per block without opt-in
 _MIN_SPLIT = 128  # keys; smaller items cost more in scheduling than they win
 
 
-
 def _simulating():
     import numba
 
