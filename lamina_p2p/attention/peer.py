@@ -30,6 +30,7 @@ from lamina_p2p.net.beacon import Beacon
 from lamina_p2p.net.membership import Membership, PeerInfo
 from lamina_p2p.net.rpc import RpcServer
 from lamina_p2p.net.wire import PROTOCOL_VERSION, Message
+from lamina_p2p.trace import now
 
 log = logging.getLogger("lamina.attention")
 
@@ -166,18 +167,22 @@ class AttentionPeer:
                             _int(f, "h0"), _int(f, "h1"), q, k, v)
         self.in_flight += 1
         self.attend_calls += 1
+        arrived = now()
         try:
-            out, lse = await self._in_worker(self._timed_attend, req)
+            out, lse, t0, t1 = await self._in_worker(self._timed_attend, req)
         finally:
             self.in_flight -= 1
-        return {}, [out, lse]
+        # Times on the shared monotonic clock, for the caller's trace (DESIGN: spans on both sides).
+        return ({"tq": arrived, "tk0": t0, "tk1": t1} if f.get("trace") is True else {}), [out, lse]
 
     def _timed_attend(self, req: AttendRequest):
-        t0 = time.perf_counter()
+        t0 = now()
         try:
-            return self.service.attend(req)
+            out, lse = self.service.attend(req)
         finally:
-            self.busy_s += time.perf_counter() - t0
+            t1 = now()
+            self.busy_s += t1 - t0
+        return out, lse, t0, t1
 
     async def _free(self, msg: Message):
         ids = msg.fields.get("seq_ids", [])

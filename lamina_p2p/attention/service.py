@@ -56,6 +56,7 @@ class AttendRequest:
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
+    trace: bool = False  # the peer reports its queue and kernel times with the reply
 
 
 class AttentionService:

@@ -12,6 +12,7 @@ requests; it never runs a torch op or a kernel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -23,6 +24,7 @@ from lamina_p2p.compute.fanout import MicroBatch, build_requests, merge_results,
 from lamina_p2p.compute.placement import Placer
 from lamina_p2p.compute.sampling import sample
 from lamina_p2p.compute.sequence import SamplingParams, Sequence
+from lamina_p2p.trace import now
 
 
 class Engine:
@@ -45,6 +47,7 @@ class Engine:
         self._ids = itertools.count(1)
         self.eos = set(self.cfg.eos_token_ids)
         self.logits_sink = None  # tests: called with (sequences, logits) for every sampled row
+        self.tracer = None  # a lamina_p2p.trace.Tracer records per-layer spans when set
         self.steps = 0
 
     @property
@@ -95,7 +98,8 @@ class Engine:
         batches = self._split(chosen, counts)
         # Let every micro-batch end before raising: one left running after a failure (KV full)
         # would write KV for sequences the caller is about to free and requeue.
-        sampled = await asyncio.gather(*(self._run_micro_batch(mb) for mb in batches), return_exceptions=True)
+        sampled = await asyncio.gather(*(self._run_micro_batch(mb, i) for i, mb in enumerate(batches)),
+                                       return_exceptions=True)
         for r in sampled:
             if isinstance(r, BaseException):
                 raise r
@@ -132,35 +136,49 @@ class Engine:
             bins[j] = (s + [seqs[i]], c + [counts[i]], cost + seqs[i].cached + counts[i])
         return [plan_micro_batch(s, c, self.cfg.num_kv_heads) for s, c, _ in bins if s]
 
-    async def _run_micro_batch(self, mb: MicroBatch):
+    async def _run_micro_batch(self, mb: MicroBatch, index: int):
         loop = asyncio.get_running_loop()
+        mb.index = index
         x, reqs = await loop.run_in_executor(self.dense, self._first, mb)
         last = self.cfg.num_layers - 1
+        tracer = self.tracer
         for layer in range(self.cfg.num_layers):
+            t0 = now() if tracer else 0.0
             results = await asyncio.gather(*(self.transport.attend(g.peer, r) for g, r in zip(mb.groups, reqs)))
+            if tracer:
+                tracer.add("compute", f"micro-batch {index}", f"attention L{layer}", t0, now(),
+                           {"tokens": mb.num_tokens, "requests": len(reqs)})
             if layer < last:
                 x, reqs = await loop.run_in_executor(self.dense, self._next, mb, layer, x, results)
         return await loop.run_in_executor(self.dense, self._last, mb, last, x, results)
 
     # -- dense work (on the executor thread) ------------------------------------
+    @contextlib.contextmanager
+    def _dense_span(self, mb: MicroBatch, name: str):
+        if self.tracer is None:
+            yield
+            return
+        with self.tracer.span("compute", f"micro-batch {mb.index}", name, {"tokens": mb.num_tokens}):
+            yield
+
     def _first(self, mb: MicroBatch):
-        with torch.inference_mode():
+        with torch.inference_mode(), self._dense_span(mb, "dense embed+L0"):
             x = self.model.embed(mb.tokens)
             q, k, v = self.model.pre(0, x, mb.positions)
-            return x, build_requests(self.owner, 0, mb, q, k, v, self.group_size)
+            return x, build_requests(self.owner, 0, mb, q, k, v, self.group_size, self.tracer is not None)
 
     def _post(self, mb: MicroBatch, layer: int, x, results):
         attn = merge_results(mb, results, self.cfg.num_heads, self.cfg.head_dim, self.group_size)
         return self.model.post(layer, x, attn.to(x.dtype))
 
     def _next(self, mb: MicroBatch, layer: int, x, results):
-        with torch.inference_mode():
+        with torch.inference_mode(), self._dense_span(mb, f"dense L{layer}/L{layer + 1}"):
             x = self._post(mb, layer, x, results)
             q, k, v = self.model.pre(layer + 1, x, mb.positions)
-            return x, build_requests(self.owner, layer + 1, mb, q, k, v, self.group_size)
+            return x, build_requests(self.owner, layer + 1, mb, q, k, v, self.group_size, self.tracer is not None)
 
     def _last(self, mb: MicroBatch, layer: int, x, results):
-        with torch.inference_mode():
+        with torch.inference_mode(), self._dense_span(mb, f"dense L{layer}+logits"):
             x = self._post(mb, layer, x, results)
             if not mb.sample_seqs:
                 return [], []

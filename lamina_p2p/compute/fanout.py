@@ -41,6 +41,7 @@ class MicroBatch:
     overlapping: bool  # some (row, head) is covered by more than one group: needs the LSE merge
     sample_rows: torch.Tensor  # rows whose logits are sampled (the chunk ends its pending tokens)
     sample_seqs: list[Sequence]
+    index: int = 0  # position in the step, for traces
 
     @property
     def num_tokens(self) -> int:
@@ -118,7 +119,7 @@ def to_wire(t: torch.Tensor) -> np.ndarray:
 
 
 def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   group_size: int) -> list[AttendRequest]:
+                   group_size: int, trace: bool = False) -> list[AttendRequest]:
     """Cut one layer's q [T,Hq,D], k/v [T,Hkv,D] into the micro-batch's per-group requests."""
     reqs = []
     for g in mb.groups:
@@ -132,7 +133,7 @@ def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: t
         else:
             kg = vg = k[:0, g.h0 : g.h1]
         reqs.append(AttendRequest(owner, layer, g.seq_ids, g.ctx, g.n_q, g.n_kv, g.h0, g.h1,
-                                  to_wire(qg), to_wire(kg), to_wire(vg)))
+                                  to_wire(qg), to_wire(kg), to_wire(vg), trace))
     return reqs
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from lamina_p2p.compute.engine import Engine
 from lamina_p2p.compute.sequence import SamplingParams
 from lamina_p2p.runtime import run_async, set_threads
+from lamina_p2p.trace import Tracer
 
 
 @dataclass
@@ -85,7 +86,12 @@ async def _generate(opts: GenerateOptions, model, prompts, params):
         stack.callback(engine.close)
         if hasattr(transport, "wait_for_peers"):
             await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
-        return await engine.generate(prompts, params)
+        if opts.trace:
+            engine.tracer = transport.tracer = Tracer()
+        result = await engine.generate(prompts, params)
+        if opts.trace:
+            engine.tracer.write(opts.trace)
+        return result
 
 
 @contextlib.asynccontextmanager

@@ -11,6 +11,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
+from lamina_p2p.trace import now
 
 LOCAL_PEER = "local"
 
@@ -20,6 +21,7 @@ class LocalTransport:
         self.service = AttentionService(kv_bytes, block_size)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="attention")
         self.owner = None
+        self.tracer = None
 
     def bind(self, owner: str, geometry: dict) -> None:
         self.owner, self.geometry = owner, geometry
@@ -30,7 +32,20 @@ class LocalTransport:
 
     async def attend(self, peer: str, req: AttendRequest):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.service.attend, req)
+        if not (req.trace and self.tracer):
+            return await loop.run_in_executor(self.executor, self.service.attend, req)
+        queued = now()
+
+        def timed():
+            t0 = now()
+            try:
+                return self.service.attend(req)
+            finally:
+                self.tracer.add("attention (in process)", "queue", f"L{req.layer}", queued, t0)
+                self.tracer.add("attention (in process)", "kernel", f"L{req.layer}", t0, now(),
+                                {"tokens": int(req.n_q.sum())})
+
+        return await loop.run_in_executor(self.executor, timed)
 
     async def free(self, peer: str, seq_ids: list[int]) -> None:
         self.service.free(self.owner, seq_ids)

@@ -50,6 +50,7 @@ class ClusterTransport:
         self.owner_id = membership.me.id
         self.owner: str | None = None
         self.expected_peers = 1
+        self.tracer = None
         self.geometry: dict | None = None
         self._clients: dict[str, RpcClient] = {}
         self._registered: dict[str, asyncio.Task] = {}
@@ -123,12 +124,19 @@ class ClusterTransport:
             raise AttentionPeerError(peer, "not connected")
         meta = np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
         fields = {"owner": req.owner, "layer": req.layer, "h0": req.h0, "h1": req.h1}
+        tracing = req.trace and self.tracer is not None
+        if tracing:
+            fields["trace"] = True
         try:
             msg = await client.call("attend", fields, [meta, req.q, req.k, req.v], timeout=self.request_timeout)
         except RpcError as e:
             raise AttentionPeerError(peer, str(e)) from None
         if len(msg.tensors) != 2:
             raise AttentionPeerError(peer, f"attend reply has {len(msg.tensors)} tensors, expected 2")
+        if tracing and all(isinstance(msg.fields.get(k), float) for k in ("tq", "tk0", "tk1")):
+            f, row = msg.fields, f"attention {peer[:8]}"
+            self.tracer.add(row, "queue", f"L{req.layer}", f["tq"], f["tk0"])
+            self.tracer.add(row, "kernel", f"L{req.layer}", f["tk0"], f["tk1"], {"tokens": int(req.n_q.sum())})
         return msg.tensors[0], msg.tensors[1]
 
     async def free(self, peer: str, seq_ids: list[int]) -> None:
