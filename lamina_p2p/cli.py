@@ -8,6 +8,7 @@ import sys
 import click
 
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
+from lamina_p2p.security_command import insecure_listen_option, load_cli_security, security_options
 
 
 def _fail(message: str) -> None:
@@ -74,9 +75,10 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None, help="Write a Chrome trace JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@security_options
 def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, temperature, top_k, top_p, seed,
              ignore_eos, batch, attention_peers, join, placement, shard_tokens, micro_batches, dtype, kv_memory,
-             threads, attention_threads, trace, as_json):
+             threads, attention_threads, trace, as_json, secret, peer_key, allow_dir):
     """Generate from prompts, in process or on a cluster."""
     from lamina_p2p.compute.generate import GenerateOptions, run_generate
 
@@ -93,7 +95,8 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
         random_prompt_len=random_prompt_len, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, ignore_eos=ignore_eos, batch=batch, attention_peers=attention_peers,
         join=list(join), placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, dtype=dtype,
-        kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, trace=trace)
+        kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, trace=trace,
+        security=load_cli_security(secret, peer_key, allow_dir))
     try:
         result = run_generate(opts)
     except (ValueError, ConfigError) as e:
@@ -131,9 +134,11 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @click.option("--discover", is_flag=True, help="Find peers of this cluster on the LAN with a UDP beacon.")
 @click.option("--discover-port", type=click.IntRange(1, 65535), default=47474, show_default=True)
 @click.option("--discover-broadcast", default="255.255.255.255", show_default=True)
+@security_options
+@insecure_listen_option
 def start(role, listen, join, cluster, kv_memory, device, threads, block_size, heartbeat, dead_after, model_dir,
           dtype, placement, shard_tokens, micro_batches, http, max_batch, advertise, discover, discover_port,
-          discover_broadcast):
+          discover_broadcast, secret, peer_key, allow_dir, insecure_listen):
     """Run one peer until SIGTERM or Ctrl-C."""
     from lamina_p2p.node import run_attention, run_compute
     from lamina_p2p.runtime import run_async
@@ -147,6 +152,13 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
         kv_bytes = parse_bytes(kv_memory)
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
+    security = load_cli_security(secret, peer_key, allow_dir)
+    from lamina_p2p.net.security import SecurityError, check_listen
+
+    try:
+        check_listen(listen, security, insecure_listen)
+    except SecurityError as e:
+        raise click.BadParameter(str(e), param_hint="'--listen'") from None
     if role == "attention":
         from lamina_p2p.attention.peer import AttentionPeerConfig
 
@@ -154,7 +166,8 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
                                   cluster=cluster, block_size=block_size, heartbeat_interval=heartbeat,
                                   suspect_after=dead_after / 2, dead_after=dead_after, advertise=advertise,
                                   discover=discover, discover_port=discover_port,
-                                  discover_broadcast=discover_broadcast)
+                                  discover_broadcast=discover_broadcast, security=security,
+                                  insecure_listen=insecure_listen)
         try:
             run_async(run_attention(cfg))
         except ValueError as e:
@@ -170,7 +183,8 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
                           placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, http=http,
                           threads=threads, heartbeat=heartbeat, dead_after=dead_after, max_batch=max_batch,
                           advertise=advertise, discover=discover, discover_port=discover_port,
-                          discover_broadcast=discover_broadcast)
+                          discover_broadcast=discover_broadcast, security=security,
+                          insecure_listen=insecure_listen)
     run_async(run_compute(opts))
 
 
@@ -178,18 +192,22 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
 @click.option("--join", required=True, help="Any peer's address.")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1))
 @click.option("--json", "as_json", is_flag=True)
-def status(join, timeout, as_json):
+@security_options
+def status(join, timeout, as_json, secret, peer_key, allow_dir):
     """Show the cluster as a peer sees it."""
     from lamina_p2p.cluster import format_table, query_status
     from lamina_p2p.runtime import run_async
 
     try:
         check_address(join)
-        table = run_async(query_status(join, timeout))
+        table = run_async(query_status(join, timeout, load_cli_security(secret, peer_key, allow_dir)))
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
+    except click.BadParameter:
+        raise
     except Exception as e:  # unreachable peer, timeout
-        _fail(f"cannot get status from {join}: {e}")
+        hint = "" if secret else " (a cluster started with --secret answers only clients with the key)"
+        _fail(f"cannot get status from {join}: {e}{hint}")
     click.echo(json.dumps(table, indent=2) if as_json else format_table(table))
 
 
@@ -223,6 +241,9 @@ def _add_subsystem_commands() -> None:
     from lamina_p2p.plan.command import plan_command
 
     main.add_command(plan_command)
+    from lamina_p2p.security_command import keygen_command
+
+    main.add_command(keygen_command)
 
 
 _add_subsystem_commands()

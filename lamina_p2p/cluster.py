@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -11,14 +12,19 @@ from lamina_p2p.config import ClusterSpec, PeerSpec
 from lamina_p2p.launch import LaunchError, PeerProcess, start_peer, stop_all
 
 
-async def query_status(address: str, timeout: float) -> dict:
+async def query_status(address: str, timeout: float, security=None) -> dict:
     import zmq.asyncio
 
     from lamina_p2p.net.membership import fetch_status
 
+    if security is None and os.environ.get("LAMINA_SECRET"):
+        # `cluster up` hands its peers $LAMINA_SECRET through the environment: ask them with it too.
+        from lamina_p2p.net.security import load_security
+
+        security = load_security(os.environ["LAMINA_SECRET"])
     ctx = zmq.asyncio.Context()
     try:
-        return await fetch_status(ctx, address, timeout)
+        return await fetch_status(ctx, address, timeout, security)
     finally:
         ctx.destroy(linger=0)
 

@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from lamina_p2p.attention import limits
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
@@ -52,10 +53,15 @@ class AttentionPeerConfig:
     discover: bool = False  # UDP beacon on the LAN
     discover_port: int = 47474
     discover_broadcast: str = "255.255.255.255"
+    security: object = None  # net.security.Security: CURVE on every connection; None = plain text
+    insecure_listen: bool = False  # plain text beyond loopback only when this is set
 
 
 class AttentionPeer:
     def __init__(self, config: AttentionPeerConfig):
+        from lamina_p2p.net.security import check_listen
+
+        check_listen(config.listen, config.security, config.insecure_listen)
         self.config = config
         if config.device == "cuda":
             _check_cuda()
@@ -89,7 +95,7 @@ class AttentionPeer:
         set_threads(numba_threads=self.config.threads)
         await loop.run_in_executor(self.worker, self._warm)
         ctx = zmq.asyncio.Context()
-        server = RpcServer(ctx, self.config.listen)
+        server = RpcServer(ctx, self.config.listen, security=self.config.security)
         for op, handler in (("register", self._register), ("attend", self._attend), ("free", self._free),
                             ("drop", self._drop), ("stats", self._stats)):
             server.register(op, handler)
@@ -101,7 +107,8 @@ class AttentionPeer:
                       cluster=self.config.cluster, heartbeat=0, ready=True)
         self.membership = Membership(server, ctx, me, list(self.config.join),
                                      heartbeat_interval=self.config.heartbeat_interval,
-                                     suspect_after=self.config.suspect_after, dead_after=self.config.dead_after)
+                                     suspect_after=self.config.suspect_after, dead_after=self.config.dead_after,
+                                     security=self.config.security)
         await self.membership.start()
         beacon = None
         if self.config.discover:
@@ -152,6 +159,7 @@ class AttentionPeer:
         missing = [k for k in ("owner", *keys) if k not in f]
         if missing:
             raise ValueError(f"register: missing fields {missing}")
+        limits.check_register(f, self.service)
         info = await self._in_worker(lambda: self.service.register(str(f["owner"]), **{k: f[k] for k in keys}))
         return info, []
 
@@ -162,6 +170,7 @@ class AttentionPeer:
         meta, q, k, v = msg.tensors
         if meta.dtype != np.int64 or meta.ndim != 2 or meta.shape[1] != 4:
             raise ValueError("attend: meta must be int64 [n, 4]")
+        limits.check_attend(meta, self.service)
         q, k, v = (a if a.flags.aligned else a.copy() for a in (q, k, v))
         req = AttendRequest(str(f.get("owner")), _int(f, "layer"), meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3],
                             _int(f, "h0"), _int(f, "h1"), q, k, v)
@@ -186,6 +195,7 @@ class AttentionPeer:
 
     async def _free(self, msg: Message):
         ids = msg.fields.get("seq_ids", [])
+        limits.check_free(ids)
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise ValueError("free: seq_ids must be a list of ints")
         freed = await self._in_worker(self.service.free, str(msg.fields.get("owner")), ids)

@@ -37,6 +37,7 @@ class GenerateOptions:
     attention_threads: int | None = None
     trace: str | None = None
     cluster: str = "lamina"
+    security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection
 
 
 def build_prompts(opts: GenerateOptions, tokenizer, vocab_size: int) -> list[list[int]]:

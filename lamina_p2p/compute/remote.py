@@ -78,7 +78,7 @@ class ClusterTransport:
     def _ensure_registered(self, peer: PeerInfo) -> None:
         if peer.id in self._registered:
             return
-        self._clients.setdefault(peer.id, RpcClient(self.ctx, peer.address))
+        self._clients.setdefault(peer.id, RpcClient(self.ctx, peer.address, security=self.membership.security))
         self._registered[peer.id] = asyncio.ensure_future(self._register(peer))
 
     async def _register(self, peer: PeerInfo) -> None:
@@ -163,17 +163,20 @@ class ClusterTransport:
 async def join_cluster(seeds: list[str], listen: str = "tcp://127.0.0.1:0", cluster: str = "lamina",
                        peer_id: str | None = None, heartbeat_interval: float = 0.5, dead_after: float = 5.0,
                        advertise: str | None = None, discover: bool = False, discover_port: int = 47474,
-                       discover_broadcast: str = "255.255.255.255"):
+                       discover_broadcast: str = "255.255.255.255", security=None, insecure_listen: bool = False):
     """Join as a compute peer; yields the ClusterTransport."""
     ctx = zmq.asyncio.Context()
-    server = RpcServer(ctx, listen)
+    from lamina_p2p.net.security import check_listen
+
+    check_listen(listen, security, insecure_listen)
+    server = RpcServer(ctx, listen, security=security)
     await server.start()
     address = advertise_address(server.bound_address, advertise, list(seeds))
     me = PeerInfo(id=peer_id or os.urandom(8).hex(), role="compute", address=address, device="cpu",
                   kv_total_bytes=0, kv_free_bytes=0, load=0.0, version=PROTOCOL_VERSION, cluster=cluster,
                   heartbeat=0, ready=True)
     membership = Membership(server, ctx, me, list(seeds), heartbeat_interval=heartbeat_interval,
-                            suspect_after=min(2.0, dead_after / 2), dead_after=dead_after)
+                            suspect_after=min(2.0, dead_after / 2), dead_after=dead_after, security=security)
     transport = ClusterTransport(ctx, server, membership)
     await membership.start()
     beacon = None
@@ -198,15 +201,17 @@ async def open_cluster_transport(opts):
 
     peers = []
     loop = asyncio.get_running_loop()
+    security = getattr(opts, "security", None)  # net.security.Security from --secret
     try:
         if opts.join:
             seeds, expect = list(opts.join), 1
         else:
             kv = f"{opts.kv_bytes}"
             peers = await loop.run_in_executor(None, lambda: start_attention_peers(
-                opts.attention_peers, kv, opts.attention_threads, opts.cluster))
+                opts.attention_peers, kv, opts.attention_threads, opts.cluster,
+                extra=security.cli_args() if security is not None else None))
             seeds, expect = [peers[0].address], len(peers)
-        async with join_cluster(seeds, cluster=opts.cluster) as transport:
+        async with join_cluster(seeds, cluster=opts.cluster, security=security) as transport:
             # The engine binds (registers) right after this; wait for membership to show the peers first.
             await transport.membership.wait_for(
                 lambda m: len(m.peers(role="attention")) >= expect, timeout=60.0)

@@ -31,6 +31,7 @@ ROLES = ("compute", "attention")
 ALIVE, SUSPECT, DEAD = "alive", "suspect", "dead"
 JOINED, DIED = "joined", "died"
 REFUSED_RETRY = 30.0  # seconds before gossiping again to a seed of another cluster
+MAX_PEERS = 4096  # entries a table holds: gossip cannot grow it past this
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Membership:
         suspect_after: float = 2.0,
         dead_after: float = 5.0,
         fanout: int = 3,
+        security: Any = None,
     ):
         if not heartbeat_interval < suspect_after < dead_after:
             raise ValueError("need heartbeat_interval < suspect_after < dead_after")
@@ -103,6 +105,8 @@ class Membership:
         # A gossip call may wait this long; a peer slower than that is as good as silent.
         self._call_timeout = max(4 * heartbeat_interval, 1.0)
         self._ctx = ctx
+        self._server = server
+        self._security = security  # CURVE keys for the gossip clients (net.security.Security)
         me.version, me.state, me.last_seen = PROTOCOL_VERSION, ALIVE, time.monotonic()
         self._table: dict[str, PeerInfo] = {me.id: me}
         self._clients: dict[str, RpcClient] = {}
@@ -118,6 +122,11 @@ class Membership:
         server.register("status", self._on_status)
 
     # --- public view ---
+
+    @property
+    def security(self) -> Any:
+        """The CURVE settings this peer's clients use (None: plain text): others dial with them too."""
+        return self._security
 
     def peers(self, role: str | None = None, alive: bool = True) -> list[PeerInfo]:
         """Copies of the table's entries (self included); alive=True keeps state "alive" only."""
@@ -217,7 +226,8 @@ class Membership:
         now = time.monotonic()
         peers = [{**p.to_wire(), "state": p.state, "age": round(now - p.last_seen, 3)}
                  for p in self._table.values()]
-        return {"id": self.me.id, "cluster": self.me.cluster, "peers": peers}, []
+        return {"id": self.me.id, "cluster": self.me.cluster, "peers": peers,
+                "handshake_failures": getattr(self._server, "handshake_failures", 0)}, []
 
     def _merge(self, entries: Any) -> None:
         if not isinstance(entries, list):
@@ -235,6 +245,11 @@ class Membership:
             known = self._table.get(p.id)
             if known is not None and p.heartbeat <= known.heartbeat:
                 continue  # old news
+            if known is None and len(self._table) >= MAX_PEERS:
+                if "full" not in self._warned:
+                    self._warned.add("full")
+                    log.warning("peer table full (%d entries): ignoring new peers", MAX_PEERS)
+                continue
             changed = True
             p.last_seen = now
             p.state = ALIVE
@@ -323,7 +338,7 @@ class Membership:
     def _client(self, address: str) -> RpcClient:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = RpcClient(self._ctx, address)
+            client = self._clients[address] = RpcClient(self._ctx, address, security=self._security)
         return client
 
     def _emit(self, event: str, p: PeerInfo) -> None:
@@ -338,9 +353,9 @@ class Membership:
         ev.set()
 
 
-async def fetch_status(ctx: zmq.asyncio.Context, address: str, timeout: float = 5.0) -> dict:
+async def fetch_status(ctx: zmq.asyncio.Context, address: str, timeout: float = 5.0, security: Any = None) -> dict:
     """The cluster as the peer at `address` sees it: {"id", "cluster", "peers": [...]}."""
-    client = RpcClient(ctx, address)
+    client = RpcClient(ctx, address, security=security)
     try:
         return (await client.call("status", timeout=timeout)).fields
     finally:

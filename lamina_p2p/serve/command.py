@@ -7,6 +7,7 @@ import os
 import click
 
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
+from lamina_p2p.security_command import load_cli_security, security_options
 
 
 @click.command("serve")
@@ -32,8 +33,10 @@ from lamina_p2p.config import ConfigError, check_address, parse_bytes
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads of the compute side.")
 @click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
 @click.option("--cluster", default="lamina", show_default=True)
+@security_options
 def serve_command(model_dir, attention_peers, join, http, placement, shard_tokens, micro_batches, kv_memory,
-                  max_batch, reserve, api_key, served_model_name, dtype, threads, attention_threads, cluster):
+                  max_batch, reserve, api_key, served_model_name, dtype, threads, attention_threads, cluster,
+                  secret, peer_key, allow_dir):
     """Serve a model over HTTP (OpenAI API), starting attention peers locally or joining a cluster."""
     from lamina_p2p.node import run_compute
     from lamina_p2p.runtime import run_async
@@ -52,5 +55,6 @@ def serve_command(model_dir, attention_peers, join, http, placement, shard_token
                           shard_tokens=shard_tokens, micro_batches=micro_batches, http=http, threads=threads,
                           max_batch=max_batch, attention_peers=attention_peers, kv_bytes=kv_bytes,
                           attention_threads=attention_threads, api_key=api_key or None,
-                          model_name=served_model_name, reserve=reserve, announce_http=True)
+                          model_name=served_model_name, reserve=reserve, announce_http=True,
+                          security=load_cli_security(secret, peer_key, allow_dir))
     run_async(run_compute(opts))

@@ -47,6 +47,8 @@ class ComputeOptions:
     discover: bool = False
     discover_port: int = 47474
     discover_broadcast: str = "255.255.255.255"
+    security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection
+    insecure_listen: bool = False
 
 
 def parse_http(http: str) -> tuple[str, int]:
@@ -65,7 +67,8 @@ async def open_compute_transport(opts: ComputeOptions):
         async with join_cluster(opts.join, listen=opts.listen, cluster=opts.cluster,
                                 heartbeat_interval=opts.heartbeat, dead_after=opts.dead_after,
                                 advertise=opts.advertise, discover=opts.discover, discover_port=opts.discover_port,
-                                discover_broadcast=opts.discover_broadcast) as transport:
+                                discover_broadcast=opts.discover_broadcast, security=opts.security,
+                                insecure_listen=opts.insecure_listen) as transport:
             await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60.0)
             yield transport
         return
