@@ -62,7 +62,10 @@ class TransformersBackend:
         import transformers
         from transformers import AutoModelForCausalLM
 
+        import warnings
+
         transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         self.ids = None
@@ -108,8 +111,10 @@ class TransformersBackend:
 class LaminaBackend:
     """One lamina engine (in-process attention or a fresh local cluster), driven step by step."""
 
-    def __init__(self, model, model_dir: str, peers: int, args, name: str):
+    def __init__(self, model, model_dir: str, peers: int, args, name: str, join: list[str] | None = None,
+                 cluster: str | None = None):
         self.model, self.model_dir, self.peers, self.args, self.name = model, model_dir, peers, args, name
+        self.join, self.cluster = list(join or []), cluster or f"bench-{name}"
         self.stack = contextlib.AsyncExitStack()
         self.engine = None
         self.seqs = []
@@ -119,7 +124,7 @@ class LaminaBackend:
         from lamina_p2p.compute.generate import GenerateOptions, open_transport
 
         opts = GenerateOptions(model_dir=self.model_dir, attention_peers=self.peers, kv_bytes=kv_bytes,
-                               attention_threads=self.args.attention_threads, cluster=f"bench-{self.name}",
+                               join=self.join, attention_threads=self.args.attention_threads, cluster=self.cluster,
                                placement=self.args.placement)
         transport = await self.stack.enter_async_context(open_transport(opts))
         self.engine = Engine(self.model, transport, placement=self.args.placement, micro_batches=1)

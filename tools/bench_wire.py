@@ -7,13 +7,14 @@ Throughput is payload bytes echoed per second (one direction) with `depth` calls
 round trips/s is for a 64-byte tensor with one call in flight. Ratios are what to read: both run
 in the same process, on the same machine, in the same run.
 
-    python tools/bench_wire.py [--json out.json] [--quick]
+    python tools/bench_wire.py [--json [out.json]] [--quick]    (bare --json: the JSON on stdout, table on stderr)
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import sys
 import time
 
 import numpy as np
@@ -112,34 +113,46 @@ async def main(args) -> dict:
             row[f"{name}_GBps"] = size * n / dt / 1e9
         row["ratio"] = row["lamina_GBps"] / row["raw_GBps"]
         rows.append(row)
-    small = np.zeros(16, np.float32)  # 64 B
     n_small = 500 if args.quick else 3000
-    rtt = {"bytes": small.nbytes, "n": n_small, "depth": 1}
-    for name, fn in (("raw", bench_raw), ("lamina", bench_lamina)):
-        rtt[f"{name}_rtps"] = n_small / await fn(ctx, small, n_small, 1)
-    rtt["ratio"] = rtt["lamina_rtps"] / rtt["raw_rtps"]
+    rtts = []
+    for nbytes in (64, 4096):  # 64 B: pure per-message cost; 4 KiB: about one decode token's q/k/v
+        small = np.zeros(nbytes // 4, np.float32)
+        rtt = {"bytes": small.nbytes, "n": n_small, "depth": 1}
+        for name, fn in (("raw", bench_raw), ("lamina", bench_lamina)):
+            rtt[f"{name}_rtps"] = n_small / await fn(ctx, small, n_small, 1)
+        rtt["ratio"] = rtt["lamina_rtps"] / rtt["raw_rtps"]
+        rtts.append(rtt)
     ctx.destroy(0)
-    return {"throughput": rows, "round_trips": rtt}
+    return {"throughput": rows, "round_trips": rtts[0], "round_trips_by_size": rtts}
 
 
-def report(res: dict) -> None:
-    print(f"{'size':>10} {'raw GB/s':>10} {'lamina GB/s':>12} {'ratio':>7}")
+def report(res: dict, file=None) -> None:
+    print(f"{'size':>10} {'raw GB/s':>10} {'lamina GB/s':>12} {'ratio':>7}", file=file)
     for r in res["throughput"]:
-        print(f"{r['bytes'] >> 10:>8}Ki {r['raw_GBps']:>10.2f} {r['lamina_GBps']:>12.2f} {r['ratio']:>7.2f}")
-    r = res["round_trips"]
-    print(f"\n64 B round trips/s, 1 in flight: raw {r['raw_rtps']:.0f}  lamina {r['lamina_rtps']:.0f}"
-          f"  ratio {r['ratio']:.2f}")
+        print(f"{r['bytes'] >> 10:>8}Ki {r['raw_GBps']:>10.2f} {r['lamina_GBps']:>12.2f} {r['ratio']:>7.2f}",
+              file=file)
+    for r in res["round_trips_by_size"]:
+        print(f"{r['bytes']:>6} B round trips/s, 1 in flight: raw {r['raw_rtps']:.0f}  lamina "
+              f"{r['lamina_rtps']:.0f}  ratio {r['ratio']:.2f}", file=file)
+    mib = [r for r in res["throughput"] if r["bytes"] == 1 << 20]
+    if mib:
+        v = mib[0]["ratio"]
+        print(f"target: lamina >= 0.8x raw pyzmq bytes/s at 1 MiB: {v:.2f} [{'met' if v >= 0.8 else 'MISSED'}]",
+              file=file)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--json", nargs="?", const="-", default=None,
+                    help="write results to this file (no file: print the JSON object on stdout)")
     ap.add_argument("--depth", type=int, default=4, help="calls in flight for the throughput rows")
     ap.add_argument("--quick", action="store_true", help="small sizes and counts (smoke test)")
     args = ap.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         res = runner.run(main(args))
-    report(res)
-    if args.json:
+    report(res, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        print(json.dumps(res, indent=2))
+    elif args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -1,0 +1,111 @@
+"""Smoke tests of the benchmark tools: each runs in its quickest mode on the tiny preset and
+prints the JSON shape the issue asks for. No timing is asserted here except one behaviour of the
+relay: it holds every chunk for at least the configured delay (a lower bound)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+sys.path.insert(0, str(TOOLS))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    from lamina_p2p.model.presets import write_preset
+
+    d = tmp_path_factory.mktemp("tools") / "tiny"
+    write_preset("tiny", d)
+    return str(d)
+
+
+def run_tool(*args: str, timeout: float = 120) -> dict:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_bench_e2e_json_shape(tiny, tmp_path):
+    res = run_tool(str(TOOLS / "bench_e2e.py"), "--model", tiny, "--contexts", "16", "--batch", "2",
+                   "--steps", "1", "--rounds", "1", "--warmup", "1", "--stream-bytes", str(16 << 20),
+                   "--systems", "transformers", "single", "cluster1_mb1", "cluster1_mb2", "cluster1_mb3",
+                   "cluster2_mb2", "--json", "--plot", str(tmp_path))
+    assert res["stream_read_gbps"] > 0
+    systems = {"transformers", "single", "cluster1_mb1", "cluster1_mb2", "cluster1_mb3", "cluster2_mb2"}
+    entry = res["contexts"]["16"]
+    assert set(entry["tokens_per_s"]) == systems
+    assert set(entry["roofline_fraction"]) == systems
+    assert all(v > 0 for v in entry["tokens_per_s"].values())
+    assert all(0 < v for v in entry["roofline_fraction"].values())
+    assert (tmp_path / "e2e_tokens_vs_context.png").stat().st_size > 0
+    assert (tmp_path / "e2e_tokens_vs_microbatches.png").stat().st_size > 0
+
+
+def test_bench_wire_json_shape():
+    res = run_tool(str(TOOLS / "bench_wire.py"), "--quick", "--json")
+    sizes = [r["bytes"] for r in res["throughput"]]
+    assert sizes[0] == 64 << 10 and 1 << 20 in sizes
+    for r in res["throughput"]:
+        assert r["raw_GBps"] > 0 and r["lamina_GBps"] > 0 and r["ratio"] > 0
+    assert res["round_trips"]["raw_rtps"] > 0 and res["round_trips"]["lamina_rtps"] > 0
+
+
+def test_netem_json_shape(tiny, tmp_path):
+    res = run_tool(str(TOOLS / "netem.py"), "--model", tiny, "--context", "16", "--batch", "2", "--steps", "1",
+                   "--rounds", "1", "--delays-ms", "0", "1", "--micro-batches", "1", "2", "--json",
+                   "--plot", str(tmp_path))
+    assert set(res["tokens_per_s"]) == {"0.0ms_mb1", "0.0ms_mb2", "1.0ms_mb1", "1.0ms_mb2"}
+    assert res["vs_zero_delay"]["0.0ms_mb1"] == pytest.approx(1.0)
+    assert [r["delay_ms"] for r in res["relay_check"]["rows"]] == [0.0, 1.0]
+    assert (tmp_path / "netem_tokens_vs_delay.png").stat().st_size > 0
+
+
+def _echo() -> tuple[socket.socket, int]:
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        try:
+            c, _ = srv.accept()
+        except OSError:
+            return
+        with c:
+            while data := c.recv(65536):
+                c.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def test_relay_holds_each_round_trip_for_at_least_twice_the_delay():
+    from relay import Relay
+
+    delay = 0.005
+    srv, port = _echo()
+    relay = Relay(("127.0.0.1", port), delay_s=delay, rate_bps=1e9)
+    try:
+        s = socket.create_connection(("127.0.0.1", relay.port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        payload = bytes(range(256)) * 1024  # 256 KiB: several chunks, and the bytes must come back intact
+        for _ in range(3):
+            t0 = time.perf_counter()
+            s.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += s.recv(1 << 20)
+            rtt = time.perf_counter() - t0
+            assert got == payload
+            # Each direction holds every chunk for the delay and paces it at 1 Gbit/s: a lower bound.
+            assert rtt >= 2 * delay + len(payload) * 8 / 1e9
+        s.close()
+    finally:
+        relay.close()
+        srv.close()
