@@ -21,7 +21,7 @@ Method (DESIGN.md s10: every figure is a ratio measured in one run):
     per token at the mean context of the round) / STREAM read bandwidth measured in the
     same run (tools/bench_kernels.stream_read_gbps).
 Prefill on 2 cores is slow (16 x 2048 tokens is about a minute per backend, 16 x 8192
-several minutes): --quick runs context 512 only.
+several minutes; 8192 is most of a full run): --quick runs context 256 only.
 """
 
 from __future__ import annotations
@@ -294,6 +294,7 @@ async def main_async(args, log) -> dict:
     systems = [s for s in args.systems]
     out = {"stream_read_gbps": stream, "model": model_dir, "batch": args.batch, "dtype": args.dtype,
            "threads": args.threads, "attention_threads": args.attention_threads, "placement": args.placement,
+           "omp_wait_policy": args.omp_wait_policy,
            "steps_per_round": args.steps, "rounds": args.rounds, "weight_bytes_per_step": wbytes,
            "kv_bytes_per_context_token": kv_tok, "contexts": {}}
     for ctx_len in args.contexts:
@@ -311,7 +312,7 @@ def report(res: dict, file=sys.stdout) -> None:
     systems = list(next(iter(res["contexts"].values()))["tokens_per_s"]) if res["contexts"] else []
     print(f"STREAM read {res['stream_read_gbps']:.1f} GB/s (end of run {res['stream_read_gbps_end']:.1f}); "
           f"batch {res['batch']}, {res['dtype']}, compute threads {res['threads']}, attention threads "
-          f"{res['attention_threads']}", file=file)
+          f"{res['attention_threads']}, OMP_WAIT_POLICY {res.get('omp_wait_policy') or 'unset'}", file=file)
     print(f"{'context':>8} {'system':<14} {'tok/s':>8} {'roofline':>9} {'vs transformers':>16} {'vs single':>10}",
           file=file)
     for ctx, c in res["contexts"].items():
@@ -362,7 +363,7 @@ def plots(res: dict, out_dir: Path) -> list[Path]:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="context 512, fewer rounds (about 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="context 256, 3 rounds of 4 steps (a few minutes on a quiet machine)")
     ap.add_argument("--json", nargs="?", const="-", default=None,
                     help="print one JSON object (or write it to FILE); the table goes to stderr")
     ap.add_argument("--plot", help="directory for the PNG plots")
@@ -374,15 +375,18 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the compute side (and transformers)")
     ap.add_argument("--attention-threads", type=int, default=2, help="numba threads of each attention peer")
     ap.add_argument("--placement", default="request")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", ""],
+                    help="OMP_WAIT_POLICY for this process and the peers it starts ('' = leave as is)")
     ap.add_argument("--steps", type=int, default=None, help="decode steps per system per round")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=4, help="decode steps per backend before timing")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     ap.add_argument("--stream-bytes", type=int, default=None)
     args = ap.parse_args(argv)
+    benchlib.set_omp_wait_policy(args.omp_wait_policy)
     if args.contexts is None:
-        args.contexts = [512] if args.quick else [512, 2048, 8192]
-    args.steps = args.steps or (6 if args.quick else 10)
+        args.contexts = [256] if args.quick else [512, 2048, 8192]
+    args.steps = args.steps or (4 if args.quick else 10)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.stream_bytes = args.stream_bytes or ((256 << 20) if args.quick else (1 << 30))
     for s in REQUIRED:

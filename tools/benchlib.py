@@ -40,6 +40,15 @@ def stream_read_gbps(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return measure(nbytes, reps)
 
 
+def set_omp_wait_policy(policy: str | None) -> None:
+    """Before torch/numba load: OpenMP worker threads spin after each parallel region by default
+    (ACTIVE). On 2 shared cores the compute peer's spinning torch threads then steal the core an
+    attention peer's kernel needs, and the reverse. PASSIVE makes idle workers sleep. Peers started
+    from this process inherit the environment, so every system compared runs with the same policy."""
+    if policy:
+        os.environ["OMP_WAIT_POLICY"] = policy
+
+
 def emit_json(obj, dest: str | None) -> None:
     """--json: '-' (or a bare flag) prints to stdout, anything else is a file path."""
     text = json.dumps(obj, indent=2, sort_keys=False)
@@ -62,10 +71,10 @@ def plot_lines(path: Path, title: str, xlabel: str, ylabel: str, series: dict[st
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    xs_all = sorted({x for xs, _ in series.values() for x in xs})
     if logx:
         ax.set_xscale("log", base=2)
-        xs_all = sorted({x for xs, _ in series.values() for x in xs})
-        ax.set_xticks(xs_all, [str(x) for x in xs_all])
+    ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -127,6 +127,7 @@ async def run(args, log) -> dict:
     return {"model": model_dir, "batch": args.batch, "context": args.context, "dtype": args.dtype,
             "rate_gbit": args.rate_gbit, "delays_ms": args.delays_ms, "micro_batches": args.micro_batches,
             "threads": args.threads, "attention_threads": args.attention_threads,
+            "omp_wait_policy": args.omp_wait_policy,
             "tokens_per_s": tps, "vs_zero_delay": rel, "rounds_tokens_per_s": rates}
 
 
@@ -163,9 +164,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attention-threads", type=int, default=2)
     ap.add_argument("--placement", default="request")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", ""],
+                    help="OMP_WAIT_POLICY for this process and the peers it starts ('' = leave as is)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     args = ap.parse_args(argv)
+    benchlib.set_omp_wait_policy(args.omp_wait_policy)
     args.context = args.context or (128 if args.quick else 512)
     args.steps = args.steps or (3 if args.quick else 8)
     args.rounds = args.rounds or (2 if args.quick else 4)
