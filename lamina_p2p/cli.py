@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -68,6 +69,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--placement", type=click.Choice(["request", "head", "sequence"]), default="request", show_default=True)
 @click.option("--shard-tokens", type=click.IntRange(1), default=None, help="Sequence placement: tokens per shard.")
 @click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--kv-replicas", default=1, show_default=True, type=click.IntRange(1),
+              help="Copies of every KV shard on distinct attention peers.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Override the checkpoint's dtype.")
 @click.option("--kv-memory", default="2GiB", show_default=True, help="KV budget of each attention peer.")
@@ -77,7 +80,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @security_options
 def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, temperature, top_k, top_p, seed,
-             ignore_eos, batch, attention_peers, join, placement, shard_tokens, micro_batches, dtype, kv_memory,
+             ignore_eos, batch, attention_peers, join, placement, shard_tokens, micro_batches, kv_replicas, dtype,
+             kv_memory,
              threads, attention_threads, trace, as_json, secret, peer_key, allow_dir):
     """Generate from prompts, in process or on a cluster."""
     from lamina_p2p.compute.generate import GenerateOptions, run_generate
@@ -94,7 +98,8 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
         model_dir=model_dir, prompts=list(prompt), prompt_ids=[_parse_ids(p) for p in prompt_ids],
         random_prompt_len=random_prompt_len, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, ignore_eos=ignore_eos, batch=batch, attention_peers=attention_peers,
-        join=list(join), placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, dtype=dtype,
+        join=list(join), placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches,
+        kv_replicas=kv_replicas, dtype=dtype,
         kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, trace=trace,
         security=load_cli_security(secret, peer_key, allow_dir))
     try:
@@ -127,6 +132,10 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @click.option("--placement", type=click.Choice(["request", "head", "sequence"]), default="request", show_default=True)
 @click.option("--shard-tokens", type=click.IntRange(1), default=None)
 @click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--kv-replicas", default=1, show_default=True, type=click.IntRange(1),
+              help="Compute: copies of every KV shard on distinct attention peers (failover without recompute).")
+@click.option("--peer-wait-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="Compute: seconds requests wait for an attention peer when none is left.")
 @click.option("--http", default=None, help="Compute: serve the OpenAI-compatible API on HOST:PORT.")
 @click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--advertise", default=None, help="Address other peers dial (default: the bound one; a wildcard "
@@ -137,9 +146,13 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @security_options
 @insecure_listen_option
 def start(role, listen, join, cluster, kv_memory, device, threads, block_size, heartbeat, dead_after, model_dir,
-          dtype, placement, shard_tokens, micro_batches, http, max_batch, advertise, discover, discover_port,
+          dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, http, max_batch, advertise, discover, discover_port,
           discover_broadcast, secret, peer_key, allow_dir, insecure_listen):
     """Run one peer until SIGTERM or Ctrl-C."""
+    if role == "attention":
+        # Kernel calls are short and frequent, on cores shared with other work: OpenMP threads that
+        # spin between them starve everything else (10-30x slower calls measured under load).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lamina_p2p.node import run_attention, run_compute
     from lamina_p2p.runtime import run_async
 
@@ -181,6 +194,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
 
     opts = ComputeOptions(model_dir=model_dir, listen=listen, join=list(join), cluster=cluster, dtype=dtype,
                           placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, http=http,
+                          kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout,
                           threads=threads, heartbeat=heartbeat, dead_after=dead_after, max_batch=max_batch,
                           advertise=advertise, discover=discover, discover_port=discover_port,
                           discover_broadcast=discover_broadcast, security=security,

@@ -92,7 +92,8 @@ class AttentionPeer:
         loop = asyncio.get_running_loop()
         from lamina_p2p.runtime import set_threads
 
-        set_threads(numba_threads=self.config.threads)
+        # Numba's thread count is per calling thread: set it on the thread that runs the kernels.
+        await loop.run_in_executor(self.worker, lambda: set_threads(numba_threads=self.config.threads))
         await loop.run_in_executor(self.worker, self._warm)
         ctx = zmq.asyncio.Context()
         server = RpcServer(ctx, self.config.listen, security=self.config.security)

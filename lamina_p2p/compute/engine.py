@@ -14,22 +14,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from lamina_p2p.compute.errors import AttentionPeerError, NoPeers
 from lamina_p2p.compute.fanout import MicroBatch, build_requests, merge_results, plan_micro_batch
 from lamina_p2p.compute.placement import Placer
 from lamina_p2p.compute.sampling import sample
 from lamina_p2p.compute.sequence import SamplingParams, Sequence
 from lamina_p2p.trace import now
 
+log = logging.getLogger("lamina.compute")
+
 
 class Engine:
     def __init__(self, model, transport, *, placement: str = "request", micro_batches: int = 1,
-                 shard_tokens: int | None = None, max_step_tokens: int = 4096, owner: str | None = None):
+                 shard_tokens: int | None = None, max_step_tokens: int = 4096, owner: str | None = None,
+                 kv_replicas: int = 1, peer_wait_timeout: float = 60.0, max_recoveries: int = 16):
         if micro_batches < 1:
             raise ValueError("micro_batches must be >= 1")
         self.model = model
@@ -40,7 +45,11 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         self.group_size = self.cfg.num_heads // self.cfg.num_kv_heads
         self.placer = Placer(placement, self.cfg.num_kv_heads,
-                             shard_tokens or max(16, self.cfg.max_position_embeddings // 4))
+                             shard_tokens or max(16, self.cfg.max_position_embeddings // 4), replicas=kv_replicas)
+        self.peer_wait_timeout = peer_wait_timeout  # how long requests wait when no attention peer is left
+        self.max_recoveries = max_recoveries  # per step: failures in a row before the step gives up
+        self.recomputed = 0  # sequences whose KV was rebuilt after a peer failed
+        self.promoted = 0  # shards that failed over to a replica without recompute
         self.dense = ThreadPoolExecutor(1, thread_name_prefix="dense")
         self.storage = str(model.dtype).removeprefix("torch.")
         transport.bind(self.owner, self.geometry())
@@ -76,7 +85,62 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------
     async def step(self, running: list[Sequence]) -> list[Sequence]:
-        """Advance every running sequence by one chunk; returns those that finished."""
+        """Advance every running sequence by one chunk; returns those that finished.
+
+        When an attention peer fails, its sequences are re-placed on the peers left and
+        their KV rebuilt (or served by a replica), and the step runs again: a retried step
+        appends the same K/V at the same positions, so the others are unaffected. KV full
+        is not a failure: it goes to the caller (the scheduler preempts).
+        """
+        for attempt in itertools.count():
+            try:
+                await self._wait_for_peers()
+                return await self._step_once(running)
+            except AttentionPeerError as e:
+                if e.kv_full or attempt >= self.max_recoveries:
+                    raise
+                log.warning("step failed on %s (%s): recovering", e.peer, e.kind)
+                await self.recover(running, e)
+
+    async def _wait_for_peers(self) -> None:
+        if self.transport.peers():
+            return
+        wait = getattr(self.transport, "wait_for_peers", None)
+        if wait is None:
+            raise NoPeers("no attention peer is available")
+        try:
+            await wait(1, self.peer_wait_timeout)
+        except TimeoutError:
+            raise NoPeers(f"no attention peer joined within {self.peer_wait_timeout:g} s") from None
+
+    async def recover(self, running: list[Sequence], err: AttentionPeerError) -> None:
+        """Take the failed peer out of use; fail its shards over to replicas, or recompute."""
+        gone = err.peer
+        if err.kind == "failed" and hasattr(self.transport, "mark_failed"):
+            self.transport.mark_failed(gone)
+        live = set(self.transport.peers()) - {gone}
+        rebuild = []
+        for seq in running:
+            for shard in seq.shards:
+                if gone in shard.replicas:
+                    shard.replicas.remove(gone)
+            hit = [sh for sh in seq.shards if sh.peer == gone]
+            if not hit:
+                continue
+            if err.kind == "failed" and all(any(r in live for r in sh.replicas) for sh in hit):
+                for sh in hit:
+                    sh.peer = next(r for r in sh.replicas if r in live)
+                    sh.replicas.remove(sh.peer)
+                    self.promoted += 1
+            else:
+                rebuild.append(seq)
+        if rebuild:
+            await self.release(rebuild)
+            for seq in rebuild:
+                seq.cached = 0  # prefill prompt + output again; the tokens are kept, so output continues unchanged
+            self.recomputed += len(rebuild)
+
+    async def _step_once(self, running: list[Sequence]) -> list[Sequence]:
         self.placer.set_peers(self.transport.peers())
         chosen, counts, budget = [], [], self.max_step_tokens
         # Decode tokens first (they are cheap and latency-bound), then prefill chunks.
@@ -144,13 +208,37 @@ class Engine:
         tracer = self.tracer
         for layer in range(self.cfg.num_layers):
             t0 = now() if tracer else 0.0
-            results = await asyncio.gather(*(self.transport.attend(g.peer, r) for g, r in zip(mb.groups, reqs)))
+            results = await self._attend_all(mb, reqs)
             if tracer:
                 tracer.add("compute", f"micro-batch {index}", f"attention L{layer}", t0, now(),
                            {"tokens": mb.num_tokens, "requests": len(reqs)})
             if layer < last:
                 x, reqs = await loop.run_in_executor(self.dense, self._next, mb, layer, x, results)
         return await loop.run_in_executor(self.dense, self._last, mb, last, x, results)
+
+    async def _attend_all(self, mb: MicroBatch, reqs) -> list:
+        """Send one layer's requests; primaries' results come back, replicas only keep a copy."""
+        calls = [self.transport.attend(g.peer, r) for g, r in zip(mb.groups, reqs)]
+        if mb.num_primary == len(calls):
+            return await asyncio.gather(*calls)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for r in results[: mb.num_primary]:
+            if isinstance(r, BaseException):
+                raise r
+        for g, r in zip(mb.groups[mb.num_primary:], results[mb.num_primary:]):
+            if isinstance(r, BaseException):
+                # A replica that missed a write is no copy any more: stop using it (the primary is fine).
+                self._drop_replica(mb, g.peer, r)
+        return results[: mb.num_primary]
+
+    def _drop_replica(self, mb: MicroBatch, peer: str, err: BaseException) -> None:
+        log.warning("replica on %s failed (%s): dropped", peer, err)
+        for seq in mb.seqs:
+            for shard in seq.shards:
+                if peer in shard.replicas:
+                    shard.replicas.remove(peer)
+        if isinstance(err, AttentionPeerError) and err.kind == "failed" and hasattr(self.transport, "mark_failed"):
+            self.transport.mark_failed(peer)
 
     # -- dense work (on the executor thread) ------------------------------------
     @contextlib.contextmanager
@@ -193,7 +281,8 @@ class Engine:
         by_peer: dict[str, list[int]] = {}
         for seq in seqs:
             for shard in seq.shards:
-                by_peer.setdefault(shard.peer, []).append(shard.key(seq.seq_id))
+                for peer in (shard.peer, *shard.replicas):
+                    by_peer.setdefault(peer, []).append(shard.key(seq.seq_id))
             self.placer.forget(seq.shards)
             seq.shards = []
         await asyncio.gather(*(self.transport.free(peer, ids) for peer, ids in by_peer.items()),

@@ -29,6 +29,7 @@ class Group:
     n_kv: np.ndarray  # int64 [n], n_q for the tail shard, 0 for an earlier one
     rows: torch.Tensor | None  # micro-batch rows of the group's queries; None = all rows in order
     kv_rows: torch.Tensor | None  # rows whose K/V are appended; None = same as rows
+    replica: bool = False  # a copy kept for failover: sent the same request, its result unused
 
 
 @dataclass
@@ -37,11 +38,12 @@ class MicroBatch:
     n: list[int]  # chunk length per sequence this step
     tokens: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    groups: list[Group]
+    groups: list[Group]  # primaries first, then replicas (see num_primary)
     overlapping: bool  # some (row, head) is covered by more than one group: needs the LSE merge
     sample_rows: torch.Tensor  # rows whose logits are sampled (the chunk ends its pending tokens)
     sample_seqs: list[Sequence]
     index: int = 0  # position in the step, for traces
+    num_primary: int = 0  # groups[:num_primary] give the results; the rest are replica writes
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +53,7 @@ class MicroBatch:
 def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> MicroBatch:
     tokens, positions, sample_rows, sample_seqs = [], [], [], []
     starts, row = [], 0
-    by_group: dict[tuple[str, int, int, int], list] = {}
+    by_group: dict[tuple[str, int, int, bool, int], list] = {}
     for seq, count in zip(seqs, n):
         start = seq.cached
         toks = seq.tokens[start : start + count]
@@ -69,27 +71,32 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
                 continue
             # A peer may hold several shards of one sequence: each goes in its own request,
             # since a request's rows are merged by assignment, not by LSE.
-            where = (shard.peer, shard.h0, shard.h1)
-            seen[where] = seen.get(where, -1) + 1
-            key = (*where, seen[where])
-            by_group.setdefault(key, []).append((shard.key(seq.seq_id), held, count, count if is_tail else 0, row))
+            for peer, replica in ((shard.peer, False), *((r, True) for r in shard.replicas)):
+                where = (peer, shard.h0, shard.h1, replica)
+                seen[where] = seen.get(where, -1) + 1
+                key = (*where, seen[where])
+                by_group.setdefault(key, []).append((shard.key(seq.seq_id), held, count, count if is_tail else 0, row))
         row += count
     T = row
     groups, coverage = [], {}
-    for (peer, h0, h1, _), members in by_group.items():
+    # Primaries first: their results are merged; replicas only keep a copy of the KV.
+    for (peer, h0, h1, replica, _), members in sorted(by_group.items(), key=lambda kv: kv[0][3]):
         seq_ids = np.array([m[0] for m in members], np.int64)
         ctx = np.array([m[1] for m in members], np.int64)
         n_q = np.array([m[2] for m in members], np.int64)
         n_kv = np.array([m[3] for m in members], np.int64)
         rows = _rows([(m[4], m[2]) for m in members], T)
         kv_rows = rows if n_kv.all() else _rows([(m[4], m[2]) for m in members if m[3]], None)
-        groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows))
+        groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows, replica))
+        if replica:
+            continue
         for m in members:
             for h in range(h0, h1):
                 coverage[(m[4], h)] = coverage.get((m[4], h), 0) + 1
     overlapping = any(c > 1 for c in coverage.values())
     return MicroBatch(seqs, n, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                      groups, overlapping, torch.tensor(sample_rows, dtype=torch.long), sample_seqs)
+                      groups, overlapping, torch.tensor(sample_rows, dtype=torch.long), sample_seqs,
+                      num_primary=sum(not g.replica for g in groups))
 
 
 def _rows(spans: list[tuple[int, int]], total: int | None) -> torch.Tensor | None:
@@ -142,8 +149,9 @@ def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], 
     """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials."""
     T = mb.num_tokens
     out = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
+    primaries = mb.groups[: mb.num_primary]
     if not mb.overlapping:
-        for g, (o, _) in zip(mb.groups, results):
+        for g, (o, _) in zip(primaries, results):
             o = torch.from_numpy(np.asarray(o, dtype=np.float32))
             hs = slice(g.h0 * group_size, g.h1 * group_size)
             if g.rows is None:
@@ -153,7 +161,7 @@ def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], 
         return out
     # Exact LSE merge (DESIGN.md section 4), one partial at a time.
     lse = torch.full((T, num_heads), float("-inf"))
-    for g, (o, l) in zip(mb.groups, results):
+    for g, (o, l) in zip(primaries, results):
         o = torch.from_numpy(np.asarray(o, dtype=np.float32))
         l = torch.from_numpy(np.asarray(l, dtype=np.float32))
         hs = slice(g.h0 * group_size, g.h1 * group_size)

@@ -31,6 +31,7 @@ class GenerateOptions:
     placement: str = "request"
     shard_tokens: int | None = None
     micro_batches: int = 1
+    kv_replicas: int = 1
     dtype: str | None = None
     kv_bytes: int = 2 << 30
     threads: int | None = None
@@ -83,7 +84,7 @@ async def _generate(opts: GenerateOptions, model, prompts, params):
     async with contextlib.AsyncExitStack() as stack:
         transport = await stack.enter_async_context(open_transport(opts))
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
-                        shard_tokens=opts.shard_tokens)
+                        shard_tokens=opts.shard_tokens, kv_replicas=opts.kv_replicas)
         stack.callback(engine.close)
         if hasattr(transport, "wait_for_peers"):
             await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
@@ -106,7 +107,7 @@ async def open_transport(opts: GenerateOptions):
         return
     from lamina_p2p.compute.local import LocalTransport
 
-    transport = LocalTransport(opts.kv_bytes)
+    transport = LocalTransport(opts.kv_bytes, threads=opts.attention_threads)
     try:
         await asyncio.get_running_loop().run_in_executor(transport.executor, _warm_kernels)
         yield transport

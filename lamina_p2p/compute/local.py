@@ -11,15 +11,18 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
+from lamina_p2p.runtime import set_threads
 from lamina_p2p.trace import now
 
 LOCAL_PEER = "local"
 
 
 class LocalTransport:
-    def __init__(self, kv_bytes: int, block_size: int = 16):
+    def __init__(self, kv_bytes: int, block_size: int = 16, threads: int | None = None):
         self.service = AttentionService(kv_bytes, block_size)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="attention")
+        # Numba's thread count is per calling thread: set it on the thread that runs the kernels.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="attention", initializer=set_threads,
+                                           initargs=(None, threads))
         self.owner = None
         self.tracer = None
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lamina_p2p.compute.errors import NoPeers
+
 POLICIES = ("request", "head", "sequence")
 
 
@@ -25,6 +27,7 @@ class Shard:
     t1: int | None = None  # end (exclusive) of a closed shard; None while it is the tail
     reserved: int = 0  # load this shard adds to its peer in placement's bookkeeping
     index: int = 0  # position in the sequence's shard list; a peer may hold several shards of one sequence
+    replicas: list[str] = field(default_factory=list)  # peers holding a copy (--kv-replicas), written in step
 
     def key(self, seq_id: int) -> int:
         """The id the attention peer files this shard under."""
@@ -50,6 +53,7 @@ class Placer:
     policy: str
     num_kv_heads: int
     shard_tokens: int = 1024
+    replicas: int = 1  # copies of every shard, on distinct peers where there are enough
     peers: dict[str, PeerLoad] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -57,6 +61,8 @@ class Placer:
             raise ValueError(f"unknown placement {self.policy!r}; expected one of {', '.join(POLICIES)}")
         if self.shard_tokens <= 0:
             raise ValueError("shard_tokens must be positive")
+        if self.replicas < 1:
+            raise ValueError("kv replicas must be >= 1")
 
     def set_peers(self, weights: dict[str, float]) -> None:
         """Replace the set of usable peers, keeping what we know of those that stay."""
@@ -80,8 +86,20 @@ class Placer:
         else:
             shards = [Shard(self._least_loaded(), 0, self.num_kv_heads, 0, reserved=expected_tokens)]
         for s in shards:
+            self._add_replicas(s)
             self.peers[s.peer].placed_tokens += s.reserved
         return shards
+
+    def _add_replicas(self, shard: Shard) -> None:
+        """Copies on the least loaded other peers; fewer when the cluster has too few peers."""
+        holders = {shard.peer}
+        for _ in range(self.replicas - 1):
+            if len(holders) >= len(self.peers):
+                break
+            peer = self._least_loaded(exclude=holders)
+            shard.replicas.append(peer)
+            holders.add(peer)
+            self.peers[peer].placed_tokens += shard.reserved
 
     def _head_split(self) -> list[Shard]:
         if not self.peers:
@@ -118,14 +136,14 @@ class Placer:
         holders = {s.peer for s in shards}
         peer = self._least_loaded(exclude=holders)
         self.peers[peer].placed_tokens += self.shard_tokens
-        shards.append(Shard(peer, 0, self.num_kv_heads, cached, reserved=self.shard_tokens, index=len(shards)))
+        shard = Shard(peer, 0, self.num_kv_heads, cached, reserved=self.shard_tokens, index=len(shards))
+        self._add_replicas(shard)
+        shards.append(shard)
 
     def forget(self, shards: list[Shard]) -> None:
         for s in shards:
-            load = self.peers.get(s.peer)
-            if load is not None:
-                load.placed_tokens = max(0, load.placed_tokens - s.reserved)
+            for peer in (s.peer, *s.replicas):
+                load = self.peers.get(peer)
+                if load is not None:
+                    load.placed_tokens = max(0, load.placed_tokens - s.reserved)
 
-
-class NoPeers(Exception):
-    pass

@@ -17,26 +17,14 @@ import zmq
 import zmq.asyncio
 
 from lamina_p2p.attention.service import AttendRequest
+from lamina_p2p.compute.errors import AttentionPeerError, classify
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
 from lamina_p2p.net.membership import Membership, PeerInfo
-from lamina_p2p.net.rpc import RpcClient, RpcError, RpcServer
+from lamina_p2p.net.rpc import RpcClient, RpcClosed, RpcError, RpcServer, RpcTimeout
 from lamina_p2p.net.wire import PROTOCOL_VERSION
 
 log = logging.getLogger("lamina.compute")
-
-
-class AttentionPeerError(RuntimeError):
-    """An attention peer failed a request (it died, timed out, or refused)."""
-
-    def __init__(self, peer: str, reason: str):
-        super().__init__(f"attention peer {peer}: {reason}")
-        self.peer = peer
-        self.reason = reason
-
-    @property
-    def kv_full(self) -> bool:
-        return "KVFull" in self.reason
 
 
 class ClusterTransport:
@@ -51,6 +39,7 @@ class ClusterTransport:
         self.owner: str | None = None
         self.expected_peers = 1
         self.tracer = None
+        self.failed: set[str] = set()  # peers that died or stopped answering; ids are per process
         self.geometry: dict | None = None
         self._clients: dict[str, RpcClient] = {}
         self._registered: dict[str, asyncio.Task] = {}
@@ -68,6 +57,9 @@ class ClusterTransport:
         if event == "joined" and self.geometry is not None:
             self._ensure_registered(peer)
         elif event == "died":
+            # Closing its client fails the calls in flight to it at once (RpcClosed), so a step
+            # waiting on a dead peer ends within the failure-detection bound, not a request timeout.
+            self.failed.add(peer.id)
             task = self._registered.pop(peer.id, None)
             if task is not None:
                 task.cancel()
@@ -90,9 +82,19 @@ class ClusterTransport:
         out = {}
         for p in self.membership.peers(role="attention"):
             task = self._registered.get(p.id)
+            if p.id in self.failed:
+                continue
             if task is not None and task.done() and not task.cancelled() and task.exception() is None:
                 out[p.id] = float(max(p.kv_total_bytes, 1))
         return out
+
+    def mark_failed(self, peer: str) -> None:
+        """Stop using a peer that failed a request, before gossip declares it dead."""
+        self.failed.add(peer)
+        client = self._clients.pop(peer, None)
+        self._registered.pop(peer, None)
+        if client is not None:
+            asyncio.ensure_future(client.close())
 
     def kv_capacity(self) -> dict[str, tuple[int, int]]:
         """peer -> (total, free) KV bytes, as last advertised by gossip."""
@@ -121,7 +123,7 @@ class ClusterTransport:
     async def attend(self, peer: str, req: AttendRequest):
         client = self._clients.get(peer)
         if client is None:
-            raise AttentionPeerError(peer, "not connected")
+            raise AttentionPeerError(peer, "not connected", "failed")
         meta = np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
         fields = {"owner": req.owner, "layer": req.layer, "h0": req.h0, "h1": req.h1}
         tracing = req.trace and self.tracer is not None
@@ -129,8 +131,10 @@ class ClusterTransport:
             fields["trace"] = True
         try:
             msg = await client.call("attend", fields, [meta, req.q, req.k, req.v], timeout=self.request_timeout)
+        except (RpcTimeout, RpcClosed) as e:
+            raise AttentionPeerError(peer, str(e), "failed") from None
         except RpcError as e:
-            raise AttentionPeerError(peer, str(e)) from None
+            raise AttentionPeerError(peer, str(e), classify(str(e))) from None
         if len(msg.tensors) != 2:
             raise AttentionPeerError(peer, f"attend reply has {len(msg.tensors)} tensors, expected 2")
         if tracing and all(isinstance(msg.fields.get(k), float) for k in ("tq", "tk0", "tk1")):

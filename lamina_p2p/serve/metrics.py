@@ -85,8 +85,24 @@ class ServeMetrics:
                     self._peaks[peer] = total - free
                     self.kv_peak.labels(peer).set(total - free)
 
+    def watch_engine(self, engine) -> None:
+        self.registry.register(_EngineCollector(engine))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Fault-handling counters of the engine, read at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily("lamina_recomputed_sequences", "Sequences whose KV was rebuilt after an "
+                                  "attention peer failed.", value=self.engine.recomputed)
+        yield CounterMetricFamily("lamina_replica_failovers", "Shards served by their replica after an "
+                                  "attention peer failed (no recompute).", value=self.engine.promoted)
 
 
 class _TransportCollector:

@@ -29,6 +29,8 @@ class ComputeOptions:
     placement: str = "request"
     shard_tokens: int | None = None
     micro_batches: int = 1
+    kv_replicas: int = 1
+    peer_wait_timeout: float = 60.0
     http: str | None = None
     threads: int | None = None
     heartbeat: float = 0.5
@@ -98,7 +100,9 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
         metrics = ServeMetrics(raw)
         transport = TimedTransport(raw, metrics)
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
-                        shard_tokens=opts.shard_tokens, max_step_tokens=opts.max_step_tokens)
+                        shard_tokens=opts.shard_tokens, max_step_tokens=opts.max_step_tokens,
+                        kv_replicas=opts.kv_replicas, peer_wait_timeout=opts.peer_wait_timeout)
+        metrics.watch_engine(engine)
         engine.dense.shutdown(wait=False)
         engine.dense = TimedExecutor(metrics)  # same single dense thread, timed per layer
         stack.callback(engine.close)
