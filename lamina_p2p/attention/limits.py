@@ -34,7 +34,7 @@ class PeerLimits:
     max_table_row: int = 1 << 16  # kv heads x blocks per sequence, int32 entries
     max_sequences: int = 1 << 14  # shards held, all owners together
     max_seqs_per_request: int = 4096
-    max_free_ids: int = 1 << 16
+    max_free_ids: int = 1 << 14
 
 
 DEFAULT_PEER_LIMITS = PeerLimits()

@@ -9,11 +9,19 @@ repetition_penalty, stop_token_ids, ignore_eos.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from lamina_p2p.compute.sequence import SamplingParams
+
+# Caps on what one request may ask for (hostile input): each bounds work or memory per request.
+MAX_PROMPTS = 256  # prompts in one completions request
+MAX_STOP = 16  # stop strings (OpenAI allows 4)
+MAX_STOP_LEN = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 256
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class APIError(Exception):
@@ -51,6 +59,8 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False):
     if not ok or isinstance(v, bool):
         raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {type(v).__name__}", name,
                   "invalid_type")
+    if not integer and not math.isfinite(v):
+        raise bad(f"'{name}' must be a finite number, got {v}", name, "invalid_value")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name, "invalid_value")
     return v
@@ -79,9 +89,15 @@ def parse_common(body: dict, chat: bool) -> Parsed:
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise bad("'stop' must be a string or an array of strings", "stop", "invalid_type")
+    if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_LEN for s in stop):
+        raise bad(f"'stop' takes at most {MAX_STOP} strings of at most {MAX_STOP_LEN} characters", "stop",
+                  "invalid_value")
     stop_ids = body.get("stop_token_ids") or []
     if not (isinstance(stop_ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)):
         raise bad("'stop_token_ids' must be an array of integers", "stop_token_ids", "invalid_type")
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS or any(not 0 <= t < 2**31 for t in stop_ids):
+        raise bad(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} token ids in 0..2**31-1", "stop_token_ids",
+                  "invalid_value")
     top_k = _number(body, "top_k", 0, -1, None, integer=True)
     if chat:
         logprobs = 0 if _bool(body, "logprobs") else None
@@ -99,7 +115,7 @@ def parse_common(body: dict, chat: bool) -> Parsed:
         repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.01, 10)),
         frequency_penalty=float(_number(body, "frequency_penalty", 0.0, -2, 2)),
         presence_penalty=float(_number(body, "presence_penalty", 0.0, -2, 2)),
-        seed=_number(body, "seed", None, integer=True),
+        seed=_number(body, "seed", None, *INT64, integer=True),
         stop_token_ids=tuple(stop_ids),
         ignore_eos=_bool(body, "ignore_eos"),
         logprobs=logprobs is not None,
@@ -122,6 +138,8 @@ def parse_prompts(body: dict) -> list:
         return [p]
     if ids(p):
         return [p]
+    if isinstance(p, list) and len(p) > MAX_PROMPTS:
+        raise bad(f"'prompt' holds {len(p)} prompts; at most {MAX_PROMPTS} per request", "prompt", "invalid_value")
     if isinstance(p, list) and p and all(isinstance(x, str) or ids(x) for x in p):
         return list(p)
     raise bad("'prompt' must be a string, an array of strings, an array of token ids or an array of those",

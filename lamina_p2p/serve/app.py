@@ -21,6 +21,18 @@ from lamina_p2p.serve.text import TextRequest
 
 log = logging.getLogger("lamina.serve")
 
+# Largest request body read (aiohttp answers 413 above it): room for a long context as token ids.
+MAX_BODY_BYTES = 8 << 20
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: str):
+    # Python's json accepts NaN and Infinity, which are not JSON and would reach the sampler.
+    return json.loads(text, parse_constant=_no_constants)
+
 
 class ServeApp:
     def __init__(self, scheduler, tokenizer, model_name: str, context: int, metrics, api_key: str | None = None):
@@ -31,7 +43,7 @@ class ServeApp:
         self.metrics = metrics
         self.api_key = api_key
         self.template = template_for(tokenizer)
-        self.app = web.Application(middlewares=[self._errors])
+        self.app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
             web.get("/v1/models", self.models), web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat), web.get("/health", self.health),
@@ -55,9 +67,11 @@ class ServeApp:
 
     async def _body(self, request) -> dict:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise bad("the request body is not valid JSON") from None
+            body = await request.json(loads=_loads)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise bad(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise bad("the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object")
         model = body.get("model")
