@@ -238,3 +238,46 @@ def test_hostile_http_bodies_get_4xx_in_openai_shape(http_server):
     # ... and the server still serves.
     status, reply = post(url, completion())
     assert status == 200 and reply["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+# -- in-process: what libzmq and the server bound before any handler runs --------------------------
+def test_oversized_frames_are_dropped_by_libzmq_and_a_flood_is_answered_busy():
+    from lamina_p2p.net.rpc import RpcServer, RpcTimeout
+    from lamina_p2p.net.wire import Limits
+
+    limits = Limits(max_frame_bytes=1 << 16, max_total_bytes=1 << 17, max_in_flight=4)
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        server = RpcServer(ctx, "tcp://127.0.0.1:0", limits)
+        gate = asyncio.Event()
+
+        async def slow(msg):
+            await gate.wait()
+            return {"n": len(msg.tensors)}, []
+
+        server.register("slow", slow)
+        await server.start()
+        try:
+            # A frame past MAXMSGSIZE: libzmq drops the connection before buffering it; no reply.
+            big = RpcClient(ctx, server.bound_address)
+            with pytest.raises(RpcTimeout):
+                await big.call("slow", tensors=[np.zeros(1 << 20, np.uint8)], timeout=1.0)
+            await big.close()
+            # A flood: the first four wait in the handler, the rest are refused at once as busy.
+            client = RpcClient(ctx, server.bound_address)
+            calls = [asyncio.ensure_future(client.call("slow", timeout=10)) for _ in range(10)]
+            async with asyncio.timeout(10):
+                while sum(c.done() for c in calls) < 6:
+                    await asyncio.wait([c for c in calls if not c.done()], return_when=asyncio.FIRST_COMPLETED)
+            busy = [c for c in calls if c.done()]
+            assert all(isinstance(c.exception(), RpcError) and c.exception().code == "busy" for c in busy)
+            gate.set()
+            results = await asyncio.gather(*[c for c in calls if c not in busy])
+            assert [r.fields for r in results] == [{"n": 0}] * 4
+            await client.close()
+        finally:
+            await server.close()
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())

@@ -27,6 +27,7 @@ Handler = Callable[[Message], Awaitable[tuple[dict, list]]]
 
 # Error reply codes, so a caller can tell kinds of failure apart without parsing the reason.
 BAD_MESSAGE, UNKNOWN_OP, DEADLINE, HANDLER_FAILED = "bad_message", "unknown_op", "deadline", "handler"
+BUSY = "busy"
 
 
 class RpcError(Exception):
@@ -180,6 +181,9 @@ class RpcServer:
             msg = decode(frames[1:], self._limits)
         except WireError as e:
             self._reject(routing, e.rid if e.rid is not None else -1, BAD_MESSAGE, f"bad message: {e}")
+            return
+        if len(self._tasks) >= self._limits.max_in_flight:
+            self._reject(routing, msg.rid, BUSY, f"{msg.op}: {len(self._tasks)} requests in flight, try later")
             return
         handler = self._handlers.get(msg.op)
         if handler is None:

@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,8 +266,20 @@ class _Zap(threading.Thread):
             self.join(timeout=2.0)
 
 
-_zaps: dict[int, _Zap] = {}
+_zaps: dict[int, tuple[weakref.ref, _Zap]] = {}
 _zaps_lock = threading.Lock()
+
+
+def _live_zap(ctx: zmq.Context) -> _Zap | None:
+    """ctx's running handler; not a dead one, nor one of a destroyed context at the same address."""
+    entry = _zaps.get(id(ctx))
+    if entry is None:
+        return None
+    ref, zap = entry
+    if ref() is not ctx or ctx.closed or not zap.is_alive() or zap._stop_ev.is_set():
+        del _zaps[id(ctx)]
+        return None
+    return zap
 
 
 def acquire_zap(ctx: zmq.Context, security: Security) -> _Zap:
@@ -275,28 +288,26 @@ def acquire_zap(ctx: zmq.Context, security: Security) -> _Zap:
     All secured servers of one context share a handler (ZeroMQ allows one per context); the keys
     they allow are pooled, which is right because one process has one Security.
     """
-    key = id(ctx.underlying)
     with _zaps_lock:
-        zap = _zaps.get(key)
-        if zap is None or not zap.is_alive():
+        zap = _live_zap(ctx)
+        if zap is None:
             zap = _Zap(ctx)
             zap.start_and_wait()
-            _zaps[key] = zap
+            _zaps[id(ctx)] = (weakref.ref(ctx), zap)
         zap.allowed.update(security.allowed)
         zap.users += 1
         return zap
 
 
 def release_zap(ctx: zmq.Context) -> None:
-    key = id(ctx.underlying)
     with _zaps_lock:
-        zap = _zaps.get(key)
+        zap = _live_zap(ctx)
         if zap is None:
             return
         zap.users -= 1
         if zap.users > 0:
             return
-        del _zaps[key]
+        del _zaps[id(ctx)]
     zap.stop()
 
 

@@ -59,6 +59,9 @@ class Limits:
     max_frame_bytes: int = 1 << 30
     max_total_bytes: int = 2 << 30
     max_ndim: int = 8
+    # Requests a server holds at once (each keeps its frames in memory until answered); past it a
+    # request gets a "busy" error reply at once, so a flood costs the sender, not the server.
+    max_in_flight: int = 1024
 
 
 DEFAULT_LIMITS = Limits()

@@ -9,6 +9,7 @@ which frees their KV at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 
@@ -54,7 +55,9 @@ class ServeApp:
     async def _errors(self, request, handler):
         try:
             if self.api_key and request.path.startswith("/v1/"):
-                if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+                # Constant-time comparison: the time taken must not tell how much of a guess was right.
+                if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                     raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>').",
                                    code="invalid_api_key")
             return await handler(request)
