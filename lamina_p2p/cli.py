@@ -66,6 +66,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--attention-peers", default=0, show_default=True, type=click.IntRange(0),
               help="0: in-process attention; K: start K local attention peer processes.")
 @click.option("--join", multiple=True, help="Run against this cluster (a peer's address) instead.")
+@click.option("--cluster", default="lamina", show_default=True, help="Cluster name (of the peers started or joined).")
 @click.option("--placement", type=click.Choice(["request", "head", "sequence"]), default="request", show_default=True)
 @click.option("--shard-tokens", type=click.IntRange(1), default=None, help="Sequence placement: tokens per shard.")
 @click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(1))
@@ -80,7 +81,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @security_options
 def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, temperature, top_k, top_p, seed,
-             ignore_eos, batch, attention_peers, join, placement, shard_tokens, micro_batches, kv_replicas, dtype,
+             ignore_eos, batch, attention_peers, join, cluster, placement, shard_tokens, micro_batches, kv_replicas, dtype,
              kv_memory,
              threads, attention_threads, trace, as_json, secret, peer_key, allow_dir):
     """Generate from prompts, in process or on a cluster."""
@@ -98,7 +99,7 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
         model_dir=model_dir, prompts=list(prompt), prompt_ids=[_parse_ids(p) for p in prompt_ids],
         random_prompt_len=random_prompt_len, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, ignore_eos=ignore_eos, batch=batch, attention_peers=attention_peers,
-        join=list(join), placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches,
+        join=list(join), cluster=cluster, placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches,
         kv_replicas=kv_replicas, dtype=dtype,
         kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, trace=trace,
         security=load_cli_security(secret, peer_key, allow_dir))

@@ -66,8 +66,8 @@ def test_cluster_matches_transformers(model_dir, reference, peers, placement, mi
         assert result["token_ids"] == reference[:batch], (placement, micro_batches, batch)
 
 
-def _attention_pids() -> set[str]:
-    out = subprocess.run(["pgrep", "-f", "lamina_p2p start --role attention"], capture_output=True, text=True)
+def _attention_pids(cluster: str) -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "--", f"--cluster {cluster}"], capture_output=True, text=True)
     return set(out.stdout.split())
 
 
@@ -75,11 +75,11 @@ def test_generate_command_starts_and_stops_its_peers(model_dir, reference):
     ids = [",".join(map(str, p)) for p in PROMPTS[:3]]
     cmd = node_command("generate", "--model", model_dir, "--max-tokens", str(STEPS), "--ignore-eos", "--batch", "3",
                        "--attention-peers", "2", "--placement", "head", "--micro-batches", "2", "--json",
-                       "--kv-memory", "64MiB", *[a for i in ids for a in ("--prompt-ids", i)])
-    before = _attention_pids()
+                       "--kv-memory", "64MiB", "--cluster", "gen-cmd-test",
+                       *[a for i in ids for a in ("--prompt-ids", i)])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["token_ids"] == reference[:3]
     assert result["tokens_per_s"] > 0
-    assert _attention_pids() <= before  # the command stopped the peers it started
+    assert _attention_pids("gen-cmd-test") == set()  # the command stopped the peers it started
