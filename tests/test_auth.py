@@ -299,3 +299,19 @@ def test_plain_text_binds_loopback_only_unless_told(keys):
                                       keys["good"].removesuffix("_secret")), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "no secret key" in out.stderr
+
+
+def test_generate_with_keys_starts_secured_peers_and_matches_in_process(keys, tmp_path):
+    """`generate --attention-peers 1 --secret K` hands the key to the peer it starts (a CURVE client
+    could not talk to it otherwise) and produces the in-process greedy tokens."""
+    from lamina_p2p.compute.generate import GenerateOptions, run_generate
+    from lamina_p2p.model.presets import write_preset
+
+    model = write_preset("tiny", tmp_path / "tiny")
+    out = subprocess.run(node_command("generate", "--model", str(model), "--prompt-ids", "1,2,3", "--max-tokens", "6",
+                                      "--attention-peers", "1", "--kv-memory", "16MiB", "--attention-threads", "1",
+                                      "--secret", keys["good"], "--json"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    secured = json.loads(out.stdout.splitlines()[-1])
+    local = run_generate(GenerateOptions(model_dir=str(model), prompt_ids=[[1, 2, 3]], max_tokens=6, kv_bytes=16 << 20))
+    assert secured["token_ids"] == local["token_ids"]
