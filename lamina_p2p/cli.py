@@ -137,6 +137,11 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
               help="Compute: copies of every KV shard on distinct attention peers (failover without recompute).")
 @click.option("--peer-wait-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
               help="Compute: seconds requests wait for an attention peer when none is left.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="On SIGTERM: seconds to let running requests finish (compute) or to let compute peers "
+                   "move their shards elsewhere (attention) before exiting.")
+@click.option("--owner-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="Attention: free the KV of a compute peer this many seconds after it is declared dead.")
 @click.option("--http", default=None, help="Compute: serve the OpenAI-compatible API on HOST:PORT.")
 @click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--advertise", default=None, help="Address other peers dial (default: the bound one; a wildcard "
@@ -147,7 +152,8 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @security_options
 @insecure_listen_option
 def start(role, listen, join, cluster, kv_memory, device, threads, block_size, heartbeat, dead_after, model_dir,
-          dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, http, max_batch, advertise, discover, discover_port,
+          dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout, owner_timeout,
+          http, max_batch, advertise, discover, discover_port,
           discover_broadcast, secret, peer_key, allow_dir, insecure_listen):
     """Run one peer until SIGTERM or Ctrl-C."""
     if role == "attention":
@@ -179,6 +185,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
         cfg = AttentionPeerConfig(listen=listen, join=tuple(join), kv_bytes=kv_bytes, device=device, threads=threads,
                                   cluster=cluster, block_size=block_size, heartbeat_interval=heartbeat,
                                   suspect_after=dead_after / 2, dead_after=dead_after, advertise=advertise,
+                                  drain_timeout=drain_timeout, owner_timeout=owner_timeout,
                                   discover=discover, discover_port=discover_port,
                                   discover_broadcast=discover_broadcast, security=security,
                                   insecure_listen=insecure_listen)
@@ -195,7 +202,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
 
     opts = ComputeOptions(model_dir=model_dir, listen=listen, join=list(join), cluster=cluster, dtype=dtype,
                           placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, http=http,
-                          kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout,
+                          kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout, drain_timeout=drain_timeout,
                           threads=threads, heartbeat=heartbeat, dead_after=dead_after, max_batch=max_batch,
                           advertise=advertise, discover=discover, discover_port=discover_port,
                           discover_broadcast=discover_broadcast, security=security,

@@ -49,6 +49,7 @@ class AttentionPeerConfig:
     suspect_after: float = 2.0
     dead_after: float = 5.0
     owner_timeout: float = 60.0  # free the KV of a compute peer that has been dead this long
+    drain_timeout: float = 30.0  # on SIGTERM: how long compute peers get to move their shards off
     advertise: str | None = None  # address others dial; default: the bound one
     discover: bool = False  # UDP beacon on the LAN
     discover_port: int = 47474
@@ -122,6 +123,7 @@ class AttentionPeer:
         reporter = asyncio.create_task(self._report())
         try:
             await stop.wait()
+            await self._drain()
         finally:
             reporter.cancel()
             if beacon is not None:
@@ -130,6 +132,20 @@ class AttentionPeer:
             await server.close()
             ctx.destroy(linger=0)
             self.worker.shutdown(wait=False, cancel_futures=True)
+
+    async def _drain(self) -> None:
+        """Hand the shards back before exiting: say we are leaving (ready=False in gossip), so compute
+        peers re-place their sequences elsewhere and free them here; wait for that, bounded."""
+        self.membership.update_self(ready=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        while loop.time() < deadline:
+            alive = {p.id for p in self.membership.peers(role="compute")}
+            held = self.service.sequences_by_owner()
+            if not any(n for owner, n in held.items() if owner in alive):
+                return  # the KV of dead owners is nobody's loss
+            await asyncio.sleep(self.config.heartbeat_interval)
+        log.warning("drain timed out after %g s with sequences still held", self.config.drain_timeout)
 
     async def _report(self) -> None:
         """Advertise free KV and load; free the KV of compute peers that are gone."""

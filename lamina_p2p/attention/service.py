@@ -105,6 +105,10 @@ class AttentionService:
         return {"block_size": self.block_size, "block_bytes": reg.pool.block_bytes,
                 "kv_total_bytes": self.budget.total, "kv_free_bytes": self.budget.free}
 
+    def sequences_by_owner(self) -> dict[str, int]:
+        with self._lock:
+            return {owner: len(reg.slots) for owner, reg in self._owners.items()}
+
     def owner_ids(self) -> list[str]:
         with self._lock:
             return list(self._owners)

@@ -94,6 +94,7 @@ class Engine:
         """
         for attempt in itertools.count():
             try:
+                await self._move_off_leaving_peers(running)
                 await self._wait_for_peers()
                 return await self._step_once(running)
             except AttentionPeerError as e:
@@ -101,6 +102,12 @@ class Engine:
                     raise
                 log.warning("step failed on %s (%s): recovering", e.peer, e.kind)
                 await self.recover(running, e)
+
+    async def _move_off_leaving_peers(self, running: list[Sequence]) -> None:
+        leaving = self.transport.leaving() if hasattr(self.transport, "leaving") else ()
+        for peer in leaving:
+            if any(peer in (sh.peer, *sh.replicas) for seq in running for sh in seq.shards):
+                await self.recover(running, AttentionPeerError(peer, "leaving the cluster", "leaving"))
 
     async def _wait_for_peers(self) -> None:
         if self.transport.peers():
@@ -119,6 +126,9 @@ class Engine:
         if err.kind == "failed" and hasattr(self.transport, "mark_failed"):
             self.transport.mark_failed(gone)
         live = set(self.transport.peers()) - {gone}
+        # A leaving peer is alive: everything of ours it holds must be freed there, or it waits for it.
+        leftovers = [sh.key(seq.seq_id) for seq in running for sh in seq.shards
+                     if gone in (sh.peer, *sh.replicas)] if err.kind == "leaving" else []
         rebuild = []
         for seq in running:
             for shard in seq.shards:
@@ -127,7 +137,7 @@ class Engine:
             hit = [sh for sh in seq.shards if sh.peer == gone]
             if not hit:
                 continue
-            if err.kind == "failed" and all(any(r in live for r in sh.replicas) for sh in hit):
+            if err.kind in ("failed", "leaving") and all(any(r in live for r in sh.replicas) for sh in hit):
                 for sh in hit:
                     sh.peer = next(r for r in sh.replicas if r in live)
                     sh.replicas.remove(sh.peer)
@@ -139,6 +149,9 @@ class Engine:
             for seq in rebuild:
                 seq.cached = 0  # prefill prompt + output again; the tokens are kept, so output continues unchanged
             self.recomputed += len(rebuild)
+        if leftovers:
+            with contextlib.suppress(Exception):
+                await self.transport.free(gone, leftovers)
 
     async def _step_once(self, running: list[Sequence]) -> list[Sequence]:
         self.placer.set_peers(self.transport.peers())

@@ -82,11 +82,15 @@ class ClusterTransport:
         out = {}
         for p in self.membership.peers(role="attention"):
             task = self._registered.get(p.id)
-            if p.id in self.failed:
+            if p.id in self.failed or not p.ready:  # not ready: starting up, or draining to leave
                 continue
             if task is not None and task.done() and not task.cancelled() and task.exception() is None:
                 out[p.id] = float(max(p.kv_total_bytes, 1))
         return out
+
+    def leaving(self) -> set[str]:
+        """Registered peers that announced they are leaving (SIGTERM): their shards must move."""
+        return {p.id for p in self.membership.peers(role="attention") if not p.ready and p.id in self._registered}
 
     def mark_failed(self, peer: str) -> None:
         """Stop using a peer that failed a request, before gossip declares it dead."""

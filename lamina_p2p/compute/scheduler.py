@@ -72,6 +72,10 @@ class Request:
                 return
 
 
+class ShuttingDown(Exception):
+    """The server is draining before it exits: new requests are refused (HTTP 503)."""
+
+
 def is_kv_full(exc: BaseException) -> bool:
     from lamina_p2p.attention.kv_pool import KVFull
 
@@ -95,6 +99,8 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._wake = asyncio.Event()
+        self._idle_now = asyncio.Event()  # set whenever nothing is running or waiting
+        self.draining = False
         self.preempted_total = 0
         self.steps = 0
         self.bpt = float(self.transport.block_bytes_per_token())
@@ -105,6 +111,8 @@ class Scheduler:
     def submit(self, prompt: list[int], params: SamplingParams, request: type[Request] | None = None,
                **kwargs) -> Request:
         """Queue a request (ValueError if it can never run); its tokens arrive on `req.queue`."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
         seq = self.engine.new_sequence(prompt, params)
         need = self._bytes(len(prompt) + params.max_tokens, full=True)
         cap = self.transport.kv_capacity()
@@ -116,8 +124,20 @@ class Scheduler:
                              f"peers hold ({total} bytes)")
         req = (request or Request)(seq, **kwargs)
         self.waiting.append(req)
+        self._idle_now.clear()
         self._wake.set()
         return req
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests and let the running and queued ones finish (True if all did in time)."""
+        self.draining = True
+        if not self.running and not self.waiting:
+            return True
+        try:
+            await asyncio.wait_for(self._idle_now.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
     def abort(self, req: Request) -> None:
         """Stop a request (client gone); its KV is freed at the next step boundary."""
@@ -171,6 +191,8 @@ class Scheduler:
                 self._admit()
                 self._report()
                 if not self.running:
+                    if not self.waiting:
+                        self._idle_now.set()
                     await self._idle(stopper)
                     continue
                 try:

@@ -15,6 +15,8 @@ import logging
 
 from aiohttp import web
 
+from lamina_p2p.compute.scheduler import ShuttingDown
+
 from lamina_p2p.serve.api import (APIError, bad, chat_logprobs, completion_logprobs, new_id, now, parse_common,
                                   parse_prompts, usage)
 from lamina_p2p.serve.chat import ChatTemplateError, normalise_messages, template_for
@@ -100,6 +102,10 @@ class ServeApp:
                 reqs.append(self.scheduler.submit(ids, _copy(parsed.params), TextRequest, queue=queue,
                                                   tokenizer=self.tokenizer, stops=parsed.stop, index=i,
                                                   want_logprobs=parsed.logprobs is not None))
+        except ShuttingDown as e:
+            for r in reqs:
+                self.scheduler.abort(r)
+            raise APIError(503, str(e), code="shutting_down", type="server_error") from None
         except ValueError as e:
             for r in reqs:
                 self.scheduler.abort(r)

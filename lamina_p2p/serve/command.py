@@ -21,6 +21,8 @@ from lamina_p2p.security_command import load_cli_security, security_options
 @click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--kv-replicas", default=1, show_default=True, type=click.IntRange(1),
               help="Copies of every KV shard on distinct attention peers: a failure then costs no recompute.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="On SIGTERM: seconds to let running requests finish before failing them.")
 @click.option("--peer-wait-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
               help="Seconds requests wait for an attention peer when none is left.")
 @click.option("--kv-memory", default="2GiB", show_default=True,
@@ -39,7 +41,7 @@ from lamina_p2p.security_command import load_cli_security, security_options
 @click.option("--cluster", default="lamina", show_default=True)
 @security_options
 def serve_command(model_dir, attention_peers, join, http, placement, shard_tokens, micro_batches, kv_replicas,
-                  peer_wait_timeout, kv_memory,
+                  peer_wait_timeout, drain_timeout, kv_memory,
                   max_batch, reserve, api_key, served_model_name, dtype, threads, attention_threads, cluster,
                   secret, peer_key, allow_dir):
     """Serve a model over HTTP (OpenAI API), starting attention peers locally or joining a cluster."""
@@ -58,7 +60,7 @@ def serve_command(model_dir, attention_peers, join, http, placement, shard_token
         raise click.BadParameter(str(e)) from None
     opts = ComputeOptions(model_dir=model_dir, join=list(join), cluster=cluster, dtype=dtype, placement=placement,
                           shard_tokens=shard_tokens, micro_batches=micro_batches, http=http, threads=threads,
-                          kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout,
+                          kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout, drain_timeout=drain_timeout,
                           max_batch=max_batch, attention_peers=attention_peers, kv_bytes=kv_bytes,
                           attention_threads=attention_threads, api_key=api_key or None,
                           model_name=served_model_name, reserve=reserve, announce_http=True,

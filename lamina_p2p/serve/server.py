@@ -31,6 +31,7 @@ class ComputeOptions:
     micro_batches: int = 1
     kv_replicas: int = 1
     peer_wait_timeout: float = 60.0
+    drain_timeout: float = 30.0  # on SIGTERM: seconds to let running requests finish before failing them
     http: str | None = None
     threads: int | None = None
     heartbeat: float = 0.5
@@ -139,5 +140,9 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
                 address = url
         on_ready(address or "inprocess", peer_id)
         await stop.wait()
+        # Graceful: refuse new requests (503), let the running ones finish, then fail what is left
+        # (the scheduler's shutdown), drop our KV on the attention peers and leave the cluster.
+        if not sched_task.done() and not await scheduler.drain(opts.drain_timeout):
+            log.warning("drain timed out after %g s: failing the requests still running", opts.drain_timeout)
         if sched_task.done() and not sched_task.cancelled() and sched_task.exception():
             log.error("scheduler failed: %r", sched_task.exception())

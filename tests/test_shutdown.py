@@ -1,0 +1,131 @@
+"""Peers leaving on purpose (SIGTERM) and compute peers dying: nothing hangs, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import openai
+import pytest
+import zmq.asyncio
+
+from lamina_p2p.launch import start_peer, stop_all
+from lamina_p2p.net.rpc import RpcClient
+from lamina_p2p.runtime import run_async
+from tests.test_faults import JOBS, free_port, stream_all
+from tests.test_serve import GREEDY, aclient, metric, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+FAST = ["--heartbeat", "0.1", "--dead-after", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from lamina_p2p.model.presets import write_preset
+
+    return write_preset("tiny", tmp_path_factory.mktemp("m") / "tiny")
+
+
+def attention(*extra):
+    return start_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "32MiB",
+                       "--threads", "1", *FAST, *extra])
+
+
+def compute(model_dir, seed, *extra):
+    port = free_port()
+    proc = start_peer(["start", "--role", "compute", "--model", str(model_dir), "--listen", "tcp://127.0.0.1:0",
+                       "--join", seed, "--http", f"127.0.0.1:{port}", "--threads", "1", *FAST, *extra])
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def kv_used(address) -> int:
+    async def ask():
+        ctx = zmq.asyncio.Context()
+        client = RpcClient(ctx, address)
+        try:
+            return (await client.call("stats", timeout=5.0)).fields["kv_used_bytes"]
+        finally:
+            await client.close()
+            ctx.destroy(linger=0)
+
+    return run_async(ask())
+
+
+def test_sigterm_on_an_attention_peer_hands_its_shards_back(model_dir):
+    a = attention()
+    b = attention("--join", a.address, "--drain-timeout", "60")
+    comp, url = compute(model_dir, a.address)
+    try:
+        wait_until(lambda: metric(url, "lamina_kv_free_bytes", peer=b.peer_id) is not None, 30, "b registered")
+        reference = asyncio.run(stream_all(url))
+        sent = []
+
+        def leave_when_started(counts):
+            if not sent and all(c >= 5 for c in counts):
+                b.proc.send_signal(signal.SIGTERM)
+                sent.append(time.monotonic())
+
+        after = asyncio.run(stream_all(url, leave_when_started))
+        assert sent and after == reference
+        # It left as soon as its shards were moved, well before its 60 s drain timeout ran out.
+        assert b.proc.wait(timeout=30) == 0
+        assert metric(url, "lamina_recomputed_sequences_total") > 0
+        assert metric(url, "lamina_requests_finished_total", reason="error") in (None, 0.0)
+    finally:
+        stop_all([comp, a, b])
+
+
+def test_sigterm_on_a_compute_peer_finishes_running_requests_and_refuses_new_ones(model_dir):
+    a = attention()
+    comp, url = compute(model_dir, a.address)
+    try:
+        async def run():
+            client = aclient(url)
+            stream = await client.completions.create(model="tiny", prompt=JOBS[0], max_tokens=200, stream=True,
+                                                     **GREEDY)
+            chunks = [await stream.__anext__()]
+            comp.proc.send_signal(signal.SIGTERM)
+            refused = None
+            deadline = time.monotonic() + 20
+            while refused is None and time.monotonic() < deadline:  # the signal lands asynchronously
+                try:
+                    await client.completions.create(model="tiny", prompt=[5, 6], max_tokens=2, **GREEDY)
+                except openai.APIStatusError as e:
+                    refused = e.status_code
+            async for chunk in stream:
+                chunks.append(chunk)
+            await client.close()
+            return chunks, refused
+
+        chunks, refused = asyncio.run(run())
+        assert refused == 503
+        assert chunks[-1].choices[0].finish_reason == "length"  # the running request finished normally
+        assert comp.proc.wait(timeout=30) == 0
+        wait_until(lambda: kv_used(a.address) == 0, 10, "its KV freed on the attention peer")
+    finally:
+        stop_all([comp, a])
+
+
+def test_a_dead_compute_peer_gives_clients_an_error_and_its_kv_is_freed(model_dir):
+    a = attention("--owner-timeout", "1")
+    comp, url = compute(model_dir, a.address)
+    try:
+        async def run():
+            client = aclient(url)
+            stream = await client.completions.create(model="tiny", prompt=JOBS[1], max_tokens=400, stream=True,
+                                                     **GREEDY)
+            await stream.__anext__()
+            await asyncio.to_thread(wait_until, lambda: kv_used(a.address) > 0, 10, "KV in use")
+            comp.proc.send_signal(signal.SIGKILL)
+            with pytest.raises((openai.APIError, ConnectionError)):
+                async with asyncio.timeout(20):  # an error, not a hang
+                    async for _ in stream:
+                        pass
+            await client.close()
+
+        asyncio.run(run())
+        wait_until(lambda: kv_used(a.address) == 0, 30, "the dead owner's KV freed after --owner-timeout")
+    finally:
+        stop_all([comp, a])
