@@ -151,10 +151,12 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @click.option("--discover-broadcast", default="255.255.255.255", show_default=True)
 @security_options
 @insecure_listen_option
+@click.option("--api-key", default=lambda: os.environ.get("LAMINA_API_KEY") or None,
+              help="Compute with --http: require 'Authorization: Bearer KEY' on /v1/* (default: $LAMINA_API_KEY).")
 def start(role, listen, join, cluster, kv_memory, device, threads, block_size, heartbeat, dead_after, model_dir,
           dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout, owner_timeout,
           http, max_batch, advertise, discover, discover_port,
-          discover_broadcast, secret, peer_key, allow_dir, insecure_listen):
+          discover_broadcast, secret, peer_key, allow_dir, insecure_listen, api_key):
     """Run one peer until SIGTERM or Ctrl-C."""
     if role == "attention":
         # Kernel calls are short and frequent, on cores shared with other work: OpenMP threads that
@@ -206,7 +208,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
                           threads=threads, heartbeat=heartbeat, dead_after=dead_after, max_batch=max_batch,
                           advertise=advertise, discover=discover, discover_port=discover_port,
                           discover_broadcast=discover_broadcast, security=security,
-                          insecure_listen=insecure_listen)
+                          insecure_listen=insecure_listen, api_key=api_key)
     run_async(run_compute(opts))
 
 
