@@ -281,3 +281,31 @@ def test_oversized_frames_are_dropped_by_libzmq_and_a_flood_is_answered_busy():
             ctx.destroy(linger=0)
 
     asyncio.run(scenario())
+
+
+def test_hostile_gossip_entries_are_dropped(peer):
+    """Entries with non-finite load, negative sizes, oversized names or wrong types never enter the table."""
+    def entry(i, **bad):
+        return {"id": f"junk{i}", "role": "attention", "address": f"tcp://127.0.0.1:{10000 + i}", "device": "cpu",
+                "kv_total_bytes": 1, "kv_free_bytes": 1, "load": 0.0, "version": PROTOCOL_VERSION,
+                "cluster": "lamina", "heartbeat": 1, "ready": True, **bad}
+
+    junk = [entry(0, load=float("nan")), entry(1, load=float("inf")), entry(2, kv_free_bytes=-5),
+            entry(3, device="x" * 1000), entry(4, heartbeat=True), entry(5, role="king"), entry(6, id="i" * 100),
+            entry(7, address=["tcp://x:1"]), "not a map", 17]
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        client = RpcClient(ctx, peer.address)
+        try:
+            reply = await client.call("gossip", {"from": "junk0", "cluster": "lamina", "version": PROTOCOL_VERSION,
+                                                 "leave": False, "peers": junk}, timeout=10)
+            assert all(not p["id"].startswith("junk") for p in reply.fields["peers"])
+            table = (await client.call("status", timeout=10)).fields
+            assert all(not str(p["id"]).startswith(("junk", "iii")) for p in table["peers"])
+        finally:
+            await client.close()
+            ctx.destroy(linger=0)
+        await check_serves_correctly(peer.address, "after-gossip", 6)
+
+    asyncio.run(scenario())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ class PeerInfo:
             values[name] = v
         if values["role"] not in ROLES or len(values["id"]) > 64 or len(values["address"]) > 256:
             raise ValueError(f"peer entry {values['id']!r}: bad role, id or address")
+        if len(values["device"]) > 32 or len(values["cluster"]) > 64:
+            raise ValueError(f"peer entry {values['id']!r}: device or cluster name too long")
+        if not (math.isfinite(values["load"]) and values["load"] >= 0 and values["kv_total_bytes"] >= 0
+                and values["kv_free_bytes"] >= 0 and values["heartbeat"] >= 0):
+            raise ValueError(f"peer entry {values['id']!r}: negative or non-finite load, KV bytes or heartbeat")
         values["load"] = float(values["load"])
         return cls(**values)
 
