@@ -230,7 +230,8 @@ def status(join, timeout, as_json, secret, peer_key, allow_dir):
     except click.BadParameter:
         raise
     except Exception as e:  # unreachable peer, timeout
-        hint = "" if secret else " (a cluster started with --secret answers only clients with the key)"
+        hint = (" (is --secret this cluster's key?)" if secret else
+                " (a cluster started with --secret answers only clients with the key)")
         _fail(f"cannot get status from {join}: {e}{hint}")
     click.echo(json.dumps(table, indent=2) if as_json else format_table(table))
 

@@ -288,11 +288,20 @@ def test_plain_text_binds_loopback_only_unless_told(keys):
     out = subprocess.run(node_command("start", "--role", "attention", "--listen", "tcp://0.0.0.0:0"),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--insecure-listen" in out.stderr and "--secret" in out.stderr
-    # With keys a wildcard bind is allowed; so is plain text with the explicit flag.
-    for extra in (["--secret", keys["good"]], ["--insecure-listen"]):
+    # With keys a wildcard bind is allowed (here in allow-list mode); so is plain text with the flag.
+    allow_a = ["--secret", keys["good"], "--peer-key", keys["a"], "--allow", keys["allow_a"]]
+    for extra in (allow_a, ["--insecure-listen"]):
         peer = start_peer(["start", "--role", "attention", "--listen", "tcp://0.0.0.0:0", "--kv-memory", "8MiB",
                            "--threads", "1", *extra])
-        stop_all([peer])
+        try:
+            if extra is allow_a:  # peer a's key is on the list, b's is not
+                rc, table = status(peer.address, *allow_a)
+                assert rc == 0 and [p["id"] for p in table["peers"]] == [peer.peer_id]
+                rc, err = status(peer.address, "--secret", keys["good"], "--peer-key", keys["b"], "--allow",
+                                 keys["allow_a"])
+                assert rc != 0 and "this cluster's key" in err
+        finally:
+            stop_all([peer])
         assert peer.proc.returncode == 0
     # A public key file where the secret belongs is refused with a reason before anything starts.
     out = subprocess.run(node_command("start", "--role", "attention", "--secret",
