@@ -9,7 +9,8 @@ reply naming the limit, and nothing is allocated.
 
 The caps are generous for real models (Llama-3-405B: 126 layers, 128 heads, 8 kv heads, head_dim
 128, 128k positions; a block-table row of 8 heads x 8192 blocks) and small enough that the worst
-a peer holds for tables is max_sequences x max_table_row x 4 bytes.
+a peer holds for tables is max_sequences x max_table_row x 4 bytes (and each new pool starts with
+64 slots of rows, times max_pools).
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ class PeerLimits:
     max_heads: int = 1024
     max_head_dim: int = 1024
     max_positions: int = 1 << 20
-    max_table_row: int = 1 << 16  # kv heads x blocks per sequence, int32 entries
-    max_sequences: int = 1 << 14  # shards held, all owners together
+    # kv heads x blocks per sequence (int32 entries): 10 kv heads x 128k positions / 16 fits, and a
+    # row of this size times max_sequences (4 GiB) is the most block tables can ever take.
+    max_table_row: int = 1 << 18
+    max_sequences: int = 1 << 12  # shards held, all owners together
     max_seqs_per_request: int = 4096
     max_free_ids: int = 1 << 14
 
