@@ -8,3 +8,5 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 # test says otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
+# As the CLI does for every peer: spinning OpenMP workers starve the other threads and processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
