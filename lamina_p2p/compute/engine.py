@@ -100,6 +100,9 @@ class Engine:
             except AttentionPeerError as e:
                 if e.kv_full or attempt >= self.max_recoveries:
                     raise
+                if e.kind == "busy":  # overloaded, not broken: its KV is intact, try again shortly
+                    await asyncio.sleep(0.01 * 2 ** min(attempt, 6))
+                    continue
                 log.warning("step failed on %s (%s): recovering", e.peer, e.kind)
                 await self.recover(running, e)
 

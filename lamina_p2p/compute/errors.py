@@ -14,6 +14,7 @@ class AttentionPeerError(RuntimeError):
       "failed"  - it is gone or unreachable (died, timed out, connection closed): re-place its shards;
       "kv_full" - it is alive but out of KV: the scheduler preempts;
       "lost"    - it is alive but no longer holds a shard we sent to (it dropped our state): recompute;
+      "busy"    - it has too many requests in flight: retry the step after a pause;
       "error"   - it refused the request for another reason.
     """
 

@@ -138,7 +138,7 @@ class ClusterTransport:
         except (RpcTimeout, RpcClosed) as e:
             raise AttentionPeerError(peer, str(e), "failed") from None
         except RpcError as e:
-            raise AttentionPeerError(peer, str(e), classify(str(e))) from None
+            raise AttentionPeerError(peer, str(e), "busy" if e.code == "busy" else classify(str(e))) from None
         if len(msg.tensors) != 2:
             raise AttentionPeerError(peer, f"attend reply has {len(msg.tensors)} tensors, expected 2")
         if tracing and all(isinstance(msg.fields.get(k), float) for k in ("tq", "tk0", "tk1")):
