@@ -145,4 +145,10 @@ model = "{model}"
         assert peer_pids() == []  # cluster up waited for every peer to exit
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGTERM)  # cluster up stops its peers on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for port in ports:  # whatever is left after a failure above
+            subprocess.run(["pkill", "-9", "-f", "--", f"--listen tcp://127.0.0.1:{port}"])
