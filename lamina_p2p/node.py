@@ -13,6 +13,24 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: print where every asyncio task is waiting (for a peer that seems stuck)."""
+    lines = []
+    for task in asyncio.all_tasks():
+        lines.append(f"task {task.get_name()}:")
+        coro = task.get_coro()
+        while coro is not None:  # follow the await chain down to what it waits on
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+            if coro is not None and not hasattr(coro, "cr_frame") and not hasattr(coro, "ag_frame"):
+                lines.append(f"    awaiting {coro!r}"[:300])
+                break
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _announce(address: str, peer_id: str) -> None:

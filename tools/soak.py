@@ -122,8 +122,8 @@ async def client_loop(url: str, model: str, stop_at: float, rng: random.Random, 
             except Exception as e:  # noqa: BLE001 - every failure is counted and shown
                 stats["failed"] += 1
                 stats["errors"].append(f"{type(e).__name__}: {e}"[:200])
-            finally:
-                stats["open"].discard(rid)
+            # A request still open when the grace period ends (cancelled here) stays in "open": lost.
+            stats["open"].discard(rid)
 
 
 async def chaos_loop(cluster: Cluster, stop_at: float, rng: random.Random, lo: float, hi: float, log: list) -> None:
