@@ -8,9 +8,17 @@ One call = one layer of one micro-batch. Three parallel passes:
    over a key range of one (sequence, kv head, query tile) for all its query rows;
 3. merge: prange over groups that were split, exact LSE merge of their partials.
 
-Pools of float16/bfloat16 hold uint16 bits. A block is widened into a small per-item
-float32 scratch once and then used by every query row of the GQA group (float32
-pools are read in place). Scores use q pre-multiplied by `scale`.
+Pools of float16/bfloat16 hold uint16 bits and are decoded where they are loaded,
+inside the QK and PV loops (no scratch copy): bfloat16 is a 16-bit shift, float16
+a hardware half->float conversion (vcvtph2ps) where the CPU has F16C. The storage
+is a compile-time property: bfloat16 arrays reach the jitted code viewed as int16,
+float16 as uint16, so each variant is compiled with its own decoder and no branch.
+
+The inner loops are register-blocked: four query rows (the GQA group) by four key
+tokens, the innermost loop over head_dim, stride 1, vectorised by LLVM. QK keeps
+16 dot products in flight and loads each q and K element once per 4x4 tile; PV
+keeps the 4 rows' accumulators in registers across 4 tokens and broadcasts the
+probabilities. Scores use q pre-multiplied by `scale`.
 """
 
 import math
@@ -23,7 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import plan as P
-from .storage import CODE, check_storage, storage_dtype
+from .storage import check_storage, storage_dtype
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -49,15 +57,46 @@ def _u32_as_f32(typingctx, u):
     return sig, codegen
 
 
+@intrinsic
+def _half_bits_to_f32(typingctx, h):
+    """IEEE half bits (a 16-bit integer) to float32 via LLVM's fpext half: one
+    vcvtph2ps per 16 lanes on CPUs with F16C."""
+    if not isinstance(h, types.Integer) or h.bitwidth != 16:
+        return None
+    sig = types.float32(h)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+def _host_has_f16c():
+    # Only when compiling for this host: for a generic target LLVM would lower fpext
+    # half to a runtime call that may not resolve.
+    from llvmlite import binding
+
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return "+f16c" in (numba.config.CPU_FEATURES or "")
+    try:
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except RuntimeError:
+        return False
+
+
+_F16C = _host_has_f16c()
+
+
 @njit(inline="always", **_JIT)
 def _bf16_to_f32(h):
+    # Works for uint16 and int16 bits alike: the shift drops any sign extension.
     return _u32_as_f32(np.uint32(h) << np.uint32(16))
 
 
 @njit(inline="always", **_JIT)
 def _f16_to_f32(h):
-    # Manual IEEE half decode; written branch-light so LLVM turns it into selects
-    # and the widening loop still vectorises.
+    # Manual IEEE half decode, for CPUs without F16C; written branch-light so LLVM
+    # turns it into selects and the loops still vectorise.
     a = np.uint32(h) & np.uint32(0x7FFF)
     normal = _u32_as_f32((a << np.uint32(13)) + np.uint32(0x38000000))  # rebias 15 -> 127
     special = _u32_as_f32((a << np.uint32(13)) | np.uint32(0x7F800000))  # inf / nan
@@ -65,6 +104,31 @@ def _f16_to_f32(h):
     f = normal if a >= np.uint32(0x0400) else subnormal
     f = special if a >= np.uint32(0x7C00) else f
     return -f if (np.uint32(h) & np.uint32(0x8000)) != 0 else f
+
+
+def _dec(h):
+    """float32 value of one stored element (jitted code only; see the overload)."""
+    raise NotImplementedError
+
+
+@overload(_dec, inline="always", jit_options=_JIT)
+def _ov_dec(h):
+    # The storage is told apart by type: float32 as is, bfloat16 bits as int16,
+    # float16 bits as uint16 (see _kernel_view).
+    if h == types.float32:
+        return lambda h: h
+    if h == types.int16:
+        return lambda h: _bf16_to_f32(h)
+    if h == types.uint16:
+        if _F16C:
+            return lambda h: _half_bits_to_f32(h)
+        return lambda h: _f16_to_f32(h)
+    return None
+
+
+def _kernel_view(a, storage):
+    """The array as the jitted kernels take it: bfloat16 bits viewed as int16."""
+    return a.view(np.int16) if storage == "bfloat16" else a
 
 
 @njit(inline="always", **_JIT)
@@ -92,16 +156,19 @@ def _exp_nonpos(x):
 
 
 def _widen_rows(src, dst, t0, t1, code):
-    """Rows [t0, t1) of a 2-D block as float32; returns a [rows, D] float32 array."""
+    """Rows [t0, t1) of a 2-D stored block decoded to float32 into dst, with the
+    kernels' own decoders (code: storage code; uint16 bits for both 16-bit kinds)."""
     raise NotImplementedError  # replaced by the overload below inside jitted code
 
 
 @overload(_widen_rows, jit_options=_JIT)
 def _ov_widen_rows(src, dst, t0, t1, code):
     if src.dtype == types.float32:
-        # float32 pools are used in place: no copy at all.
         def impl(src, dst, t0, t1, code):
-            return src
+            for t in range(t0, t1):
+                for k in range(src.shape[1]):
+                    dst[t, k] = _dec(src[t, k])
+            return dst
 
         return impl
     if src.dtype == types.uint16:
@@ -111,11 +178,11 @@ def _ov_widen_rows(src, dst, t0, t1, code):
             if code == 2:
                 for t in range(t0, t1):
                     for k in range(d):
-                        dst[t, k] = _bf16_to_f32(src[t, k])
+                        dst[t, k] = _dec(np.int16(src[t, k]))  # same bits, bfloat16 type
             else:
                 for t in range(t0, t1):
                     for k in range(d):
-                        dst[t, k] = _f16_to_f32(src[t, k])
+                        dst[t, k] = _dec(src[t, k])
             return dst
 
         return impl
@@ -124,7 +191,8 @@ def _ov_widen_rows(src, dst, t0, t1, code):
 
 @intrinsic
 def _prefetch(typingctx, arr, idx):
-    """llvm.prefetch of arr.ravel()[idx] for reading, into L2 (locality 1)."""
+    """llvm.prefetch of the element at flat index idx of a C-contiguous array, for
+    reading, into L2 (locality 1)."""
     sig = types.void(arr, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -141,60 +209,177 @@ def _prefetch(typingctx, arr, idx):
     return sig, codegen
 
 
-@njit(**_JIT)
-def _scores(qs, n_rows, kb, t0, t1, s):
-    """s[r, t] = qs[r] . kb[t] for t in [t0, t1).
+@njit(inline="always", **_JIT)
+def _prefetch_rows(nb, t, n):
+    """Prefetch every cache line of rows [t, t + n) of a 2-D block view (into L2)."""
+    step = 64 // nb.itemsize
+    d = nb.shape[1]
+    for u in range(t, min(t + n, nb.shape[0])):
+        for o in range(0, d, step):
+            _prefetch(nb[u], o)
 
-    Four rows share each K row load: with one row at a time the loop is bound by
-    the horizontal-add latency of each dot, not by loads.
+
+@njit(**_JIT)
+def _qk4(qs, r, kb, t0, t1, s, kn, pf):
+    """s[r:r+4, t] = qs[r:r+4] . kb[t] for t in [t0, t1).
+
+    Tiles of 4 rows x 4 tokens: 16 dot products in flight, each q and K element
+    loaded once per tile (with one token at a time the loop is bound by q loads and
+    the horizontal adds of each dot).
     """
     d = kb.shape[1]
-    r = 0
-    while r + 4 <= n_rows:
-        for t in range(t0, t1):
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for x in range(d):
-                k = kb[t, x]
-                a0 += qs[r, x] * k
-                a1 += qs[r + 1, x] * k
-                a2 += qs[r + 2, x] * k
-                a3 += qs[r + 3, x] * k
-            s[r, t] = a0
-            s[r + 1, t] = a1
-            s[r + 2, t] = a2
-            s[r + 3, t] = a3
-        r += 4
-    for rr in range(r, n_rows):
-        for t in range(t0, t1):
-            a = np.float32(0.0)
-            for x in range(d):
-                a += qs[rr, x] * kb[t, x]
-            s[rr, t] = a
+    t = t0
+    while t + 4 <= t1:
+        if pf:
+            _prefetch_rows(kn, t, 4)
+        a00 = a01 = a02 = a03 = np.float32(0.0)
+        a10 = a11 = a12 = a13 = np.float32(0.0)
+        a20 = a21 = a22 = a23 = np.float32(0.0)
+        a30 = a31 = a32 = a33 = np.float32(0.0)
+        for x in range(d):
+            q0 = qs[r, x]; q1 = qs[r + 1, x]; q2 = qs[r + 2, x]; q3 = qs[r + 3, x]
+            k0 = _dec(kb[t, x]); k1 = _dec(kb[t + 1, x]); k2 = _dec(kb[t + 2, x]); k3 = _dec(kb[t + 3, x])
+            a00 += q0 * k0; a01 += q0 * k1; a02 += q0 * k2; a03 += q0 * k3
+            a10 += q1 * k0; a11 += q1 * k1; a12 += q1 * k2; a13 += q1 * k3
+            a20 += q2 * k0; a21 += q2 * k1; a22 += q2 * k2; a23 += q2 * k3
+            a30 += q3 * k0; a31 += q3 * k1; a32 += q3 * k2; a33 += q3 * k3
+        s[r, t] = a00; s[r, t + 1] = a01; s[r, t + 2] = a02; s[r, t + 3] = a03
+        s[r + 1, t] = a10; s[r + 1, t + 1] = a11; s[r + 1, t + 2] = a12; s[r + 1, t + 3] = a13
+        s[r + 2, t] = a20; s[r + 2, t + 1] = a21; s[r + 2, t + 2] = a22; s[r + 2, t + 3] = a23
+        s[r + 3, t] = a30; s[r + 3, t + 1] = a31; s[r + 3, t + 2] = a32; s[r + 3, t + 3] = a33
+        t += 4
+    while t < t1:
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for x in range(d):
+            k = _dec(kb[t, x])
+            a0 += qs[r, x] * k
+            a1 += qs[r + 1, x] * k
+            a2 += qs[r + 2, x] * k
+            a3 += qs[r + 3, x] * k
+        s[r, t] = a0; s[r + 1, t] = a1; s[r + 2, t] = a2; s[r + 3, t] = a3
+        t += 1
+
+
+@njit(**_JIT)
+def _pv4(p, r, vb, t0, t1, acc, vn, pf):
+    """acc[r:r+4] += sum_t p[r:r+4, t] * vb[t] for t in [t0, t1).
+
+    Four tokens per pass: the 16 probabilities are hoisted (broadcast once), each
+    accumulator element is loaded and stored once per 4 tokens, each V element
+    decoded once for the 4 rows.
+    """
+    d = vb.shape[1]
+    t = t0
+    while t + 4 <= t1:
+        if pf:
+            _prefetch_rows(vn, t, 4)
+        p00 = p[r, t]; p01 = p[r, t + 1]; p02 = p[r, t + 2]; p03 = p[r, t + 3]
+        p10 = p[r + 1, t]; p11 = p[r + 1, t + 1]; p12 = p[r + 1, t + 2]; p13 = p[r + 1, t + 3]
+        p20 = p[r + 2, t]; p21 = p[r + 2, t + 1]; p22 = p[r + 2, t + 2]; p23 = p[r + 2, t + 3]
+        p30 = p[r + 3, t]; p31 = p[r + 3, t + 1]; p32 = p[r + 3, t + 2]; p33 = p[r + 3, t + 3]
+        for x in range(d):
+            v0 = _dec(vb[t, x]); v1 = _dec(vb[t + 1, x]); v2 = _dec(vb[t + 2, x]); v3 = _dec(vb[t + 3, x])
+            acc[r, x] += p00 * v0 + p01 * v1 + p02 * v2 + p03 * v3
+            acc[r + 1, x] += p10 * v0 + p11 * v1 + p12 * v2 + p13 * v3
+            acc[r + 2, x] += p20 * v0 + p21 * v1 + p22 * v2 + p23 * v3
+            acc[r + 3, x] += p30 * v0 + p31 * v1 + p32 * v2 + p33 * v3
+        t += 4
+    while t < t1:
+        p0 = p[r, t]; p1 = p[r + 1, t]; p2 = p[r + 2, t]; p3 = p[r + 3, t]
+        for x in range(d):
+            v = _dec(vb[t, x])
+            acc[r, x] += p0 * v
+            acc[r + 1, x] += p1 * v
+            acc[r + 2, x] += p2 * v
+            acc[r + 3, x] += p3 * v
+        t += 1
+
+
+@njit(**_JIT)
+def _qk1(qs, r, kb, t0, t1, s, kn, pf):
+    """s[r, t] = qs[r] . kb[t] for one row, four tokens at a time."""
+    d = kb.shape[1]
+    t = t0
+    while t + 4 <= t1:
+        if pf:
+            _prefetch_rows(kn, t, 4)
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for x in range(d):
+            q = qs[r, x]
+            a0 += q * _dec(kb[t, x])
+            a1 += q * _dec(kb[t + 1, x])
+            a2 += q * _dec(kb[t + 2, x])
+            a3 += q * _dec(kb[t + 3, x])
+        s[r, t] = a0; s[r, t + 1] = a1; s[r, t + 2] = a2; s[r, t + 3] = a3
+        t += 4
+    while t < t1:
+        a = np.float32(0.0)
+        for x in range(d):
+            a += qs[r, x] * _dec(kb[t, x])
+        s[r, t] = a
+        t += 1
+
+
+@njit(**_JIT)
+def _pv1(p, r, vb, t0, t1, acc, vn, pf):
+    """acc[r] += sum_t p[r, t] * vb[t] for one row, four tokens at a time."""
+    d = vb.shape[1]
+    t = t0
+    while t + 4 <= t1:
+        if pf:
+            _prefetch_rows(vn, t, 4)
+        p0 = p[r, t]; p1 = p[r, t + 1]; p2 = p[r, t + 2]; p3 = p[r, t + 3]
+        for x in range(d):
+            acc[r, x] += (p0 * _dec(vb[t, x]) + p1 * _dec(vb[t + 1, x])
+                          + p2 * _dec(vb[t + 2, x]) + p3 * _dec(vb[t + 3, x]))
+        t += 4
+    while t < t1:
+        p0 = p[r, t]
+        for x in range(d):
+            acc[r, x] += p0 * _dec(vb[t, x])
+        t += 1
 
 
 @njit(**_JIT)
 def _prefetch_block(k_pool, v_pool, blk, layer):
-    # A layer's rows of one block are only block_size * head_dim elements long and
-    # blocks are scattered, so the hardware prefetcher stops at every block edge.
-    # Touching the start of each 4 KiB page of the next block (into L2) restarts it
-    # early. Measured single-thread, float32, 4 rows: scattered blocks 195 -> 165
-    # ns/token; prefetching every line instead made sequential blocks 1.7x slower.
-    kr = k_pool[blk, layer].ravel()
-    vr = v_pool[blk, layer].ravel()
-    for o in range(0, kr.shape[0], 4096 // k_pool.itemsize):
-        _prefetch(kr, o)
-        _prefetch(vr, o)
+    """Prefetch every line of one block's K and V rows of a layer (an item's first block)."""
+    _prefetch_rows(k_pool[blk, layer], 0, k_pool.shape[2])
+    _prefetch_rows(v_pool[blk, layer], 0, v_pool.shape[2])
 
 
 @njit(**_JIT)
-def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, code,
-                 kbuf, vbuf, s, m, l, acc):
+def _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc):
+    """Online-softmax update for keys [t0, t1) of one block: scores in s become
+    probabilities (0 past each row's causal limit), m/l/acc are rescaled."""
+    d = acc.shape[1]
+    for r in range(n_rows):
+        te = max(min(t1, row_lim[r] - base), t0)  # causal limit of this row
+        for t in range(te, t1):
+            s[r, t] = 0.0  # masked keys get probability 0 in the PV pass
+        if te == t0:
+            continue
+        mx = m[r]
+        for t in range(t0, te):
+            mx = max(mx, s[r, t])
+        alpha = _exp_nonpos(m[r] - mx)  # ~0 on the first block (m = -inf)
+        psum = np.float32(0.0)
+        for t in range(t0, te):
+            p = _exp_nonpos(s[r, t] - mx)
+            s[r, t] = p
+            psum += p
+        l[r] = l[r] * alpha + psum
+        m[r] = mx
+        if alpha != 1.0:
+            for x in range(d):
+                acc[r, x] *= alpha
+
+
+@njit(**_JIT)
+def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc):
     """Online softmax of rows qs[:n_rows] over keys [k0, k1); row r sees keys < row_lim[r].
 
-    Leaves the running max m, sum l and unnormalised accumulator acc.
+    Leaves the running max m, sum l and unnormalised accumulator acc. K and V are
+    read from the pool in place, decoded as they are loaded.
     """
     bs = k_pool.shape[2]
     d = k_pool.shape[3]
@@ -205,78 +390,38 @@ def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, cod
             acc[r, x] = 0.0
     if k1 <= k0:
         return
+    r4 = n_rows - n_rows % 4
     b_end = (k1 + bs - 1) // bs
+    _prefetch_block(k_pool, v_pool, bt_row[k0 // bs], layer)
     for b in range(k0 // bs, b_end):
         blk = bt_row[b]  # one table lookup per block, not per token
-        if b + 1 < b_end:
-            _prefetch_block(k_pool, v_pool, bt_row[b + 1], layer)
+        # Blocks are scattered and a layer's rows of one are only bs * d elements, so
+        # the hardware prefetcher stops at every block edge: the next block's rows
+        # are prefetched a few at a time inside the QK/PV tile loops (a burst of a
+        # whole block ahead stalls the loads of the current one in the miss queue).
+        pf = b + 1 < b_end
         base = b * bs
         t0 = max(k0 - base, 0)
         t1 = min(k1 - base, bs)
-        kb = _widen_rows(k_pool[blk, layer], kbuf, t0, t1, code)
-        vb = _widen_rows(v_pool[blk, layer], vbuf, t0, t1, code)
-        _scores(qs, n_rows, kb, t0, t1, s)
-        for r in range(n_rows):
-            te = max(min(t1, row_lim[r] - base), t0)  # causal limit of this row
-            for t in range(te, t1):
-                s[r, t] = 0.0  # masked keys get probability 0 in _accumulate
-            if te == t0:
-                continue
-            mx = m[r]
-            for t in range(t0, te):
-                mx = max(mx, s[r, t])
-            alpha = _exp_nonpos(m[r] - mx)  # ~0 on the first block (m = -inf)
-            psum = np.float32(0.0)
-            for t in range(t0, te):
-                p = _exp_nonpos(s[r, t] - mx)
-                s[r, t] = p
-                psum += p
-            l[r] = l[r] * alpha + psum
-            m[r] = mx
-            if alpha != 1.0:
-                for x in range(d):
-                    acc[r, x] *= alpha
-        _accumulate(s, n_rows, vb, t0, t1, acc)
-
-
-@njit(**_JIT)
-def _accumulate(p, n_rows, vb, t0, t1, acc):
-    """acc[r] += sum_t p[r, t] * vb[t], four rows per V row load (as in _scores)."""
-    d = vb.shape[1]
-    r = 0
-    while r + 4 <= n_rows:
-        for t in range(t0, t1):
-            p0 = p[r, t]
-            p1 = p[r + 1, t]
-            p2 = p[r + 2, t]
-            p3 = p[r + 3, t]
-            for x in range(d):
-                v = vb[t, x]
-                acc[r, x] += p0 * v
-                acc[r + 1, x] += p1 * v
-                acc[r + 2, x] += p2 * v
-                acc[r + 3, x] += p3 * v
-        r += 4
-    for rr in range(r, n_rows):
-        for t in range(t0, t1):
-            pr = p[rr, t]
-            for x in range(d):
-                acc[rr, x] += pr * vb[t, x]
-
-
-@njit(inline="always", **_JIT)
-def _decode_q(x, code):
-    # q shares the storage encoding; one element at a time is fine (q is tiny).
-    if code == 0:
-        return np.float32(x)
-    if code == 2:
-        return _bf16_to_f32(x)
-    return _f16_to_f32(x)
+        kb = k_pool[blk, layer]
+        vb = v_pool[blk, layer]
+        bn = bt_row[b + 1] if pf else blk
+        kn = k_pool[bn, layer]
+        vn = v_pool[bn, layer]
+        for r in range(0, r4, 4):
+            _qk4(qs, r, kb, t0, t1, s, kn, pf and r == 0)
+        for r in range(r4, n_rows):
+            _qk1(qs, r, kb, t0, t1, s, kn, pf and r == 0)
+        _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc)
+        for r in range(0, r4, 4):
+            _pv4(s, r, vb, t0, t1, acc, vn, pf and r == 0)
+        for r in range(r4, n_rows):
+            _pv1(s, r, vb, t0, t1, acc, vn, pf and r == 0)
 
 
 @njit(parallel=True, **_JIT)
 def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
-                   ctx_lens, layer, scale, code, groups, items, order, n_parts, q_tile,
+                   ctx_lens, layer, scale, groups, items, order, n_parts, q_tile, n_threads,
                    out, lse):
     n_seq = slots.shape[0]
     n_kv = k_new.shape[1]  # local kv heads; the table may be wider (rows past n_kv unused)
@@ -301,11 +446,27 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                 k_pool[blk, layer, off, x] = k_new[kv0 + t, h, x]
                 v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
 
-    # Pass 2: attend, one item per iteration, longest items first.
+    # Pass 2: attend, one item per iteration, longest items first. Scratch is per
+    # thread (indexed by numba.get_thread_id()), not allocated per item.
     part_o = np.empty((n_parts, rmax, d), np.float32)
     part_lse = np.empty((n_parts, rmax), np.float32)
+    # n_threads: numba.get_num_threads() of the caller (read here it would make the
+    # function uncachable); get_thread_id() < n_threads.
+    qs_t = np.empty((n_threads, rmax, d), np.float32)
+    lim_t = np.empty((n_threads, rmax), np.int64)
+    s_t = np.empty((n_threads, rmax, bs), np.float32)
+    m_t = np.empty((n_threads, rmax), np.float32)
+    l_t = np.empty((n_threads, rmax), np.float32)
+    acc_t = np.empty((n_threads, rmax, d), np.float32)
     n_items = items.shape[0]
     for it in prange(n_items):
+        tid = numba.get_thread_id()
+        qs = qs_t[tid]
+        row_lim = lim_t[tid]
+        s = s_t[tid]
+        m = m_t[tid]
+        l = l_t[tid]
+        acc = acc_t[tid]
         item = order[it]
         g = items[item, P.I_GROUP]
         k0 = items[item, P.I_K0]
@@ -317,8 +478,6 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
         nqt = groups[g, P.G_NQ]
         n_rows = nqt * gsz
         append = kv_start[i + 1] > kv_start[i]
-        qs = np.empty((rmax, d), np.float32)
-        row_lim = np.empty(rmax, np.int64)
         for jj in range(nqt):
             tok = q_start[i] + j0 + jj
             lim = ctx_lens[i] + (j0 + jj + 1 if append else 0)
@@ -326,15 +485,9 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                 r = jj * gsz + gg
                 row_lim[r] = lim
                 for x in range(d):
-                    qs[r, x] = _decode_q(q[tok, h * gsz + gg, x], code) * scale
-        kbuf = np.empty((bs, d), np.float32)
-        vbuf = np.empty((bs, d), np.float32)
-        s = np.empty((rmax, bs), np.float32)
-        m = np.empty(rmax, np.float32)
-        l = np.empty(rmax, np.float32)
-        acc = np.empty((rmax, d), np.float32)
+                    qs[r, x] = _dec(q[tok, h * gsz + gg, x]) * scale
         _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
-                     layer, k0, k1, code, kbuf, vbuf, s, m, l, acc)
+                     layer, k0, k1, s, m, l, acc)
         for jj in range(nqt):
             tok = q_start[i] + j0 + jj
             for gg in range(gsz):
@@ -462,14 +615,16 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, 
         return out, lse
     max_chunk = int(np.max(np.diff(q_start))) if slots.shape[0] else 1
     q_tile = q_tile_for(n_q_heads, n_kv, max_chunk)
+    n_threads = numba.get_num_threads()
     groups, items, order, n_parts = P.make_plan(
-        q_start, kv_start, ctx_lens, n_kv, q_tile, bs, numba.get_num_threads(), _MIN_SPLIT)
+        q_start, kv_start, ctx_lens, n_kv, q_tile, bs, n_threads, _MIN_SPLIT)
     # Items differ in size: hand them out one at a time (dynamic scheduling). The
     # setting is thread-local, so concurrent callers on other threads are unaffected.
+    kv = [_kernel_view(a, storage) for a in (q, k_new, v_new, k_pool, v_pool)]
     with numba.parallel_chunksize(1):
-        _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
-                       kv_start, ctx_lens, int(layer), np.float32(scale), CODE[storage],
-                       groups, items, order, n_parts, q_tile, out, lse)
+        _append_attend(*kv, block_table, slots, q_start, kv_start, ctx_lens, int(layer),
+                       np.float32(scale), groups, items, order, n_parts, q_tile, n_threads, out,
+                       lse)
     return out, lse
 
 

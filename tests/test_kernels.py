@@ -98,6 +98,33 @@ def test_append_attend_matches_reference(storage, g, bs):
 
 
 @pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("g,bs", [(3, 6), (2, 4), (5, 16)])
+def test_remainder_rows_and_tokens(storage, g, bs):
+    """GQA groups and query tiles that are not a multiple of the 4-row register tile,
+    and blocks not a multiple of the 4-token tile: the 1-row and 1-token tails."""
+    rng = np.random.default_rng(hash((storage, g, bs, "tails")) % 2**32)
+    seqs = [(0, 1, True), (37, 1, True), (5, 7, True), (70, 3, False), (200, 1, True)]
+    call = Call(rng, storage, g, bs, seqs)
+    assert_matches(call.run(append_attend), call.run(append_attend_ref))
+
+
+def test_one_thread_and_scratch_reuse():
+    """Per-thread scratch: consecutive calls with different shapes, and one thread."""
+    import numba
+
+    rng = np.random.default_rng(21)
+    calls = [Call(rng, "bfloat16", g, 8, MIXED) for g in (8, 1, 4)]
+    n = numba.get_num_threads()
+    try:
+        for threads in (1, n):
+            numba.set_num_threads(threads)
+            for call in calls:
+                assert_matches(call.run(append_attend), call.run(append_attend_ref))
+    finally:
+        numba.set_num_threads(n)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
 def test_single_long_sequence_uses_splits(storage):
     rng = np.random.default_rng(7)
     call = Call(rng, storage, 4, 16, [(3000, 1, True)], n_kv=1, d=64)
@@ -212,6 +239,24 @@ def test_kernel_decoders_cover_every_bit_pattern(storage):
     bits = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
     got = _widen_all(bits, 1 if storage == "float16" else 2)
     want = widen(bits, storage)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
+
+
+@njit
+def _manual_f16(bits):
+    out = np.empty(bits.shape, np.float32)
+    for i in range(bits.shape[0]):
+        out[i] = cpu._f16_to_f32(bits[i])
+    return out
+
+
+def test_manual_f16_decoder_covers_every_bit_pattern():
+    """The bit-twiddling float16 decoder used where the CPU has no F16C."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    got = _manual_f16(bits)
+    want = widen(bits, "float16")
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     ok = ~np.isnan(want)
     np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
