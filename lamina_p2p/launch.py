@@ -49,7 +49,7 @@ def node_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lamina_p2p", *args]
 
 
-def start_peer(args: list[str], timeout: float = 120.0, env: dict | None = None) -> PeerProcess:
+def start_peer(args: list[str], timeout: float = 600.0, env: dict | None = None) -> PeerProcess:
     """Start `lamina-node <args>` and wait until it prints its READY line."""
     proc = subprocess.Popen(node_command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
