@@ -304,3 +304,168 @@ def test_beacon_discovery_on_loopback():
                     await bc.stop()
 
     run(body())
+
+
+def dead_to(m, *others):
+    return all(m.get(o.me.id) is not None and m.get(o.me.id).state == "dead" for o in others)
+
+
+def test_sides_that_hold_each_other_dead_heal_by_probing_old_addresses():
+    """A partition long enough that each side marks the other dead, and every seed dead: nobody
+    gossips to a peer it holds dead, so only probing addresses once seen alive can heal it."""
+    async def body():
+        async with Peers() as P:
+            s = await P.start()
+            x = await P.start(seeds=[s.me.address], role="compute", rejoin_max=1.0)
+            y = await P.start(seeds=[s.me.address], rejoin_max=1.0)
+            z = await P.start(seeds=[s.me.address], rejoin_max=1.0)
+            for m in (s, x, y, z):
+                await m.wait_for(sees(s, x, y, z), timeout=5)
+            await P.kill(s)  # the only seed anyone has
+            for m in (x, y, z):
+                await m.wait_for(lambda m: dead_to(m, s) and ids(m) == {x.me.id, y.me.id, z.me.id}, timeout=5)
+
+            # Cut x off both ways: its gossip goes nowhere, gossip to it is never answered.
+            server = next(sv for sv, m in P.running if m is x)
+            on_gossip, exchange = x._on_gossip, x._exchange
+
+            async def blackhole(msg):
+                await asyncio.Event().wait()
+
+            async def nowhere(address):
+                return None
+
+            server.register("gossip", blackhole)
+            x._exchange = nowhere
+            await x.wait_for(lambda m: dead_to(m, y, z), timeout=5)
+            for m in (y, z):
+                await m.wait_for(lambda m: dead_to(m, x), timeout=5)
+            server.register("gossip", on_gossip)
+            x._exchange = exchange
+
+            # Healed without any seed: x probes y and z, and they probe x.
+            t0 = time.monotonic()
+            for m in (x, y, z):
+                await m.wait_for(sees(x, y, z), timeout=5)
+            assert time.monotonic() - t0 < 1.0 + 2.0  # within a probe backoff, plus slack
+
+    run(body())
+
+
+# --- churn: seeds die, a peer stalls; every live view must still converge to the live set ---
+
+CHURN_PEER = textwrap.dedent(
+    """
+    import asyncio, sys, uuid, uvloop, zmq.asyncio
+    from lamina_p2p.net.membership import Membership, PeerInfo
+    from lamina_p2p.net.rpc import RpcServer
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        server = RpcServer(ctx, "tcp://127.0.0.1:0")
+        await server.start()
+        me = PeerInfo(id=uuid.uuid4().hex, role=sys.argv[1], address=server.bound_address, cluster="test")
+        m = Membership(server, ctx, me, sys.argv[2:], heartbeat_interval=0.05, suspect_after=0.3,
+                       dead_after=0.6, rejoin_max=1.5)
+        await m.start()
+        print(server.bound_address, me.id, flush=True)
+        await asyncio.Event().wait()  # until killed
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    """
+)
+
+
+class ChurnPeer:
+    def __init__(self, proc, address, peer_id):
+        self.proc, self.address, self.id = proc, address, peer_id
+
+
+def test_views_converge_to_the_live_set_under_churn_and_a_stall():
+    """The soak's pattern: the compute peer joins via the first attention peer, attention peers are
+    SIGKILLed one by one and replaced by peers joining via a live one, and the compute peer's loop
+    stalls past dead_after meanwhile (SIGSTOP, as an overloaded machine does): everyone times it
+    out, and their gossip to it expires unread. Every live peer must end seeing exactly the live set."""
+    procs = []
+
+    async def spawn(role, *seeds):
+        p = subprocess.Popen([sys.executable, "-c", CHURN_PEER, role, *seeds], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, p.stdout.readline), 60)
+        return ChurnPeer(p, *line.split())
+
+    def kill(peer):
+        peer.proc.send_signal(signal.SIGKILL)
+        peer.proc.wait()
+
+    async def views(ctx, peers):
+        out = {}
+        for p in peers:
+            try:
+                st = await fetch_status(ctx, p.address, timeout=2)
+            except Exception as e:  # a stopped peer does not answer: its view is unknown
+                out[p.id] = repr(e)
+                continue
+            out[p.id] = {q["id"]: (q["state"], q["age"]) for q in st["peers"]}
+        return out
+
+    async def converge(ctx, live, timeout=20.0):
+        want = {p.id for p in live}
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = await views(ctx, live)
+            if all(isinstance(v, dict) and {i for i, (s, _) in v.items() if s == "alive"} == want
+                   for v in seen.values()):
+                return
+            assert time.monotonic() < deadline, f"views did not converge to {sorted(want)}: {seen}"
+            await asyncio.sleep(0.05)
+
+    async def body():
+        ctx = zmq.asyncio.Context()
+        try:
+            a = await spawn("attention")
+            b = await spawn("attention", a.address)
+            c = await spawn("attention", a.address)
+            x = await spawn("compute", a.address)  # joins via the first attention peer only
+            await converge(ctx, [a, b, c, x])
+            d = await spawn("attention", b.address)
+            await converge(ctx, [a, b, c, d, x])
+            kill(a)  # the compute peer's only seed
+            e = await spawn("attention", d.address)
+            await converge(ctx, [b, c, d, e, x])
+
+            # The compute peer stalls until every other peer has held it dead for longer than a
+            # gossip call may wait: nothing sent to it before is still answerable when it wakes.
+            x.proc.send_signal(signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 20
+                while True:
+                    seen = await views(ctx, [b, c, d, e])
+                    if all(v.get(x.id, ("", 0))[0] == "dead" and v[x.id][1] > 0.6 + 1.5 for v in seen.values()):
+                        break
+                    assert time.monotonic() < deadline, seen
+                    await asyncio.sleep(0.05)
+                kill(b)  # dies while the compute peer cannot notice
+                f = await spawn("attention", c.address)
+                await converge(ctx, [c, d, e, f])
+            finally:
+                x.proc.send_signal(signal.SIGCONT)
+            await converge(ctx, [c, d, e, f, x])
+
+            # More churn: every peer the compute peer met before its stall dies in turn.
+            kill(c)
+            g = await spawn("attention", e.address)
+            kill(d)
+            await converge(ctx, [e, f, g, x])
+        finally:
+            ctx.destroy(linger=0)
+
+    try:
+        run(body())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            p.wait()

@@ -9,6 +9,15 @@ whose counter has not risen for `suspect_after` seconds of *local* time is suspe
 A peer that leaves says so ("leave" in its last gossip) so others mark it dead at once; a killed
 peer is found by the timeout. A dead peer comes back only with a higher counter, or as a new id
 (a restarted process) at the same address, which also retires the old id.
+
+Healing. Nobody gossips to a peer it holds dead, so two sides that each hold the other dead (a peer
+stalled past `dead_after`: everyone timed it out, and on waking it timed everyone out; their gossip
+to it expired unread) would never speak again, and a peer whose seeds and known peers all died would
+be alone for good. So a peer keeps probing every address it has seen alive, and its seeds, while no
+live entry holds that address: with backoff from `dead_after` up to `rejoin_max`. One answered
+probe exchanges both tables, and the higher counters bring each side back to life in the other's.
+A peer also does not blame others for silence during its own stall: when a round comes late, the
+lateness is credited to every peer's clock before the timeouts are checked.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ ALIVE, SUSPECT, DEAD = "alive", "suspect", "dead"
 JOINED, DIED = "joined", "died"
 REFUSED_RETRY = 30.0  # seconds before gossiping again to a seed of another cluster
 MAX_PEERS = 4096  # entries a table holds: gossip cannot grow it past this
+MAX_REJOIN_ADDRESSES = 256  # addresses once seen alive that are probed again; the least recent go first
 
 
 @dataclass
@@ -99,6 +109,7 @@ class Membership:
         dead_after: float = 5.0,
         fanout: int = 3,
         security: Any = None,
+        rejoin_max: float | None = None,
     ):
         if not heartbeat_interval < suspect_after < dead_after:
             raise ValueError("need heartbeat_interval < suspect_after < dead_after")
@@ -108,6 +119,8 @@ class Membership:
         self.suspect_after = suspect_after
         self.dead_after = dead_after
         self.fanout = fanout
+        # Longest wait between two probes of an address with no live peer (see "Healing" above).
+        self.rejoin_max = max(4 * dead_after, 1.0) if rejoin_max is None else rejoin_max
         # A gossip call may wait this long; a peer slower than that is as good as silent.
         self._call_timeout = max(4 * heartbeat_interval, 1.0)
         self._ctx = ctx
@@ -121,6 +134,9 @@ class Membership:
         self._changed = asyncio.Event()
         self._warned: set = set()
         self._refused: dict[str, float] = {}  # seed address -> when it said "other cluster"
+        self._seen: dict[str, float] = {}  # address -> when a peer there was last seen alive
+        self._probe: dict[str, tuple[float, float]] = {}  # address -> (next probe time, backoff)
+        self._last_round: float | None = None
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()  # clients of dead peers being closed
         self._stopped = False
@@ -260,6 +276,7 @@ class Membership:
             p.last_seen = now
             p.state = ALIVE
             self._table[p.id] = p
+            self._saw(p.address, now)
             if known is None:
                 # A new id at an address we know is a restarted process: its old self is gone.
                 for old in list(self._table.values()):
@@ -275,16 +292,28 @@ class Membership:
         if p.state == DEAD:
             return
         p.state = DEAD
-        client = self._clients.pop(p.address, None)
-        if client is not None and p.address not in self.seeds:
-            # Keep a reference: the loop holds tasks only weakly.
-            t = asyncio.get_running_loop().create_task(client.close())
-            self._closing.add(t)
-            t.add_done_callback(self._closing.discard)
-        elif client is not None:
-            self._clients[p.address] = client  # seeds stay reachable for a rejoin
+        if p.address not in self.seeds and not self._live_at(p.address):
+            self._drop_client(p.address)  # seeds keep theirs for a rejoin; so does a live peer there
         self._emit(DIED, p)
         self._notify()
+
+    def _saw(self, address: str, now: float) -> None:
+        self._seen.pop(address, None)  # re-insert: the dict stays ordered least recent first
+        self._seen[address] = now
+        self._probe.pop(address, None)
+        while len(self._seen) > MAX_REJOIN_ADDRESSES:
+            del self._seen[next(iter(self._seen))]
+
+    def _credit_stall(self, now: float) -> None:
+        """If this round is late (our own loop stalled), do not count the delay as others' silence."""
+        last, self._last_round = self._last_round, now
+        if last is None:
+            return
+        late = now - last - self.heartbeat_interval
+        if late > self.heartbeat_interval:
+            for p in self._table.values():
+                if p.id != self.me.id and p.state != DEAD:
+                    p.last_seen = min(now, p.last_seen + late)
 
     def _check_timeouts(self, now: float) -> None:
         for p in list(self._table.values()):
@@ -305,6 +334,7 @@ class Membership:
             now = time.monotonic()
             self.me.heartbeat += 1
             self.me.last_seen = now
+            self._credit_stall(now)
             self._check_timeouts(now)
             for address in self._targets():
                 if address not in self._gossiping:
@@ -318,12 +348,26 @@ class Membership:
         picked = {p.address for p in random.sample(others, min(self.fanout, len(others)))}
         known = {p.address for p in others}
         now = time.monotonic()
-        picked.update(
-            s for s in self.seeds
-            if s not in known and s != self.me.address
-            and now - self._refused.get(s, -REFUSED_RETRY) >= REFUSED_RETRY
-        )
+        # Seeds never met: every round, as at the start. Any address once seen alive (seeds
+        # included) that no live entry holds now: probed with backoff, for as long as we remember it.
+        for a in dict.fromkeys([*self.seeds, *self._seen]):
+            if a in known or a == self.me.address:
+                self._probe.pop(a, None)
+                continue
+            if now - self._refused.get(a, -REFUSED_RETRY) < REFUSED_RETRY:
+                continue
+            if a not in self._seen:
+                picked.add(a)
+                continue
+            due, backoff = self._probe.get(a, (0.0, 0.0))
+            if now >= due:
+                picked.add(a)
+                backoff = min(max(2 * backoff, self.dead_after), self.rejoin_max)
+                self._probe[a] = (now + backoff, backoff)
         return list(picked)
+
+    def _live_at(self, address: str) -> bool:
+        return any(p.address == address and p.state != DEAD for p in self._table.values() if p.id != self.me.id)
 
     async def _exchange(self, address: str) -> None:
         try:
@@ -333,6 +377,8 @@ class Membership:
                 if address not in self._warned:
                     self._warned.add(address)
                     log.warning("gossip to %s refused: %s", address, e)
+            if not self._live_at(address) and address not in self.seeds:
+                self._drop_client(address)  # an unanswered probe: no socket kept redialling a dead port
             return
         f = reply.fields
         if self._foreign(f.get("cluster"), f.get("version"), f"gossip reply from {address}"):
@@ -340,6 +386,14 @@ class Membership:
             self._notify()
         else:
             self._merge(f.get("peers"))
+
+    def _drop_client(self, address: str) -> None:
+        client = self._clients.pop(address, None)
+        if client is not None:
+            # Keep a reference: the loop holds tasks only weakly.
+            t = asyncio.get_running_loop().create_task(client.close())
+            self._closing.add(t)
+            t.add_done_callback(self._closing.discard)
 
     def _client(self, address: str) -> RpcClient:
         client = self._clients.get(address)
