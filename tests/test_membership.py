@@ -469,3 +469,20 @@ def test_views_converge_to_the_live_set_under_churn_and_a_stall():
                 p.send_signal(signal.SIGCONT)
                 p.kill()
             p.wait()
+
+
+def test_a_peer_whose_only_seed_is_dead_says_it_is_alone(caplog):
+    async def body():
+        async with Peers() as P:
+            s = await P.start()
+            address = s.me.address
+            await P.kill(s)
+            caplog.set_level("WARNING", logger="lamina_p2p.net.membership")
+            n = await P.start(seeds=[address])
+            deadline = time.monotonic() + 5
+            while "no seed has answered" not in caplog.text:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert ids(n) == {n.me.id}
+
+    run(body())

@@ -137,6 +137,7 @@ class Membership:
         self._seen: dict[str, float] = {}  # address -> when a peer there was last seen alive
         self._probe: dict[str, tuple[float, float]] = {}  # address -> (next probe time, backoff)
         self._last_round: float | None = None
+        self._started = time.monotonic()
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()  # clients of dead peers being closed
         self._stopped = False
@@ -336,6 +337,11 @@ class Membership:
             self.me.last_seen = now
             self._credit_stall(now)
             self._check_timeouts(now)
+            if self.seeds and not self._seen and "alone" not in self._warned \
+                    and now - self._started > 2 * self.dead_after:
+                self._warned.add("alone")  # no path to anyone: only a seed answering can end it
+                log.warning("no seed has answered in %.0f s (%s): this peer is alone until one does",
+                            now - self._started, ", ".join(self.seeds))
             for address in self._targets():
                 if address not in self._gossiping:
                     t = asyncio.create_task(self._exchange(address))
