@@ -5,7 +5,8 @@ and against torch SDPA, all measured in the same run (DESIGN.md s10).
 
 Shape: batch 16, 32 query heads, 8 KV heads, head dim 128, one new token per sequence
 (decode), contexts 512/2048/8192, every storage dtype. kv_gbps counts K and V bytes in
-the storage dtype. --cuda benchmarks the numba.cuda kernel instead, against the card's
+the storage dtype. The storages of one context are timed round-robin, so their ratios
+(tok/s vs f32) see the same background load. --cuda benchmarks the numba.cuda kernel instead, against the card's
 device-to-device copy bandwidth (see tools/gpu_check.sh).
 """
 
@@ -20,6 +21,25 @@ import time
 import numpy as np
 
 B, HQ, HKV, D, BS = 16, 32, 8, 128, 16
+
+
+def best_times(fns, reps, min_time=0.0):
+    """Best wall time of each of several callables, timed round-robin (one call of each
+    per round, after one warm call each) for at least `reps` rounds and min_time seconds
+    per callable. Interleaving puts every callable under the same background load, so
+    their ratios hold on a shared machine even when the absolute times drift."""
+    for fn in fns:
+        fn()
+    best = [math.inf] * len(fns)
+    start = time.perf_counter()
+    n = 0
+    while n < reps or time.perf_counter() - start < min_time * len(fns):
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[j] = min(best[j], time.perf_counter() - t0)
+        n += 1
+    return best
 
 
 def best_time(fn, reps, min_time=0.0):
@@ -117,18 +137,20 @@ def bench_cpu(args_ns):
     stream = stream_read_gbps(1 << 30, stream_reps)
     min_time = 0.3 if args_ns.quick else 1.0
     rng = np.random.default_rng(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
-    for storage in STORAGES:
-        if storage != STORAGES[0]:
+    for ctx in contexts:
+        if ctx != contexts[0]:
             stream = max(stream, stream_read_gbps(1 << 30, stream_reps))
-        for ctx in contexts:
-            a = make_case(storage, ctx, rng)
+        # Every storage of one context is timed round-robin (the dtype ratios are
+        # the point), then torch on the same shapes.
+        cases = [make_case(storage, ctx, rng) for storage in STORAGES]
+        outs = [append_attend(**a)[0] for a in cases]
+        layouts = [torch_layout(a) for a in cases]  # after the append: same tokens
+        ts = best_times([functools.partial(append_attend, **a) for a in cases], reps, min_time)
+        tts = best_times([functools.partial(sdpa, *qkv) for qkv in layouts], reps, min_time)
+        for storage, a, out, (q, k, v), t, tt in zip(STORAGES, cases, outs, layouts, ts, tts):
             kv_bytes = 2 * B * HKV * ctx * D * a["k_pool"].itemsize
-            t = best_time(lambda: append_attend(**a), reps, min_time=min_time)
-            out, _ = append_attend(**a)
-            q, k, v = torch_layout(a)  # after the append, so both see the same tokens
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            tt = best_time(lambda: sdpa(q, k, v), reps, min_time=min_time)
             ref = sdpa(q.double(), k.double(), v.double()).float().numpy()
             err = float(np.abs(out.reshape(B * HKV, HQ // HKV, D) - ref).max())
             rows.append(dict(dtype=storage, context=ctx, kv_gbps=kv_bytes / t / 1e9,
@@ -136,7 +158,7 @@ def bench_cpu(args_ns):
                              torch_gbps=kv_bytes / tt / 1e9, speedup_vs_torch=tt / t,
                              max_abs_err=err, ms=t * 1e3, torch_ms=tt * 1e3,
                              ctx_tokens_per_s=B * HKV * ctx / t))
-            del a, q, k, v
+        del cases, outs, layouts
     stream = max(stream, stream_read_gbps(1 << 30, stream_reps))
     for r in rows:
         r["stream_read_gbps"] = stream
@@ -222,7 +244,8 @@ def main():
         return
     f32 = {r["context"]: r["ctx_tokens_per_s"] for r in rows if r["dtype"] == "float32"}
     print(f"threads: numba {__import__('numba').get_num_threads()}, "
-          f"SVML: {__import__('numba').config.USING_SVML}, stream read {rows[0]['stream_read_gbps']:.1f} GB/s")
+          f"SVML: {__import__('numba').config.USING_SVML}, stream read {rows[0]['stream_read_gbps']:.1f} GB/s, "
+          f"load average {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-')}")
     print(f"{'dtype':>9} {'ctx':>5} {'KV GB/s':>8} {'/stream':>7} {'torch GB/s':>10} "
           f"{'vs torch':>8} {'tok/s vs f32':>12} {'ms':>7} {'err':>8}")
     for r in rows:
