@@ -137,6 +137,8 @@ async def chaos_loop(cluster: Cluster, stop_at: float, rng: random.Random, lo: f
         if len(alive) > 1:
             victim = rng.choice(alive)
             victim.proc.send_signal(signal.SIGKILL)
+            # Reap it first: until then poll() says it runs, and it could be handed out as a seed.
+            await loop.run_in_executor(None, victim.proc.wait)
             log.append((round(time.monotonic(), 1), "kill", cluster.names[victim.proc.pid]))
         await loop.run_in_executor(None, cluster.add_attention)
         log.append((round(time.monotonic(), 1), "start", cluster.names[cluster.attention[-1].proc.pid]))
