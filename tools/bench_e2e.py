@@ -199,7 +199,10 @@ async def run_context(ctx_len: int, args, model, model_dir: str, systems: list[s
     backends_needed = sorted({SYSTEMS[s][0] for s in systems}, key=lambda b: list(dict.fromkeys(
         v[0] for v in SYSTEMS.values())).index(b))
     per_backend = {b: [s for s in systems if SYSTEMS[s][0] == b] for b in backends_needed}
-    decode_tokens = args.warmup + args.rounds * args.steps * max(len(v) for v in per_backend.values()) + 4
+    # Prefill runs in chunks (the engine's step budget): sequences whose prompt is done early decode
+    # while the others still prefill, so leave room for those tokens too.
+    decode_tokens = (args.warmup + args.rounds * args.steps * max(len(v) for v in per_backend.values()) + 4
+                     + (args.batch * ctx_len) // 1024 + 8)
     kv_need = args.batch * (ctx_len + decode_tokens + 16) * kv_tok
     backends: dict = {}
     prefill_s: dict[str, float] = {}
