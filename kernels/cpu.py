@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import plan as P
-from .storage import check_storage, storage_dtype
+from .storage import check_storage, storage_dtype, widen
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -107,8 +107,13 @@ def _f16_to_f32(h):
 
 
 def _dec(h):
-    """float32 value of one stored element (jitted code only; see the overload)."""
-    raise NotImplementedError
+    """float32 value of one stored element. Jitted code gets the overload below (the
+    storage told apart by type); this host version is the same mapping, for checks."""
+    if isinstance(h, np.int16):
+        return widen(np.array([h]).view(np.uint16), "bfloat16")[0]
+    if isinstance(h, np.uint16):
+        return widen(np.array([h], np.uint16), "float16")[0]
+    return np.float32(h)
 
 
 @overload(_dec, inline="always", jit_options=_JIT)
@@ -153,40 +158,6 @@ def _exp_nonpos(x):
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
     return p * _u32_as_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
-
-
-def _widen_rows(src, dst, t0, t1, code):
-    """Rows [t0, t1) of a 2-D stored block decoded to float32 into dst, with the
-    kernels' own decoders (code: storage code; uint16 bits for both 16-bit kinds)."""
-    raise NotImplementedError  # replaced by the overload below inside jitted code
-
-
-@overload(_widen_rows, jit_options=_JIT)
-def _ov_widen_rows(src, dst, t0, t1, code):
-    if src.dtype == types.float32:
-        def impl(src, dst, t0, t1, code):
-            for t in range(t0, t1):
-                for k in range(src.shape[1]):
-                    dst[t, k] = _dec(src[t, k])
-            return dst
-
-        return impl
-    if src.dtype == types.uint16:
-
-        def impl(src, dst, t0, t1, code):
-            d = src.shape[1]
-            if code == 2:
-                for t in range(t0, t1):
-                    for k in range(d):
-                        dst[t, k] = _dec(np.int16(src[t, k]))  # same bits, bfloat16 type
-            else:
-                for t in range(t0, t1):
-                    for k in range(d):
-                        dst[t, k] = _dec(src[t, k])
-            return dst
-
-        return impl
-    return None
 
 
 @intrinsic

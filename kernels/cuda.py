@@ -263,8 +263,8 @@ def _tiles(d, g, max_chunk):
     for tk in (32, 16, 8):
         if shared_bytes(d, q_tile * g, tk) <= _SHARED_LIMIT:
             return q_tile, tk
-    raise NotImplementedError(f"head_dim {d} with GQA group {g} does not fit in "
-                              f"{_SHARED_LIMIT} bytes of shared memory")
+    raise ValueError(f"head_dim {d} with GQA group {g} does not fit in {_SHARED_LIMIT} bytes of "
+                     f"shared memory: the CUDA kernel supports smaller heads/groups (use --device cpu)")
 
 
 def _device(a):

@@ -20,6 +20,7 @@ from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.launch import node_command, start_peer, stop_all
 from lamina_p2p.net.rpc import RpcClient, RpcServer, RpcTimeout
 from lamina_p2p.net.security import generate_keys, load_security
+from waiting import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")]
 
@@ -27,15 +28,6 @@ FAST = ["--heartbeat", "0.1", "--dead-after", "1.5"]
 GEOMETRY = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "storage": "float32",
             "max_positions": 64}
 
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)  # polling a condition with a deadline
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from lamina_p2p.compute.generate import GenerateOptions, run_generate
 from lamina_p2p.launch import node_command, start_peer, stop_all
 from lamina_p2p.net.rpc import RpcClient
 from lamina_p2p.runtime import run_async
+from waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -34,15 +35,6 @@ def status(address) -> dict:
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)  # polling a condition with a deadline, not waiting for time to pass
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def states(address) -> dict:

@@ -22,13 +22,14 @@ def run(coro):
         return runner.run(coro)
 
 
-async def until(pred, timeout=5.0, what="condition"):
-    """Wait for pred() to become true, polling; fail at the deadline."""
+async def server_idle(server, timeout=5.0, what="server tasks to finish"):
+    """Wait on the server's request tasks themselves until none is left; fail at the deadline."""
     end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
+    while server._tasks:
+        left = end - time.monotonic()
+        if left <= 0:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+        await asyncio.wait(set(server._tasks), timeout=left)
 
 
 class Cluster:
@@ -38,6 +39,8 @@ class Cluster:
         self.ctx = zmq.asyncio.Context()
         self.server = RpcServer(self.ctx, "tcp://127.0.0.1:0")
         self.release = asyncio.Event()
+        self.arrived = 0  # "hang" calls that reached the server
+        self.arrival = asyncio.Condition()
         self.server.register("echo", self.echo)
         self.server.register("fail", self.fail)
         self.server.register("hang", self.hang)
@@ -50,6 +53,9 @@ class Cluster:
         raise ValueError("boom")
 
     async def hang(self, msg):
+        async with self.arrival:
+            self.arrived += 1
+            self.arrival.notify_all()
         await self.release.wait()
         return {}, []
 
@@ -88,7 +94,7 @@ def test_many_concurrent_calls_are_matched_by_id():
             assert c.client.in_flight == 0
             assert c.client.bytes_sent > 0 and c.client.bytes_received > 0
             assert c.server.bytes_received == c.client.bytes_sent
-            await until(lambda: not c.server._tasks, what="server tasks to finish")
+            await server_idle(c.server)
 
     run(body())
 
@@ -126,7 +132,7 @@ def test_timeout_and_the_server_drops_the_work():
                 await c.client.call("hang", timeout=0.2)
             assert time.monotonic() - t0 < 1.0
             # The server cancels the handler at the request's deadline: no leaked task.
-            await until(lambda: not c.server._tasks, what="hung handler to be cancelled")
+            await server_idle(c.server, what="hung handler to be cancelled")
             assert c.client.in_flight == 0
             assert (await c.client.call("echo", {"x": 1})).fields["x"] == 1
 
@@ -152,7 +158,8 @@ def test_close_fails_pending_calls():
     async def body():
         async with Cluster() as c:
             calls = [asyncio.create_task(c.client.call("hang", timeout=30)) for _ in range(5)]
-            await until(lambda: len(c.server._tasks) == 5, what="calls to reach the server")
+            async with c.arrival:
+                await asyncio.wait_for(c.arrival.wait_for(lambda: c.arrived == 5), 5)
             await c.client.close()
             for t in calls:
                 with pytest.raises(RpcClosed):
@@ -198,7 +205,7 @@ def test_hostile_input_from_a_raw_dealer():
             # The server still serves correct calls, and has no leftover tasks.
             results = await asyncio.gather(*(c.client.call("echo", {"x": i}) for i in range(50)))
             assert [m.fields["x"] for m in results] == list(range(50))
-            await until(lambda: not c.server._tasks, what="server tasks to finish")
+            await server_idle(c.server)
 
     run(body())
 

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lamina_p2p.launch import start_peer
+from waiting import wait_until
 
 BYTES_PER_TOKEN = 2 * 4 * 2 * 32 * 4  # tiny preset: K+V, 4 layers, 2 kv heads, head_dim 32, float32
 SMALL_KV = 3 * 64 * BYTES_PER_TOKEN  # three 64-token sequences
@@ -69,15 +70,6 @@ def metrics(url) -> dict:
 def metric(url, name, **labels):
     return metrics(url).get((name, frozenset(labels.items())))
 
-
-def wait_until(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
 
 
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
