@@ -4,6 +4,7 @@ Each micro-batch is a coroutine that walks the layers:
     x, requests = dense(embed, pre 0)
     for each layer:  partials = await attention(requests)   # the wire or a local worker
                      x, requests = dense(merge, post, next pre)
+then one LM head and sampling over every micro-batch's last rows.
 Dense work runs on one executor thread (torch releases the GIL), so while one
 micro-batch waits on the network another computes. The event loop only moves
 requests; it never runs a torch op or a kernel.
@@ -178,21 +179,24 @@ class Engine:
         batches = self._split(chosen, counts)
         # Let every micro-batch end before raising: one left running after a failure (KV full)
         # would write KV for sequences the caller is about to free and requeue.
-        sampled = await asyncio.gather(*(self._run_micro_batch(mb, i) for i, mb in enumerate(batches)),
-                                       return_exceptions=True)
-        for r in sampled:
+        hidden = await asyncio.gather(*(self._run_micro_batch(mb, i) for i, mb in enumerate(batches)),
+                                      return_exceptions=True)
+        for r in hidden:
             if isinstance(r, BaseException):
                 raise r
-        self.steps += 1
-        finished = []
-        for mb, (tokens, logprobs) in zip(batches, sampled):
+        for mb in batches:
             for seq, n in zip(mb.seqs, mb.n):
                 seq.cached += n
-            for seq, tok, lp in zip(mb.sample_seqs, tokens, logprobs):
-                seq.output.append(tok)
-                seq.logprobs.append(lp)
-                if self._check_stop(seq, tok):
-                    finished.append(seq)
+        sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
+        tokens, logprobs = await asyncio.get_running_loop().run_in_executor(
+            self.dense, self._sample, sample_seqs, hidden)
+        self.steps += 1
+        finished = []
+        for seq, tok, lp in zip(sample_seqs, tokens, logprobs):
+            seq.output.append(tok)
+            seq.logprobs.append(lp)
+            if self._check_stop(seq, tok):
+                finished.append(seq)
         if finished:
             await self.release(finished)
         return finished
@@ -282,14 +286,21 @@ class Engine:
             return x, build_requests(self.owner, layer + 1, mb, q, k, v, self.group_size, self.tracer is not None)
 
     def _last(self, mb: MicroBatch, layer: int, x, results):
-        with torch.inference_mode(), self._dense_span(mb, f"dense L{layer}+logits"):
-            x = self._post(mb, layer, x, results)
-            if not mb.sample_seqs:
-                return [], []
-            logits = self.model.logits(x.index_select(0, mb.sample_rows))
+        """The last layer's post; returns the hidden rows to sample (the LM head runs once per step)."""
+        with torch.inference_mode(), self._dense_span(mb, f"dense L{layer}"):
+            return self._post(mb, layer, x, results).index_select(0, mb.sample_rows)
+
+    def _sample(self, seqs: list[Sequence], hidden: list[torch.Tensor]):
+        # One LM head over every micro-batch's rows: at decode batch sizes it is weight-read bound,
+        # so M micro-batches would otherwise read the vocabulary matrix M times a step.
+        if not seqs:
+            return [], []
+        span = self.tracer.span("compute", "step", "logits+sample", {"rows": len(seqs)}) if self.tracer else None
+        with torch.inference_mode(), span or contextlib.nullcontext():
+            logits = self.model.logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
             if self.logits_sink is not None:
-                self.logits_sink(mb.sample_seqs, logits)
-            return sample(logits, mb.sample_seqs)
+                self.logits_sink(seqs, logits)
+            return sample(logits, seqs)
 
     # -- lifecycle --------------------------------------------------------------
     async def release(self, seqs: list[Sequence]) -> None:

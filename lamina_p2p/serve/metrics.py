@@ -145,8 +145,9 @@ class TimedTransport:
 
 class TimedExecutor(ThreadPoolExecutor):
     """The engine's dense executor, timing each job. Engine jobs are `_first(mb)` (embed + layer 0
-    pre), `_next(mb, layer, ...)` (layer's post + next pre) and `_last(mb, layer, ...)` (post +
-    logits + sampling); they are labelled "embed", the layer, and "last"."""
+    pre), `_next(mb, layer, ...)` (layer's post + next pre), `_last(mb, layer, ...)` (last post) and
+    `_sample(seqs, hidden)` (LM head + sampling, once a step); they are labelled "embed", the layer,
+    "last" and "sample"."""
 
     def __init__(self, metrics: ServeMetrics):
         super().__init__(1, thread_name_prefix="dense")
@@ -154,7 +155,8 @@ class TimedExecutor(ThreadPoolExecutor):
 
     def submit(self, fn, /, *args, **kwargs):
         name = getattr(fn, "__name__", "")
-        label = "embed" if name == "_first" else "last" if name == "_last" else str(args[1]) if len(args) > 1 else name
+        label = {"_first": "embed", "_last": "last", "_sample": "sample"}.get(name) or (
+            str(args[1]) if len(args) > 1 else name)
         hist = self._hist
 
         def timed():
