@@ -9,6 +9,7 @@ import sys
 import click
 
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
+from lamina_p2p.runtime import parse_cpus, pin_cpus
 from lamina_p2p.security_command import insecure_listen_option, load_cli_security, security_options
 
 
@@ -43,6 +44,16 @@ def init_model(preset: str, out: str, seed: int, dtype: str) -> None:
 
     path = write_preset(preset, out, seed=seed, dtype=dtype)
     click.echo(f"wrote {preset} model to {path}")
+
+
+def _pin(cpus: str | None, threads: int | None) -> int | None:
+    """Apply --cpus; threads default to one per pinned CPU so the pools fit their cores."""
+    if not cpus:
+        return threads
+    try:
+        return threads or len(pin_cpus(cpus))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--cpus'") from None
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -82,13 +93,16 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--kv-memory", default="2GiB", show_default=True, help="KV budget of each attention peer.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads of the compute side.")
 @click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
+@click.option("--cpus", default=None, help="Pin this (compute) process to these CPUs: 0-3,6 (Linux).")
+@click.option("--attention-cpus", multiple=True,
+              help="CPUs of the attention peers started here, one list per peer (repeatable, reused in turn).")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None, help="Write a Chrome trace JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @security_options
 def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, temperature, top_k, top_p, seed,
              ignore_eos, batch, attention_peers, join, cluster, placement, shard_tokens, micro_batches, kv_replicas, dtype,
              kv_memory,
-             threads, attention_threads, trace, as_json, secret, peer_key, allow_dir):
+             threads, attention_threads, cpus, attention_cpus, trace, as_json, secret, peer_key, allow_dir):
     """Generate from prompts, in process or on a cluster."""
     from lamina_p2p.compute.generate import GenerateOptions, run_generate
 
@@ -96,8 +110,11 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
         kv_bytes = parse_bytes(kv_memory)
         for addr in join:
             check_address(addr)
-    except ConfigError as e:
+        for spec in attention_cpus:
+            parse_cpus(spec)
+    except (ConfigError, ValueError) as e:
         raise click.BadParameter(str(e)) from None
+    threads = _pin(cpus, threads)
     if not (prompt or prompt_ids or random_prompt_len):
         raise click.UsageError("give --prompt, --prompt-ids or --random-prompt-len")
     opts = GenerateOptions(
@@ -106,7 +123,8 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
         top_p=top_p, seed=seed, ignore_eos=ignore_eos, batch=batch, attention_peers=attention_peers,
         join=list(join), cluster=cluster, placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches,
         kv_replicas=kv_replicas, dtype=dtype,
-        kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, trace=trace,
+        kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, attention_cpus=list(attention_cpus),
+        trace=trace,
         security=load_cli_security(secret, peer_key, allow_dir))
     try:
         result = run_generate(opts)
@@ -129,6 +147,8 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @click.option("--kv-memory", default="4GiB", show_default=True, help="Attention: KV cache budget.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Kernel (attention) or torch (compute) threads.")
+@click.option("--cpus", default=None, help="Pin this peer to these CPUs, like taskset: 0-3,6 (Linux). "
+              "Threads default to their count.")
 @click.option("--block-size", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--heartbeat", type=click.FloatRange(0.01), default=0.5, show_default=True, help="Seconds.")
 @click.option("--dead-after", type=click.FloatRange(0.05), default=5.0, show_default=True,
@@ -158,7 +178,7 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @insecure_listen_option
 @click.option("--api-key", default=lambda: os.environ.get("LAMINA_API_KEY") or None,
               help="Compute with --http: require 'Authorization: Bearer KEY' on /v1/* (default: $LAMINA_API_KEY).")
-def start(role, listen, join, cluster, kv_memory, device, threads, block_size, heartbeat, dead_after, model_dir,
+def start(role, listen, join, cluster, kv_memory, device, threads, cpus, block_size, heartbeat, dead_after, model_dir,
           dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout, owner_timeout,
           http, max_batch, advertise, discover, discover_port,
           discover_broadcast, secret, peer_key, allow_dir, insecure_listen, api_key):
@@ -175,6 +195,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, block_size, h
         kv_bytes = parse_bytes(kv_memory)
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
+    threads = _pin(cpus, threads)
     security = load_cli_security(secret, peer_key, allow_dir)
     from lamina_p2p.net.security import SecurityError, check_listen
 

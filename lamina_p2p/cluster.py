@@ -54,6 +54,8 @@ def peer_args(spec: PeerSpec, cluster: ClusterSpec, seed: str | None) -> list[st
         args += ["--join", seed]
     if spec.threads:
         args += ["--threads", str(spec.threads)]
+    if spec.cpus:
+        args += ["--cpus", str(spec.cpus)]
     if spec.role == "attention":
         args += ["--kv-memory", spec.kv_memory, "--device", spec.device]
     else:

@@ -7,6 +7,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lamina_p2p.runtime import parse_cpus
+
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -43,6 +45,7 @@ class PeerSpec:
     listen: str
     kv_memory: str = "1GiB"
     threads: int | None = None
+    cpus: str | None = None  # pin to these CPUs ("0-3,6"), see `lamina-node start --cpus`
     device: str = "cpu"
     model: str | None = None
     placement: str = "request"
@@ -79,6 +82,11 @@ def load_cluster(path: str | Path) -> ClusterSpec:
             raise ConfigError(f"{path}: peer {i}: missing 'listen'")
         spec = PeerSpec(**raw)
         check_address(spec.listen)
+        if spec.cpus is not None:
+            try:
+                parse_cpus(str(spec.cpus))
+            except ValueError as e:
+                raise ConfigError(f"{path}: peer {i}: cpus: {e}") from None
         if spec.role == "compute" and not spec.model:
             raise ConfigError(f"{path}: peer {i}: a compute peer needs 'model'")
         peers.append(spec)

@@ -84,8 +84,8 @@ def start_peer(args: list[str], timeout: float = 600.0, env: dict | None = None)
 
 
 def start_attention_peers(count: int, kv_memory: str, threads: int | None = None, cluster: str = "lamina",
-                          extra: list[str] | None = None) -> list[PeerProcess]:
-    """K attention peers on loopback, the later ones joining the first."""
+                          extra: list[str] | None = None, cpus: list[str] | None = None) -> list[PeerProcess]:
+    """K attention peers on loopback, the later ones joining the first; peer i pinned to cpus[i % len]."""
     peers: list[PeerProcess] = []
     try:
         for i in range(count):
@@ -93,6 +93,8 @@ def start_attention_peers(count: int, kv_memory: str, threads: int | None = None
                     "--cluster", cluster]
             if threads:
                 args += ["--threads", str(threads)]
+            if cpus:
+                args += ["--cpus", cpus[i % len(cpus)]]
             if peers:
                 args += ["--join", peers[0].address]
             peers.append(start_peer(args + list(extra or [])))

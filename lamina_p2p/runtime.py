@@ -30,3 +30,42 @@ def set_threads(torch_threads: int | None = None, numba_threads: int | None = No
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """A CPU list as taskset and cgroups write it, '0-3,6' -> {0, 1, 2, 3, 6}."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"bad CPU list {spec!r}: {part!r} is not N or N-M") from None
+        if a < 0 or b < a:
+            raise ValueError(f"bad CPU list {spec!r}: {part!r} is not an increasing range of CPU numbers")
+        cpus.update(range(a, b + 1))
+    return cpus
+
+
+def pin_cpus(spec: str | set[int]) -> set[int]:
+    """Run every thread of this process, and those it starts later, on these CPUs only.
+
+    Peers that share a machine each get their own cores this way, so one's thread pool
+    never preempts the other's (the operating system would otherwise move them freely).
+    Linux only; returns the CPU set.
+    """
+    cpus = parse_cpus(spec) if isinstance(spec, str) else set(spec)
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("pinning to CPUs needs Linux (sched_setaffinity)")
+    # sched_setaffinity(0) moves only the calling thread: move every thread already running
+    # (torch's and numba's pools may exist), and new threads inherit from their creator.
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+        except OSError as e:
+            raise ValueError(f"cannot pin to CPUs {sorted(cpus)}: {e.strerror} "
+                             f"(this machine has {os.cpu_count()} CPUs)") from None
+    return cpus

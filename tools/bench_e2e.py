@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -123,8 +124,10 @@ class LaminaBackend:
         from lamina_p2p.compute.engine import Engine
         from lamina_p2p.compute.generate import GenerateOptions, open_transport
 
+        split = getattr(self.args, "split_cores", None) if self.peers else None
         opts = GenerateOptions(model_dir=self.model_dir, attention_peers=self.peers, kv_bytes=kv_bytes,
-                               join=self.join, attention_threads=self.args.attention_threads, cluster=self.cluster,
+                               join=self.join, attention_threads=split[3] if split else self.args.attention_threads,
+                               attention_cpus=[split[1]] if split else [], cluster=self.cluster,
                                placement=self.args.placement)
         transport = await self.stack.enter_async_context(open_transport(opts))
         self.engine = Engine(self.model, transport, placement=self.args.placement, micro_batches=1)
@@ -158,6 +161,20 @@ class LaminaBackend:
             with contextlib.suppress(Exception):
                 await self.engine.release(self.seqs)
         await self.stack.aclose()
+
+
+def use_cores(args, clustered: bool) -> None:
+    """--split-cores: cluster systems run this (compute) process on its CPUs and the attention
+    peers on theirs (a two-machine cluster in miniature); the others get every CPU."""
+    if not args.split_cores:
+        return
+    import torch
+
+    from lamina_p2p.runtime import pin_cpus
+
+    compute, _, threads, _ = args.split_cores
+    pin_cpus(compute if clustered else args.all_cpus)
+    torch.set_num_threads(threads if clustered else args.threads)
 
 
 # -- bytes per token ---------------------------------------------------------------------------
@@ -211,6 +228,7 @@ async def run_context(ctx_len: int, args, model, model_dir: str, systems: list[s
         for b in backends_needed:
             t0 = time.perf_counter()
             if b == "transformers":
+                use_cores(args, clustered=False)
                 be = TransformersBackend(model_dir, args.dtype)
                 backends[b] = be
                 # In a worker thread: the cluster engines' gossip must keep running on this loop.
@@ -218,6 +236,7 @@ async def run_context(ctx_len: int, args, model, model_dir: str, systems: list[s
                 await loop.run_in_executor(None, be.decode, args.warmup)
             else:
                 peers = {"single": 0, "cluster1": 1, "cluster2": 2}[b]
+                use_cores(args, clustered=peers > 0)
                 be = LaminaBackend(model, model_dir, peers, args, b)
                 backends[b] = be
                 share = 1.0 if peers <= 1 else 0.75  # request placement splits sequences between the peers
@@ -235,6 +254,7 @@ async def run_context(ctx_len: int, args, model, model_dir: str, systems: list[s
                 b, mb = SYSTEMS[s]
                 be = backends[b]
                 c0 = be.context()
+                use_cores(args, clustered=b.startswith("cluster"))
                 if b == "transformers":
                     dt = await loop.run_in_executor(None, be.decode, args.steps)
                 else:
@@ -245,6 +265,7 @@ async def run_context(ctx_len: int, args, model, model_dir: str, systems: list[s
             log(f"  ctx {ctx_len} round {r + 1}/{args.rounds}: "
                 + "  ".join(f"{s} {rates[s][-1]:.0f}" for s in systems))
     finally:
+        use_cores(args, clustered=False)
         for b, be in backends.items():
             if b == "transformers":
                 be.close()
@@ -298,6 +319,8 @@ async def main_async(args, log) -> dict:
     out = {"stream_read_gbps": stream, "model": model_dir, "batch": args.batch, "dtype": args.dtype,
            "threads": args.threads, "attention_threads": args.attention_threads, "placement": args.placement,
            "omp_wait_policy": args.omp_wait_policy,
+           "split_cores": {"compute_cpus": args.split_cores[0], "attention_cpus": args.split_cores[1]}
+           if args.split_cores else None,
            "steps_per_round": args.steps, "rounds": args.rounds, "weight_bytes_per_step": wbytes,
            "kv_bytes_per_context_token": kv_tok, "contexts": {}}
     for ctx_len in args.contexts:
@@ -316,6 +339,10 @@ def report(res: dict, file=sys.stdout) -> None:
     print(f"STREAM read {res['stream_read_gbps']:.1f} GB/s (end of run {res['stream_read_gbps_end']:.1f}); "
           f"batch {res['batch']}, {res['dtype']}, compute threads {res['threads']}, attention threads "
           f"{res['attention_threads']}, OMP_WAIT_POLICY {res.get('omp_wait_policy') or 'unset'}", file=file)
+    if res.get("split_cores"):
+        sc = res["split_cores"]
+        print(f"clusters on split cores: compute process on CPUs {sc['compute_cpus']}, attention peers on "
+              f"{sc['attention_cpus']} (transformers and single on every CPU)", file=file)
     print(f"{'context':>8} {'system':<14} {'tok/s':>8} {'roofline':>9} {'vs transformers':>16} {'vs single':>10}",
           file=file)
     for ctx, c in res["contexts"].items():
@@ -364,6 +391,22 @@ def plots(res: dict, out_dir: Path) -> list[Path]:
     return [p1, p2]
 
 
+def parse_split(ap, spec: str | None):
+    """'0:1' -> (compute cpus, attention cpus, compute threads, attention threads)."""
+    if not spec:
+        return None
+    from lamina_p2p.runtime import parse_cpus
+
+    try:
+        compute, attention = spec.split(":")
+        c, a = parse_cpus(compute), parse_cpus(attention)
+    except ValueError as e:
+        ap.error(f"--split-cores {spec!r}: expected COMPUTE:ATTENTION CPU lists like 0:1 ({e})")
+    if c & a:
+        ap.error(f"--split-cores {spec!r}: the two CPU lists overlap")
+    return compute, attention, len(c), len(a)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="context 256, 3 rounds of 4 steps (a few minutes on a quiet machine)")
@@ -385,7 +428,12 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=4, help="decode steps per backend before timing")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     ap.add_argument("--stream-bytes", type=int, default=None)
+    ap.add_argument("--split-cores", metavar="COMPUTE:ATTENTION", default=None,
+                    help="cluster systems on disjoint CPUs, e.g. 0:1 (compute process on CPU 0, attention peers "
+                         "on CPU 1, one thread per CPU); transformers and single keep every CPU")
     args = ap.parse_args(argv)
+    args.split_cores = parse_split(ap, args.split_cores)
+    args.all_cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     benchlib.set_omp_wait_policy(args.omp_wait_policy)
     if args.contexts is None:
         args.contexts = [256] if args.quick else [512, 2048, 8192]

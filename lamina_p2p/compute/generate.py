@@ -36,6 +36,7 @@ class GenerateOptions:
     kv_bytes: int = 2 << 30
     threads: int | None = None
     attention_threads: int | None = None
+    attention_cpus: list[str] = field(default_factory=list)  # per started peer, reused in turn
     trace: str | None = None
     cluster: str = "lamina"
     security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection

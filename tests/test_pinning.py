@@ -1,0 +1,66 @@
+"""Pinning peers to CPUs (`--cpus`): the list syntax, bad lists, and real peers' threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lamina_p2p.config import ConfigError, load_cluster
+from lamina_p2p.launch import LaunchError, start_attention_peers, start_peer, stop_all
+from lamina_p2p.runtime import parse_cpus
+
+linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+
+
+def thread_cpus(pid: int) -> dict[int, str]:
+    """Cpus_allowed_list of every thread of a process."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                out[int(task.name)] = line.split(":", 1)[1].strip()
+    return out
+
+
+def test_parse_cpus():
+    assert parse_cpus("0") == {0}
+    assert parse_cpus("0-3,6") == {0, 1, 2, 3, 6}
+    assert parse_cpus(" 2 , 0-1") == {0, 1, 2}
+    for bad in ("", "a", "3-1", "-1", "1,,2", "0-"):
+        with pytest.raises(ValueError, match="bad CPU list"):
+            parse_cpus(bad)
+
+
+def test_cluster_config_checks_cpus(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[peer]]\nrole = "attention"\nlisten = "tcp://127.0.0.1:0"\ncpus = "1-0"\n')
+    with pytest.raises(ConfigError, match="peer 0: cpus: bad CPU list"):
+        load_cluster(cfg)
+    cfg.write_text('[[peer]]\nrole = "attention"\nlisten = "tcp://127.0.0.1:0"\ncpus = "0"\n')
+    assert load_cluster(cfg).peers[0].cpus == "0"
+
+
+@linux_only
+@pytest.mark.cluster
+def test_attention_peer_runs_every_thread_on_its_cpus():
+    last = max(os.sched_getaffinity(0))
+    peers = start_attention_peers(1, "16MiB", cpus=[str(last)])
+    try:
+        threads = thread_cpus(peers[0].proc.pid)
+        # the kernel pool is up by READY (kernels are warmed first): several threads, all pinned
+        assert len(threads) > 1
+        assert set(threads.values()) == {str(last)}, threads
+    finally:
+        stop_all(peers)
+
+
+@linux_only
+@pytest.mark.cluster
+def test_bad_cpus_is_a_clear_error():
+    with pytest.raises(LaunchError, match="cannot pin to CPUs"):
+        start_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "16MiB",
+                    "--cpus", str(os.cpu_count() + 64)], timeout=60)
+    with pytest.raises(LaunchError, match="bad CPU list"):
+        start_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--cpus", "x"], timeout=60)
