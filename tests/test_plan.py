@@ -15,7 +15,7 @@ from lamina_p2p.plan.cost import CostModel, Workload, estimate_lamina
 from lamina_p2p.plan.geometry import PRESETS, Geometry, GeometryError, resolve_model
 from lamina_p2p.plan.hardware import Group, HardwareError, load_catalog, parse_rate
 from lamina_p2p.plan.planner import equal_cost_count, plan_one
-from lamina_p2p.plan.profile import Curve, parse_profile
+from lamina_p2p.plan.profile import Curve, ProfileError, parse_profile
 
 CAT = load_catalog()
 TRACES = {"Azure-Conv": (1155, 211), "Azure-Code": (2048, 28), "Kimi-Conv": (12035, 343), "Kimi-TA": (8560, 182)}
@@ -154,6 +154,25 @@ def test_profile_curve_interpolates_and_extrapolates():
     cm = CostModel(PRESETS["llama3-8b"], Workload(2048, 256), replace(CAT.assumptions, prefill="excluded"),
                    prof)
     assert cm.dense(Group(CAT.get("h100"), 1), 16) == pytest.approx(2e-3)
+
+
+def test_profile_engine_overhead_adds_to_every_layer():
+    base = {"version": 1, "dense": {"batch": [1, 16], "seconds_per_layer": [1e-3, 2e-3], "head_seconds": [1e-3, 3e-3]},
+            "attention": {"kv_bytes_per_s": 1e10}, "round_trip_s": 1e-4}
+    geo = PRESETS["llama3-8b"]
+    work, a = Workload(2048, 0), replace(CAT.assumptions, prefill="excluded")
+    grp = Group(CAT.get("h100"), 1)
+    plain = estimate_lamina(CostModel(geo, work, a, parse_profile(base)), grp, grp, 1, batch=16)
+    busy = estimate_lamina(CostModel(geo, work, a, parse_profile({**base, "engine_overhead_s_per_layer": 5e-4})),
+                           grp, grp, 1, batch=16)
+    # M = 1 is a serial chain: the overhead adds once per layer; the LM head once per step
+    assert busy.step_s - plain.step_s == pytest.approx(geo.num_layers * 5e-4)
+    assert plain.terms["head"] == pytest.approx(3e-3)
+    two = estimate_lamina(CostModel(geo, work, a, parse_profile(base)), grp, grp, 2, batch=16)
+    assert two.terms["head"] == pytest.approx(3e-3)  # one LM head over the batch, not one per micro-batch
+    for bad in (-1, "x", 2.0):
+        with pytest.raises(ProfileError):
+            parse_profile({**base, "engine_overhead_s_per_layer": bad})
 
 
 # -- the command -------------------------------------------------------------------------

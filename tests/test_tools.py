@@ -5,6 +5,7 @@ relay: it holds every chunk for at least the configured delay (a lower bound).""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -48,6 +49,30 @@ def test_bench_e2e_json_shape(tiny, tmp_path):
     assert all(0 < v for v in entry["roofline_fraction"].values())
     assert (tmp_path / "e2e_tokens_vs_context.png").stat().st_size > 0
     assert (tmp_path / "e2e_tokens_vs_microbatches.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs to split")
+def test_bench_e2e_split_cores(tiny):
+    res = run_tool(str(TOOLS / "bench_e2e.py"), "--model", tiny, "--contexts", "16", "--batch", "2",
+                   "--steps", "1", "--rounds", "1", "--warmup", "1", "--stream-bytes", str(16 << 20),
+                   "--systems", "single", "cluster1_mb1", "--split-cores", "0:1", "--json")
+    assert res["split_cores"] == {"compute_cpus": "0", "attention_cpus": "1"}
+    assert all(v > 0 for v in res["contexts"]["16"]["tokens_per_s"].values())
+
+
+def test_profile_peers_writes_a_profile_the_planner_reads(tmp_path):
+    from lamina_p2p.plan.profile import load_profile
+
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(TOOLS / "profile_peers.py"), "--preset", "tiny", "--batches", "1,2",
+                           "--context", "32", "--predict-batch", "2", "--reps", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prof = load_profile(out)
+    assert prof.engine_overhead_s_per_layer >= 0 and prof.attention_kv_bytes_per_s > 0
+    assert "prediction, 1 compute + 1 attention, batch 2, context 32, M=1" in proc.stderr
+    data = json.loads(out.read_text())
+    assert data["engine_step_s"]["seconds"] > 0
 
 
 def test_bench_wire_json_shape():

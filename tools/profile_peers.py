@@ -9,7 +9,11 @@ What is timed, all with the project's real code on the `bench` preset model:
   each size in --batches (attention output is random: attention is not part of it),
   divided by the layer count; and embedding + LM head per step;
 * attention: `lamina_kernels.append_attend` for one layer, decode, --predict-batch
-  sequences of --context tokens in a paged pool; reported as KV bytes read per second;
+  sequences of --context tokens in a paged pool laid out as the engine's (every layer in a
+  block); reported as KV bytes read per second;
+* engine: the real `Engine` step with in-process attention at --predict-batch and a short
+  context; what it takes beyond the matmuls, LM head and kernel above is the engine's
+  per-layer host work (cutting q/k/v, merging, thread hops), `engine_overhead_s_per_layer`;
 * wire: the real message path (`lamina_p2p.net.wire` encode/decode over a ZeroMQ
   DEALER -> ROUTER on loopback): round trip of a one-token message (fixed latency) and the
   transfer rate of batch-sized q/k/v out and attention output back.
@@ -80,8 +84,10 @@ def profile_attention(cfg, storage, batch, ctx, reps, block_size=16):
     n_kv, d, hq = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     nbps = math.ceil(ctx / block_size)
     n_blocks = batch * n_kv * nbps
-    # one layer in the pool is enough: the kernel's cost does not depend on the layer index
-    pool = lambda: to_storage(rng.standard_normal((n_blocks, 1, block_size, d), dtype=np.float32), storage)
+    # The pool's real layout: a block holds every layer, so one layer's slice of it is a short run
+    # (block_size x head_dim), and a one-layer pool would read faster than the engine's does.
+    layers = cfg.num_layers
+    pool = lambda: to_storage(rng.standard_normal((n_blocks, layers, block_size, d), dtype=np.float32), storage)
     k_pool, v_pool = pool(), pool()
     bt = rng.permutation(n_blocks).astype(np.int32).reshape(batch, n_kv, nbps)
     new = lambda h: to_storage(rng.standard_normal((batch, h, d), dtype=np.float32), storage)
@@ -91,11 +97,49 @@ def profile_attention(cfg, storage, batch, ctx, reps, block_size=16):
 
     def call():
         append_attend(q, k_new, v_new, k_pool, v_pool, bt, np.arange(batch, dtype=np.int32), ar, ar,
-                      ctx_lens, 0, 1.0 / math.sqrt(d), storage)
+                      ctx_lens, layers // 2, 1.0 / math.sqrt(d), storage)
 
     t = median_time(call, reps)
     kv_bytes = batch * ctx * n_kv * d * 2 * storage_itemsize(storage)
     return kv_bytes / t, t
+
+
+def profile_engine(model, batch, ctx, steps, threads):
+    """Median decode step of the real engine (in-process attention, one micro-batch), batch
+    sequences at a short context: mostly dense work and the engine's own per-layer cost."""
+    import asyncio
+    import random
+
+    from lamina_p2p.compute.engine import Engine
+    from lamina_p2p.compute.local import LocalTransport
+    from lamina_p2p.compute.sequence import SamplingParams
+    from lamina_p2p.runtime import run_async
+
+    async def run():
+        transport = LocalTransport(256 << 20, threads=threads)
+        engine = Engine(model, transport)
+        rng = random.Random(0)
+        params = SamplingParams(max_tokens=steps + 16, ignore_eos=True)
+        seqs = [engine.new_sequence([rng.randrange(3, model.config.vocab_size) for _ in range(ctx)], params)
+                for _ in range(batch)]
+        try:
+            while not all(s.output for s in seqs):
+                await engine.step(seqs)
+            for _ in range(2):
+                await engine.step(seqs)
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                await engine.step(seqs)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+        finally:
+            await engine.release(seqs)
+            engine.close()
+            transport.close()
+            await asyncio.sleep(0)
+
+    return run_async(run())
 
 
 def profile_wire(cfg, batch, itemsize, reps):
@@ -182,6 +226,7 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--predict-batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--preset", default="bench", help="model preset to time (bench; tiny for a smoke test)")
     args = ap.parse_args(argv)
 
     import numba
@@ -198,14 +243,24 @@ def main(argv=None):
 
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(write_preset("bench", tmp, dtype=args.dtype))
+        model = load_model(write_preset(args.preset, tmp, dtype=args.dtype))
     cfg = model.config
-    geo = Geometry.from_model_config(cfg, name="bench")
-    print(f"bench model: {geo.num_params() / 1e6:.0f} M params, {args.dtype}, {args.threads} thread(s)",
+    geo = Geometry.from_model_config(cfg, name=args.preset)
+    print(f"{args.preset} model: {geo.num_params() / 1e6:.0f} M params, {args.dtype}, {args.threads} thread(s)",
           file=sys.stderr)
 
     dense, head = profile_dense(model, batches, args.reps)
     kv_rate, t_att = profile_attention(cfg, args.dtype, args.predict_batch, args.context, args.reps)
+    # Calibrate the engine's per-layer host work: a real step at a short context, less what the
+    # matmuls, LM head and kernel above account for (the kernel's share there is small).
+    short = 64
+    t_engine = profile_engine(model, args.predict_batch, short, max(args.reps, 5), args.threads)
+    _, t_att_short = profile_attention(cfg, args.dtype, args.predict_batch, short, args.reps)
+    from lamina_p2p.plan.profile import Curve
+
+    dense_at = Curve.make(batches, dense, "dense")(args.predict_batch)
+    head_at = Curve.make(batches, head, "head")(args.predict_batch)
+    overhead = max(0.0, (t_engine - head_at) / cfg.num_layers - dense_at - t_att_short)
     rtt, wire_rate = profile_wire(cfg, args.predict_batch, geo.bytes_per_element, args.reps * 3)
     flops = matmul_flops(model.embed_weight.dtype)
     bw = stream_bandwidth()
@@ -220,6 +275,8 @@ def main(argv=None):
         "dense": {"batch": batches, "seconds_per_layer": dense, "head_seconds": head},
         "attention": {"kv_bytes_per_s": kv_rate},
         "round_trip_s": rtt,
+        "engine_overhead_s_per_layer": overhead,
+        "engine_step_s": {"batch": args.predict_batch, "context": short, "seconds": t_engine},
         "wire_bytes_per_s": wire_rate,
         "devices": {"local": {
             "name": f"this machine ({os.cpu_count()} CPUs, {args.threads} thread(s) per peer)",
@@ -237,6 +294,8 @@ def main(argv=None):
     print(f"attention: {kv_rate / 1e9:.2f} GB/s of KV ({t_att * 1e6:.0f} us/layer at B={args.predict_batch}, "
           f"ctx {args.context}); wire: round trip {rtt * 1e6:.0f} us, {wire_rate / 1e9:.2f} GB/s; "
           f"matmul {flops / 1e9:.0f} GFLOP/s; read {bw / 1e9:.1f} GB/s", file=sys.stderr)
+    print(f"engine: {t_engine * 1e3:.1f} ms/step at B={args.predict_batch}, ctx {short} -> "
+          f"{overhead * 1e6:.0f} us/layer beyond matmuls and kernel", file=sys.stderr)
     if not args.json:
         print(text)
 

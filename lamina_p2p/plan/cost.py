@@ -11,7 +11,9 @@ Terms (per layer unless said otherwise; e = bytes per element):
   max(2·P_layer·tokens / (N·FLOP/s·flops_eff), (P_layer·e + act·tokens) / (N·BW·mem_eff))
   plus, for N > 1, two ring all-reduces of tokens·hidden·e bytes over the devices' link
   (NVLink; the NIC when the catalog gives none): 2(N-1)/N·bytes/(link·link_eff) + latency.
-  The embedding/LM head is the same roofline once per step (per micro-batch).
+  The embedding/LM head is the same roofline once per step over the whole batch (the engine
+  joins the micro-batches' last rows for it). With a profile, a measured per-layer engine
+  overhead (host work: cutting q/k/v, merging partials, thread hops) adds to dense.
 * **attention** on a pool of N devices: KV bytes read / (N·BW·attention_eff), or the FLOP
   bound 4·ctx·heads·head_dim per token if that is larger (CPUs with little FLOP/s).
   The decode context a step reads is the mean over a sequence's life, prompt + output/2.
@@ -151,7 +153,7 @@ class CostModel:
         return t + self.allreduce(grp, tokens, network_bw)
 
     def head(self, grp: Group, seqs: float) -> float:
-        """Embedding, final norm and LM head: once per step per micro-batch, not per layer."""
+        """Embedding, final norm and LM head: once per step, not per layer."""
         if self.p is not None and self.p.head is not None:
             return self.p.head(seqs) / grp.count
         d, n = grp.device, grp.count
@@ -237,15 +239,19 @@ def estimate_lamina(cm: CostModel, comp: Group, att: Group, micro_batches: int |
         rtt = cm.p.round_trip_s if cm.p is not None else a.rtt_s
     kv_rate = cm.p.attention_kv_bytes_per_s if cm.p is not None else None
 
+    overhead = cm.p.engine_overhead_s_per_layer if cm.p is not None else 0.0
+
     def step(b: int, m: int) -> tuple[float, dict]:
         s = b / m
-        t = {"dense": cm.dense(comp, s), "attention": cm.attention(att, s, kv_rate),
+        # The engine's host work per layer and micro-batch runs on the compute peer's dense thread.
+        t = {"dense": cm.dense(comp, s) + overhead, "attention": cm.attention(att, s, kv_rate),
              "wire": cm.wire_bytes(s) / wire_rate}
         chain = t["dense"] + t["attention"] + t["wire"] + rtt
         occupancy = {"dense": m * t["dense"], "attention": m * t["attention"], "wire": m * t["wire"],
                      "latency chain": chain}
         cycle = max(occupancy.values())
-        t.update(rtt=rtt, cycle=cycle, head=m * cm.head(comp, s))
+        # One LM head per step over the whole batch (the engine joins the micro-batches for it).
+        t.update(rtt=rtt, cycle=cycle, head=cm.head(comp, b), overhead=overhead)
         t["bound"] = _argmax(occupancy)
         return g.num_layers * cycle + t["head"], t
 
@@ -293,8 +299,10 @@ def estimate_baseline(cm: CostModel, grp: Group, network_bw: float | None = None
     batch, why = _cap_batch(spare / per_seq, a)
     kv_rate = cm.p.baseline_kv_bytes_per_s if cm.p is not None else None
 
+    overhead = cm.p.engine_overhead_s_per_layer if cm.p is not None else 0.0
+
     def step(b: int) -> tuple[float, dict]:
-        t = {"dense": cm.dense(grp, b, network_bw), "attention": cm.attention(grp, b, kv_rate)}
+        t = {"dense": cm.dense(grp, b, network_bw) + overhead, "attention": cm.attention(grp, b, kv_rate)}
         t["cycle"] = t["dense"] + t["attention"]
         t["head"] = cm.head(grp, b)
         return g.num_layers * t["cycle"] + t["head"], t

@@ -12,6 +12,8 @@ code and the real attention kernel on real peers. Layout (version 1):
       "attention": {"kv_bytes_per_s": 1.2e10},    # one attention peer, decode, KV bytes read/s
       "baseline_attention": {"kv_bytes_per_s": ...},  # optional: attention on the compute device
       "round_trip_s": 1.5e-4,                     # per layer, wire + messaging, excluding compute
+      "engine_overhead_s_per_layer": 8e-4,        # optional: the engine's per-layer host work beyond
+                                                  # matmuls and kernel (cutting q/k/v, merging, thread hops)
       "wire_bytes_per_s": 2.0e9,                  # optional: measured transfer rate
       "devices": {"local": {...hardware.toml device entry...}}  # optional catalog additions
     }
@@ -73,6 +75,7 @@ class Profile:
     model: dict
     devices: dict
     path: str = ""
+    engine_overhead_s_per_layer: float = 0.0
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -96,10 +99,14 @@ def parse_profile(data: dict, source: str = "profile") -> Profile:
         rtt = float(data["round_trip_s"])
     except (KeyError, TypeError, ValueError) as e:
         raise ProfileError(f"{source}: missing or bad field: {e}") from e
-    if att <= 0 or rtt < 0:
-        raise ProfileError(f"{source}: attention rate must be > 0 and round trip >= 0")
+    try:
+        overhead = float(data.get("engine_overhead_s_per_layer", 0.0))
+    except (TypeError, ValueError) as e:
+        raise ProfileError(f"{source}: bad engine_overhead_s_per_layer: {e}") from e
+    if att <= 0 or rtt < 0 or not 0 <= overhead < 1:
+        raise ProfileError(f"{source}: attention rate must be > 0, round trip >= 0 and engine overhead in [0, 1) s")
     base = (data.get("baseline_attention") or {}).get("kv_bytes_per_s")
     wire = data.get("wire_bytes_per_s")
     return Profile(curve, head, att, float(base) if base else None, rtt,
                    float(wire) if wire else None, data.get("model") or {},
-                   data.get("devices") or {}, source)
+                   data.get("devices") or {}, source, overhead)
