@@ -82,7 +82,10 @@ async def run(args, log) -> dict:
     model = load_model(model_dir, dtype=args.dtype)
     kv_tok = kv_bytes_per_context_token(model_dir, args.dtype)
     pairs = [(d, m) for d in args.delays_ms for m in args.micro_batches]
-    decode_tokens = 8 + args.rounds * len(pairs) * (args.steps + 1)
+    # Room for every decode step the run takes: warm-up, each pair's settle step and timed steps, and
+    # the tokens sequences decode while others still prefill in chunks (as in bench_e2e).
+    decode_tokens = (8 + 2 * len(args.micro_batches) + args.rounds * len(pairs) * (args.steps + 1)
+                     + (args.batch * args.context) // 1024)
     kv = int(args.batch * (args.context + decode_tokens + 16) * kv_tok * 1.25) + (64 << 20)
     loop = asyncio.get_running_loop()
     port = free_port()
