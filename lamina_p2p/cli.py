@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -130,6 +131,9 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
         result = run_generate(opts)
     except (ValueError, ConfigError) as e:
         _fail(str(e))
+    except asyncio.CancelledError:
+        click.echo("generate: stopped by SIGTERM", err=True)
+        sys.exit(143)
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import openai
 import pytest
 import zmq.asyncio
 
-from lamina_p2p.launch import start_peer, stop_all
+from lamina_p2p.launch import node_command, start_peer, stop_all
 from lamina_p2p.net.rpc import RpcClient
 from lamina_p2p.runtime import run_async
 from tests.test_faults import JOBS, free_port, stream_all
@@ -129,3 +131,44 @@ def test_a_dead_compute_peer_gives_clients_an_error_and_its_kv_is_freed(model_di
         wait_until(lambda: kv_used(a.address) == 0, 30, "the dead owner's KV freed after --owner-timeout")
     finally:
         stop_all([comp, a])
+
+
+def _children(pid: int, marker: str) -> list[int]:
+    """Live child processes of pid whose command line contains marker."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and marker in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_sigterm_on_generate_stops_the_peers_it_started(model_dir):
+    gen = subprocess.Popen(node_command("generate", "--model", str(model_dir), "--attention-peers", "1",
+                                        "--random-prompt-len", "8", "--max-tokens", "4000", "--ignore-eos"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        peer = wait_until(lambda: _children(gen.pid, "--role attention"), 120, "the attention peer to start")[0]
+        gen.send_signal(signal.SIGTERM)
+        _, err = gen.communicate(timeout=60)
+        assert gen.returncode == 143, err[-2000:]
+        assert "stopped by SIGTERM" in err
+        wait_until(lambda: _gone(peer), 30, "the attention peer to exit")
+    finally:
+        if gen.poll() is None:
+            gen.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
 from dataclasses import dataclass, field
 
 from lamina_p2p.compute.engine import Engine
@@ -82,6 +83,10 @@ def run_generate(opts: GenerateOptions) -> dict:
 
 
 async def _generate(opts: GenerateOptions, model, prompts, params):
+    # SIGTERM (kill, a job scheduler) stops like Ctrl-C: unwinding stops the peers started here.
+    task = asyncio.current_task()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     async with contextlib.AsyncExitStack() as stack:
         transport = await stack.enter_async_context(open_transport(opts))
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,

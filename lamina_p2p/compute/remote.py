@@ -215,10 +215,17 @@ async def open_cluster_transport(opts):
             seeds, expect = list(opts.join), 1
         else:
             kv = f"{opts.kv_bytes}"
-            peers = await loop.run_in_executor(None, lambda: start_attention_peers(
+            starting = loop.run_in_executor(None, lambda: start_attention_peers(
                 opts.attention_peers, kv, opts.attention_threads, opts.cluster,
                 extra=security.cli_args() if security is not None else None,
                 cpus=getattr(opts, "attention_cpus", None)))
+            try:
+                peers = await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                # Stopped (SIGTERM) while the peers start: let them come up so the finally stops them.
+                with contextlib.suppress(Exception):
+                    peers = await starting
+                raise
             seeds, expect = [peers[0].address], len(peers)
         async with join_cluster(seeds, cluster=opts.cluster, security=security) as transport:
             # The engine binds (registers) right after this; wait for membership to show the peers first.
