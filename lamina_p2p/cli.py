@@ -96,7 +96,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
 @click.option("--cpus", default=None, help="Pin this (compute) process to these CPUs: 0-3,6 (Linux).")
 @click.option("--attention-cpus", multiple=True,
-              help="CPUs of the attention peers started here, one list per peer (repeatable, reused in turn).")
+              help="CPUs of the attention peers started here, one list per peer (repeatable, reused in turn); "
+              "without it they inherit this process's CPUs.")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None, help="Write a Chrome trace JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @security_options

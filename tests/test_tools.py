@@ -60,6 +60,18 @@ def test_bench_e2e_split_cores(tiny):
     assert all(v > 0 for v in res["contexts"]["16"]["tokens_per_s"].values())
 
 
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs")
+def test_overlap_check_json_shape(tiny):
+    res = run_tool(str(TOOLS / "overlap_check.py"), "--model", tiny, "--context", "32", "--batch", "4",
+                   "--seconds", "0.2", "--steps", "2", "--json")
+    assert res["processes"]["dense_slowdown"] > 0 and res["processes"]["kernel_slowdown"] > 0
+    for key in ("cluster", "cluster_dense_thread_alone"):
+        for m in ("mb1", "mb2"):
+            r = res[key][m]
+            assert r["step_ms"] > 0 and r["dense_span_ms"] > 0 and r["kernel_span_ms"] > 0
+            assert r["dense_thread_cpu_ms"] >= 0 and r["kernel_thread_cpu_ms"] >= 0
+
+
 def test_profile_peers_writes_a_profile_the_planner_reads(tmp_path):
     from lamina_p2p.plan.profile import load_profile
 

@@ -184,12 +184,12 @@ class Engine:
         for r in hidden:
             if isinstance(r, BaseException):
                 raise r
-        for mb in batches:
-            for seq, n in zip(mb.seqs, mb.n):
-                seq.cached += n
         sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
         tokens, logprobs = await asyncio.get_running_loop().run_in_executor(
             self.dense, self._sample, sample_seqs, hidden)
+        for mb in batches:
+            for seq, n in zip(mb.seqs, mb.n):
+                seq.cached += n
         self.steps += 1
         finished = []
         for seq, tok, lp in zip(sample_seqs, tokens, logprobs):
