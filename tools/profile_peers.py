@@ -107,7 +107,6 @@ def profile_attention(cfg, storage, batch, ctx, reps, block_size=16):
 def profile_engine(model, batch, ctx, steps, threads):
     """Median decode step of the real engine (in-process attention, one micro-batch), batch
     sequences at a short context: mostly dense work and the engine's own per-layer cost."""
-    import asyncio
     import random
 
     from lamina_p2p.compute.engine import Engine
@@ -137,7 +136,6 @@ def profile_engine(model, batch, ctx, steps, threads):
             await engine.release(seqs)
             engine.close()
             transport.close()
-            await asyncio.sleep(0)
 
     return run_async(run())
 
