@@ -47,14 +47,24 @@ def init_model(preset: str, out: str, seed: int, dtype: str) -> None:
     click.echo(f"wrote {preset} model to {path}")
 
 
-def _pin(cpus: str | None, threads: int | None) -> int | None:
-    """Apply --cpus; threads default to one per pinned CPU so the pools fit their cores."""
-    if not cpus:
-        return threads
-    try:
-        return threads or len(pin_cpus(cpus))
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="'--cpus'") from None
+def _pin(cpus: str | None, threads: int | None, dense_cpus: str | None = None) -> tuple[int | None, set | None]:
+    """Apply --cpus and parse --dense-cpus; threads default to one per CPU the pool runs on."""
+    dense = None
+    if dense_cpus:
+        try:
+            dense = parse_cpus(dense_cpus)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--dense-cpus'") from None
+        if max(dense) >= (os.cpu_count() or 1):
+            raise click.BadParameter(f"CPU {max(dense)} does not exist (this machine has {os.cpu_count()} CPUs)",
+                                     param_hint="'--dense-cpus'")
+        threads = threads or len(dense)
+    if cpus:
+        try:
+            threads = threads or len(pin_cpus(cpus))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--cpus'") from None
+    return threads, dense
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -95,6 +105,9 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads of the compute side.")
 @click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
 @click.option("--cpus", default=None, help="Pin this (compute) process to these CPUs: 0-3,6 (Linux).")
+@click.option("--dense-cpus", default=None,
+              help="Run the dense layers (one thread and its torch pool) on these CPUs only, away from the event "
+              "loop: 1-3 (Linux).")
 @click.option("--attention-cpus", multiple=True,
               help="CPUs of the attention peers started here, one list per peer (repeatable, reused in turn); "
               "without it they inherit this process's CPUs.")
@@ -104,7 +117,7 @@ def _parse_ids(text: str) -> list[int]:
 def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, temperature, top_k, top_p, seed,
              ignore_eos, batch, attention_peers, join, cluster, placement, shard_tokens, micro_batches, kv_replicas, dtype,
              kv_memory,
-             threads, attention_threads, cpus, attention_cpus, trace, as_json, secret, peer_key, allow_dir):
+             threads, attention_threads, cpus, dense_cpus, attention_cpus, trace, as_json, secret, peer_key, allow_dir):
     """Generate from prompts, in process or on a cluster."""
     from lamina_p2p.compute.generate import GenerateOptions, run_generate
 
@@ -116,7 +129,7 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
             parse_cpus(spec)
     except (ConfigError, ValueError) as e:
         raise click.BadParameter(str(e)) from None
-    threads = _pin(cpus, threads)
+    threads, dense = _pin(cpus, threads, dense_cpus)
     if not (prompt or prompt_ids or random_prompt_len):
         raise click.UsageError("give --prompt, --prompt-ids or --random-prompt-len")
     opts = GenerateOptions(
@@ -126,7 +139,7 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
         join=list(join), cluster=cluster, placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches,
         kv_replicas=kv_replicas, dtype=dtype,
         kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, attention_cpus=list(attention_cpus),
-        trace=trace,
+        dense_cpus=dense, trace=trace,
         security=load_cli_security(secret, peer_key, allow_dir))
     try:
         result = run_generate(opts)
@@ -154,6 +167,8 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @click.option("--threads", type=click.IntRange(1), default=None, help="Kernel (attention) or torch (compute) threads.")
 @click.option("--cpus", default=None, help="Pin this peer to these CPUs, like taskset: 0-3,6 (Linux). "
               "Threads default to their count.")
+@click.option("--dense-cpus", default=None, help="Compute: run the dense layers (one thread and its torch pool) "
+              "on these CPUs only, away from the event loop: 1-3 (Linux).")
 @click.option("--block-size", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--heartbeat", type=click.FloatRange(0.01), default=0.5, show_default=True, help="Seconds.")
 @click.option("--dead-after", type=click.FloatRange(0.05), default=5.0, show_default=True,
@@ -183,7 +198,7 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @insecure_listen_option
 @click.option("--api-key", default=lambda: os.environ.get("LAMINA_API_KEY") or None,
               help="Compute with --http: require 'Authorization: Bearer KEY' on /v1/* (default: $LAMINA_API_KEY).")
-def start(role, listen, join, cluster, kv_memory, device, threads, cpus, block_size, heartbeat, dead_after, model_dir,
+def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_cpus, block_size, heartbeat, dead_after, model_dir,
           dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout, owner_timeout,
           http, max_batch, advertise, discover, discover_port,
           discover_broadcast, secret, peer_key, allow_dir, insecure_listen, api_key):
@@ -200,7 +215,9 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, block_s
         kv_bytes = parse_bytes(kv_memory)
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
-    threads = _pin(cpus, threads)
+    if dense_cpus and role != "compute":
+        raise click.UsageError("--dense-cpus is for a compute peer")
+    threads, dense = _pin(cpus, threads, dense_cpus)
     security = load_cli_security(secret, peer_key, allow_dir)
     from lamina_p2p.net.security import SecurityError, check_listen
 
@@ -232,7 +249,8 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, block_s
     opts = ComputeOptions(model_dir=model_dir, listen=listen, join=list(join), cluster=cluster, dtype=dtype,
                           placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, http=http,
                           kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout, drain_timeout=drain_timeout,
-                          threads=threads, heartbeat=heartbeat, dead_after=dead_after, max_batch=max_batch,
+                          threads=threads, dense_cpus=dense, heartbeat=heartbeat, dead_after=dead_after,
+                          max_batch=max_batch,
                           advertise=advertise, discover=discover, discover_port=discover_port,
                           discover_broadcast=discover_broadcast, security=security,
                           insecure_listen=insecure_listen, api_key=api_key)

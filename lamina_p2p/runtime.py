@@ -69,3 +69,11 @@ def pin_cpus(spec: str | set[int]) -> set[int]:
             raise ValueError(f"cannot pin to CPUs {sorted(cpus)}: {e.strerror} "
                              f"(this machine has {os.cpu_count()} CPUs)") from None
     return cpus
+
+
+def pin_this_thread(cpus: set[int]) -> None:
+    """Run the calling thread, and the threads it starts later (a torch pool), on these CPUs only."""
+    try:
+        os.sched_setaffinity(0, cpus)  # 0 is the calling thread
+    except OSError as e:
+        raise ValueError(f"cannot pin to CPUs {sorted(cpus)}: {e.strerror}") from None

@@ -64,3 +64,35 @@ def test_bad_cpus_is_a_clear_error():
                     "--cpus", str(os.cpu_count() + 64)], timeout=60)
     with pytest.raises(LaunchError, match="bad CPU list"):
         start_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--cpus", "x"], timeout=60)
+
+
+@linux_only
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs")
+def test_dense_cpus_puts_the_dense_thread_apart_from_the_event_loop(tmp_path):
+    import signal
+    import subprocess
+
+    from lamina_p2p.launch import node_command
+    from lamina_p2p.model.presets import write_preset
+    from tests.waiting import wait_until
+
+    model = write_preset("tiny", tmp_path / "tiny")
+    cpus = sorted(os.sched_getaffinity(0))
+    gen = subprocess.Popen(node_command("generate", "--model", str(model), "--random-prompt-len", "8",
+                                        "--max-tokens", "4000", "--ignore-eos", "--dense-cpus", str(cpus[-1])),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # The dense thread pins itself on its first job; the event loop (the main thread) keeps every CPU.
+        # (Not the main thread: torch's cpuinfo moves it to each CPU in turn for a moment at import.)
+        wait_until(lambda: gen.poll() is not None or any(
+            tid != gen.pid and cpu_list == str(cpus[-1]) for tid, cpu_list in thread_cpus(gen.pid).items()),
+            120, "a thread pinned to the dense CPU")
+        assert gen.poll() is None, gen.stderr.read()
+        seen = thread_cpus(gen.pid)
+        assert seen[gen.pid] != str(cpus[-1]), (gen.pid, seen)
+    finally:
+        gen.send_signal(signal.SIGTERM)
+        gen.communicate(timeout=60)
+    bad = subprocess.run(node_command("generate", "--model", str(model), "--prompt-ids", "1,2",
+                                      "--dense-cpus", str(os.cpu_count() + 8)), capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

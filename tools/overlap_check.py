@@ -154,13 +154,11 @@ async def part2(args, cpus, isolate_dense: bool) -> dict:
                            kv_bytes=int(args.batch * (args.context + 8 * steps + 64) * kv_tok * 1.3))
     res = {}
     async with open_transport(opts) as transport:
-        engine = Engine(model, transport)
+        engine = Engine(model, transport, dense_cpus={cpus[0]} if isolate_dense else None)
         await transport.wait_for_peers(1, 60)
         (peer,) = child_pids()
         loop = asyncio.get_running_loop()
         dense_tid = await loop.run_in_executor(engine.dense, threading.get_native_id)
-        if isolate_dense:
-            os.sched_setaffinity(dense_tid, {cpus[0]})  # the thread alone; its torch pool inherits
         rng = random.Random(0)
         params = SamplingParams(max_tokens=8 * steps + 16, ignore_eos=True)
         seqs = [engine.new_sequence([rng.randrange(3, model.config.vocab_size) for _ in range(args.context)], params)

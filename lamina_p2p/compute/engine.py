@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from lamina_p2p.compute.fanout import MicroBatch, build_requests, merge_results,
 from lamina_p2p.compute.placement import Placer
 from lamina_p2p.compute.sampling import sample
 from lamina_p2p.compute.sequence import SamplingParams, Sequence
+from lamina_p2p.runtime import pin_this_thread
 from lamina_p2p.trace import now
 
 log = logging.getLogger("lamina.compute")
@@ -35,7 +37,8 @@ log = logging.getLogger("lamina.compute")
 class Engine:
     def __init__(self, model, transport, *, placement: str = "request", micro_batches: int = 1,
                  shard_tokens: int | None = None, max_step_tokens: int = 4096, owner: str | None = None,
-                 kv_replicas: int = 1, peer_wait_timeout: float = 60.0, max_recoveries: int = 16):
+                 kv_replicas: int = 1, peer_wait_timeout: float = 60.0, max_recoveries: int = 16,
+                 dense_cpus: set[int] | None = None):
         if micro_batches < 1:
             raise ValueError("micro_batches must be >= 1")
         self.model = model
@@ -52,6 +55,10 @@ class Engine:
         self.recomputed = 0  # sequences whose KV was rebuilt after a peer failed
         self.promoted = 0  # shards that failed over to a replica without recompute
         self.dense = ThreadPoolExecutor(1, thread_name_prefix="dense")
+        # The dense thread on cores of its own: sharing one with the event loop, it waits on the GIL
+        # while the loop handles other micro-batches' messages (tools/overlap_check.py measures it).
+        self.dense_cpus = set(dense_cpus) if dense_cpus else None
+        self._pinned = threading.local()
         self.storage = str(model.dtype).removeprefix("torch.")
         transport.bind(self.owner, self.geometry())
         self._ids = itertools.count(1)
@@ -269,7 +276,14 @@ class Engine:
         with self.tracer.span("compute", f"micro-batch {mb.index}", name, {"tokens": mb.num_tokens}):
             yield
 
+    def _pin_dense_thread(self) -> None:
+        # Here, not in an executor initializer: the executor may be replaced (serve times its jobs).
+        if self.dense_cpus and getattr(self._pinned, "cpus", None) != self.dense_cpus:
+            pin_this_thread(self.dense_cpus)
+            self._pinned.cpus = self.dense_cpus
+
     def _first(self, mb: MicroBatch):
+        self._pin_dense_thread()
         with torch.inference_mode(), self._dense_span(mb, "dense embed+L0"):
             x = self.model.embed(mb.tokens)
             q, k, v = self.model.pre(0, x, mb.positions)

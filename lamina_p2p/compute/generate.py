@@ -38,6 +38,7 @@ class GenerateOptions:
     threads: int | None = None
     attention_threads: int | None = None
     attention_cpus: list[str] = field(default_factory=list)  # per started peer, reused in turn
+    dense_cpus: set[int] | None = None  # the dense thread (and its torch pool) on these CPUs only
     trace: str | None = None
     cluster: str = "lamina"
     security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection
@@ -90,7 +91,7 @@ async def _generate(opts: GenerateOptions, model, prompts, params):
     async with contextlib.AsyncExitStack() as stack:
         transport = await stack.enter_async_context(open_transport(opts))
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
-                        shard_tokens=opts.shard_tokens, kv_replicas=opts.kv_replicas)
+                        shard_tokens=opts.shard_tokens, kv_replicas=opts.kv_replicas, dense_cpus=opts.dense_cpus)
         stack.callback(engine.close)
         if hasattr(transport, "wait_for_peers"):
             await transport.wait_for_peers(transport.expected_peers, timeout=60.0)

@@ -34,6 +34,7 @@ class ComputeOptions:
     drain_timeout: float = 30.0  # on SIGTERM: seconds to let running requests finish before failing them
     http: str | None = None
     threads: int | None = None
+    dense_cpus: set[int] | None = None  # the dense thread (and its torch pool) on these CPUs only
     heartbeat: float = 0.5
     dead_after: float = 5.0
     max_batch: int = 64
@@ -102,7 +103,8 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
         transport = TimedTransport(raw, metrics)
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
                         shard_tokens=opts.shard_tokens, max_step_tokens=opts.max_step_tokens,
-                        kv_replicas=opts.kv_replicas, peer_wait_timeout=opts.peer_wait_timeout)
+                        kv_replicas=opts.kv_replicas, peer_wait_timeout=opts.peer_wait_timeout,
+                        dense_cpus=opts.dense_cpus)
         metrics.watch_engine(engine)
         engine.dense.shutdown(wait=False)
         engine.dense = TimedExecutor(metrics)  # same single dense thread, timed per layer
