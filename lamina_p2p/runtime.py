@@ -32,6 +32,9 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+MAX_CPUS = 8192  # Linux's largest NR_CPUS: a bound before a range becomes a set
+
+
 def parse_cpus(spec: str) -> set[int]:
     """A CPU list as taskset and cgroups write it, '0-3,6' -> {0, 1, 2, 3, 6}."""
     cpus: set[int] = set()
@@ -43,6 +46,8 @@ def parse_cpus(spec: str) -> set[int]:
             raise ValueError(f"bad CPU list {spec!r}: {part!r} is not N or N-M") from None
         if a < 0 or b < a:
             raise ValueError(f"bad CPU list {spec!r}: {part!r} is not an increasing range of CPU numbers")
+        if b >= MAX_CPUS:
+            raise ValueError(f"bad CPU list {spec!r}: CPU {b} is past Linux's limit of {MAX_CPUS}")
         cpus.update(range(a, b + 1))
     return cpus
 
