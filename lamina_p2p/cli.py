@@ -10,7 +10,7 @@ import sys
 import click
 
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
-from lamina_p2p.runtime import parse_cpus, pin_cpus
+from lamina_p2p.cpus_command import apply_cpu_options, cpu_options
 from lamina_p2p.security_command import insecure_listen_option, load_cli_security, security_options
 
 
@@ -45,26 +45,6 @@ def init_model(preset: str, out: str, seed: int, dtype: str) -> None:
 
     path = write_preset(preset, out, seed=seed, dtype=dtype)
     click.echo(f"wrote {preset} model to {path}")
-
-
-def _pin(cpus: str | None, threads: int | None, dense_cpus: str | None = None) -> tuple[int | None, set | None]:
-    """Apply --cpus and parse --dense-cpus; threads default to one per CPU the pool runs on."""
-    dense = None
-    if dense_cpus:
-        try:
-            dense = parse_cpus(dense_cpus)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="'--dense-cpus'") from None
-        if max(dense) >= (os.cpu_count() or 1):
-            raise click.BadParameter(f"CPU {max(dense)} does not exist (this machine has {os.cpu_count()} CPUs)",
-                                     param_hint="'--dense-cpus'")
-        threads = threads or len(dense)
-    if cpus:
-        try:
-            threads = threads or len(pin_cpus(cpus))
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="'--cpus'") from None
-    return threads, dense
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -104,13 +84,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--kv-memory", default="2GiB", show_default=True, help="KV budget of each attention peer.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads of the compute side.")
 @click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
-@click.option("--cpus", default=None, help="Pin this (compute) process to these CPUs: 0-3,6 (Linux).")
-@click.option("--dense-cpus", default=None,
-              help="Run the dense layers (one thread and its torch pool) on these CPUs only, away from the event "
-              "loop: 1-3 (Linux).")
-@click.option("--attention-cpus", multiple=True,
-              help="CPUs of the attention peers started here, one list per peer (repeatable, reused in turn); "
-              "without it they inherit this process's CPUs.")
+@cpu_options(starts_peers=True)
 @click.option("--trace", type=click.Path(dir_okay=False), default=None, help="Write a Chrome trace JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @security_options
@@ -125,11 +99,9 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
         kv_bytes = parse_bytes(kv_memory)
         for addr in join:
             check_address(addr)
-        for spec in attention_cpus:
-            parse_cpus(spec)
-    except (ConfigError, ValueError) as e:
+    except ConfigError as e:
         raise click.BadParameter(str(e)) from None
-    threads, dense = _pin(cpus, threads, dense_cpus)
+    threads, dense = apply_cpu_options(cpus, dense_cpus, threads, attention_cpus)
     if not (prompt or prompt_ids or random_prompt_len):
         raise click.UsageError("give --prompt, --prompt-ids or --random-prompt-len")
     opts = GenerateOptions(
@@ -165,10 +137,7 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @click.option("--kv-memory", default="4GiB", show_default=True, help="Attention: KV cache budget.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Kernel (attention) or torch (compute) threads.")
-@click.option("--cpus", default=None, help="Pin this peer to these CPUs, like taskset: 0-3,6 (Linux). "
-              "Threads default to their count.")
-@click.option("--dense-cpus", default=None, help="Compute: run the dense layers (one thread and its torch pool) "
-              "on these CPUs only, away from the event loop: 1-3 (Linux).")
+@cpu_options(starts_peers=False)
 @click.option("--block-size", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--heartbeat", type=click.FloatRange(0.01), default=0.5, show_default=True, help="Seconds.")
 @click.option("--dead-after", type=click.FloatRange(0.05), default=5.0, show_default=True,
@@ -217,7 +186,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
         raise click.BadParameter(str(e)) from None
     if dense_cpus and role != "compute":
         raise click.UsageError("--dense-cpus is for a compute peer")
-    threads, dense = _pin(cpus, threads, dense_cpus)
+    threads, dense = apply_cpu_options(cpus, dense_cpus, threads)
     security = load_cli_security(secret, peer_key, allow_dir)
     from lamina_p2p.net.security import SecurityError, check_listen
 

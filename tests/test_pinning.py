@@ -96,3 +96,27 @@ def test_dense_cpus_puts_the_dense_thread_apart_from_the_event_loop(tmp_path):
     bad = subprocess.run(node_command("generate", "--model", str(model), "--prompt-ids", "1,2",
                                       "--dense-cpus", str(os.cpu_count() + 8)), capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@linux_only
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs")
+def test_serve_pins_its_dense_thread_after_the_first_request(tmp_path):
+    import json
+    import urllib.request
+
+    from lamina_p2p.model.presets import write_preset
+
+    model = write_preset("tiny", tmp_path / "tiny")
+    cpu = str(sorted(os.sched_getaffinity(0))[-1])
+    peer = start_peer(["serve", "--model", str(model), "--http", "127.0.0.1:0", "--kv-memory", "16MiB",
+                       "--dense-cpus", cpu])
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+        req = urllib.request.Request(peer.address + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200
+        seen = thread_cpus(peer.proc.pid)
+        pinned = [tid for tid, cpus in seen.items() if cpus == cpu and tid != peer.proc.pid]
+        assert pinned and seen[peer.proc.pid] != cpu, seen
+    finally:
+        stop_all([peer])

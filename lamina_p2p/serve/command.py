@@ -7,6 +7,7 @@ import os
 import click
 
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
+from lamina_p2p.cpus_command import apply_cpu_options, cpu_options
 from lamina_p2p.security_command import load_cli_security, security_options
 
 
@@ -38,12 +39,13 @@ from lamina_p2p.security_command import load_cli_security, security_options
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads of the compute side.")
 @click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
+@cpu_options(starts_peers=True)
 @click.option("--cluster", default="lamina", show_default=True)
 @security_options
 def serve_command(model_dir, attention_peers, join, http, placement, shard_tokens, micro_batches, kv_replicas,
                   peer_wait_timeout, drain_timeout, kv_memory,
-                  max_batch, reserve, api_key, served_model_name, dtype, threads, attention_threads, cluster,
-                  secret, peer_key, allow_dir):
+                  max_batch, reserve, api_key, served_model_name, dtype, threads, attention_threads, cpus,
+                  dense_cpus, attention_cpus, cluster, secret, peer_key, allow_dir):
     """Serve a model over HTTP (OpenAI API), starting attention peers locally or joining a cluster."""
     from lamina_p2p.node import run_compute
     from lamina_p2p.runtime import run_async
@@ -58,11 +60,13 @@ def serve_command(model_dir, attention_peers, join, http, placement, shard_token
         parse_http(http)
     except (ConfigError, ValueError) as e:
         raise click.BadParameter(str(e)) from None
+    threads, dense = apply_cpu_options(cpus, dense_cpus, threads, attention_cpus)
     opts = ComputeOptions(model_dir=model_dir, join=list(join), cluster=cluster, dtype=dtype, placement=placement,
                           shard_tokens=shard_tokens, micro_batches=micro_batches, http=http, threads=threads,
                           kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout, drain_timeout=drain_timeout,
                           max_batch=max_batch, attention_peers=attention_peers, kv_bytes=kv_bytes,
-                          attention_threads=attention_threads, api_key=api_key or None,
+                          attention_threads=attention_threads, attention_cpus=list(attention_cpus),
+                          dense_cpus=dense, api_key=api_key or None,
                           model_name=served_model_name, reserve=reserve, announce_http=True,
                           security=load_cli_security(secret, peer_key, allow_dir))
     run_async(run_compute(opts))

@@ -42,6 +42,7 @@ class ComputeOptions:
     attention_peers: int = 0
     kv_bytes: int = 2 << 30
     attention_threads: int | None = None
+    attention_cpus: list[str] = field(default_factory=list)  # per started peer, reused in turn
     api_key: str | None = None
     model_name: str | None = None
     reserve: str = "full"
