@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
 import time
 
 import pytest
-import zmq.asyncio
 from hf_models import build_hf_model
 
 from lamina_p2p.compute.generate import GenerateOptions, run_generate
 from lamina_p2p.launch import node_command, start_peer, stop_all
-from lamina_p2p.net.rpc import RpcClient
-from lamina_p2p.runtime import run_async
-from waiting import wait_until
+from waiting import peer_stats, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -42,16 +38,7 @@ def states(address) -> dict:
 
 
 def attend_calls(address) -> int:
-    async def ask():
-        ctx = zmq.asyncio.Context()
-        client = RpcClient(ctx, address)
-        try:
-            return (await client.call("stats", timeout=5.0)).fields["attend_calls"]
-        finally:
-            await client.close()
-            ctx.destroy(linger=0)
-
-    return run_async(ask())
+    return peer_stats(address)["attend_calls"]
 
 
 def test_a_joining_peer_is_used_and_shown_and_a_killed_peer_is_marked_dead():

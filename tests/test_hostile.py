@@ -8,7 +8,6 @@ import asyncio
 import json
 import random
 import socket
-import time
 import urllib.error
 import urllib.request
 

@@ -30,14 +30,20 @@ class Peers:
     def __init__(self):
         self.ctx = zmq.asyncio.Context()
         self.running: list[tuple[RpcServer, Membership]] = []
+        self.contexts: dict[int, zmq.asyncio.Context] = {}  # peers with a context of their own
 
-    async def start(self, seeds=(), role="attention", cluster="test", bind="tcp://127.0.0.1:0", **timing):
-        server = RpcServer(self.ctx, bind)
+    async def start(self, seeds=(), role="attention", cluster="test", bind="tcp://127.0.0.1:0", own_context=False,
+                    **timing):
+        """own_context: a context of its own, as a separate process has; kill() then releases its port."""
+        ctx = zmq.asyncio.Context() if own_context else self.ctx
+        server = RpcServer(ctx, bind)
         await server.start()
         me = PeerInfo(id=uuid.uuid4().hex, role=role, address=server.bound_address, cluster=cluster)
-        m = Membership(server, self.ctx, me, list(seeds), **{**FAST, **timing})
+        m = Membership(server, ctx, me, list(seeds), **{**FAST, **timing})
         await m.start()
         self.running.append((server, m))
+        if own_context:
+            self.contexts[id(m)] = ctx
         return m
 
     async def kill(self, m: Membership):
@@ -46,6 +52,11 @@ class Peers:
         self.running.remove((server, m))
         await m.stop(leave=False)
         await server.close()
+        ctx = self.contexts.pop(id(m), None)
+        if ctx is not None:
+            # libzmq closes a listener's port in its I/O thread after close(); terminating the
+            # context returns once those threads have finished, so the port is free then.
+            await asyncio.to_thread(ctx.destroy, 0)
 
     async def __aenter__(self):
         return self
@@ -54,6 +65,8 @@ class Peers:
         for server, m in self.running:
             await m.stop(leave=False)
             await server.close()
+        for ctx in self.contexts.values():
+            ctx.destroy(linger=0)
         self.ctx.destroy(linger=0)
 
 
@@ -133,20 +146,11 @@ def test_restarted_peer_at_the_same_address_replaces_the_old_id():
     async def body():
         async with Peers() as P:
             a = await P.start()
-            b = await P.start(seeds=[a.me.address])
+            b = await P.start(seeds=[a.me.address], own_context=True)
             await a.wait_for(sees(a, b), timeout=5)
             address, old_id = b.me.address, b.me.id
-            await P.kill(b)
-            # New process, same endpoint. libzmq releases the port from its I/O thread a moment
-            # after close, so retry the bind until a deadline.
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    b2 = await P.start(seeds=[a.me.address], bind=address)
-                    break
-                except zmq.ZMQError:
-                    assert time.monotonic() < deadline, f"{address} never freed"
-                    await asyncio.sleep(0.02)
+            await P.kill(b)  # returns once b's context, and so its port, is released
+            b2 = await P.start(seeds=[a.me.address], bind=address)  # new process, same endpoint
             await a.wait_for(lambda m: ids(m) == {a.me.id, b2.me.id}, timeout=5)
             assert a.get(old_id).state == "dead"
 

@@ -1,6 +1,5 @@
 """RpcServer / RpcClient over real ZeroMQ sockets on loopback."""
 import asyncio
-import os
 import subprocess
 import sys
 import textwrap

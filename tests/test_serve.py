@@ -6,7 +6,6 @@ import asyncio
 import json
 import random
 import shutil
-import time
 import urllib.error
 import urllib.request
 

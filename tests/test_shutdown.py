@@ -10,13 +10,11 @@ from pathlib import Path
 
 import openai
 import pytest
-import zmq.asyncio
 
 from lamina_p2p.launch import node_command, start_peer, stop_all
-from lamina_p2p.net.rpc import RpcClient
-from lamina_p2p.runtime import run_async
 from tests.test_faults import JOBS, free_port, stream_all
 from tests.test_serve import GREEDY, aclient, metric, wait_until
+from tests.waiting import peer_stats
 
 pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -43,16 +41,7 @@ def compute(model_dir, seed, *extra):
 
 
 def kv_used(address) -> int:
-    async def ask():
-        ctx = zmq.asyncio.Context()
-        client = RpcClient(ctx, address)
-        try:
-            return (await client.call("stats", timeout=5.0)).fields["kv_used_bytes"]
-        finally:
-            await client.close()
-            ctx.destroy(linger=0)
-
-    return run_async(ask())
+    return peer_stats(address)["kv_used_bytes"]
 
 
 def test_sigterm_on_an_attention_peer_hands_its_shards_back(model_dir):

@@ -18,3 +18,22 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def peer_stats(address: str) -> dict:
+    """An attention peer's `stats` reply (KV use, attend calls, ...), over a real RPC."""
+    import zmq.asyncio
+
+    from lamina_p2p.net.rpc import RpcClient
+    from lamina_p2p.runtime import run_async
+
+    async def ask():
+        ctx = zmq.asyncio.Context()
+        client = RpcClient(ctx, address)
+        try:
+            return (await client.call("stats", timeout=5.0)).fields
+        finally:
+            await client.close()
+            ctx.destroy(linger=0)
+
+    return run_async(ask())

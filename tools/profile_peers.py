@@ -287,7 +287,7 @@ def main(argv=None):
     text = json.dumps(prof, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
-    print(f"dense per layer: " + ", ".join(f"B={b}: {t * 1e6:.0f} us" for b, t in zip(batches, dense)),
+    print("dense per layer: " + ", ".join(f"B={b}: {t * 1e6:.0f} us" for b, t in zip(batches, dense)),
           file=sys.stderr)
     print(f"attention: {kv_rate / 1e9:.2f} GB/s of KV ({t_att * 1e6:.0f} us/layer at B={args.predict_batch}, "
           f"ctx {args.context}); wire: round trip {rtt * 1e6:.0f} us, {wire_rate / 1e9:.2f} GB/s; "
