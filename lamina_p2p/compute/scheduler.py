@@ -76,6 +76,15 @@ class ShuttingDown(Exception):
     """The server is draining before it exits: new requests are refused (HTTP 503)."""
 
 
+def is_infrastructure(exc: BaseException) -> bool:
+    """A failure of the cluster (a peer died, timed out, is busy, none is left), not of a request."""
+    from lamina_p2p.compute.errors import AttentionPeerError, NoPeers
+
+    if isinstance(exc, AttentionPeerError):
+        return exc.kind != "error"  # "error": the peer refused this batch's request, perhaps one sequence's
+    return isinstance(exc, (NoPeers, TimeoutError, ConnectionError, OSError))
+
+
 def is_kv_full(exc: BaseException) -> bool:
     from lamina_p2p.attention.kv_pool import KVFull
 
@@ -201,6 +210,10 @@ class Scheduler:
                     if is_kv_full(e):
                         await self._preempt()
                         continue
+                    if not is_infrastructure(e):
+                        # Perhaps one request's fault: find it rather than retry or fail everyone.
+                        await self._isolate(e)
+                        continue
                     errors += 1
                     await self._recover(e, give_up=errors >= self.max_consecutive_errors)
                     if errors >= self.max_consecutive_errors:
@@ -240,6 +253,16 @@ class Scheduler:
         keep, stopped = [], []
         for req in self.running:
             seq = req.seq
+            if seq.error is not None:
+                # Sampling failed for this sequence alone: its last token is a placeholder, never sent.
+                del seq.output[req.sent:], seq.logprobs[req.sent:]
+                seq.finish_reason = "error"
+                if seq in finished:
+                    finished.discard(seq)
+                else:
+                    stopped.append(seq)
+                self._close(req, "error", seq.error)
+                continue
             new = seq.output[req.sent:]
             if new:
                 lps = seq.logprobs[req.sent:]
@@ -253,9 +276,11 @@ class Scheduler:
                 req.last_token_at = now
                 if self.metrics:
                     self.metrics.tokens(len(new))
-                if req.on_tokens(new, lps) and not seq.finished:
+                if req.on_tokens(new, lps):
+                    # A stop string, even one completed by the last token max_tokens allowed ("length").
+                    if not seq.finished:
+                        stopped.append(seq)
                     seq.finish_reason = "stop"
-                    stopped.append(seq)
             if seq.finished:
                 self._close(req, seq.finish_reason)
             else:
@@ -263,6 +288,31 @@ class Scheduler:
         self.running = keep
         if stopped:  # the engine freed those it finished itself; stop strings are ours to free
             await self.engine.release(stopped)
+
+    async def _isolate(self, exc: Exception) -> None:
+        """A step failed with an error that may belong to one request: run each running request's
+        step alone; only those that fail alone end (with the error), the others go on."""
+        log.warning("step failed (%s: %s); stepping each request alone to find the one at fault",
+                    type(exc).__name__, exc)
+        reqs, ok, finished = self.running, [], set()
+        self.running = []
+        for r in reqs:
+            if r.aborted:
+                ok.append(r)  # reaped at the next iteration
+                continue
+            try:
+                finished.update(await self.engine.step([r.seq]))
+                ok.append(r)
+            except Exception as e:  # noqa: BLE001 - classified below
+                if is_kv_full(e) or is_infrastructure(e):
+                    await self._requeue([r])
+                    continue
+                log.warning("request %d fails alone (%s: %s): ending it", r.seq.seq_id, type(e).__name__, e)
+                r.seq.finish_reason = "error"
+                await self.engine.release([r.seq])
+                self._close(r, "error", f"{type(e).__name__}: {e}")
+        self.running = ok
+        await self._deliver(finished)
 
     async def _reap_aborted(self) -> None:
         gone = [r for r in self.running if r.aborted]

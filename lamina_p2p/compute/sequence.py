@@ -23,6 +23,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives reported per position (with logprobs), most likely first
+    # {token id: added to its logit}, applied before every other step (greedy included), as OpenAI does.
+    logit_bias: dict[int, float] | None = None
+    # A compute.constrain.Grammar: each sequence gets its own matcher, which masks the tokens the
+    # grammar does not allow at that point (structured output).
+    grammar: object | None = None
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -37,6 +43,8 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.top_logprobs < 0:
+            raise ValueError("top_logprobs must be >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -54,10 +62,18 @@ class Sequence:
     cached: int = 0  # tokens whose K/V the attention peers hold
     finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
     generator: torch.Generator | None = None
+    # Per position, with params.top_logprobs: [(token id, logprob), ...] most likely first.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Set when sampling this sequence failed (its own parameters or grammar): it alone ends with
+    # finish_reason "error"; the token sampled in that step is a placeholder and is never delivered.
+    error: str | None = None
+    matcher: object | None = None  # the grammar's state for this sequence
 
     def __post_init__(self):
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.grammar is not None:
+            self.matcher = self.params.grammar.matcher()
 
     @property
     def tokens(self) -> list[int]:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from lamina_p2p.compute.scheduler import ShuttingDown
 
+from lamina_p2p.compute.constrain import Grammar, GrammarError, TokenSpace
 from lamina_p2p.serve.api import (APIError, bad, chat_logprobs, completion_logprobs, new_id, now, parse_common,
                                   parse_prompts, usage)
 from lamina_p2p.serve.chat import ChatTemplateError, normalise_messages, template_for
@@ -46,6 +47,8 @@ class ServeApp:
         self.metrics = metrics
         self.api_key = api_key
         self.template = template_for(tokenizer)
+        self.vocab_size = scheduler.engine.cfg.vocab_size
+        self._space: TokenSpace | None = None
         self.app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
             web.get("/v1/models", self.models), web.post("/v1/completions", self.completions),
@@ -66,14 +69,27 @@ class ServeApp:
         except APIError as e:
             return web.json_response(e.body(), status=e.status)
         except web.HTTPException as e:
-            if e.status >= 400:  # unknown route, wrong method: still OpenAI's error shape
+            if e.status >= 400:  # unknown route, wrong method, body too large: still OpenAI's error shape
                 return web.json_response(APIError(e.status, e.reason).body(), status=e.status)
             raise
+        except (asyncio.CancelledError, ConnectionError):
+            raise  # the client went away: nobody to answer
+        except Exception:  # a bug: still an answer in OpenAI's shape, never aiohttp's plain-text 500
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return web.json_response(APIError(500, "internal server error", type="server_error").body(), status=500)
 
     async def _body(self, request) -> dict:
+        raw = await request.read()
+        charset = request.charset or "utf-8"
         try:
-            body = await request.json(loads=_loads)
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            text = raw.decode(charset)
+        except LookupError:  # unknown, or not a text encoding (base64, rot13)
+            raise APIError(415, f"unsupported charset {charset!r} in Content-Type (send UTF-8 JSON)") from None
+        except (UnicodeError, ValueError) as e:
+            raise bad(f"the request body is not valid {charset}: {e}") from None
+        try:
+            body = _loads(text)
+        except ValueError as e:  # JSONDecodeError is a ValueError
             raise bad(f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise bad("the request body is nested too deeply") from None
@@ -100,8 +116,7 @@ class ServeApp:
         try:
             for i, ids in enumerate(prompts):
                 reqs.append(self.scheduler.submit(ids, _copy(parsed.params), TextRequest, queue=queue,
-                                                  tokenizer=self.tokenizer, stops=parsed.stop, index=i,
-                                                  want_logprobs=parsed.logprobs is not None))
+                                                  tokenizer=self.tokenizer, stops=parsed.stop, index=i))
         except ShuttingDown as e:
             for r in reqs:
                 self.scheduler.abort(r)
@@ -133,14 +148,16 @@ class ServeApp:
 
     async def completions(self, request):
         body = await self._body(request)
-        parsed = parse_common(body, chat=False)
+        parsed = parse_common(body, chat=False, vocab_size=self.vocab_size)
         prompts = [self._encode(p) for p in parse_prompts(body)]
         reqs, queue = self._submit(prompts, parsed, "prompt")
         return await self._respond(request, reqs, queue, parsed, chat=False)
 
     async def chat(self, request):
         body = await self._body(request)
-        parsed = parse_common(body, chat=True)
+        parsed = parse_common(body, chat=True, vocab_size=self.vocab_size)
+        if parsed.response_format is not None:
+            parsed.params.grammar = self._grammar(parsed.response_format)
         try:
             messages = normalise_messages(body.get("messages"))
         except ValueError as e:
@@ -157,6 +174,43 @@ class ServeApp:
             parsed.params.max_tokens = max(1, self.context - len(ids))
         reqs, queue = self._submit([ids], parsed, "messages")
         return await self._respond(request, reqs, queue, parsed, chat=True)
+
+    def space(self) -> TokenSpace:
+        """The tokenizer as the grammar library sees it (built on first use)."""
+        if self._space is None:
+            ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
+            self._space = TokenSpace(self.tokenizer.tokenizer.to_str(), self.vocab_size, list(ids))
+        return self._space
+
+    def _grammar(self, rf: dict) -> Grammar:
+        if self.tokenizer is None:
+            raise bad("structured output needs the model's tokenizer", "response_format")
+        try:
+            if rf["type"] == "json_object":
+                return Grammar.json_object(self.space())
+            return Grammar.json_schema(self.space(), rf["schema"])
+        except GrammarError as e:
+            raise bad(f"'response_format': {e}", "response_format", "invalid_value") from None
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _token_bytes(self, token: int) -> bytes:
+        # The token's own bytes: for a token holding part of a UTF-8 character, decoding it alone
+        # gives U+FFFD, whose bytes are not the token's.
+        return self.space().token_bytes(token)
+
+    def _logprobs(self, req, tokens: list[int], lps: list[float], start: int, offset: int, parsed, chat: bool):
+        """The logprobs object of `tokens`, which are req's output tokens from position `start`."""
+        n = parsed.logprobs
+        texts = [self._token_text(t) for t in tokens]
+        tops = req.seq.top_logprobs[start:start + len(tokens)] if n else [[] for _ in tokens]
+        if chat:
+            return chat_logprobs(texts, [self._token_bytes(t) for t in tokens], lps,
+                                 [[(self._token_text(a), self._token_bytes(a), lp) for a, lp in alts]
+                                  for alts in tops])
+        return completion_logprobs(texts, lps, [[(self._token_text(a), lp) for a, lp in alts] for alts in tops],
+                                   offset, n)
 
     # -- responses --------------------------------------------------------------
     async def _respond(self, request, reqs, queue, parsed, chat: bool):
@@ -178,8 +232,7 @@ class ServeApp:
             d = await queue.get()
             texts[d.index] += d.text
             lps[d.index] += d.logprobs
-            if d.token_texts:
-                toks[d.index] += d.token_texts
+            toks[d.index] += d.tokens
             if d.finish_reason:
                 remaining -= 1
                 finish[d.index] = d.finish_reason
@@ -191,12 +244,11 @@ class ServeApp:
         choices = []
         for i in range(len(reqs)):
             if chat:
-                c = {"index": i, "message": {"role": "assistant", "content": texts[i]},
-                     "logprobs": chat_logprobs(toks[i], lps[i]) if parsed.logprobs is not None else None}
+                c = {"index": i, "message": {"role": "assistant", "content": texts[i]}}
             else:
-                c = {"index": i, "text": texts[i],
-                     "logprobs": completion_logprobs(toks[i], lps[i], 0, parsed.logprobs) if parsed.logprobs
-                     is not None else None}
+                c = {"index": i, "text": texts[i]}
+            c["logprobs"] = (self._logprobs(reqs[i], toks[i], lps[i], 0, 0, parsed, chat)
+                             if parsed.logprobs is not None else None)
             c["finish_reason"] = finish[i]
             choices.append(c)
         return web.json_response({"id": new_id("chatcmpl" if chat else "cmpl"),
@@ -209,10 +261,13 @@ class ServeApp:
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         obj = "chat.completion.chunk" if chat else "text_completion"
         offsets = [0] * len(reqs)
+        positions = [0] * len(reqs)  # output tokens of each request already sent
 
         async def send(choices, **extra):
-            chunk = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices,
-                     **extra}
+            chunk = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
+            if parsed.include_usage:
+                chunk["usage"] = None  # on every chunk but the last, as the API reference says
+            chunk.update(extra)
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
         try:
@@ -230,12 +285,13 @@ class ServeApp:
                     break
                 if d.finish_reason:
                     remaining -= 1
-                if not (d.text or d.finish_reason or (d.token_texts and parsed.logprobs is not None)):
+                if not (d.text or d.finish_reason or (d.tokens and parsed.logprobs is not None)):
                     continue
                 lp = None
                 if parsed.logprobs is not None:
-                    lp = (chat_logprobs(d.token_texts or [], d.logprobs) if chat else
-                          completion_logprobs(d.token_texts or [], d.logprobs, offsets[d.index], parsed.logprobs))
+                    lp = self._logprobs(reqs[d.index], d.tokens, d.logprobs, positions[d.index], offsets[d.index],
+                                        parsed, chat)
+                positions[d.index] += len(d.tokens)
                 offsets[d.index] += len(d.text)
                 if chat:
                     delta = {"content": d.text} if d.text or not d.finish_reason else {}
