@@ -193,7 +193,16 @@ class ServeApp:
             raise bad(f"'response_format': {e}", "response_format", "invalid_value") from None
 
     def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+        """The token as text; one that is not whole UTF-8 (part of a character) is written as OpenAI
+        writes it, "bytes:\\xc3", so that distinct partial tokens stay distinct."""
+        text = self.tokenizer.decode([token], skip_special_tokens=False)
+        if "\ufffd" in text:
+            raw = self._token_bytes(token)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text
 
     def _token_bytes(self, token: int) -> bytes:
         # The token's own bytes: for a token holding part of a UTF-8 character, decoding it alone
@@ -229,7 +238,7 @@ class ServeApp:
         finish = [None] * len(reqs)
         remaining = len(reqs)
         while remaining:
-            d = await queue.get()
+            d = _final_reason(reqs, await queue.get())
             texts[d.index] += d.text
             lps[d.index] += d.logprobs
             toks[d.index] += d.tokens
@@ -277,7 +286,7 @@ class ServeApp:
                                  "finish_reason": None}])
             remaining = len(reqs)
             while remaining:
-                d = await queue.get()
+                d = _final_reason(reqs, await queue.get())
                 if d.finish_reason in ("error", "abort"):
                     err = APIError(500 if d.finish_reason == "error" else 503, d.error or "request failed",
                                    type="server_error")
@@ -306,6 +315,15 @@ class ServeApp:
         except (ConnectionError, OSError):
             log.info("client went away mid-stream; aborting %d request(s)", len(reqs))
         return resp
+
+
+def _final_reason(reqs, d):
+    """A stop string can be completed by text held back until the end (the last token finished
+    a character): the scheduler saw "length", but the text stopped at a stop string."""
+    if d.finish_reason == "length" and getattr(reqs[d.index], "stopper", None) is not None \
+            and reqs[d.index].stopper.stopped:
+        d.finish_reason = "stop"
+    return d
 
 
 def _copy(params):
