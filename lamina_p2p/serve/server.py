@@ -129,6 +129,8 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
         if opts.http:
             name = opts.model_name or Path(opts.model_dir).resolve().name
             api = ServeApp(scheduler, tokenizer, name, model.config.max_position_embeddings, metrics, opts.api_key)
+            if tokenizer is not None:  # the grammar library's view of the vocabulary: ~1 s for 50k tokens, once
+                await loop.run_in_executor(None, api.space)
             # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests.
             runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None)
             await runner.setup()
