@@ -49,6 +49,7 @@ class ServeApp:
         self.template = template_for(tokenizer)
         self.vocab_size = scheduler.engine.cfg.vocab_size
         self._space: TokenSpace | None = None
+        self._space_failed = False
         self.app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         self.app.add_routes([
             web.get("/v1/models", self.models), web.post("/v1/completions", self.completions),
@@ -175,20 +176,26 @@ class ServeApp:
         reqs, queue = self._submit([ids], parsed, "messages")
         return await self._respond(request, reqs, queue, parsed, chat=True)
 
-    def space(self) -> TokenSpace:
-        """The tokenizer as the grammar library sees it (built on first use)."""
-        if self._space is None:
-            ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
-            self._space = TokenSpace(self.tokenizer.tokenizer.to_str(), self.vocab_size, list(ids))
+    def space(self) -> TokenSpace | None:
+        """The tokenizer as the grammar library sees it (built once; None if it cannot read it)."""
+        if self._space is None and not self._space_failed and self.tokenizer is not None:
+            try:
+                self._space = TokenSpace(self.tokenizer.tokenizer.to_str(), self.vocab_size,
+                                         list(self.tokenizer.eos_token_ids))
+            except Exception as e:  # noqa: BLE001 - a tokenizer llguidance cannot read costs structured output only
+                self._space_failed = True
+                log.warning("structured output unavailable: llguidance cannot read this tokenizer (%s)", e)
         return self._space
 
     def _grammar(self, rf: dict) -> Grammar:
-        if self.tokenizer is None:
-            raise bad("structured output needs the model's tokenizer", "response_format")
+        space = self.space()
+        if space is None:
+            raise bad("structured output is not available for this model's tokenizer", "response_format",
+                      "unsupported_parameter")
         try:
             if rf["type"] == "json_object":
-                return Grammar.json_object(self.space())
-            return Grammar.json_schema(self.space(), rf["schema"])
+                return Grammar.json_object(space)
+            return Grammar.json_schema(space, rf["schema"])
         except GrammarError as e:
             raise bad(f"'response_format': {e}", "response_format", "invalid_value") from None
 
@@ -207,7 +214,10 @@ class ServeApp:
     def _token_bytes(self, token: int) -> bytes:
         # The token's own bytes: for a token holding part of a UTF-8 character, decoding it alone
         # gives U+FFFD, whose bytes are not the token's.
-        return self.space().token_bytes(token)
+        space = self.space()
+        if space is None:  # no byte-level view: the text's bytes (wrong only for partial characters)
+            return self.tokenizer.decode([token], skip_special_tokens=False).encode()
+        return space.token_bytes(token)
 
     def _logprobs(self, req, tokens: list[int], lps: list[float], start: int, offset: int, parsed, chat: bool):
         """The logprobs object of `tokens`, which are req's output tokens from position `start`."""
