@@ -70,17 +70,33 @@ def row_dependence(model) -> str:
     return ", ".join(f"B={b}: {d:.3g}" for b, d in diffs.items())
 
 
+def float32_head(model) -> None:
+    """model.logits in float32: the final norm's output rounded to the model dtype as usual, then
+    a float32 matmul with the (bf16) weights widened once."""
+    from lamina_p2p.model.transformer import rms_norm
+
+    w = model.lm_head_weight
+    w = (w.to_dense() if w.is_mkldnn else w).float()
+    norm, eps = model.final_norm, model.config.rms_norm_eps
+    model.logits = lambda x: torch.nn.functional.linear(rms_norm(x, norm, eps).float(), w)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir")
     ap.add_argument("--dtype", action="append", help="repeatable (default: bfloat16 and float32)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--float32-head", action="store_true",
+                    help="LM head accumulating and returning float32 from the model's weights (what the "
+                         "float32-logits change does), to measure what dependence is left")
     args = ap.parse_args()
     tok = load_tokenizer(args.model_dir)
     prompts = [tok.encode(t) for t in (TEXTS * 4)[: args.prompts]]
     for dtype in args.dtype or ["bfloat16", "float32"]:
         model = load_model(args.model_dir, dtype=dtype)
+        if args.float32_head:
+            float32_head(model)
         alone, logits = asyncio.run(run(model, prompts, args.tokens, together=False))
         together, _ = asyncio.run(run(model, prompts, args.tokens, together=True))
         changed = []
@@ -89,7 +105,7 @@ def main():
                 pos = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
                 top2 = torch.topk(logits[i][pos], 2).values
                 changed.append(f"prompt {i} at token {pos} (alone: top-2 gap {float(top2[0] - top2[1]):.3g})")
-        print(f"{dtype}: {len(changed)}/{len(prompts)} prompts' greedy output depends on the batch "
+        print(f"{dtype}{' (float32 LM head)' if args.float32_head else ''}: {len(changed)}/{len(prompts)} prompts' greedy output depends on the batch "
               f"({args.tokens} tokens each, batch of {len(prompts)})")
         for c in changed:
             print("   ", c)

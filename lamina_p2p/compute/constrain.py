@@ -52,7 +52,11 @@ class Grammar:
         if err:
             raise GrammarError(err.splitlines()[0])
         self.space = space
-        self.grammar = grammar
+        # Compiled once (milliseconds for a JSON schema, more for a large one: callers do this off the
+        # event loop); every sequence starts from a copy.
+        self._start = llguidance.LLMatcher(space.tokenizer, grammar, log_level=0)
+        if self._start.is_error():
+            raise GrammarError(self._start.get_error().splitlines()[0])
 
     @classmethod
     def json_schema(cls, space: TokenSpace, schema: dict) -> Grammar:
@@ -78,10 +82,8 @@ class Matcher:
     """One sequence's position in its grammar."""
 
     def __init__(self, grammar: Grammar):
-        import llguidance
-
         self.space = grammar.space
-        self.m = llguidance.LLMatcher(grammar.space.tokenizer, grammar.grammar, log_level=0)
+        self.m = grammar._start.deep_copy()
         self._words = np.empty(-(-self.space.vocab_size // 32), dtype=np.uint32)
 
     @property

@@ -158,7 +158,9 @@ class ServeApp:
         body = await self._body(request)
         parsed = parse_common(body, chat=True, vocab_size=self.vocab_size)
         if parsed.response_format is not None:
-            parsed.params.grammar = self._grammar(parsed.response_format)
+            # Compiling a schema can take long for a large one: off the event loop.
+            parsed.params.grammar = await asyncio.get_running_loop().run_in_executor(
+                None, self._grammar, parsed.response_format)
         try:
             messages = normalise_messages(body.get("messages"))
         except ValueError as e:
