@@ -146,6 +146,27 @@ def test_any_valid_parameter_set_completes(url, params, max_tokens):
     assert body["usage"]["completion_tokens"] <= max_tokens
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(params=SAMPLING.map(lambda p: {k: v for k, v in p.items() if k != "logprobs"}), max_tokens=st.integers(1, 6),
+       top=st.one_of(st.none(), st.integers(0, 20)),
+       rf=st.sampled_from([None, {"type": "text"}, {"type": "json_object"},
+                           {"type": "json_schema", "json_schema": {"name": "d", "schema": SCHEMA}}]))
+def test_any_valid_chat_parameter_set_completes(url, params, max_tokens, top, rf):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens, **params}
+    if top is not None:
+        body.update(logprobs=True, top_logprobs=top)
+    if rf is not None:
+        body["response_format"] = rf
+    status, reply = post(url, "/v1/chat/completions", body)
+    assert status == 200, reply
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop")
+    if top is not None:
+        assert all(len(e["top_logprobs"]) == top for e in choice["logprobs"]["content"])
+    if rf is not None and rf["type"] != "text" and choice["finish_reason"] == "stop" and not params.get("stop"):
+        json.loads(choice["message"]["content"])  # a finished structured answer is JSON
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(limit=st.sampled_from(["temperature", "top_p"]), value=st.sampled_from([0.0, 5e-324, 1e-300, 1e-40, 1e-12]),
        start=st.integers(3, 500))
