@@ -316,8 +316,14 @@ def build_id(text: str) -> int:
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tool_choice"),  # auto
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # without tools
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "response_format"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"modalities": ["text", "audio"]}, "modalities"),
@@ -331,6 +337,49 @@ def test_parameters_not_honoured_are_refused_by_name(url, extra, param):
     with pytest.raises(openai.BadRequestError):
         client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
                                             extra_body=extra)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_forced_tool_calls_are_returned_as_tool_calls(url):
+    c = client(url)
+    msgs = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, tools=[WEATHER, TIME],
+                                  tool_choice=named, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    assert args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7 and set(args) == {"city", "days"}
+    # streamed: the same call, sent whole at the end
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, tools=[WEATHER, TIME],
+                                            tool_choice=named, temperature=0, stream=True))
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [("get_weather", args)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # "required": one or more calls of the listed functions (one only without parallel calls)
+    for seed in range(3):
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=120, tools=[WEATHER, TIME],
+                                      tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls"  # enums and a bounded integer: always short
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name in ("get_weather", "get_time")
+        assert set(json.loads(call.function.arguments)) == ({"city", "days"} if call.function.name == "get_weather"
+                                                             else {"zone"})
+    # "none": text, the tools only shown to the template
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, tools=[WEATHER], tool_choice="none",
+                                  **GREEDY)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
 
 
 def test_completions_refuse_what_they_cannot_do(url):

@@ -65,6 +65,7 @@ class Parsed:
     logprobs: int | None = None  # alternatives asked per position; None: no logprobs at all
     max_tokens_given: bool = True
     response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
+    tools: object = None  # serve.tools.Tools (chat)
 
 
 def _number(body: dict, name: str, default, lo=None, hi=None, integer=False):
@@ -119,12 +120,8 @@ def check_parameters(body: dict, chat: bool) -> None:
     _typed(body, "metadata", dict, "an object")
     _typed(body, "service_tier", str, "a string")
     _bool(body, "store")
-    _bool(body, "parallel_tool_calls")  # there are no tools (refused below), so no calls to parallelise
-    if _typed(body, "tools", list, "an array"):  # an empty list asks for nothing
-        raise _unsupported("tools", "tool calling is not implemented")
-    choice = body.get("tool_choice")
-    if choice is not None and choice != "none":
-        raise _unsupported("tool_choice", "tool calling is not implemented (only \"none\" is accepted)")
+    _bool(body, "parallel_tool_calls")
+    # tools and tool_choice: serve/tools.py
     for name, why in (("functions", "function calling is not implemented"),
                       ("function_call", "function calling is not implemented"),
                       ("audio", "this model produces text only"),

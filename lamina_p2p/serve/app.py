@@ -22,6 +22,7 @@ from lamina_p2p.serve.api import (APIError, bad, chat_logprobs, completion_logpr
                                   parse_prompts, usage)
 from lamina_p2p.serve.chat import ChatTemplateError, normalise_messages, template_for
 from lamina_p2p.serve.text import TextRequest
+from lamina_p2p.serve.tools import parse_tools
 
 log = logging.getLogger("lamina.serve")
 
@@ -157,10 +158,16 @@ class ServeApp:
     async def chat(self, request):
         body = await self._body(request)
         parsed = parse_common(body, chat=True, vocab_size=self.vocab_size)
-        if parsed.response_format is not None:
+        parsed.tools = tools = parse_tools(body)
+        constraint = parsed.response_format
+        if tools is not None and tools.schema is not None:
+            if constraint is not None:
+                raise bad("'response_format' cannot be combined with a tool_choice that forces a call",
+                          "response_format", "invalid_value")
+            constraint = {"type": "json_schema", "schema": tools.schema}
+        if constraint is not None:
             # Compiling a schema can take long for a large one: off the event loop.
-            parsed.params.grammar = await asyncio.get_running_loop().run_in_executor(
-                None, self._grammar, parsed.response_format)
+            parsed.params.grammar = await asyncio.get_running_loop().run_in_executor(None, self._grammar, constraint)
         try:
             messages = normalise_messages(body.get("messages"))
         except ValueError as e:
@@ -169,7 +176,8 @@ class ServeApp:
             raise bad(f"model '{self.model_name}' has no chat template (tokenizer_config.json has no "
                       "'chat_template'): use /v1/completions", "messages", "no_chat_template")
         try:
-            text = self.template.render(messages, add_generation_prompt=True)
+            text = self.template.render(messages, add_generation_prompt=True,
+                                        **({"tools": tools.tools} if tools is not None else {}))
         except ChatTemplateError as e:
             raise bad(str(e), "messages") from None
         ids = self.tokenizer.encode(text, add_bos=False)  # the template writes BOS itself, as in HF
@@ -233,6 +241,14 @@ class ServeApp:
         return completion_logprobs(texts, lps, [[(self._token_text(a), lp) for a, lp in alts] for alts in tops],
                                    offset, n)
 
+    @staticmethod
+    def _tool_calls(parsed, text: str, finish: str | None) -> list[dict] | None:
+        """The tool calls a forced tool_choice produced (None when none was asked or the output was cut)."""
+        tools = getattr(parsed, "tools", None)
+        if tools is None or tools.schema is None or finish != "stop":
+            return None
+        return tools.calls(text)
+
     # -- responses --------------------------------------------------------------
     async def _respond(self, request, reqs, queue, parsed, chat: bool):
         try:
@@ -266,6 +282,10 @@ class ServeApp:
         for i in range(len(reqs)):
             if chat:
                 c = {"index": i, "message": {"role": "assistant", "content": texts[i]}}
+                calls = self._tool_calls(parsed, texts[i], finish[i])
+                if calls:
+                    c["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                    finish[i] = "tool_calls"
             else:
                 c = {"index": i, "text": texts[i]}
             c["logprobs"] = (self._logprobs(reqs[i], toks[i], lps[i], 0, 0, parsed, chat)
@@ -283,6 +303,8 @@ class ServeApp:
         obj = "chat.completion.chunk" if chat else "text_completion"
         offsets = [0] * len(reqs)
         positions = [0] * len(reqs)  # output tokens of each request already sent
+        # A forced tool call is sent whole at the end (as tool_calls), not as content deltas.
+        held = [""] * len(reqs) if chat and getattr(parsed, "tools", None) and parsed.tools.schema else None
 
         async def send(choices, **extra):
             chunk = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
@@ -314,7 +336,18 @@ class ServeApp:
                                         parsed, chat)
                 positions[d.index] += len(d.tokens)
                 offsets[d.index] += len(d.text)
-                if chat:
+                if chat and held is not None:
+                    held[d.index] += d.text
+                    delta, finish = {}, d.finish_reason
+                    if d.finish_reason:
+                        calls = self._tool_calls(parsed, held[d.index], d.finish_reason)
+                        if calls:
+                            delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                            finish = "tool_calls"
+                        else:  # cut short (length): what was generated, as text
+                            delta = {"content": held[d.index]}
+                    await send([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": finish}])
+                elif chat:
                     delta = {"content": d.text} if d.text or not d.finish_reason else {}
                     await send([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
                 else:
