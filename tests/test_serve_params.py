@@ -433,6 +433,24 @@ def test_wrong_types_anywhere_get_4xx_in_openai_shape(url, path, changes):
         assert_openai_error(status, reply)
 
 
+TOOL = st.fixed_dictionaries({"type": st.sampled_from(["function", "tool", 1]), "function": st.one_of(
+    JSON, st.fixed_dictionaries({"name": st.one_of(st.sampled_from(["f", "g", "bad name"]), JSON)},
+                                optional={"parameters": JSON, "description": JSON}))})
+TOOL_CHOICE = st.one_of(st.sampled_from(["none", "auto", "required", None]), JSON, st.fixed_dictionaries(
+    {"type": st.sampled_from(["function", "x"]), "function": st.fixed_dictionaries({"name": st.one_of(
+        st.sampled_from(["f", "g"]), JSON)})}))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tools=st.one_of(JSON, st.lists(TOOL, max_size=3)), choice=TOOL_CHOICE, parallel=st.one_of(st.none(), JSON))
+def test_malformed_tools_get_4xx_in_openai_shape(url, tools, choice, parallel):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 8, "tools": tools,
+            "tool_choice": choice, "parallel_tool_calls": parallel}
+    status, reply = post(url, "/v1/chat/completions", body)
+    if status != 200:
+        assert_openai_error(status, reply)
+
+
 # -- 7 and 9 ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])

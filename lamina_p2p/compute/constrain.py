@@ -65,8 +65,8 @@ class Grammar:
         try:
             # JSON as json.dumps writes it: flexible whitespace would let a model pad forever ("{\n\t\t\n...").
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=COMPACT)
-        except (ValueError, TypeError) as e:
-            raise GrammarError(str(e).splitlines()[0]) from None
+        except Exception as e:  # noqa: BLE001 - whatever the library says of a schema, it is the schema's fault
+            raise GrammarError((str(e) or type(e).__name__).splitlines()[0]) from None
         return cls(space, grammar)
 
     @classmethod
