@@ -15,9 +15,9 @@ import logging
 
 from aiohttp import web
 
+from lamina_p2p.compute.constrain import Grammar, GrammarError, TokenSpace
 from lamina_p2p.compute.scheduler import ShuttingDown
 
-from lamina_p2p.compute.constrain import Grammar, GrammarError, TokenSpace
 from lamina_p2p.serve.api import (APIError, bad, chat_logprobs, completion_logprobs, new_id, now, parse_common,
                                   parse_prompts, usage)
 from lamina_p2p.serve.chat import ChatTemplateError, normalise_messages, template_for
@@ -159,15 +159,16 @@ class ServeApp:
         body = await self._body(request)
         parsed = parse_common(body, chat=True, vocab_size=self.vocab_size)
         parsed.tools = tools = parse_tools(body)
-        constraint = parsed.response_format
+        constraint, param = parsed.response_format, "response_format"
         if tools is not None and tools.schema is not None:
             if constraint is not None:
                 raise bad("'response_format' cannot be combined with a tool_choice that forces a call",
                           "response_format", "invalid_value")
-            constraint = {"type": "json_schema", "schema": tools.schema}
+            constraint, param = {"type": "json_schema", "schema": tools.schema}, "tools"
         if constraint is not None:
             # Compiling a schema can take long for a large one: off the event loop.
-            parsed.params.grammar = await asyncio.get_running_loop().run_in_executor(None, self._grammar, constraint)
+            parsed.params.grammar = await asyncio.get_running_loop().run_in_executor(
+                None, self._grammar, constraint, param)
         try:
             messages = normalise_messages(body.get("messages"))
         except ValueError as e:
@@ -197,17 +198,17 @@ class ServeApp:
                 log.warning("structured output unavailable: llguidance cannot read this tokenizer (%s)", e)
         return self._space
 
-    def _grammar(self, rf: dict) -> Grammar:
+    def _grammar(self, rf: dict, param: str) -> Grammar:
         space = self.space()
         if space is None:
-            raise bad("structured output is not available for this model's tokenizer", "response_format",
+            raise bad("structured output is not available for this model's tokenizer", param,
                       "unsupported_parameter")
         try:
             if rf["type"] == "json_object":
                 return Grammar.json_object(space)
             return Grammar.json_schema(space, rf["schema"])
         except GrammarError as e:
-            raise bad(f"'response_format': {e}", "response_format", "invalid_value") from None
+            raise bad(f"'{param}': {e}", param, "invalid_value") from None
 
     def _token_text(self, token: int) -> str:
         """The token as text; one that is not whole UTF-8 (part of a character) is written as OpenAI
