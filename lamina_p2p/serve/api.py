@@ -1,10 +1,13 @@
 """OpenAI request bodies -> prompts + SamplingParams, and the response objects.
 
 Validation is strict about types (a string where a number belongs is a 400
-naming the parameter, as OpenAI does) and lenient about parameters OpenAI has
-that change nothing here (`user`, `stream_options` beyond include_usage).
-Extensions clients send to vLLM-style servers are accepted too: top_k, min_p,
-repetition_penalty, stop_token_ids, ignore_eos.
+naming the parameter, as OpenAI does) and about names: nothing a client sends is
+silently ignored. An unknown parameter is a 400 naming it (as OpenAI answers), a
+known one this server cannot honour (tool_choice "auto", audio, ...) is a 400
+naming it, and the ones that change no output (user, metadata, store,
+service_tier) are only type-checked. Extensions clients send to vLLM-style
+servers are accepted too: top_k, min_p, repetition_penalty, stop_token_ids,
+ignore_eos.
 """
 
 from __future__ import annotations
