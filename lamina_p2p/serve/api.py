@@ -293,13 +293,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_logprobs(token_texts: list[str], lps: list[float], tops: list[list[tuple[str, float]]],
-                       offset: int, n: int) -> dict:
+                       offset: int, n: int, widths: list[int] | None = None) -> dict:
     """Completions-style logprobs. top_logprobs[i] maps the n likeliest tokens' texts (and the chosen
-    token's, which OpenAI always adds) to their log-probabilities."""
+    token's, which OpenAI always adds) to their log-probabilities. widths: characters each token adds
+    to the text (default: its label's length; a "bytes:\\xc3" label is longer than its text)."""
     offsets, pos = [], offset
-    for t in token_texts:
+    for w in widths if widths is not None else [len(t) for t in token_texts]:
         offsets.append(pos)
-        pos += len(t)
+        pos += w
     top = None
     if n:
         top = []

@@ -239,8 +239,9 @@ class ServeApp:
             return chat_logprobs(texts, [self._token_bytes(t) for t in tokens], lps,
                                  [[(self._token_text(a), self._token_bytes(a), lp) for a, lp in alts]
                                   for alts in tops])
+        widths = [len(self.tokenizer.decode([t])) for t in tokens]  # as in the text: specials skipped
         return completion_logprobs(texts, lps, [[(self._token_text(a), lp) for a, lp in alts] for alts in tops],
-                                   offset, n)
+                                   offset, n, widths)
 
     @staticmethod
     def _tool_calls(parsed, text: str, finish: str | None) -> list[dict] | None:
