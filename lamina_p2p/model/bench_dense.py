@@ -12,7 +12,11 @@ apart from waiting for attention. The LM head is also timed alone.
 Every system (dtype x layout) is built once, then all are timed in interleaved
 rounds so that noise from other work on the machine hits them alike; the table
 gives the median and the 10th percentile over all timed steps (the quantile is
-the closer figure to the uncontended cost on a shared machine).
+the closer figure to the uncontended cost on a shared machine), and the median
+CPU time of this process per step (time.process_time, all its threads): with
+OMP_WAIT_POLICY=PASSIVE idle workers sleep, so CPU time counts work done and
+barely moves when other programs take the cores — the steadier figure to
+compare layouts by on a busy machine.
 """
 
 from __future__ import annotations
@@ -128,6 +132,7 @@ def run(systems: dict, batches: list[int], rounds: int, steps: int, vocab: int, 
         tokens = torch.randint(0, vocab, (batch,))
         positions = torch.randint(0, 2048, (batch,))
         step_t = {name: [] for name in systems}
+        cpu_t = {name: [] for name in systems}
         head_t = {name: [] for name in systems if "compile" not in name}
         for name, (m, fn) in systems.items():
             t0 = time.perf_counter()
@@ -141,16 +146,18 @@ def run(systems: dict, batches: list[int], rounds: int, steps: int, vocab: int, 
             for name in names:
                 m, fn = systems[name]
                 for _ in range(steps):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     fn(m, tokens, positions)
                     step_t[name].append(time.perf_counter() - t0)
+                    cpu_t[name].append(time.process_time() - c0)
                 if name in head_t:
                     hidden = torch.randn(batch, m.config.hidden_size).to(m.dtype)
                     for _ in range(steps):
                         t0 = time.perf_counter()
                         m.logits(hidden)
                         head_t[name].append(time.perf_counter() - t0)
-        out[batch] = {name: {"step_ms": _stats(step_t[name]), "head_ms": _stats(head_t[name]) if name in head_t else None}
+        out[batch] = {name: {"step_ms": _stats(step_t[name]), "step_cpu_ms": _stats(cpu_t[name]),
+                             "head_ms": _stats(head_t[name]) if name in head_t else None}
                       for name in systems}
     return out
 
@@ -162,15 +169,17 @@ def _stats(ts: list[float]) -> dict:
 
 def report(res: dict, file=sys.stdout) -> None:
     print(f"{'batch':>5} {'system':<24} {'step ms':>8} {'p10':>7} {'tok/s':>7} {'head ms':>8} {'p10':>7} "
-          f"{'vs eager':>8}", file=file)
+          f"{'vs eager':>8} {'cpu ms':>8} {'cpu vs eager':>12}", file=file)
     for batch, rows in res["batches"].items():
         for name, r in rows.items():
             eager = rows.get(name.split("/")[0] + "/eager")
             rel = eager["step_ms"]["median"] / r["step_ms"]["median"] if eager else float("nan")
             h = r["head_ms"]
             hs = f"{h['median']:>8.2f} {h['p10']:>7.2f}" if h else f"{'-':>8} {'-':>7}"
+            cpu_rel = eager["step_cpu_ms"]["median"] / r["step_cpu_ms"]["median"] if eager else float("nan")
             print(f"{batch:>5} {name:<24} {r['step_ms']['median']:>8.2f} {r['step_ms']['p10']:>7.2f} "
-                  f"{int(batch) / r['step_ms']['median'] * 1e3:>7.0f} {hs} {rel:>7.2f}x", file=file)
+                  f"{int(batch) / r['step_ms']['median'] * 1e3:>7.0f} {hs} {rel:>7.2f}x "
+                  f"{r['step_cpu_ms']['median']:>8.2f} {cpu_rel:>11.2f}x", file=file)
 
 
 def main(argv=None) -> dict:
