@@ -123,3 +123,25 @@ def test_prepare_lays_out_once_and_drops_the_plain_copies():
         assert all(L.wqkv is None and L.w_gate_up is None for L in model.layers)
     with pytest.raises(RuntimeError, match="before prepare"):
         model.hf_tensors()
+
+
+@torch.inference_mode()
+def test_auto_falls_back_to_float32_weights_beyond_float16_range():
+    model = load_model(build_hf_model("llama"), dtype="bfloat16", onednn=False)
+    if model.layout != "fp16":
+        pytest.skip("auto does not pick fp16 on this machine")
+    x = torch.randn(3, model.config.hidden_size).to(torch.bfloat16)
+    plain = copy.deepcopy(model).prepare("eager")
+    model.layers[0].w_down[0, 0] = 1e6  # a checkpoint with a weight float16 cannot hold
+    plain.layers[0].w_down[0, 0] = 1e6
+    model.prepare()
+    assert model.layout == "f32"
+    positions = torch.arange(3)
+    attn = torch.ones(3, model.config.num_heads, model.config.head_dim, dtype=torch.bfloat16)
+    a, b = model.post(0, x, attn).float(), plain.post(0, x, attn).float()
+    assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
+    assert model.pre(0, x, positions)[0].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="do not fit float16"):
+        bad = load_model(build_hf_model("llama"), dtype="bfloat16", onednn=False)
+        bad.layers[0].w_down[0, 0] = 1e6
+        bad.prepare("fp16")  # asked for explicitly: refused, not silently changed

@@ -24,6 +24,7 @@ model dtype) so bfloat16 greedy output matches it token for token.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from .config import ModelConfig, ModelError
 from .linear import Linear, choose_layout
 
+_PREPARE_LOCK = threading.Lock()
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -114,6 +116,7 @@ class Transformer(torch.nn.Module):
         self.dtype = torch_dtype(dtype or config.dtype)
         self.device = torch.device(device)
         self.layout = choose_layout(layout, self.dtype, self.device)
+        self._auto = layout == "auto"
         c = config
         self.register_buffer("embed_weight", torch.empty(c.vocab_size, c.hidden_size, dtype=self.dtype, device=device))
         self.layers = torch.nn.ModuleList(Layer(c, self.dtype, device) for _ in range(c.num_layers))
@@ -179,24 +182,38 @@ class Transformer(torch.nn.Module):
         matmul (a tied model keeps the embedding for lookups). Idempotent; raises
         ValueError for a layout this machine cannot run.
         """
-        if self._linears is not None:
-            return self
+        with _PREPARE_LOCK:  # the first forward may come from any thread; lay out once
+            if self._linears is None:
+                self._prepare(layout)
+        return self
+
+    def _prepare(self, layout: str | None) -> None:
         if layout is not None:
+            self._auto = layout == "auto"
             self.layout = choose_layout(layout, self.dtype, self.device)
-        lay = self.layout
-        with torch.inference_mode():
-            self._linears = tuple((Linear(L.wqkv, L.bqkv, lay), Linear(L.wo, None, lay),
-                                   Linear(L.w_gate_up, None, lay), Linear(L.w_down, None, lay))
-                                  for L in self._layers)
-            # Float32 logits (issue 14): bf16 weights, float32 accumulation and output. oneDNN
-            # returns the model dtype, so a oneDNN model runs its head in float32.
-            head_layout = "f32" if lay == "onednn" else lay
-            self._head = Linear(self.lm_head_weight, None, head_layout, out_dtype=torch.float32)
-        if lay != "eager":
+        try:
+            linears, head = self._build(self.layout)
+        except ValueError:
+            if not (self._auto and self.layout == "fp16"):
+                raise
+            self.layout = "f32"  # weights beyond float16's range: auto falls back to float32 weights
+            linears, head = self._build(self.layout)
+        # Head first: a forward on another thread takes `_linears` being set as "prepared".
+        self._head, self._linears = head, linears
+        if self.layout != "eager":
             for L in self._layers:
                 L.wqkv = L.bqkv = L.wo = L.w_gate_up = L.w_down = None
             self.lm_head = None
-        return self
+
+    def _build(self, lay: str):
+        with torch.inference_mode():
+            linears = tuple((Linear(L.wqkv, L.bqkv, lay), Linear(L.wo, None, lay),
+                             Linear(L.w_gate_up, None, lay), Linear(L.w_down, None, lay))
+                            for L in self._layers)
+            # Float32 logits (issue 14): bf16 weights, float32 accumulation and output. oneDNN
+            # returns the model dtype, so a oneDNN model runs its head in float32.
+            head = Linear(self.lm_head_weight, None, "f32" if lay == "onednn" else lay, out_dtype=torch.float32)
+        return linears, head
 
     def use_onednn(self) -> "Transformer":
         """The loader's name for prepare() (float32 on CPU); kept so both spellings work."""
