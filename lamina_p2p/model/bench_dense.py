@@ -42,9 +42,14 @@ SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden
            "tie_word_embeddings": True, "dtype": "bfloat16"}
 
 
-def random_model(dtype: str, seed: int = 0) -> Transformer:
-    """SmolLM2-135M's geometry with Gaussian weights (std 1/sqrt(fan_in)), unprepared."""
-    model = Transformer(ModelConfig.from_hf(SMOLLM2, "SmolLM2 geometry"), dtype=dtype)
+# SmolLM2's 30 layers with matmuls too small to cost anything: what is left of a step is per-call overhead.
+OVERHEAD = {**SMOLLM2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256}
+
+
+def random_model(dtype: str, seed: int = 0, geometry: dict = SMOLLM2) -> Transformer:
+    """SmolLM2-135M's geometry (or `geometry`) with Gaussian weights (std 1/sqrt(fan_in)), unprepared."""
+    model = Transformer(ModelConfig.from_hf(geometry, "bench geometry"), dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, (shape, view) in model.hf_tensors().items():
@@ -188,6 +193,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--layouts", nargs="+", default=[x for x in LAYOUTS], choices=list(LAYOUTS))
+    ap.add_argument("--overhead", action="store_true",
+                    help="random weights, SmolLM2's 30 layers at hidden 64: time per-call overhead, not matmuls")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the eager step (minutes to compile)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -207,10 +214,11 @@ def main(argv=None) -> dict:
 
             plain[dtype] = load_model(args.model, dtype=dtype, onednn=False)
         else:
-            plain[dtype] = random_model(dtype)
+            plain[dtype] = random_model(dtype, geometry=OVERHEAD if args.overhead else SMOLLM2)
     systems = build_systems(plain, args.layouts, args.compile, log)
     vocab = next(iter(plain.values())).config.vocab_size
-    res = {"model": args.model or "random, SmolLM2-135M geometry", "threads": torch.get_num_threads(),
+    res = {"model": args.model or ("random, 30 layers at hidden 64 (overhead)" if args.overhead
+                                   else "random, SmolLM2-135M geometry"), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported(),
            "rounds": args.rounds, "steps_per_round": args.steps,
