@@ -36,19 +36,45 @@ def run_tool(*args: str, timeout: float = 600) -> dict:  # a bound for a stuck t
 
 
 def test_bench_e2e_json_shape(tiny, tmp_path):
-    res = run_tool(str(TOOLS / "bench_e2e.py"), "--model", tiny, "--contexts", "16", "--batch", "2",
+    # --llama-cpp pointing at a directory without the binary: the column is skipped, not an error.
+    res = run_tool(str(TOOLS / "bench_e2e.py"), "--model", tiny, "--contexts", "16", "--batch", "1", "2",
                    "--steps", "1", "--rounds", "1", "--warmup", "1", "--stream-bytes", str(16 << 20),
-                   "--systems", "transformers", "single", "cluster1_mb1", "cluster1_mb2", "cluster1_mb3",
-                   "cluster2_mb2", "--json", "--plot", str(tmp_path))
+                   "--systems", "llama.cpp", "transformers", "single", "cluster1_mb1", "cluster1_mb2", "cluster1_mb3",
+                   "cluster2_mb2", "--llama-cpp", str(tmp_path), "--gguf", str(tmp_path / "none.gguf"),
+                   "--trace-steps", "2", "--json", "--plot", str(tmp_path))
     assert res["stream_read_gbps"] > 0
+    assert "llama-batched-bench" in res["llama_cpp"]["skipped"]
     systems = {"transformers", "single", "cluster1_mb1", "cluster1_mb2", "cluster1_mb3", "cluster2_mb2"}
-    entry = res["contexts"]["16"]
-    assert set(entry["tokens_per_s"]) == systems
-    assert set(entry["roofline_fraction"]) == systems
-    assert all(v > 0 for v in entry["tokens_per_s"].values())
-    assert all(0 < v for v in entry["roofline_fraction"].values())
-    assert (tmp_path / "e2e_tokens_vs_context.png").stat().st_size > 0
-    assert (tmp_path / "e2e_tokens_vs_microbatches.png").stat().st_size > 0
+    for batch in ("1", "2"):
+        entry = res["batches"][batch]["contexts"]["16"]
+        assert set(entry["tokens_per_s"]) == systems
+        assert set(entry["roofline_fraction"]) == systems
+        assert all(v > 0 for v in entry["tokens_per_s"].values())
+        assert all(0 < v for v in entry["roofline_fraction"].values())
+        # Every lamina system was traced: per-layer dense, wait, kernel and messaging medians, and the head.
+        traces = entry["trace_per_layer"]
+        assert set(traces) == systems - {"transformers"}
+        for t in traces.values():
+            assert all(t[k] > 0 for k in ("dense_ms", "attention_wait_ms", "kernel_ms", "lm_head_and_sample_ms"))
+            assert t["messaging_ms"] is not None
+        assert (tmp_path / f"e2e_tokens_vs_context_b{batch}.png").stat().st_size > 0
+        assert (tmp_path / f"e2e_tokens_vs_microbatches_b{batch}.png").stat().st_size > 0
+
+
+def test_trace_medians_pair_each_wait_with_the_kernels_inside_it():
+    from bench_e2e import trace_medians
+
+    spans = [("compute", "micro-batch 0", "dense L0/L1", 0.0, 0.002, None),
+             ("compute", "micro-batch 0", "attention L1", 0.002, 0.0050, None),
+             ("peer-a", "kernel", "L1", 0.0025, 0.0045, None),
+             ("peer-a", "kernel", "L2", 0.0060, 0.0070, None),  # another layer: not inside L1's wait
+             ("compute", "step", "logits+sample", 0.008, 0.009, None)]
+    t = trace_medians(spans)
+    assert t["dense_ms"] == pytest.approx(2.0)
+    assert t["attention_wait_ms"] == pytest.approx(3.0)
+    assert t["messaging_ms"] == pytest.approx(1.0)
+    assert t["kernel_ms"] == pytest.approx(1.5)
+    assert t["lm_head_and_sample_ms"] == pytest.approx(1.0)
 
 
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs to split")
@@ -57,7 +83,7 @@ def test_bench_e2e_split_cores(tiny):
                    "--steps", "1", "--rounds", "1", "--warmup", "1", "--stream-bytes", str(16 << 20),
                    "--systems", "single", "cluster1_mb1", "--split-cores", "0:1", "--json")
     assert res["split_cores"] == {"compute_cpus": "0", "attention_cpus": "1"}
-    assert all(v > 0 for v in res["contexts"]["16"]["tokens_per_s"].values())
+    assert all(v > 0 for v in res["batches"]["2"]["contexts"]["16"]["tokens_per_s"].values())
 
 
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs")

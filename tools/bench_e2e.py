@@ -1,6 +1,7 @@
-"""End-to-end decode throughput: transformers generate, lamina single process, local clusters.
+"""End-to-end decode throughput: llama.cpp, transformers, lamina single process, local clusters.
 
-    python tools/bench_e2e.py [--quick] [--json [FILE]] [--plot DIR] [--contexts 512 2048 8192] [--batch 16]
+    python tools/bench_e2e.py [--model DIR] [--quick] [--json [FILE]] [--plot DIR] [--contexts 512 2048]
+                              [--batch 1 16] [--llama-cpp BIN_DIR --gguf FILE] [--trace-steps N]
 
 Method (DESIGN.md s10: every figure is a ratio measured in one run):
   * Each backend is built once per context and prefilled once through its own real path
@@ -20,8 +21,15 @@ Method (DESIGN.md s10: every figure is a ratio measured in one run):
   * Roofline fraction = tokens/s * (weight bytes read per step / batch + KV bytes read
     per token at the mean context of the round) / STREAM read bandwidth measured in the
     same run (tools/bench_kernels.stream_read_gbps).
+  * --llama-cpp BIN_DIR --gguf FILE (the same weights as GGUF, e.g. from ../shared/tools/llama_cpp.sh):
+    `llama-batched-bench` is one more system of the rotation, run once per round (decode only:
+    its S_TG figure, same threads, the round's context as a shared prompt `-pps`, `-fa on -no-kvu`).
+    Without the binary or the file the column is skipped (said on stderr), never an error.
+  * After the timed rounds each lamina system decodes --trace-steps more steps with the engine's
+    tracer on; the per-layer medians (dense, attention wait, kernel, messaging = wait minus the
+    kernel spans inside it, LM head + sampling per step) come from those spans.
 Prefill on 2 cores is slow (16 x 2048 tokens is about a minute per backend, 16 x 8192
-several minutes; 8192 is most of a full run): --quick runs context 256 only.
+several minutes): --quick runs context 256 only.
 """
 
 from __future__ import annotations
@@ -29,9 +37,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +52,7 @@ import benchlib  # noqa: E402
 
 # system name -> (backend, micro-batches)
 SYSTEMS = {
+    "llama.cpp": ("llama.cpp", 1),
     "transformers": ("transformers", 1),
     "single": ("single", 1),
     "cluster1_mb1": ("cluster1", 1),
@@ -51,7 +62,7 @@ SYSTEMS = {
     "cluster2_mb2": ("cluster2", 2),
     "cluster2_mb3": ("cluster2", 3),
 }
-REQUIRED = ["transformers", "single", "cluster1_mb1", "cluster1_mb2", "cluster1_mb3", "cluster2_mb2"]
+REQUIRED = ["llama.cpp", "transformers", "single", "cluster1_mb1", "cluster1_mb2", "cluster1_mb3", "cluster2_mb2"]
 
 
 # -- backends ----------------------------------------------------------------------------------
@@ -109,6 +120,100 @@ class TransformersBackend:
         self.ids = self.cache = None
 
 
+class LlamaCppBackend:
+    """llama.cpp's `llama-batched-bench` on the same weights (GGUF), one invocation per round.
+
+    Decode only: each run prefills one shared prompt of `context` tokens (-pps: copied to every
+    sequence, which then attends its own full context) and reports S_TG, the generation tokens/s
+    over all sequences. Flags as the issue's reference run: -fa on -no-kvu, same threads.
+    """
+
+    def __init__(self, bin_dir: str, gguf: str, threads: int):
+        self.exe = str(Path(bin_dir) / "llama-batched-bench")
+        self.gguf, self.threads = gguf, threads
+        self.ctx_len, self.batch, self.cached = 0, 1, 0.0
+
+    @staticmethod
+    def available(bin_dir: str | None, gguf: str | None) -> str | None:
+        """None if usable, else why not."""
+        if not bin_dir or not gguf:
+            return "no --llama-cpp/--gguf given"
+        exe = Path(bin_dir) / "llama-batched-bench"
+        if not (exe.is_file() and os.access(exe, os.X_OK)):
+            return f"{exe}: not found or not executable"
+        if not Path(gguf).is_file():
+            return f"{gguf}: file not found"
+        return None
+
+    def prefill(self, ctx_len: int, batch: int) -> None:
+        self.ctx_len, self.batch, self.cached = ctx_len, batch, float(ctx_len)
+
+    def context(self) -> float:
+        return self.cached
+
+    def decode(self, steps: int) -> float:
+        """Seconds for `steps` decode steps of the whole batch (from llama.cpp's own S_TG)."""
+        per_seq = -(-(self.ctx_len + steps + 8) // 256) * 256  # -no-kvu gives each sequence n_ctx / n_seq
+        cmd = [self.exe, "-m", self.gguf, "-c", str(per_seq * self.batch), "-npp", str(self.ctx_len),
+               "-ntg", str(steps), "-npl", str(self.batch), "-pps", "-t", str(self.threads), "-tb", str(self.threads),
+               "-fa", "on", "-no-kvu", "--output-format", "jsonl"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not rows:
+            raise RuntimeError(f"llama-batched-bench failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}")
+        self.cached = float(self.ctx_len + steps / 2)
+        return self.batch * steps / rows[-1]["speed_tg"]
+
+    def close(self) -> None:
+        pass
+
+
+# -- traces --------------------------------------------------------------------------------------
+def chrome_spans(trace: dict) -> list[tuple]:
+    """A Chrome trace (Tracer.chrome()) back to (process, row, name, t0 s, t1 s, args) tuples."""
+    events = trace.get("traceEvents", [])
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
+    rows = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+            if e.get("ph") == "M" and e["name"] == "thread_name"}
+    return [(procs.get(e["pid"], ""), rows.get((e["pid"], e["tid"]), ""), e["name"], e["ts"] / 1e6,
+             (e["ts"] + e["dur"]) / 1e6, e.get("args")) for e in events if e.get("ph") == "X"]
+
+
+def trace_medians(spans) -> dict:
+    """Per-layer medians in ms from the engine tracer's spans (process, row, name, t0, t1, args).
+
+    dense: the compute peer's dense spans (post of one layer + pre of the next); attention_wait:
+    the compute side's "attention L<i>" spans; kernel: the attention kernel spans (in process or
+    reported by the peer); messaging: per wait span, its length minus the kernel spans of that
+    layer inside it (what the path between the two costs); lm_head: the step's logits+sample span.
+    """
+    dense, waits, kernels, head = [], [], [], []
+    for process, row, name, t0, t1, _ in spans:
+        if process == "compute" and name.startswith("dense"):
+            dense.append((t0, t1))
+        elif process == "compute" and name.startswith("attention L"):
+            waits.append((name.split("L", 1)[1], t0, t1))
+        elif row == "kernel":
+            kernels.append((name.lstrip("L"), t0, t1))
+        elif process == "compute" and name.startswith("logits"):
+            head.append((t0, t1))
+    by_layer: dict[str, list[tuple[float, float]]] = {}
+    for layer, t0, t1 in kernels:
+        by_layer.setdefault(layer, []).append((t0, t1))
+    messaging = []
+    for layer, t0, t1 in waits:
+        inside = [k1 - k0 for k0, k1 in by_layer.get(layer, []) if k0 >= t0 - 1e-4 and k1 <= t1 + 1e-4]
+        if inside:
+            messaging.append((t1 - t0) - max(inside))  # kernels of one layer's peers run side by side
+
+    def med(xs):
+        return 1e3 * benchlib.median(xs) if xs else None
+
+    return {"dense_ms": med([b - a for a, b in dense]), "attention_wait_ms": med([b - a for _, a, b in waits]),
+            "kernel_ms": med([b - a for _, a, b in kernels]), "messaging_ms": med(messaging),
+            "lm_head_and_sample_ms": med([b - a for a, b in head]), "spans": len(spans)}
+
+
 class LaminaBackend:
     """One lamina engine (in-process attention or a fresh local cluster), driven step by step."""
 
@@ -155,6 +260,18 @@ class LaminaBackend:
                 raise RuntimeError(f"{self.name}: sequences finished early (max_tokens too small)")
             await self.engine.step(running)
         return time.perf_counter() - t0
+
+    async def traced(self, steps: int, micro_batches: int) -> dict:
+        """Decode `steps` more steps with the tracer on; per-layer medians (trace_medians)."""
+        from lamina_p2p.trace import Tracer
+
+        tracer = Tracer()
+        self.engine.tracer = self.engine.transport.tracer = tracer
+        try:
+            await self.decode(steps, micro_batches)
+        finally:
+            self.engine.tracer = self.engine.transport.tracer = None
+        return trace_medians(chrome_spans(tracer.chrome()))
 
     async def close(self) -> None:
         if self.engine is not None and self.seqs:
@@ -208,26 +325,30 @@ def kv_bytes_per_context_token(model_dir: str, dtype: str) -> int:
 
 
 # -- the run -----------------------------------------------------------------------------------
-async def run_context(ctx_len: int, args, model, model_dir: str, systems: list[str], wbytes: int,
+async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, systems: list[str], wbytes: int,
                       kv_tok: int, log) -> dict:
     rng = random.Random(ctx_len)
-    prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(ctx_len)]
-               for _ in range(args.batch)]
-    backends_needed = sorted({SYSTEMS[s][0] for s in systems}, key=lambda b: list(dict.fromkeys(
-        v[0] for v in SYSTEMS.values())).index(b))
+    prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(ctx_len)] for _ in range(batch)]
+    order_all = list(dict.fromkeys(v[0] for v in SYSTEMS.values()))
+    backends_needed = sorted({SYSTEMS[s][0] for s in systems}, key=order_all.index)
     per_backend = {b: [s for s in systems if SYSTEMS[s][0] == b] for b in backends_needed}
     # Prefill runs in chunks (the engine's step budget): sequences whose prompt is done early decode
     # while the others still prefill, so leave room for those tokens too.
-    decode_tokens = (args.warmup + args.rounds * args.steps * max(len(v) for v in per_backend.values()) + 4
-                     + (args.batch * ctx_len) // 1024 + 8)
-    kv_need = args.batch * (ctx_len + decode_tokens + 16) * kv_tok
+    decode_tokens = (args.warmup + (args.rounds * args.steps + args.trace_steps) * max(len(v) for v in per_backend.values())
+                     + 4 + (batch * ctx_len) // 1024 + 8)
+    kv_need = batch * (ctx_len + decode_tokens + 16) * kv_tok
     backends: dict = {}
     prefill_s: dict[str, float] = {}
     loop = asyncio.get_running_loop()
+    tag = f"batch {batch} ctx {ctx_len}"
     try:
         for b in backends_needed:
             t0 = time.perf_counter()
-            if b == "transformers":
+            if b == "llama.cpp":
+                be = LlamaCppBackend(args.llama_cpp, args.gguf, args.threads)
+                be.prefill(ctx_len, batch)
+                backends[b] = be
+            elif b == "transformers":
                 use_cores(args, clustered=False)
                 be = TransformersBackend(model_dir, args.dtype)
                 backends[b] = be
@@ -245,7 +366,7 @@ async def run_context(ctx_len: int, args, model, model_dir: str, systems: list[s
                 for s in per_backend[b]:
                     await be.decode(max(1, args.warmup // len(per_backend[b])), SYSTEMS[s][1])
             prefill_s[b] = time.perf_counter() - t0
-            log(f"  ctx {ctx_len}: {b} ready (prefill + warm-up {prefill_s[b]:.1f} s)")
+            log(f"  {tag}: {b} ready (prefill + warm-up {prefill_s[b]:.1f} s)")
         rates: dict[str, list[float]] = {s: [] for s in systems}
         bytes_tok: dict[str, list[float]] = {s: [] for s in systems}
         for r in range(args.rounds):
@@ -255,25 +376,33 @@ async def run_context(ctx_len: int, args, model, model_dir: str, systems: list[s
                 be = backends[b]
                 c0 = be.context()
                 use_cores(args, clustered=b.startswith("cluster"))
-                if b == "transformers":
+                if b in ("transformers", "llama.cpp"):
                     dt = await loop.run_in_executor(None, be.decode, args.steps)
                 else:
                     dt = await be.decode(args.steps, mb)
                 c_mid = 0.5 * (c0 + be.context())
-                rates[s].append(args.batch * args.steps / dt)
-                bytes_tok[s].append(wbytes / args.batch + kv_tok * c_mid)
-            log(f"  ctx {ctx_len} round {r + 1}/{args.rounds}: "
-                + "  ".join(f"{s} {rates[s][-1]:.0f}" for s in systems))
+                rates[s].append(batch * args.steps / dt)
+                bytes_tok[s].append(wbytes / batch + kv_tok * c_mid)
+            log(f"  {tag} round {r + 1}/{args.rounds}: " + "  ".join(f"{s} {rates[s][-1]:.1f}" for s in systems))
+        traces = {}
+        if args.trace_steps:
+            for s in systems:
+                b, mb = SYSTEMS[s]
+                if isinstance(backends[b], LaminaBackend):
+                    use_cores(args, clustered=b.startswith("cluster"))
+                    traces[s] = await backends[b].traced(args.trace_steps, mb)
+                    log(f"  {tag} trace {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in traces[s].items()
+                                                          if isinstance(v, float)))
     finally:
         use_cores(args, clustered=False)
         for b, be in backends.items():
-            if b == "transformers":
-                be.close()
-            else:
+            if isinstance(be, LaminaBackend):
                 await be.close()
+            else:
+                be.close()
     tps = {s: benchlib.median(v) for s, v in rates.items()}
     return {"tokens_per_s": tps, "bytes_per_token": {s: benchlib.median(v) for s, v in bytes_tok.items()},
-            "rounds_tokens_per_s": rates, "prefill_and_warmup_s": prefill_s}
+            "rounds_tokens_per_s": rates, "prefill_and_warmup_s": prefill_s, "trace_per_layer": traces}
 
 
 def ratios(tps: dict[str, float]) -> dict[str, float]:
@@ -283,8 +412,10 @@ def ratios(tps: dict[str, float]) -> dict[str, float]:
     c1 = [s for s in ("cluster1_mb1", "cluster1_mb2", "cluster1_mb3") if s in tps]
     best = max(c1, key=lambda s: tps[s]) if c1 else None
     out = {
+        "single_vs_llama_cpp": r("single", "llama.cpp"),
         "single_vs_transformers": r("single", "transformers"),
         "cluster1_best": best,
+        "cluster1_best_vs_llama_cpp": r(best, "llama.cpp") if best else None,
         "cluster1_best_vs_transformers": r(best, "transformers") if best else None,
         "cluster1_best_vs_single": r(best, "single") if best else None,
         "cluster1_mb2_vs_mb1": r("cluster1_mb2", "cluster1_mb1"),
@@ -295,10 +426,9 @@ def ratios(tps: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-TARGETS = [  # (ratio key, threshold, what the issue asks)
-    ("cluster1_best_vs_transformers", 2.0, "cluster (1 attention peer) >= 2.0x transformers"),
-    ("cluster1_mb2_vs_mb1", 1.3, "micro-batches 2 >= 1.3x micro-batches 1"),
-    ("cluster1_best_vs_single", 1.0, "cluster >= 1.0x single process"),
+TARGETS = [  # (ratio key, threshold, batches it applies to (None: all), what issue 11 asks)
+    ("single_vs_llama_cpp", 1.0, None, "single process >= 1.0x llama.cpp"),
+    ("cluster1_best_vs_single", 0.9, (16,), "cluster (1 attention peer, best M) >= 0.9x single process"),
 ]
 
 
@@ -307,88 +437,109 @@ async def main_async(args, log) -> dict:
     from lamina_p2p.runtime import set_threads
 
     model_dir = args.model or benchlib.model_dir(args.preset, args.dtype)
-    log(f"model {model_dir}, batch {args.batch}, dtype {args.dtype}, threads {args.threads}, "
-        f"attention threads {args.attention_threads}")
+    log(f"model {model_dir}, batches {args.batch}, dtype {args.dtype}, threads {args.threads}, "
+        f"attention threads {args.attention_threads}, load average {os.getloadavg()[0]:.2f}")
+    systems = list(args.systems)
+    why = LlamaCppBackend.available(args.llama_cpp, args.gguf)
+    if why and "llama.cpp" in systems:
+        log(f"llama.cpp column skipped: {why}")
+        systems.remove("llama.cpp")
     stream = benchlib.stream_read_gbps(args.stream_bytes, 3 if args.quick else 5)
     log(f"STREAM read {stream:.1f} GB/s")
     set_threads(args.threads)
     model = load_model(model_dir, dtype=args.dtype)
     wbytes = weight_bytes_per_step(model_dir)
     kv_tok = kv_bytes_per_context_token(model_dir, args.dtype)
-    systems = [s for s in args.systems]
-    out = {"stream_read_gbps": stream, "model": model_dir, "batch": args.batch, "dtype": args.dtype,
+    out = {"stream_read_gbps": stream, "model": model_dir, "batches": {}, "dtype": args.dtype,
            "threads": args.threads, "attention_threads": args.attention_threads, "placement": args.placement,
-           "omp_wait_policy": args.omp_wait_policy,
+           "omp_wait_policy": args.omp_wait_policy, "load_average_start": os.getloadavg(),
+           "weight_layout": getattr(model, "layout", None),
+           "llama_cpp": {"bin_dir": args.llama_cpp, "gguf": args.gguf} if not why else {"skipped": why},
            "split_cores": {"compute_cpus": args.split_cores[0], "attention_cpus": args.split_cores[1]}
            if args.split_cores else None,
-           "steps_per_round": args.steps, "rounds": args.rounds, "weight_bytes_per_step": wbytes,
-           "kv_bytes_per_context_token": kv_tok, "contexts": {}}
-    for ctx_len in args.contexts:
-        res = await run_context(ctx_len, args, model, model_dir, systems, wbytes, kv_tok, log)
-        res["roofline_fraction"] = {s: res["tokens_per_s"][s] * res["bytes_per_token"][s] / (stream * 1e9)
-                                    for s in systems}
-        res["ratios"] = ratios(res["tokens_per_s"])
-        out["contexts"][str(ctx_len)] = res
+           "steps_per_round": args.steps, "rounds": args.rounds, "trace_steps": args.trace_steps,
+           "weight_bytes_per_step": wbytes, "kv_bytes_per_context_token": kv_tok}
+    for batch in args.batch:
+        per_ctx = {}
+        for ctx_len in args.contexts:
+            res = await run_context(ctx_len, batch, args, model, model_dir, systems, wbytes, kv_tok, log)
+            res["roofline_fraction"] = {s: res["tokens_per_s"][s] * res["bytes_per_token"][s] / (stream * 1e9)
+                                        for s in systems}
+            res["ratios"] = ratios(res["tokens_per_s"])
+            per_ctx[str(ctx_len)] = res
+        out["batches"][str(batch)] = {"contexts": per_ctx}
     # A second STREAM figure at the end shows how much the machine's load moved during the run.
     out["stream_read_gbps_end"] = benchlib.stream_read_gbps(args.stream_bytes, 3)
+    out["load_average_end"] = os.getloadavg()
     return out
 
 
 def report(res: dict, file=sys.stdout) -> None:
-    systems = list(next(iter(res["contexts"].values()))["tokens_per_s"]) if res["contexts"] else []
     print(f"STREAM read {res['stream_read_gbps']:.1f} GB/s (end of run {res['stream_read_gbps_end']:.1f}); "
-          f"batch {res['batch']}, {res['dtype']}, compute threads {res['threads']}, attention threads "
-          f"{res['attention_threads']}, OMP_WAIT_POLICY {res.get('omp_wait_policy') or 'unset'}", file=file)
+          f"{res['dtype']}, weight layout {res.get('weight_layout')}, compute threads {res['threads']}, attention "
+          f"threads {res['attention_threads']}, OMP_WAIT_POLICY {res.get('omp_wait_policy') or 'unset'}, load "
+          f"average {res['load_average_start'][0]:.2f} -> {res['load_average_end'][0]:.2f}", file=file)
     if res.get("split_cores"):
         sc = res["split_cores"]
         print(f"clusters on split cores: compute process on CPUs {sc['compute_cpus']}, attention peers on "
-              f"{sc['attention_cpus']} (transformers and single on every CPU)", file=file)
-    print(f"{'context':>8} {'system':<14} {'tok/s':>8} {'roofline':>9} {'vs transformers':>16} {'vs single':>10}",
-          file=file)
-    for ctx, c in res["contexts"].items():
-        tps = c["tokens_per_s"]
-        for s in systems:
-            vt = tps[s] / tps["transformers"] if tps.get("transformers") else float("nan")
-            vs = tps[s] / tps["single"] if tps.get("single") else float("nan")
-            print(f"{ctx:>8} {s:<14} {tps[s]:>8.1f} {c['roofline_fraction'][s]:>9.3f} {vt:>15.2f}x {vs:>9.2f}x",
-                  file=file)
-        for k, v in c["ratios"].items():
-            if isinstance(v, float):
-                print(f"{'':>8} {k:<34} {v:.2f}", file=file)
-    print("targets (issue 5, at context 2048 where measured):", file=file)
-    key = "2048" if "2048" in res["contexts"] else next(iter(res["contexts"]), None)
-    if key:
-        c = res["contexts"][key]
-        for rk, th, text in TARGETS:
-            v = c["ratios"].get(rk)
-            if v is not None:
-                print(f"  [{'met' if v >= th else 'MISSED'}] {text}: {v:.2f} (context {key})", file=file)
-        for s, th in (("single", 0.5), (c["ratios"].get("cluster1_best"), 0.4)):
-            if s in c["roofline_fraction"]:
-                v = c["roofline_fraction"][s]
-                print(f"  [{'met' if v >= th else 'MISSED'}] roofline {s} >= {th}: {v:.3f} (context {key})", file=file)
+              f"{sc['attention_cpus']} (llama.cpp, transformers and single on every CPU)", file=file)
+    if "skipped" in res["llama_cpp"]:
+        print(f"llama.cpp column skipped: {res['llama_cpp']['skipped']}", file=file)
+    print(f"{'batch':>5} {'context':>8} {'system':<14} {'tok/s':>8} {'roofline':>9} {'vs llama.cpp':>13} "
+          f"{'vs single':>10}", file=file)
+    for batch, bres in res["batches"].items():
+        for ctx, c in bres["contexts"].items():
+            tps = c["tokens_per_s"]
+            for s in tps:
+                vl = tps[s] / tps["llama.cpp"] if tps.get("llama.cpp") else float("nan")
+                vs = tps[s] / tps["single"] if tps.get("single") else float("nan")
+                print(f"{batch:>5} {ctx:>8} {s:<14} {tps[s]:>8.1f} {c['roofline_fraction'][s]:>9.3f} {vl:>12.2f}x "
+                      f"{vs:>9.2f}x", file=file)
+    print("per-layer medians from the trace (ms): dense, attention wait, kernel, messaging (wait - kernel); "
+          "LM head + sampling per step", file=file)
+    print(f"{'batch':>5} {'context':>8} {'system':<14} {'dense':>7} {'wait':>7} {'kernel':>7} {'msg':>7} "
+          f"{'head':>7}", file=file)
+    for batch, bres in res["batches"].items():
+        for ctx, c in bres["contexts"].items():
+            for s, t in c.get("trace_per_layer", {}).items():
+                cells = [t.get(k) for k in ("dense_ms", "attention_wait_ms", "kernel_ms", "messaging_ms",
+                                            "lm_head_and_sample_ms")]
+                print(f"{batch:>5} {ctx:>8} {s:<14} " + " ".join(f"{v:>7.3f}" if v is not None else f"{'-':>7}"
+                                                             for v in cells), file=file)
+    print("targets (issue 11):", file=file)
+    for batch, bres in res["batches"].items():
+        for ctx, c in bres["contexts"].items():
+            for rk, th, batches, text in TARGETS:
+                v = c["ratios"].get(rk)
+                if v is not None and (batches is None or int(batch) in batches):
+                    print(f"  [{'met' if v >= th else 'MISSED'}] {text}: {v:.2f} (batch {batch}, context {ctx})",
+                          file=file)
 
 
 def plots(res: dict, out_dir: Path) -> list[Path]:
-    ctxs = [int(c) for c in res["contexts"]]
-    systems = list(next(iter(res["contexts"].values()))["tokens_per_s"])
-    p1 = out_dir / "e2e_tokens_vs_context.png"
-    benchlib.plot_lines(p1, f"decode tokens/s vs context (batch {res['batch']}, {res['dtype']})", "context (tokens)",
-                        "tokens/s", {s: (ctxs, [res["contexts"][str(c)]["tokens_per_s"][s] for c in ctxs])
-                                     for s in systems}, logx=len(ctxs) > 1)
-    p2 = out_dir / "e2e_tokens_vs_microbatches.png"
-    series = {}
-    for c in ctxs:
-        tps = res["contexts"][str(c)]["tokens_per_s"]
-        for cl in ("cluster1", "cluster2"):
-            mbs = [m for m in (1, 2, 3) if f"{cl}_mb{m}" in tps]
-            if mbs:
-                series[f"{cl}, ctx {c}"] = (mbs, [tps[f"{cl}_mb{m}"] for m in mbs])
-        if "single" in tps:
-            series[f"single, ctx {c}"] = ([1, 2, 3], [tps["single"]] * 3)
-    benchlib.plot_lines(p2, "decode tokens/s vs micro-batches (single process: flat reference)", "micro-batches",
-                        "tokens/s", series)
-    return [p1, p2]
+    paths = []
+    for batch, bres in res["batches"].items():
+        ctxs = [int(c) for c in bres["contexts"]]
+        systems = list(next(iter(bres["contexts"].values()))["tokens_per_s"])
+        p1 = out_dir / f"e2e_tokens_vs_context_b{batch}.png"
+        benchlib.plot_lines(p1, f"decode tokens/s vs context (batch {batch}, {res['dtype']})", "context (tokens)",
+                            "tokens/s", {s: (ctxs, [bres["contexts"][str(c)]["tokens_per_s"][s] for c in ctxs])
+                                         for s in systems}, logx=len(ctxs) > 1)
+        p2 = out_dir / f"e2e_tokens_vs_microbatches_b{batch}.png"
+        series = {}
+        for c in ctxs:
+            tps = bres["contexts"][str(c)]["tokens_per_s"]
+            for cl in ("cluster1", "cluster2"):
+                mbs = [m for m in (1, 2, 3) if f"{cl}_mb{m}" in tps]
+                if mbs:
+                    series[f"{cl}, ctx {c}"] = (mbs, [tps[f"{cl}_mb{m}"] for m in mbs])
+            for flat in ("single", "llama.cpp"):
+                if flat in tps:
+                    series[f"{flat}, ctx {c}"] = ([1, 2, 3], [tps[flat]] * 3)
+        benchlib.plot_lines(p2, f"decode tokens/s vs micro-batches (batch {batch}; flat: references)",
+                            "micro-batches", "tokens/s", series)
+        paths += [p1, p2]
+    return paths
 
 
 def parse_split(ap, spec: str | None):
@@ -413,8 +564,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", nargs="?", const="-", default=None,
                     help="print one JSON object (or write it to FILE); the table goes to stderr")
     ap.add_argument("--plot", help="directory for the PNG plots")
-    ap.add_argument("--contexts", type=int, nargs="+", default=None, help="default 512 2048 8192 (--quick: 512)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--contexts", type=int, nargs="+", default=None, help="default 512 2048 (--quick: 256)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[16], help="decode batch sizes, each a run of its own")
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--model", help="model directory (default: the preset, written once to a temp dir)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -427,6 +578,10 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=4, help="decode steps per backend before timing")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    ap.add_argument("--llama-cpp", metavar="BIN_DIR", help="llama.cpp build/bin holding llama-batched-bench")
+    ap.add_argument("--gguf", help="the same weights as GGUF for llama.cpp (e.g. BF16 from llama_cpp.sh)")
+    ap.add_argument("--trace-steps", type=int, default=None,
+                    help="traced decode steps per lamina system after the timed rounds (0: none; default 4, --quick 2)")
     ap.add_argument("--stream-bytes", type=int, default=None)
     ap.add_argument("--split-cores", metavar="COMPUTE:ATTENTION", default=None,
                     help="cluster systems on disjoint CPUs, e.g. 0:1 (compute process on CPU 0, attention peers "
@@ -436,7 +591,9 @@ def parse_args(argv=None):
     args.all_cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     benchlib.set_omp_wait_policy(args.omp_wait_policy)
     if args.contexts is None:
-        args.contexts = [256] if args.quick else [512, 2048, 8192]
+        args.contexts = [256] if args.quick else [512, 2048]
+    if args.trace_steps is None:
+        args.trace_steps = 2 if args.quick else 4
     args.steps = args.steps or (4 if args.quick else 10)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.stream_bytes = args.stream_bytes or ((256 << 20) if args.quick else (1 << 30))

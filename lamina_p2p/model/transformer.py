@@ -12,9 +12,11 @@ token with its own position, so prefill chunks and decode tokens mix freely.
 Dense ops are per token, so nothing here needs to know where sequences begin.
 
 Speed notes (CPU decode is the headline number): q/k/v are one matmul and
-gate/up are one matmul; rotary cos/sin come from a table built once, and the
-gather is shared by all layers of a step; weights are buffers, not parameters,
-so no autograd graph is ever recorded. Numerics follow transformers op for op
+gate/up are one matmul (rows fused at load, as gpt-fast and nano-vllm do), laid
+out once for this machine's fastest library (linear.py); rotary cos/sin come
+from a table built once and are gathered once per step, not per layer; weights
+are buffers, not parameters, so no autograd graph is ever recorded. The LM head
+returns float32 logits accumulated in float32. Numerics follow transformers op for op
 (norm in float32, rounded to the model dtype before the weight; rotary in the
 model dtype) so bfloat16 greedy output matches it token for token.
 """
@@ -22,12 +24,15 @@ model dtype) so bfloat16 greedy output matches it token for token.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, ModelError
+from .linear import Linear, choose_layout
 
+_PREPARE_LOCK = threading.Lock()
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,14 +48,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # in the model dtype. For float32 the casts are no-ops.
     y = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
     return y.to(x.dtype) * weight
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b). `w` may be a oneDNN tensor, see Transformer.use_onednn."""
-    if w.is_mkldnn:
-        y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), w).to_dense()
-        return y if b is None else y + b
-    return F.linear(x, w, b)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -108,13 +105,18 @@ class Transformer(torch.nn.Module):
 
     Weights live on one device in one dtype, chosen at construction; moving the
     module afterwards is not supported (the rotary table would stay behind).
+    `layout` (linear.LAYOUTS, default "auto") says how the matmul weights are laid
+    out for the machine; that happens once, in `prepare()`, after loading (or on
+    the first forward call).
     """
 
-    def __init__(self, config: ModelConfig, dtype: str | None = None, device="cpu"):
+    def __init__(self, config: ModelConfig, dtype: str | None = None, device="cpu", layout: str = "auto"):
         super().__init__()
         self.config = config
         self.dtype = torch_dtype(dtype or config.dtype)
         self.device = torch.device(device)
+        self.layout = choose_layout(layout, self.dtype, self.device)
+        self._auto = layout == "auto"
         c = config
         self.register_buffer("embed_weight", torch.empty(c.vocab_size, c.hidden_size, dtype=self.dtype, device=device))
         self.layers = torch.nn.ModuleList(Layer(c, self.dtype, device) for _ in range(c.num_layers))
@@ -127,10 +129,13 @@ class Transformer(torch.nn.Module):
         self._nq = c.num_heads
         self._nqk = c.num_heads + c.num_kv_heads
         self._nqkv = c.num_heads + 2 * c.num_kv_heads
-        self.onednn = False
+        # Per layer (qkv, o, gate_up, down) prepared matmuls, and the LM head; None until prepare().
+        self._linears: tuple[tuple[Linear, Linear, Linear, Linear], ...] | None = None
+        self._head: Linear | None = None
         self._inv_freq = rope_inv_freq(c)
         self._build_rope_table(c.max_position_embeddings)
         self._rope_positions: torch.Tensor | None = None  # last positions seen, see _rope()
+        self._rope_cs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- weights in HF naming --------------------------------------------------------------
 
@@ -141,8 +146,8 @@ class Transformer(torch.nn.Module):
         converts dtype and broadcasts the Qwen3 q/k norm vectors over heads), so
         the fused layout is known only here.
         """
-        if self.onednn:
-            raise RuntimeError("hf_tensors() is for filling the model; call it before use_onednn()")
+        if self._linears is not None:
+            raise RuntimeError("hf_tensors() is for filling the model; call it before prepare() or the first forward")
         c = self.config
         d, hq, hkv, h, inter = c.head_dim, c.num_heads, c.num_kv_heads, c.hidden_size, c.intermediate_size
         q_rows, kv_rows = hq * d, hkv * d
@@ -168,24 +173,56 @@ class Transformer(torch.nn.Module):
             out[p + "mlp.down_proj.weight"] = ((h, inter), L.w_down)
         return out
 
-    def use_onednn(self) -> "Transformer":
-        """Re-lay the matmul weights out for oneDNN (float32 on CPU); returns self.
+    def prepare(self, layout: str | None = None) -> "Transformer":
+        """Lay the matmul weights out once for `layout` (default: the constructor's); returns self.
 
-        torch's float32 CPU matmul goes to MKL, whose skinny-GEMM path (a decode
-        batch is 1..64 rows) is slow on AMD CPUs: the bench preset's dense step
-        at batch 16 took 76 ms with MKL and 44 ms with oneDNN's blocked weights
-        on the 2-core EPYC dev box. bfloat16 already goes through oneDNN. The
-        packed weights are opaque tensors, so do this after loading.
+        Fused q/k/v rows and gate/up rows (hf_tensors) become one prepared GEMM
+        each; the plain matmul buffers are dropped when the layout copies them, so
+        the weights are not held twice. The LM head gets its own float32-output
+        matmul (a tied model keeps the embedding for lookups). Idempotent; raises
+        ValueError for a layout this machine cannot run.
         """
-        if self.onednn or self.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-            return self
-        for L in self._layers:
-            for name in ("wqkv", "wo", "w_gate_up", "w_down"):
-                setattr(L, name, getattr(L, name).to_mkldnn())
-        # A tied model keeps the plain embedding for lookups and a packed copy for the head.
-        self.lm_head = self.lm_head_weight.to_mkldnn()
-        self.onednn = True
+        with _PREPARE_LOCK:  # the first forward may come from any thread; lay out once
+            if self._linears is None:
+                self._prepare(layout)
         return self
+
+    def _prepare(self, layout: str | None) -> None:
+        if layout is not None:
+            self._auto = layout == "auto"
+            self.layout = choose_layout(layout, self.dtype, self.device)
+        try:
+            linears, head = self._build(self.layout)
+        except ValueError:
+            if not (self._auto and self.layout == "fp16"):
+                raise
+            self.layout = "f32"  # weights beyond float16's range: auto falls back to float32 weights
+            linears, head = self._build(self.layout)
+        # Head first: a forward on another thread takes `_linears` being set as "prepared".
+        self._head, self._linears = head, linears
+        if self.layout != "eager":
+            for L in self._layers:
+                L.wqkv = L.bqkv = L.wo = L.w_gate_up = L.w_down = None
+            self.lm_head = None
+
+    def _build(self, lay: str):
+        with torch.inference_mode():
+            linears = tuple((Linear(L.wqkv, L.bqkv, lay), Linear(L.wo, None, lay),
+                             Linear(L.w_gate_up, None, lay), Linear(L.w_down, None, lay))
+                            for L in self._layers)
+            # Float32 logits (issue 14): bf16 weights, float32 accumulation and output. oneDNN
+            # returns the model dtype, so a oneDNN model runs its head in float32.
+            head = Linear(self.lm_head_weight, None, "f32" if lay == "onednn" else lay, out_dtype=torch.float32)
+        return linears, head
+
+    def use_onednn(self) -> "Transformer":
+        """The loader's name for prepare() (float32 on CPU); kept so both spellings work."""
+        return self.prepare()
+
+    @property
+    def onednn(self) -> bool:
+        """True once the matmul weights are laid out for a CPU library (not plain tensors)."""
+        return self._linears is not None and self.layout != "eager"
 
     # ---- rotary ----------------------------------------------------------------------------
 
@@ -203,16 +240,16 @@ class Transformer(torch.nn.Module):
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, D] for these positions, growing the table if a position is past it."""
-        # Every layer of a step passes the same positions tensor, so check the
-        # bound once per tensor (a host sync on GPU). The reference keeps the
-        # tensor alive, so `is` cannot match a new tensor at a recycled address.
-        # The gather itself is two small index ops, cheap enough to redo per layer.
+        # Every layer of a step passes the same positions tensor: gather once per tensor
+        # (the bound check is a host sync on GPU). The reference keeps the tensor alive,
+        # so `is` cannot match a new tensor at a recycled address.
         if positions is not self._rope_positions:
             top = int(positions.max()) if positions.numel() else 0
             if top >= self._cos.shape[0]:
                 self._build_rope_table(max(top + 1, 2 * self._cos.shape[0]))
             self._rope_positions = positions
-        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+            self._rope_cs = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+        return self._rope_cs
 
     # ---- the four entry points -------------------------------------------------------------
 
@@ -222,10 +259,11 @@ class Transformer(torch.nn.Module):
 
     def pre(self, layer: int, x: torch.Tensor, positions: torch.Tensor):
         """Residual stream [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], contiguous."""
+        lin = self._linears or self.prepare()._linears
         L = self._layers[layer]
         eps = self.config.rms_norm_eps
         t = x.shape[0]
-        qkv = linear(rms_norm(x, L.input_norm, eps), L.wqkv, L.bqkv).view(t, self._nqkv, -1)
+        qkv = lin[layer][0](rms_norm(x, L.input_norm, eps)).view(t, self._nqkv, -1)
         qk = qkv[:, : self._nqk]
         if L.qk_norm is not None:
             qk = rms_norm(qk, L.qk_norm, eps)
@@ -236,15 +274,24 @@ class Transformer(torch.nn.Module):
 
     def post(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual stream [T, hidden] and attention output [T, Hq, D] -> next residual stream."""
-        L = self._layers[layer]
-        x = x + linear(attn_out.reshape(x.shape[0], -1), L.wo)
-        gate, up = linear(rms_norm(x, L.post_norm, self.config.rms_norm_eps), L.w_gate_up).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, L.w_down)
+        _, wo, w_gate_up, w_down = (self._linears or self.prepare()._linears)[layer]
+        x = x + wo(attn_out.reshape(x.shape[0], -1))
+        gate, up = w_gate_up(rms_norm(x, self._layers[layer].post_norm, self.config.rms_norm_eps)).chunk(2, dim=-1)
+        return x + w_down(F.silu(gate) * up)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] (usually each sequence's last token) -> [N, vocab] float32."""
-        return linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.lm_head_weight).float()
+        """[N, hidden] (usually each sequence's last token) -> [N, vocab] float32.
+
+        The head reads the model-dtype weights but accumulates and returns float32, so
+        near ties are not decided by bf16 rounding (which would make greedy output
+        depend on the batch). The normed input is rounded to the model dtype first,
+        as transformers does.
+        """
+        head = self._head or self.prepare()._head
+        return head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_weight if self.lm_head is None else self.lm_head
+        """The LM head's plain weights [vocab, hidden] (the embedding when tied); before prepare() only
+        for an untied model."""
+        return self.embed_weight if self.config.tie_word_embeddings else self.lm_head

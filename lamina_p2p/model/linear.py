@@ -1,0 +1,153 @@
+"""Matmul weights laid out once, at load, for the fastest path of this machine.
+
+A `Linear` is `y = x @ w.T (+ b)` with `x` [..., in] and `y` [..., out] in the
+model dtype, or float32 for the LM head (`out_dtype`). The layout decides which
+library runs it and how its weights sit in memory:
+
+  eager   F.linear on the checkpoint's tensor, in the model dtype (any device).
+  onednn  oneDNN's blocked weights (torch.ops.mkldnn._linear_pointwise), model dtype.
+          Fast bf16 only where the CPU has bf16 dot products (AVX512-BF16, AMX).
+  f32     float32 weights, F.linear (MKL's sgemm on x86); a bf16 model computes in
+          float32 and rounds its output back, as bf16 GEMMs do. (MKL's packed
+          sgemm, torch.ops.mkl._mkl_linear, is packed for one batch size and falls
+          back to the plain weights for any other, so it buys nothing here.)
+  fp16    float16 weights, float32 activations and accumulation (FBGEMM's fp16
+          GEMM, see _fp16_gemm): reads 2 bytes a weight
+          and multiplies at float32 speed on any AVX2 CPU. bf16 -> fp16 keeps a
+          bf16 value exactly unless it is below 2^-14 in magnitude (fp16 subnormals
+          hold it to 2^-24 absolute), so a bf16 model loses nothing measurable.
+
+`choose_layout("auto", ...)` picks from measurements with SmolLM2-135M's shapes on
+a 2-core AVX512 Xeon without BF16 (python -m lamina_p2p.model.bench_dense prints
+the table): a bf16 decode step at batch 16 cost 2.3x the CPU time with oneDNN's
+bf16 GEMM (prepacked or not) as with fp16 weights, and 1.7x as with float32
+weights; at batch 1 fp16 was also the fastest (1.2x), reading bf16's bytes.
+torch.compile (inductor, default mode) gained nothing over eager.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+LAYOUTS = ("auto", "eager", "onednn", "f32", "fp16")
+FP16_MAX = 65504.0
+
+
+def _has_fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_avx2_supported()
+
+
+def _native_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def choose_layout(layout: str, dtype: torch.dtype, device: torch.device) -> str:
+    """Resolve 'auto' (or check an explicit choice) for weights of `dtype` on `device`.
+
+    Raises ValueError for a layout this machine cannot run.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown weight layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    if device.type != "cpu":
+        if layout not in ("auto", "eager"):
+            raise ValueError(f"weight layout {layout!r} is for CPUs; {device.type} runs 'eager'")
+        return "eager"
+    onednn = torch.backends.mkldnn.is_available()
+    if layout == "auto":
+        if dtype == torch.float32:
+            return "onednn" if onednn else "eager"
+        if onednn and _native_bf16() and dtype == torch.bfloat16:
+            return "onednn"
+        if _has_fbgemm():
+            return "fp16"
+        return "f32"
+    if layout == "onednn" and not onednn:
+        raise ValueError("weight layout 'onednn' needs torch built with oneDNN (torch.backends.mkldnn)")
+    if layout == "fp16" and not _has_fbgemm():
+        raise ValueError("weight layout 'fp16' needs FBGEMM (x86 with AVX2)")
+    return layout
+
+
+def _fp16_gemm(wf: torch.Tensor, bf: torch.Tensor | None):
+    """x [..., in] float32 -> x @ wf.T + bf float32 through FBGEMM's fp16 GEMM (wf rounded to fp16 once).
+
+    torch.fbgemm_linear_fp16_weight_fp32_activation calls the same FBGEMM kernel as
+    torch.ops.quantized.linear_dynamic_fp16 but as a plain ATen op: measured 4-16 us a
+    call against 26-30 us for the torchbind op (whose packed weight crosses the boxed
+    dispatcher), and a decode step makes 4 calls a layer. torch marks the ATen pair
+    deprecated, so it is used while it exists and the torchbind op otherwise.
+    """
+    if hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation"):
+        op = torch.fbgemm_linear_fp16_weight_fp32_activation
+        with warnings.catch_warnings():
+            # Both warn once per process that they are deprecated; say it here, not mid-decode.
+            warnings.simplefilter("ignore")
+            packed = torch.fbgemm_pack_gemm_matrix_fp16(wf)
+            op(wf.new_zeros(0, wf.shape[1]), packed, bf)
+        return lambda x: op(x, packed, bf)
+    packed = torch.ops.quantized.linear_prepack_fp16(wf, bf)
+    op = torch.ops.quantized.linear_dynamic_fp16.default
+    return lambda x: op(x, packed)
+
+
+class Linear:
+    """A prepared matmul; call it as `lin(x)`. Holds only the packed weights."""
+
+    __slots__ = ("layout", "out_features", "in_features", "_fn")
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, layout: str, out_dtype: torch.dtype | None = None,
+                 batch_hint: int = 16):
+        """`w` [out, in] and `b` [out] in the model dtype; `out_dtype` defaults to w's dtype.
+
+        Raises ValueError if the weights do not fit the layout (fp16 overflow).
+        """
+        self.layout = layout
+        self.out_features, self.in_features = w.shape
+        model_dtype = w.dtype
+        out_dtype = out_dtype or model_dtype
+        if layout == "eager":
+            if out_dtype == model_dtype:
+                self._fn = lambda x: F.linear(x, w, b)
+            else:  # a float32 head over low-precision weights: upcast the weights once
+                wf, bf = w.to(out_dtype), None if b is None else b.to(out_dtype)
+                self._fn = lambda x: F.linear(x.to(out_dtype), wf, bf)
+            return
+        if layout == "onednn":
+            w = w.contiguous()
+            wp = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+            op = torch.ops.mkldnn._linear_pointwise
+            if out_dtype == model_dtype:
+                # The packed tensor may alias w's memory when no reorder was needed: keep w alive.
+                self._fn = lambda x, w=w: op(x, wp, b, "none", [], "")
+            else:
+                raise ValueError("weight layout 'onednn' returns the model dtype; use f32 or fp16 for a float32 head")
+            return
+        bf = None if b is None else b.float()
+        if layout == "f32":
+            wf = w.float().contiguous()
+
+            def f32(x):
+                return F.linear(x, wf, bf)
+        elif layout == "fp16":
+            top = float(w.abs().max()) if w.numel() else 0.0
+            if not top <= FP16_MAX:  # also catches nan
+                raise ValueError(f"weights up to {top:g} do not fit float16 (max {FP16_MAX:g}); use layout 'f32'")
+            f32 = _fp16_gemm(w.float(), bf)
+        else:
+            raise ValueError(f"unknown weight layout {layout!r}")
+        if model_dtype == torch.float32 and out_dtype == torch.float32:
+            self._fn = f32
+        elif out_dtype == torch.float32:
+            self._fn = lambda x: f32(x.float())
+        else:
+            # bf16 GEMMs accumulate in float32 and round the output once: the same here.
+            self._fn = lambda x: f32(x.float()).to(out_dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+    def __repr__(self) -> str:
+        return f"Linear({self.in_features} -> {self.out_features}, {self.layout})"
