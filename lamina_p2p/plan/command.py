@@ -34,8 +34,9 @@ def _micro_batches(text: str) -> int | None:
 
 
 @click.command("plan")
-@click.option("--model", "model", required=True, metavar="DIR|PRESET",
-              help="Model directory with config.json, or a preset: llama3-70b, llama3-8b, llama-65b, llama-33b.")
+@click.option("--model", "model", required=True, metavar="DIR|FILE.gguf|ORG/NAME|PRESET",
+              help="A model (directory with config.json, .gguf file, or org/name in the local Hugging Face cache), "
+                   "or a preset: llama3-70b, llama3-8b, llama-65b, llama-33b.")
 @click.option("--compute", required=True, metavar="DEVICE[:N]",
               help="Compute peers' device and count (with --search: comma list, N = most to try).")
 @click.option("--attention", required=True, metavar="DEVICE[:N]",
