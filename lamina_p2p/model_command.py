@@ -21,6 +21,13 @@ import click
 MODEL_HELP = "A checkpoint directory (HF format), a .gguf file, or org/name in the local Hugging Face cache."
 
 
+class ModelOptionError(click.ClickException):
+    """A --model that names nothing loadable: `Error: <one line>`, exit status 2 like other bad options
+    (click's BadParameter would print the usage text around it)."""
+
+    exit_code = 2
+
+
 def _check_model(ctx, param, value):
     if value is None:
         return None
@@ -30,7 +37,7 @@ def _check_model(ctx, param, value):
     try:
         resolve(value)
     except ModelError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+        raise ModelOptionError(f"--model: {e}") from None
     return value
 
 

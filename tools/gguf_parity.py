@@ -53,8 +53,8 @@ def main() -> int:
         for text, ids, hf_ids in cases:
             same_tok = ids == list(hf_ids)
             mine = generate_greedy(ours, [ids], args.steps)[0][0]
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=args.steps, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=args.steps, do_sample=False, eos_token_id=None, pad_token_id=0)
             theirs = out[0, len(ids):].tolist()
             same = mine == theirs
             ok &= same and same_tok

@@ -73,9 +73,10 @@ def open_gguf(path):
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, KeyError, struct errors... on a bad file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if path.stat().st_size == 0 or "mmap" in msg or "buffer" in msg or "size" in msg:
-            msg = f"{msg}; the file looks truncated ({path.stat().st_size} bytes)"
-        raise ModelError(f"{path}: not a readable GGUF file ({msg})") from None
+        if "magic" in msg.lower():
+            raise ModelError(f"{path}: not a GGUF file (no GGUF magic number at its start)") from None
+        raise ModelError(f"{path}: truncated or corrupt GGUF file ({path.stat().st_size} bytes; "
+                         f"the gguf reader says: {msg})") from None
 
 
 def field(reader, key: str, default=None):

@@ -43,7 +43,7 @@ def _in_dir(path: Path, repo: str | None = None) -> Path:
     if len(ggufs) > 1:
         raise ModelError(f"{where}: holds several .gguf files ({', '.join(g.name for g in ggufs)}); "
                          "give the path of one")
-    return path  # the loader says which file is missing
+    raise ModelError(f"{where}: no config.json and no .gguf file: not a model directory")
 
 
 def hf_cache_snapshot(repo: str) -> Path:

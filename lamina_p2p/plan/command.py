@@ -1,8 +1,7 @@
 """`lamina-node plan`: parse options, run the planner, print a table or JSON.
 
 Kept thin: every number comes from `cost.py`; this file only turns options into objects
-and results into text. Bad input is a click usage error (exit code 2) with one line that
-says what was wrong.
+and results into text. Bad input is one line `Error: ...` that says what was wrong, exit code 2.
 """
 
 from __future__ import annotations
@@ -71,7 +70,9 @@ def plan_command(model, compute, attention, context, output, network, rtt, micro
         result, cm = _run(model, compute, attention, context, output, network, rtt, m, do_search, budget,
                           profile_path, hardware)
     except _ERRORS as e:
-        raise click.UsageError(str(e))
+        from lamina_p2p.model_command import ModelOptionError
+
+        raise ModelOptionError(str(e)) from None  # one line, exit status 2
     if as_json:
         click.echo(json.dumps(to_json(result, cm), indent=2))
     else:

@@ -138,6 +138,9 @@ def resolve_model(spec: str) -> Geometry:
     try:
         cfg = model_config(spec)
     except Exception as e:  # ModelError, JSON errors, missing file: one clear line
+        if Path(spec).exists():
+            kind = "directory" if Path(spec).is_dir() else "file"
+            raise GeometryError(f"cannot read model {kind} {spec}: {e}") from e
         raise GeometryError(
             f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) and not a model ({e})"
         ) from e
