@@ -43,7 +43,7 @@ def _in_dir(path: Path, repo: str | None = None) -> Path:
     if len(ggufs) > 1:
         raise ModelError(f"{where}: holds several .gguf files ({', '.join(g.name for g in ggufs)}); "
                          "give the path of one")
-    raise ModelError(f"{where}: no config.json and no .gguf file: not a model directory")
+    raise ModelError(f"{where}: config.json not found (and no .gguf file): not a model directory")
 
 
 def hf_cache_snapshot(repo: str) -> Path:
