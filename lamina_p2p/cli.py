@@ -19,7 +19,28 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-@click.group()
+class OneLineGroup(click.Group):
+    """Every error a user can fix is one line on stderr: click prints a usage error as the usage text,
+    a help hint and the error; here it is `Error: <what> (see 'lamina-node CMD --help')`, exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            message = e.format_message()
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                message += f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)  # an int is click's Exit code (--help: 0)
+        return rv
+
+
+@click.group(cls=OneLineGroup)
 @click.option("--log-level", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def main(log_level: str) -> None:

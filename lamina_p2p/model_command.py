@@ -42,7 +42,7 @@ def _check_model(ctx, param, value):
 
 
 def model_option(required: bool = True):
-    return click.option("--model", "model_dir", required=required, default=None, metavar="DIR|FILE.gguf|ORG/NAME",
+    return click.option("--model", "model_dir", required=required, metavar="DIR|FILE.gguf|ORG/NAME",
                         callback=_check_model, help=MODEL_HELP)
 
 
