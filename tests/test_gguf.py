@@ -4,7 +4,6 @@ process and on a real cluster; and one-line errors for broken files."""
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest

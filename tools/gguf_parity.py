@@ -26,6 +26,8 @@ def main() -> int:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cluster", action="store_true", help="also run every file's prompts together through "
+                    "`lamina-node generate` on 2 local attention peers (head placement, M=2) and compare")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,10 +67,37 @@ def main() -> int:
             results.append({"file": str(f), "prompt": text, "tokenization_equal": same_tok, "greedy_equal": same,
                             "first_difference": first, "tokens": mine, "transformers_tokens": theirs})
         print(f"{f.name}: load {t_ours:.1f} s lamina-p2p, {t_hf:.1f} s transformers", flush=True)
+        if args.cluster:
+            ok &= _cluster(f, cases, results[-len(cases):], args.steps)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print("ALL EQUAL" if ok else "DIFFERENCES FOUND")
     return 0 if ok else 1
+
+
+def _cluster(f, cases, rows, steps) -> bool:
+    """The same prompts as one batch on a real local cluster; tokens against transformers'."""
+    import subprocess
+
+    from lamina_p2p.launch import node_command
+
+    cmd = ["generate", "--model", str(f), "--dtype", "float32", "--max-tokens", str(steps), "--ignore-eos",
+           "--attention-peers", "2", "--placement", "head", "--micro-batches", "2", "--json"]
+    for _, ids, _ in cases:
+        cmd += ["--prompt-ids", ",".join(map(str, ids))]
+    r = subprocess.run(node_command(*cmd), capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"{f.name}: cluster run failed: {r.stderr.strip().splitlines()[-1:]}")
+        return False
+    got = json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]
+    ok = True
+    for row, tokens in zip(rows, got):
+        same = tokens == row["transformers_tokens"]
+        row["cluster_equal"] = same
+        ok &= same
+        print(f"{f.name}: cluster (2 attention peers, head, M=2): {row['prompt'][:40]!r}: greedy "
+              f"{'equal' if same else 'DIFFERS'}", flush=True)
+    return ok
 
 
 if __name__ == "__main__":
