@@ -62,13 +62,37 @@ def is_gguf(path) -> bool:
     return Path(path).suffix.lower() == ".gguf"
 
 
+# The last file opened. GGUFReader parses every metadata array item into numpy views, which for a
+# 49k-token vocabulary takes seconds and ~150 MB; the model and then its tokenizer are loaded from
+# the same file, so they share one reader, and load_tokenizer lets it go (release_gguf).
+_last: tuple | None = None
+
+
 def open_gguf(path):
     """A `gguf.GGUFReader` over `path` (memory-mapped); ModelError when it is not a readable GGUF."""
-    import gguf
-
+    global _last
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: file not found")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if _last is not None and _last[0] == key:
+        return _last[1]
+    _last = None
+    reader = _read(path)
+    _last = (key, reader)
+    return reader
+
+
+def release_gguf() -> None:
+    """Drop the cached reader (and its memory map)."""
+    global _last
+    _last = None
+
+
+def _read(path: Path):
+    import gguf
+
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, KeyError, struct errors... on a bad file

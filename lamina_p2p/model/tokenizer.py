@@ -151,14 +151,17 @@ def _optional_json(file: Path) -> dict:
 
 
 def load_gguf_tokenizer(path, reader=None) -> Tokenizer | None:
-    from .gguf import eos_ids, field, open_gguf
+    from .gguf import eos_ids, field, open_gguf, release_gguf
     from .gguf_tokenizer import gguf_tokenizer
 
     reader = reader or open_gguf(path)
-    built = gguf_tokenizer(path, reader)
-    if built is None:
-        return None
-    tok, _ = built
-    bos = field(reader, "tokenizer.ggml.bos_token_id")
-    return Tokenizer(tok, None if bos is None else int(bos), tuple(eos_ids(reader)),
-                     field(reader, "tokenizer.chat_template"))
+    try:
+        built = gguf_tokenizer(path, reader)
+        if built is None:
+            return None
+        tok, _ = built
+        bos = field(reader, "tokenizer.ggml.bos_token_id")
+        return Tokenizer(tok, None if bos is None else int(bos), tuple(eos_ids(reader)),
+                         field(reader, "tokenizer.chat_template"))
+    finally:
+        release_gguf()  # the model was loaded first (or will open the file itself)
