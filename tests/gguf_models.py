@@ -129,7 +129,7 @@ def _k_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
 
 
 def build_gguf(arch: str, root: Path, qtype: str = "F32", geometry: str = "small", vocab: str = "bpe",
-               seed: int = 0, name: str | None = None, add_bos: bool = True) -> Path:
+               seed: int = 0, name: str | None = None, add_bos: bool = True, pre: str = "default") -> Path:
     """Write `root/<arch>-<qtype>.gguf` (and its source HF directory `root/<arch>-hf`); return the file."""
     import gguf
     from safetensors.torch import load_file
@@ -143,7 +143,7 @@ def build_gguf(arch: str, root: Path, qtype: str = "F32", geometry: str = "small
     c = json.loads((hf_dir / "config.json").read_text())
     tensors = load_file(hf_dir / "model.safetensors")
     ga = GGUF_ARCH[arch]
-    path = root / f"{arch}-{geometry}-{qtype}-{vocab}.gguf"
+    path = root / f"{arch}-{geometry}-{qtype}-{vocab}{'' if pre == 'default' else '-' + pre}.gguf"
     w = gguf.GGUFWriter(path, ga)
     w.add_name(name or ("Mistral test" if arch == "mistral" else f"{arch} test"))
     heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
@@ -165,7 +165,7 @@ def build_gguf(arch: str, root: Path, qtype: str = "F32", geometry: str = "small
     if vocab == "bpe":
         tokens, types, merges = bpe_vocab()
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
+        w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)

@@ -96,6 +96,16 @@ def test_sentencepiece_vocabulary_matches_transformers(root):
     assert tok.decode(tok.encode("hello world")) == "hello world"
 
 
+@pytest.mark.parametrize("pre", ["default", "smollm", "llama-bpe", "qwen2"])
+def test_pre_tokenizers_match_transformers(root, pre):
+    """Text is split as `tokenizer.ggml.pre` says (numbers and runs of spaces are where they differ)."""
+    path = build_gguf("qwen2", root, pre=pre)
+    tok = load_tokenizer(path)
+    _, hf_tok = _transformers(path)
+    for text in TEXTS + ["  843 apples", "$0.60  943.3", "In 2024, 12345 rivers\r\n\n  end", "it's we'll THEY'RE"]:
+        assert tok.encode(text) == hf_tok(text)["input_ids"], (pre, text)
+
+
 def test_metadata_config_and_tokenizer(root):
     path = build_gguf("qwen2", root, add_bos=False)
     c = gguf_config(path)

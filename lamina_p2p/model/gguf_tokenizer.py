@@ -40,7 +40,9 @@ _PRE = {
     "default": (None, False, False, False),
     "gpt-2": (None, False, False, False),
     "gpt2": (None, False, False, False),
-    "smollm": (None, True, False, False),
+    # llama.cpp splits digits first for "smollm"; SmolLM2's own tokenizer.json (and transformers) does
+    # not, which differs on runs of spaces before a digit ("  843"). The checkpoint's own tokenizer wins.
+    "smollm": (None, False, False, False),
     "llama-bpe": (_LLAMA3, False, True, False),
     "llama3": (_LLAMA3, False, True, False),
     "llama-v3": (_LLAMA3, False, True, False),
