@@ -6,7 +6,6 @@ import json
 import shutil
 import socket
 import subprocess
-import time
 
 import pytest
 
@@ -144,10 +143,9 @@ def test_join_with_no_answering_peer_fails_fast(tiny, tmp_path):
             for cmd in (["generate", "--model", str(tiny), "--prompt", "x", "--join", addr],
                         ["serve", "--model", str(tiny), "--http", "127.0.0.1:0", "--join", addr],
                         ["start", "--role", "compute", "--model", str(tiny), "--join", addr]):
-                t0 = time.monotonic()
                 r = run(*cmd, *extra, timeout=120)
-                took = time.monotonic() - t0
-                one_line_error(r, "no peer answered", addr, "--secret")
-                assert took < 45, (cmd, took)  # 5 s wait plus interpreter start on a loaded machine; was 60 s
+                # The status probe's answer (5 s), not the 60 s wait for peers that used to end in a traceback;
+                # no wall-clock assertion (shared machine), the message says which path was taken.
+                one_line_error(r, "no peer answered", addr, "within 5 s", "--secret")
     finally:
         peer.stop()
