@@ -35,7 +35,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end
                  "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
-def build_hf(arch: str, out: Path, geometry: str = "small", seed: int = 0) -> Path:
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # Llama 3.1's values
+
+
+def build_hf(arch: str, out: Path, geometry: str = "small", seed: int = 0, llama3_rope: bool = False) -> Path:
     """A random transformers model of `arch` with VOCAB tokens, saved to `out` (float32)."""
     from transformers import AutoModelForCausalLM
 
@@ -45,10 +49,12 @@ def build_hf(arch: str, out: Path, geometry: str = "small", seed: int = 0) -> Pa
         setattr(cfg, k, v)
     if arch == "qwen3":  # transformers' GGUF config mapping ignores qwen3.attention.key_length and
         cfg.head_dim = 128  # takes Qwen3Config's default head_dim (128), so the oracle needs that
-    if arch == "llama":  # llama3 rope needs rope_freqs in GGUF; plain rope keeps the writer simple
+    if arch == "llama":  # plain rope, or Llama 3.1's (written to GGUF as rope_freqs.weight, as llama.cpp does)
         cfg.rope_scaling = None
         if hasattr(cfg, "rope_parameters"):
             cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        if llama3_rope:
+            cfg.rope_parameters = {**LLAMA3_ROPE, "rope_theta": 10000.0}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
@@ -129,21 +135,23 @@ def _k_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
 
 
 def build_gguf(arch: str, root: Path, qtype: str = "F32", geometry: str = "small", vocab: str = "bpe",
-               seed: int = 0, name: str | None = None, add_bos: bool = True, pre: str = "default") -> Path:
+               seed: int = 0, name: str | None = None, add_bos: bool = True, pre: str = "default",
+               llama3_rope: bool = False) -> Path:
     """Write `root/<arch>-<qtype>.gguf` (and its source HF directory `root/<arch>-hf`); return the file."""
     import gguf
     from safetensors.torch import load_file
 
     root = Path(root)
-    hf_dir = root / f"{arch}-{geometry}-hf"
+    hf_dir = root / f"{arch}-{geometry}{'-llama3' if llama3_rope else ''}-hf"
     if not (hf_dir / "config.json").is_file():
-        build_hf(arch, hf_dir, geometry, seed)
+        build_hf(arch, hf_dir, geometry, seed, llama3_rope)
     import json
 
     c = json.loads((hf_dir / "config.json").read_text())
     tensors = load_file(hf_dir / "model.safetensors")
     ga = GGUF_ARCH[arch]
-    path = root / f"{arch}-{geometry}-{qtype}-{vocab}{'' if pre == 'default' else '-' + pre}.gguf"
+    path = root / (f"{arch}-{geometry}-{qtype}-{vocab}{'' if pre == 'default' else '-' + pre}"
+                   f"{'-llama3' if llama3_rope else ''}.gguf")
     w = gguf.GGUFWriter(path, ga)
     w.add_name(name or ("Mistral test" if arch == "mistral" else f"{arch} test"))
     heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
@@ -184,6 +192,13 @@ def build_gguf(arch: str, root: Path, qtype: str = "F32", geometry: str = "small
         w.add_eos_token_id(2)
         w.add_unk_token_id(0)
     w.add_add_bos_token(add_bos)
+    if llama3_rope:  # llama.cpp stores the llama3 rope as per-frequency divisors, not as parameters
+        from lamina_p2p.model.config import ModelConfig
+        from lamina_p2p.model.transformer import rope_inv_freq
+
+        cfg = ModelConfig.from_dir(hf_dir)
+        base = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        w.add_tensor("rope_freqs.weight", (base / rope_inv_freq(cfg)).numpy().astype(np.float32))
     rng = np.random.default_rng(seed + 7)
     for hf_name, t in tensors.items():
         gname = _gguf_name(hf_name)

@@ -69,6 +69,23 @@ def test_architecture_matches_transformers_gguf(root, arch):
         assert got == _hf_greedy(hf, ids, 12)
 
 
+def test_llama31_rope_freqs_become_llama3_rope_parameters(root):
+    """Llama 3.1 files carry their rope as rope_freqs.weight; the parameters that reproduce it are recovered,
+    and the model equals the HF checkpoint it was written from (logits over 40 positions)."""
+    from gguf_models import LLAMA3_ROPE
+
+    from lamina_p2p.model.torch_attention import TorchAttention, forward
+
+    path = build_gguf("llama", root, llama3_rope=True)
+    assert gguf_config(path).rope_scaling == LLAMA3_ROPE
+    ours = load_model(path, onednn=False)
+    source = load_model(root / "llama-small-llama3-hf", onednn=False)
+    ids = list(range(3, 43))
+    a = forward(ours, TorchAttention(ours), [0], [ids], all_logits=True)
+    b = forward(source, TorchAttention(source), [0], [ids], all_logits=True)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_quantization_types_match_transformers(root, qtype):
     """Each type dequantizes to transformers' values (its own dequantizer) and decodes the same tokens."""
