@@ -47,9 +47,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens`: the checkpoint's BOS/EOS as its post-processor adds them;
         `parse_special`: special-token strings in the text become those tokens (else plain text)."""
-        if parse_special:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        with self._lock:
+        with self._lock:  # every encode: another thread must never see the flag flipped
+            if parse_special:
+                return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
             self.tokenizer.encode_special_tokens = True
             try:
                 return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
