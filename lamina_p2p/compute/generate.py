@@ -18,6 +18,8 @@ from lamina_p2p.trace import Tracer
 class GenerateOptions:
     model_dir: str
     prompts: list[str] = field(default_factory=list)
+    chats: list[list[dict]] = field(default_factory=list)  # conversations, through the model's chat template
+    allow_special_in_content: bool = False  # chat content: special-token strings become tokens (default: text)
     prompt_ids: list[list[int]] = field(default_factory=list)
     random_prompt_len: int | None = None
     max_tokens: int = 16
@@ -26,7 +28,7 @@ class GenerateOptions:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
-    batch: int = 1
+    batch: int | None = None  # None: one sequence per prompt
     attention_peers: int = 0
     join: list[str] = field(default_factory=list)
     placement: str = "request"
@@ -46,14 +48,22 @@ class GenerateOptions:
 
 def build_prompts(opts: GenerateOptions, tokenizer, vocab_size: int) -> list[list[int]]:
     prompts = [list(p) for p in opts.prompt_ids]
-    if opts.prompts:
-        if tokenizer is None:
-            raise ValueError(f"{opts.model_dir} has no tokenizer.json: use --prompt-ids")
-        prompts += [tokenizer.encode(p) for p in opts.prompts]
+    if (opts.prompts or opts.chats) and tokenizer is None:
+        raise ValueError(f"{opts.model_dir} has no tokenizer: use --prompt-ids")
+    # Exactly as the checkpoint's tokenizer encodes text (its own BOS, or none).
+    prompts += [tokenizer.encode(p) for p in opts.prompts]
+    if opts.chats:
+        from lamina_p2p.serve.chat import encode_chat, template_for
+
+        template = template_for(tokenizer)
+        if template is None:
+            raise ValueError(f"{opts.model_dir} has no chat template: use --prompt")
+        prompts += [encode_chat(tokenizer, template, c, opts.allow_special_in_content) for c in opts.chats]
+    batch = opts.batch or max(len(prompts), 1)
     if opts.random_prompt_len:
         rng = random.Random(opts.seed or 0)
-        prompts += [[rng.randrange(vocab_size) for _ in range(opts.random_prompt_len)] for _ in range(opts.batch)]
-    return [prompts[i % len(prompts)] for i in range(max(opts.batch, 1))]
+        prompts += [[rng.randrange(vocab_size) for _ in range(opts.random_prompt_len)] for _ in range(batch)]
+    return [prompts[i % len(prompts)] for i in range(batch)]
 
 
 def run_generate(opts: GenerateOptions) -> dict:

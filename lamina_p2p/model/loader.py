@@ -1,7 +1,8 @@
-"""Load a Hugging Face checkpoint directory into a `Transformer`.
+"""Load a checkpoint into a `Transformer`: an HF directory, a GGUF file, or an HF cache repo id.
 
-Reads `config.json` and safetensors weights, single-file (`model.safetensors`) or
-sharded (`model.safetensors.index.json` + shards). Never unpickles anything.
+From a directory: `config.json` and safetensors weights, single-file (`model.safetensors`)
+or sharded (`model.safetensors.index.json` + shards). Never unpickles anything. A .gguf
+file goes through gguf.py (dequantized at load); `source.resolve` says which is which.
 
 Every expected tensor is checked for presence and shape before any copying, so
 a broken directory fails fast with one line naming the file and the tensor,
@@ -23,21 +24,27 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def load_model(path, dtype: str | None = None, device="cpu", onednn: bool | None = None) -> Transformer:
-    """Build the model from directory `path` in `dtype` (default: the checkpoint's) on `device`.
+    """Build the model that `path` names (see source.resolve) in `dtype` (default: the checkpoint's) on `device`.
 
     `onednn` (default: when float32 on CPU) re-lays the matmul weights out for
-    oneDNN, see Transformer.use_onednn.
+    oneDNN, see Transformer.use_onednn. Errors: ModelError, one line naming the file.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelError(f"{path}: model directory not found")
-    config = ModelConfig.from_dir(path)
-    model = Transformer(config, dtype=dtype, device=device)
-    expected = model.hf_tensors()
-    by_file = _locate(path, expected)
-    with torch.inference_mode():
-        for file, names in by_file.items():
-            _copy_file(file, names, expected)
+    from .source import resolve
+
+    path = resolve(path)
+    if path.is_file():
+        from .gguf import gguf_config, load_gguf_weights, open_gguf
+
+        reader = open_gguf(path)
+        model = Transformer(gguf_config(path, reader), dtype=dtype, device=device)
+        load_gguf_weights(path, model, reader)
+    else:
+        model = Transformer(ModelConfig.from_dir(path), dtype=dtype, device=device)
+        expected = model.hf_tensors()
+        by_file = _locate(path, expected)
+        with torch.inference_mode():
+            for file, names in by_file.items():
+                _copy_file(file, names, expected)
     if onednn is None:
         onednn = model.dtype == torch.float32 and model.device.type == "cpu"
     return model.use_onednn() if onednn else model

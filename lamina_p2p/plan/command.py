@@ -1,8 +1,7 @@
 """`lamina-node plan`: parse options, run the planner, print a table or JSON.
 
 Kept thin: every number comes from `cost.py`; this file only turns options into objects
-and results into text. Bad input is a click usage error (exit code 2) with one line that
-says what was wrong.
+and results into text. Bad input is one line `Error: ...` that says what was wrong, exit code 2.
 """
 
 from __future__ import annotations
@@ -34,8 +33,9 @@ def _micro_batches(text: str) -> int | None:
 
 
 @click.command("plan")
-@click.option("--model", "model", required=True, metavar="DIR|PRESET",
-              help="Model directory with config.json, or a preset: llama3-70b, llama3-8b, llama-65b, llama-33b.")
+@click.option("--model", "model", required=True, metavar="DIR|FILE.gguf|ORG/NAME|PRESET",
+              help="A model (directory with config.json, .gguf file, or org/name in the local Hugging Face cache), "
+                   "or a preset: llama3-70b, llama3-8b, llama-65b, llama-33b.")
 @click.option("--compute", required=True, metavar="DEVICE[:N]",
               help="Compute peers' device and count (with --search: comma list, N = most to try).")
 @click.option("--attention", required=True, metavar="DEVICE[:N]",
@@ -70,7 +70,9 @@ def plan_command(model, compute, attention, context, output, network, rtt, micro
         result, cm = _run(model, compute, attention, context, output, network, rtt, m, do_search, budget,
                           profile_path, hardware)
     except _ERRORS as e:
-        raise click.UsageError(str(e))
+        from lamina_p2p.model_command import ModelOptionError
+
+        raise ModelOptionError(str(e)) from None  # one line, exit status 2
     if as_json:
         click.echo(json.dumps(to_json(result, cm), indent=2))
     else:

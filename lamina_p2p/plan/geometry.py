@@ -128,25 +128,25 @@ PRESETS: dict[str, Geometry] = {
 
 
 def resolve_model(spec: str) -> Geometry:
-    """A preset name, or a directory holding an HF config.json."""
+    """A preset name, or a model as --model takes it: a directory with config.json, a .gguf file, org/name."""
     if spec.lower() in PRESETS:
         return PRESETS[spec.lower()]
-    path = Path(spec)
-    if not path.is_dir():
-        raise GeometryError(
-            f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) and not a directory"
-        )
     try:
-        from lamina_p2p.model.config import ModelConfig
+        from lamina_p2p.model.source import display_name, model_config
     except ImportError as e:  # the model package is optional for planning
-        raise GeometryError(f"cannot read model directory {spec}: {e}") from e
+        raise GeometryError(f"cannot read model {spec}: {e}") from e
     try:
-        cfg = ModelConfig.from_dir(path)
+        cfg = model_config(spec)
     except Exception as e:  # ModelError, JSON errors, missing file: one clear line
-        raise GeometryError(f"cannot read model directory {spec}: {e}") from e
+        if Path(spec).exists():
+            kind = "directory" if Path(spec).is_dir() else "file"
+            raise GeometryError(f"cannot read model {kind} {spec}: {e}") from e
+        raise GeometryError(
+            f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) and not a model ({e})"
+        ) from e
     # Real checkpoints store float32 only for tiny test models; planning assumes the
     # served dtype, which is the checkpoint's.
-    return Geometry.from_model_config(cfg, name=path.name)
+    return Geometry.from_model_config(cfg, name=display_name(spec))
 
 
 def with_dtype_bytes(g: Geometry, itemsize: int) -> Geometry:

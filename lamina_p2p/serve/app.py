@@ -20,7 +20,7 @@ from lamina_p2p.compute.scheduler import ShuttingDown
 
 from lamina_p2p.serve.api import (APIError, bad, chat_logprobs, completion_logprobs, new_id, now, parse_common,
                                   parse_prompts, usage)
-from lamina_p2p.serve.chat import ChatTemplateError, normalise_messages, template_for
+from lamina_p2p.serve.chat import ChatTemplateError, encode_chat, normalise_messages, template_for
 from lamina_p2p.serve.text import TextRequest
 from lamina_p2p.serve.tools import parse_tools
 
@@ -40,8 +40,10 @@ def _loads(text: str):
 
 
 class ServeApp:
-    def __init__(self, scheduler, tokenizer, model_name: str, context: int, metrics, api_key: str | None = None):
+    def __init__(self, scheduler, tokenizer, model_name: str, context: int, metrics, api_key: str | None = None,
+                 allow_special_in_content: bool = False):
         self.scheduler = scheduler
+        self.allow_special_in_content = allow_special_in_content
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context = context
@@ -105,12 +107,12 @@ class ServeApp:
                            "model", "model_not_found")
         return body
 
-    def _encode(self, prompt, add_bos=True) -> list[int]:
+    def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, list):
             return prompt
         if self.tokenizer is None:
             raise bad("this model has no tokenizer: send the prompt as token ids", "prompt")
-        return self.tokenizer.encode(prompt, add_bos=add_bos)
+        return self.tokenizer.encode(prompt)  # exactly as the checkpoint's tokenizer: its own BOS or none
 
     def _submit(self, prompts: list[list[int]], parsed, param: str) -> tuple[list[TextRequest], asyncio.Queue]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -176,12 +178,11 @@ class ServeApp:
         if self.template is None:
             raise bad(f"model '{self.model_name}' has no chat template (tokenizer_config.json has no "
                       "'chat_template'): use /v1/completions", "messages", "no_chat_template")
-        try:
-            text = self.template.render(messages, add_generation_prompt=True,
-                                        **({"tools": tools.tools} if tools is not None else {}))
+        try:  # content is text, markers special; no BOS beyond the template's, as in HF
+            ids = encode_chat(self.tokenizer, self.template, messages, self.allow_special_in_content,
+                              **({"tools": tools.tools} if tools is not None else {}))
         except ChatTemplateError as e:
             raise bad(str(e), "messages") from None
-        ids = self.tokenizer.encode(text, add_bos=False)  # the template writes BOS itself, as in HF
         if not parsed.max_tokens_given:
             parsed.params.max_tokens = max(1, self.context - len(ids))
         reqs, queue = self._submit([ids], parsed, "messages")

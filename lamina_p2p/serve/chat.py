@@ -4,12 +4,19 @@ Templates come with downloaded checkpoints, so they are untrusted code: they are
 rendered in jinja2's immutable sandbox. The environment matches what
 transformers gives templates (trim_blocks, lstrip_blocks, `raise_exception`,
 `strftime_now`, a `tojson` that keeps non-ASCII), since real templates rely on it.
+
+`encode_chat` turns messages into token ids. Message content is text: a user who types
+"<|im_end|>" gets the tokens of those characters, not the end-of-turn token, so they cannot
+close their turn and forge a system one. Only the template's own markers are special --
+unless the operator opts in (`--allow-special-tokens-in-content`).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
+import secrets
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -58,6 +65,41 @@ def template_for(tokenizer) -> ChatTemplate | None:
 
     eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
     return ChatTemplate(tokenizer.chat_template, token(tokenizer.bos_token_id), token(eos))
+
+
+def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict], allow_special_in_content: bool = False,
+                add_generation_prompt: bool = True, **extra) -> list[int]:
+    """Token ids of the rendered conversation, without a BOS of the tokenizer's own (the template writes
+    it, as transformers' apply_chat_template). Raises ChatTemplateError.
+
+    To tell markers from content, the template is rendered a second time with each message's content
+    replaced by a random sentinel; putting the real contents back must give the real rendering, and
+    then the sentinels' places are exactly the contents' spans. A template that rewrites content (so
+    the two disagree) is refused only when some content holds a special-token string.
+    """
+    text = template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
+    contents = [m.get("content") if isinstance(m.get("content"), str) else "" for m in messages]
+    if allow_special_in_content or not any(tokenizer.has_special(c) for c in contents):
+        return tokenizer.encode(text, add_special_tokens=False)
+    nonce = secrets.token_hex(8)
+    marks = [f"\ue000{nonce}.{i}\ue001" for i in range(len(messages))]
+    skeleton = template.render([{**m, "content": marks[i]} if contents[i] else m for i, m in enumerate(messages)],
+                               add_generation_prompt=add_generation_prompt, **extra)
+    rebuilt, spans, pos = [], [], 0
+    length = 0
+    for m in re.finditer(f"\ue000{nonce}\\.(\\d+)\ue001", skeleton):
+        rebuilt.append(skeleton[pos:m.start()])
+        length += m.start() - pos
+        content = contents[int(m.group(1))]
+        spans.append((length, length + len(content)))
+        rebuilt.append(content)
+        length += len(content)
+        pos = m.end()
+    rebuilt.append(skeleton[pos:])
+    if "".join(rebuilt) != text:
+        raise ChatTemplateError("message content contains special-token text, and this chat template transforms "
+                                "content, so it cannot be kept apart from the template's markers")
+    return tokenizer.encode_spans(text, spans)
 
 
 def normalise_messages(messages) -> list[dict]:

@@ -8,11 +8,12 @@ import click
 
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
 from lamina_p2p.cpus_command import apply_cpu_options, cpu_options
+from lamina_p2p.model_command import check_join, model_option, one_line_errors
 from lamina_p2p.security_command import load_cli_security, security_options
 
 
 @click.command("serve")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@model_option()
 @click.option("--attention-peers", default=0, show_default=True, type=click.IntRange(0),
               help="0: attention in this process; K: start K local attention peer processes.")
 @click.option("--join", multiple=True, help="Use this cluster's attention peers (any peer's address) instead.")
@@ -35,7 +36,11 @@ from lamina_p2p.security_command import load_cli_security, security_options
                    "holds now and preempt when KV runs out (prompt).")
 @click.option("--api-key", default=lambda: os.environ.get("LAMINA_API_KEY"),
               help="Require 'Authorization: Bearer KEY' on /v1/* (default: $LAMINA_API_KEY, else none).")
-@click.option("--served-model-name", default=None, help="Model id clients use (default: the directory name).")
+@click.option("--served-model-name", default=None, help="Model id clients use (default: the directory or file name, "
+              "or the repo id).")
+@click.option("--allow-special-tokens-in-content", is_flag=True,
+              help="Chat: special-token strings in message content become those tokens (default: encoded as text, "
+                   "so a user cannot close their turn or forge a system one).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads of the compute side.")
 @click.option("--attention-threads", type=click.IntRange(1), default=None, help="Threads of each attention peer.")
@@ -44,7 +49,7 @@ from lamina_p2p.security_command import load_cli_security, security_options
 @security_options
 def serve_command(model_dir, attention_peers, join, http, placement, shard_tokens, micro_batches, kv_replicas,
                   peer_wait_timeout, drain_timeout, kv_memory,
-                  max_batch, reserve, api_key, served_model_name, dtype, threads, attention_threads, cpus,
+                  max_batch, reserve, api_key, served_model_name, allow_special_tokens_in_content, dtype, threads, attention_threads, cpus,
                   dense_cpus, attention_cpus, cluster, secret, peer_key, allow_dir):
     """Serve a model over HTTP (OpenAI API), starting attention peers locally or joining a cluster."""
     from lamina_p2p.node import run_compute
@@ -61,6 +66,8 @@ def serve_command(model_dir, attention_peers, join, http, placement, shard_token
     except (ConfigError, ValueError) as e:
         raise click.BadParameter(str(e)) from None
     threads, dense = apply_cpu_options(cpus, dense_cpus, threads, attention_cpus)
+    security = load_cli_security(secret, peer_key, allow_dir)
+    check_join(join, security, bool(secret))
     opts = ComputeOptions(model_dir=model_dir, join=list(join), cluster=cluster, dtype=dtype, placement=placement,
                           shard_tokens=shard_tokens, micro_batches=micro_batches, http=http, threads=threads,
                           kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout, drain_timeout=drain_timeout,
@@ -68,5 +75,6 @@ def serve_command(model_dir, attention_peers, join, http, placement, shard_token
                           attention_threads=attention_threads, attention_cpus=list(attention_cpus),
                           dense_cpus=dense, api_key=api_key or None,
                           model_name=served_model_name, reserve=reserve, announce_http=True,
-                          security=load_cli_security(secret, peer_key, allow_dir))
-    run_async(run_compute(opts))
+                          security=security, allow_special_in_content=allow_special_tokens_in_content)
+    with one_line_errors():
+        run_async(run_compute(opts))

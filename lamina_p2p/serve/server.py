@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from aiohttp import web
 
@@ -54,6 +53,7 @@ class ComputeOptions:
     discover_broadcast: str = "255.255.255.255"
     security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection
     insecure_listen: bool = False
+    allow_special_in_content: bool = False  # chat content: special-token strings become tokens (default: text)
 
 
 def parse_http(http: str) -> tuple[str, int]:
@@ -87,6 +87,7 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
     from lamina_p2p.compute.engine import Engine
     from lamina_p2p.compute.scheduler import Scheduler
     from lamina_p2p.model.loader import load_model
+    from lamina_p2p.model.source import display_name
     from lamina_p2p.model.tokenizer import load_tokenizer
     from lamina_p2p.runtime import set_threads
     from lamina_p2p.serve.app import ServeApp
@@ -127,8 +128,9 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
         peer_id = getattr(raw, "owner_id", None) or engine.owner
         address = getattr(getattr(raw, "server", None), "bound_address", None)
         if opts.http:
-            name = opts.model_name or Path(opts.model_dir).resolve().name
-            api = ServeApp(scheduler, tokenizer, name, model.config.max_position_embeddings, metrics, opts.api_key)
+            name = opts.model_name or display_name(opts.model_dir)
+            api = ServeApp(scheduler, tokenizer, name, model.config.max_position_embeddings, metrics, opts.api_key,
+                           allow_special_in_content=opts.allow_special_in_content)
             if tokenizer is not None:  # the grammar library's view of the vocabulary: ~1 s for 50k tokens, once
                 await loop.run_in_executor(None, api.space)
             # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests.
