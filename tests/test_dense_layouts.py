@@ -81,7 +81,7 @@ def test_bad_layouts_are_refused_with_a_reason():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @torch.inference_mode()
 def test_every_layout_runs_every_architecture_alike(arch, dtype):
-    base = load_model(build_hf_model(arch), dtype=dtype, onednn=False)
+    base = load_model(build_hf_model(arch), dtype=dtype, layout=None)
     prompts = [[1, 17, 33, 99, 100, 7], [1, 200], [1, 5, 6]]
     ref_tokens, ref_logits = generate_greedy(copy.deepcopy(base).prepare("eager"), prompts, 8)
     for layout in runnable(base.dtype):
@@ -113,7 +113,7 @@ def test_bf16_head_accumulates_and_returns_float32():
 
 @torch.inference_mode()
 def test_prepare_lays_out_once_and_drops_the_plain_copies():
-    model = load_model(build_hf_model("llama"), dtype="bfloat16", onednn=False)
+    model = load_model(build_hf_model("llama"), dtype="bfloat16", layout=None)
     assert not model.onednn
     model.prepare()
     linears = model._linears
@@ -127,7 +127,7 @@ def test_prepare_lays_out_once_and_drops_the_plain_copies():
 
 @torch.inference_mode()
 def test_auto_falls_back_to_float32_weights_beyond_float16_range():
-    model = load_model(build_hf_model("llama"), dtype="bfloat16", onednn=False)
+    model = load_model(build_hf_model("llama"), dtype="bfloat16", layout=None)
     if model.layout != "fp16":
         pytest.skip("auto does not pick fp16 on this machine")
     x = torch.randn(3, model.config.hidden_size).to(torch.bfloat16)
@@ -142,6 +142,6 @@ def test_auto_falls_back_to_float32_weights_beyond_float16_range():
     assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
     assert model.pre(0, x, positions)[0].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="do not fit float16"):
-        bad = load_model(build_hf_model("llama"), dtype="bfloat16", onednn=False)
+        bad = load_model(build_hf_model("llama"), dtype="bfloat16", layout=None)
         bad.layers[0].w_down[0, 0] = 1e6
         bad.prepare("fp16")  # asked for explicitly: refused, not silently changed

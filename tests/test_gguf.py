@@ -54,9 +54,9 @@ def test_architecture_matches_transformers_gguf(root, arch):
     """Weights equal the source HF model's exactly (the q/k permutation undone), and greedy tokens and
     tokenization equal transformers' loading of the same GGUF file."""
     path = build_gguf(arch, root)
-    ours = load_model(path, onednn=False)
+    ours = load_model(path, layout="eager")
     assert ours.config.architecture == arch
-    source = load_model(root / f"{arch}-small-hf", onednn=False)
+    source = load_model(root / f"{arch}-small-hf", layout="eager")
     for (name, a), (_, b) in zip(ours.named_buffers(), source.named_buffers()):
         assert torch.equal(a, b), name
     hf, hf_tok = _transformers(path)
@@ -78,8 +78,8 @@ def test_llama31_rope_freqs_become_llama3_rope_parameters(root):
 
     path = build_gguf("llama", root, llama3_rope=True)
     assert gguf_config(path).rope_scaling == LLAMA3_ROPE
-    ours = load_model(path, onednn=False)
-    source = load_model(root / "llama-small-llama3-hf", onednn=False)
+    ours = load_model(path, layout="eager")
+    source = load_model(root / "llama-small-llama3-hf", layout="eager")
     ids = list(range(3, 43))
     a = forward(ours, TorchAttention(ours), [0], [ids], all_logits=True)
     b = forward(source, TorchAttention(source), [0], [ids], all_logits=True)
@@ -90,9 +90,9 @@ def test_llama31_rope_freqs_become_llama3_rope_parameters(root):
 def test_quantization_types_match_transformers(root, qtype):
     """Each type dequantizes to transformers' values (its own dequantizer) and decodes the same tokens."""
     path = build_gguf("llama", root, qtype=qtype, geometry="k")
-    ours = load_model(path, onednn=False)
+    ours = load_model(path, layout="eager")
     assert ours.config.dtype == {"F16": "float16", "BF16": "bfloat16"}.get(qtype, "float32")
-    ours = load_model(path, dtype="float32", onednn=False)
+    ours = load_model(path, dtype="float32", layout=None)
     hf, _ = _transformers(path)
     state = hf.state_dict()
     for name, (_, view) in ours.hf_tensors().items():

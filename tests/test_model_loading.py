@@ -44,7 +44,7 @@ def test_sharded_checkpoint_loads_the_same_weights(model_dir):
     prompts = [[1, 2, 3, 4], [9, 8]]
     assert generate_greedy(single, prompts, 4)[0] == generate_greedy(sharded, prompts, 4)[0]
     # Every checkpoint tensor landed in its place in the fused layout.
-    plain = load_model(model_dir, onednn=False)
+    plain = load_model(model_dir, layout=None)
     reference = load_file(build_hf_model("llama") / "model.safetensors")
     views = plain.hf_tensors()
     assert set(views) == set(reference)
@@ -54,7 +54,7 @@ def test_sharded_checkpoint_loads_the_same_weights(model_dir):
 
 @torch.inference_mode()
 def test_onednn_packing_gives_the_same_logits(model_dir):
-    packed, plain = load_model(model_dir), load_model(model_dir, onednn=False)
+    packed, plain = load_model(model_dir), load_model(model_dir, layout="eager")
     assert packed.onednn and not plain.onednn
     prompts = [[1, 2, 3, 4], [9, 8]]
     a, b = generate_greedy(packed, prompts, 4), generate_greedy(plain, prompts, 4)

@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
         if args.model:
             from .loader import load_model
 
-            plain[dtype] = load_model(args.model, dtype=dtype, onednn=False)
+            plain[dtype] = load_model(args.model, dtype=dtype, layout=None)
         else:
             plain[dtype] = random_model(dtype, geometry=OVERHEAD if args.overhead else SMOLLM2)
     systems = build_systems(plain, args.layouts, args.compile, log)

@@ -23,11 +23,13 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def load_model(path, dtype: str | None = None, device="cpu", onednn: bool | None = None) -> Transformer:
+def load_model(path, dtype: str | None = None, device="cpu", layout: str | None = "auto") -> Transformer:
     """Build the model that `path` names (see source.resolve) in `dtype` (default: the checkpoint's) on `device`.
 
-    `onednn` (default: when float32 on CPU) re-lays the matmul weights out for
-    oneDNN, see Transformer.use_onednn. Errors: ModelError, one line naming the file.
+    The matmul weights are laid out once, here, for `layout` (linear.LAYOUTS; "auto" picks the
+    fastest for this machine, "eager" keeps plain tensors; None leaves it to the first forward, for
+    callers that still change weights), see Transformer.prepare.
+    Errors: ModelError, one line naming the file; ValueError for a layout this machine cannot run.
     """
     from .source import resolve
 
@@ -45,9 +47,7 @@ def load_model(path, dtype: str | None = None, device="cpu", onednn: bool | None
         with torch.inference_mode():
             for file, names in by_file.items():
                 _copy_file(file, names, expected)
-    if onednn is None:
-        onednn = model.dtype == torch.float32 and model.device.type == "cpu"
-    return model.use_onednn() if onednn else model
+    return model if layout is None else model.prepare(layout)
 
 
 def _locate(path: Path, expected: dict) -> dict[Path, list[str]]:

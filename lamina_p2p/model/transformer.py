@@ -215,10 +215,6 @@ class Transformer(torch.nn.Module):
             head = Linear(self.lm_head_weight, None, "f32" if lay == "onednn" else lay, out_dtype=torch.float32)
         return linears, head
 
-    def use_onednn(self) -> "Transformer":
-        """The loader's name for prepare() (float32 on CPU); kept so both spellings work."""
-        return self.prepare()
-
     @property
     def onednn(self) -> bool:
         """True once the matmul weights are laid out for a CPU library (not plain tensors)."""
