@@ -44,6 +44,7 @@ class MicroBatch:
     sample_seqs: list[Sequence]
     index: int = 0  # position in the step, for traces
     num_primary: int = 0  # groups[:num_primary] give the results; the rest are replica writes
+    sent_at: float = 0.0  # when the layer in flight was sent, for traces
 
     @property
     def num_tokens(self) -> int:
