@@ -190,26 +190,30 @@ class AttentionService:
                                  f"got {arr.dtype.name}{list(arr.shape)}")
         pool = reg.pool
         slots = np.empty(n, np.int32)
+        # A request may name one shard in several entries (a prefill chunk that runs past the end of
+        # a shard also attends over all of it): entries are read in order, and an attend-only entry
+        # may see what an earlier entry of the same call appends (the kernel appends before it attends).
+        length: dict[int, int] = {}  # slot -> cached tokens once this call's appends so far are in
         for i in range(n):
             sid = int(req.seq_ids[i])
             slot = reg.slots.get(sid)
+            ctx, n_kv = int(req.ctx[i]), int(req.n_kv[i])
             if slot is None:
-                if req.n_kv[i] == 0 or req.ctx[i] != 0:
+                if n_kv == 0 or ctx != 0:
                     raise ShardError(f"sequence {sid} has no shard here")
                 slot = reg.slots[sid] = pool.new_slot(heads)
             elif pool.heads[slot] != heads:
                 raise ShardError(f"sequence {sid} holds {pool.heads[slot]} kv heads here, request has {heads}")
             slots[i] = slot
-        if np.any(req.ctx > pool.length[slots]):
-            bad = int(np.argmax(req.ctx > pool.length[slots]))
-            raise ShardError(f"sequence {int(req.seq_ids[bad])}: ctx {int(req.ctx[bad])} > "
-                             f"{int(pool.length[slots[bad]])} cached tokens")
-        end = req.ctx + req.n_kv
-        grow = np.nonzero(end > pool.capacity_tokens[slots])[0]
-        for i in grow:
-            pool.ensure(int(slots[i]), int(end[i]))
-        appending = req.n_kv > 0
-        pool.length[slots[appending]] = np.maximum(pool.length[slots[appending]], end[appending])
+            cached = length.get(slot, int(pool.length[slot]))
+            if ctx > cached:
+                raise ShardError(f"sequence {sid}: ctx {ctx} > {cached} cached tokens")
+            if n_kv:
+                if ctx + n_kv > pool.capacity_tokens[slot]:
+                    pool.ensure(slot, ctx + n_kv)
+                length[slot] = max(cached, ctx + n_kv)
+        for slot, end in length.items():
+            pool.length[slot] = end
         return slots
 
 

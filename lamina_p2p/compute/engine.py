@@ -172,11 +172,8 @@ class Engine:
                 continue
             if not seq.shards:
                 seq.shards = self.placer.place(seq.length + seq.params.max_tokens)
-            self.placer.roll(seq.shards, seq.cached)
             n = min(seq.pending, budget)
-            end = self.placer.tail_end(seq.shards)
-            if end is not None:
-                n = min(n, end - seq.cached)
+            self.placer.roll(seq.shards, seq.cached, seq.cached + n)  # a chunk may open several shards
             chosen.append(seq)
             counts.append(n)
             budget -= n

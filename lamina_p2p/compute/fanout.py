@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lamina_p2p.attention.service import AttendRequest
+from lamina_p2p.compute.placement import Shard
 from lamina_p2p.compute.sequence import Sequence
 
 
@@ -54,7 +55,7 @@ class MicroBatch:
 def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> MicroBatch:
     tokens, positions, sample_rows, sample_seqs = [], [], [], []
     starts, row = [], 0
-    by_group: dict[tuple[str, int, int, bool, int], list] = {}
+    by_group: dict[tuple[str, int, int, bool], list] = {}
     for seq, count in zip(seqs, n):
         start = seq.cached
         toks = seq.tokens[start : start + count]
@@ -64,24 +65,21 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
         if start + count == seq.length:
             sample_rows.append(row + count - 1)
             sample_seqs.append(seq)
-        seen: dict[tuple, int] = {}
+        end = start + count
         for shard in seq.shards:
-            held = shard.tokens_before(start)
-            is_tail = shard.t1 is None
-            if held == 0 and not is_tail:
-                continue
-            # A peer may hold several shards of one sequence: each goes in its own request,
-            # since a request's rows are merged by assignment, not by LSE.
+            # Every shard a peer holds of this sequence goes in that peer's one request, as entries
+            # of its own (its shard key): one request per peer per layer, whatever the number of
+            # shards; the entries' partials are merged by LSE.
+            entries = _shard_entries(shard, start, end, row)
             for peer, replica in ((shard.peer, False), *((r, True) for r in shard.replicas)):
-                where = (peer, shard.h0, shard.h1, replica)
-                seen[where] = seen.get(where, -1) + 1
-                key = (*where, seen[where])
-                by_group.setdefault(key, []).append((shard.key(seq.seq_id), held, count, count if is_tail else 0, row))
+                by_group.setdefault((peer, shard.h0, shard.h1, replica), []).extend(
+                    (shard.key(seq.seq_id), *e) for e in entries)
         row += count
     T = row
-    groups, coverage = [], {}
+    groups = []
+    coverage = np.zeros((T, num_kv_heads), np.int32)
     # Primaries first: their results are merged; replicas only keep a copy of the KV.
-    for (peer, h0, h1, replica, _), members in sorted(by_group.items(), key=lambda kv: kv[0][3]):
+    for (peer, h0, h1, replica), members in sorted(by_group.items(), key=lambda kv: kv[0][3]):
         seq_ids = np.array([m[0] for m in members], np.int64)
         ctx = np.array([m[1] for m in members], np.int64)
         n_q = np.array([m[2] for m in members], np.int64)
@@ -92,12 +90,30 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
         if replica:
             continue
         for m in members:
-            for h in range(h0, h1):
-                coverage[(m[4], h)] = coverage.get((m[4], h), 0) + 1
-    overlapping = any(c > 1 for c in coverage.values())
+            coverage[m[4] : m[4] + m[2], h0:h1] += 1
+    overlapping = bool((coverage > 1).any())
     return MicroBatch(seqs, n, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                       groups, overlapping, torch.tensor(sample_rows, dtype=torch.long), sample_seqs,
                       num_primary=sum(not g.replica for g in groups))
+
+
+def _shard_entries(shard: Shard, start: int, end: int, row: int) -> list[tuple[int, int, int, int]]:
+    """A shard's part in a chunk of positions [start, end) whose first row is `row`:
+    entries (ctx, n_q, n_kv, first row) for the attention service.
+
+    The chunk's positions that fall in the shard are appended there and attend causally;
+    positions after the shard's end attend over all of it (an attend-only entry that
+    follows in the same request, so it sees what the first appends); positions before
+    its start do not see it."""
+    held = shard.tokens_before(start)
+    a0 = max(shard.t0, start)
+    a1 = end if shard.t1 is None else min(shard.t1, end)
+    if a1 <= a0:  # nothing of the chunk lands here: attend-only over what it holds, if anything
+        return [(held, end - start, 0, row)] if held > 0 and (shard.t1 is None or shard.t1 <= start) else []
+    entries = [(held, a1 - a0, a1 - a0, row + a0 - start)]
+    if a1 < end:
+        entries.append((held + a1 - a0, end - a1, 0, row + a1 - start))
+    return entries
 
 
 def _rows(spans: list[tuple[int, int]], total: int | None) -> torch.Tensor | None:
@@ -147,34 +163,47 @@ def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: t
 
 def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], num_heads: int, head_dim: int,
                   group_size: int) -> torch.Tensor:
-    """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials."""
+    """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials.
+
+    A group's rows may repeat (several shards of one sequence in one request): such partials,
+    and those of different peers covering the same rows, are merged exactly by LSE."""
     T = mb.num_tokens
-    out = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
     primaries = mb.groups[: mb.num_primary]
+    parts = [(g, torch.from_numpy(np.asarray(o, dtype=np.float32)), l) for g, (o, l) in zip(primaries, results)]
     if not mb.overlapping:
-        for g, (o, _) in zip(primaries, results):
-            o = torch.from_numpy(np.asarray(o, dtype=np.float32))
+        if len(parts) == 1 and parts[0][0].rows is None and parts[0][1].shape[1] == num_heads \
+                and np.asarray(results[0][0]).flags.writeable:
+            return parts[0][1]  # one peer holds every head of every row (in process): its output as it is
+        out = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
+        for g, o, _ in parts:
             hs = slice(g.h0 * group_size, g.h1 * group_size)
             if g.rows is None:
                 out[:, hs] = o
             else:
                 out[g.rows, hs] = o
         return out
-    # Exact LSE merge (DESIGN.md section 4), one partial at a time.
-    lse = torch.full((T, num_heads), float("-inf"))
-    for g, (o, l) in zip(primaries, results):
-        o = torch.from_numpy(np.asarray(o, dtype=np.float32))
+    # Exact LSE merge (DESIGN.md section 4): m = max lse, w = exp(lse - m), out = sum w o / sum w.
+    # Scatter-adds, so repeated rows inside one partial merge like rows of different partials.
+    m = torch.full((T, num_heads), float("-inf"))
+    lses = []
+    for g, o, l in parts:
         l = torch.from_numpy(np.asarray(l, dtype=np.float32))
         hs = slice(g.h0 * group_size, g.h1 * group_size)
         rows = g.rows if g.rows is not None else torch.arange(T)
-        acc_o, acc_l = out[rows, hs], lse[rows, hs]
-        m = torch.maximum(acc_l, l)
-        m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        w_old, w_new = torch.exp(acc_l - m_safe), torch.exp(l - m_safe)
-        total = w_old + w_new
-        merged = (acc_o * w_old[..., None] + o * w_new[..., None]) / total.clamp_min(1e-30)[..., None]
-        out[rows, hs] = merged
-        lse[rows, hs] = m_safe + torch.log(total)
-    if torch.isinf(lse).any():
+        mh = m[:, hs].contiguous()
+        mh.index_reduce_(0, rows, l, "amax")
+        m[:, hs] = mh
+        lses.append((rows, hs, l))
+    if torch.isinf(m).any():
         raise RuntimeError("attention saw no tokens for some query (every shard empty)")
-    return out
+    num = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
+    den = torch.zeros(T, num_heads, dtype=torch.float32)
+    for (g, o, _), (rows, hs, l) in zip(parts, lses):
+        w = torch.exp(l - m[rows, hs])  # lse = -inf (an empty shard) gives weight 0
+        nh = num[:, hs].contiguous()
+        nh.index_add_(0, rows, o * w[..., None])
+        num[:, hs] = nh
+        dh = den[:, hs].contiguous()
+        dh.index_add_(0, rows, w)
+        den[:, hs] = dh
+    return num / den[..., None]

@@ -119,26 +119,26 @@ class Placer:
                 h += c
         return shards
 
-    def tail_end(self, shards: list[Shard]) -> int | None:
-        """Position where the tail shard closes and a new one opens (None = never)."""
-        if self.policy != "sequence":
-            return None
-        return shards[-1].t0 + self.shard_tokens
+    def roll(self, shards: list[Shard], cached: int, end: int | None = None) -> None:
+        """Open tail shards until positions [cached, end) have a home (sequence placement only).
 
-    def roll(self, shards: list[Shard], cached: int) -> None:
-        """Open a new tail shard when the current one is full (sequence placement only)."""
+        A tail holds `shard_tokens` positions from its start; a chunk that runs past it closes
+        it there and opens the next on another peer, as many times as the chunk needs."""
         if self.policy != "sequence":
             return
-        tail = shards[-1]
-        if cached < tail.t0 + self.shard_tokens:
-            return
-        tail.t1 = cached
-        holders = {s.peer for s in shards}
-        peer = self._least_loaded(exclude=holders)
-        self.peers[peer].placed_tokens += self.shard_tokens
-        shard = Shard(peer, 0, self.num_kv_heads, cached, reserved=self.shard_tokens, index=len(shards))
-        self._add_replicas(shard)
-        shards.append(shard)
+        end = cached + 1 if end is None else max(end, cached + 1)
+        while True:
+            tail = shards[-1]
+            close_at = max(tail.t0 + self.shard_tokens, cached)
+            if end <= close_at:
+                return
+            tail.t1 = close_at
+            holders = {s.peer for s in shards}
+            peer = self._least_loaded(exclude=holders)
+            self.peers[peer].placed_tokens += self.shard_tokens
+            shard = Shard(peer, 0, self.num_kv_heads, close_at, reserved=self.shard_tokens, index=len(shards))
+            self._add_replicas(shard)
+            shards.append(shard)
 
     def forget(self, shards: list[Shard]) -> None:
         for s in shards:
