@@ -240,19 +240,23 @@ async def part_wire(args, model) -> dict:
                                                                                      args.context), args.steps)
         finally:
             engine.close()
-    waits = {}
-    kernels = {}
+    waits, kernels, queues = {}, {}, {}
     for proc, row, name, t0, t1, _ in spans:
         if proc == "compute" and name.startswith("attention L"):
             waits.setdefault(name[len("attention "):], []).append((t0, t1))
         elif proc.startswith("attention ") and row == "kernel":
             kernels.setdefault(name, []).append((t0, t1))
-    overhead, wait, kern = [], [], []
+        elif proc.startswith("attention ") and row == "queue":
+            queues.setdefault(name, []).append((t0, t1))
+    overhead, wait, kern, there, before, back = [], [], [], [], [], []
     for layer, ws in waits.items():
-        for (w0, w1), (k0, k1) in zip(ws, kernels.get(layer, [])):
+        for (w0, w1), (k0, k1), (q0, _) in zip(ws, kernels.get(layer, []), queues.get(layer, [])):
             wait.append(w1 - w0)
             kern.append(k1 - k0)
             overhead.append((w1 - w0) - (k1 - k0))
+            there.append(q0 - w0)  # send start -> the peer's kernel thread has the message
+            before.append(k0 - q0)  # decode, checks, shard table on the peer
+            back.append(w1 - k1)  # reply encode, transit, compute side wake-up and decode
     b, hq, hkv, d = args.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     request = [200, b * 4 * 8, b * hq * d * item, b * hkv * d * item, b * hkv * d * item]  # header, meta, q, k, v
     reply = [60, b * hq * d * 4, b * hq * 4]  # header, out, lse
@@ -261,6 +265,8 @@ async def part_wire(args, model) -> dict:
     return {"batch": b, "context": args.context, "endpoint": kind, "step_ms": wall * 1e3,
             "tok_per_s": b / wall, "compute_wait_us": _median_us(wait), "peer_kernel_us": _median_us(kern),
             "messaging_overhead_us": _median_us(overhead), "raw_pyzmq_round_trip_us": raw * 1e6,
+            "send_to_peer_us": _median_us(there), "peer_before_kernel_us": _median_us(before),
+            "kernel_end_to_compute_us": _median_us(back),
             "request_bytes": sum(request), "reply_bytes": sum(reply)}
 
 

@@ -31,6 +31,7 @@ class Group:
     rows: torch.Tensor | None  # micro-batch rows of the group's queries; None = all rows in order
     kv_rows: torch.Tensor | None  # rows whose K/V are appended; None = same as rows
     replica: bool = False  # a copy kept for failover: sent the same request, its result unused
+    meta: np.ndarray | None = None  # int64 [n, 4] (seq_ids, ctx, n_q, n_kv): the wire's, built once a step
 
 
 @dataclass
@@ -86,7 +87,8 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
         n_kv = np.array([m[3] for m in members], np.int64)
         rows = _rows([(m[4], m[2]) for m in members], T)
         kv_rows = rows if n_kv.all() else _rows([(m[4], m[2]) for m in members if m[3]], None)
-        groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows, replica))
+        groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows, replica,
+                            np.stack([seq_ids, ctx, n_q, n_kv], axis=1)))
         if replica:
             continue
         for m in members:
@@ -157,7 +159,7 @@ def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: t
         else:
             kg = vg = k[:0, g.h0 : g.h1]
         reqs.append(AttendRequest(owner, layer, g.seq_ids, g.ctx, g.n_q, g.n_kv, g.h0, g.h1,
-                                  to_wire(qg), to_wire(kg), to_wire(vg), trace))
+                                  to_wire(qg), to_wire(kg), to_wire(vg), trace, g.meta))
     return reqs
 
 

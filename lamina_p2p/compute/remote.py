@@ -190,7 +190,8 @@ class ClusterTransport:
 
     def send(self, peer: str, req: AttendRequest) -> _Ticket:
         link = self._link(peer)
-        meta = np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
+        meta = req.meta if req.meta is not None else \
+            np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
         fields = {"owner": req.owner, "layer": req.layer, "h0": req.h0, "h1": req.h1}
         tracing = req.trace and self.tracer is not None
         if tracing:
