@@ -285,10 +285,10 @@ async def part_shards(args, model) -> dict:
 
     res = {"prompt": args.shard_prompt, "decode_tokens": args.shard_decode}
     async with open_transport(opts) as transport:
-        await transport.wait_for_peers(2, 60)
         for shard in (512, 16, 512, 16):  # twice each, interleaved: the machine drifts
             engine = Engine(model, transport, placement="sequence", shard_tokens=shard)
             try:
+                await transport.wait_for_peers(2, 60)  # registration starts when the engine binds
                 _, stats = await engine.generate(prompt, SamplingParams(max_tokens=args.shard_decode, ignore_eos=True))
             finally:
                 engine.close()

@@ -247,7 +247,8 @@ class AttentionPeer:
         return {"freed": freed}, []
 
     async def _stats(self, msg: Message):
-        return {**self.service.stats(), "attend_calls": self.attend_calls, "busy_s": round(self.busy_s, 3)}, []
+        return {**self.service.stats(), "attend_calls": self.attend_calls, "busy_s": round(self.busy_s, 3),
+                "data_path_requests": self.kernel.requests, "data_path_errors": self.kernel.errors}, []
 
 
 def _check_cuda() -> None:
