@@ -69,6 +69,9 @@ class Engine:
         self.tracer = None  # a lamina_p2p.trace.Tracer records per-layer spans when set
         self.steps = 0
         self._failed_replicas: list[str] = []  # replicas that failed in the step being run
+        # Per-layer timings for metrics: called on the dense thread with ("dense" | "attention", label,
+        # seconds); dense labels are "embed", the layer number, "last" and "sample".
+        self.on_layer = None
 
     @property
     def max_context(self) -> int:
@@ -233,21 +236,22 @@ class Engine:
         outstanding: list[dict] = [{} for _ in batches]  # per micro-batch: group index -> ticket in flight
         hidden = [None] * len(batches)
         try:
+            timed = self._timed if self.on_layer is not None else lambda label, fn, *a: fn(*a)
             with torch.inference_mode():
                 xs = []
                 for i, mb in enumerate(batches):
                     mb.index = i
-                    x, reqs = self._first(mb)
+                    x, reqs = timed("embed", self._first, mb)
                     xs.append(x)
                     self._send(mb, 0, reqs, outstanding[i])
                 for layer in range(last + 1):
                     for i, mb in enumerate(batches):
                         results = self._receive(mb, layer, outstanding[i])
                         if layer < last:
-                            xs[i], reqs = self._next(mb, layer, xs[i], results)
+                            xs[i], reqs = timed(layer, self._next, mb, layer, xs[i], results)
                             self._send(mb, layer + 1, reqs, outstanding[i])
                         else:
-                            hidden[i] = self._last(mb, layer, xs[i], results)
+                            hidden[i] = timed("last", self._last, mb, layer, xs[i], results)
         except BaseException:
             # Let every request in flight end before raising: one left running after a failure
             # (KV full) would write KV for sequences the caller is about to free and requeue.
@@ -257,7 +261,14 @@ class Engine:
                         self.transport.receive(ticket)
             raise
         sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
-        return self._sample(sample_seqs, hidden)
+        return timed("sample", self._sample, sample_seqs, hidden)
+
+    def _timed(self, label, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.on_layer("dense", str(label), time.perf_counter() - t0)
 
     def _send(self, mb: MicroBatch, layer: int, reqs, tickets: dict) -> None:
         mb.sent_at = now()
@@ -266,6 +277,7 @@ class Engine:
 
     def _receive(self, mb: MicroBatch, layer: int, tickets: dict) -> list:
         """One layer's primaries' results; a replica that fails is dropped, the primary is fine."""
+        waited = time.perf_counter()
         results = []
         for j, g in enumerate(mb.groups):
             ticket = tickets.pop(j)
@@ -276,6 +288,8 @@ class Engine:
                 self.transport.receive(ticket)
             except Exception as e:
                 self._drop_replica(mb, g.peer, e)
+        if self.on_layer is not None:
+            self.on_layer("attention", str(layer), time.perf_counter() - waited)
         if self.tracer is not None:
             self.tracer.add("compute", f"micro-batch {mb.index}", f"attention L{layer}", mb.sent_at, now(),
                             {"tokens": mb.num_tokens, "requests": len(mb.groups)})

@@ -193,7 +193,7 @@ def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], 
         hs = slice(g.h0 * group_size, g.h1 * group_size)
         rows = g.rows if g.rows is not None else torch.arange(T)
         mh = m[:, hs].contiguous()
-        mh.index_reduce_(0, rows, l, "amax")
+        mh.scatter_reduce_(0, rows[:, None].expand(-1, l.shape[1]), l, "amax")
         m[:, hs] = mh
         lses.append((rows, hs, l))
     if torch.isinf(m).any():
