@@ -67,14 +67,16 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
             sample_rows.append(row + count - 1)
             sample_seqs.append(seq)
         end = start + count
+        # Every shard a peer holds of this sequence goes in that peer's one request: one request
+        # per peer per layer, whatever the number of shards. Shards stored under one key make one
+        # run of entries over the chunk; partials of different keys or peers are merged by LSE.
+        stored: dict[tuple, list[Shard]] = {}
         for shard in seq.shards:
-            # Every shard a peer holds of this sequence goes in that peer's one request, as entries
-            # of its own (its shard key): one request per peer per layer, whatever the number of
-            # shards; the entries' partials are merged by LSE.
-            entries = _shard_entries(shard, start, end, row)
             for peer, replica in ((shard.peer, False), *((r, True) for r in shard.replicas)):
-                by_group.setdefault((peer, shard.h0, shard.h1, replica), []).extend(
-                    (shard.key(seq.seq_id), *e) for e in entries)
+                stored.setdefault((peer, shard.h0, shard.h1, replica, shard.key(seq.seq_id)), []).append(shard)
+        for (peer, h0, h1, replica, key), shards in stored.items():
+            by_group.setdefault((peer, h0, h1, replica), []).extend(
+                (key, *e) for e in _slot_entries(shards, start, end, row))
         row += count
     T = row
     groups = []
@@ -99,22 +101,29 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
                       num_primary=sum(not g.replica for g in groups))
 
 
-def _shard_entries(shard: Shard, start: int, end: int, row: int) -> list[tuple[int, int, int, int]]:
-    """A shard's part in a chunk of positions [start, end) whose first row is `row`:
-    entries (ctx, n_q, n_kv, first row) for the attention service.
+def _slot_entries(shards: list[Shard], start: int, end: int, row: int) -> list[tuple[int, int, int, int]]:
+    """Entries (ctx, n_q, n_kv, first row) for a chunk of positions [start, end), whose first row is
+    `row`, against one storage holding these shards' tokens in position order.
 
-    The chunk's positions that fall in the shard are appended there and attend causally;
-    positions after the shard's end attend over all of it (an attend-only entry that
-    follows in the same request, so it sees what the first appends); positions before
-    its start do not see it."""
-    held = shard.tokens_before(start)
-    a0 = max(shard.t0, start)
-    a1 = end if shard.t1 is None else min(shard.t1, end)
-    if a1 <= a0:  # nothing of the chunk lands here: attend-only over what it holds, if anything
-        return [(held, end - start, 0, row)] if held > 0 and (shard.t1 is None or shard.t1 <= start) else []
-    entries = [(held, a1 - a0, a1 - a0, row + a0 - start)]
-    if a1 < end:
-        entries.append((held + a1 - a0, end - a1, 0, row + a1 - start))
+    The chunk's positions that land in the storage are appended and attend causally; the runs
+    between them attend over the tokens stored before them (an attend-only entry whose ctx is
+    that count: the kernel appends everything before it attends, and reads [0, ctx)). Each
+    query row is in at most one entry of a storage."""
+    count = sum(s.tokens_before(start) for s in shards)
+    spans = []
+    for s in shards:
+        a0, a1 = max(s.t0, start), end if s.t1 is None else min(s.t1, end)
+        if a1 > a0:
+            spans.append((a0, a1))
+    entries, pos = [], start
+    for a0, a1 in sorted(spans):
+        if a0 > pos and count > 0:
+            entries.append((count, a0 - pos, 0, row + pos - start))
+        entries.append((count, a1 - a0, a1 - a0, row + a0 - start))
+        count += a1 - a0
+        pos = a1
+    if pos < end and count > 0:
+        entries.append((count, end - pos, 0, row + pos - start))
     return entries
 
 
