@@ -119,3 +119,10 @@ def test_block_size_and_data_path_come_from_the_register_reply(model_dir, refere
         assert stats["attend_calls"] > 0 and stats["data_path_requests"] == stats["attend_calls"]
     finally:
         stop_all([peer])
+
+
+def test_sequence_shards_with_replicas_match_transformers(model_dir, reference, peers):
+    """Several shards per sequence on each of 2 peers, each with a copy on the other: still exact."""
+    result = generate(model_dir, 8, join=[peers[0].address], placement="sequence", micro_batches=2,
+                      shard_tokens=4, kv_replicas=2)
+    assert result["token_ids"] == reference[:8]
