@@ -235,7 +235,9 @@ async def part_wire(args, model) -> dict:
         engine = Engine(model, transport)
         try:
             await transport.wait_for_peers(1, 60)
-            endpoint = next(iter(transport._info.values()))["endpoint"]
+            # The data path's endpoint (older builds: the control path's, tcp).
+            info = getattr(transport, "_info", None)
+            endpoint = next(iter(info.values()))["endpoint"] if info else "tcp://"
             spans, wall = await _decode_with_trace(engine, transport, _decode_prompts(cfg.vocab_size, args.batch,
                                                                                      args.context), args.steps)
         finally:

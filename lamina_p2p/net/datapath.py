@@ -113,10 +113,16 @@ class KernelThread:
             fut.set_exception(RuntimeError("kernel thread stopped"))
             return fut
         self._jobs.put((fn, args, fut))
-        os.write(self._wake_w, b"x")
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # stopped meanwhile
+            if not fut.done():
+                fut.set_exception(RuntimeError("kernel thread stopped"))
         return fut
 
     def stop(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         os.write(self._wake_w, b"x")
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -171,6 +177,7 @@ class KernelThread:
         try:
             while not self._stopping:
                 ready = dict(poller.poll())
+                # Jobs run between attends: a submitted free/register waits for one batch of kernels at most.
                 if self._wake_r in ready:
                     try:
                         os.read(self._wake_r, 4096)
@@ -230,7 +237,6 @@ class KernelThread:
             return self._error_reply(sock, routing, msg.rid, DEADLINE, "attend: deadline exceeded before start")
         try:
             fields, tensors = self._handler(msg, arrived)
-            # The kernel thread runs jobs between attends, so a submitted free/register waits at most one kernel.
             reply = encode("reply", msg.rid, fields, tensors)
         except Exception as e:
             log.warning("data path: attend id=%d failed: %r", msg.rid, e)
