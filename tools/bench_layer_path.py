@@ -8,7 +8,7 @@ Parts (each prints a table; --json collects them):
             span (median over decode layers, M=1), next to a raw pyzmq DEALER/ROUTER round trip of
             the same request and reply bytes over the same endpoint kind; target <= 100 us.
   shards    batch 1, a long prompt, 2 attention peers, --placement sequence: prefill time and decode
-            tok/s with --shard-tokens 16 against 512; target within 10 %.
+            tok/s with --shard-tokens 16 against 512 (--shard-sizes); target within 10 %.
 
     python tools/bench_layer_path.py [--model DIR] [--parts local,wire,shards] [--json out.json]
 
@@ -287,7 +287,8 @@ async def part_shards(args, model) -> dict:
 
     res = {"prompt": args.shard_prompt, "decode_tokens": args.shard_decode}
     async with open_transport(opts) as transport:
-        for shard in (512, 16, 512, 16):  # twice each, interleaved: the machine drifts
+        small, large = args.shard_sizes
+        for shard in (large, small, large, small):  # twice each, interleaved: the machine drifts
             engine = Engine(model, transport, placement="sequence", shard_tokens=shard)
             try:
                 await transport.wait_for_peers(2, 60)  # registration starts when the engine binds
@@ -297,12 +298,13 @@ async def part_shards(args, model) -> dict:
             row = res.setdefault(f"shard_{shard}", {"prefill_s": [], "decode_tok_per_s": []})
             row["prefill_s"].append(stats["prefill_s"])
             row["decode_tok_per_s"].append(stats["tokens_per_s"])
-    for shard in (16, 512):
+    for shard in (small, large):
         row = res[f"shard_{shard}"]
         row["prefill_s"] = min(row["prefill_s"])
         row["decode_tok_per_s"] = max(row["decode_tok_per_s"])
-    res["prefill_ratio_16_vs_512"] = res["shard_16"]["prefill_s"] / res["shard_512"]["prefill_s"]
-    res["decode_ratio_16_vs_512"] = res["shard_16"]["decode_tok_per_s"] / res["shard_512"]["decode_tok_per_s"]
+    res["prefill_ratio_small_vs_large"] = res[f"shard_{small}"]["prefill_s"] / res[f"shard_{large}"]["prefill_s"]
+    res["decode_ratio_small_vs_large"] = (res[f"shard_{small}"]["decode_tok_per_s"]
+                                          / res[f"shard_{large}"]["decode_tok_per_s"])
     return res
 
 
@@ -327,10 +329,14 @@ async def main(args) -> dict:
 
 
 def print_part(name: str, res: dict) -> None:
-    print(f"== {name}")
+    out = sys.stderr if TABLES_TO_STDERR else sys.stdout  # stdout carries the JSON with --json -
+    print(f"== {name}", file=out)
     for k, v in res.items():
-        print(f"  {k:28} {v:.4g}" if isinstance(v, float) else f"  {k:28} {v}")
-    sys.stdout.flush()
+        print(f"  {k:28} {v:.4g}" if isinstance(v, float) else f"  {k:28} {v}", file=out)
+    out.flush()
+
+
+TABLES_TO_STDERR = False
 
 
 if __name__ == "__main__":
@@ -345,9 +351,13 @@ if __name__ == "__main__":
     ap.add_argument("--attention-threads", type=int, default=2, help="Numba threads")
     ap.add_argument("--shard-prompt", type=int, default=1024)
     ap.add_argument("--shard-decode", type=int, default=32)
+    ap.add_argument("--shard-sizes", default="16,512", help="SMALL,LARGE --shard-tokens compared")
     ap.add_argument("--omp-wait-policy", default=None, help="OMP_WAIT_POLICY for this run and its peers")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", nargs="?", const="-", default=None,
+                    help="write results to this file (no file: the JSON on stdout, tables on stderr)")
     args = ap.parse_args()
+    args.shard_sizes = tuple(int(x) for x in args.shard_sizes.split(","))
+    TABLES_TO_STDERR = args.json == "-"
     benchlib.set_omp_wait_policy(args.omp_wait_policy)
     if args.model is None:
         args.model = str(SMOLLM2) if (SMOLLM2 / "config.json").exists() else benchlib.model_dir("bench", "bfloat16")
