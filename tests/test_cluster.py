@@ -83,3 +83,46 @@ def test_generate_command_starts_and_stops_its_peers(model_dir, reference):
     assert result["token_ids"] == reference[:3]
     assert result["tokens_per_s"] > 0
     assert _attention_pids("gen-cmd-test") == set()  # the command stopped the peers it started
+
+
+def test_block_size_and_data_path_come_from_the_register_reply(model_dir, reference):
+    """A peer started with --block-size 32: the transport (and so the scheduler) uses 32, not 16; every
+    per-layer attend goes over the data path (the kernel thread's own socket, ipc:// on one host)."""
+    import asyncio
+
+    from tests.waiting import peer_stats
+
+    from lamina_p2p.compute.engine import Engine
+    from lamina_p2p.compute.remote import join_cluster
+    from lamina_p2p.compute.sequence import SamplingParams
+    from lamina_p2p.model.loader import load_model
+
+    (peer,) = start_attention_peers(1, "64MiB", threads=1, cluster="bs32", extra=["--block-size", "32"])
+    try:
+        async def run():
+            async with join_cluster([peer.address], cluster="bs32") as transport:
+                await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60)
+                engine = Engine(load_model(model_dir), transport)
+                try:
+                    await transport.wait_for_peers(1, 60)
+                    (info,) = transport._info.values()
+                    seqs, _ = await engine.generate(PROMPTS[:3], SamplingParams(max_tokens=STEPS, ignore_eos=True))
+                    return transport.block_size(), info["endpoint"], [s.output for s in seqs]
+                finally:
+                    engine.close()
+
+        block, endpoint, tokens = asyncio.run(run())
+        assert block == 32
+        assert endpoint.startswith("ipc://")
+        assert tokens == reference[:3]
+        stats = peer_stats(peer.address)
+        assert stats["attend_calls"] > 0 and stats["data_path_requests"] == stats["attend_calls"]
+    finally:
+        stop_all([peer])
+
+
+def test_sequence_shards_with_replicas_match_transformers(model_dir, reference, peers):
+    """Several shards per sequence on each of 2 peers, each with a copy on the other: still exact."""
+    result = generate(model_dir, 8, join=[peers[0].address], placement="sequence", micro_batches=2,
+                      shard_tokens=4, kv_replicas=2)
+    assert result["token_ids"] == reference[:8]

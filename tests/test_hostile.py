@@ -171,6 +171,59 @@ def test_requests_asking_for_absurd_allocations_are_refused(peer):
     asyncio.run(scenario())
 
 
+def test_hostile_messages_on_the_data_path_are_answered_and_the_peer_keeps_serving(peer):
+    """The per-layer data socket (the kernel thread's own ROUTER, named in the register reply) takes the
+    same barrage: garbage, truncated and absurd attends each get an error reply; the peer still serves."""
+    async def data_endpoints():
+        ctx = zmq.asyncio.Context()
+        client = RpcClient(ctx, peer.address)
+        try:
+            reply = await client.call("register", {"owner": "data-victim", **GEOMETRY}, timeout=10)
+            return reply.fields["data"], reply.fields["data_ipc"]
+        finally:
+            await client.close()
+            ctx.destroy(linger=0)
+
+    rng = random.Random(99)
+    meta, q, k, v = inputs(6)
+    good = [bytes(f) for f in encode("attend", 7, {"owner": "data-victim", "layer": 0, "h0": 0, "h1": 2},
+                                     [meta, q, k, v])]
+    barrage = [[bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200))) for _ in range(rng.randrange(1, 5))]
+               for _ in range(30)]
+    barrage += [good[:i] for i in range(1, len(good))] + [good[:-1] + [good[-1][:7]]]
+    barrage += [[bytes(f) for f in encode("attend", 8, {"owner": "data-victim", "layer": 10**9, "h0": 0, "h1": 2},
+                                          [meta, q, k, v])],
+                [bytes(f) for f in encode("attend", 9, {"owner": "data-victim", "layer": 0, "h0": 0, "h1": 2},
+                                          [np.zeros((100_000, 4), np.int64), q, k, v])],
+                [bytes(f) for f in encode("register", 10, {"owner": "x", **GEOMETRY})],
+                [msgpack.packb({"v": PROTOCOL_VERSION, "op": "attend", "id": 11, "t": [["f32", [2**40, 2**40]]]}),
+                 b"\0" * 16]]
+    tcp, ipc = asyncio.run(data_endpoints())
+    assert tcp.startswith("tcp://") and ipc.startswith("ipc://")
+    ctx = zmq.Context()
+    try:
+        for endpoint in (tcp, ipc):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(endpoint)
+            for frames in barrage:
+                sock.send_multipart(frames)
+            replies = []
+            while len(replies) < len(barrage):
+                assert sock.poll(30_000), f"{len(replies)} of {len(barrage)} answered on {endpoint}"
+                replies.append(msgpack.unpackb(sock.recv_multipart()[0]))
+            assert all(r["op"] == "error" for r in replies)
+            assert {r["f"]["code"] for r in replies} <= {"bad_message", "unknown_op", "handler"}
+            sock.send_multipart(good)  # and a well-formed attend on the same socket is served
+            assert sock.poll(30_000)
+            assert msgpack.unpackb(sock.recv_multipart()[0])["op"] == "reply"
+            sock.close()
+    finally:
+        ctx.term()
+    asyncio.run(check_serves_correctly(peer.address, "after-data-barrage", 7))
+    assert peer.proc.poll() is None
+
+
 # -- HTTP -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory):

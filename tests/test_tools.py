@@ -172,3 +172,14 @@ def test_relay_holds_each_round_trip_for_at_least_twice_the_delay():
     finally:
         relay.close()
         srv.close()
+
+
+def test_bench_layer_path_json_shape(tiny):
+    res = run_tool(str(TOOLS / "bench_layer_path.py"), "--model", tiny, "--batch", "2", "--context", "16",
+                   "--steps", "2", "--reps", "5", "--threads", "1", "--attention-threads", "1",
+                   "--shard-prompt", "40", "--shard-decode", "2", "--shard-sizes", "4,32", "--json")
+    local, wire, shards = res["local"], res["wire"], res["shards"]
+    assert local["in_engine_attention_us"] > 0 and local["kernel_us"] > 0 and local["ratio_vs_kernel"] > 0
+    assert wire["peer_kernel_us"] > 0 and wire["raw_pyzmq_round_trip_us"] > 0 and wire["endpoint"] == "ipc"
+    assert wire["compute_wait_us"] >= wire["peer_kernel_us"]  # per layer the wait holds the kernel span
+    assert shards["shard_4"]["prefill_s"] > 0 and shards["decode_ratio_small_vs_large"] > 0

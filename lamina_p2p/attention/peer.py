@@ -1,14 +1,18 @@
-"""The attention peer process: a ROUTER for requests, membership, and a kernel worker thread.
+"""The attention peer process: a ROUTER for control requests, membership, and a kernel thread.
 
-Ops served (besides membership's gossip/status):
+Ops served on the control ROUTER (besides membership's gossip/status):
   register {owner, num_layers, num_heads, num_kv_heads, head_dim, storage, max_positions}
+           -> {block_size, block_bytes, kv_total_bytes, kv_free_bytes,
+               data: tcp endpoint of the data path, data_ipc: its ipc:// endpoint (or None), host}
   attend   {owner, layer, h0, h1} + tensors [meta int64 [n, 4] = (seq id, ctx, n_q, n_kv), q, k, v]
            -> tensors [out f32 [T, Hq, D], lse f32 [T, Hq]]
   free     {owner, seq_ids}
   drop     {owner}            (a compute peer leaving)
   stats    -> the pool's counters
-The event loop only decodes and replies: the kernel, and anything that touches
-the pool, runs on one worker thread, so heartbeats are answered while it works.
+The data path (net/datapath.py) serves the same `attend` on the kernel thread's own
+sockets, with no event loop in between: that is what compute peers use per layer.
+Anything that touches the pool runs on the kernel thread, so heartbeats are
+answered on the event loop while it works.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import asyncio
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +31,7 @@ from lamina_p2p.attention import limits
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
+from lamina_p2p.net.datapath import KernelThread, host_id
 from lamina_p2p.net.membership import Membership, PeerInfo
 from lamina_p2p.net.rpc import RpcServer
 from lamina_p2p.net.wire import PROTOCOL_VERSION, Message
@@ -67,7 +71,7 @@ class AttentionPeer:
         if config.device == "cuda":
             _check_cuda()
         self.service = AttentionService(config.kv_bytes, config.block_size, config.device)
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="kernel")
+        self.kernel: KernelThread | None = None  # the kernel thread, started by run()
         self.busy_s = 0.0  # kernel time, for the advertised load
         self.in_flight = 0
         self.attend_calls = 0
@@ -89,20 +93,39 @@ class AttentionPeer:
             self.service.attend(AttendRequest(owner, 0, ids, np.zeros(1, np.int64), one, one, 0, 1, q, kv, kv))
             self.service.drop_owner(owner)
 
-    async def run(self, stop: asyncio.Event, on_ready=None) -> None:
-        loop = asyncio.get_running_loop()
+    def _start_kernel_thread(self) -> None:
         from lamina_p2p.runtime import set_threads
 
         # Numba's thread count is per calling thread: set it on the thread that runs the kernels.
-        await loop.run_in_executor(self.worker, lambda: set_threads(numba_threads=self.config.threads))
-        await loop.run_in_executor(self.worker, self._warm)
+        set_threads(numba_threads=self.config.threads)
+        self._warm()
+
+    async def run(self, stop: asyncio.Event, on_ready=None) -> None:
+        loop = asyncio.get_running_loop()
         ctx = zmq.asyncio.Context()
-        server = RpcServer(ctx, self.config.listen, security=self.config.security)
-        for op, handler in (("register", self._register), ("attend", self._attend), ("free", self._free),
-                            ("drop", self._drop), ("stats", self._stats)):
-            server.register(op, handler)
-        await server.start()
+        listen = self.config.listen
+        tcp_host = listen.rsplit(":", 1)[0] if listen.startswith("tcp://") else "tcp://127.0.0.1"
+        self.kernel = KernelThread(ctx, tcp_host, self._attend_data, security=self.config.security,
+                                   on_start=self._start_kernel_thread)
+        server = None
+        try:
+            await loop.run_in_executor(None, self.kernel.start)
+            server = RpcServer(ctx, self.config.listen, security=self.config.security)
+            for op, handler in (("register", self._register), ("attend", self._attend), ("free", self._free),
+                                ("drop", self._drop), ("stats", self._stats)):
+                server.register(op, handler)
+            await server.start()
+            await self._serve(ctx, server, stop, on_ready)
+        finally:
+            if server is not None:
+                await server.close()
+            self.kernel.stop()
+            ctx.destroy(linger=0)
+
+    async def _serve(self, ctx, server: RpcServer, stop: asyncio.Event, on_ready) -> None:
         address = advertise_address(server.bound_address, self.config.advertise, list(self.config.join))
+        # Compute peers dial the data path at the advertised host, on the kernel thread's port.
+        self.data_endpoint = address.rsplit(":", 1)[0] + ":" + self.kernel.tcp_endpoint.rsplit(":", 1)[1]
         me = PeerInfo(id=os.urandom(8).hex(), role="attention", address=address,
                       device=self.config.device, kv_total_bytes=self.service.budget.total,
                       kv_free_bytes=self.service.budget.free, load=0.0, version=PROTOCOL_VERSION,
@@ -129,9 +152,6 @@ class AttentionPeer:
             if beacon is not None:
                 await beacon.stop()
             await self.membership.stop()
-            await server.close()
-            ctx.destroy(linger=0)
-            self.worker.shutdown(wait=False, cancel_futures=True)
 
     async def _drain(self) -> None:
         """Hand the shards back before exiting: say we are leaving (ready=False in gossip), so compute
@@ -167,8 +187,8 @@ class AttentionPeer:
                     log.warning("compute peer %s is gone: freed its %d sequences", owner, freed)
 
     async def _in_worker(self, fn, *args):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.worker, fn, *args)
+        """Run fn on the kernel thread, between two attends (the pool has one writer)."""
+        return await asyncio.wrap_future(self.kernel.submit(fn, *args))
 
     async def _register(self, msg: Message):
         f = msg.fields
@@ -178,9 +198,14 @@ class AttentionPeer:
             raise ValueError(f"register: missing fields {missing}")
         limits.check_register(f, self.service)
         info = await self._in_worker(lambda: self.service.register(str(f["owner"]), **{k: f[k] for k in keys}))
-        return info, []
+        return {**info, "data": self.data_endpoint, "data_ipc": self.kernel.ipc_endpoint, "host": host_id()}, []
 
     async def _attend(self, msg: Message):
+        # The control path's attend (tools, tests, old clients): the same work, on the kernel thread.
+        return await self._in_worker(self._attend_data, msg, now())
+
+    def _attend_data(self, msg: Message, arrived: float):
+        """An attend message, checked, run: (reply fields, [out, lse]). On the kernel thread; raises to refuse."""
         f = msg.fields
         if len(msg.tensors) != 4:
             raise ValueError("attend: expected 4 tensors (meta, q, k, v)")
@@ -193,9 +218,8 @@ class AttentionPeer:
                             _int(f, "h0"), _int(f, "h1"), q, k, v)
         self.in_flight += 1
         self.attend_calls += 1
-        arrived = now()
         try:
-            out, lse, t0, t1 = await self._in_worker(self._timed_attend, req)
+            out, lse, t0, t1 = self._timed_attend(req)
         finally:
             self.in_flight -= 1
         # Times on the shared monotonic clock, for the caller's trace (DESIGN: spans on both sides).
@@ -223,7 +247,8 @@ class AttentionPeer:
         return {"freed": freed}, []
 
     async def _stats(self, msg: Message):
-        return {**self.service.stats(), "attend_calls": self.attend_calls, "busy_s": round(self.busy_s, 3)}, []
+        return {**self.service.stats(), "attend_calls": self.attend_calls, "busy_s": round(self.busy_s, 3),
+                "data_path_requests": self.kernel.requests, "data_path_errors": self.kernel.errors}, []
 
 
 def _check_cuda() -> None:

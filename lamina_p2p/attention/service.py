@@ -57,6 +57,7 @@ class AttendRequest:
     k: np.ndarray
     v: np.ndarray
     trace: bool = False  # the peer reports its queue and kernel times with the reply
+    meta: np.ndarray | None = None  # int64 [n, 4] (seq_ids, ctx, n_q, n_kv) as the wire carries it, if built
 
 
 class AttentionService:
@@ -189,27 +190,55 @@ class AttentionService:
                 raise ShardError(f"{name}: expected {np.dtype(dtype).name}{list(shape)}, "
                                  f"got {arr.dtype.name}{list(arr.shape)}")
         pool = reg.pool
+        known = [reg.slots.get(sid) for sid in req.seq_ids.tolist()]
+        if None not in known and len(set(known)) == n:
+            return self._prepare_known(reg, req, np.array(known, np.int32), heads)
         slots = np.empty(n, np.int32)
+        # A request may name one shard in several entries (a prefill chunk that runs past the end of
+        # a shard also attends over all of it): entries are read in order, and an attend-only entry
+        # may see what an earlier entry of the same call appends (the kernel appends before it attends).
+        length: dict[int, int] = {}  # slot -> cached tokens once this call's appends so far are in
         for i in range(n):
             sid = int(req.seq_ids[i])
             slot = reg.slots.get(sid)
+            ctx, n_kv = int(req.ctx[i]), int(req.n_kv[i])
             if slot is None:
-                if req.n_kv[i] == 0 or req.ctx[i] != 0:
+                if n_kv == 0 or ctx != 0:
                     raise ShardError(f"sequence {sid} has no shard here")
                 slot = reg.slots[sid] = pool.new_slot(heads)
             elif pool.heads[slot] != heads:
                 raise ShardError(f"sequence {sid} holds {pool.heads[slot]} kv heads here, request has {heads}")
             slots[i] = slot
-        if np.any(req.ctx > pool.length[slots]):
-            bad = int(np.argmax(req.ctx > pool.length[slots]))
-            raise ShardError(f"sequence {int(req.seq_ids[bad])}: ctx {int(req.ctx[bad])} > "
-                             f"{int(pool.length[slots[bad]])} cached tokens")
+            cached = length.get(slot, int(pool.length[slot]))
+            if ctx > cached:
+                raise ShardError(f"sequence {sid}: ctx {ctx} > {cached} cached tokens")
+            if n_kv:
+                if ctx + n_kv > pool.capacity_tokens[slot]:
+                    pool.ensure(slot, ctx + n_kv)
+                length[slot] = max(cached, ctx + n_kv)
+        for slot, end in length.items():
+            pool.length[slot] = end
+        return slots
+
+
+    @staticmethod
+    def _prepare_known(reg: Registration, req: AttendRequest, slots: np.ndarray, heads: int) -> np.ndarray:
+        """_prepare's common case (every decode step): each entry names a shard held here, once. Vectorised."""
+        pool = reg.pool
+        if np.any(pool.heads[slots] != heads):
+            bad = int(np.argmax(pool.heads[slots] != heads))
+            raise ShardError(f"sequence {int(req.seq_ids[bad])} holds {pool.heads[slots[bad]]} kv heads here, "
+                             f"request has {heads}")
+        length = pool.length[slots]
+        if np.any(req.ctx > length):
+            bad = int(np.argmax(req.ctx > length))
+            raise ShardError(f"sequence {int(req.seq_ids[bad])}: ctx {int(req.ctx[bad])} > {int(length[bad])} "
+                             f"cached tokens")
         end = req.ctx + req.n_kv
-        grow = np.nonzero(end > pool.capacity_tokens[slots])[0]
-        for i in grow:
+        for i in np.nonzero(end > pool.capacity_tokens[slots])[0]:
             pool.ensure(int(slots[i]), int(end[i]))
         appending = req.n_kv > 0
-        pool.length[slots[appending]] = np.maximum(pool.length[slots[appending]], end[appending])
+        pool.length[slots[appending]] = np.maximum(length[appending], end[appending])
         return slots
 
 

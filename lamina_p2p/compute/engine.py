@@ -1,13 +1,14 @@
 """The compute peer's engine: one decode step over the running sequences, in pipelined micro-batches.
 
-Each micro-batch is a coroutine that walks the layers:
-    x, requests = dense(embed, pre 0)
-    for each layer:  partials = await attention(requests)   # the wire or a local worker
-                     x, requests = dense(merge, post, next pre)
-then one LM head and sampling over every micro-batch's last rows.
-Dense work runs on one executor thread (torch releases the GIL), so while one
-micro-batch waits on the network another computes. The event loop only moves
-requests; it never runs a torch op or a kernel.
+A step is one job on the dense thread, an explicit software pipeline (DESIGN.md section 7):
+    for each micro-batch i:  x_i = embed; send(pre 0 of x_i)
+    for each layer l, for each micro-batch i:
+        partials = receive(i, l)                # the wire, or the kernel in this thread
+        x_i = merge, post l, pre l+1; send(i, l+1)
+then one LM head and sampling over every micro-batch's last rows. While micro-batch
+i's attention is in flight, micro-batch i+1's dense work runs. The transport's data
+path (send/receive) belongs to the dense thread; the event loop only plans steps,
+recovers from failures and frees KV, and never runs a torch op or a kernel.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lamina_p2p.compute.fanout import MicroBatch, build_requests, merge_results,
 from lamina_p2p.compute.placement import Placer
 from lamina_p2p.compute.sampling import sample
 from lamina_p2p.compute.sequence import SamplingParams, Sequence
+from lamina_p2p.compute.transport import Transport
 from lamina_p2p.runtime import pin_this_thread
 from lamina_p2p.trace import now
 
@@ -35,7 +37,7 @@ log = logging.getLogger("lamina.compute")
 
 
 class Engine:
-    def __init__(self, model, transport, *, placement: str = "request", micro_batches: int = 1,
+    def __init__(self, model, transport: Transport, *, placement: str = "request", micro_batches: int = 1,
                  shard_tokens: int | None = None, max_step_tokens: int = 4096, owner: str | None = None,
                  kv_replicas: int = 1, peer_wait_timeout: float = 60.0, max_recoveries: int = 16,
                  dense_cpus: set[int] | None = None):
@@ -44,7 +46,7 @@ class Engine:
         self.model = model
         self.cfg = model.config
         self.transport = transport
-        self.owner = owner or getattr(transport, "owner_id", None) or uuid.uuid4().hex
+        self.owner = owner or transport.owner_id or uuid.uuid4().hex
         self.micro_batches = micro_batches
         self.max_step_tokens = max_step_tokens
         self.group_size = self.cfg.num_heads // self.cfg.num_kv_heads
@@ -66,6 +68,10 @@ class Engine:
         self.logits_sink = None  # tests: called with (sequences, logits) for every sampled row
         self.tracer = None  # a lamina_p2p.trace.Tracer records per-layer spans when set
         self.steps = 0
+        self._failed_replicas: list[str] = []  # replicas that failed in the step being run
+        # Per-layer timings for metrics: called on the dense thread with ("dense" | "attention", label,
+        # seconds); dense labels are "embed", the layer number, "last" and "sample".
+        self.on_layer = None
 
     @property
     def max_context(self) -> int:
@@ -115,26 +121,22 @@ class Engine:
                 await self.recover(running, e)
 
     async def _move_off_leaving_peers(self, running: list[Sequence]) -> None:
-        leaving = self.transport.leaving() if hasattr(self.transport, "leaving") else ()
-        for peer in leaving:
+        for peer in self.transport.leaving():
             if any(peer in (sh.peer, *sh.replicas) for seq in running for sh in seq.shards):
                 await self.recover(running, AttentionPeerError(peer, "leaving the cluster", "leaving"))
 
     async def _wait_for_peers(self) -> None:
         if self.transport.peers():
             return
-        wait = getattr(self.transport, "wait_for_peers", None)
-        if wait is None:
-            raise NoPeers("no attention peer is available")
         try:
-            await wait(1, self.peer_wait_timeout)
+            await self.transport.wait_for_peers(1, self.peer_wait_timeout)
         except TimeoutError:
             raise NoPeers(f"no attention peer joined within {self.peer_wait_timeout:g} s") from None
 
     async def recover(self, running: list[Sequence], err: AttentionPeerError) -> None:
         """Take the failed peer out of use; fail its shards over to replicas, or recompute."""
         gone = err.peer
-        if err.kind == "failed" and hasattr(self.transport, "mark_failed"):
+        if err.kind == "failed":
             self.transport.mark_failed(gone)
         live = set(self.transport.peers()) - {gone}
         # A leaving peer is alive: everything of ours it holds must be freed there, or it waits for it.
@@ -173,27 +175,21 @@ class Engine:
                 continue
             if not seq.shards:
                 seq.shards = self.placer.place(seq.length + seq.params.max_tokens)
-            self.placer.roll(seq.shards, seq.cached)
             n = min(seq.pending, budget)
-            end = self.placer.tail_end(seq.shards)
-            if end is not None:
-                n = min(n, end - seq.cached)
+            self.placer.roll(seq.shards, seq.cached, seq.cached + n)  # a chunk may open several shards
             chosen.append(seq)
             counts.append(n)
             budget -= n
         if not chosen:
             return []
         batches = self._split(chosen, counts)
-        # Let every micro-batch end before raising: one left running after a failure (KV full)
-        # would write KV for sequences the caller is about to free and requeue.
-        hidden = await asyncio.gather(*(self._run_micro_batch(mb, i) for i, mb in enumerate(batches)),
-                                      return_exceptions=True)
-        for r in hidden:
-            if isinstance(r, BaseException):
-                raise r
         sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
-        tokens, logprobs = await asyncio.get_running_loop().run_in_executor(
-            self.dense, self._sample, sample_seqs, hidden)
+        try:
+            tokens, logprobs = await asyncio.get_running_loop().run_in_executor(self.dense, self._run_step, batches)
+        finally:
+            failed, self._failed_replicas = self._failed_replicas, []
+            for peer in failed:
+                self.transport.mark_failed(peer)
         for mb in batches:
             for seq, n in zip(mb.seqs, mb.n):
                 seq.cached += n
@@ -227,36 +223,77 @@ class Engine:
             bins[j] = (s + [seqs[i]], c + [counts[i]], cost + seqs[i].cached + counts[i])
         return [plan_micro_batch(s, c, self.cfg.num_kv_heads) for s, c, _ in bins if s]
 
-    async def _run_micro_batch(self, mb: MicroBatch, index: int):
-        loop = asyncio.get_running_loop()
-        mb.index = index
-        x, reqs = await loop.run_in_executor(self.dense, self._first, mb)
-        last = self.cfg.num_layers - 1
-        tracer = self.tracer
-        for layer in range(self.cfg.num_layers):
-            t0 = now() if tracer else 0.0
-            results = await self._attend_all(mb, reqs)
-            if tracer:
-                tracer.add("compute", f"micro-batch {index}", f"attention L{layer}", t0, now(),
-                           {"tokens": mb.num_tokens, "requests": len(reqs)})
-            if layer < last:
-                x, reqs = await loop.run_in_executor(self.dense, self._next, mb, layer, x, results)
-        return await loop.run_in_executor(self.dense, self._last, mb, last, x, results)
+    # -- the pipeline (on the dense thread) ---------------------------------------
+    def _run_step(self, batches: list[MicroBatch]):
+        """Every layer of every micro-batch, then the LM head and sampling: one job on the dense thread.
 
-    async def _attend_all(self, mb: MicroBatch, reqs) -> list:
-        """Send one layer's requests; primaries' results come back, replicas only keep a copy."""
-        calls = [self.transport.attend(g.peer, r) for g, r in zip(mb.groups, reqs)]
-        if mb.num_primary == len(calls):
-            return await asyncio.gather(*calls)
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for r in results[: mb.num_primary]:
-            if isinstance(r, BaseException):
-                raise r
-        for g, r in zip(mb.groups[mb.num_primary:], results[mb.num_primary:]):
-            if isinstance(r, BaseException):
-                # A replica that missed a write is no copy any more: stop using it (the primary is fine).
-                self._drop_replica(mb, g.peer, r)
-        return results[: mb.num_primary]
+        The paper's rotation as an explicit software pipeline: micro-batch i's attention
+        for layer l is in flight (sent) while micro-batch i+1's dense work runs; then i's
+        result is received, its post and next pre run, and its next layer is sent.
+        """
+        self._pin_dense_thread()
+        last = self.cfg.num_layers - 1
+        outstanding: list[dict] = [{} for _ in batches]  # per micro-batch: group index -> ticket in flight
+        hidden = [None] * len(batches)
+        try:
+            timed = self._timed if self.on_layer is not None else lambda label, fn, *a: fn(*a)
+            with torch.inference_mode():
+                xs = []
+                for i, mb in enumerate(batches):
+                    mb.index = i
+                    x, reqs = timed("embed", self._first, mb)
+                    xs.append(x)
+                    self._send(mb, 0, reqs, outstanding[i])
+                for layer in range(last + 1):
+                    for i, mb in enumerate(batches):
+                        results = self._receive(mb, layer, outstanding[i])
+                        if layer < last:
+                            xs[i], reqs = timed(layer, self._next, mb, layer, xs[i], results)
+                            self._send(mb, layer + 1, reqs, outstanding[i])
+                        else:
+                            hidden[i] = timed("last", self._last, mb, layer, xs[i], results)
+        except BaseException:
+            # Let every request in flight end before raising: one left running after a failure
+            # (KV full) would write KV for sequences the caller is about to free and requeue.
+            for tickets in outstanding:
+                for ticket in tickets.values():
+                    with contextlib.suppress(Exception):
+                        self.transport.receive(ticket)
+            raise
+        sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
+        return timed("sample", self._sample, sample_seqs, hidden)
+
+    def _timed(self, label, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.on_layer("dense", str(label), time.perf_counter() - t0)
+
+    def _send(self, mb: MicroBatch, layer: int, reqs, tickets: dict) -> None:
+        mb.sent_at = now()
+        for j, (g, r) in enumerate(zip(mb.groups, reqs)):
+            tickets[j] = self.transport.send(g.peer, r)
+
+    def _receive(self, mb: MicroBatch, layer: int, tickets: dict) -> list:
+        """One layer's primaries' results; a replica that fails is dropped, the primary is fine."""
+        waited = time.perf_counter()
+        results = []
+        for j, g in enumerate(mb.groups):
+            ticket = tickets.pop(j)
+            if j < mb.num_primary:
+                results.append(self.transport.receive(ticket))
+                continue
+            try:
+                self.transport.receive(ticket)
+            except Exception as e:
+                self._drop_replica(mb, g.peer, e)
+        if self.on_layer is not None:
+            self.on_layer("attention", str(layer), time.perf_counter() - waited)
+        if self.tracer is not None:
+            self.tracer.add("compute", f"micro-batch {mb.index}", f"attention L{layer}", mb.sent_at, now(),
+                            {"tokens": mb.num_tokens, "requests": len(mb.groups)})
+        return results
 
     def _drop_replica(self, mb: MicroBatch, peer: str, err: BaseException) -> None:
         log.warning("replica on %s failed (%s): dropped", peer, err)
@@ -264,10 +301,10 @@ class Engine:
             for shard in seq.shards:
                 if peer in shard.replicas:
                     shard.replicas.remove(peer)
-        if isinstance(err, AttentionPeerError) and err.kind == "failed" and hasattr(self.transport, "mark_failed"):
-            self.transport.mark_failed(peer)
+        if isinstance(err, AttentionPeerError) and err.kind == "failed":
+            self._failed_replicas.append(peer)  # marked failed on the event loop, after the step
 
-    # -- dense work (on the executor thread) ------------------------------------
+    # -- dense work (on the dense thread) ---------------------------------------
     @contextlib.contextmanager
     def _dense_span(self, mb: MicroBatch, name: str):
         if self.tracer is None:
@@ -283,8 +320,7 @@ class Engine:
             self._pinned.cpus = self.dense_cpus
 
     def _first(self, mb: MicroBatch):
-        self._pin_dense_thread()
-        with torch.inference_mode(), self._dense_span(mb, "dense embed+L0"):
+        with self._dense_span(mb, "dense embed+L0"):
             x = self.model.embed(mb.tokens)
             q, k, v = self.model.pre(0, x, mb.positions)
             return x, build_requests(self.owner, 0, mb, q, k, v, self.group_size, self.tracer is not None)
@@ -294,14 +330,14 @@ class Engine:
         return self.model.post(layer, x, attn.to(x.dtype))
 
     def _next(self, mb: MicroBatch, layer: int, x, results):
-        with torch.inference_mode(), self._dense_span(mb, f"dense L{layer}/L{layer + 1}"):
+        with self._dense_span(mb, f"dense L{layer}/L{layer + 1}"):
             x = self._post(mb, layer, x, results)
             q, k, v = self.model.pre(layer + 1, x, mb.positions)
             return x, build_requests(self.owner, layer + 1, mb, q, k, v, self.group_size, self.tracer is not None)
 
     def _last(self, mb: MicroBatch, layer: int, x, results):
         """The last layer's post; returns the hidden rows to sample (the LM head runs once per step)."""
-        with torch.inference_mode(), self._dense_span(mb, f"dense L{layer}"):
+        with self._dense_span(mb, f"dense L{layer}"):
             return self._post(mb, layer, x, results).index_select(0, mb.sample_rows)
 
     def _sample(self, seqs: list[Sequence], hidden: list[torch.Tensor]):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lamina_p2p.attention.service import AttendRequest
+from lamina_p2p.compute.placement import Shard
 from lamina_p2p.compute.sequence import Sequence
 
 
@@ -30,6 +31,7 @@ class Group:
     rows: torch.Tensor | None  # micro-batch rows of the group's queries; None = all rows in order
     kv_rows: torch.Tensor | None  # rows whose K/V are appended; None = same as rows
     replica: bool = False  # a copy kept for failover: sent the same request, its result unused
+    meta: np.ndarray | None = None  # int64 [n, 4] (seq_ids, ctx, n_q, n_kv): the wire's, built once a step
 
 
 @dataclass
@@ -44,6 +46,7 @@ class MicroBatch:
     sample_seqs: list[Sequence]
     index: int = 0  # position in the step, for traces
     num_primary: int = 0  # groups[:num_primary] give the results; the rest are replica writes
+    sent_at: float = 0.0  # when the layer in flight was sent, for traces
 
     @property
     def num_tokens(self) -> int:
@@ -53,7 +56,7 @@ class MicroBatch:
 def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> MicroBatch:
     tokens, positions, sample_rows, sample_seqs = [], [], [], []
     starts, row = [], 0
-    by_group: dict[tuple[str, int, int, bool, int], list] = {}
+    by_group: dict[tuple[str, int, int, bool], list] = {}
     for seq, count in zip(seqs, n):
         start = seq.cached
         toks = seq.tokens[start : start + count]
@@ -63,40 +66,65 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
         if start + count == seq.length:
             sample_rows.append(row + count - 1)
             sample_seqs.append(seq)
-        seen: dict[tuple, int] = {}
+        end = start + count
+        # Every shard a peer holds of this sequence goes in that peer's one request: one request
+        # per peer per layer, whatever the number of shards. Shards stored under one key make one
+        # run of entries over the chunk; partials of different keys or peers are merged by LSE.
+        stored: dict[tuple, list[Shard]] = {}
         for shard in seq.shards:
-            held = shard.tokens_before(start)
-            is_tail = shard.t1 is None
-            if held == 0 and not is_tail:
-                continue
-            # A peer may hold several shards of one sequence: each goes in its own request,
-            # since a request's rows are merged by assignment, not by LSE.
             for peer, replica in ((shard.peer, False), *((r, True) for r in shard.replicas)):
-                where = (peer, shard.h0, shard.h1, replica)
-                seen[where] = seen.get(where, -1) + 1
-                key = (*where, seen[where])
-                by_group.setdefault(key, []).append((shard.key(seq.seq_id), held, count, count if is_tail else 0, row))
+                stored.setdefault((peer, shard.h0, shard.h1, replica, shard.key(seq.seq_id)), []).append(shard)
+        for (peer, h0, h1, replica, key), shards in stored.items():
+            by_group.setdefault((peer, h0, h1, replica), []).extend(
+                (key, *e) for e in _slot_entries(shards, start, end, row))
         row += count
     T = row
-    groups, coverage = [], {}
+    groups = []
+    coverage = np.zeros((T, num_kv_heads), np.int32)
     # Primaries first: their results are merged; replicas only keep a copy of the KV.
-    for (peer, h0, h1, replica, _), members in sorted(by_group.items(), key=lambda kv: kv[0][3]):
+    for (peer, h0, h1, replica), members in sorted(by_group.items(), key=lambda kv: kv[0][3]):
         seq_ids = np.array([m[0] for m in members], np.int64)
         ctx = np.array([m[1] for m in members], np.int64)
         n_q = np.array([m[2] for m in members], np.int64)
         n_kv = np.array([m[3] for m in members], np.int64)
         rows = _rows([(m[4], m[2]) for m in members], T)
         kv_rows = rows if n_kv.all() else _rows([(m[4], m[2]) for m in members if m[3]], None)
-        groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows, replica))
+        groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows, replica,
+                            np.stack([seq_ids, ctx, n_q, n_kv], axis=1)))
         if replica:
             continue
         for m in members:
-            for h in range(h0, h1):
-                coverage[(m[4], h)] = coverage.get((m[4], h), 0) + 1
-    overlapping = any(c > 1 for c in coverage.values())
+            coverage[m[4] : m[4] + m[2], h0:h1] += 1
+    overlapping = bool((coverage > 1).any())
     return MicroBatch(seqs, n, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                       groups, overlapping, torch.tensor(sample_rows, dtype=torch.long), sample_seqs,
                       num_primary=sum(not g.replica for g in groups))
+
+
+def _slot_entries(shards: list[Shard], start: int, end: int, row: int) -> list[tuple[int, int, int, int]]:
+    """Entries (ctx, n_q, n_kv, first row) for a chunk of positions [start, end), whose first row is
+    `row`, against one storage holding these shards' tokens in position order.
+
+    The chunk's positions that land in the storage are appended and attend causally; the runs
+    between them attend over the tokens stored before them (an attend-only entry whose ctx is
+    that count: the kernel appends everything before it attends, and reads [0, ctx)). Each
+    query row is in at most one entry of a storage."""
+    count = sum(s.tokens_before(start) for s in shards)
+    spans = []
+    for s in shards:
+        a0, a1 = max(s.t0, start), end if s.t1 is None else min(s.t1, end)
+        if a1 > a0:
+            spans.append((a0, a1))
+    entries, pos = [], start
+    for a0, a1 in sorted(spans):
+        if a0 > pos and count > 0:
+            entries.append((count, a0 - pos, 0, row + pos - start))
+        entries.append((count, a1 - a0, a1 - a0, row + a0 - start))
+        count += a1 - a0
+        pos = a1
+    if pos < end and count > 0:
+        entries.append((count, end - pos, 0, row + pos - start))
+    return entries
 
 
 def _rows(spans: list[tuple[int, int]], total: int | None) -> torch.Tensor | None:
@@ -140,40 +168,53 @@ def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: t
         else:
             kg = vg = k[:0, g.h0 : g.h1]
         reqs.append(AttendRequest(owner, layer, g.seq_ids, g.ctx, g.n_q, g.n_kv, g.h0, g.h1,
-                                  to_wire(qg), to_wire(kg), to_wire(vg), trace))
+                                  to_wire(qg), to_wire(kg), to_wire(vg), trace, g.meta))
     return reqs
 
 
 def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], num_heads: int, head_dim: int,
                   group_size: int) -> torch.Tensor:
-    """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials."""
+    """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials.
+
+    A group's rows may repeat (several shards of one sequence in one request): such partials,
+    and those of different peers covering the same rows, are merged exactly by LSE."""
     T = mb.num_tokens
-    out = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
     primaries = mb.groups[: mb.num_primary]
+    parts = [(g, torch.from_numpy(np.asarray(o, dtype=np.float32)), l) for g, (o, l) in zip(primaries, results)]
     if not mb.overlapping:
-        for g, (o, _) in zip(primaries, results):
-            o = torch.from_numpy(np.asarray(o, dtype=np.float32))
+        if len(parts) == 1 and parts[0][0].rows is None and parts[0][1].shape[1] == num_heads \
+                and np.asarray(results[0][0]).flags.writeable:
+            return parts[0][1]  # one peer holds every head of every row (in process): its output as it is
+        out = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
+        for g, o, _ in parts:
             hs = slice(g.h0 * group_size, g.h1 * group_size)
             if g.rows is None:
                 out[:, hs] = o
             else:
                 out[g.rows, hs] = o
         return out
-    # Exact LSE merge (DESIGN.md section 4), one partial at a time.
-    lse = torch.full((T, num_heads), float("-inf"))
-    for g, (o, l) in zip(primaries, results):
-        o = torch.from_numpy(np.asarray(o, dtype=np.float32))
+    # Exact LSE merge (DESIGN.md section 4): m = max lse, w = exp(lse - m), out = sum w o / sum w.
+    # Scatter-adds, so repeated rows inside one partial merge like rows of different partials.
+    m = torch.full((T, num_heads), float("-inf"))
+    lses = []
+    for g, o, l in parts:
         l = torch.from_numpy(np.asarray(l, dtype=np.float32))
         hs = slice(g.h0 * group_size, g.h1 * group_size)
         rows = g.rows if g.rows is not None else torch.arange(T)
-        acc_o, acc_l = out[rows, hs], lse[rows, hs]
-        m = torch.maximum(acc_l, l)
-        m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        w_old, w_new = torch.exp(acc_l - m_safe), torch.exp(l - m_safe)
-        total = w_old + w_new
-        merged = (acc_o * w_old[..., None] + o * w_new[..., None]) / total.clamp_min(1e-30)[..., None]
-        out[rows, hs] = merged
-        lse[rows, hs] = m_safe + torch.log(total)
-    if torch.isinf(lse).any():
+        mh = m[:, hs].contiguous()
+        mh.scatter_reduce_(0, rows[:, None].expand(-1, l.shape[1]), l, "amax")
+        m[:, hs] = mh
+        lses.append((rows, hs, l))
+    if torch.isinf(m).any():
         raise RuntimeError("attention saw no tokens for some query (every shard empty)")
-    return out
+    num = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
+    den = torch.zeros(T, num_heads, dtype=torch.float32)
+    for (g, o, _), (rows, hs, l) in zip(parts, lses):
+        w = torch.exp(l - m[rows, hs])  # lse = -inf (an empty shard) gives weight 0
+        nh = num[:, hs].contiguous()
+        nh.index_add_(0, rows, o * w[..., None])
+        num[:, hs] = nh
+        dh = den[:, hs].contiguous()
+        dh.index_add_(0, rows, w)
+        den[:, hs] = dh
+    return num / den[..., None]

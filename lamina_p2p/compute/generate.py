@@ -103,8 +103,7 @@ async def _generate(opts: GenerateOptions, model, prompts, params):
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
                         shard_tokens=opts.shard_tokens, kv_replicas=opts.kv_replicas, dense_cpus=opts.dense_cpus)
         stack.callback(engine.close)
-        if hasattr(transport, "wait_for_peers"):
-            await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
+        await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
         if opts.trace:
             engine.tracer = transport.tracer = Tracer()
         result = await engine.generate(prompts, params)
@@ -126,7 +125,7 @@ async def open_transport(opts: GenerateOptions):
 
     transport = LocalTransport(opts.kv_bytes, threads=opts.attention_threads)
     try:
-        await asyncio.get_running_loop().run_in_executor(transport.executor, _warm_kernels)
+        await asyncio.get_running_loop().run_in_executor(None, _warm_kernels)
         yield transport
     finally:
         transport.close()

@@ -1,14 +1,14 @@
 """In-process attention: the same service, pool and kernels as an attention peer, no network.
 
 Used by `generate --attention-peers 0` and as the single-process baseline. The
-kernel runs on its own worker thread (Numba releases the GIL), so micro-batches
-overlap dense work with attention here too.
+engine's dense thread calls the kernel itself (`send` runs it, `receive` hands
+back the result): a thread hop per layer costs more than the whole kernel at
+decode sizes, and Numba releases the GIL, so nothing else waits on it.
 """
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.runtime import set_threads
@@ -17,15 +17,28 @@ from lamina_p2p.trace import now
 LOCAL_PEER = "local"
 
 
+class _Done:
+    """A finished attend: its result, or the error to raise on receive."""
+
+    __slots__ = ("result", "error")
+
+    def __init__(self, result=None, error=None):
+        self.result, self.error = result, error
+
+
 class LocalTransport:
+    owner_id = None
+    expected_peers = 1
+
     def __init__(self, kv_bytes: int, block_size: int = 16, threads: int | None = None):
         self.service = AttentionService(kv_bytes, block_size)
-        # Numba's thread count is per calling thread: set it on the thread that runs the kernels.
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="attention", initializer=set_threads,
-                                           initargs=(None, threads))
+        self.threads = threads
+        self._threads_set = threading.local()
         self.owner = None
+        self.geometry: dict | None = None
         self.tracer = None
 
+    # -- control path -----------------------------------------------------------
     def bind(self, owner: str, geometry: dict) -> None:
         self.owner, self.geometry = owner, geometry
         self.service.register(owner, **geometry)
@@ -33,22 +46,18 @@ class LocalTransport:
     def peers(self) -> dict[str, float]:
         return {LOCAL_PEER: float(self.service.budget.total)}
 
-    async def attend(self, peer: str, req: AttendRequest):
-        loop = asyncio.get_running_loop()
-        if not (req.trace and self.tracer):
-            return await loop.run_in_executor(self.executor, self.service.attend, req)
-        queued = now()
+    def leaving(self) -> set[str]:
+        return set()
 
-        def timed():
-            t0 = now()
-            try:
-                return self.service.attend(req)
-            finally:
-                self.tracer.add("attention (in process)", "queue", f"L{req.layer}", queued, t0)
-                self.tracer.add("attention (in process)", "kernel", f"L{req.layer}", t0, now(),
-                                {"tokens": int(req.n_q.sum())})
+    def mark_failed(self, peer: str) -> None:
+        pass  # this process cannot lose its own attention
 
-        return await loop.run_in_executor(self.executor, timed)
+    async def wait_for_peers(self, count: int, timeout: float) -> None:
+        if count > 1:
+            raise TimeoutError("in-process attention is one peer")
+
+    def block_size(self) -> int:
+        return self.service.block_size
 
     async def free(self, peer: str, seq_ids: list[int]) -> None:
         self.service.free(self.owner, seq_ids)
@@ -65,5 +74,26 @@ class LocalTransport:
     def stats(self) -> dict:
         return {LOCAL_PEER: self.service.stats()}
 
+    # -- data path: the dense thread --------------------------------------------
+    def send(self, peer: str, req: AttendRequest) -> _Done:
+        # Numba's thread count is per calling thread: set it once on the thread that runs kernels.
+        if self.threads and not getattr(self._threads_set, "done", False):
+            set_threads(numba_threads=self.threads)
+            self._threads_set.done = True
+        t0 = now()
+        try:
+            done = _Done(self.service.attend(req))
+        except Exception as e:  # KVFull goes to the scheduler as it is; anything else is a bug here
+            done = _Done(error=e)
+        if req.trace and self.tracer is not None:
+            self.tracer.add("attention (in process)", "kernel", f"L{req.layer}", t0, now(),
+                            {"tokens": int(req.n_q.sum())})
+        return done
+
+    def receive(self, ticket: _Done):
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        pass

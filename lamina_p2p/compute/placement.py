@@ -28,10 +28,14 @@ class Shard:
     reserved: int = 0  # load this shard adds to its peer in placement's bookkeeping
     index: int = 0  # position in the sequence's shard list; a peer may hold several shards of one sequence
     replicas: list[str] = field(default_factory=list)  # peers holding a copy (--kv-replicas), written in step
+    # Storage on its peers: shards of a sequence with the same holders and heads share one (the
+    # first one's index), their tokens in position order, so a peer attends over all of its part
+    # of a sequence with one entry per run of query positions however many shards that part is.
+    slot: int = -1  # -1: its own index
 
     def key(self, seq_id: int) -> int:
-        """The id the attention peer files this shard under."""
-        return (seq_id << 12) | self.index
+        """The id the attention peer files this shard's storage under."""
+        return (seq_id << 12) | (self.slot if self.slot >= 0 else self.index)
 
     def tokens_before(self, cached: int) -> int:
         """Tokens this shard holds when the sequence has `cached` tokens in KV."""
@@ -119,26 +123,33 @@ class Placer:
                 h += c
         return shards
 
-    def tail_end(self, shards: list[Shard]) -> int | None:
-        """Position where the tail shard closes and a new one opens (None = never)."""
-        if self.policy != "sequence":
-            return None
-        return shards[-1].t0 + self.shard_tokens
+    def roll(self, shards: list[Shard], cached: int, end: int | None = None) -> None:
+        """Open tail shards until positions [cached, end) have a home (sequence placement only).
 
-    def roll(self, shards: list[Shard], cached: int) -> None:
-        """Open a new tail shard when the current one is full (sequence placement only)."""
+        A tail holds `shard_tokens` positions from its start; a chunk that runs past it closes
+        it there and opens the next on another peer, as many times as the chunk needs."""
         if self.policy != "sequence":
             return
-        tail = shards[-1]
-        if cached < tail.t0 + self.shard_tokens:
-            return
-        tail.t1 = cached
-        holders = {s.peer for s in shards}
-        peer = self._least_loaded(exclude=holders)
-        self.peers[peer].placed_tokens += self.shard_tokens
-        shard = Shard(peer, 0, self.num_kv_heads, cached, reserved=self.shard_tokens, index=len(shards))
-        self._add_replicas(shard)
-        shards.append(shard)
+        end = cached + 1 if end is None else max(end, cached + 1)
+        while True:
+            tail = shards[-1]
+            close_at = max(tail.t0 + self.shard_tokens, cached)
+            if end <= close_at:
+                return
+            tail.t1 = close_at
+            holders = {s.peer for s in shards}
+            peer = self._least_loaded(exclude=holders)
+            self.peers[peer].placed_tokens += self.shard_tokens
+            shard = Shard(peer, 0, self.num_kv_heads, close_at, reserved=self.shard_tokens, index=len(shards))
+            self._add_replicas(shard)
+            # Share storage only with shards held by exactly the same peers in the same roles: then a
+            # peer's storage under one key holds either primaries or copies, never both, also after
+            # a failover (which moves every shard of a key to the same replica).
+            same = next((s for s in shards if s.peer == shard.peer and s.replicas == shard.replicas
+                         and (s.h0, s.h1) == (shard.h0, shard.h1)), None)
+            if same is not None:
+                shard.slot = same.slot if same.slot >= 0 else same.index
+            shards.append(shard)
 
     def forget(self, shards: list[Shard]) -> None:
         for s in shards:

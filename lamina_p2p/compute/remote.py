@@ -1,8 +1,10 @@
 """Attention over the wire: the compute side's view of the cluster's attention peers.
 
-The transport joins the cluster as a compute peer (its own ROUTER for gossip),
-registers the model geometry with every attention peer that becomes alive, and
-sends per-layer attend requests to them over one DEALER each, many in flight.
+The transport joins the cluster as a compute peer (its own ROUTER for gossip) and
+registers the model geometry with every attention peer that becomes alive: that is
+the control path, on the event loop. The register reply names the peer's data path
+(net/datapath.py); per-layer attends go there over one DEALER per peer owned by the
+engine's dense thread (`send`/`receive`), over ipc:// when both run on this host.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
@@ -20,11 +24,27 @@ from lamina_p2p.attention.service import AttendRequest
 from lamina_p2p.compute.errors import AttentionPeerError, classify
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
+from lamina_p2p.net.datapath import DataLink, host_id
 from lamina_p2p.net.membership import Membership, PeerInfo
 from lamina_p2p.net.rpc import RpcClient, RpcClosed, RpcError, RpcServer, RpcTimeout
 from lamina_p2p.net.wire import PROTOCOL_VERSION
 
 log = logging.getLogger("lamina.compute")
+
+DEFAULT_BLOCK_SIZE = 16  # what block_size() says before any peer has registered
+
+
+@dataclass
+class _Ticket:
+    """One attend in flight on the data path."""
+
+    peer: str
+    link: DataLink
+    rid: int
+    deadline: float  # time.monotonic()
+    layer: int
+    tokens: int
+    trace: bool
 
 
 class ClusterTransport:
@@ -43,6 +63,11 @@ class ClusterTransport:
         self.geometry: dict | None = None
         self._clients: dict[str, RpcClient] = {}
         self._registered: dict[str, asyncio.Task] = {}
+        self._info: dict[str, dict] = {}  # peer -> its register reply (block size, data endpoints)
+        self._links: dict[str, DataLink] = {}  # the dense thread's data sockets, one per peer
+        self._closed_bytes = [0, 0]  # sent, received by links now closed
+        self._closing = False  # set by close(): the dense thread stops waiting on replies
+        self._host = host_id()
         membership.subscribe(self._on_event)
 
     # -- membership -------------------------------------------------------------
@@ -74,8 +99,17 @@ class ClusterTransport:
         self._registered[peer.id] = asyncio.ensure_future(self._register(peer))
 
     async def _register(self, peer: PeerInfo) -> None:
-        await self._clients[peer.id].call("register", {"owner": self.owner, **self.geometry},
-                                          timeout=self.request_timeout)
+        msg = await self._clients[peer.id].call("register", {"owner": self.owner, **self.geometry},
+                                                timeout=self.request_timeout)
+        info = msg.fields
+        bs, data = info.get("block_size"), info.get("data")
+        if not isinstance(bs, int) or bs <= 0 or not isinstance(data, str) or not data.startswith("tcp://"):
+            raise RpcError(f"register reply from {peer.id} lacks block_size or a data endpoint: {info}")
+        ipc = info.get("data_ipc")
+        # ipc:// only where both ends agree they share a host (and its filesystem).
+        info["endpoint"] = ipc if isinstance(ipc, str) and info.get("host") == self._host and \
+            ipc.startswith("ipc://") and os.path.exists(ipc.removeprefix("ipc://")) else data
+        self._info[peer.id] = info
 
     def peers(self) -> dict[str, float]:
         """Attention peers registered and alive, weighted by advertised KV capacity."""
@@ -91,6 +125,15 @@ class ClusterTransport:
     def leaving(self) -> set[str]:
         """Registered peers that announced they are leaving (SIGTERM): their shards must move."""
         return {p.id for p in self.membership.peers(role="attention") if not p.ready and p.id in self._registered}
+
+    def block_size(self) -> int:
+        """The largest KV block size the usable peers reported when we registered."""
+        usable = self.peers()
+        return max((self._info[p]["block_size"] for p in usable if p in self._info), default=DEFAULT_BLOCK_SIZE)
+
+    def block_sizes(self) -> dict[str, int]:
+        """peer -> KV block size in tokens, from its register reply."""
+        return {p: info["block_size"] for p, info in self._info.items()}
 
     def mark_failed(self, peer: str) -> None:
         """Stop using a peer that failed a request, before gossip declares it dead."""
@@ -123,28 +166,57 @@ class ClusterTransport:
             else:
                 await asyncio.sleep(min(remaining, self.membership.heartbeat_interval))
 
-    # -- requests ---------------------------------------------------------------
-    async def attend(self, peer: str, req: AttendRequest):
-        client = self._clients.get(peer)
-        if client is None:
-            raise AttentionPeerError(peer, "not connected", "failed")
-        meta = np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
+    # -- data path: the engine's dense thread -----------------------------------------
+    def _link(self, peer: str) -> DataLink:
+        if self._closing:
+            raise AttentionPeerError(peer, "the transport is closing", "failed")
+        link = self._links.get(peer)
+        if link is not None and peer in self.failed:
+            self._close_link(peer)
+            link = None
+        if link is None:
+            info = self._info.get(peer)
+            if peer in self.failed or info is None:
+                raise AttentionPeerError(peer, "not connected", "failed")
+            link = self._links[peer] = DataLink(self.ctx, info["endpoint"], security=self.membership.security)
+        return link
+
+    def _close_link(self, peer: str) -> None:
+        link = self._links.pop(peer, None)
+        if link is not None:
+            link.close()
+            self._closed_bytes[0] += link.bytes_sent
+            self._closed_bytes[1] += link.bytes_received
+
+    def send(self, peer: str, req: AttendRequest) -> _Ticket:
+        link = self._link(peer)
+        meta = req.meta if req.meta is not None else \
+            np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
         fields = {"owner": req.owner, "layer": req.layer, "h0": req.h0, "h1": req.h1}
         tracing = req.trace and self.tracer is not None
         if tracing:
             fields["trace"] = True
         try:
-            msg = await client.call("attend", fields, [meta, req.q, req.k, req.v], timeout=self.request_timeout)
+            rid = link.send("attend", fields, [meta, req.q, req.k, req.v], timeout=self.request_timeout)
+        except (RpcTimeout, RpcClosed) as e:
+            raise AttentionPeerError(peer, str(e), "failed") from None
+        return _Ticket(peer, link, rid, time.monotonic() + self.request_timeout, req.layer,
+                       int(req.n_q.sum()), tracing)
+
+    def receive(self, ticket: _Ticket):
+        peer = ticket.peer
+        try:
+            msg = ticket.link.receive(ticket.rid, ticket.deadline, alive=lambda: peer not in self.failed and not self._closing)
         except (RpcTimeout, RpcClosed) as e:
             raise AttentionPeerError(peer, str(e), "failed") from None
         except RpcError as e:
             raise AttentionPeerError(peer, str(e), "busy" if e.code == "busy" else classify(str(e))) from None
         if len(msg.tensors) != 2:
             raise AttentionPeerError(peer, f"attend reply has {len(msg.tensors)} tensors, expected 2")
-        if tracing and all(isinstance(msg.fields.get(k), float) for k in ("tq", "tk0", "tk1")):
+        if ticket.trace and all(isinstance(msg.fields.get(k), float) for k in ("tq", "tk0", "tk1")):
             f, row = msg.fields, f"attention {peer[:8]}"
-            self.tracer.add(row, "queue", f"L{req.layer}", f["tq"], f["tk0"])
-            self.tracer.add(row, "kernel", f"L{req.layer}", f["tk0"], f["tk1"], {"tokens": int(req.n_q.sum())})
+            self.tracer.add(row, "queue", f"L{ticket.layer}", f["tq"], f["tk0"])
+            self.tracer.add(row, "kernel", f"L{ticket.layer}", f["tk0"], f["tk1"], {"tokens": ticket.tokens})
         return msg.tensors[0], msg.tensors[1]
 
     async def free(self, peer: str, seq_ids: list[int]) -> None:
@@ -153,6 +225,9 @@ class ClusterTransport:
             await client.call("free", {"owner": self.owner, "seq_ids": list(seq_ids)}, timeout=self.request_timeout)
 
     async def close(self) -> None:
+        # A step still running on the dense thread ends at its next receive (alive() is false now);
+        # closing a link waits for that thread to leave it (ZeroMQ sockets are not thread-safe).
+        self._closing = True
         for task in self._registered.values():
             task.cancel()
         if self.owner is not None:
@@ -160,10 +235,17 @@ class ClusterTransport:
                                  return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self._clients.values()), return_exceptions=True)
         self._clients.clear()
+        # The engine (the links' owner) has stopped by now; sockets of a shadow context must be
+        # closed before the context is destroyed, or destroying it waits on them.
+        for peer in list(self._links):
+            self._close_link(peer)
 
     def wire_bytes(self) -> tuple[int, int]:
-        sent = sum(c.bytes_sent for c in self._clients.values())
-        received = sum(c.bytes_received for c in self._clients.values())
+        links = list(self._links.values())
+        sent = self._closed_bytes[0] + sum(c.bytes_sent for c in self._clients.values()) + \
+            sum(x.bytes_sent for x in links)
+        received = self._closed_bytes[1] + sum(c.bytes_received for c in self._clients.values()) + \
+            sum(x.bytes_received for x in links)
         return sent, received
 
 

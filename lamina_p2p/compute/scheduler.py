@@ -113,8 +113,6 @@ class Scheduler:
         self.preempted_total = 0
         self.steps = 0
         self.bpt = float(self.transport.block_bytes_per_token())
-        self.block = int(getattr(self.transport, "block_size", None)
-                         or getattr(getattr(self.transport, "service", None), "block_size", 16))
 
     # -- the API handlers use ---------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, request: type[Request] | None = None,
@@ -166,11 +164,12 @@ class Scheduler:
     def _bytes(self, tokens: int, full: bool) -> int:
         """KV bytes `tokens` tokens take: whole blocks per kv head (+ one spare block per shard
         under sequence placement, where every shard rounds up on its own)."""
-        blocks = -(-tokens // self.block)
+        block = self.transport.block_size()  # from the peers' register replies: they may join later
+        blocks = -(-tokens // block)
         placer = self.engine.placer
         if placer.policy == "sequence":
             blocks += -(-tokens // placer.shard_tokens)
-        return int(blocks * self.block * self.bpt)
+        return int(blocks * block * self.bpt)
 
     def _promise(self, seq: Sequence) -> int:
         if self.reserve == "full":

@@ -4,16 +4,15 @@ Latencies are observed by the scheduler as tokens leave a step; KV per
 attention peer and bytes on the wire are read from the transport when
 /metrics is scraped, so they cost nothing between scrapes.
 
-Per-layer network wait vs compute: the transport is wrapped (`TimedTransport`)
-to time each attend call per layer (for a remote peer: wire + queueing + the
-peer's kernel; in process: the attention kernel), and the engine's dense
-executor is wrapped (`TimedExecutor`) to time each dense job per layer.
+Per-layer network wait vs compute: the engine calls `observe_layer` from its
+dense thread (Engine.on_layer) with the time a micro-batch waited for a layer's
+attention (for a remote peer: wire + queueing + the peer's kernel; in process:
+the kernel) and the time of each dense piece (embed, a layer's post + next pre,
+the last post, the LM head and sampling).
 """
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
@@ -52,6 +51,10 @@ class ServeMetrics:
         self.transport = transport
         if transport is not None:
             r.register(_TransportCollector(transport))
+
+    def observe_layer(self, kind: str, label: str, seconds: float) -> None:
+        """Engine.on_layer: kind "attention" (label: the layer) or "dense" (a layer, embed, last, sample)."""
+        (self.attend if kind == "attention" else self.dense).labels(label).observe(seconds)
 
     # -- scheduler hooks --------------------------------------------------------
     def first_token(self, req, now: float) -> None:
@@ -123,47 +126,3 @@ class _TransportCollector:
         yield CounterMetricFamily("lamina_wire_sent_bytes", "Bytes sent to attention peers.", value=sent)
         yield CounterMetricFamily("lamina_wire_received_bytes", "Bytes received from attention peers.",
                                   value=received)
-
-
-class TimedTransport:
-    """Delegates to a transport, timing attend() per layer."""
-
-    def __init__(self, inner, metrics: ServeMetrics):
-        self._inner = inner
-        self._hist = metrics.attend
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    async def attend(self, peer, req):
-        t0 = time.perf_counter()
-        try:
-            return await self._inner.attend(peer, req)
-        finally:
-            self._hist.labels(str(req.layer)).observe(time.perf_counter() - t0)
-
-
-class TimedExecutor(ThreadPoolExecutor):
-    """The engine's dense executor, timing each job. Engine jobs are `_first(mb)` (embed + layer 0
-    pre), `_next(mb, layer, ...)` (layer's post + next pre), `_last(mb, layer, ...)` (last post) and
-    `_sample(seqs, hidden)` (LM head + sampling, once a step); they are labelled "embed", the layer,
-    "last" and "sample"."""
-
-    def __init__(self, metrics: ServeMetrics):
-        super().__init__(1, thread_name_prefix="dense")
-        self._hist = metrics.dense
-
-    def submit(self, fn, /, *args, **kwargs):
-        name = getattr(fn, "__name__", "")
-        label = {"_first": "embed", "_last": "last", "_sample": "sample"}.get(name) or (
-            str(args[1]) if len(args) > 1 else name)
-        hist = self._hist
-
-        def timed():
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                hist.labels(label).observe(time.perf_counter() - t0)
-
-        return super().submit(timed)

@@ -91,7 +91,7 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
     from lamina_p2p.model.tokenizer import load_tokenizer
     from lamina_p2p.runtime import set_threads
     from lamina_p2p.serve.app import ServeApp
-    from lamina_p2p.serve.metrics import ServeMetrics, TimedExecutor, TimedTransport
+    from lamina_p2p.serve.metrics import ServeMetrics
 
     if opts.http:
         host, port = parse_http(opts.http)
@@ -102,14 +102,13 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
     async with contextlib.AsyncExitStack() as stack:
         raw = await stack.enter_async_context(open_compute_transport(opts))
         metrics = ServeMetrics(raw)
-        transport = TimedTransport(raw, metrics)
+        transport = raw
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
                         shard_tokens=opts.shard_tokens, max_step_tokens=opts.max_step_tokens,
                         kv_replicas=opts.kv_replicas, peer_wait_timeout=opts.peer_wait_timeout,
                         dense_cpus=opts.dense_cpus)
         metrics.watch_engine(engine)
-        engine.dense.shutdown(wait=False)
-        engine.dense = TimedExecutor(metrics)  # same single dense thread, timed per layer
+        engine.on_layer = metrics.observe_layer  # per-layer dense and attention-wait times
         stack.callback(engine.close)
         if hasattr(raw, "wait_for_peers"):  # registration happens on bind: wait until it is done
             await raw.wait_for_peers(getattr(raw, "expected_peers", 1), timeout=60.0)

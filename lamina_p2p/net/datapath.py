@@ -1,0 +1,352 @@
+"""The data path: per-layer attend requests on sockets owned by the threads that do the work.
+
+DESIGN.md section 5. The control path (gossip, register, free, stats) runs on each
+peer's asyncio event loop (net/rpc.py). Per-layer attends do not: a round trip
+through asyncio futures and executor hand-offs costs hundreds of microseconds, and
+there is one per layer per micro-batch. Here
+
+- `KernelThread` is the attention peer's kernel thread. It owns a ROUTER bound to
+  a TCP port (and, on one host, an ipc:// path), receives attends, runs them and
+  replies itself. Control-path work that touches the KV pool (register, free,
+  drop) is handed to the same thread with `submit`, so the pool has one writer.
+- `DataLink` is a compute peer's DEALER to one attention peer, owned by the
+  engine's dense thread: `send` returns at once, `receive` waits for that reply.
+
+Both sides use the wire format (net/wire.py) and the same checks as the control
+path: a malformed message gets an error reply and a log line, never a crash;
+the same CURVE keys (net/security.py); the same per-request deadline.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import queue
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import zmq
+
+from .rpc import BAD_MESSAGE, BUSY, DEADLINE, HANDLER_FAILED, UNKNOWN_OP, RpcClosed, RpcError, RpcTimeout
+from .wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode
+
+log = logging.getLogger(__name__)
+
+DataHandler = Callable[[Message, float], tuple[dict, list]]  # (message, arrival time) -> reply
+
+
+def host_id() -> str:
+    """Names this machine (and boot) so two peers can tell they share one, and ipc:// works between them."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _nbytes(frames: Sequence) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+
+
+def _sync(ctx: zmq.Context) -> zmq.Context:
+    # A plain (blocking) view of an asyncio context: same libzmq context, so the same ZAP handler.
+    return zmq.Context.shadow(ctx.underlying)
+
+
+class KernelThread:
+    """The attention peer's worker: serves `attend` on its own sockets and runs submitted jobs in order.
+
+    `tcp_bind` is the host part to bind ("tcp://127.0.0.1"); the port is chosen by the system.
+    `handler(msg, arrived)` runs an attend and returns (reply fields, reply tensors); it raises to
+    send an error reply. `on_start` runs first on the thread (thread counts, warm-up).
+    """
+
+    def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
+                 limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True):
+        self._ctx = ctx
+        self._tcp_bind = tcp_bind
+        self._handler = handler
+        self._security = security
+        self._limits = limits
+        self._on_start = on_start
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._stopping = False
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._ipc_dir = tempfile.mkdtemp(prefix="lamina-data-") if ipc and hasattr(zmq, "IPC_PATH_MAX_LEN") else None
+        self._zap = False
+        self.tcp_endpoint: str | None = None
+        self.ipc_endpoint: str | None = None
+        # counters, read by other threads for stats
+        self.requests = 0
+        self.errors = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._thread = threading.Thread(target=self._run, name="kernel", daemon=True)
+
+    def start(self, timeout: float = 600.0) -> None:
+        """Start the thread; returns once its sockets are bound and `on_start` has run (or raises its error)."""
+        if self._security is not None:
+            from .security import acquire_zap
+
+            acquire_zap(self._ctx, self._security)  # before binding: an unanswered ZAP lets everyone in
+            self._zap = True
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("kernel thread did not start")
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on the kernel thread, between attends; await with asyncio.wrap_future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopping:
+            fut.set_exception(RuntimeError("kernel thread stopped"))
+            return fut
+        self._jobs.put((fn, args, fut))
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # stopped meanwhile
+            if not fut.done():
+                fut.set_exception(RuntimeError("kernel thread stopped"))
+        return fut
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        if self._zap:
+            from .security import release_zap
+
+            self._zap = False
+            release_zap(self._ctx)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    # -- the thread -------------------------------------------------------------
+    def _bind(self) -> zmq.Socket:
+        sock = _sync(self._ctx).socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.setsockopt(zmq.MAXMSGSIZE, max(self._limits.max_frame_bytes, self._limits.max_header_bytes))
+            from .security import apply
+
+            apply(sock, self._security, server=True)
+            sock.bind(f"{self._tcp_bind}:0")
+            self.tcp_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self._ipc_dir is not None:
+                path = os.path.join(self._ipc_dir, "attend")
+                if len(path) < zmq.IPC_PATH_MAX_LEN:
+                    sock.bind(f"ipc://{path}")
+                    self.ipc_endpoint = f"ipc://{path}"
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _run(self) -> None:
+        try:
+            sock = self._bind()
+            if self._on_start is not None:
+                self._on_start()
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll())
+                # Jobs run between attends: a submitted free/register waits for one batch of kernels at most.
+                if self._wake_r in ready:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    self._run_jobs()
+                if sock in ready:
+                    self._serve_waiting(sock)
+        finally:
+            sock.close(linger=0)
+            self._run_jobs(cancel=True)
+
+    def _run_jobs(self, cancel: bool = False) -> None:
+        while True:
+            try:
+                fn, args, fut = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if cancel or not fut.set_running_or_notify_cancel():
+                if not fut.done():
+                    fut.set_exception(RuntimeError("kernel thread stopped"))
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def _serve_waiting(self, sock: zmq.Socket) -> None:
+        """Take every request waiting (past max_in_flight they are refused as busy), then run them in order."""
+        batch = []
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            batch.append((frames, time.monotonic()))
+        for n, (frames, arrived) in enumerate(batch):
+            try:
+                self._serve_one(sock, frames, arrived, busy=n >= self._limits.max_in_flight)
+            except Exception:  # a bug here must not stop the thread answering everyone else
+                log.exception("data path: serving a request failed")
+
+    def _serve_one(self, sock: zmq.Socket, frames: list, arrived: float, busy: bool) -> None:
+        routing = frames[0].bytes
+        self.requests += 1
+        self.bytes_received += _nbytes(frames[1:])
+        try:
+            msg = decode(frames[1:], self._limits)
+        except WireError as e:
+            return self._error_reply(sock, routing, e.rid if e.rid is not None else -1, BAD_MESSAGE,
+                                     f"bad message: {e}")
+        if msg.op != "attend":
+            return self._error_reply(sock, routing, msg.rid, UNKNOWN_OP, f"unknown op {msg.op!r} on the data path")
+        if busy:
+            return self._error_reply(sock, routing, msg.rid, BUSY, "attend: too many requests waiting, try later")
+        if msg.deadline is not None and msg.deadline <= time.time():
+            return self._error_reply(sock, routing, msg.rid, DEADLINE, "attend: deadline exceeded before start")
+        try:
+            fields, tensors = self._handler(msg, arrived)
+            reply = encode("reply", msg.rid, fields, tensors)
+        except Exception as e:
+            log.warning("data path: attend id=%d failed: %r", msg.rid, e)
+            return self._error_reply(sock, routing, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")
+        self._send(sock, routing, reply)
+
+    def _error_reply(self, sock: zmq.Socket, routing: bytes, rid: int, code: str, reason: str) -> None:
+        self.errors += 1
+        if self.errors <= 5 or self.errors % 100 == 0:
+            log.warning("data path %s: %s (%d errors so far)", self.tcp_endpoint, reason, self.errors)
+        self._send(sock, routing, encode("error", rid, {"code": code, "reason": reason}))
+
+    def _send(self, sock: zmq.Socket, routing: bytes, frames: list) -> None:
+        try:
+            # ROUTER drops a message to a peer that has gone away instead of blocking.
+            sock.send_multipart([routing, *frames], copy=False, flags=zmq.NOBLOCK)
+            self.bytes_sent += _nbytes(frames)
+        except zmq.Again:
+            log.warning("data path: reply dropped (the caller's queue is full)")
+
+
+class DataLink:
+    """A compute peer's data socket to one attention peer. Every method runs on the owning thread."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, security: Any = None, limits: Limits = DEFAULT_LIMITS):
+        from .security import apply
+
+        self.endpoint = endpoint
+        self._limits = limits
+        sock = _sync(ctx).socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_frame_bytes, limits.max_header_bytes))
+        apply(sock, security, server=False)
+        sock.connect(endpoint)
+        self._sock = sock
+        self._ids = itertools.count(1)
+        self._replies: dict[int, Message | Exception] = {}
+        self._waiting: set[int] = set()
+        self.closed = False
+        # Held inside send/receive: close() from another thread waits for it (sockets are not thread-safe).
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def send(self, op: str, fields: dict, tensors: Sequence, timeout: float) -> int:
+        """Queue a request; returns its id. Raises RpcTimeout if ZeroMQ cannot take it within timeout."""
+        with self._lock:
+            if self.closed:
+                raise RpcClosed(f"data link to {self.endpoint} is closed")
+            rid = next(self._ids)
+            frames = encode(op, rid, fields, tensors, deadline=time.time() + timeout)
+            if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                raise RpcTimeout(f"{op} to {self.endpoint}: could not send within {timeout:g} s")
+            self._sock.send_multipart(frames, copy=False)
+        self.bytes_sent += _nbytes(frames)
+        self._waiting.add(rid)
+        return rid
+
+    def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
+                check_every: float = 0.05) -> Message:
+        """The reply to request `rid` (monotonic `deadline`). RpcTimeout past it; RpcClosed when
+        `alive()` turns false (membership declared the peer dead); RpcError for an error reply."""
+        self._lock.acquire()
+        try:
+            if self.closed:
+                raise RpcClosed(f"data link to {self.endpoint} is closed")
+            while rid not in self._replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RpcTimeout(f"attend to {self.endpoint}: no reply in time")
+                if self._sock.poll(int(min(remaining, check_every) * 1000) or 1, zmq.POLLIN):
+                    self._take_replies()
+                elif not alive():
+                    raise RpcClosed(f"attention peer at {self.endpoint} is gone")
+            got = self._replies.pop(rid)
+        finally:
+            self._waiting.discard(rid)
+            self._lock.release()
+        if isinstance(got, Exception):
+            raise got
+        if got.op == "error":
+            reason, code = str(got.fields.get("reason", "unknown error")), got.fields.get("code")
+            raise (RpcTimeout if code == DEADLINE else RpcError)(reason, code)
+        return got
+
+    def _take_replies(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.bytes_received += _nbytes(frames)
+            try:
+                msg = decode(frames, self._limits)
+            except WireError as e:
+                log.warning("data link %s: bad reply: %s", self.endpoint, e)
+                if e.rid is not None and e.rid in self._waiting:
+                    self._replies[e.rid] = RpcError(f"bad reply: {e}")
+                continue
+            if msg.rid in self._waiting:
+                self._replies[msg.rid] = msg
+            # else: a late reply to a request given up on; nothing waits for it
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the socket; from another thread, once the owner is out of send/receive (bounded wait)."""
+        locked = self._lock.acquire(timeout=timeout)
+        try:
+            if not self.closed:
+                self.closed = True
+                self._sock.close(linger=0)
+        finally:
+            if locked:
+                self._lock.release()

@@ -1,0 +1,157 @@
+"""The data path (net/datapath.py): a kernel thread that owns its ROUTER, a link owned by its caller.
+
+Real ZeroMQ sockets over TCP and ipc://, real CURVE keys; no event loop anywhere on this path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from lamina_p2p.net.datapath import DataLink, KernelThread
+from lamina_p2p.net.rpc import RpcClosed, RpcError, RpcTimeout
+from lamina_p2p.net.security import generate_keys, load_security
+from lamina_p2p.net.wire import PROTOCOL_VERSION, Limits, encode
+
+
+class Echo:
+    """An attend handler that answers with its tensors doubled, noting the thread it ran on."""
+
+    def __init__(self):
+        self.threads: set[int] = set()
+        self.gate: threading.Event | None = None
+
+    def __call__(self, msg, arrived):
+        self.threads.add(threading.get_ident())
+        if self.gate is not None:
+            self.gate.wait(10)
+        if msg.fields.get("fail"):
+            raise ValueError("asked to fail")
+        return {"n": len(msg.tensors)}, [t * 2 for t in msg.tensors]
+
+
+@pytest.fixture
+def served():
+    ctx = zmq.Context()
+    handler = Echo()
+    kt = KernelThread(ctx, "tcp://127.0.0.1", handler, limits=Limits(max_in_flight=3))
+    kt.start()
+    links = []
+
+    def link(endpoint=None, security=None):
+        ln = DataLink(ctx, endpoint or kt.tcp_endpoint, security=security)
+        links.append(ln)
+        return ln
+
+    yield kt, handler, link
+    for ln in links:
+        ln.close()
+    kt.stop()
+    ctx.term()
+
+
+def test_round_trips_over_tcp_and_ipc_are_matched_by_id_and_run_on_the_kernel_thread(served):
+    kt, handler, link = served
+    assert kt.ipc_endpoint and kt.ipc_endpoint.startswith("ipc://")
+    for endpoint in (kt.tcp_endpoint, kt.ipc_endpoint):
+        ln = link(endpoint)
+        xs = [np.arange(i, i + 5, dtype=np.float32) for i in range(3)]  # max_in_flight: 3
+        rids = [ln.send("attend", {}, [x], timeout=10) for x in xs]
+        for rid, x in reversed(list(zip(rids, xs))):  # received out of order: still matched
+            msg = ln.receive(rid, time.monotonic() + 10)
+            np.testing.assert_array_equal(msg.tensors[0], x * 2)
+    ran_jobs_on = kt.submit(threading.get_ident).result(10)
+    assert handler.threads == {ran_jobs_on}
+
+
+def test_malformed_messages_get_error_replies_and_the_thread_keeps_serving(served):
+    kt, _, link = served
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(kt.tcp_endpoint)
+    bad = [[b"garbage"], [b"\x81\xa1v\x01"], [msgpack.packb({"v": PROTOCOL_VERSION, "op": "attend", "id": 5,
+                                                             "t": [["f32", [2**40]]]}), b"\0" * 8],
+           encode("stats", 9, {}), [bytes(f) for f in encode("attend", 3, {}, [np.zeros(4, np.float32)])][:1]]
+    for frames in bad:
+        raw.send_multipart(frames)
+    codes = []
+    for _ in bad:
+        assert raw.poll(10_000)
+        codes.append(msgpack.unpackb(raw.recv_multipart()[0])["f"]["code"])
+    assert set(codes) <= {"bad_message", "unknown_op"} and "unknown_op" in codes
+    raw.close()
+    ctx.term()
+    ln = link()
+    with pytest.raises(RpcError, match="asked to fail"):  # a handler that raises: an error reply, not a crash
+        ln.receive(ln.send("attend", {"fail": True}, [], timeout=10), time.monotonic() + 10)
+    msg = ln.receive(ln.send("attend", {}, [np.ones(3, np.float32)], timeout=10), time.monotonic() + 10)
+    np.testing.assert_array_equal(msg.tensors[0], np.full(3, 2, np.float32))
+
+
+def test_past_max_in_flight_waiting_requests_are_answered_busy(served):
+    kt, handler, link = served
+    ln = link()
+    seen = []
+    for _ in range(5):  # the requests must all be queued at the peer before it wakes: usually the first try
+        gate = threading.Event()
+        blocked = kt.submit(gate.wait, 10)  # the kernel thread is busy: requests queue up in ZeroMQ
+        rids = [ln.send("attend", {}, [np.ones(2, np.float32)], timeout=10) for _ in range(8)]
+        gate.set()
+        blocked.result(10)
+        outcomes = []
+        for rid in rids:
+            try:
+                ln.receive(rid, time.monotonic() + 10)
+                outcomes.append("ok")
+            except RpcError as e:
+                outcomes.append(e.code)
+        assert outcomes.count("ok") >= 3 and set(outcomes) <= {"ok", "busy"}
+        seen += outcomes
+        if "busy" in seen:
+            break
+    assert "busy" in seen
+
+
+def test_deadline_and_a_dead_peer_end_the_wait(served):
+    kt, handler, link = served
+    ln = link()
+    handler.gate = threading.Event()
+    try:
+        rid = ln.send("attend", {}, [], timeout=0.3)
+        with pytest.raises(RpcTimeout):
+            ln.receive(rid, time.monotonic() + 0.3)
+        rid = ln.send("attend", {}, [], timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(RpcClosed):  # membership says the peer is dead: no waiting for the deadline
+            ln.receive(rid, time.monotonic() + 30, alive=lambda: False)
+        assert time.monotonic() - t0 < 10
+    finally:
+        handler.gate.set()
+
+
+def test_curve_keys_are_required_on_the_data_path(tmp_path):
+    good = load_security(generate_keys(tmp_path / "good")["cluster"])
+    wrong = load_security(generate_keys(tmp_path / "wrong")["cluster"])
+    ctx = zmq.Context()
+    kt = KernelThread(ctx, "tcp://127.0.0.1", Echo(), security=good, ipc=False)
+    kt.start()
+    try:
+        ok = DataLink(ctx, kt.tcp_endpoint, security=good)
+        msg = ok.receive(ok.send("attend", {}, [np.ones(2, np.float32)], timeout=10), time.monotonic() + 10)
+        np.testing.assert_array_equal(msg.tensors[0], [2, 2])
+        for security in (wrong, None):
+            intruder = DataLink(ctx, kt.tcp_endpoint, security=security)
+            with pytest.raises(RpcTimeout):  # the handshake fails: nothing is ever served
+                intruder.receive(intruder.send("attend", {}, [np.ones(2, np.float32)], timeout=1),
+                                 time.monotonic() + 1)
+            intruder.close()
+        ok.close()
+    finally:
+        kt.stop()
+        ctx.term()

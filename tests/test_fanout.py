@@ -1,0 +1,73 @@
+"""Per layer, one request per peer whatever the number of shards, and no query row repeated in a storage."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lamina_p2p.compute.fanout import merge_results, plan_micro_batch
+from lamina_p2p.compute.placement import Placer
+from lamina_p2p.compute.sequence import SamplingParams, Sequence
+
+
+def placed(prompt_len: int, shard_tokens: int, peers=("a", "b"), replicas: int = 1):
+    placer = Placer("sequence", 2, shard_tokens, replicas=replicas)
+    placer.set_peers({p: 1.0 for p in peers})
+    seq = Sequence(1, list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=8))
+    seq.shards = placer.place(prompt_len + 8)
+    placer.roll(seq.shards, 0, prompt_len)  # the whole prompt in one chunk
+    return placer, seq
+
+
+def test_a_chunk_over_many_shards_is_one_request_per_peer_and_each_row_once_per_storage():
+    placer, seq = placed(100, 8)
+    assert len(seq.shards) == 13  # ceil(100 / 8): the chunk opened every shard it needs
+    mb = plan_micro_batch([seq], [100], 2)
+    assert sorted(g.peer for g in mb.groups) == ["a", "b"]
+    assert {s.peer for s in seq.shards} == {"a", "b"} and max(
+        sum(s.peer == p for s in seq.shards) for p in "ab") > 1  # some peer holds several shards
+    for g in mb.groups:
+        assert len(set(g.seq_ids.tolist())) == 1  # all of a peer's shards of the sequence: one storage
+        assert int(g.n_q.sum()) <= 100  # no query row twice
+    assert sum(int(g.n_kv.sum()) for g in mb.groups) == 100
+    # Decode after the prompt: one entry per peer.
+    seq.cached = 100
+    placer.roll(seq.shards, 100, 101)
+    mb = plan_micro_batch([seq], [1], 2)
+    assert sorted((g.peer, len(g.seq_ids)) for g in mb.groups) == [("a", 1), ("b", 1)]
+
+
+def test_replicas_get_their_own_storage_and_the_same_positions():
+    _, seq = placed(40, 8, peers=("a", "b", "c"), replicas=2)
+    mb = plan_micro_batch([seq], [40], 2)
+    primaries = mb.groups[: mb.num_primary]
+    replicas = mb.groups[mb.num_primary:]
+    assert int(sum(g.n_kv.sum() for g in primaries)) == 40 == int(sum(g.n_kv.sum() for g in replicas))
+    assert len({g.peer for g in primaries}) == len(primaries) <= 3  # one request per peer and role
+
+
+def test_merge_with_repeated_rows_is_the_exact_softmax():
+    """Partials of one row from several entries of one request merge like partials of different peers."""
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((3, 12)).astype(np.float32)  # 3 partials, 12 keys each, 1 row
+    values = rng.standard_normal((3, 12, 4)).astype(np.float32)
+    outs, lses = [], []
+    for s, v in zip(scores, values):
+        w = np.exp(s - s.max())
+        outs.append((w[:, None] * v).sum(0) / w.sum())
+        lses.append(s.max() + np.log(w.sum()))
+
+    class G:  # two groups: one with the row twice (two storages on one peer), one with it once
+        def __init__(self, rows):
+            self.rows, self.h0, self.h1, self.replica = torch.tensor(rows), 0, 1, False
+
+    class MB:
+        num_tokens, overlapping, num_primary = 1, True, 2
+        groups = [G([0, 0]), G([0])]
+
+    results = [(np.stack(outs[:2])[:, None], np.array(lses[:2], np.float32)[:, None]),
+               (outs[2][None, None], np.array([[lses[2]]], np.float32))]
+    merged = merge_results(MB(), results, num_heads=1, head_dim=4, group_size=1)
+    s_all, v_all = scores.reshape(-1), values.reshape(-1, 4)
+    w = np.exp(s_all - s_all.max())
+    np.testing.assert_allclose(merged[0, 0].numpy(), (w[:, None] * v_all).sum(0) / w.sum(), rtol=1e-5, atol=1e-6)
