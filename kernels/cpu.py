@@ -31,6 +31,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import plan as P
+from . import simd as S
+from . import tiles as T
 from .storage import check_storage, storage_dtype, widen
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
@@ -319,11 +321,16 @@ def _prefetch_block(k_pool, v_pool, blk, layer):
     _prefetch_rows(v_pool, blk, layer, 0, v_pool.shape[2])
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc):
     """Online-softmax update for keys [t0, t1) of one block: scores in s become
-    probabilities (0 past each row's causal limit), m/l/acc are rescaled."""
+    probabilities (0 past each row's causal limit), m/l/acc are rescaled.
+
+    Rows whose visible keys are whole 16-key chunks (every block but a causal
+    diagonal or a tail) take the vector path: max, exp and sum 16 keys at a time.
+    """
     d = acc.shape[1]
+    sw = s.shape[1]
     for r in range(n_rows):
         te = max(min(t1, row_lim[r] - base), t0)  # causal limit of this row
         for t in range(te, t1):
@@ -331,14 +338,25 @@ def _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc):
         if te == t0:
             continue
         mx = m[r]
-        for t in range(t0, te):
-            mx = max(mx, s[r, t])
+        vec = (te - t0) % 16 == 0
+        if vec:
+            for t in range(t0, te, 16):
+                mx = max(mx, S.vhmax(S.vload(s, r * sw + t)))
+        else:
+            for t in range(t0, te):
+                mx = max(mx, s[r, t])
         alpha = _exp_nonpos(m[r] - mx)  # ~0 on the first block (m = -inf)
         psum = np.float32(0.0)
-        for t in range(t0, te):
-            p = _exp_nonpos(s[r, t] - mx)
-            s[r, t] = p
-            psum += p
+        if vec:
+            for t in range(t0, te, 16):
+                pv = S.vexp_nonpos(S.vsub(S.vload(s, r * sw + t), mx))
+                S.vstore(s, r * sw + t, pv)
+                psum += S.vhsum(pv)
+        else:
+            for t in range(t0, te):
+                p = _exp_nonpos(s[r, t] - mx)
+                s[r, t] = p
+                psum += p
         l[r] = l[r] * alpha + psum
         m[r] = mx
         if alpha != 1.0:
@@ -385,6 +403,36 @@ def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, 
             _pv4(s, r, v_pool, blk, layer, t0, t1, acc, bn, pf and r == 0)
         for r in range(r4, n_rows):
             _pv1(s, r, v_pool, blk, layer, t0, t1, acc, bn, pf and r == 0)
+
+
+@njit(**_JIT)
+def _attend_rows_v(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc):
+    """_attend_rows with the explicit-vector tiles of tiles.py (head_dim % 16 == 0)."""
+    bs = k_pool.shape[2]
+    d = k_pool.shape[3]
+    nl = k_pool.shape[1]
+    for r in range(n_rows):
+        m[r] = -np.inf
+        l[r] = 0.0
+        for x in range(d):
+            acc[r, x] = 0.0
+    if k1 <= k0:
+        return
+    b_end = (k1 + bs - 1) // bs
+    b0 = k0 // bs
+    first = ((bt_row[b0] * nl + layer) * bs) * d
+    T.prefetch_block_rows(k_pool, first, bs, d)
+    T.prefetch_block_rows(v_pool, first, bs, d)
+    for b in range(b0, b_end):
+        blk = bt_row[b]  # one table lookup per block, not per token
+        base = b * bs
+        t0 = max(k0 - base, 0)
+        t1 = min(k1 - base, bs)
+        row0 = ((blk * nl + layer) * bs + t0) * d
+        pf = ((bt_row[b + 1] * nl + layer) * bs) * d if b + 1 < b_end else -1
+        T.qk_rows(qs, n_rows, k_pool, row0, t1 - t0, s, t0, pf)
+        _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc)
+        T.pv_rows(s, n_rows, v_pool, row0, t1 - t0, acc, t0, pf)
 
 
 @njit(parallel=True, **_JIT)
@@ -454,8 +502,12 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                 row_lim[r] = lim
                 for x in range(d):
                     qs[r, x] = _dec(q[tok, h * gsz + gg, x]) * scale
-        _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
-                     layer, k0, k1, s, m, l, acc)
+        if d % 16 == 0:
+            _attend_rows_v(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                           layer, k0, k1, s, m, l, acc)
+        else:
+            _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                         layer, k0, k1, s, m, l, acc)
         for jj in range(nqt):
             tok = q_start[i] + j0 + jj
             for gg in range(gsz):
