@@ -33,6 +33,9 @@ from numba.extending import intrinsic, overload
 from . import plan as P
 from . import simd as S
 from . import tiles as T
+from .softmax import exp_nonpos as _exp_nonpos
+from .softmax import softmax_block as _softmax_block
+from .softmax import u32_as_f32 as _u32_as_f32
 from .storage import check_storage, storage_dtype, widen
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
@@ -44,19 +47,9 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 _ROWS_PER_GROUP = 64
 # Smallest key range given its own item (per query position).
 _MIN_SPLIT = 256
-
-
-@intrinsic
-def _u32_as_f32(typingctx, u):
-    """Reinterpret the bits of a uint32 as float32 (no value conversion)."""
-    if not isinstance(u, types.Integer):
-        return None
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
+# Elements (new tokens x kv heads x head_dim) up to which the append runs on the
+# calling thread instead of a parallel region.
+_SERIAL_APPEND = 1 << 16
 
 
 @intrinsic
@@ -87,6 +80,22 @@ def _host_has_f16c():
 
 
 _F16C = _host_has_f16c()
+
+
+def _host_has(feature):
+    from llvmlite import binding
+
+    try:
+        return bool(binding.get_host_cpu_features().get(feature, False))
+    except RuntimeError:
+        return False
+
+
+# Whether this CPU reports avx512_bf16 (vdpbf16ps). The kernels do not use it: on the
+# machines measured it is masked (the hypervisor hides it), so bfloat16 is widened to
+# float32 in the vector load (a shift) and computed with float32 FMAs. Reported by
+# tools/bench_kernels.py.
+HOST_AVX512_BF16 = _host_has("avx512bf16")
 
 
 @njit(inline="always", **_JIT)
@@ -136,30 +145,6 @@ def _ov_dec(h):
 def _kernel_view(a, storage):
     """The array as the jitted kernels take it: bfloat16 bits viewed as int16."""
     return a.view(np.int16) if storage == "bfloat16" else a
-
-
-@njit(inline="always", **_JIT)
-def _exp_nonpos(x):
-    """exp(x) for x <= 0 (scores minus their running max), vectorisable.
-
-    llvmlite's LLVM here is not SVML-patched, so np.exp is a scalar expf call per
-    element and the softmax loop cannot vectorise. Cody-Waite reduction to
-    r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial: ~1 ulp. x is clamped at
-    -87 (result ~1e-38 instead of a denormal or 0; callers only ever scale zeros by
-    such a value).
-    """
-    x = max(x, np.float32(-87.0))
-    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = x - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
-    p = np.float32(1.0 / 5040.0)
-    p = p * r + np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
-    return p * _u32_as_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
 
 
 @intrinsic
@@ -321,49 +306,6 @@ def _prefetch_block(k_pool, v_pool, blk, layer):
     _prefetch_rows(v_pool, blk, layer, 0, v_pool.shape[2])
 
 
-@njit(inline="always", **_JIT)
-def _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc):
-    """Online-softmax update for keys [t0, t1) of one block: scores in s become
-    probabilities (0 past each row's causal limit), m/l/acc are rescaled.
-
-    Rows whose visible keys are whole 16-key chunks (every block but a causal
-    diagonal or a tail) take the vector path: max, exp and sum 16 keys at a time.
-    """
-    d = acc.shape[1]
-    sw = s.shape[1]
-    for r in range(n_rows):
-        te = max(min(t1, row_lim[r] - base), t0)  # causal limit of this row
-        for t in range(te, t1):
-            s[r, t] = 0.0  # masked keys get probability 0 in the PV pass
-        if te == t0:
-            continue
-        mx = m[r]
-        vec = (te - t0) % 16 == 0
-        if vec:
-            for t in range(t0, te, 16):
-                mx = max(mx, S.vhmax(S.vload(s, r * sw + t)))
-        else:
-            for t in range(t0, te):
-                mx = max(mx, s[r, t])
-        alpha = _exp_nonpos(m[r] - mx)  # ~0 on the first block (m = -inf)
-        psum = np.float32(0.0)
-        if vec:
-            for t in range(t0, te, 16):
-                pv = S.vexp_nonpos(S.vsub(S.vload(s, r * sw + t), mx))
-                S.vstore(s, r * sw + t, pv)
-                psum += S.vhsum(pv)
-        else:
-            for t in range(t0, te):
-                p = _exp_nonpos(s[r, t] - mx)
-                s[r, t] = p
-                psum += p
-        l[r] = l[r] * alpha + psum
-        m[r] = mx
-        if alpha != 1.0:
-            for x in range(d):
-                acc[r, x] *= alpha
-
-
 @njit(**_JIT)
 def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc):
     """Online softmax of rows qs[:n_rows] over keys [k0, k1); row r sees keys < row_lim[r].
@@ -406,33 +348,19 @@ def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, 
 
 
 @njit(**_JIT)
-def _attend_rows_v(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc):
-    """_attend_rows with the explicit-vector tiles of tiles.py (head_dim % 16 == 0)."""
+def _append_rows(k_new, v_new, k_pool, v_pool, block_table, slots, kv_start, ctx_lens, layer, i, h):
+    """Copy sequence i's new K/V rows of local kv head h into its pool blocks."""
     bs = k_pool.shape[2]
     d = k_pool.shape[3]
-    nl = k_pool.shape[1]
-    for r in range(n_rows):
-        m[r] = -np.inf
-        l[r] = 0.0
+    kv0 = kv_start[i]
+    bt_row = block_table[slots[i], h]
+    for t in range(kv_start[i + 1] - kv0):
+        pos = ctx_lens[i] + t
+        blk = bt_row[pos // bs]
+        off = pos - (pos // bs) * bs
         for x in range(d):
-            acc[r, x] = 0.0
-    if k1 <= k0:
-        return
-    b_end = (k1 + bs - 1) // bs
-    b0 = k0 // bs
-    first = ((bt_row[b0] * nl + layer) * bs) * d
-    T.prefetch_block_rows(k_pool, first, bs, d)
-    T.prefetch_block_rows(v_pool, first, bs, d)
-    for b in range(b0, b_end):
-        blk = bt_row[b]  # one table lookup per block, not per token
-        base = b * bs
-        t0 = max(k0 - base, 0)
-        t1 = min(k1 - base, bs)
-        row0 = ((blk * nl + layer) * bs + t0) * d
-        pf = ((bt_row[b + 1] * nl + layer) * bs) * d if b + 1 < b_end else -1
-        T.qk_rows(qs, n_rows, k_pool, row0, t1 - t0, s, t0, pf)
-        _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc)
-        T.pv_rows(s, n_rows, v_pool, row0, t1 - t0, acc, t0, pf)
+            k_pool[blk, layer, off, x] = k_new[kv0 + t, h, x]
+            v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
 
 
 @njit(parallel=True, **_JIT)
@@ -447,20 +375,16 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
     gsz = n_q_heads // n_kv
     rmax = q_tile * gsz
 
-    # Pass 1: append. Bits are copied as they are (same encoding in and out).
-    for w in prange(n_seq * n_kv):
-        i = w // n_kv
-        h = w - i * n_kv
-        kv0 = kv_start[i]
-        nk = kv_start[i + 1] - kv0
-        bt_row = block_table[slots[i], h]
-        for t in range(nk):
-            pos = ctx_lens[i] + t
-            blk = bt_row[pos // bs]
-            off = pos - (pos // bs) * bs
-            for x in range(d):
-                k_pool[blk, layer, off, x] = k_new[kv0 + t, h, x]
-                v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
+    # Pass 1: append. Bits are copied as they are (same encoding in and out). A decode
+    # step's rows are a few KB: copied on this thread, a parallel region would cost more.
+    if kv_start[n_seq] * n_kv * d <= _SERIAL_APPEND:
+        for w in range(n_seq * n_kv):
+            _append_rows(k_new, v_new, k_pool, v_pool, block_table, slots, kv_start, ctx_lens,
+                         layer, w // n_kv, w % n_kv)
+    else:
+        for w in prange(n_seq * n_kv):
+            _append_rows(k_new, v_new, k_pool, v_pool, block_table, slots, kv_start, ctx_lens,
+                         layer, w // n_kv, w % n_kv)
 
     # Pass 2: attend, one item per iteration, longest items first. Scratch is per
     # thread (indexed by numba.get_thread_id()), not allocated per item.
@@ -502,9 +426,15 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                 row_lim[r] = lim
                 for x in range(d):
                     qs[r, x] = _dec(q[tok, h * gsz + gg, x]) * scale
-        if d % 16 == 0:
-            _attend_rows_v(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
-                           layer, k0, k1, s, m, l, acc)
+        if d == 64:
+            T.attend_rows_64(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                             layer, k0, k1, s, m, l, acc)
+        elif d == 128:
+            T.attend_rows_128(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                              layer, k0, k1, s, m, l, acc)
+        elif d % 16 == 0:
+            T.attend_rows_any(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                              layer, k0, k1, s, m, l, acc)
         else:
             _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
                          layer, k0, k1, s, m, l, acc)
@@ -528,9 +458,13 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                     for x in range(d):
                         part_o[part, r, x] = acc[r, x] * inv
 
-    # Pass 3: merge split groups and fill groups that see no key at all.
+    # Pass 3: merge split groups and fill groups that see no key at all (a parallel
+    # region only when there is such a group).
     n_groups = groups.shape[0]
-    for g in prange(n_groups):
+    need = n_parts > 0
+    for g in range(n_groups):
+        need = need or groups[g, P.G_NITEMS] == 0
+    for g in prange(n_groups if need else 0):
         n_split = groups[g, P.G_NITEMS]
         if n_split == 1:
             continue
@@ -578,14 +512,18 @@ def _check_array(name, a, dtype, ndim):
 
 def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start, ctx_lens,
             layer, storage):
-    """Check a call's arguments; return the int32-normalised index arrays."""
+    """Check a call's arguments' types and shapes; return the int32 index arrays.
+
+    The blocks the call touches are checked by plan.validate (in append_attend).
+    """
     check_storage(storage)
     dt = storage_dtype(storage)
     for name, a, nd in (("q", q, 3), ("k_new", k_new, 3), ("v_new", v_new, 3),
                         ("k_pool", k_pool, 4), ("v_pool", v_pool, 4)):
         _check_array(name, a, dt, nd)
-    idx = [np.ascontiguousarray(a, dtype=np.int32) for a in (slots, q_start, kv_start, ctx_lens)]
-    slots, q_start, kv_start, ctx_lens = idx
+    slots, q_start, kv_start, ctx_lens = (
+        a if isinstance(a, np.ndarray) and a.dtype == np.int32 and a.flags.c_contiguous
+        else np.ascontiguousarray(a, dtype=np.int32) for a in (slots, q_start, kv_start, ctx_lens))
     _check_array("block_table", block_table, np.int32, 3)
     n_blocks, n_layers, bs, d = k_pool.shape
     if v_pool.shape != k_pool.shape:
@@ -597,7 +535,7 @@ def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_sta
     if q.shape[2] != d or k_new.shape[1:] != (n_kv, d) or v_new.shape != k_new.shape:
         raise ValueError(f"shape mismatch: q {q.shape}, k_new {k_new.shape}, v_new "
                          f"{v_new.shape}, pool head_dim {d}, {n_kv} local kv heads")
-    if q.shape[1] % n_kv:
+    if n_kv == 0 or q.shape[1] % n_kv:
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {n_kv} kv heads")
     if q_start.shape != (n_seq + 1,) or kv_start.shape != (n_seq + 1,) or ctx_lens.shape != (n_seq,):
         raise ValueError("q_start/kv_start need n_seq+1 entries and ctx_lens n_seq")
@@ -605,9 +543,6 @@ def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_sta
         raise ValueError("q_start/kv_start must end at the token counts of q/k_new")
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} outside the pool's {n_layers} layers")
-    err, seq = P.validate(block_table, bs, n_blocks, slots, q_start, kv_start, ctx_lens, n_kv)
-    if err:
-        raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
     return slots, q_start, kv_start, ctx_lens
 
 
@@ -617,35 +552,71 @@ def q_tile_for(n_q_heads, n_kv, max_chunk):
     return max(1, min(max_chunk, _ROWS_PER_GROUP // g))
 
 
+def _check_out(name, a, shape):
+    _check_array(name, a, np.float32, len(shape))
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+
+
 def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
-                  ctx_lens, layer, scale, storage):
+                  ctx_lens, layer, scale, storage, *, out=None, lse=None):
     """Append each sequence's new K/V rows into the pool, then attend; see DESIGN.md s4.
 
-    Returns (out float32 [T, Hq, D], lse float32 [T, Hq]).
+    q [T, Hq, D], k_new/v_new [T_kv, Hkv, D] in the storage encoding; pools
+    [n_blocks, n_layers, block_size, D]; block_table int32 [slots, >= Hkv, max_blocks].
+    Returns (out float32 [T, Hq, D], lse float32 [T, Hq]). out/lse: optional
+    preallocated C-contiguous float32 arrays of those shapes, written in full and
+    returned (a caller that reuses them allocates nothing per call).
+    Raises TypeError/ValueError on malformed arguments.
     """
     slots, q_start, kv_start, ctx_lens = prepare(
         q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start, ctx_lens,
         layer, storage)
     t, n_q_heads, d = q.shape
     n_kv = k_new.shape[1]
-    bs = k_pool.shape[2]
-    out = np.zeros((t, n_q_heads, d), np.float32)
-    lse = np.full((t, n_q_heads), -np.inf, np.float32)
+    if out is None:
+        out = np.empty((t, n_q_heads, d), np.float32)
+    else:
+        _check_out("out", out, (t, n_q_heads, d))
+    if lse is None:
+        lse = np.empty((t, n_q_heads), np.float32)
+    else:
+        _check_out("lse", lse, (t, n_q_heads))
+    n_threads = numba.get_num_threads()
+    err, seq, q_tile, groups, items, order, n_parts = P.validate_and_plan(
+        block_table, k_pool.shape[0], slots, q_start, kv_start, ctx_lens, n_kv,
+        n_q_heads // n_kv, _ROWS_PER_GROUP, k_pool.shape[2], n_threads, _MIN_SPLIT)
+    if err:
+        raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
     if t == 0:
         return out, lse
-    max_chunk = int(np.max(np.diff(q_start))) if slots.shape[0] else 1
-    q_tile = q_tile_for(n_q_heads, n_kv, max_chunk)
-    n_threads = numba.get_num_threads()
-    groups, items, order, n_parts = P.make_plan(
-        q_start, kv_start, ctx_lens, n_kv, q_tile, bs, n_threads, _MIN_SPLIT)
-    # Items differ in size: hand them out one at a time (dynamic scheduling). The
-    # setting is thread-local, so concurrent callers on other threads are unaffected.
-    kv = [_kernel_view(a, storage) for a in (q, k_new, v_new, k_pool, v_pool)]
-    with numba.parallel_chunksize(1):
-        _append_attend(*kv, block_table, slots, q_start, kv_start, ctx_lens, int(layer),
-                       np.float32(scale), groups, items, order, n_parts, q_tile, n_threads, out,
-                       lse)
+    if storage == "bfloat16":
+        q, k_new, v_new, k_pool, v_pool = (a.view(np.int16) for a in (q, k_new, v_new, k_pool, v_pool))
+    # Items differ in size: hand them out one at a time (dynamic scheduling; a thread
+    # the OS delays does not hold up the others' share). The setting is thread-local.
+    chunk0 = _set_chunksize(1)
+    try:
+        _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                       ctx_lens, int(layer), np.float32(scale), groups, items, order, n_parts,
+                       q_tile, n_threads, out, lse)
+    finally:
+        _set_chunksize(chunk0)
     return out, lse
+
+
+def _set_chunksize(n):
+    """numba.set_parallel_chunksize without its per-call checks and lock (~6 us each):
+    the raw setter exists once numba's threads are up."""
+    global _RAW_SET_CHUNKSIZE
+    if _RAW_SET_CHUNKSIZE is None:
+        numba.set_parallel_chunksize(0)  # launches the threads and binds the setter
+        from numba.np.ufunc import parallel
+
+        _RAW_SET_CHUNKSIZE = parallel._set_parallel_chunksize
+    return _RAW_SET_CHUNKSIZE(n)
+
+
+_RAW_SET_CHUNKSIZE = None
 
 
 def warmup(storages=("float32", "float16", "bfloat16")):

@@ -258,7 +258,7 @@ def vhmax(typingctx, v):
 def vexp_nonpos(typingctx, v):
     """exp(x) lane by lane for x <= 0 (scores minus their running max), ~1 ulp.
 
-    The same Cody-Waite reduction and degree-7 polynomial as cpu._exp_nonpos, in
+    The same Cody-Waite reduction and degree-7 polynomial as exp_nonpos, in
     vector registers (LLVM's llvm.exp would be 16 scalar expf calls without SVML).
     Lanes below -87 give ~1e-38 instead of a denormal (or 0); -inf gives the same.
     """

@@ -26,10 +26,14 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import vfma, vhsum, vload, vstore, vsum16, vzero
+from .simd import vexp_nonpos, vfma, vhmax, vhsum, vload, vmul, vstore, vsub, vsum16, vzero
+from .softmax import exp_nonpos
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+# The factory's functions are closures over D: not cached themselves, they are
+# compiled into (and cached with) the cpu.py kernel that calls them.
+_JIT_D = dict(_JIT, cache=False)
 
 
 @intrinsic
@@ -51,107 +55,177 @@ def _prefetch(typingctx, arr, idx):
     return sig, codegen
 
 
-@njit(inline="always", **_JIT)
-def _prefetch_row(pool, start, d):
-    """Prefetch the cache lines of one key row (d elements from flat index start)."""
-    for o in range(start, start + d, 64 // pool.itemsize):
-        _prefetch(pool, o)
+def make_attend_rows(D):
+    """attend_rows for a compile-time head_dim D (0: read it from the arrays).
 
-
-@njit(inline="always", **_JIT)
-def qk_rows(qs, n_rows, kp, base, n, s, sc, pf):
-    """s[r, sc + t] = qs[r] . kp.flat[base + t*d : base + t*d + d] for r < n_rows, t < n.
-
-    qs: float32 [rows, d] (scaled queries); kp: the K pool (any storage); s: float32
-    scores [rows, >= sc + n]. pf >= 0: flat index of the next block's first row,
-    prefetched row by row while row 0 is scored.
+    With a constant row stride the 16 key rows of a QK tile are one base register
+    plus immediate offsets and the head_dim loops unroll. The whole block loop is one
+    function body on purpose: array arguments of a helper, even an inlined one, cost
+    an NRT incref/decref pair per call, i.e. per block.
     """
-    d = qs.shape[1]
-    sw = s.shape[1]
-    for r in range(n_rows):
-        qb = r * d
-        t = 0
-        while t + 16 <= n:
-            if pf >= 0 and r == 0:
-                for j in range(16):
-                    _prefetch_row(kp, pf + (t + j) * d, d)
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
-            a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
-            o = base + t * d
-            for c in range(0, d, 16):
-                qv = vload(qs, qb + c)
-                a0 = vfma(qv, vload(kp, o + c), a0)
-                a1 = vfma(qv, vload(kp, o + d + c), a1)
-                a2 = vfma(qv, vload(kp, o + 2 * d + c), a2)
-                a3 = vfma(qv, vload(kp, o + 3 * d + c), a3)
-                a4 = vfma(qv, vload(kp, o + 4 * d + c), a4)
-                a5 = vfma(qv, vload(kp, o + 5 * d + c), a5)
-                a6 = vfma(qv, vload(kp, o + 6 * d + c), a6)
-                a7 = vfma(qv, vload(kp, o + 7 * d + c), a7)
-                a8 = vfma(qv, vload(kp, o + 8 * d + c), a8)
-                a9 = vfma(qv, vload(kp, o + 9 * d + c), a9)
-                a10 = vfma(qv, vload(kp, o + 10 * d + c), a10)
-                a11 = vfma(qv, vload(kp, o + 11 * d + c), a11)
-                a12 = vfma(qv, vload(kp, o + 12 * d + c), a12)
-                a13 = vfma(qv, vload(kp, o + 13 * d + c), a13)
-                a14 = vfma(qv, vload(kp, o + 14 * d + c), a14)
-                a15 = vfma(qv, vload(kp, o + 15 * d + c), a15)
-            vstore(s, r * sw + sc + t,
-                   vsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15))
-            t += 16
-        while t < n:
-            if pf >= 0 and r == 0:
-                _prefetch_row(kp, pf + t * d, d)
-            a = vzero()
-            o = base + t * d
-            for c in range(0, d, 16):
-                a = vfma(vload(qs, qb + c), vload(kp, o + c), a)
-            s[r, sc + t] = vhsum(a)
-            t += 1
+
+    @njit(**_JIT_D)
+    def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc):
+        """Online softmax of rows qs[:n_rows] over keys [k0, k1) of one (sequence, kv
+        head); row r sees keys < row_lim[r]. Leaves the running max m, sum l and the
+        unnormalised accumulator acc (float32 [rows, d]). s: float32 [rows, >= bs]."""
+        bs = k_pool.shape[2]
+        d = k_pool.shape[3] if D == 0 else D
+        nl = k_pool.shape[1]
+        sw = s.shape[1]
+        step = 64 // k_pool.itemsize  # elements per cache line
+        for r in range(n_rows):
+            m[r] = -np.inf
+            l[r] = 0.0
+            for x in range(0, d, 16):
+                vstore(acc, r * d + x, vzero())
+        if k1 <= k0:
+            return
+        b_end = (k1 + bs - 1) // bs
+        b0 = k0 // bs
+        first = ((bt_row[b0] * nl + layer) * bs) * d
+        po = first
+        while po < first + bs * d:  # a while loop: range() with a runtime step divides
+            _prefetch(k_pool, po)
+            _prefetch(v_pool, po)
+            po += step
+        for b in range(b0, b_end):
+            blk = bt_row[b]  # one table lookup per block, not per token
+            base = b * bs
+            t0 = max(k0 - base, 0)
+            t1 = min(k1 - base, bs)
+            n = t1 - t0
+            row0 = ((blk * nl + layer) * bs + t0) * d
+            # Blocks are scattered: the hardware prefetcher stops at each block edge,
+            # so the next block is prefetched a key row at a time inside the loops
+            # (a burst of a whole block at once stalls the current block's loads).
+            pf = ((bt_row[b + 1] * nl + layer) * bs) * d if b + 1 < b_end else -1
+
+            # QK: s[r, t0 + t] = qs[r] . K[t]
+            for r in range(n_rows):
+                qb = r * d
+                t = 0
+                while t + 16 <= n:
+                    if pf >= 0 and r == 0:
+                        po = pf + t * d
+                        while po < pf + (t + 16) * d:
+                            _prefetch(k_pool, po)
+                            po += step
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    o = row0 + t * d
+                    for c in range(0, d, 16):
+                        qv = vload(qs, qb + c)
+                        a0 = vfma(qv, vload(k_pool, o + c), a0)
+                        a1 = vfma(qv, vload(k_pool, o + d + c), a1)
+                        a2 = vfma(qv, vload(k_pool, o + 2 * d + c), a2)
+                        a3 = vfma(qv, vload(k_pool, o + 3 * d + c), a3)
+                        a4 = vfma(qv, vload(k_pool, o + 4 * d + c), a4)
+                        a5 = vfma(qv, vload(k_pool, o + 5 * d + c), a5)
+                        a6 = vfma(qv, vload(k_pool, o + 6 * d + c), a6)
+                        a7 = vfma(qv, vload(k_pool, o + 7 * d + c), a7)
+                        a8 = vfma(qv, vload(k_pool, o + 8 * d + c), a8)
+                        a9 = vfma(qv, vload(k_pool, o + 9 * d + c), a9)
+                        a10 = vfma(qv, vload(k_pool, o + 10 * d + c), a10)
+                        a11 = vfma(qv, vload(k_pool, o + 11 * d + c), a11)
+                        a12 = vfma(qv, vload(k_pool, o + 12 * d + c), a12)
+                        a13 = vfma(qv, vload(k_pool, o + 13 * d + c), a13)
+                        a14 = vfma(qv, vload(k_pool, o + 14 * d + c), a14)
+                        a15 = vfma(qv, vload(k_pool, o + 15 * d + c), a15)
+                    vstore(s, r * sw + t0 + t, vsum16(a0, a1, a2, a3, a4, a5, a6, a7,
+                                                       a8, a9, a10, a11, a12, a13, a14, a15))
+                    t += 16
+                while t < n:
+                    if pf >= 0 and r == 0:
+                        po = pf + t * d
+                        while po < pf + (t + 1) * d:
+                            _prefetch(k_pool, po)
+                            po += step
+                    a = vzero()
+                    o = row0 + t * d
+                    for c in range(0, d, 16):
+                        a = vfma(vload(qs, qb + c), vload(k_pool, o + c), a)
+                    s[r, t0 + t] = vhsum(a)
+                    t += 1
+
+            # Online softmax: scores become probabilities (0 past a row's causal
+            # limit); m, l and acc are rescaled when the running max moves.
+            for r in range(n_rows):
+                te = max(min(t1, row_lim[r] - base), t0)
+                for t in range(te, t1):
+                    s[r, t] = 0.0
+                if te == t0:
+                    continue
+                mx = m[r]
+                vec = (te - t0) % 16 == 0  # whole 16-key chunks: every block but a diagonal or tail
+                if vec:
+                    for t in range(t0, te, 16):
+                        mx = max(mx, vhmax(vload(s, r * sw + t)))
+                else:
+                    for t in range(t0, te):
+                        mx = max(mx, s[r, t])
+                # Once the max has settled it stops moving: skip the scalar exp (a
+                # long dependency chain) and the rescale. ~0 on the first block.
+                alpha = np.float32(1.0) if mx == m[r] else exp_nonpos(m[r] - mx)
+                psum = np.float32(0.0)
+                if vec:
+                    for t in range(t0, te, 16):
+                        pv = vexp_nonpos(vsub(vload(s, r * sw + t), mx))
+                        vstore(s, r * sw + t, pv)
+                        psum += vhsum(pv)
+                else:
+                    for t in range(t0, te):
+                        p = exp_nonpos(s[r, t] - mx)
+                        s[r, t] = p
+                        psum += p
+                l[r] = l[r] * alpha + psum
+                m[r] = mx
+                if alpha != 1.0:
+                    for x in range(0, d, 16):
+                        vstore(acc, r * d + x, vmul(vload(acc, r * d + x), alpha))
+
+            # PV: acc[r] += sum_t p[r, t] V[t], 64 columns of a row in registers.
+            for r in range(n_rows):
+                c = 0
+                while c + 64 <= d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    x1 = vload(acc, o + 16)
+                    x2 = vload(acc, o + 32)
+                    x3 = vload(acc, o + 48)
+                    for t in range(n):
+                        if pf >= 0 and r == 0 and c == 0:
+                            po = pf + t * d
+                            while po < pf + (t + 1) * d:
+                                _prefetch(v_pool, po)
+                                po += step
+                        pt = s[r, t0 + t]
+                        v = row0 + t * d + c
+                        x0 = vfma(vload(v_pool, v), pt, x0)
+                        x1 = vfma(vload(v_pool, v + 16), pt, x1)
+                        x2 = vfma(vload(v_pool, v + 32), pt, x2)
+                        x3 = vfma(vload(v_pool, v + 48), pt, x3)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + 16, x1)
+                    vstore(acc, o + 32, x2)
+                    vstore(acc, o + 48, x3)
+                    c += 64
+                while c < d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    for t in range(n):
+                        if pf >= 0 and r == 0 and c == 0:
+                            po = pf + t * d
+                            while po < pf + (t + 1) * d:
+                                _prefetch(v_pool, po)
+                                po += step
+                        x0 = vfma(vload(v_pool, row0 + t * d + c), s[r, t0 + t], x0)
+                    vstore(acc, o, x0)
+                    c += 16
+
+    return attend_rows
 
 
-@njit(inline="always", **_JIT)
-def pv_rows(p, n_rows, vp, base, n, acc, sc, pf):
-    """acc[r] += sum_t p[r, sc + t] * vp.flat[base + t*d : ... + d] for r < n_rows, t < n.
-
-    acc: float32 [rows, d]; p: float32 probabilities (0 for masked keys).
-    """
-    d = acc.shape[1]
-    for r in range(n_rows):
-        c = 0
-        while c + 64 <= d:
-            o = r * d + c
-            x0 = vload(acc, o)
-            x1 = vload(acc, o + 16)
-            x2 = vload(acc, o + 32)
-            x3 = vload(acc, o + 48)
-            for t in range(n):
-                if pf >= 0 and r == 0 and c == 0:
-                    _prefetch_row(vp, pf + t * d, d)
-                pt = p[r, sc + t]
-                b = base + t * d + c
-                x0 = vfma(vload(vp, b), pt, x0)
-                x1 = vfma(vload(vp, b + 16), pt, x1)
-                x2 = vfma(vload(vp, b + 32), pt, x2)
-                x3 = vfma(vload(vp, b + 48), pt, x3)
-            vstore(acc, o, x0)
-            vstore(acc, o + 16, x1)
-            vstore(acc, o + 32, x2)
-            vstore(acc, o + 48, x3)
-            c += 64
-        while c < d:
-            o = r * d + c
-            x0 = vload(acc, o)
-            for t in range(n):
-                if pf >= 0 and r == 0 and c == 0:
-                    _prefetch_row(vp, pf + t * d, d)
-                x0 = vfma(vload(vp, base + t * d + c), p[r, sc + t], x0)
-            vstore(acc, o, x0)
-            c += 16
-
-
-@njit(**_JIT)
-def prefetch_block_rows(pool, start, n, d):
-    """Prefetch n key rows from flat index start (an item's first block)."""
-    for t in range(n):
-        _prefetch_row(pool, start + t * d, d)
+attend_rows_64 = make_attend_rows(64)
+attend_rows_128 = make_attend_rows(128)
+attend_rows_any = make_attend_rows(0)
