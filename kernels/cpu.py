@@ -501,6 +501,23 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                 lse[tok, hq] = mx + np.log(wsum)
 
 
+@njit(**_JIT)
+def _append_attend_16(bf16, q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                      ctx_lens, layer, scale, groups, items, order, n_parts, q_tile, n_threads,
+                      out, lse):
+    """uint16-held storages: bfloat16 bits go to the kernel viewed as int16, which selects
+    its decoder at compile time (the views are free here, ~1 us each in Python)."""
+    if bf16:
+        _append_attend(q.view(np.int16), k_new.view(np.int16), v_new.view(np.int16),
+                       k_pool.view(np.int16), v_pool.view(np.int16), block_table, slots, q_start,
+                       kv_start, ctx_lens, layer, np.float32(scale), groups, items, order, n_parts,
+                       q_tile, n_threads, out, lse)
+    else:
+        _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                       ctx_lens, layer, np.float32(scale), groups, items, order, n_parts, q_tile,
+                       n_threads, out, lse)
+
+
 def _check_array(name, a, dtype, ndim):
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -582,7 +599,7 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, 
         lse = np.empty((t, n_q_heads), np.float32)
     else:
         _check_out("lse", lse, (t, n_q_heads))
-    n_threads = numba.get_num_threads()
+    n_threads = _num_threads()
     err, seq, q_tile, groups, items, order, n_parts = P.validate_and_plan(
         block_table, k_pool.shape[0], slots, q_start, kv_start, ctx_lens, n_kv,
         n_q_heads // n_kv, _ROWS_PER_GROUP, k_pool.shape[2], n_threads, _MIN_SPLIT)
@@ -590,33 +607,47 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, 
         raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
     if t == 0:
         return out, lse
-    if storage == "bfloat16":
-        q, k_new, v_new, k_pool, v_pool = (a.view(np.int16) for a in (q, k_new, v_new, k_pool, v_pool))
     # Items differ in size: hand them out one at a time (dynamic scheduling; a thread
     # the OS delays does not hold up the others' share). The setting is thread-local.
     chunk0 = _set_chunksize(1)
     try:
-        _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
-                       ctx_lens, int(layer), np.float32(scale), groups, items, order, n_parts,
-                       q_tile, n_threads, out, lse)
+        if storage == "float32":
+            _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                           ctx_lens, int(layer), np.float32(scale), groups, items, order, n_parts,
+                           q_tile, n_threads, out, lse)
+        else:
+            _append_attend_16(storage == "bfloat16", q, k_new, v_new, k_pool, v_pool, block_table,
+                              slots, q_start, kv_start, ctx_lens, int(layer), float(scale), groups,
+                              items, order, n_parts, q_tile, n_threads, out, lse)
     finally:
         _set_chunksize(chunk0)
     return out, lse
 
 
+def _num_threads():
+    """numba.get_num_threads() of this thread without its Python-level checks (~3 us)."""
+    if _RAW is None:
+        _bind_raw()
+    return _RAW[0]()
+
+
 def _set_chunksize(n):
-    """numba.set_parallel_chunksize without its per-call checks and lock (~6 us each):
-    the raw setter exists once numba's threads are up."""
-    global _RAW_SET_CHUNKSIZE
-    if _RAW_SET_CHUNKSIZE is None:
-        numba.set_parallel_chunksize(0)  # launches the threads and binds the setter
-        from numba.np.ufunc import parallel
-
-        _RAW_SET_CHUNKSIZE = parallel._set_parallel_chunksize
-    return _RAW_SET_CHUNKSIZE(n)
+    """numba.set_parallel_chunksize without its per-call checks and lock (~6 us)."""
+    if _RAW is None:
+        _bind_raw()
+    return _RAW[1](n)
 
 
-_RAW_SET_CHUNKSIZE = None
+def _bind_raw():
+    """The ctypes getter/setter numba binds once its threads are up."""
+    global _RAW
+    numba.set_parallel_chunksize(numba.get_parallel_chunksize())  # launches the threads
+    from numba.np.ufunc import parallel
+
+    _RAW = (parallel._get_num_threads, parallel._set_parallel_chunksize)
+
+
+_RAW = None
 
 
 def warmup(storages=("float32", "float16", "bfloat16")):

@@ -286,3 +286,24 @@ def vexp_nonpos(typingctx, v):
         return builder.fmul(p, builder.bitcast(e, _V))
 
     return sig, codegen
+
+
+@intrinsic
+def vstore8(typingctx, arr, idx, v, upper):
+    """arr.flat[idx:idx+8] = lanes 0-7 of v (upper False) or lanes 8-15 (upper True)."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.float32 or v != f32x16:
+        return None
+    if not isinstance(upper, types.BooleanLiteral):
+        return None
+    sig = types.void(arr, types.intp, f32x16, upper)
+    base = 8 if upper.literal_value else 0
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        v8 = ir.VectorType(_F, 8)
+        half = builder.shuffle_vector(args[2], ir.Constant(_V, ir.Undefined),
+                                      ir.Constant(ir.VectorType(_I32, 8), list(range(base, base + 8))))
+        builder.store(half, builder.bitcast(ptr, v8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

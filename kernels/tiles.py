@@ -5,9 +5,10 @@ kv head; prefill: the group x up to 64/G query positions) is held in a float32
 scratch; each KV block of the pool is streamed once and serves every row of the
 tile: QK scores, online-softmax update, then PV into the row accumulators.
 
-- QK: 16 keys at a time, one unreduced 16-lane accumulator per key over head_dim
-  (16 zmm registers), folded by one transposed reduction (simd.vsum16) into the 16
-  scores; the q chunk is loaded once per 16 keys.
+- QK: two query rows x 8 keys at a time, one unreduced 16-lane accumulator per
+  (row, key) over head_dim (16 zmm registers), folded by one transposed reduction
+  (simd.vsum16) into the 16 scores; each K chunk loaded feeds both rows (an odd last
+  row: 16 keys of one row).
 - PV: each row's accumulator, 64 columns at a time (4 registers), stays in registers
   over the block's keys; the probability is broadcast into the FMA.
 - K/V are decoded in the vector load (simd.vload), so 16-bit pools move half the
@@ -26,7 +27,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import vexp_nonpos, vfma, vhmax, vhsum, vload, vmul, vstore, vsub, vsum16, vzero
+from .simd import (vexp_nonpos, vfma, vhmax, vhsum, vload, vmul, vstore, vstore8, vsub, vsum16,
+                   vzero)
 from .softmax import exp_nonpos
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -101,8 +103,65 @@ def make_attend_rows(D):
             # (a burst of a whole block at once stalls the current block's loads).
             pf = ((bt_row[b + 1] * nl + layer) * bs) * d if b + 1 < b_end else -1
 
-            # QK: s[r, t0 + t] = qs[r] . K[t]
-            for r in range(n_rows):
+            # QK: s[r, t0 + t] = qs[r] . K[t]. Rows in pairs over 8 keys (each K load
+            # feeds two FMAs; 16 accumulators), an odd last row over 16 keys.
+            r = 0
+            while r + 2 <= n_rows:
+                qb = r * d
+                t = 0
+                while t + 8 <= n:
+                    if pf >= 0 and r == 0:
+                        po = pf + t * d
+                        while po < pf + (t + 8) * d:
+                            _prefetch(k_pool, po)
+                            po += step
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    o = row0 + t * d
+                    for c in range(0, d, 16):
+                        qv = vload(qs, qb + c)
+                        qw = vload(qs, qb + d + c)
+                        k = vload(k_pool, o + c)
+                        a0 = vfma(qv, k, a0)
+                        a8 = vfma(qw, k, a8)
+                        k = vload(k_pool, o + d + c)
+                        a1 = vfma(qv, k, a1)
+                        a9 = vfma(qw, k, a9)
+                        k = vload(k_pool, o + 2 * d + c)
+                        a2 = vfma(qv, k, a2)
+                        a10 = vfma(qw, k, a10)
+                        k = vload(k_pool, o + 3 * d + c)
+                        a3 = vfma(qv, k, a3)
+                        a11 = vfma(qw, k, a11)
+                        k = vload(k_pool, o + 4 * d + c)
+                        a4 = vfma(qv, k, a4)
+                        a12 = vfma(qw, k, a12)
+                        k = vload(k_pool, o + 5 * d + c)
+                        a5 = vfma(qv, k, a5)
+                        a13 = vfma(qw, k, a13)
+                        k = vload(k_pool, o + 6 * d + c)
+                        a6 = vfma(qv, k, a6)
+                        a14 = vfma(qw, k, a14)
+                        k = vload(k_pool, o + 7 * d + c)
+                        a7 = vfma(qv, k, a7)
+                        a15 = vfma(qw, k, a15)
+                    sv = vsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+                    vstore8(s, r * sw + t0 + t, sv, False)
+                    vstore8(s, (r + 1) * sw + t0 + t, sv, True)
+                    t += 8
+                while t < n:
+                    a = vzero()
+                    b2 = vzero()
+                    o = row0 + t * d
+                    for c in range(0, d, 16):
+                        k = vload(k_pool, o + c)
+                        a = vfma(vload(qs, qb + c), k, a)
+                        b2 = vfma(vload(qs, qb + d + c), k, b2)
+                    s[r, t0 + t] = vhsum(a)
+                    s[r + 1, t0 + t] = vhsum(b2)
+                    t += 1
+                r += 2
+            while r < n_rows:
                 qb = r * d
                 t = 0
                 while t + 16 <= n:
@@ -136,17 +195,13 @@ def make_attend_rows(D):
                                                        a8, a9, a10, a11, a12, a13, a14, a15))
                     t += 16
                 while t < n:
-                    if pf >= 0 and r == 0:
-                        po = pf + t * d
-                        while po < pf + (t + 1) * d:
-                            _prefetch(k_pool, po)
-                            po += step
                     a = vzero()
                     o = row0 + t * d
                     for c in range(0, d, 16):
                         a = vfma(vload(qs, qb + c), vload(k_pool, o + c), a)
                     s[r, t0 + t] = vhsum(a)
                     t += 1
+                r += 1
 
             # Online softmax: scores become probabilities (0 past a row's causal
             # limit); m, l and acc are rescaled when the running max moves.
