@@ -2,11 +2,14 @@
 
 One call = one layer of one micro-batch. Three parallel passes:
 
-1. append: prange over (sequence, kv head) copies the new rows (token-major as they
-   come from the projection) into the head-major pool blocks;
+1. append: (sequence, kv head) copies the new rows (token-major as they come from
+   the projection) into the head-major pool blocks; on the calling thread when they
+   are few (a decode step), else a prange;
 2. attend: prange over the planned items (see plan.py), each an online-softmax pass
-   over a key range of one (sequence, kv head, query tile) for all its query rows;
-3. merge: prange over groups that were split, exact LSE merge of their partials.
+   over a key range of one (sequence, kv head, query tile) for all its query rows,
+   handed out one at a time (dynamic scheduling);
+3. merge: prange over groups that were split (or see no key), exact LSE merge of
+   their partials; skipped when there is none.
 
 Pools of float16/bfloat16 hold uint16 bits and are decoded where they are loaded,
 inside the QK and PV loops (no scratch copy): bfloat16 is a 16-bit shift, float16
@@ -14,11 +17,14 @@ a hardware half->float conversion (vcvtph2ps) where the CPU has F16C. The storag
 is a compile-time property: bfloat16 arrays reach the jitted code viewed as int16,
 float16 as uint16, so each variant is compiled with its own decoder and no branch.
 
-The inner loops are register-blocked: four query rows (the GQA group) by four key
-tokens, the innermost loop over head_dim, stride 1, vectorised by LLVM. QK keeps
-16 dot products in flight and loads each q and K element once per 4x4 tile; PV
-keeps the 4 rows' accumulators in registers across 4 tokens and broadcasts the
-probabilities. Scores use q pre-multiplied by `scale`.
+head_dim a multiple of 16 (every real checkpoint) takes the explicit-vector tile
+loop of tiles.py, specialised for head_dim 64 and 128; other head dims take the
+scalar loops below (register-blocked 4 rows x 4 keys, vectorised by LLVM). Scores
+use q pre-multiplied by `scale`.
+
+Per-call cost matters (one call per layer per micro-batch): planning is one jitted
+call, numba's thread count and chunk size are read and set through its raw ctypes
+entry points, and out/lse may be passed in preallocated.
 """
 
 import math
@@ -117,6 +123,19 @@ def _f16_to_f32(h):
     return -f if (np.uint32(h) & np.uint32(0x8000)) != 0 else f
 
 
+def _vector_ok(pool):
+    """Whether the vector tiles can decode this pool's storage (host version)."""
+    return pool.dtype != np.uint16 or _F16C
+
+
+@overload(_vector_ok, jit_options=_JIT)
+def _ov_vector_ok(pool):
+    # float16 is widened by LLVM's fpext half: one instruction with F16C, else a
+    # runtime call that the JIT may not resolve; such hosts keep the scalar decoder.
+    ok = pool.dtype != types.uint16 or _F16C
+    return lambda pool: ok
+
+
 def _dec(h):
     """float32 value of one stored element. Jitted code gets the overload below (the
     storage told apart by type); this host version is the same mapping, for checks."""
@@ -130,7 +149,7 @@ def _dec(h):
 @overload(_dec, inline="always", jit_options=_JIT)
 def _ov_dec(h):
     # The storage is told apart by type: float32 as is, bfloat16 bits as int16,
-    # float16 bits as uint16 (see _kernel_view).
+    # float16 bits as uint16 (see _append_attend_16).
     if h == types.float32:
         return lambda h: h
     if h == types.int16:
@@ -140,11 +159,6 @@ def _ov_dec(h):
             return lambda h: _half_bits_to_f32(h)
         return lambda h: _f16_to_f32(h)
     return None
-
-
-def _kernel_view(a, storage):
-    """The array as the jitted kernels take it: bfloat16 bits viewed as int16."""
-    return a.view(np.int16) if storage == "bfloat16" else a
 
 
 @intrinsic
@@ -399,6 +413,7 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
     l_t = np.empty((n_threads, rmax), np.float32)
     acc_t = np.empty((n_threads, rmax, d), np.float32)
     n_items = items.shape[0]
+    vec = d % 16 == 0 and _vector_ok(k_pool)
     for it in prange(n_items):
         tid = numba.get_thread_id()
         qs = qs_t[tid]
@@ -426,18 +441,18 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                 row_lim[r] = lim
                 for x in range(d):
                     qs[r, x] = _dec(q[tok, h * gsz + gg, x]) * scale
-        if d == 64:
+        if not vec:
+            _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                         layer, k0, k1, s, m, l, acc)
+        elif d == 64:
             T.attend_rows_64(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
                              layer, k0, k1, s, m, l, acc)
         elif d == 128:
             T.attend_rows_128(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
                               layer, k0, k1, s, m, l, acc)
-        elif d % 16 == 0:
+        else:
             T.attend_rows_any(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
                               layer, k0, k1, s, m, l, acc)
-        else:
-            _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
-                         layer, k0, k1, s, m, l, acc)
         for jj in range(nqt):
             tok = q_start[i] + j0 + jj
             for gg in range(gsz):
