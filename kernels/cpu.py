@@ -412,6 +412,8 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
     m_t = np.empty((n_threads, rmax), np.float32)
     l_t = np.empty((n_threads, rmax), np.float32)
     acc_t = np.empty((n_threads, rmax, d), np.float32)
+    kw_t = np.empty((n_threads, bs * d), np.float32)  # a 16-bit block widened (tiles._stage)
+    vw_t = np.empty((n_threads, bs * d), np.float32)
     n_items = items.shape[0]
     vec = d % 16 == 0 and _vector_ok(k_pool)
     for it in prange(n_items):
@@ -446,13 +448,13 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                          layer, k0, k1, s, m, l, acc)
         elif d == 64:
             T.attend_rows_64(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
-                             layer, k0, k1, s, m, l, acc)
+                             layer, k0, k1, s, m, l, acc, kw_t[tid], vw_t[tid])
         elif d == 128:
             T.attend_rows_128(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
-                              layer, k0, k1, s, m, l, acc)
+                              layer, k0, k1, s, m, l, acc, kw_t[tid], vw_t[tid])
         else:
             T.attend_rows_any(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
-                              layer, k0, k1, s, m, l, acc)
+                              layer, k0, k1, s, m, l, acc, kw_t[tid], vw_t[tid])
         for jj in range(nqt):
             tok = q_start[i] + j0 + jj
             for gg in range(gsz):

@@ -11,8 +11,9 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   row: 16 keys of one row).
 - PV: each row's accumulator, 64 columns at a time (4 registers), stays in registers
   over the block's keys; the probability is broadcast into the FMA.
-- K/V are decoded in the vector load (simd.vload), so 16-bit pools move half the
-  bytes and are widened in registers.
+- float32 pools are read in place; a 16-bit pool's block is widened once into a
+  per-thread float32 scratch (one vector load + decode + store per 16 elements), so
+  16-bit pools move half the bytes and every query row reads float32.
 - The next block's rows are prefetched one key row at a time inside the QK/PV loops
   of the first query row: blocks are scattered, so the hardware prefetcher stops at
   every block edge.
@@ -25,7 +26,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .simd import (vexp_nonpos, vfma, vhmax, vhsum, vload, vmul, vstore, vstore8, vsub, vsum16,
                    vzero)
@@ -57,6 +58,39 @@ def _prefetch(typingctx, arr, idx):
     return sig, codegen
 
 
+def _src(pool, scratch):
+    """The array the tiles read K or V from (see _stage)."""
+
+
+@overload(_src, inline="always", jit_options=_JIT)
+def _ov_src(pool, scratch):
+    if pool.dtype == types.float32:
+        return lambda pool, scratch: pool
+    return lambda pool, scratch: scratch
+
+
+def _stage(pool, start, n, scratch):
+    """Make pool.flat[start:start+n] readable as float32; return its index in _src.
+
+    float32 pools are read in place. 16-bit pools are widened once per block into
+    a per-thread float32 scratch: every row of the tile then reads float32 (decoding
+    in each load would repeat the widening once per query row, 64 times in prefill).
+    """
+
+
+@overload(_stage, inline="always", jit_options=_JIT)
+def _ov_stage(pool, start, n, scratch):
+    if pool.dtype == types.float32:
+        return lambda pool, start, n, scratch: start
+
+    def widen(pool, start, n, scratch):
+        for x in range(0, n, 16):
+            vstore(scratch, x, vload(pool, start + x))
+        return 0
+
+    return widen
+
+
 def make_attend_rows(D):
     """attend_rows for a compile-time head_dim D (0: read it from the arrays).
 
@@ -67,10 +101,14 @@ def make_attend_rows(D):
     """
 
     @njit(**_JIT_D)
-    def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc):
+    def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
+                    kw, vw):
         """Online softmax of rows qs[:n_rows] over keys [k0, k1) of one (sequence, kv
         head); row r sees keys < row_lim[r]. Leaves the running max m, sum l and the
-        unnormalised accumulator acc (float32 [rows, d]). s: float32 [rows, >= bs]."""
+        unnormalised accumulator acc (float32 [rows, d]). s: float32 [rows, >= bs];
+        kw, vw: float32 scratch of >= bs * d elements (used by 16-bit pools)."""
+        ks = _src(k_pool, kw)
+        vs = _src(v_pool, vw)
         bs = k_pool.shape[2]
         d = k_pool.shape[3] if D == 0 else D
         nl = k_pool.shape[1]
@@ -102,6 +140,7 @@ def make_attend_rows(D):
             # so the next block is prefetched a key row at a time inside the loops
             # (a burst of a whole block at once stalls the current block's loads).
             pf = ((bt_row[b + 1] * nl + layer) * bs) * d if b + 1 < b_end else -1
+            kb = _stage(k_pool, row0, n * d, kw)
 
             # QK: s[r, t0 + t] = qs[r] . K[t]. Rows in pairs over 8 keys (each K load
             # feeds two FMAs; 16 accumulators), an odd last row over 16 keys.
@@ -117,32 +156,32 @@ def make_attend_rows(D):
                             po += step
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
-                    o = row0 + t * d
+                    o = kb + t * d
                     for c in range(0, d, 16):
                         qv = vload(qs, qb + c)
                         qw = vload(qs, qb + d + c)
-                        k = vload(k_pool, o + c)
+                        k = vload(ks, o + c)
                         a0 = vfma(qv, k, a0)
                         a8 = vfma(qw, k, a8)
-                        k = vload(k_pool, o + d + c)
+                        k = vload(ks, o + d + c)
                         a1 = vfma(qv, k, a1)
                         a9 = vfma(qw, k, a9)
-                        k = vload(k_pool, o + 2 * d + c)
+                        k = vload(ks, o + 2 * d + c)
                         a2 = vfma(qv, k, a2)
                         a10 = vfma(qw, k, a10)
-                        k = vload(k_pool, o + 3 * d + c)
+                        k = vload(ks, o + 3 * d + c)
                         a3 = vfma(qv, k, a3)
                         a11 = vfma(qw, k, a11)
-                        k = vload(k_pool, o + 4 * d + c)
+                        k = vload(ks, o + 4 * d + c)
                         a4 = vfma(qv, k, a4)
                         a12 = vfma(qw, k, a12)
-                        k = vload(k_pool, o + 5 * d + c)
+                        k = vload(ks, o + 5 * d + c)
                         a5 = vfma(qv, k, a5)
                         a13 = vfma(qw, k, a13)
-                        k = vload(k_pool, o + 6 * d + c)
+                        k = vload(ks, o + 6 * d + c)
                         a6 = vfma(qv, k, a6)
                         a14 = vfma(qw, k, a14)
-                        k = vload(k_pool, o + 7 * d + c)
+                        k = vload(ks, o + 7 * d + c)
                         a7 = vfma(qv, k, a7)
                         a15 = vfma(qw, k, a15)
                     sv = vsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
@@ -152,9 +191,9 @@ def make_attend_rows(D):
                 while t < n:
                     a = vzero()
                     b2 = vzero()
-                    o = row0 + t * d
+                    o = kb + t * d
                     for c in range(0, d, 16):
-                        k = vload(k_pool, o + c)
+                        k = vload(ks, o + c)
                         a = vfma(vload(qs, qb + c), k, a)
                         b2 = vfma(vload(qs, qb + d + c), k, b2)
                     s[r, t0 + t] = vhsum(a)
@@ -172,33 +211,33 @@ def make_attend_rows(D):
                             po += step
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
-                    o = row0 + t * d
+                    o = kb + t * d
                     for c in range(0, d, 16):
                         qv = vload(qs, qb + c)
-                        a0 = vfma(qv, vload(k_pool, o + c), a0)
-                        a1 = vfma(qv, vload(k_pool, o + d + c), a1)
-                        a2 = vfma(qv, vload(k_pool, o + 2 * d + c), a2)
-                        a3 = vfma(qv, vload(k_pool, o + 3 * d + c), a3)
-                        a4 = vfma(qv, vload(k_pool, o + 4 * d + c), a4)
-                        a5 = vfma(qv, vload(k_pool, o + 5 * d + c), a5)
-                        a6 = vfma(qv, vload(k_pool, o + 6 * d + c), a6)
-                        a7 = vfma(qv, vload(k_pool, o + 7 * d + c), a7)
-                        a8 = vfma(qv, vload(k_pool, o + 8 * d + c), a8)
-                        a9 = vfma(qv, vload(k_pool, o + 9 * d + c), a9)
-                        a10 = vfma(qv, vload(k_pool, o + 10 * d + c), a10)
-                        a11 = vfma(qv, vload(k_pool, o + 11 * d + c), a11)
-                        a12 = vfma(qv, vload(k_pool, o + 12 * d + c), a12)
-                        a13 = vfma(qv, vload(k_pool, o + 13 * d + c), a13)
-                        a14 = vfma(qv, vload(k_pool, o + 14 * d + c), a14)
-                        a15 = vfma(qv, vload(k_pool, o + 15 * d + c), a15)
+                        a0 = vfma(qv, vload(ks, o + c), a0)
+                        a1 = vfma(qv, vload(ks, o + d + c), a1)
+                        a2 = vfma(qv, vload(ks, o + 2 * d + c), a2)
+                        a3 = vfma(qv, vload(ks, o + 3 * d + c), a3)
+                        a4 = vfma(qv, vload(ks, o + 4 * d + c), a4)
+                        a5 = vfma(qv, vload(ks, o + 5 * d + c), a5)
+                        a6 = vfma(qv, vload(ks, o + 6 * d + c), a6)
+                        a7 = vfma(qv, vload(ks, o + 7 * d + c), a7)
+                        a8 = vfma(qv, vload(ks, o + 8 * d + c), a8)
+                        a9 = vfma(qv, vload(ks, o + 9 * d + c), a9)
+                        a10 = vfma(qv, vload(ks, o + 10 * d + c), a10)
+                        a11 = vfma(qv, vload(ks, o + 11 * d + c), a11)
+                        a12 = vfma(qv, vload(ks, o + 12 * d + c), a12)
+                        a13 = vfma(qv, vload(ks, o + 13 * d + c), a13)
+                        a14 = vfma(qv, vload(ks, o + 14 * d + c), a14)
+                        a15 = vfma(qv, vload(ks, o + 15 * d + c), a15)
                     vstore(s, r * sw + t0 + t, vsum16(a0, a1, a2, a3, a4, a5, a6, a7,
                                                        a8, a9, a10, a11, a12, a13, a14, a15))
                     t += 16
                 while t < n:
                     a = vzero()
-                    o = row0 + t * d
+                    o = kb + t * d
                     for c in range(0, d, 16):
-                        a = vfma(vload(qs, qb + c), vload(k_pool, o + c), a)
+                        a = vfma(vload(qs, qb + c), vload(ks, o + c), a)
                     s[r, t0 + t] = vhsum(a)
                     t += 1
                 r += 1
@@ -240,6 +279,7 @@ def make_attend_rows(D):
                         vstore(acc, r * d + x, vmul(vload(acc, r * d + x), alpha))
 
             # PV: acc[r] += sum_t p[r, t] V[t], 64 columns of a row in registers.
+            vb = _stage(v_pool, row0, n * d, vw)
             for r in range(n_rows):
                 c = 0
                 while c + 64 <= d:
@@ -255,11 +295,11 @@ def make_attend_rows(D):
                                 _prefetch(v_pool, po)
                                 po += step
                         pt = s[r, t0 + t]
-                        v = row0 + t * d + c
-                        x0 = vfma(vload(v_pool, v), pt, x0)
-                        x1 = vfma(vload(v_pool, v + 16), pt, x1)
-                        x2 = vfma(vload(v_pool, v + 32), pt, x2)
-                        x3 = vfma(vload(v_pool, v + 48), pt, x3)
+                        v = vb + t * d + c
+                        x0 = vfma(vload(vs, v), pt, x0)
+                        x1 = vfma(vload(vs, v + 16), pt, x1)
+                        x2 = vfma(vload(vs, v + 32), pt, x2)
+                        x3 = vfma(vload(vs, v + 48), pt, x3)
                     vstore(acc, o, x0)
                     vstore(acc, o + 16, x1)
                     vstore(acc, o + 32, x2)
@@ -274,7 +314,7 @@ def make_attend_rows(D):
                             while po < pf + (t + 1) * d:
                                 _prefetch(v_pool, po)
                                 po += step
-                        x0 = vfma(vload(v_pool, row0 + t * d + c), s[r, t0 + t], x0)
+                        x0 = vfma(vload(vs, vb + t * d + c), s[r, t0 + t], x0)
                     vstore(acc, o, x0)
                     c += 16
 
