@@ -2,11 +2,14 @@
 
 One call = one layer of one micro-batch. Three parallel passes:
 
-1. append: prange over (sequence, kv head) copies the new rows (token-major as they
-   come from the projection) into the head-major pool blocks;
+1. append: (sequence, kv head) copies the new rows (token-major as they come from
+   the projection) into the head-major pool blocks; on the calling thread when they
+   are few (a decode step), else a prange;
 2. attend: prange over the planned items (see plan.py), each an online-softmax pass
-   over a key range of one (sequence, kv head, query tile) for all its query rows;
-3. merge: prange over groups that were split, exact LSE merge of their partials.
+   over a key range of one (sequence, kv head, query tile) for all its query rows,
+   handed out one at a time (dynamic scheduling);
+3. merge: prange over groups that were split (or see no key), exact LSE merge of
+   their partials; skipped when there is none.
 
 Pools of float16/bfloat16 hold uint16 bits and are decoded where they are loaded,
 inside the QK and PV loops (no scratch copy): bfloat16 is a 16-bit shift, float16
@@ -14,11 +17,14 @@ a hardware half->float conversion (vcvtph2ps) where the CPU has F16C. The storag
 is a compile-time property: bfloat16 arrays reach the jitted code viewed as int16,
 float16 as uint16, so each variant is compiled with its own decoder and no branch.
 
-The inner loops are register-blocked: four query rows (the GQA group) by four key
-tokens, the innermost loop over head_dim, stride 1, vectorised by LLVM. QK keeps
-16 dot products in flight and loads each q and K element once per 4x4 tile; PV
-keeps the 4 rows' accumulators in registers across 4 tokens and broadcasts the
-probabilities. Scores use q pre-multiplied by `scale`.
+head_dim a multiple of 16 (every real checkpoint) takes the explicit-vector tile
+loop of tiles.py, specialised for head_dim 64 and 128; other head dims take the
+scalar loops below (register-blocked 4 rows x 4 keys, vectorised by LLVM). Scores
+use q pre-multiplied by `scale`.
+
+Per-call cost matters (one call per layer per micro-batch): planning is one jitted
+call, numba's thread count and chunk size are read and set through its raw ctypes
+entry points, and out/lse may be passed in preallocated.
 """
 
 import math
@@ -31,6 +37,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import plan as P
+from . import simd as S
+from . import tiles as T
+from .softmax import exp_nonpos as _exp_nonpos
+from .softmax import softmax_block as _softmax_block
+from .softmax import u32_as_f32 as _u32_as_f32
 from .storage import check_storage, storage_dtype, widen
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
@@ -42,19 +53,9 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 _ROWS_PER_GROUP = 64
 # Smallest key range given its own item (per query position).
 _MIN_SPLIT = 256
-
-
-@intrinsic
-def _u32_as_f32(typingctx, u):
-    """Reinterpret the bits of a uint32 as float32 (no value conversion)."""
-    if not isinstance(u, types.Integer):
-        return None
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
+# Elements (new tokens x kv heads x head_dim) up to which the append runs on the
+# calling thread instead of a parallel region.
+_SERIAL_APPEND = 1 << 16
 
 
 @intrinsic
@@ -87,6 +88,22 @@ def _host_has_f16c():
 _F16C = _host_has_f16c()
 
 
+def _host_has(feature):
+    from llvmlite import binding
+
+    try:
+        return bool(binding.get_host_cpu_features().get(feature, False))
+    except RuntimeError:
+        return False
+
+
+# Whether this CPU reports avx512_bf16 (vdpbf16ps). The kernels do not use it: on the
+# machines measured it is masked (the hypervisor hides it), so bfloat16 is widened to
+# float32 in the vector load (a shift) and computed with float32 FMAs. Reported by
+# tools/bench_kernels.py.
+HOST_AVX512_BF16 = _host_has("avx512bf16")
+
+
 @njit(inline="always", **_JIT)
 def _bf16_to_f32(h):
     # Works for uint16 and int16 bits alike: the shift drops any sign extension.
@@ -106,6 +123,19 @@ def _f16_to_f32(h):
     return -f if (np.uint32(h) & np.uint32(0x8000)) != 0 else f
 
 
+def _vector_ok(pool):
+    """Whether the vector tiles can decode this pool's storage (host version)."""
+    return pool.dtype != np.uint16 or _F16C
+
+
+@overload(_vector_ok, jit_options=_JIT)
+def _ov_vector_ok(pool):
+    # float16 is widened by LLVM's fpext half: one instruction with F16C, else a
+    # runtime call that the JIT may not resolve; such hosts keep the scalar decoder.
+    ok = pool.dtype != types.uint16 or _F16C
+    return lambda pool: ok
+
+
 def _dec(h):
     """float32 value of one stored element. Jitted code gets the overload below (the
     storage told apart by type); this host version is the same mapping, for checks."""
@@ -119,7 +149,7 @@ def _dec(h):
 @overload(_dec, inline="always", jit_options=_JIT)
 def _ov_dec(h):
     # The storage is told apart by type: float32 as is, bfloat16 bits as int16,
-    # float16 bits as uint16 (see _kernel_view).
+    # float16 bits as uint16 (see _append_attend_16).
     if h == types.float32:
         return lambda h: h
     if h == types.int16:
@@ -129,35 +159,6 @@ def _ov_dec(h):
             return lambda h: _half_bits_to_f32(h)
         return lambda h: _f16_to_f32(h)
     return None
-
-
-def _kernel_view(a, storage):
-    """The array as the jitted kernels take it: bfloat16 bits viewed as int16."""
-    return a.view(np.int16) if storage == "bfloat16" else a
-
-
-@njit(inline="always", **_JIT)
-def _exp_nonpos(x):
-    """exp(x) for x <= 0 (scores minus their running max), vectorisable.
-
-    llvmlite's LLVM here is not SVML-patched, so np.exp is a scalar expf call per
-    element and the softmax loop cannot vectorise. Cody-Waite reduction to
-    r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial: ~1 ulp. x is clamped at
-    -87 (result ~1e-38 instead of a denormal or 0; callers only ever scale zeros by
-    such a value).
-    """
-    x = max(x, np.float32(-87.0))
-    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = x - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
-    p = np.float32(1.0 / 5040.0)
-    p = p * r + np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
-    return p * _u32_as_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
 
 
 @intrinsic
@@ -320,33 +321,6 @@ def _prefetch_block(k_pool, v_pool, blk, layer):
 
 
 @njit(**_JIT)
-def _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc):
-    """Online-softmax update for keys [t0, t1) of one block: scores in s become
-    probabilities (0 past each row's causal limit), m/l/acc are rescaled."""
-    d = acc.shape[1]
-    for r in range(n_rows):
-        te = max(min(t1, row_lim[r] - base), t0)  # causal limit of this row
-        for t in range(te, t1):
-            s[r, t] = 0.0  # masked keys get probability 0 in the PV pass
-        if te == t0:
-            continue
-        mx = m[r]
-        for t in range(t0, te):
-            mx = max(mx, s[r, t])
-        alpha = _exp_nonpos(m[r] - mx)  # ~0 on the first block (m = -inf)
-        psum = np.float32(0.0)
-        for t in range(t0, te):
-            p = _exp_nonpos(s[r, t] - mx)
-            s[r, t] = p
-            psum += p
-        l[r] = l[r] * alpha + psum
-        m[r] = mx
-        if alpha != 1.0:
-            for x in range(d):
-                acc[r, x] *= alpha
-
-
-@njit(**_JIT)
 def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc):
     """Online softmax of rows qs[:n_rows] over keys [k0, k1); row r sees keys < row_lim[r].
 
@@ -387,6 +361,22 @@ def _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, 
             _pv1(s, r, v_pool, blk, layer, t0, t1, acc, bn, pf and r == 0)
 
 
+@njit(**_JIT)
+def _append_rows(k_new, v_new, k_pool, v_pool, block_table, slots, kv_start, ctx_lens, layer, i, h):
+    """Copy sequence i's new K/V rows of local kv head h into its pool blocks."""
+    bs = k_pool.shape[2]
+    d = k_pool.shape[3]
+    kv0 = kv_start[i]
+    bt_row = block_table[slots[i], h]
+    for t in range(kv_start[i + 1] - kv0):
+        pos = ctx_lens[i] + t
+        blk = bt_row[pos // bs]
+        off = pos - (pos // bs) * bs
+        for x in range(d):
+            k_pool[blk, layer, off, x] = k_new[kv0 + t, h, x]
+            v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
+
+
 @njit(parallel=True, **_JIT)
 def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
                    ctx_lens, layer, scale, groups, items, order, n_parts, q_tile, n_threads,
@@ -399,20 +389,16 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
     gsz = n_q_heads // n_kv
     rmax = q_tile * gsz
 
-    # Pass 1: append. Bits are copied as they are (same encoding in and out).
-    for w in prange(n_seq * n_kv):
-        i = w // n_kv
-        h = w - i * n_kv
-        kv0 = kv_start[i]
-        nk = kv_start[i + 1] - kv0
-        bt_row = block_table[slots[i], h]
-        for t in range(nk):
-            pos = ctx_lens[i] + t
-            blk = bt_row[pos // bs]
-            off = pos - (pos // bs) * bs
-            for x in range(d):
-                k_pool[blk, layer, off, x] = k_new[kv0 + t, h, x]
-                v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
+    # Pass 1: append. Bits are copied as they are (same encoding in and out). A decode
+    # step's rows are a few KB: copied on this thread, a parallel region would cost more.
+    if kv_start[n_seq] * n_kv * d <= _SERIAL_APPEND:
+        for w in range(n_seq * n_kv):
+            _append_rows(k_new, v_new, k_pool, v_pool, block_table, slots, kv_start, ctx_lens,
+                         layer, w // n_kv, w % n_kv)
+    else:
+        for w in prange(n_seq * n_kv):
+            _append_rows(k_new, v_new, k_pool, v_pool, block_table, slots, kv_start, ctx_lens,
+                         layer, w // n_kv, w % n_kv)
 
     # Pass 2: attend, one item per iteration, longest items first. Scratch is per
     # thread (indexed by numba.get_thread_id()), not allocated per item.
@@ -426,7 +412,10 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
     m_t = np.empty((n_threads, rmax), np.float32)
     l_t = np.empty((n_threads, rmax), np.float32)
     acc_t = np.empty((n_threads, rmax, d), np.float32)
+    kw_t = np.empty((n_threads, bs * d), np.float32)  # a 16-bit block widened (tiles._stage)
+    vw_t = np.empty((n_threads, bs * d), np.float32)
     n_items = items.shape[0]
+    vec = d % 16 == 0 and _vector_ok(k_pool)
     for it in prange(n_items):
         tid = numba.get_thread_id()
         qs = qs_t[tid]
@@ -454,8 +443,18 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                 row_lim[r] = lim
                 for x in range(d):
                     qs[r, x] = _dec(q[tok, h * gsz + gg, x]) * scale
-        _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
-                     layer, k0, k1, s, m, l, acc)
+        if not vec:
+            _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                         layer, k0, k1, s, m, l, acc)
+        elif d == 64:
+            T.attend_rows_64(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                             layer, k0, k1, s, m, l, acc, kw_t[tid], vw_t[tid])
+        elif d == 128:
+            T.attend_rows_128(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                              layer, k0, k1, s, m, l, acc, kw_t[tid], vw_t[tid])
+        else:
+            T.attend_rows_any(qs, n_rows, row_lim, k_pool, v_pool, block_table[slots[i], h],
+                              layer, k0, k1, s, m, l, acc, kw_t[tid], vw_t[tid])
         for jj in range(nqt):
             tok = q_start[i] + j0 + jj
             for gg in range(gsz):
@@ -476,9 +475,13 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                     for x in range(d):
                         part_o[part, r, x] = acc[r, x] * inv
 
-    # Pass 3: merge split groups and fill groups that see no key at all.
+    # Pass 3: merge split groups and fill groups that see no key at all (a parallel
+    # region only when there is such a group).
     n_groups = groups.shape[0]
-    for g in prange(n_groups):
+    need = n_parts > 0
+    for g in range(n_groups):
+        need = need or groups[g, P.G_NITEMS] == 0
+    for g in prange(n_groups if need else 0):
         n_split = groups[g, P.G_NITEMS]
         if n_split == 1:
             continue
@@ -515,6 +518,23 @@ def _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start,
                 lse[tok, hq] = mx + np.log(wsum)
 
 
+@njit(**_JIT)
+def _append_attend_16(bf16, q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                      ctx_lens, layer, scale, groups, items, order, n_parts, q_tile, n_threads,
+                      out, lse):
+    """uint16-held storages: bfloat16 bits go to the kernel viewed as int16, which selects
+    its decoder at compile time (the views are free here, ~1 us each in Python)."""
+    if bf16:
+        _append_attend(q.view(np.int16), k_new.view(np.int16), v_new.view(np.int16),
+                       k_pool.view(np.int16), v_pool.view(np.int16), block_table, slots, q_start,
+                       kv_start, ctx_lens, layer, np.float32(scale), groups, items, order, n_parts,
+                       q_tile, n_threads, out, lse)
+    else:
+        _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                       ctx_lens, layer, np.float32(scale), groups, items, order, n_parts, q_tile,
+                       n_threads, out, lse)
+
+
 def _check_array(name, a, dtype, ndim):
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -526,14 +546,18 @@ def _check_array(name, a, dtype, ndim):
 
 def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start, ctx_lens,
             layer, storage):
-    """Check a call's arguments; return the int32-normalised index arrays."""
+    """Check a call's arguments' types and shapes; return the int32 index arrays.
+
+    The blocks the call touches are checked by plan.validate (in append_attend).
+    """
     check_storage(storage)
     dt = storage_dtype(storage)
     for name, a, nd in (("q", q, 3), ("k_new", k_new, 3), ("v_new", v_new, 3),
                         ("k_pool", k_pool, 4), ("v_pool", v_pool, 4)):
         _check_array(name, a, dt, nd)
-    idx = [np.ascontiguousarray(a, dtype=np.int32) for a in (slots, q_start, kv_start, ctx_lens)]
-    slots, q_start, kv_start, ctx_lens = idx
+    slots, q_start, kv_start, ctx_lens = (
+        a if isinstance(a, np.ndarray) and a.dtype == np.int32 and a.flags.c_contiguous
+        else np.ascontiguousarray(a, dtype=np.int32) for a in (slots, q_start, kv_start, ctx_lens))
     _check_array("block_table", block_table, np.int32, 3)
     n_blocks, n_layers, bs, d = k_pool.shape
     if v_pool.shape != k_pool.shape:
@@ -545,7 +569,7 @@ def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_sta
     if q.shape[2] != d or k_new.shape[1:] != (n_kv, d) or v_new.shape != k_new.shape:
         raise ValueError(f"shape mismatch: q {q.shape}, k_new {k_new.shape}, v_new "
                          f"{v_new.shape}, pool head_dim {d}, {n_kv} local kv heads")
-    if q.shape[1] % n_kv:
+    if n_kv == 0 or q.shape[1] % n_kv:
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {n_kv} kv heads")
     if q_start.shape != (n_seq + 1,) or kv_start.shape != (n_seq + 1,) or ctx_lens.shape != (n_seq,):
         raise ValueError("q_start/kv_start need n_seq+1 entries and ctx_lens n_seq")
@@ -553,9 +577,6 @@ def prepare(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_sta
         raise ValueError("q_start/kv_start must end at the token counts of q/k_new")
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} outside the pool's {n_layers} layers")
-    err, seq = P.validate(block_table, bs, n_blocks, slots, q_start, kv_start, ctx_lens, n_kv)
-    if err:
-        raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
     return slots, q_start, kv_start, ctx_lens
 
 
@@ -565,35 +586,85 @@ def q_tile_for(n_q_heads, n_kv, max_chunk):
     return max(1, min(max_chunk, _ROWS_PER_GROUP // g))
 
 
+def _check_out(name, a, shape):
+    _check_array(name, a, np.float32, len(shape))
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+
+
 def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
-                  ctx_lens, layer, scale, storage):
+                  ctx_lens, layer, scale, storage, *, out=None, lse=None):
     """Append each sequence's new K/V rows into the pool, then attend; see DESIGN.md s4.
 
-    Returns (out float32 [T, Hq, D], lse float32 [T, Hq]).
+    q [T, Hq, D], k_new/v_new [T_kv, Hkv, D] in the storage encoding; pools
+    [n_blocks, n_layers, block_size, D]; block_table int32 [slots, >= Hkv, max_blocks].
+    Returns (out float32 [T, Hq, D], lse float32 [T, Hq]). out/lse: optional
+    preallocated C-contiguous float32 arrays of those shapes, written in full and
+    returned (a caller that reuses them allocates nothing per call).
+    Raises TypeError/ValueError on malformed arguments.
     """
     slots, q_start, kv_start, ctx_lens = prepare(
         q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start, ctx_lens,
         layer, storage)
     t, n_q_heads, d = q.shape
     n_kv = k_new.shape[1]
-    bs = k_pool.shape[2]
-    out = np.zeros((t, n_q_heads, d), np.float32)
-    lse = np.full((t, n_q_heads), -np.inf, np.float32)
+    if out is None:
+        out = np.empty((t, n_q_heads, d), np.float32)
+    else:
+        _check_out("out", out, (t, n_q_heads, d))
+    if lse is None:
+        lse = np.empty((t, n_q_heads), np.float32)
+    else:
+        _check_out("lse", lse, (t, n_q_heads))
+    n_threads = _num_threads()
+    err, seq, q_tile, groups, items, order, n_parts = P.validate_and_plan(
+        block_table, k_pool.shape[0], slots, q_start, kv_start, ctx_lens, n_kv,
+        n_q_heads // n_kv, _ROWS_PER_GROUP, k_pool.shape[2], n_threads, _MIN_SPLIT)
+    if err:
+        raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
     if t == 0:
         return out, lse
-    max_chunk = int(np.max(np.diff(q_start))) if slots.shape[0] else 1
-    q_tile = q_tile_for(n_q_heads, n_kv, max_chunk)
-    n_threads = numba.get_num_threads()
-    groups, items, order, n_parts = P.make_plan(
-        q_start, kv_start, ctx_lens, n_kv, q_tile, bs, n_threads, _MIN_SPLIT)
-    # Items differ in size: hand them out one at a time (dynamic scheduling). The
-    # setting is thread-local, so concurrent callers on other threads are unaffected.
-    kv = [_kernel_view(a, storage) for a in (q, k_new, v_new, k_pool, v_pool)]
-    with numba.parallel_chunksize(1):
-        _append_attend(*kv, block_table, slots, q_start, kv_start, ctx_lens, int(layer),
-                       np.float32(scale), groups, items, order, n_parts, q_tile, n_threads, out,
-                       lse)
+    # Items differ in size: hand them out one at a time (dynamic scheduling; a thread
+    # the OS delays does not hold up the others' share). The setting is thread-local.
+    chunk0 = _set_chunksize(1)
+    try:
+        if storage == "float32":
+            _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
+                           ctx_lens, int(layer), np.float32(scale), groups, items, order, n_parts,
+                           q_tile, n_threads, out, lse)
+        else:
+            _append_attend_16(storage == "bfloat16", q, k_new, v_new, k_pool, v_pool, block_table,
+                              slots, q_start, kv_start, ctx_lens, int(layer), float(scale), groups,
+                              items, order, n_parts, q_tile, n_threads, out, lse)
+    finally:
+        _set_chunksize(chunk0)
     return out, lse
+
+
+def _num_threads():
+    """numba.get_num_threads() of this thread without its Python-level checks (~3 us)."""
+    if _RAW is None:
+        _bind_raw()
+    return _RAW[0]()
+
+
+def _set_chunksize(n):
+    """numba.set_parallel_chunksize without its per-call checks and lock (~6 us)."""
+    if _RAW is None:
+        _bind_raw()
+    return _RAW[1](n)
+
+
+def _bind_raw():
+    """The ctypes getter/setter numba binds once its threads are up."""
+    global _RAW
+    numba.set_parallel_chunksize(numba.get_parallel_chunksize())  # launches the threads
+    from numba.np.ufunc import parallel
+
+    _RAW = (parallel._get_num_threads, parallel._set_parallel_chunksize)
+
+
+_RAW = None
 
 
 def warmup(storages=("float32", "float16", "bfloat16")):

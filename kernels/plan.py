@@ -144,3 +144,25 @@ def make_plan(q_start, kv_start, ctx_lens, n_kv, q_tile, block_size, n_workers, 
             cost[it] = (k1 - k0) * groups[g, G_NQ]
     order = np.argsort(-cost)
     return groups, items, order, n_parts
+
+
+@njit(**_JIT)
+def validate_and_plan(block_table, n_blocks, slots, q_start, kv_start, ctx_lens, n_kv, gsz,
+                      rows_per_group, block_size, n_workers, min_split):
+    """validate() then make_plan() in one call (the CPU path's per-call planning).
+
+    The query tile is 1 position for decode, else enough positions for about
+    rows_per_group rows (gsz rows each). Returns (error, sequence, q_tile, groups,
+    items, order, n_parts); on error the tables are empty.
+    """
+    err, seq = validate(block_table, block_size, n_blocks, slots, q_start, kv_start, ctx_lens, n_kv)
+    max_chunk = 1
+    for i in range(slots.shape[0]):
+        max_chunk = max(max_chunk, q_start[i + 1] - q_start[i])
+    q_tile = max(1, min(max_chunk, rows_per_group // gsz))
+    if err:
+        e = np.empty((0, 8), np.int64)
+        return err, seq, q_tile, e, np.empty((0, 4), np.int64), np.empty(0, np.int64), 0
+    groups, items, order, n_parts = make_plan(q_start, kv_start, ctx_lens, n_kv, q_tile,
+                                              block_size, n_workers, min_split)
+    return 0, 0, q_tile, groups, items, order, n_parts

@@ -97,6 +97,47 @@ def test_append_attend_matches_reference(storage, g, bs):
     assert_matches(call.run(append_attend), call.run(append_attend_ref))
 
 
+# Real checkpoints' (GQA group, head_dim): 32/32/128, SmolLM2 9/3/64, 32/8/128,
+# Qwen2.5-7B 28/4/128, 32/4/64; head_dim 80 (phi-2) takes the generic vector path and
+# 24 the scalar one.
+GEOMETRIES = [(1, 128), (3, 64), (4, 128), (7, 128), (8, 64), (2, 80), (3, 24)]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("g,d", GEOMETRIES)
+def test_real_geometries_match_reference(storage, g, d):
+    """Every tile path at real sizes: 16-key QK tiles and their tails, the diagonal
+    block of a chunk (scalar softmax), query tiles of 64 // g positions, a split."""
+    rng = np.random.default_rng(hash((storage, g, d, "geom")) % 2**32)
+    order = rng.permutation(len(MIXED))
+    call = Call(rng, storage, g, 16, [MIXED[i] for i in order], n_kv=2, d=d)
+    assert_matches(call.run(append_attend), call.run(append_attend_ref), atol=3e-5)
+
+
+@pytest.mark.parametrize("bs", [8, 32])
+def test_real_geometry_other_block_sizes(bs):
+    """Blocks smaller than one 16-key tile, and of two tiles."""
+    rng = np.random.default_rng(bs)
+    call = Call(rng, "bfloat16", 3, bs, MIXED, n_kv=1, d=64)
+    assert_matches(call.run(append_attend), call.run(append_attend_ref), atol=3e-5)
+
+
+def test_preallocated_outputs_are_filled_and_returned():
+    rng = np.random.default_rng(17)
+    call = Call(rng, "float16", 4, 16, MIXED, n_kv=2, d=64)
+    want = call.run(append_attend)
+    t = call.q.shape[0]
+    out = np.full((t, 8, 64), np.nan, np.float32)
+    lse = np.full((t, 8), np.nan, np.float32)
+    got = call.run(lambda *a: append_attend(*a, out=out, lse=lse))
+    assert got[0] is out and got[1] is lse
+    assert_matches(got, want, atol=0)
+    with pytest.raises(ValueError, match="out must have shape"):
+        call.run(lambda *a: append_attend(*a, out=out[:-1], lse=lse))
+    with pytest.raises(TypeError, match="lse must be"):
+        call.run(lambda *a: append_attend(*a, out=out, lse=lse.astype(np.float64)))
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("g,bs", [(3, 6), (2, 4), (5, 16)])
 def test_remainder_rows_and_tokens(storage, g, bs):

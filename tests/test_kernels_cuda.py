@@ -44,6 +44,16 @@ def test_matches_reference(storage, g):
     assert_matches(call.run(run_cuda), call.run(append_attend_ref))
 
 
+@pytest.mark.parametrize("g,d", [(1, 128), (3, 64), (4, 128), (7, 128), (8, 64)])
+def test_real_geometries_match_reference(g, d):
+    """The CPU suite's geometries (GQA groups 1, 3, 4, 7, 8; head_dim 64 and 128) with
+    one kv head and short contexts: the simulator runs every thread in Python."""
+    rng = np.random.default_rng(g * 1000 + d)
+    storage = STORAGES[(g + d) % 3]
+    call = Call(rng, storage, g, 8, [(9, 1, True), (3, 2, True), (0, 1, False)], n_kv=1, d=d)
+    assert_matches(call.run(run_cuda), call.run(append_attend_ref))
+
+
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 def test_long_context_is_split_and_merged(storage):
     # 300 keys with the simulator's 16 workers -> several items and the merge launch.

@@ -1,13 +1,31 @@
-"""Decode attention kernel benchmark: KV bytes/s against the machine's own read bandwidth
-and against torch SDPA, all measured in the same run (DESIGN.md s10).
+"""Attention kernel benchmark against the machine's own limits, measured in the same run.
 
-    python tools/bench_kernels.py [--quick] [--json] [--threads N] [--cuda]
+    python tools/bench_kernels.py [--geometry HQ/HKV/D ...] [--quick] [--json FILE]
+                                  [--threads N] [--cuda]
 
-Shape: batch 16, 32 query heads, 8 KV heads, head dim 128, one new token per sequence
-(decode), contexts 512/2048/8192, every storage dtype. kv_gbps counts K and V bytes in
-the storage dtype. The storages of one context are timed round-robin, so their ratios
-(tok/s vs f32) see the same background load. --cuda benchmarks the numba.cuda kernel instead, against the card's
-device-to-device copy bandwidth (see tools/gpu_check.sh).
+For each geometry (query heads / kv heads / head_dim), batch, context, mode and storage
+dtype it times `append_attend` and, in the same round-robin (so they see the same
+background load on a shared machine), the machine's two ceilings:
+
+- STREAM read: a parallel sum over a 512 MiB float32 array (all threads), GB/s;
+- FMA peak: independent 16-lane float32 FMA chains on every thread (the kernels
+  compute in float32 whatever the storage), GFLOP/s.
+
+Each row is then bandwidth- or compute-bound, whichever ceiling gives the longer
+ideal time (bytes / STREAM vs flops / FMA peak), and `frac` is that ideal time over
+the measured one: the fraction of the limit the kernel reaches. On a loaded machine
+a ceiling's own round can be starved (frac > 1 then means nothing), so the last two
+columns redo it with the run's best STREAM and FMA peak: never flattered.
+
+Bytes: K and V of every key read once per kv head, in the storage dtype. Flops:
+4 * head_dim per (query head, visible key) (QK and PV, 2 flops per FMA).
+Modes: decode (one new token per sequence, appended then attended) and prefill
+(a chunk of --chunk new tokens per sequence after `context` cached ones, causal).
+
+Defaults cover GQA group sizes 1, 3, 4, 7, 8 and head_dim 64 and 128; batch 16 up to
+context 8192 and batch 1 up to 32768. Cases whose pool would exceed --max-kv-gb are
+skipped (listed at the end). --cuda benchmarks the numba.cuda kernel instead, against
+the card's device-to-device copy bandwidth (see tools/gpu_check.sh).
 """
 
 import argparse
@@ -20,14 +38,19 @@ import time
 
 import numpy as np
 
-B, HQ, HKV, D, BS = 16, 32, 8, 128, 16
+BS = 16
+DEFAULT_GEOMETRIES = ("32/32/128", "9/3/64", "32/8/128", "28/4/128", "32/4/64")
+STORAGES = ("float32", "float16", "bfloat16")
 
 
-def best_times(fns, reps, min_time=0.0):
+def best_times(fns, reps, min_time=0.0, per_round=None):
     """Best wall time of each of several callables, timed round-robin (one call of each
     per round, after one warm call each) for at least `reps` rounds and min_time seconds
     per callable. Interleaving puts every callable under the same background load, so
-    their ratios hold on a shared machine even when the absolute times drift."""
+    their ratios hold on a shared machine even when the absolute times drift.
+    per_round: calls of each callable per round (default 1); short ones (the ceilings)
+    get several, so that their best finds a moment when no other process holds a core."""
+    per_round = per_round or [1] * len(fns)
     for fn in fns:
         fn()
     best = [math.inf] * len(fns)
@@ -35,25 +58,17 @@ def best_times(fns, reps, min_time=0.0):
     n = 0
     while n < reps or time.perf_counter() - start < min_time * len(fns):
         for j, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[j] = min(best[j], time.perf_counter() - t0)
+            for _ in range(per_round[j]):
+                t0 = time.perf_counter()
+                fn()
+                best[j] = min(best[j], time.perf_counter() - t0)
         n += 1
     return best
 
 
 def best_time(fn, reps, min_time=0.0):
     """Best wall time of `reps` calls (after one warm call); repeat until min_time spent."""
-    fn()
-    best = math.inf
-    start = time.perf_counter()
-    n = 0
-    while n < reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        n += 1
-    return best
+    return best_times([fn], reps, min_time)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,103 +92,194 @@ def stream_read_gbps(nbytes, reps):
     return a.nbytes / t / 1e9
 
 
-def make_case(storage, ctx, rng):
-    """A pool holding B sequences x HKV heads of ctx tokens each, scattered blocks."""
+# Iterations of the FMA-peak loop per thread: 12 chains x 16 lanes x 2 flops each.
+_PEAK_ITERS = 200_000
+
+
+@functools.lru_cache(maxsize=None)
+def _fma_peak_fn():
+    from numba import njit, prange
+
+    from lamina_kernels.simd import vadd, vfma, vload, vstore, vzero
+
+    @njit(parallel=True, nogil=True)
+    def peak(n_threads, n, x, out):
+        # 12 independent chains hide the FMA latency (4 cycles x 2 ports + slack).
+        for w in prange(n_threads):
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = vzero()
+            b = vload(x, 0)
+            c = vload(x, 16)
+            for _ in range(n):
+                a0 = vfma(a0, b, c); a1 = vfma(a1, b, c); a2 = vfma(a2, b, c)  # noqa: E702
+                a3 = vfma(a3, b, c); a4 = vfma(a4, b, c); a5 = vfma(a5, b, c)  # noqa: E702
+                a6 = vfma(a6, b, c); a7 = vfma(a7, b, c); a8 = vfma(a8, b, c)  # noqa: E702
+                a9 = vfma(a9, b, c); a10 = vfma(a10, b, c); a11 = vfma(a11, b, c)  # noqa: E702
+            s = vadd(vadd(vadd(a0, a1), vadd(a2, a3)), vadd(vadd(a4, a5), vadd(a6, a7)))
+            vstore(out, w * 16, vadd(s, vadd(vadd(a8, a9), vadd(a10, a11))))
+
+    return peak
+
+
+def fma_peak_callable(n_threads):
+    """A callable running the FMA-peak loop on n_threads threads, and its flop count."""
+    peak = _fma_peak_fn()
+    x = np.full(32, 0.5, np.float32)
+    x[16:] = 0.25  # converges to a fixed point: no overflow, no denormals
+    out = np.zeros(16 * n_threads, np.float32)
+    return (lambda: peak(n_threads, _PEAK_ITERS, x, out)), n_threads * _PEAK_ITERS * 12 * 16 * 2
+
+
+def parse_geometry(text):
+    try:
+        hq, hkv, d = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"geometry {text!r}: expected HQ/HKV/D, e.g. 32/8/128")
+    if min(hq, hkv, d) <= 0 or hq % hkv:
+        raise argparse.ArgumentTypeError(f"geometry {text!r}: need positive sizes and HQ a multiple of HKV")
+    return hq, hkv, d
+
+
+def aligned_empty(shape, dtype, align=64):
+    """An uninitialised C-contiguous array whose data starts on a cache line."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(n + align, np.uint8)
+    off = (-buf.ctypes.data) % align
+    return buf[off:off + n].view(dtype).reshape(shape)
+
+
+def make_case(geom, storage, batch, ctx, n_new, rng):
+    """A pool holding `batch` sequences x HKV heads of ctx cached tokens (scattered
+    blocks) plus room for n_new appended ones, and the call's arguments."""
     from lamina_kernels import to_storage
 
-    nbps = ctx // BS
-    n_blocks = B * HKV * nbps
-    kf = rng.standard_normal((n_blocks, 1, BS, D), dtype=np.float32)
-    vf = rng.standard_normal((n_blocks, 1, BS, D), dtype=np.float32)
-    k_pool, v_pool = to_storage(kf, storage), to_storage(vf, storage)
-    del kf, vf
-    bt = rng.permutation(n_blocks).astype(np.int32).reshape(B, HKV, nbps)
-    q = to_storage(rng.standard_normal((B, HQ, D), dtype=np.float32), storage)
-    k_new = to_storage(rng.standard_normal((B, HKV, D), dtype=np.float32), storage)
-    v_new = to_storage(rng.standard_normal((B, HKV, D), dtype=np.float32), storage)
-    arange = np.arange(B + 1, dtype=np.int32)
-    args = dict(q=q, k_new=k_new, v_new=v_new, k_pool=k_pool, v_pool=v_pool, block_table=bt,
-                slots=np.arange(B, dtype=np.int32), q_start=arange, kv_start=arange,
-                ctx_lens=np.full(B, ctx - 1, np.int32), layer=0, scale=1.0 / math.sqrt(D),
+    hq, hkv, d = geom
+    nbps = -(-(ctx + n_new) // BS)
+    n_blocks = batch * hkv * nbps
+    pools = []
+    for _ in range(2):
+        p = aligned_empty((n_blocks, 1, BS, d), np.float32 if storage == "float32" else np.uint16)
+        # Fill a block-chunk at a time (a whole float32 copy of a large pool is GBs).
+        for b0 in range(0, n_blocks, 4096):
+            b1 = min(b0 + 4096, n_blocks)
+            p[b0:b1] = to_storage(rng.standard_normal((b1 - b0, 1, BS, d), dtype=np.float32), storage)
+        pools.append(p)
+    bt = rng.permutation(n_blocks).astype(np.int32).reshape(batch, hkv, nbps)
+    t = batch * n_new
+    q = to_storage(rng.standard_normal((t, hq, d), dtype=np.float32), storage)
+    k_new = to_storage(rng.standard_normal((t, hkv, d), dtype=np.float32), storage)
+    v_new = to_storage(rng.standard_normal((t, hkv, d), dtype=np.float32), storage)
+    starts = np.arange(0, t + 1, n_new, dtype=np.int32)
+    return dict(q=q, k_new=k_new, v_new=v_new, k_pool=pools[0], v_pool=pools[1], block_table=bt,
+                slots=np.arange(batch, dtype=np.int32), q_start=starts, kv_start=starts,
+                ctx_lens=np.full(batch, ctx, np.int32), layer=0, scale=1.0 / math.sqrt(d),
                 storage=storage)
-    return args
 
 
-def torch_layout(args):
-    """Gather the pool into torch's dense GQA-decode form: q [B*HKV, G, D], K/V [B*HKV, L, D]."""
-    import torch
-
-    from lamina_kernels import widen
-
-    st = args["storage"]
-    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[st]
-    bt = args["block_table"].reshape(B * HKV, -1)
-
-    def dense(pool):
-        x = pool[bt.ravel(), 0].reshape(B * HKV, -1, D)
-        t = torch.from_numpy(x)
-        return t if st == "float32" else t.view(torch.int16).view(tdt)
-
-    k, v = dense(args["k_pool"]), dense(args["v_pool"])
-    q = torch.from_numpy(widen(args["q"], st).reshape(B * HKV, HQ // HKV, D)).to(tdt)
-    return q, k, v
+def case_cost(geom, storage, batch, ctx, n_new):
+    """(bytes, flops) of one call: K/V of every key once per kv head; 4*D flops per
+    (query head, visible key)."""
+    hq, hkv, d = geom
+    isz = 4 if storage == "float32" else 2
+    keys = ctx + n_new
+    kv_bytes = 2 * batch * hkv * keys * d * isz
+    visible = n_new * ctx + n_new * (n_new + 1) // 2  # causal inside the chunk
+    return kv_bytes, 4 * d * hq * batch * visible
 
 
-def bench_cpu(args_ns):
+def reference_error(a, out, geom):
+    """Max |out - float64 torch reference| on a copy of the call (pools as before it)."""
+    from lamina_kernels.reference import append_attend_ref
+
+    b = dict(a)
+    b["k_pool"], b["v_pool"] = a["k_pool"].copy(), a["v_pool"].copy()
+    ref, _ = append_attend_ref(**b)
+    return float(np.abs(out - ref).max())
+
+
+def bench_cpu(ns):
     import numba
-    import torch
 
-    from lamina_kernels import STORAGES, append_attend, warmup
+    from lamina_kernels import append_attend, warmup
 
-    if args_ns.threads:
-        numba.set_num_threads(args_ns.threads)
-        torch.set_num_threads(args_ns.threads)
+    if ns.threads:
+        numba.set_num_threads(ns.threads)
+    n_threads = numba.get_num_threads()
     warmup()
-    contexts = _contexts(args_ns)
-    reps = 3 if args_ns.quick else 7
-    # Other processes share these cores: measure the read bandwidth several times
-    # through the run and keep the best, so ratio_to_stream is never flattered.
-    stream_reps = 3 if args_ns.quick else 5
-    stream = stream_read_gbps(1 << 30, stream_reps)
-    min_time = 0.3 if args_ns.quick else 1.0
+    peak_fn, peak_flops = fma_peak_callable(n_threads)
+    psum, stream_arr = _stream_array(512 << 20)
+    stream_fn = functools.partial(psum, stream_arr)
+    reps = 3 if ns.quick else 5
+    min_time = 0.1 if ns.quick else 0.3
     rng = np.random.default_rng(0)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    rows = []
-    for ctx in contexts:
-        if ctx != contexts[0]:
-            stream = max(stream, stream_read_gbps(1 << 30, stream_reps))
-        # Every storage of one context is timed round-robin (the dtype ratios are
-        # the point), then torch on the same shapes.
-        cases = [make_case(storage, ctx, rng) for storage in STORAGES]
+    rows, skipped = [], []
+    plan = []
+    for geom in ns.geometry:
+        for mode in ns.modes:
+            n_new = 1 if mode == "decode" else ns.chunk
+            for batch in (ns.batch if mode == "decode" else ns.prefill_batch):
+                for ctx in ns.contexts:
+                    if batch > 1 and ctx > ns.max_ctx_batched:
+                        continue
+                    if mode == "prefill" and ctx > ns.max_ctx_prefill:
+                        continue
+                    plan.append((geom, mode, n_new, batch, ctx))
+    for geom, mode, n_new, batch, ctx in plan:
+        f32_bytes = case_cost(geom, "float32", batch, ctx, n_new)[0]
+        if f32_bytes > ns.max_kv_gb * 1e9:
+            skipped.append(f"{'/'.join(map(str, geom))} {mode} B={batch} ctx={ctx}: "
+                           f"{f32_bytes / 1e9:.1f} GB float32 pool > --max-kv-gb")
+            continue
+        cases = [make_case(geom, st, batch, ctx, n_new, rng) for st in ns.dtypes]
+        # One call appends, the timed calls repeat the same append (same slots and
+        # positions): the work per call is identical.
         outs = [append_attend(**a)[0] for a in cases]
-        layouts = [torch_layout(a) for a in cases]  # after the append: same tokens
-        ts = best_times([functools.partial(append_attend, **a) for a in cases], reps, min_time)
-        tts = best_times([functools.partial(sdpa, *qkv) for qkv in layouts], reps, min_time)
-        for storage, a, out, (q, k, v), t, tt in zip(STORAGES, cases, outs, layouts, ts, tts):
-            kv_bytes = 2 * B * HKV * ctx * D * a["k_pool"].itemsize
-            ref = sdpa(q.double(), k.double(), v.double()).float().numpy()
-            err = float(np.abs(out.reshape(B * HKV, HQ // HKV, D) - ref).max())
-            rows.append(dict(dtype=storage, context=ctx, kv_gbps=kv_bytes / t / 1e9,
-                             stream_read_gbps=stream, ratio_to_stream=kv_bytes / t / 1e9 / stream,
-                             torch_gbps=kv_bytes / tt / 1e9, speedup_vs_torch=tt / t,
-                             max_abs_err=err, ms=t * 1e3, torch_ms=tt * 1e3,
-                             ctx_tokens_per_s=B * HKV * ctx / t))
-        del cases, outs, layouts
-    stream = max(stream, stream_read_gbps(1 << 30, stream_reps))
-    for r in rows:
-        r["stream_read_gbps"] = stream
-        r["ratio_to_stream"] = r["kv_gbps"] / stream
-    return rows
+        fns = [functools.partial(append_attend, **a) for a in cases]
+        # The ceilings go in the same round-robin as the kernels.
+        ts = best_times(fns + [stream_fn, peak_fn], reps, min_time,
+                        per_round=[1] * len(fns) + [2, 10])
+        stream = stream_arr.nbytes / ts[-2] / 1e9
+        peak = peak_flops / ts[-1] / 1e9
+        f32_t = None
+        for st, a, out, t in zip(ns.dtypes, cases, outs, ts):
+            nbytes, flops = case_cost(geom, st, batch, ctx, n_new)
+            t_bw = nbytes / (stream * 1e9)
+            t_fma = flops / (peak * 1e9)
+            bound = "bw" if t_bw >= t_fma else "fma"
+            err = reference_error(a, out, geom) if ns.check and nbytes <= ns.check_max_mb * 1e6 else None
+            if st == "float32":
+                f32_t = t
+            rows.append(dict(
+                geometry="/".join(map(str, geom)), group=geom[0] // geom[1], head_dim=geom[2],
+                mode=mode, batch=batch, context=ctx, new_tokens=n_new, dtype=st,
+                us=t * 1e6, kv_gbps=nbytes / t / 1e9, gflops=flops / t / 1e9,
+                stream_gbps=stream, fma_peak_gflops=peak, bound=bound,
+                frac_stream=t_bw / t, frac_fma=t_fma / t, frac=max(t_bw, t_fma) / t,
+                tok_per_s_vs_f32=(f32_t / t) if f32_t else None, max_abs_err=err))
+            if ns.progress:
+                print(_fmt_row(rows[-1]), flush=True, file=sys.stderr)
+        del cases, outs, fns
+    # Under background load a ceiling's round can be starved too (then frac > 1 says
+    # nothing). The run's best STREAM and FMA peak give fractions that are never
+    # flattered: `frac_best` (and bound_best) use them.
+    if rows:
+        sb = max(r["stream_gbps"] for r in rows)
+        pb = max(r["fma_peak_gflops"] for r in rows)
+        for r in rows:
+            t_bw = r["kv_gbps"] / sb
+            t_fma = r["gflops"] / pb
+            r.update(stream_best_gbps=sb, fma_peak_best_gflops=pb, frac_stream_best=t_bw,
+                     frac_fma_best=t_fma, bound_best="bw" if t_bw >= t_fma else "fma",
+                     frac_best=max(t_bw, t_fma))
+    return rows, skipped, n_threads
 
 
-def bench_cuda(args_ns):
+def bench_cuda(ns):
     from numba import cuda
 
-    from lamina_kernels import STORAGES
     from lamina_kernels.cuda import append_attend_cuda
 
-    contexts = _contexts(args_ns)
-    reps = 5 if args_ns.quick else 20
+    reps = 5 if ns.quick else 20
     # Device-to-device copy bandwidth: reads + writes 2 x nbytes per copy.
     n = 1 << 28
     src = cuda.device_array(n, np.float32)
@@ -187,71 +293,122 @@ def bench_cuda(args_ns):
     del src, dst
     rng = np.random.default_rng(0)
     rows = []
-    for storage in STORAGES:
-        for ctx in contexts:
-            a = make_case(storage, ctx, rng)
-            kv_bytes = 2 * B * HKV * ctx * D * a["k_pool"].itemsize
-            host_idx = {k: a[k] for k in ("slots", "q_start", "kv_start", "ctx_lens")}
-            d = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}
-            d.update(host_idx)  # index arrays stay on the host: the planner reads them
+    for geom in ns.geometry:
+        for storage in ns.dtypes:
+            for ctx in ns.contexts:
+                batch = 16
+                if ctx > ns.max_ctx_batched:
+                    continue
+                a = make_case(geom, storage, batch, ctx, 1, rng)
+                nbytes, _ = case_cost(geom, storage, batch, ctx, 1)
+                host_idx = {k: a[k] for k in ("slots", "q_start", "kv_start", "ctx_lens")}
+                d = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}
+                d.update(host_idx)  # index arrays stay on the host: the planner reads them
 
-            def run():
-                append_attend_cuda(**d)
-                cuda.synchronize()
+                def run():
+                    append_attend_cuda(**d)
+                    cuda.synchronize()
 
-            t = best_time(run, reps)
-            out, _ = append_attend_cuda(**d)
-            ref_out, _ = _cpu_reference(a)
-            err = float(np.abs(out.copy_to_host() - ref_out).max())
-            rows.append(dict(dtype=storage, context=ctx, kv_gbps=kv_bytes / t / 1e9,
-                             d2d_copy_gbps=copy_gbps, ratio_to_copy=kv_bytes / t / 1e9 / copy_gbps,
-                             max_abs_err=err, ms=t * 1e3))
-            del a, d
+                t = best_time(run, reps)
+                out, _ = append_attend_cuda(**d)
+                err = reference_error(a, out.copy_to_host(), geom) if ctx <= 2048 else None
+                rows.append(dict(geometry="/".join(map(str, geom)), dtype=storage, context=ctx,
+                                 kv_gbps=nbytes / t / 1e9, d2d_copy_gbps=copy_gbps,
+                                 ratio_to_copy=nbytes / t / 1e9 / copy_gbps, max_abs_err=err,
+                                 ms=t * 1e3))
+                del a, d
     return rows
 
 
-def _contexts(ns):
-    if ns.contexts:
-        return tuple(int(c) for c in ns.contexts.split(","))
-    return (512, 2048) if ns.quick else (512, 2048, 8192)
+_HEADER = (f"{'geometry':>10} {'G':>2} {'mode':>7} {'B':>3} {'ctx':>6} {'dtype':>9} {'us/call':>9} "
+           f"{'KV GB/s':>8} {'GFLOP/s':>8} {'STREAM':>7} {'FMA pk':>7} {'bound':>5} {'frac':>5} "
+           f"{'/STREAM':>7} {'/FMA':>5} {'tok/s÷f32':>9} {'err':>8} {'best-ceiling frac':>17}")
 
 
-def _cpu_reference(a):
-    from lamina_kernels import append_attend
+def _fmt_row(r):
+    vs = f"{r['tok_per_s_vs_f32']:9.2f}" if r["tok_per_s_vs_f32"] else f"{'-':>9}"
+    err = f"{r['max_abs_err']:8.1e}" if r["max_abs_err"] is not None else f"{'-':>8}"
+    return (f"{r['geometry']:>10} {r['group']:>2} {r['mode']:>7} {r['batch']:>3} {r['context']:>6} "
+            f"{r['dtype']:>9} {r['us']:9.1f} {r['kv_gbps']:8.2f} {r['gflops']:8.1f} "
+            f"{r['stream_gbps']:7.1f} {r['fma_peak_gflops']:7.0f} {r['bound']:>5} {r['frac']:5.2f} "
+            f"{r['frac_stream']:7.2f} {r['frac_fma']:5.2f} {vs} {err}"
+            + (f" {r['bound_best']:>5} {r['frac_best']:5.2f}" if "frac_best" in r else ""))
 
-    b = dict(a)
-    b["k_pool"], b["v_pool"] = a["k_pool"].copy(), a["v_pool"].copy()
-    return append_attend(**b)
+
+def _csv_ints(text):
+    return tuple(int(x) for x in text.split(",") if x)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer contexts and repeats (< 1 min)")
-    ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    ap.add_argument("--threads", type=int, default=0, help="numba/torch threads (default: all)")
+    ap.add_argument("--geometry", action="append", type=parse_geometry,
+                    help=f"HQ/HKV/D, repeatable (default: {' '.join(DEFAULT_GEOMETRIES)})")
+    ap.add_argument("--contexts", type=_csv_ints, default=None,
+                    help="cached tokens per sequence (default 512,2048,8192,32768; --quick 512,2048)")
+    ap.add_argument("--batch", type=_csv_ints, default=(1, 16), help="decode batch sizes (default 1,16)")
+    ap.add_argument("--modes", default="decode,prefill", help="decode,prefill (default both)")
+    ap.add_argument("--chunk", type=int, default=256, help="prefill: new tokens per sequence per call")
+    ap.add_argument("--prefill-batch", type=_csv_ints, default=(1,), help="prefill batch sizes (default 1)")
+    ap.add_argument("--max-ctx-batched", type=int, default=8192,
+                    help="largest context run at batch > 1 (default 8192)")
+    ap.add_argument("--max-ctx-prefill", type=int, default=8192,
+                    help="largest cached context a prefill chunk is run on (default 8192)")
+    ap.add_argument("--dtypes", default=",".join(STORAGES), help="storage dtypes (default all)")
+    ap.add_argument("--max-kv-gb", type=float, default=2.0, help="skip cases with a bigger float32 pool")
+    ap.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip the comparison with the float64 torch reference")
+    ap.add_argument("--check-max-mb", type=float, default=64.0,
+                    help="compare with the reference only up to this many KV MB")
+    ap.add_argument("--quick", action="store_true", help="fewer contexts and repeats")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows (and the run's header) as JSON")
+    ap.add_argument("--threads", type=int, default=0, help="numba threads (default: all)")
+    ap.add_argument("--progress", action="store_true", help="print each row to stderr as it is measured")
     ap.add_argument("--cuda", action="store_true", help="benchmark the numba.cuda kernel")
-    ap.add_argument("--contexts", default="", help="comma-separated context lengths")
     ns = ap.parse_args()
-    rows = bench_cuda(ns) if ns.cuda else bench_cpu(ns)
-    if ns.json:
-        print(json.dumps(rows, indent=1))
-        return
+    ns.geometry = ns.geometry or [parse_geometry(g) for g in DEFAULT_GEOMETRIES]
+    ns.contexts = ns.contexts or ((512, 2048) if ns.quick else (512, 2048, 8192, 32768))
+    ns.modes = tuple(m for m in ns.modes.split(",") if m)
+    ns.dtypes = tuple(d for d in ns.dtypes.split(",") if d)
+    for m in ns.modes:
+        if m not in ("decode", "prefill"):
+            ap.error(f"unknown mode {m!r}")
+    for d in ns.dtypes:
+        if d not in STORAGES:
+            ap.error(f"unknown dtype {d!r}; expected one of {STORAGES}")
+    load0 = os.getloadavg()
     if ns.cuda:
-        print(f"{'dtype':>9} {'ctx':>5} {'KV GB/s':>8} {'copy GB/s':>9} {'ratio':>6} {'ms':>8} {'err':>8}")
+        rows = bench_cuda(ns)
+        print(f"{'geometry':>10} {'dtype':>9} {'ctx':>5} {'KV GB/s':>8} {'copy GB/s':>9} {'ratio':>6} "
+              f"{'ms':>8} {'err':>8}")
         for r in rows:
-            print(f"{r['dtype']:>9} {r['context']:>5} {r['kv_gbps']:8.1f} {r['d2d_copy_gbps']:9.1f} "
-                  f"{r['ratio_to_copy']:6.2f} {r['ms']:8.3f} {r['max_abs_err']:8.1e}")
-        return
-    f32 = {r["context"]: r["ctx_tokens_per_s"] for r in rows if r["dtype"] == "float32"}
-    print(f"threads: numba {__import__('numba').get_num_threads()}, "
-          f"SVML: {__import__('numba').config.USING_SVML}, stream read {rows[0]['stream_read_gbps']:.1f} GB/s, "
-          f"load average {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-')}")
-    print(f"{'dtype':>9} {'ctx':>5} {'KV GB/s':>8} {'/stream':>7} {'torch GB/s':>10} "
-          f"{'vs torch':>8} {'tok/s vs f32':>12} {'ms':>7} {'err':>8}")
-    for r in rows:
-        print(f"{r['dtype']:>9} {r['context']:>5} {r['kv_gbps']:8.2f} {r['ratio_to_stream']:7.2f} "
-              f"{r['torch_gbps']:10.2f} {r['speedup_vs_torch']:8.2f} "
-              f"{r['ctx_tokens_per_s'] / f32[r['context']]:12.2f} {r['ms']:7.2f} {r['max_abs_err']:8.1e}")
+            err = f"{r['max_abs_err']:8.1e}" if r["max_abs_err"] is not None else f"{'-':>8}"
+            print(f"{r['geometry']:>10} {r['dtype']:>9} {r['context']:>5} {r['kv_gbps']:8.1f} "
+                  f"{r['d2d_copy_gbps']:9.1f} {r['ratio_to_copy']:6.2f} {r['ms']:8.3f} {err}")
+        header = {}
+    else:
+        import numba
+
+        from lamina_kernels.cpu import HOST_AVX512_BF16
+
+        t0 = time.time()
+        rows, skipped, n_threads = bench_cpu(ns)
+        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML), avx512_bf16_on_host=HOST_AVX512_BF16,
+                      load_average_start=load0, load_average_end=os.getloadavg(),
+                      seconds=time.time() - t0, skipped=skipped)
+        print(f"threads {n_threads}, SVML {header['svml']}, avx512_bf16 on host {HOST_AVX512_BF16} (bf16 widened to f32), "
+              f"load average {load0[0]:.2f} at start, {header['load_average_end'][0]:.2f} at end; "
+              f"STREAM and FMA peak measured in each case's round-robin")
+        print(_HEADER)
+        print(f"run's best STREAM {rows[0]['stream_best_gbps']:.1f} GB/s, best FMA peak "
+              f"{rows[0]['fma_peak_best_gflops']:.0f} GFLOP/s (the last two columns use them)"
+              if rows else "no rows")
+        for r in rows:
+            print(_fmt_row(r))
+        for s in skipped:
+            print(f"skipped: {s}")
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(dict(header=header, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

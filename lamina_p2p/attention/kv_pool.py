@@ -24,6 +24,17 @@ from lamina_kernels import storage_itemsize
 STORAGE_NP = {"float32": np.float32, "float16": np.uint16, "bfloat16": np.uint16}
 
 
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """np.empty whose data starts on a cache line. A large np.empty comes from mmap with
+    a 16-byte header, so every 64-byte vector load of the kernels would straddle two
+    lines (measured: ~1.4x slower PV). Still only reserves address space."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    off = (-buf.ctypes.data) % align
+    return buf[off:off + nbytes].view(dtype).reshape(shape)
+
+
 class KVFull(Exception):
     """The byte budget cannot hold the blocks a request needs."""
 
@@ -88,8 +99,8 @@ class KVPool:
             self.k = cuda.device_array(shape, dtype)
             self.v = cuda.device_array(shape, dtype)
         else:
-            self.k = np.empty(shape, dtype)
-            self.v = np.empty(shape, dtype)
+            self.k = _aligned_empty(shape, dtype)
+            self.v = _aligned_empty(shape, dtype)
         self.max_blocks_per_seq = max_blocks_per_seq
         self.num_kv_heads = num_kv_heads
         # LIFO free list: recently freed blocks are likely still resident.

@@ -1,0 +1,309 @@
+"""Explicit 16-lane float32 vectors for the CPU kernels (a Numba type and intrinsics).
+
+LLVM's loop vectoriser does not find the register blocking the attention tiles need
+(16 dot products kept unreduced in registers, one transposed reduction per 16 keys),
+so the tile loops are written with an explicit vector type: `F32x16` is LLVM's
+`<16 x float>`, held in SSA registers like any scalar local. On AVX-512 it is one zmm
+register; on AVX2 LLVM splits it in two ymm, so the code stays portable.
+
+Loads take an array and a flat element index (C order) and do no bounds checks: the
+kernels validate every block they touch before the call. Storage decoding happens
+in the load: float32 as is, bfloat16 bits (int16 arrays) by a 16-bit shift, float16
+bits (uint16 arrays) by LLVM's `fpext half` (vcvtph2ps with F16C).
+"""
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.core.datamodel import models, register_default
+from numba.extending import intrinsic
+
+LANES = 16
+_F = ir.FloatType()
+_V = ir.VectorType(_F, LANES)
+_I32 = ir.IntType(32)
+_FM = ("reassoc", "contract", "nsz", "arcp", "afn")
+
+
+class F32x16Type(types.Type):
+    """16 float32 lanes in one LLVM vector value."""
+
+    def __init__(self):
+        super().__init__(name="F32x16")
+
+
+f32x16 = F32x16Type()
+
+
+@register_default(F32x16Type)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V)
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _elem_ptr(context, builder, arrty, arr, idx):
+    ary = context.make_array(arrty)(context, builder, arr)
+    return builder.gep(ary.data, [idx])
+
+
+def _decode(builder, raw, dtype):
+    """Widen a loaded <16 x storage> vector to <16 x float>."""
+    if dtype == types.float32:
+        return raw
+    if dtype == types.int16:  # bfloat16 bits
+        wide = builder.zext(raw, ir.VectorType(_I32, LANES))
+        return builder.bitcast(builder.shl(wide, ir.Constant(ir.VectorType(_I32, LANES), [16] * LANES)), _V)
+    # uint16: IEEE half bits
+    half = builder.bitcast(raw, ir.VectorType(ir.HalfType(), LANES))
+    return builder.fpext(half, _V)
+
+
+_STORAGE_TYPES = (types.float32, types.int16, types.uint16)
+
+
+@intrinsic
+def vload(typingctx, arr, idx):
+    """16 consecutive elements of a C-contiguous array from flat index idx, as float32."""
+    if not isinstance(arr, types.Array) or arr.dtype not in _STORAGE_TYPES:
+        return None
+    sig = f32x16(arr, types.intp)
+    width = arr.dtype.bitwidth
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        vty = _V if width == 32 else ir.VectorType(ir.IntType(16), LANES)
+        raw = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=width // 8)
+        return _decode(builder, raw, signature.args[0].dtype)
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    """arr.flat[idx:idx+16] = v for a C-contiguous float32 array."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.float32 or v != f32x16:
+        return None
+    sig = types.void(arr, types.intp, f32x16)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, _V.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vzero(typingctx):
+    """A vector of zeros."""
+    sig = f32x16()
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_V, [0.0] * LANES)
+
+    return sig, codegen
+
+
+def _splat(builder, x):
+    undef = ir.Constant(_V, ir.Undefined)
+    one = builder.insert_element(undef, x, _I32(0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+
+@intrinsic
+def vsplat(typingctx, x):
+    """Every lane = the float32 scalar x."""
+    sig = f32x16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return _splat(builder, args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c lane by lane (one fused multiply-add); b may be a float32 scalar (broadcast)."""
+    if a != f32x16 or c != f32x16 or b not in (f32x16, types.float32):
+        return None
+    sig = f32x16(a, b, c)
+
+    def codegen(context, builder, signature, args):
+        x, y, z = args
+        if signature.args[1] == types.float32:
+            y = _splat(builder, y)
+        fma = _fn(builder, "llvm.fma.v16f32", _V, [_V, _V, _V])
+        return builder.call(fma, [x, y, z])
+
+    return sig, codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    """a * b lane by lane; b may be a float32 scalar (broadcast)."""
+    if a != f32x16 or b not in (f32x16, types.float32):
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        x, y = args
+        if signature.args[1] == types.float32:
+            y = _splat(builder, y)
+        return builder.fmul(x, y, flags=_FM)
+
+    return sig, codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """a + b lane by lane."""
+    if a != f32x16 or b != f32x16:
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1], flags=_FM)
+
+    return sig, codegen
+
+
+@intrinsic
+def vhsum(typingctx, v):
+    """Sum of the 16 lanes (a float32 scalar)."""
+    if v != f32x16:
+        return None
+    sig = types.float32(f32x16)
+
+    def codegen(context, builder, signature, args):
+        red = _fn(builder, "llvm.vector.reduce.fadd.v16f32", _F, [_F, _V])
+        return builder.call(red, [ir.Constant(_F, -0.0), args[0]], fastmath=_FM)
+
+    return sig, codegen
+
+
+def _half_sums(builder, a, b, width):
+    """Given two vectors whose lanes hold partial sums for `LANES // width` keys in
+    blocks of `width` lanes, fold each block in half: the result holds a's and b's
+    keys side by side, each over width/2 lanes."""
+    h = width // 2
+    lo, hi = [], []
+    for blk in range(LANES // width):
+        base = blk * width
+        # a's lower half and b's lower half of this block, then the upper halves.
+        lo += [base + j for j in range(h)] + [LANES + base + j for j in range(h)]
+        hi += [base + h + j for j in range(h)] + [LANES + base + h + j for j in range(h)]
+    mask = lambda m: ir.Constant(ir.VectorType(_I32, LANES), m)  # noqa: E731
+    x = builder.shuffle_vector(a, b, mask(lo))
+    y = builder.shuffle_vector(a, b, mask(hi))
+    return builder.fadd(x, y, flags=_FM)
+
+
+@intrinsic
+def vsum16(typingctx, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
+    """Lane t of the result = the sum of the 16 lanes of a_t (a transposed reduction:
+    15 shuffle pairs and adds for 16 dot products, instead of 16 horizontal sums)."""
+    args_t = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+    if any(a != f32x16 for a in args_t):
+        return None
+    sig = f32x16(*args_t)
+
+    def codegen(context, builder, signature, args):
+        # Pairing halves lanes level by level and leaves key t in lane bitrev4(t);
+        # feeding the inputs in bit-reversed order puts key t in lane t.
+        vs = [args[int(f"{i:04b}"[::-1], 2)] for i in range(LANES)]
+        width = LANES
+        # Level by level: pair vectors, halving the lanes each key occupies.
+        while len(vs) > 1:
+            vs = [_half_sums(builder, vs[i], vs[i + 1], width) for i in range(0, len(vs), 2)]
+            width //= 2
+        return vs[0]
+
+    return sig, codegen
+
+
+@intrinsic
+def vsub(typingctx, a, b):
+    """a - b lane by lane; b may be a float32 scalar (broadcast)."""
+    if a != f32x16 or b not in (f32x16, types.float32):
+        return None
+    sig = f32x16(a, b)
+
+    def codegen(context, builder, signature, args):
+        x, y = args
+        if signature.args[1] == types.float32:
+            y = _splat(builder, y)
+        return builder.fsub(x, y, flags=_FM)
+
+    return sig, codegen
+
+
+@intrinsic
+def vhmax(typingctx, v):
+    """Largest of the 16 lanes (a float32 scalar; -inf lanes are ordinary values)."""
+    if v != f32x16:
+        return None
+    sig = types.float32(f32x16)
+
+    def codegen(context, builder, signature, args):
+        red = _fn(builder, "llvm.vector.reduce.fmax.v16f32", _F, [_V])
+        return builder.call(red, [args[0]])
+
+    return sig, codegen
+
+
+@intrinsic
+def vexp_nonpos(typingctx, v):
+    """exp(x) lane by lane for x <= 0 (scores minus their running max), ~1 ulp.
+
+    The same Cody-Waite reduction and degree-7 polynomial as exp_nonpos, in
+    vector registers (LLVM's llvm.exp would be 16 scalar expf calls without SVML).
+    Lanes below -87 give ~1e-38 instead of a denormal (or 0); -inf gives the same.
+    """
+    if v != f32x16:
+        return None
+    sig = f32x16(f32x16)
+
+    def codegen(context, builder, signature, args):
+        def c(x):
+            return ir.Constant(_V, [float(x)] * LANES)
+
+        vi = ir.VectorType(_I32, LANES)
+        fma = _fn(builder, "llvm.fma.v16f32", _V, [_V, _V, _V])
+        floor = _fn(builder, "llvm.floor.v16f32", _V, [_V])
+        vmax = _fn(builder, "llvm.maxnum.v16f32", _V, [_V, _V])
+        x = builder.call(vmax, [args[0], c(-87.0)])
+        n = builder.call(floor, [builder.call(fma, [x, c(1.4426950408889634), c(0.5)])])
+        r = builder.call(fma, [n, c(-0.693145751953125), x])
+        r = builder.call(fma, [n, c(-1.428606765330187e-06), r])
+        p = c(1.0 / 5040.0)
+        for k in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+            p = builder.call(fma, [p, r, c(k)])
+        e = builder.shl(builder.add(builder.fptosi(n, vi), ir.Constant(vi, [127] * LANES)),
+                        ir.Constant(vi, [23] * LANES))
+        return builder.fmul(p, builder.bitcast(e, _V))
+
+    return sig, codegen
+
+
+@intrinsic
+def vstore8(typingctx, arr, idx, v, upper):
+    """arr.flat[idx:idx+8] = lanes 0-7 of v (upper False) or lanes 8-15 (upper True)."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.float32 or v != f32x16:
+        return None
+    if not isinstance(upper, types.BooleanLiteral):
+        return None
+    sig = types.void(arr, types.intp, f32x16, upper)
+    base = 8 if upper.literal_value else 0
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        v8 = ir.VectorType(_F, 8)
+        half = builder.shuffle_vector(args[2], ir.Constant(_V, ir.Undefined),
+                                      ir.Constant(ir.VectorType(_I32, 8), list(range(base, base + 8))))
+        builder.store(half, builder.bitcast(ptr, v8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -1,0 +1,326 @@
+"""Register-blocked attention tiles over one KV block, written with explicit vectors.
+
+The tile loop (flash attention): a tile of query rows (decode: the GQA group of one
+kv head; prefill: the group x up to 64/G query positions) is held in a float32
+scratch; each KV block of the pool is streamed once and serves every row of the
+tile: QK scores, online-softmax update, then PV into the row accumulators.
+
+- QK: two query rows x 8 keys at a time, one unreduced 16-lane accumulator per
+  (row, key) over head_dim (16 zmm registers), folded by one transposed reduction
+  (simd.vsum16) into the 16 scores; each K chunk loaded feeds both rows (an odd last
+  row: 16 keys of one row).
+- PV: each row's accumulator, 64 columns at a time (4 registers), stays in registers
+  over the block's keys; the probability is broadcast into the FMA.
+- float32 pools are read in place; a 16-bit pool's block is widened once into a
+  per-thread float32 scratch (one vector load + decode + store per 16 elements), so
+  16-bit pools move half the bytes and every query row reads float32.
+- The next block's rows are prefetched one key row at a time inside the QK/PV loops
+  of the first query row: blocks are scattered, so the hardware prefetcher stops at
+  every block edge.
+
+Requires head_dim % 16 == 0 (every real checkpoint's head_dim); cpu.py keeps a
+scalar path for the rest.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .simd import (vexp_nonpos, vfma, vhmax, vhsum, vload, vmul, vstore, vstore8, vsub, vsum16,
+                   vzero)
+from .softmax import exp_nonpos
+
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+# The factory's functions are closures over D: not cached themselves, they are
+# compiled into (and cached with) the cpu.py kernel that calls them.
+_JIT_D = dict(_JIT, cache=False)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """llvm.prefetch (read, into L2) of the element at flat index idx of an array."""
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        builder.call(fn, [ptr, i32(0), i32(1), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _src(pool, scratch):
+    """The array the tiles read K or V from (see _stage)."""
+
+
+@overload(_src, inline="always", jit_options=_JIT)
+def _ov_src(pool, scratch):
+    if pool.dtype == types.float32:
+        return lambda pool, scratch: pool
+    return lambda pool, scratch: scratch
+
+
+def _stage(pool, start, n, scratch):
+    """Make pool.flat[start:start+n] readable as float32; return its index in _src.
+
+    float32 pools are read in place. 16-bit pools are widened once per block into
+    a per-thread float32 scratch: every row of the tile then reads float32 (decoding
+    in each load would repeat the widening once per query row, 64 times in prefill).
+    """
+
+
+@overload(_stage, inline="always", jit_options=_JIT)
+def _ov_stage(pool, start, n, scratch):
+    if pool.dtype == types.float32:
+        return lambda pool, start, n, scratch: start
+
+    def widen(pool, start, n, scratch):
+        for x in range(0, n, 16):
+            vstore(scratch, x, vload(pool, start + x))
+        return 0
+
+    return widen
+
+
+def make_attend_rows(D):
+    """attend_rows for a compile-time head_dim D (0: read it from the arrays).
+
+    With a constant row stride the 16 key rows of a QK tile are one base register
+    plus immediate offsets and the head_dim loops unroll. The whole block loop is one
+    function body on purpose: array arguments of a helper, even an inlined one, cost
+    an NRT incref/decref pair per call, i.e. per block.
+    """
+
+    @njit(**_JIT_D)
+    def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
+                    kw, vw):
+        """Online softmax of rows qs[:n_rows] over keys [k0, k1) of one (sequence, kv
+        head); row r sees keys < row_lim[r]. Leaves the running max m, sum l and the
+        unnormalised accumulator acc (float32 [rows, d]). s: float32 [rows, >= bs];
+        kw, vw: float32 scratch of >= bs * d elements (used by 16-bit pools)."""
+        ks = _src(k_pool, kw)
+        vs = _src(v_pool, vw)
+        bs = k_pool.shape[2]
+        d = k_pool.shape[3] if D == 0 else D
+        nl = k_pool.shape[1]
+        sw = s.shape[1]
+        step = 64 // k_pool.itemsize  # elements per cache line
+        for r in range(n_rows):
+            m[r] = -np.inf
+            l[r] = 0.0
+            for x in range(0, d, 16):
+                vstore(acc, r * d + x, vzero())
+        if k1 <= k0:
+            return
+        b_end = (k1 + bs - 1) // bs
+        b0 = k0 // bs
+        first = ((bt_row[b0] * nl + layer) * bs) * d
+        po = first
+        while po < first + bs * d:  # a while loop: range() with a runtime step divides
+            _prefetch(k_pool, po)
+            _prefetch(v_pool, po)
+            po += step
+        for b in range(b0, b_end):
+            blk = bt_row[b]  # one table lookup per block, not per token
+            base = b * bs
+            t0 = max(k0 - base, 0)
+            t1 = min(k1 - base, bs)
+            n = t1 - t0
+            row0 = ((blk * nl + layer) * bs + t0) * d
+            # Blocks are scattered: the hardware prefetcher stops at each block edge,
+            # so the next block is prefetched a key row at a time inside the loops
+            # (a burst of a whole block at once stalls the current block's loads).
+            pf = ((bt_row[b + 1] * nl + layer) * bs) * d if b + 1 < b_end else -1
+            kb = _stage(k_pool, row0, n * d, kw)
+
+            # QK: s[r, t0 + t] = qs[r] . K[t]. Rows in pairs over 8 keys (each K load
+            # feeds two FMAs; 16 accumulators), an odd last row over 16 keys.
+            r = 0
+            while r + 2 <= n_rows:
+                qb = r * d
+                t = 0
+                while t + 8 <= n:
+                    if pf >= 0 and r == 0:
+                        po = pf + t * d
+                        while po < pf + (t + 8) * d:
+                            _prefetch(k_pool, po)
+                            po += step
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 16):
+                        qv = vload(qs, qb + c)
+                        qw = vload(qs, qb + d + c)
+                        k = vload(ks, o + c)
+                        a0 = vfma(qv, k, a0)
+                        a8 = vfma(qw, k, a8)
+                        k = vload(ks, o + d + c)
+                        a1 = vfma(qv, k, a1)
+                        a9 = vfma(qw, k, a9)
+                        k = vload(ks, o + 2 * d + c)
+                        a2 = vfma(qv, k, a2)
+                        a10 = vfma(qw, k, a10)
+                        k = vload(ks, o + 3 * d + c)
+                        a3 = vfma(qv, k, a3)
+                        a11 = vfma(qw, k, a11)
+                        k = vload(ks, o + 4 * d + c)
+                        a4 = vfma(qv, k, a4)
+                        a12 = vfma(qw, k, a12)
+                        k = vload(ks, o + 5 * d + c)
+                        a5 = vfma(qv, k, a5)
+                        a13 = vfma(qw, k, a13)
+                        k = vload(ks, o + 6 * d + c)
+                        a6 = vfma(qv, k, a6)
+                        a14 = vfma(qw, k, a14)
+                        k = vload(ks, o + 7 * d + c)
+                        a7 = vfma(qv, k, a7)
+                        a15 = vfma(qw, k, a15)
+                    sv = vsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+                    vstore8(s, r * sw + t0 + t, sv, False)
+                    vstore8(s, (r + 1) * sw + t0 + t, sv, True)
+                    t += 8
+                while t < n:
+                    a = vzero()
+                    b2 = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 16):
+                        k = vload(ks, o + c)
+                        a = vfma(vload(qs, qb + c), k, a)
+                        b2 = vfma(vload(qs, qb + d + c), k, b2)
+                    s[r, t0 + t] = vhsum(a)
+                    s[r + 1, t0 + t] = vhsum(b2)
+                    t += 1
+                r += 2
+            while r < n_rows:
+                qb = r * d
+                t = 0
+                while t + 16 <= n:
+                    if pf >= 0 and r == 0:
+                        po = pf + t * d
+                        while po < pf + (t + 16) * d:
+                            _prefetch(k_pool, po)
+                            po += step
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 16):
+                        qv = vload(qs, qb + c)
+                        a0 = vfma(qv, vload(ks, o + c), a0)
+                        a1 = vfma(qv, vload(ks, o + d + c), a1)
+                        a2 = vfma(qv, vload(ks, o + 2 * d + c), a2)
+                        a3 = vfma(qv, vload(ks, o + 3 * d + c), a3)
+                        a4 = vfma(qv, vload(ks, o + 4 * d + c), a4)
+                        a5 = vfma(qv, vload(ks, o + 5 * d + c), a5)
+                        a6 = vfma(qv, vload(ks, o + 6 * d + c), a6)
+                        a7 = vfma(qv, vload(ks, o + 7 * d + c), a7)
+                        a8 = vfma(qv, vload(ks, o + 8 * d + c), a8)
+                        a9 = vfma(qv, vload(ks, o + 9 * d + c), a9)
+                        a10 = vfma(qv, vload(ks, o + 10 * d + c), a10)
+                        a11 = vfma(qv, vload(ks, o + 11 * d + c), a11)
+                        a12 = vfma(qv, vload(ks, o + 12 * d + c), a12)
+                        a13 = vfma(qv, vload(ks, o + 13 * d + c), a13)
+                        a14 = vfma(qv, vload(ks, o + 14 * d + c), a14)
+                        a15 = vfma(qv, vload(ks, o + 15 * d + c), a15)
+                    vstore(s, r * sw + t0 + t, vsum16(a0, a1, a2, a3, a4, a5, a6, a7,
+                                                       a8, a9, a10, a11, a12, a13, a14, a15))
+                    t += 16
+                while t < n:
+                    a = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 16):
+                        a = vfma(vload(qs, qb + c), vload(ks, o + c), a)
+                    s[r, t0 + t] = vhsum(a)
+                    t += 1
+                r += 1
+
+            # Online softmax: scores become probabilities (0 past a row's causal
+            # limit); m, l and acc are rescaled when the running max moves.
+            for r in range(n_rows):
+                te = max(min(t1, row_lim[r] - base), t0)
+                for t in range(te, t1):
+                    s[r, t] = 0.0
+                if te == t0:
+                    continue
+                mx = m[r]
+                vec = (te - t0) % 16 == 0  # whole 16-key chunks: every block but a diagonal or tail
+                if vec:
+                    for t in range(t0, te, 16):
+                        mx = max(mx, vhmax(vload(s, r * sw + t)))
+                else:
+                    for t in range(t0, te):
+                        mx = max(mx, s[r, t])
+                # Once the max has settled it stops moving: skip the scalar exp (a
+                # long dependency chain) and the rescale. ~0 on the first block.
+                alpha = np.float32(1.0) if mx == m[r] else exp_nonpos(m[r] - mx)
+                psum = np.float32(0.0)
+                if vec:
+                    for t in range(t0, te, 16):
+                        pv = vexp_nonpos(vsub(vload(s, r * sw + t), mx))
+                        vstore(s, r * sw + t, pv)
+                        psum += vhsum(pv)
+                else:
+                    for t in range(t0, te):
+                        p = exp_nonpos(s[r, t] - mx)
+                        s[r, t] = p
+                        psum += p
+                l[r] = l[r] * alpha + psum
+                m[r] = mx
+                if alpha != 1.0:
+                    for x in range(0, d, 16):
+                        vstore(acc, r * d + x, vmul(vload(acc, r * d + x), alpha))
+
+            # PV: acc[r] += sum_t p[r, t] V[t], 64 columns of a row in registers.
+            vb = _stage(v_pool, row0, n * d, vw)
+            for r in range(n_rows):
+                c = 0
+                while c + 64 <= d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    x1 = vload(acc, o + 16)
+                    x2 = vload(acc, o + 32)
+                    x3 = vload(acc, o + 48)
+                    for t in range(n):
+                        if pf >= 0 and r == 0 and c == 0:
+                            po = pf + t * d
+                            while po < pf + (t + 1) * d:
+                                _prefetch(v_pool, po)
+                                po += step
+                        pt = s[r, t0 + t]
+                        v = vb + t * d + c
+                        x0 = vfma(vload(vs, v), pt, x0)
+                        x1 = vfma(vload(vs, v + 16), pt, x1)
+                        x2 = vfma(vload(vs, v + 32), pt, x2)
+                        x3 = vfma(vload(vs, v + 48), pt, x3)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + 16, x1)
+                    vstore(acc, o + 32, x2)
+                    vstore(acc, o + 48, x3)
+                    c += 64
+                while c < d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    for t in range(n):
+                        if pf >= 0 and r == 0 and c == 0:
+                            po = pf + t * d
+                            while po < pf + (t + 1) * d:
+                                _prefetch(v_pool, po)
+                                po += step
+                        x0 = vfma(vload(vs, vb + t * d + c), s[r, t0 + t], x0)
+                    vstore(acc, o, x0)
+                    c += 16
+
+    return attend_rows
+
+
+attend_rows_64 = make_attend_rows(64)
+attend_rows_128 = make_attend_rows(128)
+attend_rows_any = make_attend_rows(0)
