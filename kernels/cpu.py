@@ -37,9 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import plan as P
-from . import simd as S
 from . import tiles as T
-from .softmax import exp_nonpos as _exp_nonpos
 from .softmax import softmax_block as _softmax_block
 from .softmax import u32_as_f32 as _u32_as_f32
 from .storage import check_storage, storage_dtype, widen

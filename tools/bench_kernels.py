@@ -392,10 +392,11 @@ def main():
 
         t0 = time.time()
         rows, skipped, n_threads = bench_cpu(ns)
-        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML), avx512_bf16_on_host=HOST_AVX512_BF16,
-                      load_average_start=load0, load_average_end=os.getloadavg(),
+        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML),
+                      avx512_bf16_on_host=HOST_AVX512_BF16, load_average_start=load0, load_average_end=os.getloadavg(),
                       seconds=time.time() - t0, skipped=skipped)
-        print(f"threads {n_threads}, SVML {header['svml']}, avx512_bf16 on host {HOST_AVX512_BF16} (bf16 widened to f32), "
+        print(f"threads {n_threads}, SVML {header['svml']}, avx512_bf16 on host {HOST_AVX512_BF16} "
+              f"(bf16 widened to f32), "
               f"load average {load0[0]:.2f} at start, {header['load_average_end'][0]:.2f} at end; "
               f"STREAM and FMA peak measured in each case's round-robin")
         print(_HEADER)
