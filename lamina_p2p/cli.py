@@ -206,6 +206,11 @@ def generate(model_dir, prompt, chat, system, allow_special_tokens_in_content, p
 @click.option("--max-batch", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--advertise", default=None, help="Address other peers dial (default: the bound one; a wildcard "
               "host is replaced by this machine's LAN address).")
+@click.option("--data-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Attention: TCP port of the per-layer data path (0: any free one; fix it to open it in a firewall).")
+@click.option("--data-advertise", default=None,
+              help="Attention: address compute peers dial for the data path (default: --advertise's host and "
+                   "--data-port; given, no ipc:// shortcut is offered), e.g. behind NAT or a relay.")
 @click.option("--discover", is_flag=True, help="Find peers of this cluster on the LAN with a UDP beacon.")
 @click.option("--discover-port", type=click.IntRange(1, 65535), default=47474, show_default=True)
 @click.option("--discover-broadcast", default="255.255.255.255", show_default=True)
@@ -215,7 +220,7 @@ def generate(model_dir, prompt, chat, system, allow_special_tokens_in_content, p
               help="Compute with --http: require 'Authorization: Bearer KEY' on /v1/* (default: $LAMINA_API_KEY).")
 def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_cpus, block_size, heartbeat, dead_after, model_dir,
           dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout, owner_timeout,
-          http, max_batch, advertise, discover, discover_port,
+          http, max_batch, advertise, data_port, data_advertise, discover, discover_port,
           discover_broadcast, secret, peer_key, allow_dir, insecure_listen, api_key):
     """Run one peer until SIGTERM or Ctrl-C."""
     from lamina_p2p.node import run_attention, run_compute
@@ -225,6 +230,8 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
         check_address(listen)
         if advertise:
             check_address(advertise)
+        if data_advertise:
+            check_address(data_advertise)
         for addr in join:
             check_address(addr)
         kv_bytes = parse_bytes(kv_memory)
@@ -246,7 +253,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
         cfg = AttentionPeerConfig(listen=listen, join=tuple(join), kv_bytes=kv_bytes, device=device, threads=threads,
                                   cluster=cluster, block_size=block_size, heartbeat_interval=heartbeat,
                                   suspect_after=dead_after / 2, dead_after=dead_after, advertise=advertise,
-                                  drain_timeout=drain_timeout, owner_timeout=owner_timeout,
+                                  data_port=data_port, data_advertise=data_advertise, drain_timeout=drain_timeout, owner_timeout=owner_timeout,
                                   discover=discover, discover_port=discover_port,
                                   discover_broadcast=discover_broadcast, security=security,
                                   insecure_listen=insecure_listen)

@@ -85,10 +85,13 @@ def test_generate_command_starts_and_stops_its_peers(model_dir, reference):
     assert _attention_pids("gen-cmd-test") == set()  # the command stopped the peers it started
 
 
-def test_block_size_and_data_path_come_from_the_register_reply(model_dir, reference):
+@pytest.mark.parametrize("data_address", ["default", "fixed"])
+def test_block_size_and_data_path_come_from_the_register_reply(model_dir, reference, data_address):
     """A peer started with --block-size 32: the transport (and so the scheduler) uses 32, not 16; every
-    per-layer attend goes over the data path (the kernel thread's own socket, ipc:// on one host)."""
+    per-layer attend goes over the data path (the kernel thread's own socket): ipc:// on one host by
+    default, or exactly the address given with --data-port/--data-advertise (firewalls, NAT, relays)."""
     import asyncio
+    import socket
 
     from tests.waiting import peer_stats
 
@@ -97,7 +100,14 @@ def test_block_size_and_data_path_come_from_the_register_reply(model_dir, refere
     from lamina_p2p.compute.sequence import SamplingParams
     from lamina_p2p.model.loader import load_model
 
-    (peer,) = start_attention_peers(1, "64MiB", threads=1, cluster="bs32", extra=["--block-size", "32"])
+    extra, expected = ["--block-size", "32"], "ipc://"
+    if data_address == "fixed":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        expected = f"tcp://127.0.0.1:{port}"
+        extra += ["--data-port", str(port), "--data-advertise", expected]
+    (peer,) = start_attention_peers(1, "64MiB", threads=1, cluster="bs32", extra=extra)
     try:
         async def run():
             async with join_cluster([peer.address], cluster="bs32") as transport:
@@ -113,7 +123,7 @@ def test_block_size_and_data_path_come_from_the_register_reply(model_dir, refere
 
         block, endpoint, tokens = asyncio.run(run())
         assert block == 32
-        assert endpoint.startswith("ipc://")
+        assert endpoint == expected if data_address == "fixed" else endpoint.startswith(expected)
         assert tokens == reference[:3]
         stats = peer_stats(peer.address)
         assert stats["attend_calls"] > 0 and stats["data_path_requests"] == stats["attend_calls"]

@@ -8,7 +8,9 @@ Topology (loopback only; nothing to clean up but our own processes):
                                     127.0.0.1:R  delay + rate, both ways        127.0.0.1:P
 
 The attention peer listens on P and advertises R (`--advertise`), so membership gossip hands the
-compute peer R and every attend request and reply crosses the relay. The kernels here have no
+compute peer R; its per-layer data path listens on a second port D and advertises a second relay's
+port (`--data-port`, `--data-advertise`, which also withholds the ipc:// shortcut), so every attend
+request and reply crosses a relay with the same delay and rate. The kernels here have no
 `netem` qdisc, hence the user-space relay (checked by `tools/relay.py check`; the same ping-pong
 runs first here and is reported). One attention peer is prefilled once; the relay's delay is then
 changed between rounds (a command on its stdin), and every (delay, micro-batches) pair decodes
@@ -88,16 +90,19 @@ async def run(args, log) -> dict:
                      + (args.batch * args.context) // 1024)
     kv = int(args.batch * (args.context + decode_tokens + 16) * kv_tok * 1.25) + (64 << 20)
     loop = asyncio.get_running_loop()
-    port = free_port()
-    relay = RelayProcess(port, args.rate_gbit)
+    port, data_port = free_port(), free_port()
+    relay = RelayProcess(port, args.rate_gbit)  # the control path: membership, register, free
+    data_relay = RelayProcess(data_port, args.rate_gbit)  # the per-layer attends
     peer = None
     backend = None
     try:
         peer = await loop.run_in_executor(None, lambda: start_peer(
             ["start", "--role", "attention", "--listen", f"tcp://127.0.0.1:{port}", "--advertise",
-             f"tcp://127.0.0.1:{relay.port}", "--kv-memory", str(kv), "--cluster", "netem",
+             f"tcp://127.0.0.1:{relay.port}", "--data-port", str(data_port), "--data-advertise",
+             f"tcp://127.0.0.1:{data_relay.port}", "--kv-memory", str(kv), "--cluster", "netem",
              "--threads", str(args.attention_threads)]))
-        log(f"attention peer on :{port}, advertised through the relay on :{relay.port}")
+        log(f"attention peer on :{port} (data :{data_port}), advertised through the relays on :{relay.port} "
+            f"(data :{data_relay.port})")
         backend = LaminaBackend(model, model_dir, 0, args, "netem", join=[f"tcp://127.0.0.1:{relay.port}"],
                                 cluster="netem")
         await backend.open(kv)
@@ -114,6 +119,7 @@ async def run(args, log) -> dict:
             order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]
             for d, m in order:
                 relay.command(f"delay {d}")
+                data_relay.command(f"delay {d}")
                 await backend.decode(1, m)  # settle: chunks queued under the old delay drain
                 dt = await backend.decode(args.steps, m)
                 rates[f"{d}ms_mb{m}"].append(args.batch * args.steps / dt)
@@ -124,6 +130,7 @@ async def run(args, log) -> dict:
         if peer is not None:
             await loop.run_in_executor(None, peer.stop)
         relay.close()
+        data_relay.close()
     tps = {k: benchlib.median(v) for k, v in rates.items()}
     d0 = args.delays_ms[0]
     rel = {f"{d}ms_mb{m}": tps[f"{d}ms_mb{m}"] / tps[f"{d0}ms_mb{m}"] for d, m in pairs}

@@ -55,6 +55,8 @@ class AttentionPeerConfig:
     owner_timeout: float = 60.0  # free the KV of a compute peer that has been dead this long
     drain_timeout: float = 30.0  # on SIGTERM: how long compute peers get to move their shards off
     advertise: str | None = None  # address others dial; default: the bound one
+    data_port: int = 0  # the data path's TCP port (0: the system chooses)
+    data_advertise: str | None = None  # the data path's address others dial (then no ipc://); default: advertise's host
     discover: bool = False  # UDP beacon on the LAN
     discover_port: int = 47474
     discover_broadcast: str = "255.255.255.255"
@@ -106,7 +108,8 @@ class AttentionPeer:
         listen = self.config.listen
         tcp_host = listen.rsplit(":", 1)[0] if listen.startswith("tcp://") else "tcp://127.0.0.1"
         self.kernel = KernelThread(ctx, tcp_host, self._attend_data, security=self.config.security,
-                                   on_start=self._start_kernel_thread)
+                                   on_start=self._start_kernel_thread, tcp_port=self.config.data_port,
+                                   ipc=self.config.data_advertise is None)
         server = None
         try:
             await loop.run_in_executor(None, self.kernel.start)
@@ -125,7 +128,8 @@ class AttentionPeer:
     async def _serve(self, ctx, server: RpcServer, stop: asyncio.Event, on_ready) -> None:
         address = advertise_address(server.bound_address, self.config.advertise, list(self.config.join))
         # Compute peers dial the data path at the advertised host, on the kernel thread's port.
-        self.data_endpoint = address.rsplit(":", 1)[0] + ":" + self.kernel.tcp_endpoint.rsplit(":", 1)[1]
+        self.data_endpoint = self.config.data_advertise or \
+            address.rsplit(":", 1)[0] + ":" + self.kernel.tcp_endpoint.rsplit(":", 1)[1]
         me = PeerInfo(id=os.urandom(8).hex(), role="attention", address=address,
                       device=self.config.device, kv_total_bytes=self.service.budget.total,
                       kv_free_bytes=self.service.budget.free, load=0.0, version=PROTOCOL_VERSION,

@@ -63,15 +63,18 @@ def _sync(ctx: zmq.Context) -> zmq.Context:
 class KernelThread:
     """The attention peer's worker: serves `attend` on its own sockets and runs submitted jobs in order.
 
-    `tcp_bind` is the host part to bind ("tcp://127.0.0.1"); the port is chosen by the system.
+    `tcp_bind` is the host part to bind ("tcp://127.0.0.1"); `tcp_port` its port (0: the system
+    chooses; a fixed one for firewalls and relays). `ipc` also binds an ipc:// path for peers on this host.
     `handler(msg, arrived)` runs an attend and returns (reply fields, reply tensors); it raises to
     send an error reply. `on_start` runs first on the thread (thread counts, warm-up).
     """
 
     def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
-                 limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True):
+                 limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True,
+                 tcp_port: int = 0):
         self._ctx = ctx
         self._tcp_bind = tcp_bind
+        self._tcp_port = tcp_port
         self._handler = handler
         self._security = security
         self._limits = limits
@@ -149,7 +152,7 @@ class KernelThread:
             from .security import apply
 
             apply(sock, self._security, server=True)
-            sock.bind(f"{self._tcp_bind}:0")
+            sock.bind(f"{self._tcp_bind}:{self._tcp_port}")
             self.tcp_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             if self._ipc_dir is not None:
                 path = os.path.join(self._ipc_dir, "attend")
