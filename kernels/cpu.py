@@ -33,11 +33,11 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import plan as P
 from . import tiles as T
+from .simd import prefetch
 from .softmax import softmax_block as _softmax_block
 from .softmax import u32_as_f32 as _u32_as_f32
 from .storage import check_storage, storage_dtype, widen
@@ -159,26 +159,6 @@ def _ov_dec(h):
     return None
 
 
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """llvm.prefetch of the element at flat index idx of a C-contiguous array, for
-    reading, into L2 (locality 1)."""
-    sig = types.void(arr, types.intp)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-            "llvm.prefetch.p0")
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        builder.call(fn, [ptr, i32(0), i32(1), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @njit(inline="always", **_JIT)
 def _prefetch_rows(pool, blk, layer, t, n):
     """Prefetch every cache line of rows [t, t + n) of pool[blk, layer] (into L2).
@@ -187,7 +167,7 @@ def _prefetch_rows(pool, blk, layer, t, n):
     d = pool.shape[3]
     base = (blk * pool.shape[1] + layer) * bs * d
     for o in range(base + t * d, base + min(t + n, bs) * d, 64 // pool.itemsize):
-        _prefetch(pool, o)
+        prefetch(pool, o)
 
 
 @njit(**_JIT)

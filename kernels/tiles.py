@@ -23,12 +23,10 @@ scalar path for the rest.
 """
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
-from .simd import (vexp_nonpos, vfma, vhmax, vhsum, vload, vmul, vstore, vstore8, vsub, vsum16,
+from .simd import (prefetch, vexp_nonpos, vfma, vhmax, vhsum, vload, vmul, vstore, vstore8, vsub, vsum16,
                    vzero)
 from .softmax import exp_nonpos
 
@@ -37,25 +35,6 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 # The factory's functions are closures over D: not cached themselves, they are
 # compiled into (and cached with) the cpu.py kernel that calls them.
 _JIT_D = dict(_JIT, cache=False)
-
-
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """llvm.prefetch (read, into L2) of the element at flat index idx of an array."""
-    sig = types.void(arr, types.intp)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-            "llvm.prefetch.p0")
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        builder.call(fn, [ptr, i32(0), i32(1), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 def _src(pool, scratch):
@@ -126,8 +105,8 @@ def make_attend_rows(D):
         first = ((bt_row[b0] * nl + layer) * bs) * d
         po = first
         while po < first + bs * d:  # a while loop: range() with a runtime step divides
-            _prefetch(k_pool, po)
-            _prefetch(v_pool, po)
+            prefetch(k_pool, po)
+            prefetch(v_pool, po)
             po += step
         for b in range(b0, b_end):
             blk = bt_row[b]  # one table lookup per block, not per token
@@ -152,7 +131,7 @@ def make_attend_rows(D):
                     if pf >= 0 and r == 0:
                         po = pf + t * d
                         while po < pf + (t + 8) * d:
-                            _prefetch(k_pool, po)
+                            prefetch(k_pool, po)
                             po += step
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
@@ -207,7 +186,7 @@ def make_attend_rows(D):
                     if pf >= 0 and r == 0:
                         po = pf + t * d
                         while po < pf + (t + 16) * d:
-                            _prefetch(k_pool, po)
+                            prefetch(k_pool, po)
                             po += step
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
@@ -292,7 +271,7 @@ def make_attend_rows(D):
                         if pf >= 0 and r == 0 and c == 0:
                             po = pf + t * d
                             while po < pf + (t + 1) * d:
-                                _prefetch(v_pool, po)
+                                prefetch(v_pool, po)
                                 po += step
                         pt = s[r, t0 + t]
                         v = vb + t * d + c
@@ -312,7 +291,7 @@ def make_attend_rows(D):
                         if pf >= 0 and r == 0 and c == 0:
                             po = pf + t * d
                             while po < pf + (t + 1) * d:
-                                _prefetch(v_pool, po)
+                                prefetch(v_pool, po)
                                 po += step
                         x0 = vfma(vload(vs, vb + t * d + c), s[r, t0 + t], x0)
                     vstore(acc, o, x0)

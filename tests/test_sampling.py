@@ -54,7 +54,6 @@ def test_any_valid_parameters_give_a_finite_token(rows, params):
     for s, row, tok, lp in zip(seqs, rows, tokens, lps):
         assert s.error is None
         assert 0 <= tok < VOCAB and not math.isnan(lp)
-        bias = s.params.logit_bias or {}
         assert row[tok] > -math.inf  # never a token the row excludes
         if s.params.logprobs and s.params.top_logprobs:
             assert len(s.top_logprobs[-1]) == min(s.params.top_logprobs, VOCAB)
