@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_models import hf_config
+from hf_models import hf_config, random_hf_model
 
 VOCAB = 320
 # Byte-level BPE from the tiny preset's trainer; an SPM vocabulary is built by hand below.
@@ -41,8 +41,6 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 def build_hf(arch: str, out: Path, geometry: str = "small", seed: int = 0, llama3_rope: bool = False) -> Path:
     """A random transformers model of `arch` with VOCAB tokens, saved to `out` (float32)."""
-    from transformers import AutoModelForCausalLM
-
     cfg = hf_config(arch)
     cfg.vocab_size = VOCAB
     for k, v in GEOMETRIES[geometry].items():
@@ -55,17 +53,7 @@ def build_hf(arch: str, out: Path, geometry: str = "small", seed: int = 0, llama
             cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         if llama3_rope:
             cfg.rope_parameters = {**LLAMA3_ROPE, "rope_theta": 10000.0}
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    model = random_hf_model(cfg, seed)
     model.save_pretrained(out)
     return out
 

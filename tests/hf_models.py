@@ -57,15 +57,12 @@ def hf_config(arch: str):
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def build_hf_model(arch: str, root: Path | None = None, seed: int = 0) -> Path:
-    """Build, randomise and save_pretrained a tiny float32 model; return its directory."""
-    if root is None and arch in _cache:
-        return _cache[arch]
+def random_hf_model(config, seed: int):
+    """A transformers model of `config` in float32 with seeded random weights."""
     from transformers import AutoModelForCausalLM
 
-    seed += 100 * ARCHITECTURES.index(arch)  # different weights per architecture
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -75,6 +72,16 @@ def build_hf_model(arch: str, root: Path | None = None, seed: int = 0) -> Path:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:  # larger than the HF default (0.02) so logits are not all near zero
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def build_hf_model(arch: str, root: Path | None = None, seed: int = 0) -> Path:
+    """Build, randomise and save_pretrained a tiny float32 model; return its directory."""
+    if root is None and arch in _cache:
+        return _cache[arch]
+
+    seed += 100 * ARCHITECTURES.index(arch)  # different weights per architecture
+    model = random_hf_model(hf_config(arch), seed)
     out = Path(root) / arch if root is not None else _default_root() / arch
     model.save_pretrained(out)
     if root is None:
