@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lamina_kernels import storage_itemsize
+from lamina_p2p.model.config import kv_bytes_per_token
 
 STORAGE_NP = {"float32": np.float32, "float16": np.uint16, "bfloat16": np.uint16}
 
@@ -52,7 +53,7 @@ class PoolKey:
 
     def block_bytes(self) -> int:
         # K and V, every layer, one kv head, block_size tokens.
-        return 2 * self.num_layers * self.block_size * self.head_dim * storage_itemsize(self.storage)
+        return self.block_size * kv_bytes_per_token(self.num_layers, 1, self.head_dim, storage_itemsize(self.storage))
 
 
 class KVBudget:

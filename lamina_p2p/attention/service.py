@@ -20,7 +20,7 @@ from lamina_p2p.attention.kv_pool import KVBudget, KVFull, KVPool, PoolKey, Shar
 
 __all__ = ["AttentionService", "AttendRequest", "KVFull", "ShardError"]
 
-STORAGES = ("float32", "float16", "bfloat16")
+STORAGES = lk.STORAGES
 
 
 @dataclass

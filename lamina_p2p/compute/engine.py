@@ -8,7 +8,12 @@ A step is one job on the dense thread, an explicit software pipeline (DESIGN.md 
 then one LM head and sampling over every micro-batch's last rows. While micro-batch
 i's attention is in flight, micro-batch i+1's dense work runs. The transport's data
 path (send/receive) belongs to the dense thread; the event loop only plans steps,
-recovers from failures and frees KV, and never runs a torch op or a kernel.
+re-places shards after a failure and frees KV, and never runs a torch op or a kernel.
+
+The engine runs steps and nothing else: it does not decide when a sequence is
+finished, nor whether a failed step is retried. Both are the scheduler's
+(`compute.scheduler`), which owns a sequence's lifecycle. Whoever watches a step
+(the tracer, serve's metrics) is a `trace.StepObserver` the engine calls.
 """
 
 from __future__ import annotations
@@ -17,30 +22,34 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lamina_p2p.compute.errors import AttentionPeerError, NoPeers
+from lamina_p2p.compute.errors import AttentionPeerError
 from lamina_p2p.compute.fanout import MicroBatch, build_requests, merge_results, plan_micro_batch
 from lamina_p2p.compute.placement import Placer
 from lamina_p2p.compute.sampling import sample
 from lamina_p2p.compute.sequence import SamplingParams, Sequence
 from lamina_p2p.compute.transport import Transport
 from lamina_p2p.runtime import pin_this_thread
-from lamina_p2p.trace import now
+from lamina_p2p.trace import EMBED, LAST, LAYER, SAMPLE, StepObserver, Tracer, now
 
 log = logging.getLogger("lamina.compute")
 
 
 class Engine:
+    """One model on one transport: runs decode/prefill steps over the sequences it is given.
+
+    `dense_cpus`: CPU ids the dense thread is pinned to (None: unpinned). `max_step_tokens`:
+    the most tokens (decode + prefill chunks) one step processes. `shard_tokens`: tokens per
+    shard under sequence placement (default a quarter of the context).
+    """
+
     def __init__(self, model, transport: Transport, *, placement: str = "request", micro_batches: int = 1,
                  shard_tokens: int | None = None, max_step_tokens: int = 4096, owner: str | None = None,
-                 kv_replicas: int = 1, peer_wait_timeout: float = 60.0, max_recoveries: int = 16,
-                 dense_cpus: set[int] | None = None):
+                 kv_replicas: int = 1, dense_cpus: set[int] | None = None):
         if micro_batches < 1:
             raise ValueError("micro_batches must be >= 1")
         self.model = model
@@ -49,43 +58,49 @@ class Engine:
         self.owner = owner or transport.owner_id or uuid.uuid4().hex
         self.micro_batches = micro_batches
         self.max_step_tokens = max_step_tokens
-        self.group_size = self.cfg.num_heads // self.cfg.num_kv_heads
+        self.group_size = self.cfg.group_size
         self.placer = Placer(placement, self.cfg.num_kv_heads,
                              shard_tokens or max(16, self.cfg.max_position_embeddings // 4), replicas=kv_replicas)
-        self.peer_wait_timeout = peer_wait_timeout  # how long requests wait when no attention peer is left
-        self.max_recoveries = max_recoveries  # per step: failures in a row before the step gives up
         self.recomputed = 0  # sequences whose KV was rebuilt after a peer failed
         self.promoted = 0  # shards that failed over to a replica without recompute
-        self.dense = ThreadPoolExecutor(1, thread_name_prefix="dense")
         # The dense thread on cores of its own: sharing one with the event loop, it waits on the GIL
         # while the loop handles other micro-batches' messages (tools/overlap_check.py measures it).
         self.dense_cpus = set(dense_cpus) if dense_cpus else None
-        self._pinned = threading.local()
+        self.dense = ThreadPoolExecutor(1, thread_name_prefix="dense")
+        self._dense_pinned = False  # pinned on its first step (an error then goes to that step's caller)
         self.storage = str(model.dtype).removeprefix("torch.")
         transport.bind(self.owner, self.geometry())
         self._ids = itertools.count(1)
-        self.eos = set(self.cfg.eos_token_ids)
         self.logits_sink = None  # tests: called with (sequences, logits) for every sampled row
-        self.tracer = None  # a lamina_p2p.trace.Tracer records per-layer spans when set
+        # Who watches every step (trace.StepObserver), called on the dense thread. Empty: no timestamps taken.
+        self.observers: list[StepObserver] = []
         self.steps = 0
         self._failed_replicas: list[str] = []  # replicas that failed in the step being run
-        # Per-layer timings for metrics: called on the dense thread with ("dense" | "attention", label,
-        # seconds); dense labels are "embed", the layer number, "last" and "sample".
-        self.on_layer = None
+        self._peer_times = False  # the step being run asks the peers for their queue and kernel times
+
+    @property
+    def tracer(self) -> Tracer | None:
+        """The Tracer among the observers (None: not tracing); its presence also asks attention
+        peers to report their queue and kernel times with every reply."""
+        return next((o for o in self.observers if isinstance(o, Tracer)), None)
+
+    @tracer.setter
+    def tracer(self, tracer: Tracer | None) -> None:
+        self.observers = [o for o in self.observers if not isinstance(o, Tracer)]
+        if tracer is not None:
+            self.observers.append(tracer)
 
     @property
     def max_context(self) -> int:
         # Sliding-window attention (Mistral) is not implemented: stay inside the window, where it is exact.
-        window = getattr(self.cfg, "sliding_window", None)
-        return min(self.cfg.max_position_embeddings, window or self.cfg.max_position_embeddings)
+        return min(self.cfg.max_position_embeddings, self.cfg.sliding_window or self.cfg.max_position_embeddings)
 
     def geometry(self) -> dict:
-        """What an attention peer needs to hold this model's KV."""
-        c = self.cfg
-        return {"num_layers": c.num_layers, "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
-                "head_dim": c.head_dim, "storage": self.storage, "max_positions": c.max_position_embeddings}
+        """What an attention peer needs to hold this model's KV (the register message's fields)."""
+        return self.cfg.kv_geometry(self.storage)
 
     def new_sequence(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        """A sequence of `prompt` (token ids); ValueError if it can never run (empty, too long, bad ids)."""
         params.validate()
         if not prompt:
             raise ValueError("prompt is empty")
@@ -99,42 +114,66 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------
     async def step(self, running: list[Sequence]) -> list[Sequence]:
-        """Advance every running sequence by one chunk; returns those that finished.
+        """Advance the running sequences by one chunk each; returns those that got a token.
 
-        When an attention peer fails, its sequences are re-placed on the peers left and
-        their KV rebuilt (or served by a replica), and the step runs again: a retried step
-        appends the same K/V at the same positions, so the others are unaffected. KV full
-        is not a failure: it goes to the caller (the scheduler preempts).
+        Decode tokens go first, then prefill chunks, up to `max_step_tokens` tokens; a
+        sequence left out (budget spent, or already finished) is untouched. For each
+        sequence stepped, `cached` grows by its chunk; one that reached its last pending
+        token gets the sampled token appended to `output` and its logprob (float, natural
+        log) to `logprobs`: those are returned, in step order. Whether that ends the
+        sequence is the caller's decision (the scheduler's), as is freeing its KV.
+
+        Raises AttentionPeerError from an attention peer (kind failed / kv_full / lost /
+        busy / error: see compute.errors); the step is then undone (no `cached` grew, no
+        token appended) and may be run again once `recover` has re-placed the shards: a
+        retried step appends the same K/V at the same positions.
         """
-        for attempt in itertools.count():
-            try:
-                await self._move_off_leaving_peers(running)
-                await self._wait_for_peers()
-                return await self._step_once(running)
-            except AttentionPeerError as e:
-                if e.kv_full or attempt >= self.max_recoveries:
-                    raise
-                if e.kind == "busy":  # overloaded, not broken: its KV is intact, try again shortly
-                    await asyncio.sleep(0.01 * 2 ** min(attempt, 6))
-                    continue
-                log.warning("step failed on %s (%s): recovering", e.peer, e.kind)
-                await self.recover(running, e)
+        self.placer.set_peers(self.transport.peers())
+        chosen, counts, budget = [], [], self.max_step_tokens
+        # Decode tokens first (they are cheap and latency-bound), then prefill chunks.
+        for seq in sorted(running, key=lambda s: s.pending):
+            if seq.finished or budget <= 0:
+                continue
+            if not seq.shards:
+                seq.shards = self.placer.place(seq.length + seq.params.max_tokens)
+            n = min(seq.pending, budget)
+            self.placer.roll(seq.shards, seq.cached, seq.cached + n)  # a chunk may open several shards
+            chosen.append(seq)
+            counts.append(n)
+            budget -= n
+        if not chosen:
+            return []
+        batches = self._split(chosen, counts)
+        sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
+        try:
+            tokens, logprobs = await asyncio.get_running_loop().run_in_executor(self.dense, self._run_step, batches)
+        finally:
+            failed, self._failed_replicas = self._failed_replicas, []
+            for peer in failed:
+                self.transport.mark_failed(peer)
+        for mb in batches:
+            for seq, n in zip(mb.seqs, mb.n):
+                seq.cached += n
+        self.steps += 1
+        for seq, tok, lp in zip(sample_seqs, tokens, logprobs):
+            seq.output.append(tok)
+            seq.logprobs.append(lp)
+        return sample_seqs
 
-    async def _move_off_leaving_peers(self, running: list[Sequence]) -> None:
+    # -- placement after a failure (event loop) ------------------------------------
+    async def move_off_leaving_peers(self, running: list[Sequence]) -> None:
+        """Re-place the shards held by peers that announced they are leaving."""
         for peer in self.transport.leaving():
             if any(peer in (sh.peer, *sh.replicas) for seq in running for sh in seq.shards):
                 await self.recover(running, AttentionPeerError(peer, "leaving the cluster", "leaving"))
 
-    async def _wait_for_peers(self) -> None:
-        if self.transport.peers():
-            return
-        try:
-            await self.transport.wait_for_peers(1, self.peer_wait_timeout)
-        except TimeoutError:
-            raise NoPeers(f"no attention peer joined within {self.peer_wait_timeout:g} s") from None
-
     async def recover(self, running: list[Sequence], err: AttentionPeerError) -> None:
-        """Take the failed peer out of use; fail its shards over to replicas, or recompute."""
+        """Take the failed peer out of use; fail its shards over to replicas, or recompute.
+
+        A sequence whose every shard on the peer has a live replica keeps its KV (the
+        replica is promoted); any other loses its shards and its `cached` goes to 0, so its
+        next step prefills prompt + output again (tokens kept: the output continues unchanged).
+        """
         gone = err.peer
         if err.kind == "failed":
             self.transport.mark_failed(gone)
@@ -166,52 +205,6 @@ class Engine:
             with contextlib.suppress(Exception):
                 await self.transport.free(gone, leftovers)
 
-    async def _step_once(self, running: list[Sequence]) -> list[Sequence]:
-        self.placer.set_peers(self.transport.peers())
-        chosen, counts, budget = [], [], self.max_step_tokens
-        # Decode tokens first (they are cheap and latency-bound), then prefill chunks.
-        for seq in sorted(running, key=lambda s: s.pending):
-            if seq.finished or budget <= 0:
-                continue
-            if not seq.shards:
-                seq.shards = self.placer.place(seq.length + seq.params.max_tokens)
-            n = min(seq.pending, budget)
-            self.placer.roll(seq.shards, seq.cached, seq.cached + n)  # a chunk may open several shards
-            chosen.append(seq)
-            counts.append(n)
-            budget -= n
-        if not chosen:
-            return []
-        batches = self._split(chosen, counts)
-        sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
-        try:
-            tokens, logprobs = await asyncio.get_running_loop().run_in_executor(self.dense, self._run_step, batches)
-        finally:
-            failed, self._failed_replicas = self._failed_replicas, []
-            for peer in failed:
-                self.transport.mark_failed(peer)
-        for mb in batches:
-            for seq, n in zip(mb.seqs, mb.n):
-                seq.cached += n
-        self.steps += 1
-        finished = []
-        for seq, tok, lp in zip(sample_seqs, tokens, logprobs):
-            seq.output.append(tok)
-            seq.logprobs.append(lp)
-            if self._check_stop(seq, tok):
-                finished.append(seq)
-        if finished:
-            await self.release(finished)
-        return finished
-
-    def _check_stop(self, seq: Sequence, tok: int) -> bool:
-        p = seq.params
-        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif len(seq.output) >= p.max_tokens:
-            seq.finish_reason = "length"
-        return seq.finished
-
     def _split(self, seqs: list[Sequence], counts: list[int]) -> list[MicroBatch]:
         """Balance micro-batches by attention cost (context read + new tokens)."""
         m = min(self.micro_batches, len(seqs))
@@ -224,34 +217,39 @@ class Engine:
         return [plan_micro_batch(s, c, self.cfg.num_kv_heads) for s, c, _ in bins if s]
 
     # -- the pipeline (on the dense thread) ---------------------------------------
-    def _run_step(self, batches: list[MicroBatch]):
+    def _run_step(self, batches: list[MicroBatch]) -> tuple[list[int], list[float]]:
         """Every layer of every micro-batch, then the LM head and sampling: one job on the dense thread.
 
         The paper's rotation as an explicit software pipeline: micro-batch i's attention
         for layer l is in flight (sent) while micro-batch i+1's dense work runs; then i's
         result is received, its post and next pre run, and its next layer is sent.
+        Returns (token id, logprob) per sampled sequence, in the order of the batches' sample_seqs.
         """
-        self._pin_dense_thread()
+        if self.dense_cpus and not self._dense_pinned:
+            pin_this_thread(self.dense_cpus)
+            self._dense_pinned = True
         last = self.cfg.num_layers - 1
-        outstanding: list[dict] = [{} for _ in batches]  # per micro-batch: group index -> ticket in flight
+        outstanding: list[dict] = [{} for _ in batches]  # per micro-batch: request index -> ticket in flight
         hidden = [None] * len(batches)
+        watched = bool(self.observers)
+        dense = self._observed if watched else _call
+        self._peer_times = self.tracer is not None  # ask the peers for their queue and kernel times
         try:
-            timed = self._timed if self.on_layer is not None else lambda label, fn, *a: fn(*a)
             with torch.inference_mode():
                 xs = []
                 for i, mb in enumerate(batches):
                     mb.index = i
-                    x, reqs = timed("embed", self._first, mb)
+                    x, reqs = dense(EMBED, 0, mb, self._first, mb)
                     xs.append(x)
-                    self._send(mb, 0, reqs, outstanding[i])
+                    self._send(mb, reqs, outstanding[i], watched)
                 for layer in range(last + 1):
                     for i, mb in enumerate(batches):
-                        results = self._receive(mb, layer, outstanding[i])
+                        results = self._receive(mb, layer, outstanding[i], watched)
                         if layer < last:
-                            xs[i], reqs = timed(layer, self._next, mb, layer, xs[i], results)
-                            self._send(mb, layer + 1, reqs, outstanding[i])
+                            xs[i], reqs = dense(LAYER, layer, mb, self._next, mb, layer, xs[i], results)
+                            self._send(mb, reqs, outstanding[i], watched)
                         else:
-                            hidden[i] = timed("last", self._last, mb, layer, xs[i], results)
+                            hidden[i] = dense(LAST, layer, mb, self._last, mb, layer, xs[i], results)
         except BaseException:
             # Let every request in flight end before raising: one left running after a failure
             # (KV full) would write KV for sequences the caller is about to free and requeue.
@@ -261,23 +259,35 @@ class Engine:
                         self.transport.receive(ticket)
             raise
         sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
-        return timed("sample", self._sample, sample_seqs, hidden)
+        if not watched:
+            return self._sample(sample_seqs, hidden)
+        t0 = now()
+        try:
+            return self._sample(sample_seqs, hidden)
+        finally:
+            t1 = now()
+            for o in self.observers:
+                o.on_dense(SAMPLE, -1, -1, len(sample_seqs), t0, t1)
 
-    def _timed(self, label, fn, *args):
-        t0 = time.perf_counter()
+    def _observed(self, piece: str, layer: int, mb: MicroBatch, fn, *args):
+        t0 = now()
         try:
             return fn(*args)
         finally:
-            self.on_layer("dense", str(label), time.perf_counter() - t0)
+            t1 = now()
+            for o in self.observers:
+                o.on_dense(piece, layer, mb.index, mb.num_tokens, t0, t1)
 
-    def _send(self, mb: MicroBatch, layer: int, reqs, tickets: dict) -> None:
-        mb.sent_at = now()
+    def _send(self, mb: MicroBatch, reqs, tickets: dict, watched: bool) -> None:
+        """Send one layer's requests of a micro-batch (one per peer and head range)."""
+        if watched:
+            mb.sent_at = now()
         for j, (g, r) in enumerate(zip(mb.groups, reqs)):
             tickets[j] = self.transport.send(g.peer, r)
 
-    def _receive(self, mb: MicroBatch, layer: int, tickets: dict) -> list:
+    def _receive(self, mb: MicroBatch, layer: int, tickets: dict, watched: bool) -> list:
         """One layer's primaries' results; a replica that fails is dropped, the primary is fine."""
-        waited = time.perf_counter()
+        wait_from = now() if watched else 0.0
         results = []
         for j, g in enumerate(mb.groups):
             ticket = tickets.pop(j)
@@ -288,11 +298,10 @@ class Engine:
                 self.transport.receive(ticket)
             except Exception as e:
                 self._drop_replica(mb, g.peer, e)
-        if self.on_layer is not None:
-            self.on_layer("attention", str(layer), time.perf_counter() - waited)
-        if self.tracer is not None:
-            self.tracer.add("compute", f"micro-batch {mb.index}", f"attention L{layer}", mb.sent_at, now(),
-                            {"tokens": mb.num_tokens, "requests": len(mb.groups)})
+        if watched:
+            t1 = now()
+            for o in self.observers:
+                o.on_attention(layer, mb.index, mb.num_tokens, len(mb.groups), mb.sent_at, wait_from, t1)
         return results
 
     def _drop_replica(self, mb: MicroBatch, peer: str, err: BaseException) -> None:
@@ -305,48 +314,34 @@ class Engine:
             self._failed_replicas.append(peer)  # marked failed on the event loop, after the step
 
     # -- dense work (on the dense thread) ---------------------------------------
-    @contextlib.contextmanager
-    def _dense_span(self, mb: MicroBatch, name: str):
-        if self.tracer is None:
-            yield
-            return
-        with self.tracer.span("compute", f"micro-batch {mb.index}", name, {"tokens": mb.num_tokens}):
-            yield
-
-    def _pin_dense_thread(self) -> None:
-        # Here, not in an executor initializer: the executor may be replaced (serve times its jobs).
-        if self.dense_cpus and getattr(self._pinned, "cpus", None) != self.dense_cpus:
-            pin_this_thread(self.dense_cpus)
-            self._pinned.cpus = self.dense_cpus
-
+    # x: [T, hidden] activations in the model's dtype, T = the micro-batch's tokens; q/k/v go
+    # out as AttendRequests in the storage encoding (fanout.build_requests).
     def _first(self, mb: MicroBatch):
-        with self._dense_span(mb, "dense embed+L0"):
-            x = self.model.embed(mb.tokens)
-            q, k, v = self.model.pre(0, x, mb.positions)
-            return x, build_requests(self.owner, 0, mb, q, k, v, self.group_size, self.tracer is not None)
+        """Embedding and layer 0's pre: (x [T, hidden], layer 0's requests)."""
+        x = self.model.embed(mb.tokens)
+        q, k, v = self.model.pre(0, x, mb.positions)
+        return x, build_requests(self.owner, 0, mb, q, k, v, self.group_size, self._peer_times)
 
     def _post(self, mb: MicroBatch, layer: int, x, results):
         attn = merge_results(mb, results, self.cfg.num_heads, self.cfg.head_dim, self.group_size)
         return self.model.post(layer, x, attn.to(x.dtype))
 
     def _next(self, mb: MicroBatch, layer: int, x, results):
-        with self._dense_span(mb, f"dense L{layer}/L{layer + 1}"):
-            x = self._post(mb, layer, x, results)
-            q, k, v = self.model.pre(layer + 1, x, mb.positions)
-            return x, build_requests(self.owner, layer + 1, mb, q, k, v, self.group_size, self.tracer is not None)
+        """Merge layer `layer`'s partials, its post, the next layer's pre: (x, next layer's requests)."""
+        x = self._post(mb, layer, x, results)
+        q, k, v = self.model.pre(layer + 1, x, mb.positions)
+        return x, build_requests(self.owner, layer + 1, mb, q, k, v, self.group_size, self._peer_times)
 
     def _last(self, mb: MicroBatch, layer: int, x, results):
-        """The last layer's post; returns the hidden rows to sample (the LM head runs once per step)."""
-        with self._dense_span(mb, f"dense L{layer}"):
-            return self._post(mb, layer, x, results).index_select(0, mb.sample_rows)
+        """The last layer's post; returns the hidden rows to sample [S, hidden] (the LM head runs once per step)."""
+        return self._post(mb, layer, x, results).index_select(0, mb.sample_rows)
 
     def _sample(self, seqs: list[Sequence], hidden: list[torch.Tensor]):
         # One LM head over every micro-batch's rows: at decode batch sizes it is weight-read bound,
         # so M micro-batches would otherwise read the vocabulary matrix M times a step.
         if not seqs:
             return [], []
-        span = self.tracer.span("compute", "step", "logits+sample", {"rows": len(seqs)}) if self.tracer else None
-        with torch.inference_mode(), span or contextlib.nullcontext():
+        with torch.inference_mode():
             logits = self.model.logits(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
             if self.logits_sink is not None:
                 self.logits_sink(seqs, logits)
@@ -366,26 +361,19 @@ class Engine:
                              return_exceptions=True)
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[Sequence], dict]:
-        """Run prompts to completion as one batch (the `generate` command's path)."""
-        seqs = [self.new_sequence(p, SamplingParams(**vars(params))) for p in prompts]
-        t0 = time.perf_counter()
-        first_token_at = None
-        running = list(seqs)
-        while running:
-            await self.step(running)
-            if first_token_at is None and all(s.output for s in seqs):
-                first_token_at = time.perf_counter()
-            running = [s for s in running if not s.finished]
-        t1 = time.perf_counter()
-        decoded = sum(len(s.output) - 1 for s in seqs)
-        decode_time = t1 - (first_token_at or t1)
-        stats = {
-            "prefill_s": (first_token_at or t1) - t0,
-            "decode_s": decode_time,
-            "tokens_per_s": decoded / decode_time if decode_time > 0 else 0.0,
-            "steps": self.steps,
-        }
-        return seqs, stats
+        """Run prompts to completion as one batch (the `generate` command's path).
+
+        The lifecycle (when a sequence ends, retries after a peer failure) is the
+        scheduler's: this is `compute.scheduler.generate` on this engine.
+        """
+        from lamina_p2p.compute.scheduler import generate
+
+        return await generate(self, prompts, params)
 
     def close(self) -> None:
         self.dense.shutdown(wait=False, cancel_futures=True)
+
+
+def _call(piece, layer, mb, fn, *args):
+    """The unobserved dense piece: just the call."""
+    return fn(*args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
+from lamina_p2p.model.config import geometry_kv_bytes_per_token
 from lamina_p2p.runtime import set_threads
 from lamina_p2p.trace import now
 
@@ -68,8 +69,13 @@ class LocalTransport:
 
     def block_bytes_per_token(self) -> float:
         """KV bytes one token of the bound model takes on a peer (all heads, all layers)."""
-        g = self.geometry
-        return 2 * g["num_layers"] * g["num_kv_heads"] * g["head_dim"] * (4 if g["storage"] == "float32" else 2)
+        return geometry_kv_bytes_per_token(self.geometry)
+
+    def address(self) -> str | None:
+        return None  # nothing to dial: the attention is in this process
+
+    def wire_bytes(self) -> tuple[int, int]:
+        return 0, 0
 
     def stats(self) -> dict:
         return {LOCAL_PEER: self.service.stats()}

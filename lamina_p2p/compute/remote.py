@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from lamina_p2p.attention.service import AttendRequest
 from lamina_p2p.compute.errors import AttentionPeerError, classify
+from lamina_p2p.model.config import geometry_kv_bytes_per_token
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
 from lamina_p2p.net.datapath import DataLink, host_id
@@ -150,8 +151,7 @@ class ClusterTransport:
                 if p.id in usable}
 
     def block_bytes_per_token(self) -> float:
-        g = self.geometry
-        return 2 * g["num_layers"] * g["num_kv_heads"] * g["head_dim"] * (4 if g["storage"] == "float32" else 2)
+        return geometry_kv_bytes_per_token(self.geometry)
 
     async def wait_for_peers(self, count: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -239,6 +239,9 @@ class ClusterTransport:
         # closed before the context is destroyed, or destroying it waits on them.
         for peer in list(self._links):
             self._close_link(peer)
+
+    def address(self) -> str | None:
+        return self.server.bound_address
 
     def wire_bytes(self) -> tuple[int, int]:
         links = list(self._links.values())

@@ -1,8 +1,15 @@
-"""Continuous batching over Engine.step: requests join and leave at step boundaries.
+"""Continuous batching over Engine.step, and the owner of every sequence's lifecycle.
 
-One task (`Scheduler.run`) owns the running batch and the waiting queue; HTTP
-handlers only `submit`, read their request's queue, and `abort`. Nothing else
-touches a Sequence while the loop runs, so there are no locks.
+The scheduler decides everything about a sequence's life; the engine only runs
+steps. `Scheduler.step` runs one engine step, retries it after an attention
+peer failed (once the engine has re-placed the shards) and decides which
+sequences it finished (stop token, max_tokens), freeing their KV. `Scheduler.run`
+(serve) adds requests joining and leaving at step boundaries: admission,
+preemption, aborts, and what a failure that is not a peer's costs the requests;
+`generate` (the `generate` command) runs one batch to completion with the same
+`step`. One task (`Scheduler.run`) owns the running batch and the waiting queue;
+HTTP handlers only `submit`, read their request's queue, and `abort`. Nothing
+else touches a Sequence while the loop runs, so there are no locks.
 
 Admission is by KV capacity. Each running sequence is promised the KV it can
 grow to (prompt + max_tokens, rounded up to whole blocks per kv head), so in
@@ -22,10 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 
+from lamina_p2p.attention.kv_pool import KVFull
+from lamina_p2p.compute.errors import AttentionPeerError, NoPeers
 from lamina_p2p.compute.sequence import SamplingParams, Sequence
 
 log = logging.getLogger("lamina.scheduler")
@@ -78,22 +88,30 @@ class ShuttingDown(Exception):
 
 def is_infrastructure(exc: BaseException) -> bool:
     """A failure of the cluster (a peer died, timed out, is busy, none is left), not of a request."""
-    from lamina_p2p.compute.errors import AttentionPeerError, NoPeers
-
     if isinstance(exc, AttentionPeerError):
         return exc.kind != "error"  # "error": the peer refused this batch's request, perhaps one sequence's
     return isinstance(exc, (NoPeers, TimeoutError, ConnectionError, OSError))
 
 
 def is_kv_full(exc: BaseException) -> bool:
-    from lamina_p2p.attention.kv_pool import KVFull
-
-    return isinstance(exc, KVFull) or bool(getattr(exc, "kv_full", False))
+    """Out of KV: in process (KVFull) or on an attention peer."""
+    return isinstance(exc, KVFull) or (isinstance(exc, AttentionPeerError) and exc.kv_full)
 
 
 class Scheduler:
+    """The lifecycle of the engine's sequences, and continuous batching of requests over it.
+
+    `max_batch`: most sequences in a step. `reserve`: "full" admits a request when the KV of
+    prompt + max_tokens is free, "prompt" when its prompt's is (preempting if decode runs out).
+    `max_recoveries`: peer failures (or busy replies) in a row one step survives before it fails.
+    `peer_wait_timeout_s`: how long a step waits for an attention peer when none is usable.
+    `max_consecutive_errors`: failed steps in a row before the running requests end with an error;
+    `retry_delay_s`: the pause before the step after a failed one.
+    """
+
     def __init__(self, engine, *, max_batch: int = 64, reserve: str = "full", metrics=None,
-                 max_consecutive_errors: int = 3, retry_delay: float = 0.5):
+                 max_consecutive_errors: int = 3, retry_delay_s: float = 0.5, max_recoveries: int = 16,
+                 peer_wait_timeout_s: float = 60.0):
         if reserve not in ("full", "prompt"):
             raise ValueError("reserve must be 'full' or 'prompt'")
         if max_batch < 1:
@@ -104,7 +122,10 @@ class Scheduler:
         self.reserve = reserve
         self.metrics = metrics
         self.max_consecutive_errors = max_consecutive_errors
-        self.retry_delay = retry_delay
+        self.retry_delay_s = retry_delay_s
+        self.max_recoveries = max_recoveries
+        self.peer_wait_timeout_s = peer_wait_timeout_s
+        self.eos = set(engine.cfg.eos_token_ids)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._wake = asyncio.Event()
@@ -152,14 +173,6 @@ class Scheduler:
             req.aborted = True
             self._wake.set()
 
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
     # -- KV accounting ----------------------------------------------------------
     def _bytes(self, tokens: int, full: bool) -> int:
         """KV bytes `tokens` tokens take: whole blocks per kv head (+ one spare block per shard
@@ -189,8 +202,68 @@ class Scheduler:
         others = max(0, used - ours)
         return total - others - sum(self._promise(r.seq) for r in self.running)
 
+    # -- one step: retries after peer failures, then who finished ---------------
+    async def step(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Run one engine step over `seqs`; returns those it finished, their KV freed.
+
+        A step that an attention peer fails is run again, after the engine has re-placed
+        that peer's shards on the peers left (a replica, or recompute); a busy peer gets an
+        exponential pause (10 ms doubling up to 0.64 s) instead. `max_recoveries` such failures in a row
+        and the error goes up. KV full goes up at once (the caller preempts), as does
+        NoPeers when no peer is usable within `peer_wait_timeout_s`, and any other error.
+        A finished sequence has `finish_reason` "stop" (an EOS or stop token) or "length"
+        (max_tokens reached).
+        """
+        for attempt in itertools.count():
+            try:
+                await self.engine.move_off_leaving_peers(seqs)
+                await self._wait_for_peers()
+                sampled = await self.engine.step(seqs)
+                break
+            except AttentionPeerError as e:
+                if e.kv_full or attempt >= self.max_recoveries:
+                    raise
+                if e.kind == "busy":  # overloaded, not broken: its KV is intact, try again shortly
+                    await asyncio.sleep(0.01 * 2 ** min(attempt, 6))
+                    continue
+                log.warning("step failed on %s (%s): recovering", e.peer, e.kind)
+                await self.engine.recover(seqs, e)
+        finished = [seq for seq in sampled if self._stops(seq)]
+        if finished:
+            await self.engine.release(finished)
+        return finished
+
+    async def _wait_for_peers(self) -> None:
+        if self.transport.peers():
+            return
+        try:
+            await self.transport.wait_for_peers(1, self.peer_wait_timeout_s)
+        except TimeoutError:
+            raise NoPeers(f"no attention peer joined within {self.peer_wait_timeout_s:g} s") from None
+
+    def _stops(self, seq: Sequence) -> bool:
+        """Whether the token just sampled ends the sequence; sets its finish_reason if so."""
+        p, tok = seq.params, seq.output[-1]
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= p.max_tokens:
+            seq.finish_reason = "length"
+        return seq.finished
+
     # -- the loop ---------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set: admit, step, deliver tokens, free KV; then abort the rest.
+
+        Each iteration: requests aborted by their client are dropped, waiting ones admitted
+        while their KV fits (FIFO), one `step` runs over the running batch and its new
+        tokens go to each request's queue (Deltas: token ids and logprobs, natural log).
+        A failed step costs the requests according to its cause: out of KV, the newest
+        is preempted (requeued, recomputed later); a failure that may be one request's, each
+        request is stepped alone to find it (it ends with "error"); a cluster failure
+        (`is_infrastructure`), everyone is requeued after `retry_delay_s`, and after
+        `max_consecutive_errors` in a row the running requests end with "error". Never
+        raises for a step's failure; on exit every request left ends with "abort".
+        """
         errors = 0
         stopper = asyncio.ensure_future(stop.wait())
         try:
@@ -204,7 +277,7 @@ class Scheduler:
                     await self._idle(stopper)
                     continue
                 try:
-                    finished = await self.engine.step([r.seq for r in self.running])
+                    finished = await self.step([r.seq for r in self.running])
                 except Exception as e:  # noqa: BLE001 - every failure is handled or reported below
                     if is_kv_full(e):
                         await self._preempt()
@@ -218,7 +291,7 @@ class Scheduler:
                     if errors >= self.max_consecutive_errors:
                         errors = 0
                     else:
-                        await asyncio.wait([stopper], timeout=self.retry_delay)
+                        await asyncio.wait([stopper], timeout=self.retry_delay_s)
                     continue
                 errors = 0
                 self.steps += 1
@@ -285,7 +358,7 @@ class Scheduler:
             else:
                 keep.append(req)
         self.running = keep
-        if stopped:  # the engine freed those it finished itself; stop strings are ours to free
+        if stopped:  # step freed those it finished; stop strings and sampling errors are freed here
             await self.engine.release(stopped)
 
     async def _isolate(self, exc: Exception) -> None:
@@ -300,7 +373,7 @@ class Scheduler:
                 ok.append(r)  # reaped at the next iteration
                 continue
             try:
-                finished.update(await self.engine.step([r.seq]))
+                finished.update(await self.step([r.seq]))
                 ok.append(r)
             except Exception as e:  # noqa: BLE001 - classified below
                 if is_kv_full(e) or is_infrastructure(e):
@@ -382,3 +455,33 @@ class Scheduler:
         finally:
             for r in reqs:
                 self._close(r, "abort", "server shutting down")
+
+
+async def generate(engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[Sequence], dict]:
+    """Run prompts (token ids) to completion as one batch, all at once (the `generate` command's path).
+
+    Returns the sequences (output token ids, logprobs) in prompt order and stats: prefill_s
+    (until every sequence has its first token), decode_s, tokens_per_s (decode tokens per
+    second of decode_s) and steps (the engine's steps so far). Raises what a step raises
+    (`Scheduler.step`): ValueError for a prompt that can never run, KV full, NoPeers.
+    """
+    scheduler = Scheduler(engine, max_batch=max(1, len(prompts)))
+    seqs = [engine.new_sequence(p, SamplingParams(**vars(params))) for p in prompts]
+    t0 = time.perf_counter()
+    first_token_at = None
+    running = list(seqs)
+    while running:
+        await scheduler.step(running)
+        if first_token_at is None and all(s.output for s in seqs):
+            first_token_at = time.perf_counter()
+        running = [s for s in running if not s.finished]
+    t1 = time.perf_counter()
+    decoded = sum(len(s.output) - 1 for s in seqs)
+    decode_time = t1 - (first_token_at or t1)
+    stats = {
+        "prefill_s": (first_token_at or t1) - t0,
+        "decode_s": decode_time,
+        "tokens_per_s": decoded / decode_time if decode_time > 0 else 0.0,
+        "steps": engine.steps,
+    }
+    return seqs, stats

@@ -3,7 +3,9 @@
 One frozen dataclass describes every supported architecture (Llama 2/3, Mistral,
 Qwen2, Qwen3): they differ only in a few switches (QKV bias, q/k RMSNorm, rope
 scaling). Everything that sizes buffers elsewhere in the system (KV pools, wire
-messages, the planner) reads this object, never the raw JSON.
+messages, the planner) reads this object, never the raw JSON: the planner's
+`plan.geometry.Geometry` is built from it, the attention peers get its KV part
+(`kv_geometry`), and `kv_bytes_per_token` here is the one formula for KV size.
 
 transformers 4.x and 5.x spell some keys differently, so both are read:
 `rope_theta`/`rope_scaling` (4.x) vs `rope_parameters` (5.x), and `torch_dtype`
@@ -16,6 +18,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from lamina_kernels import STORAGES, storage_itemsize
 
 
 class ModelError(Exception):
@@ -35,7 +39,8 @@ _CLASS_NAMES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-DTYPES = ("float32", "float16", "bfloat16")
+# Checkpoint dtypes served: exactly the KV storage encodings the kernels have.
+DTYPES = STORAGES
 # Rope types whose frequencies we compute (see transformer.rope_inv_freq).
 ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -72,21 +77,20 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
-        """Bytes of K and V one token occupies across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        """Bytes of K and V one token occupies across all layers, at `itemsize` bytes per element."""
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, itemsize)
+
+    def kv_geometry(self, storage: str) -> dict:
+        """What an attention peer needs to hold this model's KV in `storage` (one of STORAGES):
+        the fields of the register message (AttentionService.register's arguments)."""
+        return {"num_layers": self.num_layers, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "storage": storage, "max_positions": self.max_position_embeddings}
 
     def num_params(self) -> int:
-        h, d = self.hidden_size, self.head_dim
-        q, kv = self.num_heads * d, self.num_kv_heads * d
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h
-        if self.qkv_bias:
-            per_layer += q + 2 * kv
-        if self.qk_norm:
-            per_layer += 2 * d
-        total = self.vocab_size * h + self.num_layers * per_layer + h
-        if not self.tie_word_embeddings:
-            total += self.vocab_size * h
-        return total
+        """Parameters of the checkpoint: the planner's count (plan.geometry.Geometry.num_params)."""
+        from lamina_p2p.plan.geometry import Geometry  # the planner imports this module
+
+        return Geometry.from_model_config(self).num_params()
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
@@ -171,6 +175,19 @@ class ModelConfig:
             if merged != config.eos_token_ids:
                 config = replace(config, eos_token_ids=merged)
         return config
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes one token's K and V take over `num_layers` layers and `num_kv_heads` KV heads of
+    `head_dim` elements of `itemsize` bytes. The one formula: the model, the planner, the
+    attention peers' blocks and the scheduler's admission all size KV with it."""
+    return 2 * num_layers * num_kv_heads * head_dim * itemsize
+
+
+def geometry_kv_bytes_per_token(geometry: dict) -> int:
+    """kv_bytes_per_token of a register message's geometry (ModelConfig.kv_geometry)."""
+    return kv_bytes_per_token(geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"],
+                              storage_itemsize(geometry["storage"]))
 
 
 def read_json(path: Path) -> dict:

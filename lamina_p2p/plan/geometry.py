@@ -12,10 +12,11 @@ LLaMA3-70B/8B (Meta's HF config.json, GQA with 8 KV heads, 128,256 vocabulary).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+from lamina_kernels import storage_itemsize
+from lamina_p2p.model.config import ModelConfig, kv_bytes_per_token
 
 
 class GeometryError(ValueError):
@@ -74,7 +75,7 @@ class Geometry:
         return self.num_params() * self.bytes_per_element
 
     def kv_bytes_per_token_layer(self) -> int:
-        return 2 * self.kv_width * self.bytes_per_element
+        return kv_bytes_per_token(1, self.num_kv_heads, self.head_dim, self.bytes_per_element)
 
     def kv_bytes_per_token(self) -> int:
         return self.num_layers * self.kv_bytes_per_token_layer()
@@ -98,10 +99,10 @@ class Geometry:
         return n * self.bytes_per_element
 
     @classmethod
-    def from_model_config(cls, cfg, name: str | None = None) -> "Geometry":
-        """From a ModelConfig (duck-typed, so this module does not import the model package)."""
+    def from_model_config(cls, cfg: ModelConfig, name: str | None = None) -> "Geometry":
+        """From a ModelConfig, at the checkpoint's dtype."""
         return cls(
-            name=name or getattr(cfg, "architecture", "model"),
+            name=name or cfg.architecture,
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
             num_heads=cfg.num_heads,
@@ -109,10 +110,10 @@ class Geometry:
             head_dim=cfg.head_dim,
             intermediate_size=cfg.intermediate_size,
             vocab_size=cfg.vocab_size,
-            bytes_per_element=_DTYPE_BYTES.get(getattr(cfg, "dtype", "bfloat16"), 2),
-            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-            qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
-            qk_norm=bool(getattr(cfg, "qk_norm", False)),
+            bytes_per_element=storage_itemsize(cfg.dtype),
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm=cfg.qk_norm,
         )
 
 
@@ -148,6 +149,3 @@ def resolve_model(spec: str) -> Geometry:
     # served dtype, which is the checkpoint's.
     return Geometry.from_model_config(cfg, name=display_name(spec))
 
-
-def with_dtype_bytes(g: Geometry, itemsize: int) -> Geometry:
-    return replace(g, bytes_per_element=itemsize)

@@ -4,24 +4,29 @@ Latencies are observed by the scheduler as tokens leave a step; KV per
 attention peer and bytes on the wire are read from the transport when
 /metrics is scraped, so they cost nothing between scrapes.
 
-Per-layer network wait vs compute: the engine calls `observe_layer` from its
-dense thread (Engine.on_layer) with the time a micro-batch waited for a layer's
-attention (for a remote peer: wire + queueing + the peer's kernel; in process:
-the kernel) and the time of each dense piece (embed, a layer's post + next pre,
-the last post, the LM head and sampling).
+Per-layer network wait vs compute: `ServeMetrics` is one of the engine's step
+observers (trace.StepObserver, like the tracer), called on its dense thread
+with the time a micro-batch waited for a layer's attention (for a remote peer:
+wire + queueing + the peer's kernel; in process: the kernel) and the time of
+each dense piece (embed, a layer's post + next pre, the last post, the LM head
+and sampling).
 """
 
 from __future__ import annotations
 
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
+
+from lamina_p2p.trace import LAYER
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LAYER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class ServeMetrics:
+    """The compute peer's metrics: scheduler hooks, a StepObserver for per-layer times, and
+    collectors that read the transport and the engine at scrape time."""
+
     def __init__(self, transport=None):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -52,9 +57,15 @@ class ServeMetrics:
         if transport is not None:
             r.register(_TransportCollector(transport))
 
-    def observe_layer(self, kind: str, label: str, seconds: float) -> None:
-        """Engine.on_layer: kind "attention" (label: the layer) or "dense" (a layer, embed, last, sample)."""
-        (self.attend if kind == "attention" else self.dense).labels(label).observe(seconds)
+    # -- StepObserver (the engine's dense thread) ----------------------------------
+    def on_dense(self, piece: str, layer: int, micro_batch: int, tokens: int, t0: float, t1: float) -> None:
+        """A dense piece, labelled by its layer ("0".."L-2": post + next pre) or its name (embed, last, sample)."""
+        self.dense.labels(str(layer) if piece == LAYER else piece).observe(t1 - t0)
+
+    def on_attention(self, layer: int, micro_batch: int, tokens: int, requests: int, sent_at: float,
+                     wait_from: float, t1: float) -> None:
+        """The time the dense thread waited for the layer's attention (not the overlapped part)."""
+        self.attend.labels(str(layer)).observe(t1 - wait_from)
 
     # -- scheduler hooks --------------------------------------------------------
     def first_token(self, req, now: float) -> None:
@@ -122,7 +133,7 @@ class _TransportCollector:
             free.add_metric([peer], fr)
         yield used
         yield free
-        sent, received = self.transport.wire_bytes() if hasattr(self.transport, "wire_bytes") else (0, 0)
+        sent, received = self.transport.wire_bytes()
         yield CounterMetricFamily("lamina_wire_sent_bytes", "Bytes sent to attention peers.", value=sent)
         yield CounterMetricFamily("lamina_wire_received_bytes", "Bytes received from attention peers.",
                                   value=received)

@@ -100,19 +100,18 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
     model = await loop.run_in_executor(None, lambda: load_model(opts.model_dir, dtype=opts.dtype))
     tokenizer = load_tokenizer(opts.model_dir)
     async with contextlib.AsyncExitStack() as stack:
-        raw = await stack.enter_async_context(open_compute_transport(opts))
-        metrics = ServeMetrics(raw)
-        transport = raw
+        transport = await stack.enter_async_context(open_compute_transport(opts))
+        metrics = ServeMetrics(transport)
         engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
                         shard_tokens=opts.shard_tokens, max_step_tokens=opts.max_step_tokens,
-                        kv_replicas=opts.kv_replicas, peer_wait_timeout=opts.peer_wait_timeout,
-                        dense_cpus=opts.dense_cpus)
+                        kv_replicas=opts.kv_replicas, dense_cpus=opts.dense_cpus)
         metrics.watch_engine(engine)
-        engine.on_layer = metrics.observe_layer  # per-layer dense and attention-wait times
+        engine.observers.append(metrics)  # per-layer dense and attention-wait times
         stack.callback(engine.close)
-        if hasattr(raw, "wait_for_peers"):  # registration happens on bind: wait until it is done
-            await raw.wait_for_peers(getattr(raw, "expected_peers", 1), timeout=60.0)
-        scheduler = Scheduler(engine, max_batch=opts.max_batch, reserve=opts.reserve, metrics=metrics)
+        # Registration happens on bind: wait until it is done.
+        await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
+        scheduler = Scheduler(engine, max_batch=opts.max_batch, reserve=opts.reserve, metrics=metrics,
+                              peer_wait_timeout_s=opts.peer_wait_timeout)
         sched_stop = asyncio.Event()
         sched_task = asyncio.create_task(scheduler.run(sched_stop))
         # A scheduler that dies would leave every request hanging: take the whole peer down instead.
@@ -124,8 +123,8 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
                 await sched_task
 
         stack.push_async_callback(_stop_scheduler)
-        peer_id = getattr(raw, "owner_id", None) or engine.owner
-        address = getattr(getattr(raw, "server", None), "bound_address", None)
+        peer_id = transport.owner_id or engine.owner
+        address = transport.address()
         if opts.http:
             name = opts.model_name or display_name(opts.model_dir)
             api = ServeApp(scheduler, tokenizer, name, model.config.max_position_embeddings, metrics, opts.api_key,
