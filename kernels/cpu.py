@@ -40,7 +40,7 @@ from . import tiles as T
 from .simd import prefetch
 from .softmax import softmax_block as _softmax_block
 from .softmax import u32_as_f32 as _u32_as_f32
-from .storage import check_storage, storage_dtype, widen
+from .storage import STORAGES, check_storage, storage_dtype, widen
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -645,7 +645,7 @@ def _bind_raw():
 _RAW = None
 
 
-def warmup(storages=("float32", "float16", "bfloat16")):
+def warmup(storages=STORAGES):
     """Compile (or load from cache) every kernel variant on tiny shapes."""
     from .storage import to_storage
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from lamina_p2p.plan.command import plan_command
 from lamina_p2p.plan.cost import CostModel, Workload, estimate_lamina
 from lamina_p2p.plan.geometry import PRESETS, Geometry, GeometryError, resolve_model
-from lamina_p2p.plan.hardware import Group, HardwareError, load_catalog, parse_rate
+from lamina_p2p.plan.hardware import DevicePool, HardwareError, load_catalog, parse_rate
 from lamina_p2p.plan.planner import equal_cost_count, plan_one
 from lamina_p2p.plan.profile import Curve, ProfileError, parse_profile
 
@@ -32,10 +32,10 @@ def run(*args):
 
 def test_equal_cost_table():
     h100, h20 = CAT.get("h100"), CAT.get("h20")
-    assert Group(h100, 1).price_per_hour + Group(h20, 2).price_per_hour == pytest.approx(20.32)
-    assert Group(h100, 2).price_per_hour == pytest.approx(22.12)
-    assert Group(h100, 2).price_per_hour + Group(h20, 4).price_per_hour == pytest.approx(40.64)
-    assert Group(h100, 4).price_per_hour == pytest.approx(44.24)
+    assert DevicePool(h100, 1).price_per_hour + DevicePool(h20, 2).price_per_hour == pytest.approx(20.32)
+    assert DevicePool(h100, 2).price_per_hour == pytest.approx(22.12)
+    assert DevicePool(h100, 2).price_per_hour + DevicePool(h20, 4).price_per_hour == pytest.approx(40.64)
+    assert DevicePool(h100, 4).price_per_hour == pytest.approx(44.24)
     # and the planner's equal-cost rule picks those baselines
     cm = CostModel(PRESETS["llama3-70b"], Workload(1155, 211), CAT.assumptions)
     assert equal_cost_count(cm, h100, 20.32) == 2
@@ -76,7 +76,7 @@ def _plan(model, trace, prefill):
     a = replace(CAT.assumptions, prefill=prefill)
     cm = CostModel(PRESETS[model], Workload(*TRACES[trace]), a)
     nc, na = PAPER[model]
-    return plan_one(cm, Group(CAT.get("h100"), nc), Group(CAT.get("h20"), na), None)
+    return plan_one(cm, DevicePool(CAT.get("h100"), nc), DevicePool(CAT.get("h20"), na), None)
 
 
 def paper_table(prefill):
@@ -113,7 +113,7 @@ def test_paper_configs_prefill_amortised_is_worse_for_offloading():
 
 def test_micro_batches_hide_the_chain():
     cm = CostModel(PRESETS["llama-65b"], Workload(1155, 211), replace(CAT.assumptions, prefill="excluded"))
-    comp, att = Group(CAT.get("h100"), 2), Group(CAT.get("h20"), 4)
+    comp, att = DevicePool(CAT.get("h100"), 2), DevicePool(CAT.get("h20"), 4)
     one = estimate_lamina(cm, comp, att, 1)
     two = estimate_lamina(cm, comp, att, 2)
     auto = estimate_lamina(cm, comp, att, None)
@@ -127,7 +127,7 @@ def test_micro_batches_hide_the_chain():
 
 def test_slow_network_binds():
     cm = CostModel(PRESETS["llama3-70b"], Workload(1155, 211), CAT.assumptions)
-    comp, att = Group(CAT.get("h100"), 2), Group(CAT.get("h20"), 4)
+    comp, att = DevicePool(CAT.get("h100"), 2), DevicePool(CAT.get("h20"), 4)
     est = estimate_lamina(cm, comp, att, 4, network_bw=parse_rate("10Gbps"))
     assert est.bound == "wire"
     assert est.required_gbps > est.nic_gbps
@@ -135,14 +135,14 @@ def test_slow_network_binds():
 
 def test_weights_that_do_not_fit_are_infeasible():
     cm = CostModel(PRESETS["llama3-70b"], Workload(1000, 100), CAT.assumptions)
-    est = estimate_lamina(cm, Group(CAT.get("rtx4090"), 1), Group(CAT.get("epyc-9654"), 1), 2)
+    est = estimate_lamina(cm, DevicePool(CAT.get("rtx4090"), 1), DevicePool(CAT.get("epyc-9654"), 1), 2)
     assert not est.feasible and "do not fit" in est.error
 
 
 def test_latency_slo_caps_batch():
     a = replace(CAT.assumptions, tpot_slo_s=0.05)
     cm = CostModel(PRESETS["llama3-8b"], Workload(2048, 256), a)
-    est = estimate_lamina(cm, Group(CAT.get("rtx4090"), 1), Group(CAT.get("epyc-9654"), 2), None)
+    est = estimate_lamina(cm, DevicePool(CAT.get("rtx4090"), 1), DevicePool(CAT.get("epyc-9654"), 2), None)
     assert est.batch_limit == "latency slo" and est.step_s <= 0.05
 
 
@@ -153,7 +153,7 @@ def test_profile_curve_interpolates_and_extrapolates():
                           "attention": {"kv_bytes_per_s": 1e10}, "round_trip_s": 1e-4})
     cm = CostModel(PRESETS["llama3-8b"], Workload(2048, 256), replace(CAT.assumptions, prefill="excluded"),
                    prof)
-    assert cm.dense(Group(CAT.get("h100"), 1), 16) == pytest.approx(2e-3)
+    assert cm.dense(DevicePool(CAT.get("h100"), 1), 16) == pytest.approx(2e-3)
 
 
 def test_profile_engine_overhead_adds_to_every_layer():
@@ -161,14 +161,14 @@ def test_profile_engine_overhead_adds_to_every_layer():
             "attention": {"kv_bytes_per_s": 1e10}, "round_trip_s": 1e-4}
     geo = PRESETS["llama3-8b"]
     work, a = Workload(2048, 0), replace(CAT.assumptions, prefill="excluded")
-    grp = Group(CAT.get("h100"), 1)
-    plain = estimate_lamina(CostModel(geo, work, a, parse_profile(base)), grp, grp, 1, batch=16)
+    pool = DevicePool(CAT.get("h100"), 1)
+    plain = estimate_lamina(CostModel(geo, work, a, parse_profile(base)), pool, pool, 1, batch=16)
     busy = estimate_lamina(CostModel(geo, work, a, parse_profile({**base, "engine_overhead_s_per_layer": 5e-4})),
-                           grp, grp, 1, batch=16)
+                           pool, pool, 1, batch=16)
     # M = 1 is a serial chain: the overhead adds once per layer; the LM head once per step
     assert busy.step_s - plain.step_s == pytest.approx(geo.num_layers * 5e-4)
     assert plain.terms["head"] == pytest.approx(3e-3)
-    two = estimate_lamina(CostModel(geo, work, a, parse_profile(base)), grp, grp, 2, batch=16)
+    two = estimate_lamina(CostModel(geo, work, a, parse_profile(base)), pool, pool, 2, batch=16)
     assert two.terms["head"] == pytest.approx(3e-3)  # one LM head over the batch, not one per micro-batch
     for bad in (-1, "x", 2.0):
         with pytest.raises(ProfileError):
@@ -254,7 +254,7 @@ def test_resolve_model_errors():
 def test_baseline_never_gets_slower_with_more_money():
     # Two 4090s doing TP over a 10 GbE NIC are slower than one: the baseline keeps one.
     cm = CostModel(PRESETS["llama3-8b"], Workload(1155, 211), CAT.assumptions)
-    p = plan_one(cm, Group(CAT.get("rtx4090"), 1), Group(CAT.get("ryzen-7950x"), 4), None)
+    p = plan_one(cm, DevicePool(CAT.get("rtx4090"), 1), DevicePool(CAT.get("ryzen-7950x"), 4), None)
     assert p.baseline.compute.count == 1
 
 

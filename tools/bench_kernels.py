@@ -38,9 +38,10 @@ import time
 
 import numpy as np
 
+from lamina_kernels import STORAGES
+
 BS = 16
 DEFAULT_GEOMETRIES = ("32/32/128", "9/3/64", "32/8/128", "28/4/128", "32/4/64")
-STORAGES = ("float32", "float16", "bfloat16")
 
 
 def best_times(fns, reps, min_time=0.0, per_round=None):

@@ -238,7 +238,7 @@ def main(argv=None):
     from lamina_p2p.model.presets import write_preset
     from lamina_p2p.plan.cost import CostModel, Workload, estimate_lamina
     from lamina_p2p.plan.geometry import Geometry
-    from lamina_p2p.plan.hardware import Group, load_catalog
+    from lamina_p2p.plan.hardware import DevicePool, load_catalog
     from lamina_p2p.plan.profile import parse_profile
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -311,7 +311,7 @@ def main(argv=None):
         cat.add_dict({"device": prof["devices"]}, "profile")
         a = cat.assumptions.__class__(**{**cat.assumptions.__dict__, "prefill": "excluded"})
         cm = CostModel(geo, Workload(args.context, 0), a, p)
-        local = Group(cat.get("local"), 1)
+        local = DevicePool(cat.get("local"), 1)
         for m in (1, 2):
             e = estimate_lamina(cm, local, local, m, batch=args.predict_batch)
             print(f"prediction, 1 compute + 1 attention, batch {args.predict_batch}, context {args.context}, "

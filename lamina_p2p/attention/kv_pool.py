@@ -19,10 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lamina_kernels import storage_itemsize
+from lamina_kernels import storage_dtype, storage_itemsize
 from lamina_p2p.model.config import kv_bytes_per_token
-
-STORAGE_NP = {"float32": np.float32, "float16": np.uint16, "bfloat16": np.uint16}
 
 
 def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -92,7 +90,7 @@ class KVPool:
         self.block_bytes = key.block_bytes()
         n_blocks = max(1, budget.total // self.block_bytes)
         shape = (n_blocks, key.num_layers, key.block_size, key.head_dim)
-        dtype = STORAGE_NP[key.storage]
+        dtype = storage_dtype(key.storage)
         if device == "cuda":
             # GPU memory is not overcommitted: this pool takes the whole budget up front.
             from numba import cuda

@@ -84,7 +84,8 @@ class AttentionPeer:
 
         if self.config.device == "cpu":
             lamina_kernels.warmup()
-        for storage, dtype in (("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.uint16)):
+        for storage in lamina_kernels.STORAGES:
+            dtype = lamina_kernels.storage_dtype(storage)
             owner = f"warmup-{storage}"
             self.service.register(owner, 1, 2, 1, 8, storage, 64)
             q, kv = np.zeros((1, 2, 8), dtype), np.zeros((1, 1, 8), dtype)

@@ -1,4 +1,11 @@
-"""What can go wrong between a compute peer and its attention peers."""
+"""What can go wrong between a compute peer and its attention peers.
+
+Transports raise `AttentionPeerError` with a `kind` saying what the failure means
+for the sequences on that peer (re-place them, preempt, retry later, or give up),
+and `NoPeers` when no attention peer is usable at all. The scheduler acts on the
+kind (`compute.scheduler.Scheduler.step`); `classify` maps an attention peer's
+error reply to a kind.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""A sequence as the compute peer sees it: its tokens, where its KV lives, how to sample."""
+"""A sequence as the compute peer sees it: its tokens, where its KV lives, how to sample.
+
+`Sequence` is plain state: the prompt and output token ids, `cached` (how many of
+them the attention peers hold K/V for; `pending` = the rest, fed to the next step),
+its shards (`compute.placement.Shard`: which peer holds which KV heads and token
+range) and its per-request sampling state. The engine advances it (tokens, `cached`,
+shards); only the scheduler sets `finish_reason`, which ends it. `SamplingParams`
+are a request's sampling options, validated once at submission.
+"""
 
 from __future__ import annotations
 

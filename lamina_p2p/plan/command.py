@@ -12,7 +12,7 @@ import click
 
 from .cost import CostModel, Estimate, Workload
 from .geometry import GeometryError, resolve_model
-from .hardware import (Catalog, Group, HardwareError, load_catalog, parse_device_spec, parse_duration,
+from .hardware import (Catalog, DevicePool, HardwareError, load_catalog, parse_device_spec, parse_duration,
                        parse_rate)
 from .planner import Plan, plan_one, search
 from .profile import ProfileError, load_profile
@@ -98,7 +98,7 @@ def _run(model, compute, attention, context, output, network, rtt, m, do_search,
     if len(comp) > 1 or len(att) > 1:
         raise HardwareError("several devices per role need --search")
     (ck, cn), (ak, an) = comp[0], att[0]
-    return plan_one(cm, Group(cat.get(ck), cn or 1), Group(cat.get(ak), an or 1), m, net, rtt_s), cm
+    return plan_one(cm, DevicePool(cat.get(ck), cn or 1), DevicePool(cat.get(ak), an or 1), m, net, rtt_s), cm
 
 
 def to_json(p: Plan, cm: CostModel) -> dict:

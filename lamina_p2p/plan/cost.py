@@ -7,7 +7,7 @@ hidden constant.
 
 Terms (per layer unless said otherwise; e = bytes per element):
 
-* **dense** on a compute group of N devices with tensor parallelism:
+* **dense** on N compute devices with tensor parallelism:
   max(2·P_layer·tokens / (N·FLOP/s·flops_eff), (P_layer·e + act·tokens) / (N·BW·mem_eff))
   plus, for N > 1, two ring all-reduces of tokens·hidden·e bytes over the devices' link
   (NVLink; the NIC when the catalog gives none): 2(N-1)/N·bytes/(link·link_eff) + latency.
@@ -15,7 +15,7 @@ Terms (per layer unless said otherwise; e = bytes per element):
   joins the micro-batches' last rows for it). With a profile, a measured per-layer engine
   overhead (host work: cutting q/k/v, merging partials, thread hops) adds to dense.
 * **attention** on a pool of N devices: KV bytes read / (N·BW·attention_eff), or the FLOP
-  bound 4·ctx·heads·head_dim per token if that is larger (CPUs with little FLOP/s).
+  bound 4·context_len·heads·head_dim per token if that is larger (CPUs with little FLOP/s).
   The decode context a step reads is the mean over a sequence's life, prompt + output/2.
 * **wire** (offloaded only): (2·heads·head_dim + 2·kv_heads·head_dim)·e bytes per token,
   which is the paper's (2 + 2/G)·d·e, both directions counted, over the narrower side's
@@ -45,7 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .geometry import Geometry
-from .hardware import Assumptions, Device, Group
+from .hardware import Assumptions, Device, DevicePool
 from .profile import Profile
 
 
@@ -63,8 +63,8 @@ class Workload:
 @dataclass
 class Estimate:
     kind: str  # "lamina" or "baseline"
-    compute: Group
-    attention: Group | None
+    compute: DevicePool
+    attention: DevicePool | None
     micro_batches: int
     batch: int = 0
     step_s: float = 0.0
@@ -129,47 +129,47 @@ class CostModel:
         return v if v is not None else getattr(self.a, name)
 
     # -- terms --------------------------------------------------------------------------
-    def allreduce(self, grp: Group, tokens: float, network_bw: float | None = None) -> float:
-        n = grp.count
+    def allreduce(self, pool: DevicePool, tokens: float, network_bw: float | None = None) -> float:
+        n = pool.count
         if n == 1:
             return 0.0
-        link = grp.device.link_bw or network_bw or grp.device.nic_bw
-        eff = self.a.link_efficiency if grp.device.link_bw else self.a.nic_efficiency
+        link = pool.device.link_bw or network_bw or pool.device.nic_bw
+        eff = self.a.link_efficiency if pool.device.link_bw else self.a.nic_efficiency
         nbytes = tokens * self.g.hidden_size * self.g.bytes_per_element
         one = 2 * (n - 1) / n * nbytes / (link * eff) + self.a.collective_latency_s
         return 2 * one  # after attention's O projection and after the MLP
 
-    def dense(self, grp: Group, seqs: float, network_bw: float | None = None) -> float:
+    def dense(self, pool: DevicePool, seqs: float, network_bw: float | None = None) -> float:
         tokens = seqs * (1 + self.prefill_ratio)
         if self.p is not None:
-            t = self.p.dense_layer(tokens) / grp.count
+            t = self.p.dense_layer(tokens) / pool.count
         else:
-            d, n = grp.device, grp.count
+            d, n = pool.device, pool.count
             pl = self.g.params_per_layer()
             flops = 2 * pl * tokens
             nbytes = pl * self.g.bytes_per_element + self.g.activation_bytes_per_token_layer() * tokens
             t = max(flops / (n * d.flops * self._eff(d, "flops_efficiency")),
                     nbytes / (n * d.mem_bw * self._eff(d, "mem_efficiency")))
-        return t + self.allreduce(grp, tokens, network_bw)
+        return t + self.allreduce(pool, tokens, network_bw)
 
-    def head(self, grp: Group, seqs: float) -> float:
+    def head(self, pool: DevicePool, seqs: float) -> float:
         """Embedding, final norm and LM head: once per step, not per layer."""
         if self.p is not None and self.p.head is not None:
-            return self.p.head(seqs) / grp.count
-        d, n = grp.device, grp.count
+            return self.p.head(seqs) / pool.count
+        d, n = pool.device, pool.count
         rows = seqs * (1 + self.prompts_per_token)  # prompts need logits of their last token only
         vh = self.g.vocab_size * self.g.hidden_size
         return max(2 * vh * rows / (n * d.flops * self._eff(d, "flops_efficiency")),
                    vh * self.g.bytes_per_element / (n * d.mem_bw * self._eff(d, "mem_efficiency")))
 
-    def attention(self, grp: Group, seqs: float, kv_rate: float | None = None) -> float:
+    def attention(self, pool: DevicePool, seqs: float, kv_rate: float | None = None) -> float:
         g, w = self.g, self.w
         kvl = g.kv_bytes_per_token_layer()
         per_pair = 4 * g.num_heads * g.head_dim  # QK^T and PV, 2 FLOP per multiply-add
         prompts = seqs * self.prompts_per_token
         nbytes = seqs * w.mean_context * kvl + prompts * w.prompt_len * kvl
         flops = per_pair * (seqs * w.mean_context + prompts * w.prompt_len ** 2 / 2)
-        d, n = grp.device, grp.count
+        d, n = pool.device, pool.count
         t_flops = flops / (n * d.flops * self._eff(d, "flops_efficiency"))
         if kv_rate is not None:
             return max(nbytes / (n * kv_rate), t_flops)
@@ -187,8 +187,8 @@ class CostModel:
         tokens = 1 + self.prefill_ratio
         return tokens * self.g.activation_bytes_per_token_layer() + 4 * self.g.vocab_size
 
-    def usable(self, grp: Group) -> float:
-        return grp.count * grp.device.mem_bytes * self.a.mem_usable
+    def usable(self, pool: DevicePool) -> float:
+        return pool.count * pool.device.mem_bytes * self.a.mem_usable
 
 
 def _argmax(terms: dict[str, float]) -> str:
@@ -202,7 +202,7 @@ def _cap_batch(cap: float, a: Assumptions) -> tuple[int, str]:
     return b, why
 
 
-def estimate_lamina(cm: CostModel, comp: Group, att: Group, micro_batches: int | None,
+def estimate_lamina(cm: CostModel, comp: DevicePool, att: DevicePool, micro_batches: int | None,
                     network_bw: float | None = None, rtt_s: float | None = None,
                     batch: int | None = None) -> Estimate:
     """Offloaded plan. micro_batches None = try 1..max_micro_batches and keep the best.
@@ -283,18 +283,18 @@ def estimate_lamina(cm: CostModel, comp: Group, att: Group, micro_batches: int |
     return est
 
 
-def estimate_baseline(cm: CostModel, grp: Group, network_bw: float | None = None) -> Estimate:
-    """Homogeneous plan: dense and attention on the same TP group, serial every layer.
+def estimate_baseline(cm: CostModel, pool: DevicePool, network_bw: float | None = None) -> Estimate:
+    """Homogeneous plan: dense and attention on the same tensor-parallel devices, serial every layer.
 
     `network_bw` is the per-device rate TP uses when the devices have no NVLink-class link.
     """
     g, a = cm.g, cm.a
-    est = Estimate("baseline", grp, None, 1)
-    spare = cm.usable(grp) - g.weight_bytes()
+    est = Estimate("baseline", pool, None, 1)
+    spare = cm.usable(pool) - g.weight_bytes()
     per_seq = cm.seq_kv_bytes() + cm.seq_workspace_bytes()
     if spare < per_seq:
         est.error = (f"weights ({g.weight_bytes() / 1e9:.1f} GB) leave no room for one sequence's KV "
-                     f"on {grp} ({cm.usable(grp) / 1e9:.1f} GB usable)")
+                     f"on {pool} ({cm.usable(pool) / 1e9:.1f} GB usable)")
         return est
     batch, why = _cap_batch(spare / per_seq, a)
     kv_rate = cm.p.baseline_kv_bytes_per_s if cm.p is not None else None
@@ -302,9 +302,9 @@ def estimate_baseline(cm: CostModel, grp: Group, network_bw: float | None = None
     overhead = cm.p.engine_overhead_s_per_layer if cm.p is not None else 0.0
 
     def step(b: int) -> tuple[float, dict]:
-        t = {"dense": cm.dense(grp, b, network_bw) + overhead, "attention": cm.attention(grp, b, kv_rate)}
+        t = {"dense": cm.dense(pool, b, network_bw) + overhead, "attention": cm.attention(pool, b, kv_rate)}
         t["cycle"] = t["dense"] + t["attention"]
-        t["head"] = cm.head(grp, b)
+        t["head"] = cm.head(pool, b)
         return g.num_layers * t["cycle"] + t["head"], t
 
     if a.tpot_slo_s:
@@ -316,11 +316,11 @@ def estimate_baseline(cm: CostModel, grp: Group, network_bw: float | None = None
     est.batch, est.step_s, est.batch_limit, est.terms = batch, sec, why, terms
     est.tokens_per_s = batch / sec
     est.bound = "dense" if terms["dense"] >= terms["attention"] else "attention"
-    if grp.count > 1:
+    if pool.count > 1:
         tokens = batch * (1 + cm.prefill_ratio)
-        per_dev = 2 * 2 * (grp.count - 1) / grp.count * tokens * g.hidden_size * g.bytes_per_element
+        per_dev = 2 * 2 * (pool.count - 1) / pool.count * tokens * g.hidden_size * g.bytes_per_element
         est.required_gbps = 8 * per_dev * g.num_layers / sec / 1e9
-    link = grp.device.link_bw or network_bw or grp.device.nic_bw
+    link = pool.device.link_bw or network_bw or pool.device.nic_bw
     est.nic_gbps = 8 * link / 1e9
     return est
 

@@ -2,8 +2,10 @@
 
 The planner never loads a checkpoint. It needs layer count, widths, head counts and the
 element size, from which it derives parameter counts, KV bytes per token and wire bytes
-per token. `Geometry` holds exactly that, built from a preset name, from a
-`lamina_p2p.model.config.ModelConfig`, or from a model directory's `config.json`.
+per token. `Geometry` holds exactly that, built from a preset name or from a model's
+`lamina_p2p.model.config.ModelConfig` (a directory, a GGUF file): the one model shape,
+plus the element size served. Its parameter count is the one the model reports too, and
+its KV size uses `model.config.kv_bytes_per_token`.
 
 Presets use the published geometries of the models in the attention-offloading paper
 (arXiv 2405.01814): LLaMA-33B/65B (Touvron et al. 2023, MHA, 32k vocabulary) and

@@ -133,8 +133,8 @@ def load_catalog(extra: list[str | Path] = ()) -> Catalog:
 
 
 @dataclass(frozen=True)
-class Group:
-    """`count` identical devices acting as one role (a TP group, or a pool of attention peers)."""
+class DevicePool:
+    """`count` identical devices acting as one role (tensor-parallel compute devices, or attention peers)."""
 
     device: Device
     count: int

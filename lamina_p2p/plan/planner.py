@@ -4,7 +4,7 @@ The baseline for an offloaded configuration is the compute device alone, as many
 about the same per hour (nearest count; ties go to the larger, dearer baseline), and a
 count that divides the model's heads so tensor parallelism is possible. The paper's pairs
 come out of this rule: 1 H100 + 2 H20 ($20.32/h) against 2 H100 ($22.12/h). If fewer of
-them are faster (TP over a slow NIC), the faster, cheaper group is the baseline.
+them are faster (TP over a slow NIC), the faster, cheaper pool is the baseline.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cost import CostModel, Estimate, estimate_baseline, estimate_lamina
-from .hardware import Catalog, Device, Group, HardwareError
+from .hardware import Catalog, Device, DevicePool, HardwareError
 
 
 @dataclass
@@ -35,19 +35,19 @@ def equal_cost_count(cm: CostModel, device: Device, cost: float) -> int:
 
 
 def baseline_for(cm: CostModel, est: Estimate, network_bw: float | None = None) -> Estimate:
-    """The best homogeneous group of the compute device costing at most the equal-cost count.
+    """The best homogeneous pool of the compute device costing at most the equal-cost count.
 
     Fewer devices can win when tensor parallelism has to cross a slow NIC (consumer GPUs),
     and a baseline that more money makes slower would flatter the offloaded plan.
     """
     n_eq = equal_cost_count(cm, est.compute.device, est.cost_per_hour)
-    tries = [estimate_baseline(cm, Group(est.compute.device, n), network_bw)
+    tries = [estimate_baseline(cm, DevicePool(est.compute.device, n), network_bw)
              for n in range(1, n_eq + 1) if tp_ok(cm, n)]
     ok = [e for e in tries if e.feasible]
     return max(ok, key=lambda e: e.tokens_per_s) if ok else tries[-1]
 
 
-def plan_one(cm: CostModel, comp: Group, att: Group, micro_batches: int | None,
+def plan_one(cm: CostModel, comp: DevicePool, att: DevicePool, micro_batches: int | None,
              network_bw: float | None = None, rtt_s: float | None = None) -> Plan:
     if not tp_ok(cm, comp.count):
         raise HardwareError(f"{comp.count} compute devices cannot split {cm.g.num_heads} heads "
@@ -77,7 +77,7 @@ def search(cm: CostModel, cat: Catalog, compute: list[tuple[str, int | None]],
                 for na in range(1, (amax or max_count) + 1):
                     if nc * cdev.price_per_hour + na * adev.price_per_hour > budget + 1e-9:
                         break
-                    e = estimate_lamina(cm, Group(cdev, nc), Group(adev, na), micro_batches, network_bw, rtt_s)
+                    e = estimate_lamina(cm, DevicePool(cdev, nc), DevicePool(adev, na), micro_batches, network_bw, rtt_s)
                     if e.feasible:
                         found.append(e)
     if not found:

@@ -247,7 +247,7 @@ class ServeApp:
     @staticmethod
     def _tool_calls(parsed, text: str, finish: str | None) -> list[dict] | None:
         """The tool calls a forced tool_choice produced (None when none was asked or the output was cut)."""
-        tools = getattr(parsed, "tools", None)
+        tools = parsed.tools
         if tools is None or tools.schema is None or finish != "stop":
             return None
         return tools.calls(text)
@@ -307,7 +307,7 @@ class ServeApp:
         offsets = [0] * len(reqs)
         positions = [0] * len(reqs)  # output tokens of each request already sent
         # A forced tool call is sent whole at the end (as tool_calls), not as content deltas.
-        held = [""] * len(reqs) if chat and getattr(parsed, "tools", None) and parsed.tools.schema else None
+        held = [""] * len(reqs) if chat and parsed.tools and parsed.tools.schema else None
 
         async def send(choices, **extra):
             chunk = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
@@ -368,8 +368,7 @@ class ServeApp:
 def _final_reason(reqs, d):
     """A stop string can be completed by text held back until the end (the last token finished
     a character): the scheduler saw "length", but the text stopped at a stop string."""
-    if d.finish_reason == "length" and getattr(reqs[d.index], "stopper", None) is not None \
-            and reqs[d.index].stopper.stopped:
+    if d.finish_reason == "length" and reqs[d.index].stopper.stopped:
         d.finish_reason = "stop"
     return d
 

@@ -40,7 +40,7 @@ class ServeMetrics:
         self.prompt_tokens = Counter("lamina_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.requests = Counter("lamina_requests_finished", "Finished requests by reason.", ["reason"], registry=r)
         self.running = Gauge("lamina_requests_running", "Requests in the running batch.", registry=r)
-        self.waiting = Gauge("lamina_requests_waiting", "Requests queued for KV capacity or a batch slot.",
+        self.waiting = Gauge("lamina_requests_waiting", "Requests queued for KV capacity or a place in the batch.",
                              registry=r)
         self.attend = Histogram("lamina_layer_attention_wait_seconds",
                                 "Per layer: time a micro-batch waits for attention (network + remote kernel).",
