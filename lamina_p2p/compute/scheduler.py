@@ -156,13 +156,13 @@ class Scheduler:
         self._wake.set()
         return req
 
-    async def drain(self, timeout: float) -> bool:
-        """Refuse new requests and let the running and queued ones finish (True if all did in time)."""
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and let the running and queued ones finish (True if all did within `timeout_s`)."""
         self.draining = True
         if not self.running and not self.waiting:
             return True
         try:
-            await asyncio.wait_for(self._idle_now.wait(), timeout)
+            await asyncio.wait_for(self._idle_now.wait(), timeout_s)
             return True
         except TimeoutError:
             return False
