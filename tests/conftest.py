@@ -25,3 +25,72 @@ def compiled_kernels():
     from lamina_p2p.attention.peer import AttentionPeer, AttentionPeerConfig
 
     AttentionPeer(AttentionPeerConfig(kv_bytes=1 << 24))._warm()
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory):
+    """Factory: tiny_preset(seed=0, dtype="float32") -> the directory (Path) of the `tiny` preset
+    checkpoint written with those parameters, once per session. Shared: a test that changes the
+    files copies the directory first."""
+    from lamina_p2p.model.presets import write_preset
+
+    written = {}
+
+    def make(seed: int = 0, dtype: str = "float32"):
+        if (seed, dtype) not in written:
+            written[seed, dtype] = write_preset("tiny", tmp_path_factory.mktemp(f"tiny-{seed}-{dtype}") / "tiny",
+                                                seed=seed, dtype=dtype)
+        return written[seed, dtype]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_preset):
+    """The float32 `tiny` preset checkpoint (seed 0) every test that needs a small model uses (Path)."""
+    return tiny_preset()
+
+
+# -- peer processes (real processes, real ZeroMQ) ------------------------------------------------
+
+
+@pytest.fixture
+def peer_group():
+    """The PeerGroup of this test: every peer started through it is stopped at teardown."""
+    from helpers import PeerGroup
+
+    with PeerGroup() as group:
+        yield group
+
+
+@pytest.fixture(scope="module")
+def module_peer_group():
+    """The PeerGroup of this module, for module-scoped fixtures: stopped at the module's end."""
+    from helpers import PeerGroup
+
+    with PeerGroup() as group:
+        yield group
+
+
+@pytest.fixture
+def attention_peers(peer_group):
+    """Factory: attention_peers(count, *args, join=None, **opts) -> [PeerProcess], each READY, the later
+    ones joined to the first; all stopped at teardown (see helpers.PeerGroup.attention)."""
+    return peer_group.attention
+
+
+@pytest.fixture
+def launch_peer(peer_group):
+    """Factory: launch_peer(["start", "--role", ...]) -> the PeerProcess of `lamina-node <args>`,
+    READY; stopped at teardown unless the test stopped or killed it first."""
+    return peer_group.start
+
+
+@pytest.fixture(scope="module")
+def serve_url(module_peer_group):
+    """Factory: serve_url(model, *options) -> the base URL (http://127.0.0.1:port) of a running
+    `lamina-node serve --model <model> <options>`; stopped at the module's end."""
+    return module_peer_group.serve
