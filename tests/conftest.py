@@ -1,3 +1,14 @@
+"""The tests' shared layer: environment for two shared cores, kernels compiled once, and fixtures.
+
+- `tiny` / `tiny_preset(seed, dtype)`: the tiny preset checkpoint, written once per session.
+- `attention_peers(count, *args, **opts)`, `launch_peer(args)`: real peer processes on loopback
+  (real ZeroMQ), stopped when the test ends; `serve_url(model, *options)`: a running
+  `lamina-node serve`, stopped when the module ends. pyzmq's tests/conftest.py hands out
+  sockets the same way: its `socket` factory fixture records each socket in `sockets`, which
+  closes them all at teardown (here: `peer_group`, a helpers.PeerGroup).
+Helpers that test modules import (HTTP clients, /metrics, shared workloads) are in helpers.py.
+"""
+
 import os
 
 # The CUDA kernels are tested on the simulator unless a run asks for the real
@@ -13,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 import pytest  # noqa: E402
+from helpers import PeerGroup  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,8 +72,6 @@ def tiny(tiny_preset):
 @pytest.fixture
 def peer_group():
     """The PeerGroup of this test: every peer started through it is stopped at teardown."""
-    from helpers import PeerGroup
-
     with PeerGroup() as group:
         yield group
 
@@ -69,8 +79,6 @@ def peer_group():
 @pytest.fixture(scope="module")
 def module_peer_group():
     """The PeerGroup of this module, for module-scoped fixtures: stopped at the module's end."""
-    from helpers import PeerGroup
-
     with PeerGroup() as group:
         yield group
 
