@@ -13,8 +13,8 @@ import asyncio
 import json
 
 import pytest
-from helpers import (GREEDY, MODEL, NO_SPECIAL, PROMPT, SCHEMA, SERVE_MODES, aclient, assert_openai_error, client,
-                     greedy_tokens, post)
+from helpers import (GREEDY, MODEL, NO_SPECIAL, PROMPT, SCHEMA, SERVE_MODES, PeerGroup, aclient,
+                     assert_openai_error, client, greedy_tokens, post)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +24,9 @@ SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header
 
 
 @pytest.fixture(scope="module", params=list(SERVE_MODES))
-def url(request, tiny, serve_url):
-    return serve_url(tiny, "--kv-memory", "32MiB", *SERVE_MODES[request.param])
+def url(request, tiny):
+    with PeerGroup() as group:  # its own group: one server at a time, stopped before the next mode's starts
+        yield group.serve(tiny, "--kv-memory", "32MiB", *SERVE_MODES[request.param])
 
 
 # -- 1: edge parameters; one request's failure is its own ----------------------------------------
