@@ -302,13 +302,12 @@ def test_plain_text_binds_loopback_only_unless_told(keys):
     assert out.returncode == 2 and "no secret key" in out.stderr
 
 
-def test_generate_with_keys_starts_secured_peers_and_matches_in_process(keys, tmp_path):
+def test_generate_with_keys_starts_secured_peers_and_matches_in_process(keys, tiny):
     """`generate --attention-peers 1 --secret K` hands the key to the peer it starts (a CURVE client
     could not talk to it otherwise) and produces the in-process greedy tokens."""
     from lamina_p2p.compute.generate import GenerateOptions, run_generate
-    from lamina_p2p.model.presets import write_preset
 
-    model = write_preset("tiny", tmp_path / "tiny")
+    model = tiny
     out = subprocess.run(node_command("generate", "--model", str(model), "--prompt-ids", "1,2,3", "--max-tokens", "6",
                                       "--attention-peers", "1", "--kv-memory", "16MiB", "--attention-threads", "1",
                                       "--secret", keys["good"], "--json"), capture_output=True, text=True, timeout=120)

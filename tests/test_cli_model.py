@@ -4,26 +4,20 @@ model, and --join where no peer answers (nothing listening, or a secret missing 
 
 import json
 import shutil
-import socket
 import subprocess
 
 import pytest
+from helpers import free_port
 
-from lamina_p2p.launch import node_command, start_peer
+from lamina_p2p.launch import node_command
 from lamina_p2p.model.config import ModelError
 from lamina_p2p.model.loader import load_model
-from lamina_p2p.model.presets import write_preset
 from lamina_p2p.model.source import display_name, resolve
 from lamina_p2p.model.tokenizer import load_tokenizer
 from lamina_p2p.model.torch_attention import generate_greedy
 from lamina_p2p.serve.chat import encode_chat, template_for
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_preset("tiny", tmp_path_factory.mktemp("cli") / "tiny")
 
 
 def hf_cache(root, repo: str, files_from) -> None:
@@ -121,31 +115,22 @@ def test_bad_models_and_options_are_one_line(tiny, tmp_path):
     one_line_error(run("generate", "--model", str(nochat), "--chat", "hi"), "no chat template")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.cluster
-def test_join_with_no_answering_peer_fails_fast(tiny, tmp_path):
+def test_join_with_no_answering_peer_fails_fast(tiny, tmp_path, launch_peer):
     """Nothing listening, a peer that needs a secret we lack, and one whose secret differs from ours:
     each command fails in about status's 5 s, in one line with the key hint."""
     from lamina_p2p.net.security import generate_keys
 
     good, other = generate_keys(tmp_path / "good")["cluster"], generate_keys(tmp_path / "other")["cluster"]
-    nobody = f"tcp://127.0.0.1:{_free_port()}"
-    peer = start_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "64MiB",
-                       "--secret", str(good)])
-    try:
-        cases = [(nobody, []), (peer.address, []), (peer.address, ["--secret", str(other)])]
-        for addr, extra in cases:
-            for cmd in (["generate", "--model", str(tiny), "--prompt", "x", "--join", addr],
-                        ["serve", "--model", str(tiny), "--http", "127.0.0.1:0", "--join", addr],
-                        ["start", "--role", "compute", "--model", str(tiny), "--join", addr]):
-                r = run(*cmd, *extra, timeout=120)
-                # The status probe's answer (5 s), not the 60 s wait for peers that used to end in a traceback;
-                # no wall-clock assertion (shared machine), the message says which path was taken.
-                one_line_error(r, "no peer answered", addr, "within 5 s", "--secret")
-    finally:
-        peer.stop()
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    peer = launch_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "64MiB",
+                        "--secret", str(good)])
+    cases = [(nobody, []), (peer.address, []), (peer.address, ["--secret", str(other)])]
+    for addr, extra in cases:
+        for cmd in (["generate", "--model", str(tiny), "--prompt", "x", "--join", addr],
+                    ["serve", "--model", str(tiny), "--http", "127.0.0.1:0", "--join", addr],
+                    ["start", "--role", "compute", "--model", str(tiny), "--join", addr]):
+            r = run(*cmd, *extra, timeout=120)
+            # The status probe's answer (5 s), not the 60 s wait for peers that used to end in a traceback;
+            # no wall-clock assertion (shared machine), the message says which path was taken.
+            one_line_error(r, "no peer answered", addr, "within 5 s", "--secret")

@@ -40,10 +40,8 @@ def reference(model_dir):
 
 
 @pytest.fixture(scope="module")
-def peers():
-    procs = start_attention_peers(2, "64MiB", threads=1, extra=["--heartbeat", "0.1", "--dead-after", "2"])
-    yield procs
-    stop_all(procs)
+def peers(module_peer_group):
+    return module_peer_group.attention(2, "--heartbeat", "0.1", "--dead-after", "2", kv_memory="64MiB", threads=1)
 
 
 def generate(model_dir, batch, **kw):
@@ -93,7 +91,7 @@ def test_block_size_and_data_path_come_from_the_register_reply(model_dir, refere
     import asyncio
     import socket
 
-    from tests.waiting import peer_stats
+    from waiting import peer_stats
 
     from lamina_p2p.compute.engine import Engine
     from lamina_p2p.compute.remote import join_cluster

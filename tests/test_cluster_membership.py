@@ -10,19 +10,24 @@ import time
 
 import pytest
 from hf_models import build_hf_model
+from waiting import peer_stats, wait_until
 
 from lamina_p2p.compute.generate import GenerateOptions, run_generate
-from lamina_p2p.launch import node_command, start_peer, stop_all
-from waiting import peer_stats, wait_until
+from lamina_p2p.launch import node_command
 
 pytestmark = pytest.mark.cluster
 
 FAST = ["--heartbeat", "0.1", "--dead-after", "1.5"]
 
 
-def attention(*extra):
-    return start_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "32MiB",
-                       "--threads", "1", *FAST, *extra])
+@pytest.fixture
+def attention(attention_peers):
+    """Factory: attention(*extra) -> one attention peer with fast failure detection; stopped at teardown."""
+
+    def start(*extra):
+        return attention_peers(1, *FAST, *extra, kv_memory="32MiB", threads=1)[0]
+
+    return start
 
 
 def status(address) -> dict:
@@ -41,41 +46,33 @@ def attend_calls(address) -> int:
     return peer_stats(address)["attend_calls"]
 
 
-def test_a_joining_peer_is_used_and_shown_and_a_killed_peer_is_marked_dead():
+def test_a_joining_peer_is_used_and_shown_and_a_killed_peer_is_marked_dead(attention):
     model = str(build_hf_model("llama"))
     a = attention()
-    peers = [a]
-    try:
-        opts = GenerateOptions(model_dir=model, prompt_ids=[[1, 2, 3]], batch=4, max_tokens=4, ignore_eos=True,
-                               join=[a.address], placement="head")
-        first = run_generate(opts)
-        b = attention("--join", a.address)
-        peers.append(b)
-        wait_until(lambda: states(a.address).get(b.address) == "alive", 10, "the new peer in a's status")
-        assert states(b.address).get(a.address) == "alive"
-        # New sequences are split over both peers (head placement): the newcomer does attention work.
-        assert attend_calls(b.address) == 0
-        second = run_generate(opts)
-        assert attend_calls(b.address) > 0
-        assert second["token_ids"] == first["token_ids"]
-        # Killed without a goodbye: marked dead within the failure-detection bound.
-        killed_at = time.monotonic()
-        b.proc.send_signal(signal.SIGKILL)
-        b.proc.wait()
-        wait_until(lambda: states(a.address).get(b.address) == "dead", 10, "the killed peer marked dead")
-        assert time.monotonic() - killed_at < 1.5 + 2.0  # dead_after plus gossip and polling slack
-    finally:
-        stop_all(peers)
+    opts = GenerateOptions(model_dir=model, prompt_ids=[[1, 2, 3]], batch=4, max_tokens=4, ignore_eos=True,
+                           join=[a.address], placement="head")
+    first = run_generate(opts)
+    b = attention("--join", a.address)
+    wait_until(lambda: states(a.address).get(b.address) == "alive", 10, "the new peer in a's status")
+    assert states(b.address).get(a.address) == "alive"
+    # New sequences are split over both peers (head placement): the newcomer does attention work.
+    assert attend_calls(b.address) == 0
+    second = run_generate(opts)
+    assert attend_calls(b.address) > 0
+    assert second["token_ids"] == first["token_ids"]
+    # Killed without a goodbye: marked dead within the failure-detection bound.
+    killed_at = time.monotonic()
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait()
+    wait_until(lambda: states(a.address).get(b.address) == "dead", 10, "the killed peer marked dead")
+    assert time.monotonic() - killed_at < 1.5 + 2.0  # dead_after plus gossip and polling slack
 
 
-def test_peers_find_each_other_with_the_lan_beacon():
+def test_peers_find_each_other_with_the_lan_beacon(attention):
     port = str(random.randint(30000, 60000))
     disc = ["--discover", "--discover-port", port, "--discover-broadcast", "127.255.255.255", "--cluster", "beacon"]
     peers = [attention(*disc), attention(*disc)]
-    try:
-        wait_until(lambda: states(peers[0].address).get(peers[1].address) == "alive", 15, "discovery")
-    finally:
-        stop_all(peers)
+    wait_until(lambda: states(peers[0].address).get(peers[1].address) == "alive", 15, "discovery")
 
 
 def test_cluster_up_starts_every_peer_and_stops_them_all(tmp_path):

@@ -97,7 +97,7 @@ def test_chunked_prefill_matches_transformers():
         assert (mine - ref).abs().max().item() < 1e-4
 
 
-def test_bfloat16_greedy_matches_transformers_on_tiny_preset(tmp_path):
+def test_bfloat16_greedy_matches_transformers_on_tiny_preset(tiny_preset):
     """bf16 through the real kernels: identical greedy tokens up to a near-tie.
 
     transformers' CPU attention rounds the softmax weights to bf16 before P@V; our
@@ -106,9 +106,7 @@ def test_bfloat16_greedy_matches_transformers_on_tiny_preset(tmp_path):
     the first step where transformers' own top-2 margin is within 2 ulps (and
     must have matched every token before it); anywhere else a difference fails.
     """
-    from lamina_p2p.model.presets import write_preset
-
-    path = write_preset("tiny", tmp_path / "tiny", seed=0, dtype="bfloat16")
+    path = tiny_preset(seed=0, dtype="bfloat16")
     hf = load_hf_model(path, dtype=torch.bfloat16)
     prompts = [[0, 40, 41, 42, 300, 17], [0, 99], [0, 7, 8, 9, 10, 11, 12, 13, 14]]
     compared = 0

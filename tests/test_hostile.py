@@ -18,7 +18,6 @@ import zmq
 import zmq.asyncio
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
-from lamina_p2p.launch import start_peer, stop_all
 from lamina_p2p.net.rpc import RpcClient, RpcError
 from lamina_p2p.net.wire import PROTOCOL_VERSION, encode
 
@@ -29,11 +28,9 @@ GEOMETRY = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "
 
 
 @pytest.fixture(scope="module")
-def peer():
-    p = start_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "32MiB",
-                    "--threads", "1"])
-    yield p
-    stop_all([p])
+def peer(module_peer_group):
+    (p,) = module_peer_group.attention(1, kv_memory="32MiB", threads=1)
+    return p
 
 
 def host_port(address):
@@ -226,13 +223,8 @@ def test_hostile_messages_on_the_data_path_are_answered_and_the_peer_keeps_servi
 
 # -- HTTP -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def http_server(tmp_path_factory):
-    from lamina_p2p.model.presets import write_preset
-
-    model = write_preset("tiny", tmp_path_factory.mktemp("m") / "tiny")
-    p = start_peer(["serve", "--model", str(model), "--http", "127.0.0.1:0", "--kv-memory", "16MiB"])
-    yield p.address
-    p.stop()
+def http_server(tiny, serve_url):
+    return serve_url(tiny, "--kv-memory", "16MiB")
 
 
 def post(url, body: bytes, path="/v1/completions"):

@@ -9,7 +9,7 @@ import pytest
 
 cuda = pytest.importorskip("numba.cuda", reason="numba.cuda (numba-cuda) is not installed")
 
-from test_kernels import Call, assert_matches  # noqa: E402  (tests/ is on sys.path)
+from kernel_calls import Call, assert_matches  # noqa: E402  (tests/ is on sys.path)
 
 from lamina_kernels import STORAGES, merge  # noqa: E402
 from lamina_kernels.reference import append_attend_ref  # noqa: E402

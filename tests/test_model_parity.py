@@ -14,7 +14,6 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 from hf_models import ARCHITECTURES, build_hf_model, load_hf_model
 from lamina_p2p.model.loader import load_model
-from lamina_p2p.model.presets import write_preset
 from lamina_p2p.model.torch_attention import TorchAttention, forward, generate_greedy
 
 # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
@@ -71,8 +70,8 @@ def test_float32_logits_and_greedy_tokens_match_transformers(arch):
 
 
 @torch.inference_mode()
-def test_bfloat16_greedy_tokens_match_transformers_on_tiny_preset(tmp_path):
-    path = write_preset("tiny", tmp_path / "tiny", seed=0, dtype="bfloat16")
+def test_bfloat16_greedy_tokens_match_transformers_on_tiny_preset(tiny_preset):
+    path = tiny_preset(seed=0, dtype="bfloat16")
     hf = load_hf_model(path, dtype=torch.bfloat16)
     model = load_model(path)
     assert model.dtype == torch.bfloat16

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lamina_p2p.config import ConfigError, load_cluster
-from lamina_p2p.launch import LaunchError, start_attention_peers, start_peer, stop_all
+from lamina_p2p.launch import LaunchError, start_peer
 from lamina_p2p.runtime import parse_cpus
 
 linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
@@ -44,16 +44,13 @@ def test_cluster_config_checks_cpus(tmp_path):
 
 @linux_only
 @pytest.mark.cluster
-def test_attention_peer_runs_every_thread_on_its_cpus():
+def test_attention_peer_runs_every_thread_on_its_cpus(attention_peers):
     last = max(os.sched_getaffinity(0))
-    peers = start_attention_peers(1, "16MiB", cpus=[str(last)])
-    try:
-        threads = thread_cpus(peers[0].proc.pid)
-        # the kernel pool is up by READY (kernels are warmed first): several threads, all pinned
-        assert len(threads) > 1
-        assert set(threads.values()) == {str(last)}, threads
-    finally:
-        stop_all(peers)
+    peers = attention_peers(1, kv_memory="16MiB", threads=None, cpus=str(last))
+    threads = thread_cpus(peers[0].proc.pid)
+    # the kernel pool is up by READY (kernels are warmed first): several threads, all pinned
+    assert len(threads) > 1
+    assert set(threads.values()) == {str(last)}, threads
 
 
 @linux_only
@@ -68,15 +65,15 @@ def test_bad_cpus_is_a_clear_error():
 
 @linux_only
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs")
-def test_dense_cpus_puts_the_dense_thread_apart_from_the_event_loop(tmp_path):
+def test_dense_cpus_puts_the_dense_thread_apart_from_the_event_loop(tiny):
     import signal
     import subprocess
 
-    from lamina_p2p.launch import node_command
-    from lamina_p2p.model.presets import write_preset
-    from tests.waiting import wait_until
+    from waiting import wait_until
 
-    model = write_preset("tiny", tmp_path / "tiny")
+    from lamina_p2p.launch import node_command
+
+    model = tiny
     cpus = sorted(os.sched_getaffinity(0))
     gen = subprocess.Popen(node_command("generate", "--model", str(model), "--random-prompt-len", "8",
                                         "--max-tokens", "4000", "--ignore-eos", "--dense-cpus", str(cpus[-1])),
@@ -100,23 +97,18 @@ def test_dense_cpus_puts_the_dense_thread_apart_from_the_event_loop(tmp_path):
 
 @linux_only
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs")
-def test_serve_pins_its_dense_thread_after_the_first_request(tmp_path):
+def test_serve_pins_its_dense_thread_after_the_first_request(tiny, launch_peer):
     import json
     import urllib.request
 
-    from lamina_p2p.model.presets import write_preset
-
-    model = write_preset("tiny", tmp_path / "tiny")
+    model = tiny
     cpu = str(sorted(os.sched_getaffinity(0))[-1])
-    peer = start_peer(["serve", "--model", str(model), "--http", "127.0.0.1:0", "--kv-memory", "16MiB",
-                       "--dense-cpus", cpu])
-    try:
-        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
-        req = urllib.request.Request(peer.address + "/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert r.status == 200
-        seen = thread_cpus(peer.proc.pid)
-        pinned = [tid for tid, cpus in seen.items() if cpus == cpu and tid != peer.proc.pid]
-        assert pinned and seen[peer.proc.pid] != cpu, seen
-    finally:
-        stop_all([peer])
+    peer = launch_peer(["serve", "--model", str(model), "--http", "127.0.0.1:0", "--kv-memory", "16MiB",
+                        "--dense-cpus", cpu])
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+    req = urllib.request.Request(peer.address + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200
+    seen = thread_cpus(peer.proc.pid)
+    pinned = [tid for tid, cpus in seen.items() if cpus == cpu and tid != peer.proc.pid]
+    assert pinned and seen[peer.proc.pid] != cpu, seen

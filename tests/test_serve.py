@@ -11,67 +11,26 @@ import urllib.request
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-from lamina_p2p.launch import start_peer
+from helpers import BYTES_PER_TOKEN, GREEDY, aclient, client, metric, metrics
 from waiting import wait_until
 
-BYTES_PER_TOKEN = 2 * 4 * 2 * 32 * 4  # tiny preset: K+V, 4 layers, 2 kv heads, head_dim 32, float32
 SMALL_KV = 3 * 64 * BYTES_PER_TOKEN  # three 64-token sequences
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lamina_p2p.model.presets import write_preset
-
-    return write_preset("tiny", tmp_path_factory.mktemp("m") / "tiny")
+def server(tiny, serve_url):
+    return serve_url(tiny, "--kv-memory", "64MiB")
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    peer = start_peer(["serve", "--model", str(model_dir), "--http", "127.0.0.1:0", "--kv-memory", "64MiB"])
-    yield peer.address
-    peer.stop()
-
-
-@pytest.fixture(scope="module")
-def small_server(model_dir, tmp_path_factory):
+def small_server(tiny, serve_url, tmp_path_factory):
     """Little KV, no chat template, an API key."""
     bare = tmp_path_factory.mktemp("b") / "bare"
-    shutil.copytree(model_dir, bare)
+    shutil.copytree(tiny, bare)
     cfg = json.loads((bare / "tokenizer_config.json").read_text())
     del cfg["chat_template"]
     (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
-    peer = start_peer(["serve", "--model", str(bare), "--http", "127.0.0.1:0", "--kv-memory", str(SMALL_KV),
-                       "--api-key", "sesame"])
-    yield peer.address
-    peer.stop()
-
-
-def client(url, key="unused", **kw):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, **kw)
-
-
-def aclient(url, key="unused"):
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
-
-
-def metrics(url) -> dict:
-    """{(name, frozenset(labels)): value} of a /metrics scrape."""
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def metric(url, name, **labels):
-    return metrics(url).get((name, frozenset(labels.items())))
-
-
-
-GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
+    return serve_url(bare, "--kv-memory", str(SMALL_KV), "--api-key", "sesame")
 
 
 def test_models_and_health(server):

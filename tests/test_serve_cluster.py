@@ -7,59 +7,47 @@ import random
 
 import openai
 import pytest
-
-from lamina_p2p.launch import start_peer
-from tests.test_serve import GREEDY, aclient, client, metrics, wait_until
+from helpers import GREEDY, aclient, client, metrics
+from waiting import wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lamina_p2p.model.presets import write_preset
-
-    return write_preset("tiny", tmp_path_factory.mktemp("m") / "tiny")
-
-
-def test_cluster_serving_matches_in_process(model_dir):
+def test_cluster_serving_matches_in_process(tiny, launch_peer):
     rng = random.Random(11)
     jobs = [([rng.randrange(3, 512) for _ in range(rng.randrange(3, 30))], rng.randrange(4, 20)) for _ in range(8)]
-    local = start_peer(["serve", "--model", str(model_dir), "--http", "127.0.0.1:0", "--kv-memory", "16MiB"])
-    try:
-        alone = [client(local.address).completions.create(model="tiny", prompt=p, max_tokens=n, **GREEDY)
-                 .choices[0].text for p, n in jobs]
-    finally:
-        local.stop()
+    local = launch_peer(["serve", "--model", str(tiny), "--http", "127.0.0.1:0", "--kv-memory", "16MiB"])
+    alone = [client(local.address).completions.create(model="tiny", prompt=p, max_tokens=n, **GREEDY)
+             .choices[0].text for p, n in jobs]
+    local.stop()  # before the cluster starts: the two would only compete for the cores
 
-    cluster = start_peer(["serve", "--model", str(model_dir), "--http", "127.0.0.1:0", "--attention-peers", "2",
-                          "--kv-memory", "16MiB"])
+    cluster = launch_peer(["serve", "--model", str(tiny), "--http", "127.0.0.1:0", "--attention-peers", "2",
+                           "--kv-memory", "16MiB"])
     url = cluster.address
-    try:
-        async def together():
-            ac = aclient(url)
 
-            async def one(p, n):
-                text = ""
-                async for ch in await ac.completions.create(model="tiny", prompt=p, max_tokens=n, stream=True,
-                                                            **GREEDY):
-                    text += ch.choices[0].text
-                return text
+    async def together():
+        ac = aclient(url)
 
-            try:
-                return await asyncio.gather(*(one(p, n) for p, n in jobs))
-            finally:
-                await ac.close()
+        async def one(p, n):
+            text = ""
+            async for ch in await ac.completions.create(model="tiny", prompt=p, max_tokens=n, stream=True,
+                                                        **GREEDY):
+                text += ch.choices[0].text
+            return text
 
-        assert asyncio.run(together()) == alone
-        m = metrics(url)
-        peers = [dict(labels)["peer"] for name, labels in m if name == "lamina_kv_free_bytes"]
-        assert len(peers) == 2
-        assert m[("lamina_wire_sent_bytes_total", frozenset())] > 0
-        assert m[("lamina_wire_received_bytes_total", frozenset())] > 0
-        # KV usage comes from gossip: it reaches zero within a few heartbeats.
-        wait_until(lambda: all(v == 0 for (name, _), v in metrics(url).items() if name == "lamina_kv_used_bytes"),
-                   what="KV freed on both attention peers")
-        with pytest.raises(openai.NotFoundError):
-            client(url).completions.create(model="other", prompt="x")
-    finally:
-        cluster.stop()
+        try:
+            return await asyncio.gather(*(one(p, n) for p, n in jobs))
+        finally:
+            await ac.close()
+
+    assert asyncio.run(together()) == alone
+    m = metrics(url)
+    peers = [dict(labels)["peer"] for name, labels in m if name == "lamina_kv_free_bytes"]
+    assert len(peers) == 2
+    assert m[("lamina_wire_sent_bytes_total", frozenset())] > 0
+    assert m[("lamina_wire_received_bytes_total", frozenset())] > 0
+    # KV usage comes from gossip: it reaches zero within a few heartbeats.
+    wait_until(lambda: all(v == 0 for (name, _), v in metrics(url).items() if name == "lamina_kv_used_bytes"),
+               what="KV freed on both attention peers")
+    with pytest.raises(openai.NotFoundError):
+        client(url).completions.create(model="other", prompt="x")

@@ -4,89 +4,29 @@ Each test is a kind, not one input: any valid parameter set completes and one re
 never fails another (temperature -> 0 is greedy), a stop string completed by the last allowed
 token is "stop", logprobs carry the alternatives and the tokens' own bytes. The request-level
 kinds (parameters honoured or refused, malformed requests, streamed usage) are in
-test_serve_requests.py, which reuses this module's server fixture and helpers.
+test_serve_requests.py, against the same two kinds of server (helpers.SERVE_MODES).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
 import pytest
+from helpers import (GREEDY, MODEL, NO_SPECIAL, PROMPT, SCHEMA, SERVE_MODES, PeerGroup, aclient,
+                     assert_openai_error, client, greedy_tokens, post)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lamina_p2p.launch import start_peer
-from tests.test_serve import aclient, client
-
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-PROMPT = [0, 75, 301, 42, 260, 17]  # token ids: no tokenizer ambiguity
-MODEL = "tiny"
-GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")
-NO_SPECIAL = {str(i): -100 for i in range(5)}  # the tiny tokenizer's special tokens are ids 0..4
-SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-          "required": ["n"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lamina_p2p.model.presets import write_preset
-
-    return write_preset("tiny", tmp_path_factory.mktemp("m") / "tiny")
-
-
-# The cluster path differs where it matters here: attention in two peer processes over ZeroMQ,
-# sequences split across them, two micro-batches sampled together from one LM head.
-CLUSTER = ["--attention-peers", "2", "--placement", "sequence", "--shard-tokens", "32", "--micro-batches", "2"]
-
-
-@pytest.fixture(scope="module", params=["inprocess", "cluster"])
-def url(request, model_dir):
-    extra = CLUSTER if request.param == "cluster" else []
-    peer = start_peer(["serve", "--model", str(model_dir), "--http", "127.0.0.1:0", "--kv-memory", "32MiB", *extra])
-    yield peer.address
-    peer.stop()
-
-
-def post(url, path, body, content_type="application/json", raw: bytes | None = None):
-    """(status, parsed JSON body) of a POST, whatever the status."""
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url}{path}", data=data, method="POST", headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
-
-
-def sse(url, path, body) -> list[dict]:
-    """The JSON events of a streamed response, in order ([DONE] left out)."""
-    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    events = []
-    with urllib.request.urlopen(req, timeout=120) as r:
-        for line in r:
-            line = line.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line[6:]))
-    return events
-
-
-def assert_openai_error(status, body, expect_status=None, param=None):
-    assert 400 <= status < 500 if expect_status is None else status == expect_status, (status, body)
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["message"]
-    if param is not None:
-        assert body["error"]["param"] == param, body
-
-
-def greedy_tokens(url, prompt, n, **kw):
-    r = client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=n, logprobs=0, **GREEDY, **kw)
-    return r.choices[0].text, r.choices[0].logprobs.tokens
+@pytest.fixture(scope="module", params=list(SERVE_MODES))
+def url(request, tiny):
+    with PeerGroup() as group:  # its own group: one server at a time, stopped before the next mode's starts
+        yield group.serve(tiny, "--kv-memory", "32MiB", *SERVE_MODES[request.param])
 
 
 # -- 1: edge parameters; one request's failure is its own ----------------------------------------

@@ -11,14 +11,18 @@ import urllib.request
 
 import openai
 import pytest
+from helpers import (GREEDY, MODEL, NO_SPECIAL, PROMPT, SCHEMA, SERVE_MODES, PeerGroup, assert_openai_error,
+                     client, greedy_tokens, post, sse)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_serve import client
-from tests.test_serve_params import (GREEDY, MODEL, NO_SPECIAL, PROMPT, SCHEMA, assert_openai_error,  # noqa: F401
-                                     greedy_tokens, model_dir, post, sse, url)
-
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module", params=list(SERVE_MODES))
+def url(request, tiny):
+    with PeerGroup() as group:  # its own group: one server at a time, stopped before the next mode's starts
+        yield group.serve(tiny, "--kv-memory", "32MiB", *SERVE_MODES[request.param])
 
 
 # -- 4: parameters honoured or refused -----------------------------------------------------------

@@ -10,116 +10,112 @@ from pathlib import Path
 
 import openai
 import pytest
+from helpers import GREEDY, JOBS, aclient, free_port, metric, stream_all
+from waiting import peer_stats, wait_until
 
-from lamina_p2p.launch import node_command, start_peer, stop_all
-from tests.test_faults import JOBS, free_port, stream_all
-from tests.test_serve import GREEDY, aclient, metric, wait_until
-from tests.waiting import peer_stats
+from lamina_p2p.launch import node_command
 
 pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 FAST = ["--heartbeat", "0.1", "--dead-after", "1.0"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lamina_p2p.model.presets import write_preset
+@pytest.fixture
+def attention(attention_peers):
+    """Factory: attention(*extra) -> one attention peer with fast failure detection; stopped at teardown."""
 
-    return write_preset("tiny", tmp_path_factory.mktemp("m") / "tiny")
+    def start(*extra):
+        return attention_peers(1, *FAST, *extra, kv_memory="32MiB", threads=1)[0]
 
-
-def attention(*extra):
-    return start_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "32MiB",
-                       "--threads", "1", *FAST, *extra])
+    return start
 
 
-def compute(model_dir, seed, *extra):
-    port = free_port()
-    proc = start_peer(["start", "--role", "compute", "--model", str(model_dir), "--listen", "tcp://127.0.0.1:0",
-                       "--join", seed, "--http", f"127.0.0.1:{port}", "--threads", "1", *FAST, *extra])
-    return proc, f"http://127.0.0.1:{port}"
+@pytest.fixture
+def compute(launch_peer):
+    """Factory: compute(model_dir, seed, *extra) -> (a compute peer joined to seed, its URL); stopped at teardown."""
+
+    def start(model_dir, seed, *extra):
+        port = free_port()
+        proc = launch_peer(["start", "--role", "compute", "--model", str(model_dir), "--listen", "tcp://127.0.0.1:0",
+                            "--join", seed, "--http", f"127.0.0.1:{port}", "--threads", "1", *FAST, *extra])
+        return proc, f"http://127.0.0.1:{port}"
+
+    return start
 
 
 def kv_used(address) -> int:
     return peer_stats(address)["kv_used_bytes"]
 
 
-def test_sigterm_on_an_attention_peer_hands_its_shards_back(model_dir):
+def test_sigterm_on_an_attention_peer_hands_its_shards_back(tiny, attention, compute):
     a = attention()
     b = attention("--join", a.address, "--drain-timeout", "60")
-    comp, url = compute(model_dir, a.address)
-    try:
-        wait_until(lambda: metric(url, "lamina_kv_free_bytes", peer=b.peer_id) is not None, 30, "b registered")
-        reference = asyncio.run(stream_all(url))
-        sent = []
+    comp, url = compute(tiny, a.address)
+    wait_until(lambda: metric(url, "lamina_kv_free_bytes", peer=b.peer_id) is not None, 30, "b registered")
+    reference = asyncio.run(stream_all(url))
+    sent = []
 
-        def leave_when_started(counts):
-            if not sent and all(c >= 5 for c in counts):
-                b.proc.send_signal(signal.SIGTERM)
-                sent.append(time.monotonic())
+    def leave_when_started(counts):
+        if not sent and all(c >= 5 for c in counts):
+            b.proc.send_signal(signal.SIGTERM)
+            sent.append(time.monotonic())
 
-        after = asyncio.run(stream_all(url, leave_when_started))
-        assert sent and after == reference
-        # It left as soon as its shards were moved, well before its 60 s drain timeout ran out.
-        assert b.proc.wait(timeout=30) == 0
-        assert metric(url, "lamina_recomputed_sequences_total") > 0
-        assert metric(url, "lamina_requests_finished_total", reason="error") in (None, 0.0)
-    finally:
-        stop_all([comp, a, b])
+    after = asyncio.run(stream_all(url, leave_when_started))
+    assert sent and after == reference
+    # It left as soon as its shards were moved, well before its 60 s drain timeout ran out.
+    assert b.proc.wait(timeout=30) == 0
+    assert metric(url, "lamina_recomputed_sequences_total") > 0
+    assert metric(url, "lamina_requests_finished_total", reason="error") in (None, 0.0)
 
 
-def test_sigterm_on_a_compute_peer_finishes_running_requests_and_refuses_new_ones(model_dir):
+def test_sigterm_on_a_compute_peer_finishes_running_requests_and_refuses_new_ones(tiny, attention, compute):
     a = attention()
-    comp, url = compute(model_dir, a.address)
-    try:
-        async def run():
-            client = aclient(url)
-            stream = await client.completions.create(model="tiny", prompt=JOBS[0], max_tokens=200, stream=True,
-                                                     **GREEDY)
-            chunks = [await stream.__anext__()]
-            comp.proc.send_signal(signal.SIGTERM)
-            refused = None
-            deadline = time.monotonic() + 20
-            while refused is None and time.monotonic() < deadline:  # the signal lands asynchronously
-                try:
-                    await client.completions.create(model="tiny", prompt=[5, 6], max_tokens=2, **GREEDY)
-                except openai.APIStatusError as e:
-                    refused = e.status_code
-            async for chunk in stream:
-                chunks.append(chunk)
-            await client.close()
-            return chunks, refused
+    comp, url = compute(tiny, a.address)
 
-        chunks, refused = asyncio.run(run())
-        assert refused == 503
-        assert chunks[-1].choices[0].finish_reason == "length"  # the running request finished normally
-        assert comp.proc.wait(timeout=30) == 0
-        wait_until(lambda: kv_used(a.address) == 0, 10, "its KV freed on the attention peer")
-    finally:
-        stop_all([comp, a])
+    async def run():
+        client = aclient(url)
+        stream = await client.completions.create(model="tiny", prompt=JOBS[0], max_tokens=200, stream=True,
+                                                 **GREEDY)
+        chunks = [await stream.__anext__()]
+        comp.proc.send_signal(signal.SIGTERM)
+        refused = None
+        deadline = time.monotonic() + 20
+        while refused is None and time.monotonic() < deadline:  # the signal lands asynchronously
+            try:
+                await client.completions.create(model="tiny", prompt=[5, 6], max_tokens=2, **GREEDY)
+            except openai.APIStatusError as e:
+                refused = e.status_code
+        async for chunk in stream:
+            chunks.append(chunk)
+        await client.close()
+        return chunks, refused
+
+    chunks, refused = asyncio.run(run())
+    assert refused == 503
+    assert chunks[-1].choices[0].finish_reason == "length"  # the running request finished normally
+    assert comp.proc.wait(timeout=30) == 0
+    wait_until(lambda: kv_used(a.address) == 0, 10, "its KV freed on the attention peer")
 
 
-def test_a_dead_compute_peer_gives_clients_an_error_and_its_kv_is_freed(model_dir):
+def test_a_dead_compute_peer_gives_clients_an_error_and_its_kv_is_freed(tiny, attention, compute):
     a = attention("--owner-timeout", "1")
-    comp, url = compute(model_dir, a.address)
-    try:
-        async def run():
-            client = aclient(url)
-            stream = await client.completions.create(model="tiny", prompt=JOBS[1], max_tokens=400, stream=True,
-                                                     **GREEDY)
-            await stream.__anext__()
-            await asyncio.to_thread(wait_until, lambda: kv_used(a.address) > 0, 10, "KV in use")
-            comp.proc.send_signal(signal.SIGKILL)
-            with pytest.raises((openai.APIError, ConnectionError)):
-                async with asyncio.timeout(20):  # an error, not a hang
-                    async for _ in stream:
-                        pass
-            await client.close()
+    comp, url = compute(tiny, a.address)
 
-        asyncio.run(run())
-        wait_until(lambda: kv_used(a.address) == 0, 30, "the dead owner's KV freed after --owner-timeout")
-    finally:
-        stop_all([comp, a])
+    async def run():
+        client = aclient(url)
+        stream = await client.completions.create(model="tiny", prompt=JOBS[1], max_tokens=400, stream=True,
+                                                 **GREEDY)
+        await stream.__anext__()
+        await asyncio.to_thread(wait_until, lambda: kv_used(a.address) > 0, 10, "KV in use")
+        comp.proc.send_signal(signal.SIGKILL)
+        with pytest.raises((openai.APIError, ConnectionError)):
+            async with asyncio.timeout(20):  # an error, not a hang
+                async for _ in stream:
+                    pass
+        await client.close()
+
+    asyncio.run(run())
+    wait_until(lambda: kv_used(a.address) == 0, 30, "the dead owner's KV freed after --owner-timeout")
 
 
 def _children(pid: int, marker: str) -> list[int]:
@@ -147,8 +143,8 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
-def test_sigterm_on_generate_stops_the_peers_it_started(model_dir):
-    gen = subprocess.Popen(node_command("generate", "--model", str(model_dir), "--attention-peers", "1",
+def test_sigterm_on_generate_stops_the_peers_it_started(tiny):
+    gen = subprocess.Popen(node_command("generate", "--model", str(tiny), "--attention-peers", "1",
                                         "--random-prompt-len", "8", "--max-tokens", "4000", "--ignore-eos"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

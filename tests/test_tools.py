@@ -20,15 +20,6 @@ TOOLS = ROOT / "tools"
 sys.path.insert(0, str(TOOLS))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    from lamina_p2p.model.presets import write_preset
-
-    d = tmp_path_factory.mktemp("tools") / "tiny"
-    write_preset("tiny", d)
-    return str(d)
-
-
 def run_tool(*args: str, timeout: float = 600) -> dict:  # a bound for a stuck tool, not a speed check
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
