@@ -23,10 +23,11 @@ the table): a bf16 decode step at batch 16 cost 2.3x the CPU time with oneDNN's
 bf16 GEMM (prepacked or not) as with fp16 weights, and 1.7x as with float32
 weights; at batch 1 fp16 was also the fastest (1.2x), reading bf16's bytes.
 torch.compile (inductor, default mode) gained nothing over eager. With more than one torch
-thread the fp16 GEMMs run on all of them (_Fp16Gemm): the 30 layers' GEMMs of a step, with
-weights read from memory, took 31 ms (batch 1) and 67 ms (batch 16) at best against 122 and
-139 ms on one thread, the LM head 5.6 / 46 ms against 28 / 64 (same run, load ~9); FBGEMM
-fp16 also beat float32 weights (MKL sgemm) for the head at batch 1, 4 and 16.
+thread the fp16 GEMMs run on all of them (_Fp16Gemm). With the second core free that cut the
+30 layers' GEMMs of a step from 122 to 31 ms (batch 1) and 139 to 67 ms (batch 16), the LM head
+from 28 to 5.6 ms (best of interleaved rounds); with other programs on both cores (load 5-10)
+the two were within +-25 % either way. FBGEMM fp16 also beat float32 weights (MKL sgemm) for
+the head at batch 1, 4 and 16.
 """
 
 from __future__ import annotations
