@@ -145,3 +145,30 @@ def test_auto_falls_back_to_float32_weights_beyond_float16_range():
         bad = load_model(build_hf_model("llama"), dtype="bfloat16", layout=None)
         bad.layers[0].w_down[0, 0] = 1e6
         bad.prepare("fp16")  # asked for explicitly: refused, not silently changed
+
+
+@torch.inference_mode()
+def test_fp16_gemm_gives_the_same_bits_on_one_thread_and_on_several():
+    # One thread: FBGEMM's ATen entry point; several: the torchbind op that splits the output
+    # columns over threads. The weights are packed again when the count changes; a column
+    # split keeps each output's summation order, so the bits must not move.
+    if "fp16" not in runnable(torch.bfloat16):
+        pytest.skip("no FBGEMM fp16 on this machine")
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(200, 72, generator=g) / 9).to(torch.bfloat16)
+    b = torch.randn(200, generator=g).to(torch.bfloat16)
+    x = torch.randn(16, 72, generator=g).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        lin = Linear(w, b, "fp16", out_dtype=torch.float32)
+        several = lin(x)
+        torch.set_num_threads(1)
+        one = lin(x)
+        torch.set_num_threads(2)
+        again = lin(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(several, one) and torch.equal(several, again)
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert torch.allclose(several.double(), ref, rtol=1e-5, atol=1e-5)

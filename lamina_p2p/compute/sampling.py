@@ -27,17 +27,22 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     `seq.error` and a placeholder token 0 that the caller must not deliver.
     """
     logits = logits.float()
-    logprobs_all = torch.log_softmax(logits, dim=-1)
     if all(_plain_greedy(s) for s in seqs):
-        # torch.argmax returns the first maximal index: ties go to the lowest token id.
-        out = torch.argmax(logits, dim=-1).tolist()
+        # max over the row returns the first maximal index (ties go to the lowest token id, as
+        # argmax) and its value, the chosen logit, in one pass.
+        chosen, ids = logits.max(dim=-1)
+        out = ids.tolist()
     else:
         out = [_sample_row_isolated(logits[i], seq) for i, seq in enumerate(seqs)]
-    tokens = torch.tensor(out, dtype=torch.long)
-    lps = logprobs_all.gather(1, tokens[:, None])[:, 0].tolist()
+        chosen = logits.gather(1, torch.tensor(out, dtype=torch.long)[:, None])[:, 0]
+    # log p(token) = logit - logsumexp(row): one reduction a row instead of a full-vocabulary
+    # log_softmax (a [rows, vocab] float32 write, ~1-2 ms a step at batch 16 on 2 cores).
+    lps = (chosen - torch.logsumexp(logits, dim=-1)).tolist()
     for i, seq in enumerate(seqs):
         if seq.params.logprobs and seq.params.top_logprobs and seq.error is None:
-            seq.top_logprobs.append(top_logprobs(logprobs_all[i], seq.params.top_logprobs))
+            row = torch.log_softmax(logits[i], dim=-1)
+            lps[i] = float(row[out[i]])  # the same float as its entry among the alternatives
+            seq.top_logprobs.append(top_logprobs(row, seq.params.top_logprobs))
     return out, lps
 
 

@@ -12,7 +12,7 @@ library runs it and how its weights sit in memory:
           sgemm, torch.ops.mkl._mkl_linear, is packed for one batch size and falls
           back to the plain weights for any other, so it buys nothing here.)
   fp16    float16 weights, float32 activations and accumulation (FBGEMM's fp16
-          GEMM, see _fp16_gemm): reads 2 bytes a weight
+          GEMM, see _Fp16Gemm): reads 2 bytes a weight
           and multiplies at float32 speed on any AVX2 CPU. bf16 -> fp16 keeps a
           bf16 value exactly unless it is below 2^-14 in magnitude (fp16 subnormals
           hold it to 2^-24 absolute), so a bf16 model loses nothing measurable.
@@ -22,7 +22,12 @@ a 2-core AVX512 Xeon without BF16 (python -m lamina_p2p.model.bench_dense prints
 the table): a bf16 decode step at batch 16 cost 2.3x the CPU time with oneDNN's
 bf16 GEMM (prepacked or not) as with fp16 weights, and 1.7x as with float32
 weights; at batch 1 fp16 was also the fastest (1.2x), reading bf16's bytes.
-torch.compile (inductor, default mode) gained nothing over eager.
+torch.compile (inductor, default mode) gained nothing over eager. With more than one torch
+thread the fp16 GEMMs run on all of them (_Fp16Gemm). With the second core free that cut the
+30 layers' GEMMs of a step from 122 to 31 ms (batch 1) and 139 to 67 ms (batch 16), the LM head
+from 28 to 5.6 ms (best of interleaved rounds); with other programs on both cores (load 5-10)
+the two were within +-25 % either way. FBGEMM fp16 also beat float32 weights (MKL sgemm) for
+the head at batch 1, 4 and 16.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 
 LAYOUTS = ("auto", "eager", "onednn", "f32", "fp16")
 FP16_MAX = 65504.0
+_HAS_ATEN_FP16 = hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation")
 
 
 def _has_fbgemm() -> bool:
@@ -71,26 +77,55 @@ def choose_layout(layout: str, dtype: torch.dtype, device: torch.device) -> str:
     return layout
 
 
-def _fp16_gemm(wf: torch.Tensor, bf: torch.Tensor | None):
+class _Fp16Gemm:
     """x [..., in] float32 -> x @ wf.T + bf float32 through FBGEMM's fp16 GEMM (wf rounded to fp16 once).
 
-    torch.fbgemm_linear_fp16_weight_fp32_activation calls the same FBGEMM kernel as
-    torch.ops.quantized.linear_dynamic_fp16 but as a plain ATen op: measured 4-16 us a
-    call against 26-30 us for the torchbind op (whose packed weight crosses the boxed
-    dispatcher), and a decode step makes 4 calls a layer. torch marks the ATen pair
-    deprecated, so it is used while it exists and the torchbind op otherwise.
+    Two entry points reach the same FBGEMM kernel. torch.ops.quantized.linear_dynamic_fp16
+    (a torchbind op) splits the output columns over torch's threads (at::parallel_for), so
+    at decode sizes every core reads weights: a batch-1 GEMV is memory-bound, and one core
+    of a 2-vCPU VM reads ~5 GB/s of the ~17 GB/s two can; at batch 16 the GEMM is
+    compute-bound and two cores halve it. torch.fbgemm_linear_fp16_weight_fp32_activation
+    (a plain ATen op) costs ~20 us less a call (no boxed dispatch of the packed weight) but
+    always runs on one thread (FBGEMM's cblas_gemm_compute at its default thread count), so
+    it is the one for a process with one torch thread. The thread count is read at each call
+    (runtime.set_threads may run after the model is loaded); on a change the weights are
+    packed again for the other op, once, and the old packing is dropped (never held twice).
+    torch marks the ATen pair deprecated: without it the torchbind op serves every count.
     """
-    if hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation"):
-        op = torch.fbgemm_linear_fp16_weight_fp32_activation
-        with warnings.catch_warnings():
-            # Both warn once per process that they are deprecated; say it here, not mid-decode.
-            warnings.simplefilter("ignore")
-            packed = torch.fbgemm_pack_gemm_matrix_fp16(wf)
-            op(wf.new_zeros(0, wf.shape[1]), packed, bf)
-        return lambda x: op(x, packed, bf)
-    packed = torch.ops.quantized.linear_prepack_fp16(wf, bf)
-    op = torch.ops.quantized.linear_dynamic_fp16.default
-    return lambda x: op(x, packed)
+
+    __slots__ = ("packed", "single", "bias", "in_features")
+
+    def __init__(self, wf: torch.Tensor, bf: torch.Tensor | None):
+        self.bias, self.in_features = bf, wf.shape[1]
+        self._pack(wf, single=torch.get_num_threads() == 1 and _HAS_ATEN_FP16)
+
+    def _pack(self, wf: torch.Tensor, single: bool) -> None:
+        self.single = single
+        if single:
+            with warnings.catch_warnings():
+                # Both warn once per process that they are deprecated; say it here, not mid-decode.
+                warnings.simplefilter("ignore")
+                self.packed = torch.fbgemm_pack_gemm_matrix_fp16(wf)
+                torch.fbgemm_linear_fp16_weight_fp32_activation(wf.new_zeros(0, wf.shape[1]), self.packed, self.bias)
+        else:
+            self.packed = torch.ops.quantized.linear_prepack_fp16(wf, self.bias)
+
+    def _repack(self, single: bool) -> None:
+        if self.single:  # the ATen packing has no unpack: rebuild float32 weights from it
+            eye = torch.eye(self.in_features, dtype=torch.float32)
+            wf = torch.fbgemm_linear_fp16_weight_fp32_activation(eye, self.packed, None).T.contiguous()
+        else:
+            wf = torch.ops.quantized.linear_unpack_fp16(self.packed)[0]
+        self.packed = None
+        self._pack(wf, single)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        single = torch.get_num_threads() == 1 and _HAS_ATEN_FP16
+        if single != self.single:
+            self._repack(single)
+        if single:
+            return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
+        return torch.ops.quantized.linear_dynamic_fp16.default(x, self.packed)
 
 
 class Linear:
@@ -135,7 +170,7 @@ class Linear:
             top = float(w.abs().max()) if w.numel() else 0.0
             if not top <= FP16_MAX:  # also catches nan
                 raise ValueError(f"weights up to {top:g} do not fit float16 (max {FP16_MAX:g}); use layout 'f32'")
-            f32 = _fp16_gemm(w.float(), bf)
+            f32 = _Fp16Gemm(w.float(), bf)
         else:
             raise ValueError(f"unknown weight layout {layout!r}")
         if model_dtype == torch.float32 and out_dtype == torch.float32:
