@@ -11,7 +11,7 @@ import time
 import pytest
 from hf_models import build_hf_model
 
-from lamina_p2p.compute.generate import GenerateOptions, run_generate
+from lamina_p2p.offline import GenerateOptions, run_generate
 from lamina_p2p.launch import node_command, start_peer, stop_all
 from waiting import peer_stats, wait_until
 
