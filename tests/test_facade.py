@@ -21,7 +21,8 @@ def model_dir():
 
 
 def test_import_loads_neither_torch_nor_the_kernels():
-    code = "import sys, lamina_p2p; print('torch' in sys.modules, 'numba' in sys.modules, 'lamina_kernels' in sys.modules)"
+    code = ("import sys, lamina_p2p; "
+            "print('torch' in sys.modules, 'numba' in sys.modules, 'lamina_kernels' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]
 

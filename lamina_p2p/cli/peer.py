@@ -57,9 +57,9 @@ from lamina_p2p.config import ConfigError, check_address, parse_bytes
 @insecure_listen_option
 @click.option("--api-key", default=lambda: os.environ.get("LAMINA_API_KEY") or None,
               help="Compute with --http: require 'Authorization: Bearer KEY' on /v1/* (default: $LAMINA_API_KEY).")
-def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_cpus, block_size, heartbeat, dead_after, model_dir,
-          dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout, owner_timeout,
-          http, max_batch, advertise, data_port, data_advertise, discover, discover_port,
+def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_cpus, block_size, heartbeat, dead_after,
+          model_dir, dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout,
+          owner_timeout, http, max_batch, advertise, data_port, data_advertise, discover, discover_port,
           discover_broadcast, secret, peer_key, allow_dir, insecure_listen, api_key):
     """Run one peer until SIGTERM or Ctrl-C."""
     from lamina_p2p.node import run_attention, run_compute
