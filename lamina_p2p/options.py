@@ -41,10 +41,10 @@ class EngineOptions:
     security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection
 
     def engine_kwargs(self) -> dict:
-        """The keyword arguments of `compute.engine.Engine` these options set."""
+        """The keyword arguments of `compute.engine.Engine` these options set (peer_wait_timeout is the
+        scheduler's: a serving compute peer passes it there)."""
         return dict(placement=self.placement, micro_batches=self.micro_batches, shard_tokens=self.shard_tokens,
-                    max_step_tokens=self.max_step_tokens, kv_replicas=self.kv_replicas,
-                    peer_wait_timeout=self.peer_wait_timeout, dense_cpus=self.dense_cpus)
+                    max_step_tokens=self.max_step_tokens, kv_replicas=self.kv_replicas, dense_cpus=self.dense_cpus)
 
 
 @dataclass
