@@ -1,12 +1,19 @@
-"""Starting and stopping peers as local processes (generate/serve with K peers, `cluster up`, tests).
+"""Where a compute process's attention runs, and the launcher of local peer processes.
 
-A peer started with `--ready-fd`-free stdout prints one line `READY <address> <id>`
-once its kernels are compiled and it has joined; the launcher waits for that
-line (with a deadline) instead of guessing with sleeps.
+`open_transport` gives `generate`, `serve` and the Python façade their attention: in this process
+(`LocalTransport`), on K attention peer processes started here for the run, or on a cluster joined
+by address; `open_compute_transport` is the same for a compute peer, which may also join by LAN
+discovery. The launcher (`start_peer`, `start_attention_peers`, `stop_all`; also `cluster up` and the
+tests) runs `lamina-node start` as child processes: a peer prints one line `READY <address> <id>` on
+stdout once its kernels are compiled and it has joined, and the launcher waits for that line (with a
+deadline) instead of guessing with sleeps. The engine (`compute/`) never starts processes: it gets a
+transport from here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +21,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+from lamina_p2p.options import ComputeOptions, EngineOptions
 
 READY_PREFIX = "READY "
 
@@ -110,3 +119,80 @@ def stop_all(peers: list[PeerProcess]) -> None:
             p.proc.send_signal(signal.SIGTERM)
     for p in peers:
         p.stop()
+
+
+@contextlib.asynccontextmanager
+async def open_transport(opts: EngineOptions):
+    """In-process attention, K freshly started local peers, or an existing cluster; yields the transport."""
+    if opts.join or opts.attention_peers > 0:
+        async with _open_cluster_transport(opts) as transport:
+            yield transport
+        return
+    from lamina_p2p.compute.local import LocalTransport
+
+    transport = LocalTransport(opts.kv_bytes, threads=opts.attention_threads)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, _warm_kernels)
+        yield transport
+    finally:
+        transport.close()
+
+
+def _warm_kernels() -> None:
+    import lamina_kernels
+
+    lamina_kernels.warmup()
+
+
+@contextlib.asynccontextmanager
+async def _open_cluster_transport(opts: EngineOptions):
+    """Join opts.join, or start opts.attention_peers local peers and join them."""
+    from lamina_p2p.compute.remote import join_cluster
+
+    peers = []
+    loop = asyncio.get_running_loop()
+    security = opts.security  # net.security.Security from --secret
+    try:
+        if opts.join:
+            seeds, expect = list(opts.join), 1
+        else:
+            kv = f"{opts.kv_bytes}"
+            starting = loop.run_in_executor(None, lambda: start_attention_peers(
+                opts.attention_peers, kv, opts.attention_threads, opts.cluster,
+                extra=security.cli_args() if security is not None else None,
+                cpus=opts.attention_cpus))
+            try:
+                peers = await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                # Stopped (SIGTERM) while the peers start: let them come up so the finally stops them.
+                with contextlib.suppress(Exception):
+                    peers = await starting
+                raise
+            seeds, expect = [peers[0].address], len(peers)
+        async with join_cluster(seeds, cluster=opts.cluster, security=security) as transport:
+            # The engine binds (registers) right after this; wait for membership to show the peers first.
+            await transport.membership.wait_for(
+                lambda m: len(m.peers(role="attention")) >= expect, timeout=60.0)
+            transport.expected_peers = expect
+            yield transport
+    finally:
+        if peers:
+            await loop.run_in_executor(None, stop_all, peers)
+
+
+@contextlib.asynccontextmanager
+async def open_compute_transport(opts: ComputeOptions):
+    """A compute peer's attention: join a cluster (start --role compute), or what `generate` does (serve)."""
+    if (opts.join or opts.discover) and opts.attention_peers == 0:
+        from lamina_p2p.compute.remote import join_cluster
+
+        async with join_cluster(opts.join, listen=opts.listen, cluster=opts.cluster,
+                                heartbeat_interval=opts.heartbeat, dead_after=opts.dead_after,
+                                advertise=opts.advertise, discover=opts.discover, discover_port=opts.discover_port,
+                                discover_broadcast=opts.discover_broadcast, security=opts.security,
+                                insecure_listen=opts.insecure_listen) as transport:
+            await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60.0)
+            yield transport
+        return
+    async with open_transport(opts) as transport:
+        yield transport

@@ -1,4 +1,8 @@
-"""`lamina-node start`: run one peer process until SIGTERM/SIGINT."""
+"""One peer process: run an attention or a compute peer until SIGTERM/SIGINT (`lamina-node start`, `serve`).
+
+Stops on SIGTERM or SIGINT, prints where every asyncio task waits on SIGUSR1 (for a peer that seems
+stuck), and announces `READY <address> <id>` on stdout once the peer is up, which launchers wait for.
+"""
 
 from __future__ import annotations
 
@@ -53,8 +57,3 @@ async def run_compute(opts) -> None:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     await serve_compute(opts, stop, on_ready=_announce)
-
-
-def exit_with(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)

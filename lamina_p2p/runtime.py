@@ -28,10 +28,6 @@ def set_threads(torch_threads: int | None = None, numba_threads: int | None = No
         numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 MAX_CPUS = 8192  # Linux's largest NR_CPUS: a bound before a range becomes a set
 
 

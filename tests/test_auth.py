@@ -305,7 +305,7 @@ def test_plain_text_binds_loopback_only_unless_told(keys):
 def test_generate_with_keys_starts_secured_peers_and_matches_in_process(keys, tiny):
     """`generate --attention-peers 1 --secret K` hands the key to the peer it starts (a CURVE client
     could not talk to it otherwise) and produces the in-process greedy tokens."""
-    from lamina_p2p.compute.generate import GenerateOptions, run_generate
+    from lamina_p2p.offline import GenerateOptions, run_generate
 
     model = tiny
     out = subprocess.run(node_command("generate", "--model", str(model), "--prompt-ids", "1,2,3", "--max-tokens", "6",

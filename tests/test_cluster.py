@@ -13,7 +13,7 @@ import pytest
 import torch
 from hf_models import build_hf_model, load_hf_model
 
-from lamina_p2p.compute.generate import GenerateOptions, run_generate
+from lamina_p2p.offline import GenerateOptions, run_generate
 from lamina_p2p.launch import node_command, start_attention_peers, stop_all
 
 pytestmark = pytest.mark.cluster

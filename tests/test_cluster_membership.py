@@ -12,7 +12,7 @@ import pytest
 from hf_models import build_hf_model
 from waiting import peer_stats, wait_until
 
-from lamina_p2p.compute.generate import GenerateOptions, run_generate
+from lamina_p2p.offline import GenerateOptions, run_generate
 from lamina_p2p.launch import node_command
 
 pytestmark = pytest.mark.cluster

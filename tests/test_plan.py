@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
-from lamina_p2p.plan.command import plan_command
+from lamina_p2p.cli.plan import plan_command
 from lamina_p2p.plan.cost import CostModel, Workload, estimate_lamina
 from lamina_p2p.plan.geometry import PRESETS, Geometry, GeometryError, resolve_model
 from lamina_p2p.plan.hardware import DevicePool, HardwareError, load_catalog, parse_rate

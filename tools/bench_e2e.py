@@ -227,7 +227,8 @@ class LaminaBackend:
 
     async def open(self, kv_bytes: int) -> None:
         from lamina_p2p.compute.engine import Engine
-        from lamina_p2p.compute.generate import GenerateOptions, open_transport
+        from lamina_p2p.launch import open_transport
+        from lamina_p2p.options import GenerateOptions
 
         split = getattr(self.args, "split_cores", None) if self.peers else None
         opts = GenerateOptions(model_dir=self.model_dir, attention_peers=self.peers, kv_bytes=kv_bytes,

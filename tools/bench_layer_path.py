@@ -223,7 +223,8 @@ def raw_round_trip(endpoint_kind: str, request_bytes: list[int], reply_bytes: li
 
 async def part_wire(args, model) -> dict:
     from lamina_p2p.compute.engine import Engine
-    from lamina_p2p.compute.generate import GenerateOptions, open_transport
+    from lamina_p2p.launch import open_transport
+    from lamina_p2p.options import GenerateOptions
 
     cfg = model.config
     storage = str(model.dtype).removeprefix("torch.")
@@ -275,7 +276,8 @@ async def part_wire(args, model) -> dict:
 # -- part 3: shards ---------------------------------------------------------------------
 async def part_shards(args, model) -> dict:
     from lamina_p2p.compute.engine import Engine
-    from lamina_p2p.compute.generate import GenerateOptions, open_transport
+    from lamina_p2p.launch import open_transport
+    from lamina_p2p.options import GenerateOptions
 
     cfg = model.config
     prompt = _decode_prompts(cfg.vocab_size, 1, args.shard_prompt)

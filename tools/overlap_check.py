@@ -138,7 +138,8 @@ async def part2(args, cpus, isolate_dense: bool) -> dict:
     """isolate_dense False: the whole compute process on cpus[0]; True: only its dense thread there, the
     event loop and ZeroMQ threads free to run anywhere (as on a compute machine with cores to spare)."""
     from lamina_p2p.compute.engine import Engine
-    from lamina_p2p.compute.generate import GenerateOptions, open_transport
+    from lamina_p2p.launch import open_transport
+    from lamina_p2p.options import GenerateOptions
     from lamina_p2p.compute.sequence import SamplingParams
     from lamina_p2p.model.loader import load_model
     from lamina_p2p.runtime import pin_cpus, set_threads

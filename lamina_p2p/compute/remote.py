@@ -285,39 +285,3 @@ async def join_cluster(seeds: list[str], listen: str = "tcp://127.0.0.1:0", clus
         await membership.stop()
         await server.close()
         ctx.destroy(linger=0)
-
-
-@contextlib.asynccontextmanager
-async def open_cluster_transport(opts):
-    """For generate/serve: join opts.join, or start opts.attention_peers local peers and join them."""
-    from lamina_p2p.launch import start_attention_peers, stop_all
-
-    peers = []
-    loop = asyncio.get_running_loop()
-    security = getattr(opts, "security", None)  # net.security.Security from --secret
-    try:
-        if opts.join:
-            seeds, expect = list(opts.join), 1
-        else:
-            kv = f"{opts.kv_bytes}"
-            starting = loop.run_in_executor(None, lambda: start_attention_peers(
-                opts.attention_peers, kv, opts.attention_threads, opts.cluster,
-                extra=security.cli_args() if security is not None else None,
-                cpus=getattr(opts, "attention_cpus", None)))
-            try:
-                peers = await asyncio.shield(starting)
-            except asyncio.CancelledError:
-                # Stopped (SIGTERM) while the peers start: let them come up so the finally stops them.
-                with contextlib.suppress(Exception):
-                    peers = await starting
-                raise
-            seeds, expect = [peers[0].address], len(peers)
-        async with join_cluster(seeds, cluster=opts.cluster, security=security) as transport:
-            # The engine binds (registers) right after this; wait for membership to show the peers first.
-            await transport.membership.wait_for(
-                lambda m: len(m.peers(role="attention")) >= expect, timeout=60.0)
-            transport.expected_peers = expect
-            yield transport
-    finally:
-        if peers:
-            await loop.run_in_executor(None, stop_all, peers)

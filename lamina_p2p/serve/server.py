@@ -11,49 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from lamina_p2p.launch import open_compute_transport
+from lamina_p2p.options import ComputeOptions
+
 log = logging.getLogger("lamina.serve")
-
-
-@dataclass
-class ComputeOptions:
-    model_dir: str
-    listen: str = "tcp://127.0.0.1:0"
-    join: list[str] = field(default_factory=list)
-    cluster: str = "lamina"
-    dtype: str | None = None
-    placement: str = "request"
-    shard_tokens: int | None = None
-    micro_batches: int = 1
-    kv_replicas: int = 1
-    peer_wait_timeout: float = 60.0
-    drain_timeout: float = 30.0  # on SIGTERM: seconds to let running requests finish before failing them
-    http: str | None = None
-    threads: int | None = None
-    dense_cpus: set[int] | None = None  # the dense thread (and its torch pool) on these CPUs only
-    heartbeat: float = 0.5
-    dead_after: float = 5.0
-    max_batch: int = 64
-    # The one-command `serve` form: start K local attention peers (0 = attention in process).
-    attention_peers: int = 0
-    kv_bytes: int = 2 << 30
-    attention_threads: int | None = None
-    attention_cpus: list[str] = field(default_factory=list)  # per started peer, reused in turn
-    api_key: str | None = None
-    model_name: str | None = None
-    reserve: str = "full"
-    max_step_tokens: int = 4096
-    announce_http: bool = False  # READY names the HTTP URL (serve) instead of the peer's ZeroMQ address
-    advertise: str | None = None
-    discover: bool = False
-    discover_port: int = 47474
-    discover_broadcast: str = "255.255.255.255"
-    security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection
-    insecure_listen: bool = False
-    allow_special_in_content: bool = False  # chat content: special-token strings become tokens (default: text)
 
 
 def parse_http(http: str) -> tuple[str, int]:
@@ -61,26 +25,6 @@ def parse_http(http: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"--http expects HOST:PORT, got {http!r}")
     return host.strip("[]"), int(port)
-
-
-@contextlib.asynccontextmanager
-async def open_compute_transport(opts: ComputeOptions):
-    """Join a cluster as a compute peer (start --role compute), or what `generate` does for serve."""
-    if (opts.join or opts.discover) and opts.attention_peers == 0:
-        from lamina_p2p.compute.remote import join_cluster
-
-        async with join_cluster(opts.join, listen=opts.listen, cluster=opts.cluster,
-                                heartbeat_interval=opts.heartbeat, dead_after=opts.dead_after,
-                                advertise=opts.advertise, discover=opts.discover, discover_port=opts.discover_port,
-                                discover_broadcast=opts.discover_broadcast, security=opts.security,
-                                insecure_listen=opts.insecure_listen) as transport:
-            await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60.0)
-            yield transport
-        return
-    from lamina_p2p.compute.generate import open_transport
-
-    async with open_transport(opts) as transport:
-        yield transport
 
 
 async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> None:
