@@ -189,21 +189,32 @@ class ClusterTransport:
             self._closed_bytes[1] += link.bytes_received
 
     def send(self, peer: str, req: AttendRequest) -> _Ticket:
+        """Start one attend on `peer`'s data link (dense thread only); returns the ticket for `receive`.
+
+        req: q [Tq, Hq, D], k/v [Tkv, Hkv, D] in the registered storage, sent without a copy (not
+        to be written until received). Never waits on the peer's work; ZeroMQ takes the message at
+        once unless its queue is full (then up to request_timeout s). Raises AttentionPeerError
+        (kind "failed") when the peer is unknown, failed, or the send cannot be queued."""
         link = self._link(peer)
         meta = req.meta if req.meta is not None else \
-            np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
-        fields = {"owner": req.owner, "layer": req.layer, "h0": req.h0, "h1": req.h1}
+            np.stack([req.seq_ids, req.context_lens, req.n_q, req.num_new_tokens], axis=1).astype(np.int64)
         tracing = req.trace and self.tracer is not None
-        if tracing:
-            fields["trace"] = True
         try:
-            rid = link.send("attend", fields, [meta, req.q, req.k, req.v], timeout=self.request_timeout)
+            rid = link.send_attend(req.owner, req.layer, req.h0, req.h1, meta, req.q, req.k, req.v,
+                                   timeout=self.request_timeout, trace=tracing)
         except (RpcTimeout, RpcClosed) as e:
             raise AttentionPeerError(peer, str(e), "failed") from None
         return _Ticket(peer, link, rid, time.monotonic() + self.request_timeout, req.layer,
-                       int(req.n_q.sum()), tracing)
+                       len(req.q), tracing)
 
-    def receive(self, ticket: _Ticket):
+    def receive(self, ticket: _Ticket) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a ticket's reply (dense thread only): (out float32 [Tq, Hq, D], lse float32 [Tq, Hq]),
+        read-only views of the received frames.
+
+        Waits up to the request's deadline (request_timeout s after send), less when membership
+        declares the peer dead or the transport closes (checked every 50 ms). Raises
+        AttentionPeerError: kind "failed" (timeout, dead peer, closed), "busy" (the peer's queue
+        was full: retry later), or what the peer's error text classifies as (kv_full, lost, error)."""
         peer = ticket.peer
         try:
             msg = ticket.link.receive(ticket.rid, ticket.deadline, alive=lambda: peer not in self.failed and not self._closing)
