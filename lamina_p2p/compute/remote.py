@@ -50,7 +50,7 @@ class _Ticket:
 class ClusterTransport:
     def __init__(self, ctx: zmq.asyncio.Context, server: RpcServer, membership: Membership,
                  request_timeout: float = 30.0):
-        self.ctx = ctx
+        self.zmq_context = ctx
         self.server = server
         self.membership = membership
         self.request_timeout = request_timeout
@@ -95,7 +95,7 @@ class ClusterTransport:
     def _ensure_registered(self, peer: PeerInfo) -> None:
         if peer.id in self._registered:
             return
-        self._clients.setdefault(peer.id, RpcClient(self.ctx, peer.address, security=self.membership.security))
+        self._clients.setdefault(peer.id, RpcClient(self.zmq_context, peer.address, security=self.membership.security))
         self._registered[peer.id] = asyncio.ensure_future(self._register(peer))
 
     async def _register(self, peer: PeerInfo) -> None:
@@ -178,7 +178,7 @@ class ClusterTransport:
             info = self._info.get(peer)
             if peer in self.failed or info is None:
                 raise AttentionPeerError(peer, "not connected", "failed")
-            link = self._links[peer] = DataLink(self.ctx, info["endpoint"], security=self.membership.security)
+            link = self._links[peer] = DataLink(self.zmq_context, info["endpoint"], security=self.membership.security)
         return link
 
     def _close_link(self, peer: str) -> None:
