@@ -332,8 +332,14 @@ class DataLink:
 
     def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
                 check_every: float = 0.05) -> Message:
-        """The reply to request `rid` (monotonic `deadline`). RpcTimeout past it; RpcClosed when
-        `alive()` turns false (membership declared the peer dead); RpcError for an error reply."""
+        """Wait for the reply to request `rid` and return it: a Message whose tensors are read-only
+        views of the received frames (an attend's: out float32 [Tq, Hq, D], lse float32 [Tq, Hq]).
+
+        deadline: time.monotonic() seconds. Blocks in zmq poll, waking every `check_every` s to ask
+        `alive()`. Raises RpcTimeout past the deadline (or for a "deadline" error reply), RpcClosed
+        when `alive()` turns false (membership declared the peer dead) or the link is closed,
+        RpcError(reason, code) for any other error reply. Replies to other ids that arrive
+        meanwhile are kept for their own receive."""
         self._lock.acquire()
         try:
             if self.closed:
