@@ -186,7 +186,7 @@ class AttentionService:
         Returns (out float32 [sum n_q, Hq', D], lse float32 [sum n_q, Hq']) with Hq' = (h1-h0) *
         group_size, rows in request order; lse is the natural log of each row's softmax sum (-inf
         where an entry saw no token). Raises ShardError for a request that does not match the
-        registration or the shard table (nothing is written then), KVFull when a shard cannot grow.
+        registration or the shard table (no K/V is written then), KVFull when a shard cannot grow.
 
         The shard-table work (checks, table rows, offsets) depends on the request's layout only,
         which every layer of a step repeats: it runs for the first layer and is reused (keyed by
