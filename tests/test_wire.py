@@ -130,7 +130,7 @@ def test_decoded_tensor_is_a_view_of_the_received_frame():
         ([b"\xc1"], "msgpack"),  # 0xc1 is never valid msgpack
         ([msgpack.packb([1, "x", 1])], "not a map"),
         ([msgpack.packb(5)], "not a map"),
-        ([_header(v=2)], "version"),
+        ([_header(v=PROTOCOL_VERSION + 1)], "version"),
         ([_header(v="1")], "version"),
         ([_header(op=3)], "op"),
         ([_header(op="")], "op"),
@@ -237,7 +237,7 @@ shape_st = st.lists(st.integers(-(2**63), 2**64 - 1) | st.sampled_from([0, 1, 2,
 header_st = st.fixed_dictionaries(
     {},
     optional={
-        "v": st.sampled_from([PROTOCOL_VERSION, 0, 2, -1, "1", None]),
+        "v": st.sampled_from([PROTOCOL_VERSION, 0, PROTOCOL_VERSION + 1, -1, "1", None]),
         "op": st.text(max_size=70) | msgpack_values,
         "id": st.integers(-(2**63), 2**64 - 1) | msgpack_values,
         "dl": st.floats() | msgpack_values,

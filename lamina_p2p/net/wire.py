@@ -32,7 +32,9 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+# 2: the data path's attend and reply travel in the fixed binary header (a version-1 peer could not read
+# them): peers of different versions ignore each other in gossip instead of failing every attend.
+PROTOCOL_VERSION = 2
 
 # Wire tag -> numpy dtype. bf16 has no numpy dtype: it travels as its uint16 bit pattern.
 DTYPES: dict[str, np.dtype] = {
