@@ -101,3 +101,31 @@ def test_cuda_pool_matches_cpu_pool():
         b = gpu.attend(request(rng=np.random.default_rng(i), **step))
         np.testing.assert_allclose(a[0], b[0], atol=1e-5)
         np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+
+
+def test_a_layout_checked_once_a_step_is_checked_again_after_a_free():
+    """The shard-table work is reused by the later layers of a step (same layout), never across a free:
+    a freed sequence sent again as if still cached is refused, and one re-prefilled gets a fresh shard."""
+    svc = AttentionService(1 << 20, block_size=4)
+    svc.register("o", **GEOM)
+    for layer in range(2):
+        svc.attend(request(layer=layer, seq_ids=(1,), n=(5,)))
+    for layer in range(2):
+        out, lse = svc.attend(request(layer=layer, seq_ids=(1,), ctx=(5,), n=(1,)))
+    with pytest.raises(ShardError, match="expected"):  # same layout, wrong q shape: still checked
+        bad = request(layer=1, seq_ids=(1,), ctx=(5,), n=(1,))
+        bad.q = bad.q[:, :1]
+        svc.attend(bad)
+    assert svc.free("o", [1]) == 1
+    with pytest.raises(ShardError, match="no shard"):
+        svc.attend(request(layer=1, seq_ids=(1,), ctx=(5,), n=(1,)))
+    fresh = AttentionService(1 << 20, block_size=4)
+    fresh.register("o", **GEOM)
+    for s in (svc, fresh):
+        for layer in range(2):
+            s.attend(request(layer=layer, seq_ids=(1,), n=(5,), rng=np.random.default_rng(7)))
+    for layer in range(2):
+        got = svc.attend(request(layer=layer, seq_ids=(1,), ctx=(5,), n=(1,), rng=np.random.default_rng(layer)))
+        want = fresh.attend(request(layer=layer, seq_ids=(1,), ctx=(5,), n=(1,), rng=np.random.default_rng(layer)))
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])

@@ -111,7 +111,7 @@ def test_secured_cluster_works_and_refuses_wrong_and_missing_keys(keys):
                                     dead_after=1.5) as transport:
                 await transport.membership.wait_for(lambda m: len(m.peers(role="attention")) == 2, timeout=20)
                 for i, p in enumerate(transport.membership.peers(role="attention")):
-                    client = RpcClient(transport.ctx, p.address, security=transport.membership.security)
+                    client = RpcClient(transport.zmq_context, p.address, security=transport.membership.security)
                     try:
                         out, lse = await register_and_attend(client, f"good-{i}", seed=i)
                     finally:

@@ -29,7 +29,7 @@ def test_a_chunk_over_many_shards_is_one_request_per_peer_and_each_row_once_per_
     for g in mb.groups:
         assert len(set(g.seq_ids.tolist())) == 1  # all of a peer's shards of the sequence: one storage
         assert int(g.n_q.sum()) <= 100  # no query row twice
-    assert sum(int(g.n_kv.sum()) for g in mb.groups) == 100
+    assert sum(int(g.num_new_tokens.sum()) for g in mb.groups) == 100
     # Decode after the prompt: one entry per peer.
     seq.cached = 100
     placer.roll(seq.shards, 100, 101)
@@ -42,7 +42,7 @@ def test_replicas_get_their_own_storage_and_the_same_positions():
     mb = plan_micro_batch([seq], [40], 2)
     primaries = mb.groups[: mb.num_primary]
     replicas = mb.groups[mb.num_primary:]
-    assert int(sum(g.n_kv.sum() for g in primaries)) == 40 == int(sum(g.n_kv.sum() for g in replicas))
+    assert int(sum(g.num_new_tokens.sum() for g in primaries)) == 40 == int(sum(g.num_new_tokens.sum() for g in replicas))
     assert len({g.peer for g in primaries}) == len(primaries) <= 3  # one request per peer and role
 
 

@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.net.rpc import RpcClient, RpcError
-from lamina_p2p.net.wire import PROTOCOL_VERSION, encode
+from lamina_p2p.net.wire import ATTEND, MAGIC, PROTOCOL_VERSION, decode, encode, encode_attend
 
 pytestmark = pytest.mark.cluster
 
@@ -195,6 +195,15 @@ def test_hostile_messages_on_the_data_path_are_answered_and_the_peer_keeps_servi
                 [bytes(f) for f in encode("register", 10, {"owner": "x", **GEOMETRY})],
                 [msgpack.packb({"v": PROTOCOL_VERSION, "op": "attend", "id": 11, "t": [["f32", [2**40, 2**40]]]}),
                  b"\0" * 16]]
+    # The hot path's fixed binary header, broken every way its decoder checks.
+    gb = [bytes(f) for f in encode_attend(12, "data-victim", 0, 0, 2, meta, q, k, v)]
+    absurd = ATTEND.pack(MAGIC, PROTOCOL_VERSION, 1, 0, 0, 13, 0.0, 0, 0, 2, 1, 2**31 - 1, 2**31 - 1, 5, 2, 8, 11)
+    barrage += [[gb[0][:10], *gb[1:]], [gb[0] + b"x", *gb[1:]], gb[:-1], gb + [b""], [gb[0], gb[1], gb[2][:-4], *gb[3:]],
+                [absurd + b"data-victim", *gb[1:]], [bytes([MAGIC, PROTOCOL_VERSION, 9]), *gb[1:]],
+                [bytes([MAGIC, PROTOCOL_VERSION + 1]) + gb[0][2:], *gb[1:]], [gb[0][:-11] + b"\xff" * 11, *gb[1:]],
+                [bytes(f) for f in encode_attend(14, "data-victim", 10**9, 0, 2, meta, q, k, v)],
+                [bytes(f) for f in encode_attend(15, "data-victim", 0, 0, 2, np.zeros((100_000, 4), np.int64),
+                                                 q, k, v)]]
     tcp, ipc = asyncio.run(data_endpoints())
     assert tcp.startswith("tcp://") and ipc.startswith("ipc://")
     ctx = zmq.Context()
@@ -214,6 +223,10 @@ def test_hostile_messages_on_the_data_path_are_answered_and_the_peer_keeps_servi
             sock.send_multipart(good)  # and a well-formed attend on the same socket is served
             assert sock.poll(30_000)
             assert msgpack.unpackb(sock.recv_multipart()[0])["op"] == "reply"
+            sock.send_multipart(gb)  # in either header: the binary one is answered in kind
+            assert sock.poll(30_000)
+            reply = decode(sock.recv_multipart())
+            assert reply.op == "reply" and reply.rid == 12 and reply.tensors[0].shape == (5, 4, 8)
             sock.close()
     finally:
         ctx.term()

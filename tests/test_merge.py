@@ -72,3 +72,26 @@ def test_rejects_malformed(bad):
         lses[0][0, 0] = np.nan
     with pytest.raises(ValueError):
         merge(outs, lses)
+
+
+def test_partials_with_repeated_rows_and_head_ranges_match_the_reference():
+    """merge_partials, the compute side's merge: a row may appear twice in one partial (two shards of a
+    sequence answered in one request) and partials may cover different head ranges."""
+    from lamina_kernels.merge import merge_partials
+
+    rng = np.random.default_rng(5)
+    T, H, D = 3, 4, 8
+    outs, lses = shards(rng, 3, t=T, h=H, d=D)  # three shards over every (row, head)
+    # partial A: shards 0 and 1 of heads [0, 2) in one request (rows repeated); B: shard 2 of heads [0, 2);
+    # C: all three shards of heads [2, 4) as one partial with every row three times.
+    parts = [(np.r_[0:T, 0:T], 0, 2, np.concatenate([outs[0][:, :2], outs[1][:, :2]]),
+              np.concatenate([lses[0][:, :2], lses[1][:, :2]])),
+             (None, 0, 2, outs[2][:, :2], lses[2][:, :2]),
+             (np.r_[0:T, 0:T, 0:T], 2, 4, np.concatenate([o[:, 2:] for o in outs]),
+              np.concatenate([s[:, 2:] for s in lses]))]
+    out, lse = merge_partials(T, H, D, parts)
+    rout, rlse = merge_ref(outs, lses)
+    np.testing.assert_allclose(out, rout, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(lse, rlse, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="token 0, head 2"):  # a (row, head) no partial covers
+        merge_partials(T, H, D, parts[:2])

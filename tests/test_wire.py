@@ -18,6 +18,8 @@ from lamina_p2p.net.wire import (
     WireError,
     decode,
     encode,
+    encode_attend,
+    encode_attend_reply,
 )
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,7 +130,7 @@ def test_decoded_tensor_is_a_view_of_the_received_frame():
         ([b"\xc1"], "msgpack"),  # 0xc1 is never valid msgpack
         ([msgpack.packb([1, "x", 1])], "not a map"),
         ([msgpack.packb(5)], "not a map"),
-        ([_header(v=2)], "version"),
+        ([_header(v=PROTOCOL_VERSION + 1)], "version"),
         ([_header(v="1")], "version"),
         ([_header(op=3)], "op"),
         ([_header(op="")], "op"),
@@ -235,7 +237,7 @@ shape_st = st.lists(st.integers(-(2**63), 2**64 - 1) | st.sampled_from([0, 1, 2,
 header_st = st.fixed_dictionaries(
     {},
     optional={
-        "v": st.sampled_from([PROTOCOL_VERSION, 0, 2, -1, "1", None]),
+        "v": st.sampled_from([PROTOCOL_VERSION, 0, PROTOCOL_VERSION + 1, -1, "1", None]),
         "op": st.text(max_size=70) | msgpack_values,
         "id": st.integers(-(2**63), 2**64 - 1) | msgpack_values,
         "dl": st.floats() | msgpack_values,
@@ -259,3 +261,64 @@ def test_arbitrary_headers(header, bodies):
 @given(frames=st.lists(st.binary(max_size=128), max_size=6))
 def test_garbage_frames(frames):
     _decode_or_wire_error(frames)
+
+
+# -- the hot path's fixed binary header -------------------------------------------------------------
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "float16"])
+def test_binary_attend_and_reply_round_trip(storage):
+    rng = np.random.default_rng(3)
+    meta = np.array([[7, 12, 2, 2], [9, 0, 1, 0]], np.int64)
+    q, k = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((3, 4, 8), (2, 2, 8)))
+    if storage != "float32":
+        q, k = q.to(getattr(torch, storage)), k.to(getattr(torch, storage))
+    frames = encode_attend(41, "owner-\u00e9", 5, 1, 3, meta, q, k, k, deadline=1.5e9, trace=True)
+    assert bytes(frames[0])[0] == 0xC1
+    msg = decode([bytes(f) for f in frames])
+    assert (msg.op, msg.rid, msg.deadline) == ("attend", 41, 1.5e9)
+    assert msg.fields == {"owner": "owner-\u00e9", "layer": 5, "h0": 1, "h1": 3, "trace": True}
+    np.testing.assert_array_equal(msg.tensors[0], meta)
+    for i, t in ((1, q), (2, k), (3, k)):
+        assert torch.equal(msg.torch(i), t)
+    out, lse = rng.standard_normal((3, 4, 8)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    reply = decode([bytes(f) for f in encode_attend_reply(41, out, lse, (1.0, 2.0, 3.0))])
+    assert (reply.op, reply.rid, reply.fields) == ("reply", 41, {"tq": 1.0, "tk0": 2.0, "tk1": 3.0})
+    np.testing.assert_array_equal(reply.tensors[0], out)
+    np.testing.assert_array_equal(reply.tensors[1], lse)
+    assert decode([bytes(f) for f in encode_attend_reply(2, out, lse)]).fields == {}
+
+
+def test_binary_attend_refuses_what_it_cannot_carry():
+    meta, q = np.zeros((1, 4), np.int64), np.zeros((1, 2, 8), np.float32)
+    with pytest.raises(WireError):
+        encode_attend(1, "o", 0, 0, 1, meta, q, q.astype(np.float64), q)  # mixed dtypes
+    with pytest.raises(WireError):
+        encode_attend(1, "o", 0, 0, 1, meta.astype(np.int32), q, q, q)
+    with pytest.raises(WireError):
+        encode_attend_reply(1, q, np.zeros((1, 3), np.float32))
+
+
+@FAST
+@given(st.data())
+def test_mutated_binary_attends_decode_or_raise(data):
+    meta, q = np.zeros((2, 4), np.int64), np.ones((3, 2, 4), np.float32)
+    frames = [bytes(f) for f in encode_attend(9, "o", 1, 0, 1, meta, q, q[:, :1], q[:, :1], deadline=1e9)]
+    i = data.draw(st.integers(0, len(frames) - 1))
+    f = bytearray(frames[i])
+    j = data.draw(st.integers(0, max(len(f) - 1, 0)))
+    kind = data.draw(st.sampled_from(["flip", "truncate", "pad", "drop"]))
+    if kind == "flip" and f:
+        f[j] ^= data.draw(st.integers(1, 255))
+        frames[i] = bytes(f)
+    elif kind == "truncate":
+        frames[i] = bytes(f[:j])
+    elif kind == "pad":
+        frames[i] = bytes(f) + b"\0" * data.draw(st.integers(1, 9))
+    else:
+        del frames[i]
+    try:
+        msg = decode(frames, Limits(max_frame_bytes=1 << 16, max_total_bytes=1 << 17))
+    except WireError as e:
+        assert e.rid is None or type(e.rid) is int
+        return
+    assert [t.nbytes for t in msg.tensors] == [len(x) for x in frames[1:]]
+    assert msg.deadline is None or np.isfinite(msg.deadline)

@@ -261,8 +261,11 @@ async def part_wire(args, model) -> dict:
             before.append(k0 - q0)  # decode, checks, shard table on the peer
             back.append(w1 - k1)  # reply encode, transit, compute side wake-up and decode
     b, hq, hkv, d = args.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    request = [200, b * 4 * 8, b * hq * d * item, b * hkv * d * item, b * hkv * d * item]  # header, meta, q, k, v
-    reply = [60, b * hq * d * 4, b * hq * 4]  # header, out, lse
+    from lamina_p2p.net.wire import ATTEND, REPLY
+
+    # The data path's fixed binary headers (owner: a 16-character peer id), then meta, q, k, v / out, lse.
+    request = [ATTEND.size + 16, b * 4 * 8, b * hq * d * item, b * hkv * d * item, b * hkv * d * item]
+    reply = [REPLY.size, b * hq * d * 4, b * hq * 4]
     kind = "ipc" if endpoint.startswith("ipc://") else "tcp"
     raw = raw_round_trip(kind, request, reply, args.reps)
     return {"batch": b, "context": args.context, "endpoint": kind, "step_ms": wall * 1e3,

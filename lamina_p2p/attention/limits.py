@@ -80,7 +80,7 @@ def check_attend(meta: np.ndarray, service, limits: PeerLimits = DEFAULT_PEER_LI
     if n > limits.max_seqs_per_request:
         raise LimitError(f"attend: {n} sequences in one request, limit {limits.max_seqs_per_request}")
     # Counting every row as possibly new is conservative but needs no look at the shard table.
-    if service.stats()["sequences"] + n > limits.max_sequences and np.any(meta[:, 1] == 0):
+    if n and service.num_sequences() + n > limits.max_sequences and np.any(meta[:, 1] == 0):
         raise LimitError(f"attend: this peer holds {limits.max_sequences} sequences at most")
 
 

@@ -4,7 +4,8 @@ Ops served on the control ROUTER (besides membership's gossip/status):
   register {owner, num_layers, num_heads, num_kv_heads, head_dim, storage, max_positions}
            -> {block_size, block_bytes, kv_total_bytes, kv_free_bytes,
                data: tcp endpoint of the data path, data_ipc: its ipc:// endpoint (or None), host}
-  attend   {owner, layer, h0, h1} + tensors [meta int64 [n, 4] = (seq id, ctx, n_q, n_kv), q, k, v]
+  attend   {owner, layer, h0, h1} + tensors [meta int64 [n, 4] = (seq id, context_len, n_q, num_new_tokens), q, k, v]
+           (on the data path in the fixed binary header of net/wire.py, reply likewise)
            -> tensors [out f32 [T, Hq, D], lse f32 [T, Hq]]
   free     {owner, seq_ids}
   drop     {owner}            (a compute peer leaving)
@@ -220,7 +221,7 @@ class AttentionPeer:
         limits.check_attend(meta, self.service)
         q, k, v = (a if a.flags.aligned else a.copy() for a in (q, k, v))
         req = AttendRequest(str(f.get("owner")), _int(f, "layer"), meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3],
-                            _int(f, "h0"), _int(f, "h1"), q, k, v)
+                            _int(f, "h0"), _int(f, "h1"), q, k, v, meta=meta)
         self.in_flight += 1
         self.attend_calls += 1
         try:

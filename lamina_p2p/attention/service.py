@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,32 +32,49 @@ class Registration:
     head_dim: int
     storage: str
     scale: float
-    slots: dict  # sequence id -> slot
+    table_rows: dict  # sequence id -> its block-table row in the pool
+    # request layout (meta bytes, h0, h1) -> _Plan: the per-layer work done once per step; see attend
+    plans: dict = field(default_factory=dict)
+    plans_epoch: int = -1
 
 
 @dataclass
 class AttendRequest:
     """One layer of one micro-batch for the shards held here.
 
-    Per sequence i: `ctx[i]` tokens already cached in this shard, `n_q[i]` query
-    rows and `n_kv[i]` new K/V rows (n_q[i] to append, 0 for an attend-only
-    shard). q is [sum n_q, (h1-h0)*G, D], k and v are [sum n_kv, h1-h0, D], all in
-    the registered storage encoding (f16/bf16 as uint16 bits).
+    Per entry i: `context_lens[i]` tokens already cached in the shard `seq_ids[i]`, `n_q[i]` query
+    rows and `num_new_tokens[i]` new K/V rows (n_q[i] to append, 0 for an attend-only entry); all
+    int64 [n]. q is [sum n_q, (h1-h0)*group_size, D], k and v are [sum num_new_tokens, h1-h0, D],
+    all in the registered storage encoding (float32, or f16/bf16 as uint16 bits).
     """
 
     owner: str
     layer: int
     seq_ids: np.ndarray
-    ctx: np.ndarray
+    context_lens: np.ndarray
     n_q: np.ndarray
-    n_kv: np.ndarray
+    num_new_tokens: np.ndarray
     h0: int
     h1: int
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     trace: bool = False  # the peer reports its queue and kernel times with the reply
-    meta: np.ndarray | None = None  # int64 [n, 4] (seq_ids, ctx, n_q, n_kv) as the wire carries it, if built
+    # int64 [n, 4] = (seq_ids, context_lens, n_q, num_new_tokens) stacked, as the wire carries it;
+    # when given it must equal those columns (it keys the once-per-step plan cache).
+    meta: np.ndarray | None = None
+
+
+@dataclass
+class _Plan:
+    """What every layer of one request layout shares: checked once, reused by the other layers."""
+
+    table_rows: np.ndarray  # int32 [n]
+    q_start: np.ndarray  # int32 [n + 1]
+    kv_start: np.ndarray  # int32 [n + 1]
+    context_lens: np.ndarray  # int32 [n]
+    q_shape: tuple
+    kv_shape: tuple
 
 
 class AttentionService:
@@ -71,6 +88,8 @@ class AttentionService:
         self._owners: dict[str, Registration] = {}
         # Register/free arrive from the event loop's worker threads while a kernel runs.
         self._lock = threading.Lock()
+        # Bumped by every register/free/drop: a cached plan is valid until a table row may have moved.
+        self._epoch = 0
 
     # -- owners -----------------------------------------------------------------
     def register(self, owner: str, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -100,6 +119,7 @@ class AttentionService:
                                  f"{pool.max_blocks_per_seq * self.block_size}")
             reg = self._owners[owner] = Registration(owner, pool, num_heads, num_kv_heads, head_dim, storage,
                                                      1.0 / math.sqrt(head_dim), {})
+            self._epoch += 1
             return self._describe(reg)
 
     def _describe(self, reg: Registration) -> dict:
@@ -108,7 +128,7 @@ class AttentionService:
 
     def sequences_by_owner(self) -> dict[str, int]:
         with self._lock:
-            return {owner: len(reg.slots) for owner, reg in self._owners.items()}
+            return {owner: len(reg.table_rows) for owner, reg in self._owners.items()}
 
     def owner_ids(self) -> list[str]:
         with self._lock:
@@ -119,21 +139,23 @@ class AttentionService:
             return self._drop_locked(owner)
 
     def _drop_locked(self, owner: str) -> int:
+        self._epoch += 1
         reg = self._owners.pop(owner, None)
         if reg is None:
             return 0
-        for slot in reg.slots.values():
-            reg.pool.release(slot)
-        return len(reg.slots)
+        for row in reg.table_rows.values():
+            reg.pool.release(row)
+        return len(reg.table_rows)
 
     def free(self, owner: str, seq_ids) -> int:
         with self._lock:
+            self._epoch += 1
             reg = self._owner(owner)
             freed = 0
             for sid in seq_ids:
-                slot = reg.slots.pop(int(sid), None)
-                if slot is not None:
-                    reg.pool.release(slot)
+                row = reg.table_rows.pop(int(sid), None)
+                if row is not None:
+                    reg.pool.release(row)
                     freed += 1
             return freed
 
@@ -144,8 +166,12 @@ class AttentionService:
                 "kv_used_bytes": self.budget.used,
                 "kv_free_bytes": self.budget.free,
                 "owners": len(self._owners),
-                "sequences": sum(len(r.slots) for r in self._owners.values()),
+                "sequences": self.num_sequences(),
             }
+
+    def num_sequences(self) -> int:
+        """Shards held, all owners together (no lock: a racy read is fine for a cap check)."""
+        return sum(len(r.table_rows) for r in list(self._owners.values()))
 
     def _owner(self, owner: str) -> Registration:
         reg = self._owners.get(owner)
@@ -155,91 +181,121 @@ class AttentionService:
 
     # -- the operation ----------------------------------------------------------
     def attend(self, req: AttendRequest) -> tuple[np.ndarray, np.ndarray]:
+        """Append the request's new K/V to its shards (creating and growing them), then attend.
+
+        Returns (out float32 [sum n_q, Hq', D], lse float32 [sum n_q, Hq']) with Hq' = (h1-h0) *
+        group_size, rows in request order; lse is the natural log of each row's softmax sum (-inf
+        where an entry saw no token). Raises ShardError for a request that does not match the
+        registration or the shard table (no K/V is written then), KVFull when a shard cannot grow.
+
+        The shard-table work (checks, table rows, offsets) depends on the request's layout only,
+        which every layer of a step repeats: it runs for the first layer and is reused (keyed by
+        the layout's bytes) until a register/free/drop may have moved a table row.
+        """
         with self._lock:
             reg = self._owner(req.owner)
-            slots = self._prepare(reg, req)
-        q_start = _offsets(req.n_q)
-        kv_start = _offsets(req.n_kv)
-        args = (req.q, req.k, req.v, reg.pool.k, reg.pool.v, reg.pool.table, slots, q_start, kv_start,
-                req.ctx.astype(np.int32), req.layer, reg.scale, reg.storage)
+            plan = self._plan(reg, req)
+            pool = reg.pool
+        args = (req.q, req.k, req.v, pool.k, pool.v, pool.table, plan.table_rows, plan.q_start, plan.kv_start,
+                plan.context_lens, req.layer, reg.scale, reg.storage)
         if self.device == "cuda":
             # One launch per layer and micro-batch; the (small) outputs come back for the reply.
             out, lse = lk.append_attend_cuda(*args)
             return out.copy_to_host(), lse.copy_to_host()
         return lk.append_attend(*args)
 
-    def _prepare(self, reg: Registration, req: AttendRequest) -> np.ndarray:
-        """Check the request against the shard table, create and grow shards; returns slots."""
-        n = len(req.seq_ids)
-        heads = req.h1 - req.h0
-        group = reg.num_heads // reg.num_kv_heads
-        if not (0 <= req.h0 < req.h1 <= reg.num_kv_heads):
-            raise ShardError(f"kv head range [{req.h0}, {req.h1}) outside 0..{reg.num_kv_heads}")
+    def _plan(self, reg: Registration, req: AttendRequest) -> _Plan:
         if not 0 <= req.layer < reg.pool.key.num_layers:
             raise ShardError(f"layer {req.layer} outside 0..{reg.pool.key.num_layers - 1}")
-        if not (len(req.ctx) == len(req.n_q) == len(req.n_kv) == n) or n == 0:
-            raise ShardError("seq_ids, ctx, n_q and n_kv must have one equal, non-zero length")
-        if np.any(req.n_q <= 0) or np.any(req.ctx < 0) or np.any((req.n_kv != 0) & (req.n_kv != req.n_q)):
-            raise ShardError("each sequence needs n_q > 0, ctx >= 0 and n_kv equal to n_q or 0")
+        meta = req.meta if req.meta is not None else \
+            np.stack([req.seq_ids, req.context_lens, req.n_q, req.num_new_tokens], axis=1).astype(np.int64)
+        key = (meta.tobytes(), req.h0, req.h1)
+        if reg.plans_epoch != self._epoch or len(reg.plans) > 64:
+            reg.plans.clear()
+            reg.plans_epoch = self._epoch
+        plan = reg.plans.get(key)
+        if plan is None:
+            table_rows = self._prepare(reg, req)
+            plan = reg.plans[key] = _Plan(table_rows, _offsets(req.n_q), _offsets(req.num_new_tokens),
+                                          req.context_lens.astype(np.int32), tuple(req.q.shape), tuple(req.k.shape))
         dtype = np.float32 if reg.storage == "float32" else np.uint16
-        t_q, t_kv = int(req.n_q.sum()), int(req.n_kv.sum())
+        if req.q.dtype != dtype or req.k.dtype != dtype or req.v.dtype != dtype or req.q.shape != plan.q_shape \
+                or req.k.shape != plan.kv_shape or req.v.shape != plan.kv_shape:
+            raise ShardError(f"q/k/v: expected {np.dtype(dtype).name} {list(plan.q_shape)}/{list(plan.kv_shape)}, "
+                             f"got {req.q.dtype.name}{list(req.q.shape)}, {req.k.dtype.name}{list(req.k.shape)}, "
+                             f"{req.v.dtype.name}{list(req.v.shape)}")
+        return plan
+
+    def _prepare(self, reg: Registration, req: AttendRequest) -> np.ndarray:
+        """Check the request against the shard table, create and grow shards; returns table rows."""
+        n = len(req.seq_ids)
+        heads = req.h1 - req.h0
+        group_size = reg.num_heads // reg.num_kv_heads
+        context_lens, num_new = req.context_lens, req.num_new_tokens
+        if not (0 <= req.h0 < req.h1 <= reg.num_kv_heads):
+            raise ShardError(f"kv head range [{req.h0}, {req.h1}) outside 0..{reg.num_kv_heads}")
+        if not (len(context_lens) == len(req.n_q) == len(num_new) == n) or n == 0:
+            raise ShardError("seq_ids, context_lens, n_q and num_new_tokens must have one equal, non-zero length")
+        if np.any(req.n_q <= 0) or np.any(context_lens < 0) or np.any((num_new != 0) & (num_new != req.n_q)):
+            raise ShardError("each sequence needs n_q > 0, context_len >= 0 and num_new_tokens equal to n_q or 0")
+        dtype = np.float32 if reg.storage == "float32" else np.uint16
+        t_q, t_kv = int(req.n_q.sum()), int(num_new.sum())
         D = reg.head_dim
-        for name, arr, shape in (("q", req.q, (t_q, heads * group, D)), ("k", req.k, (t_kv, heads, D)),
+        for name, arr, shape in (("q", req.q, (t_q, heads * group_size, D)), ("k", req.k, (t_kv, heads, D)),
                                  ("v", req.v, (t_kv, heads, D))):
             if arr.dtype != dtype or arr.shape != shape:
                 raise ShardError(f"{name}: expected {np.dtype(dtype).name}{list(shape)}, "
                                  f"got {arr.dtype.name}{list(arr.shape)}")
         pool = reg.pool
-        known = [reg.slots.get(sid) for sid in req.seq_ids.tolist()]
+        known = [reg.table_rows.get(sid) for sid in req.seq_ids.tolist()]
         if None not in known and len(set(known)) == n:
             return self._prepare_known(reg, req, np.array(known, np.int32), heads)
-        slots = np.empty(n, np.int32)
+        rows = np.empty(n, np.int32)
         # A request may name one shard in several entries (a prefill chunk that runs past the end of
         # a shard also attends over all of it): entries are read in order, and an attend-only entry
         # may see what an earlier entry of the same call appends (the kernel appends before it attends).
-        length: dict[int, int] = {}  # slot -> cached tokens once this call's appends so far are in
+        length: dict[int, int] = {}  # table row -> cached tokens once this call's appends so far are in
         for i in range(n):
             sid = int(req.seq_ids[i])
-            slot = reg.slots.get(sid)
-            ctx, n_kv = int(req.ctx[i]), int(req.n_kv[i])
-            if slot is None:
-                if n_kv == 0 or ctx != 0:
+            row = reg.table_rows.get(sid)
+            context_len, new = int(context_lens[i]), int(num_new[i])
+            if row is None:
+                if new == 0 or context_len != 0:
                     raise ShardError(f"sequence {sid} has no shard here")
-                slot = reg.slots[sid] = pool.new_slot(heads)
-            elif pool.heads[slot] != heads:
-                raise ShardError(f"sequence {sid} holds {pool.heads[slot]} kv heads here, request has {heads}")
-            slots[i] = slot
-            cached = length.get(slot, int(pool.length[slot]))
-            if ctx > cached:
-                raise ShardError(f"sequence {sid}: ctx {ctx} > {cached} cached tokens")
-            if n_kv:
-                if ctx + n_kv > pool.capacity_tokens[slot]:
-                    pool.ensure(slot, ctx + n_kv)
-                length[slot] = max(cached, ctx + n_kv)
-        for slot, end in length.items():
-            pool.length[slot] = end
-        return slots
-
+                row = reg.table_rows[sid] = pool.new_slot(heads)
+            elif pool.heads[row] != heads:
+                raise ShardError(f"sequence {sid} holds {pool.heads[row]} kv heads here, request has {heads}")
+            rows[i] = row
+            cached = length.get(row, int(pool.length[row]))
+            if context_len > cached:
+                raise ShardError(f"sequence {sid}: context_len {context_len} > {cached} cached tokens")
+            if new:
+                if context_len + new > pool.capacity_tokens[row]:
+                    pool.ensure(row, context_len + new)
+                length[row] = max(cached, context_len + new)
+        for row, end in length.items():
+            pool.length[row] = end
+        return rows
 
     @staticmethod
-    def _prepare_known(reg: Registration, req: AttendRequest, slots: np.ndarray, heads: int) -> np.ndarray:
+    def _prepare_known(reg: Registration, req: AttendRequest, rows: np.ndarray, heads: int) -> np.ndarray:
         """_prepare's common case (every decode step): each entry names a shard held here, once. Vectorised."""
         pool = reg.pool
-        if np.any(pool.heads[slots] != heads):
-            bad = int(np.argmax(pool.heads[slots] != heads))
-            raise ShardError(f"sequence {int(req.seq_ids[bad])} holds {pool.heads[slots[bad]]} kv heads here, "
+        if np.any(pool.heads[rows] != heads):
+            bad = int(np.argmax(pool.heads[rows] != heads))
+            raise ShardError(f"sequence {int(req.seq_ids[bad])} holds {pool.heads[rows[bad]]} kv heads here, "
                              f"request has {heads}")
-        length = pool.length[slots]
-        if np.any(req.ctx > length):
-            bad = int(np.argmax(req.ctx > length))
-            raise ShardError(f"sequence {int(req.seq_ids[bad])}: ctx {int(req.ctx[bad])} > {int(length[bad])} "
-                             f"cached tokens")
-        end = req.ctx + req.n_kv
-        for i in np.nonzero(end > pool.capacity_tokens[slots])[0]:
-            pool.ensure(int(slots[i]), int(end[i]))
-        appending = req.n_kv > 0
-        pool.length[slots[appending]] = np.maximum(length[appending], end[appending])
-        return slots
+        length = pool.length[rows]
+        if np.any(req.context_lens > length):
+            bad = int(np.argmax(req.context_lens > length))
+            raise ShardError(f"sequence {int(req.seq_ids[bad])}: context_len {int(req.context_lens[bad])} > "
+                             f"{int(length[bad])} cached tokens")
+        end = req.context_lens + req.num_new_tokens
+        for i in np.nonzero(end > pool.capacity_tokens[rows])[0]:
+            pool.ensure(int(rows[i]), int(end[i]))
+        appending = req.num_new_tokens > 0
+        pool.length[rows[appending]] = np.maximum(length[appending], end[appending])
+        return rows
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from lamina_kernels.merge import merge_partials
 
 from lamina_p2p.attention.service import AttendRequest
 from lamina_p2p.compute.placement import Shard
@@ -25,13 +26,13 @@ class Group:
     h0: int
     h1: int
     seq_ids: np.ndarray  # int64 [n], shard keys (Shard.key)
-    ctx: np.ndarray  # int64 [n], shard-local tokens already cached
+    context_lens: np.ndarray  # int64 [n], shard-local tokens already cached
     n_q: np.ndarray  # int64 [n]
-    n_kv: np.ndarray  # int64 [n], n_q for the tail shard, 0 for an earlier one
+    num_new_tokens: np.ndarray  # int64 [n], n_q for the tail shard, 0 for an earlier one
     rows: torch.Tensor | None  # micro-batch rows of the group's queries; None = all rows in order
     kv_rows: torch.Tensor | None  # rows whose K/V are appended; None = same as rows
     replica: bool = False  # a copy kept for failover: sent the same request, its result unused
-    meta: np.ndarray | None = None  # int64 [n, 4] (seq_ids, ctx, n_q, n_kv): the wire's, built once a step
+    meta: np.ndarray | None = None  # int64 [n, 4] (seq_ids, context_lens, n_q, num_new_tokens), built once a step
 
 
 @dataclass
@@ -54,6 +55,15 @@ class MicroBatch:
 
 
 def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> MicroBatch:
+    """Plan one micro-batch's step: its token rows and, per (peer, kv-head range, replica), one Group.
+
+    seqs: the sequences; n[i]: how many of seqs[i]'s pending tokens this step runs (its chunk,
+    starting at seq.cached); num_kv_heads: the model's. Rows are the chunks concatenated in order
+    (T = sum n). Every shard a peer holds of a sequence goes into that peer's one Group (one
+    request per peer per layer, whatever the number of shards); a Group's `meta` is its entries
+    stacked for the wire. Primaries come first (`num_primary`), replicas after. Pure: nothing is
+    sent or changed. Raises nothing for valid sequences (placement guarantees a shard covers every
+    position)."""
     tokens, positions, sample_rows, sample_seqs = [], [], [], []
     starts, row = [], 0
     by_group: dict[tuple[str, int, int, bool], list] = {}
@@ -84,13 +94,13 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
     # Primaries first: their results are merged; replicas only keep a copy of the KV.
     for (peer, h0, h1, replica), members in sorted(by_group.items(), key=lambda kv: kv[0][3]):
         seq_ids = np.array([m[0] for m in members], np.int64)
-        ctx = np.array([m[1] for m in members], np.int64)
+        context_lens = np.array([m[1] for m in members], np.int64)
         n_q = np.array([m[2] for m in members], np.int64)
-        n_kv = np.array([m[3] for m in members], np.int64)
+        num_new = np.array([m[3] for m in members], np.int64)
         rows = _rows([(m[4], m[2]) for m in members], T)
-        kv_rows = rows if n_kv.all() else _rows([(m[4], m[2]) for m in members if m[3]], None)
-        groups.append(Group(peer, h0, h1, seq_ids, ctx, n_q, n_kv, rows, kv_rows, replica,
-                            np.stack([seq_ids, ctx, n_q, n_kv], axis=1)))
+        kv_rows = rows if num_new.all() else _rows([(m[4], m[2]) for m in members if m[3]], None)
+        groups.append(Group(peer, h0, h1, seq_ids, context_lens, n_q, num_new, rows, kv_rows, replica,
+                            np.stack([seq_ids, context_lens, n_q, num_new], axis=1)))
         if replica:
             continue
         for m in members:
@@ -102,11 +112,11 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
 
 
 def _slot_entries(shards: list[Shard], start: int, end: int, row: int) -> list[tuple[int, int, int, int]]:
-    """Entries (ctx, n_q, n_kv, first row) for a chunk of positions [start, end), whose first row is
+    """Entries (context_len, n_q, num_new_tokens, first row) for a chunk of positions [start, end), whose first row is
     `row`, against one storage holding these shards' tokens in position order.
 
     The chunk's positions that land in the storage are appended and attend causally; the runs
-    between them attend over the tokens stored before them (an attend-only entry whose ctx is
+    between them attend over the tokens stored before them (an attend-only entry whose context_len is
     that count: the kernel appends everything before it attends, and reads [0, ctx)). Each
     query row is in at most one entry of a storage."""
     count = sum(s.tokens_before(start) for s in shards)
@@ -160,14 +170,14 @@ def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: t
     for g in mb.groups:
         qg = q if g.rows is None else q.index_select(0, g.rows)
         qg = qg[:, g.h0 * group_size : g.h1 * group_size]
-        if g.n_kv.any():
+        if g.num_new_tokens.any():
             kv_rows = g.rows if g.kv_rows is None else g.kv_rows
             kg = k if kv_rows is None else k.index_select(0, kv_rows)
             vg = v if kv_rows is None else v.index_select(0, kv_rows)
             kg, vg = kg[:, g.h0 : g.h1], vg[:, g.h0 : g.h1]
         else:
             kg = vg = k[:0, g.h0 : g.h1]
-        reqs.append(AttendRequest(owner, layer, g.seq_ids, g.ctx, g.n_q, g.n_kv, g.h0, g.h1,
+        reqs.append(AttendRequest(owner, layer, g.seq_ids, g.context_lens, g.n_q, g.num_new_tokens, g.h0, g.h1,
                                   to_wire(qg), to_wire(kg), to_wire(vg), trace, g.meta))
     return reqs
 
@@ -176,8 +186,10 @@ def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], 
                   group_size: int) -> torch.Tensor:
     """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials.
 
-    A group's rows may repeat (several shards of one sequence in one request): such partials,
-    and those of different peers covering the same rows, are merged exactly by LSE."""
+    results[i] = (out float32 [R_i, Hq_i, D], lse float32 [R_i, Hq_i]) of mb.groups[i] (primaries
+    only, in order). A group's rows may repeat (several shards of one sequence in one request):
+    such partials, and those of different peers covering the same rows, are merged exactly by LSE
+    (lamina_kernels.merge.merge_partials). Raises ValueError when some query saw no token."""
     T = mb.num_tokens
     primaries = mb.groups[: mb.num_primary]
     parts = [(g, torch.from_numpy(np.asarray(o, dtype=np.float32)), l) for g, (o, l) in zip(primaries, results)]
@@ -193,28 +205,8 @@ def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], 
             else:
                 out[g.rows, hs] = o
         return out
-    # Exact LSE merge (DESIGN.md section 4): m = max lse, w = exp(lse - m), out = sum w o / sum w.
-    # Scatter-adds, so repeated rows inside one partial merge like rows of different partials.
-    m = torch.full((T, num_heads), float("-inf"))
-    lses = []
-    for g, o, l in parts:
-        l = torch.from_numpy(np.asarray(l, dtype=np.float32))
-        hs = slice(g.h0 * group_size, g.h1 * group_size)
-        rows = g.rows if g.rows is not None else torch.arange(T)
-        mh = m[:, hs].contiguous()
-        mh.scatter_reduce_(0, rows[:, None].expand(-1, l.shape[1]), l, "amax")
-        m[:, hs] = mh
-        lses.append((rows, hs, l))
-    if torch.isinf(m).any():
-        raise RuntimeError("attention saw no tokens for some query (every shard empty)")
-    num = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
-    den = torch.zeros(T, num_heads, dtype=torch.float32)
-    for (g, o, _), (rows, hs, l) in zip(parts, lses):
-        w = torch.exp(l - m[rows, hs])  # lse = -inf (an empty shard) gives weight 0
-        nh = num[:, hs].contiguous()
-        nh.index_add_(0, rows, o * w[..., None])
-        num[:, hs] = nh
-        dh = den[:, hs].contiguous()
-        dh.index_add_(0, rows, w)
-        den[:, hs] = dh
-    return num / den[..., None]
+    # Exact LSE merge (DESIGN.md section 4), repeated rows included: lamina_kernels' one implementation.
+    out, _ = merge_partials(T, num_heads, head_dim, [
+        (None if g.rows is None else g.rows.numpy(), g.h0 * group_size, g.h1 * group_size, o.numpy(), l)
+        for g, o, l in parts])
+    return torch.from_numpy(out)

@@ -82,6 +82,11 @@ class LocalTransport:
 
     # -- data path: the dense thread --------------------------------------------
     def send(self, peer: str, req: AttendRequest) -> _Done:
+        """Run the attend now, on the calling (dense) thread; `receive` hands back its result.
+
+        req: q [Tq, Hq', D], k/v [Tkv, Hkv', D] in the registered storage (float32, or 16-bit floats
+        as uint16 bits). The kernel's errors (ShardError, KVFull) are kept for `receive` to raise,
+        as a remote peer's would be; never raises itself."""
         # Numba's thread count is per calling thread: set it once on the thread that runs kernels.
         if self.threads and not getattr(self._threads_set, "done", False):
             set_threads(numba_threads=self.threads)
@@ -93,10 +98,11 @@ class LocalTransport:
             done = _Done(error=e)
         if req.trace and self.tracer is not None:
             self.tracer.add("attention (in process)", "kernel", f"L{req.layer}", t0, now(),
-                            {"tokens": int(req.n_q.sum())})
+                            {"tokens": len(req.q)})
         return done
 
     def receive(self, ticket: _Done):
+        """The attend's (out float32 [Tq, Hq', D], lse float32 [Tq, Hq']), or raise its error."""
         if ticket.error is not None:
             raise ticket.error
         return ticket.result

@@ -51,7 +51,7 @@ class _Ticket:
 class ClusterTransport:
     def __init__(self, ctx: zmq.asyncio.Context, server: RpcServer, membership: Membership,
                  request_timeout: float = 30.0):
-        self.ctx = ctx
+        self.zmq_context = ctx
         self.server = server
         self.membership = membership
         self.request_timeout = request_timeout
@@ -96,7 +96,7 @@ class ClusterTransport:
     def _ensure_registered(self, peer: PeerInfo) -> None:
         if peer.id in self._registered:
             return
-        self._clients.setdefault(peer.id, RpcClient(self.ctx, peer.address, security=self.membership.security))
+        self._clients.setdefault(peer.id, RpcClient(self.zmq_context, peer.address, security=self.membership.security))
         self._registered[peer.id] = asyncio.ensure_future(self._register(peer))
 
     async def _register(self, peer: PeerInfo) -> None:
@@ -178,7 +178,7 @@ class ClusterTransport:
             info = self._info.get(peer)
             if peer in self.failed or info is None:
                 raise AttentionPeerError(peer, "not connected", "failed")
-            link = self._links[peer] = DataLink(self.ctx, info["endpoint"], security=self.membership.security)
+            link = self._links[peer] = DataLink(self.zmq_context, info["endpoint"], security=self.membership.security)
         return link
 
     def _close_link(self, peer: str) -> None:
@@ -189,21 +189,32 @@ class ClusterTransport:
             self._closed_bytes[1] += link.bytes_received
 
     def send(self, peer: str, req: AttendRequest) -> _Ticket:
+        """Start one attend on `peer`'s data link (dense thread only); returns the ticket for `receive`.
+
+        req: q [Tq, Hq, D], k/v [Tkv, Hkv, D] in the registered storage, sent without a copy (not
+        to be written until received). Never waits on the peer's work; ZeroMQ takes the message at
+        once unless its queue is full (then up to request_timeout s). Raises AttentionPeerError
+        (kind "failed") when the peer is unknown, failed, or the send cannot be queued."""
         link = self._link(peer)
         meta = req.meta if req.meta is not None else \
-            np.stack([req.seq_ids, req.ctx, req.n_q, req.n_kv], axis=1).astype(np.int64)
-        fields = {"owner": req.owner, "layer": req.layer, "h0": req.h0, "h1": req.h1}
+            np.stack([req.seq_ids, req.context_lens, req.n_q, req.num_new_tokens], axis=1).astype(np.int64)
         tracing = req.trace and self.tracer is not None
-        if tracing:
-            fields["trace"] = True
         try:
-            rid = link.send("attend", fields, [meta, req.q, req.k, req.v], timeout=self.request_timeout)
+            rid = link.send_attend(req.owner, req.layer, req.h0, req.h1, meta, req.q, req.k, req.v,
+                                   timeout=self.request_timeout, trace=tracing)
         except (RpcTimeout, RpcClosed) as e:
             raise AttentionPeerError(peer, str(e), "failed") from None
         return _Ticket(peer, link, rid, time.monotonic() + self.request_timeout, req.layer,
-                       int(req.n_q.sum()), tracing)
+                       len(req.q), tracing)
 
-    def receive(self, ticket: _Ticket):
+    def receive(self, ticket: _Ticket) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a ticket's reply (dense thread only): (out float32 [Tq, Hq, D], lse float32 [Tq, Hq]),
+        read-only views of the received frames.
+
+        Waits up to the request's deadline (request_timeout s after send), less when membership
+        declares the peer dead or the transport closes (checked every 50 ms). Raises
+        AttentionPeerError: kind "failed" (timeout, dead peer, closed), "busy" (the peer's queue
+        was full: retry later), or what the peer's error text classifies as (kv_full, lost, error)."""
         peer = ticket.peer
         try:
             msg = ticket.link.receive(ticket.rid, ticket.deadline, alive=lambda: peer not in self.failed and not self._closing)

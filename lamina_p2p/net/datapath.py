@@ -31,10 +31,11 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import zmq
 
 from .rpc import BAD_MESSAGE, BUSY, DEADLINE, HANDLER_FAILED, UNKNOWN_OP, RpcClosed, RpcError, RpcTimeout
-from .wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode
+from .wire import DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend, encode_attend_reply
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +241,22 @@ class KernelThread:
             return self._error_reply(sock, routing, msg.rid, DEADLINE, "attend: deadline exceeded before start")
         try:
             fields, tensors = self._handler(msg, arrived)
-            reply = encode("reply", msg.rid, fields, tensors)
+            reply = self._encode_reply(msg.rid, fields, tensors, binary=frames[1].buffer[0] == MAGIC)
         except Exception as e:
             log.warning("data path: attend id=%d failed: %r", msg.rid, e)
             return self._error_reply(sock, routing, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")
         self._send(sock, routing, reply)
+
+    @staticmethod
+    def _encode_reply(rid: int, fields: dict, tensors: list, binary: bool) -> list:
+        """A binary attend gets the binary reply when it fits that format (out, lse and trace times)."""
+        if binary and len(tensors) == 2 and fields.keys() <= {"tq", "tk0", "tk1"}:
+            out, lse = tensors
+            if isinstance(out, np.ndarray) and isinstance(lse, np.ndarray) and out.dtype == lse.dtype == np.float32 \
+                    and out.ndim == 3 and lse.shape == out.shape[:2]:
+                times = (fields["tq"], fields["tk0"], fields["tk1"]) if len(fields) == 3 else None
+                return encode_attend_reply(rid, out, lse, times)
+        return encode("reply", rid, fields, tensors)
 
     def _error_reply(self, sock: zmq.Socket, routing: bytes, rid: int, code: str, reason: str) -> None:
         self.errors += 1
@@ -285,23 +297,49 @@ class DataLink:
         self.bytes_received = 0
 
     def send(self, op: str, fields: dict, tensors: Sequence, timeout: float) -> int:
-        """Queue a request; returns its id. Raises RpcTimeout if ZeroMQ cannot take it within timeout."""
+        """Queue a request in the msgpack format; returns its id. `timeout` (s) is both how long
+        ZeroMQ may take to accept it and the peer's deadline. Raises RpcTimeout, RpcClosed."""
+        return self._send(lambda rid: encode(op, rid, fields, tensors, deadline=time.time() + timeout), op, timeout)
+
+    def send_attend(self, owner: str, layer: int, h0: int, h1: int, meta: np.ndarray, q, k, v,
+                    timeout: float, trace: bool = False) -> int:
+        """Queue one attend in the fixed binary header (wire.encode_attend); returns its id.
+
+        meta int64 [n, 4] = (shard key, context_len, n_q, num_new_tokens) per entry; q [Tq, Hq, D],
+        k/v [Tkv, Hkv, D] in the registered storage (float32, or 16-bit floats as uint16 bits), sent
+        without a copy: the caller must not write into them until the reply arrives. `timeout` (s):
+        how long ZeroMQ may take to accept it, and the peer's deadline. Raises RpcTimeout, RpcClosed,
+        WireError (shapes/dtypes the format cannot carry)."""
+        return self._send(lambda rid: encode_attend(rid, owner, layer, h0, h1, meta, q, k, v,
+                                                    deadline=time.time() + timeout, trace=trace), "attend", timeout)
+
+    def _send(self, build: Callable[[int], list], op: str, timeout: float) -> int:
         with self._lock:
             if self.closed:
                 raise RpcClosed(f"data link to {self.endpoint} is closed")
             rid = next(self._ids)
-            frames = encode(op, rid, fields, tensors, deadline=time.time() + timeout)
-            if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
-                raise RpcTimeout(f"{op} to {self.endpoint}: could not send within {timeout:g} s")
-            self._sock.send_multipart(frames, copy=False)
+            frames = build(rid)
+            try:
+                # A multipart message is taken whole or not at all: NOBLOCK first, poll only when full.
+                self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                    raise RpcTimeout(f"{op} to {self.endpoint}: could not send within {timeout:g} s") from None
+                self._sock.send_multipart(frames, copy=False)
         self.bytes_sent += _nbytes(frames)
         self._waiting.add(rid)
         return rid
 
     def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
                 check_every: float = 0.05) -> Message:
-        """The reply to request `rid` (monotonic `deadline`). RpcTimeout past it; RpcClosed when
-        `alive()` turns false (membership declared the peer dead); RpcError for an error reply."""
+        """Wait for the reply to request `rid` and return it: a Message whose tensors are read-only
+        views of the received frames (an attend's: out float32 [Tq, Hq, D], lse float32 [Tq, Hq]).
+
+        deadline: time.monotonic() seconds. Blocks in zmq poll, waking every `check_every` s to ask
+        `alive()`. Raises RpcTimeout past the deadline (or for a "deadline" error reply), RpcClosed
+        when `alive()` turns false (membership declared the peer dead) or the link is closed,
+        RpcError(reason, code) for any other error reply. Replies to other ids that arrive
+        meanwhile are kept for their own receive."""
         self._lock.acquire()
         try:
             if self.closed:

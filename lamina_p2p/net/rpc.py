@@ -274,6 +274,15 @@ class RpcClient:
     async def call(
         self, op: str, fields: dict | None = None, tensors: Sequence = (), timeout: float = 10.0
     ) -> Message:
+        """One request/reply on the event loop: returns the reply Message (its tensors are read-only
+        numpy views of the received frames; bf16 as uint16 bits, `Message.torch(i)` converts).
+
+        op: the handler's name on the server; fields: a msgpack-able dict; tensors: numpy arrays or
+        CPU torch tensors (sent without a copy when large: do not write into them until this returns);
+        timeout: seconds for the whole call, also sent as the server's deadline. Raises RpcTimeout
+        past it, RpcClosed when the client is (or gets) closed, RpcError(reason, code) for an error
+        reply (code "busy", "deadline", "bad_message", "unknown_op", "handler"), WireError for a
+        tensor the wire cannot carry."""
         if self._closed:
             raise RpcClosed(f"client for {self.address} is closed")
         if self._recv_task is None:  # created here because __init__ may run outside a loop

@@ -4,6 +4,19 @@ frame 0      msgpack map {"v": version, "op": str, "id": int, "dl": deadline (un
              "t": [[dtype, shape], ...] one per tensor frame, "f": {op fields}}
 frames 1..n  raw C-contiguous tensor bytes, one frame per tensor
 
+The per-layer hot path (an attend and its reply, once per layer per micro-batch) has a second,
+fixed binary header instead of msgpack (`encode_attend`, `encode_attend_reply`): frame 0 starts
+with the byte 0xC1, which msgpack never emits, so `decode` tells the two apart by one byte and
+returns the same `Message` for both. A struct unpack and a few integer checks cost a few
+microseconds where the msgpack map and its per-field checks cost tens (measured in
+tools/bench_layer_path.py). Everything else (control path, error replies) stays msgpack.
+
+    attend  frame 0: struct ATTEND (magic, version, kind=1, flags, dtype code, request id,
+                     deadline, layer, h0, h1, n, Tq, Hq, Tkv, Hkv, D, owner length) + owner (utf-8)
+            frames 1..4: meta int64 [n, 4], q [Tq, Hq, D], k [Tkv, Hkv, D], v [Tkv, Hkv, D]
+    reply   frame 0: struct REPLY (magic, version, kind=2, flags, request id, T, Hq, D, tq, tk0, tk1)
+            frames 1..2: out float32 [T, Hq, D], lse float32 [T, Hq]
+
 The decoder is the trust boundary of every peer: it checks each header field and each frame's
 real byte length before it builds anything, and it never allocates from a size a header merely
 claims (tensors are `np.frombuffer` views of the frames that actually arrived). No pickle.
@@ -11,6 +24,7 @@ claims (tensors are `np.frombuffer` views of the frames that actually arrived). 
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -18,7 +32,9 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+# 2: the data path's attend and reply travel in the fixed binary header (a version-1 peer could not read
+# them): peers of different versions ignore each other in gossip instead of failing every attend.
+PROTOCOL_VERSION = 2
 
 # Wire tag -> numpy dtype. bf16 has no numpy dtype: it travels as its uint16 bit pattern.
 DTYPES: dict[str, np.dtype] = {
@@ -182,7 +198,10 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise WireError("empty message")
     if len(frames) - 1 > limits.max_frames:
         raise WireError(f"{len(frames) - 1} tensor frames, limit {limits.max_frames}")
-    header = _check_header(_frame_view(frames[0]), limits)
+    raw = _frame_view(frames[0])
+    if raw.nbytes and raw[0] == MAGIC:
+        return _decode_binary(raw, frames, limits)
+    header = _check_header(raw, limits)
 
     v = header.get("v")
     if type(v) is not int or v != PROTOCOL_VERSION:
@@ -249,3 +268,125 @@ def _decode_body(header: dict, op: str, rid: int, frames: Sequence, limits: Limi
         dtypes=[tag for tag, _, _ in checked],
         deadline=dl,
     )
+
+
+# -- the hot path's fixed header ------------------------------------------------------------------
+MAGIC = 0xC1  # "never used" in msgpack: no msgpack header starts with it
+KIND_ATTEND, KIND_REPLY = 1, 2
+FLAG_TRACE, FLAG_DEADLINE = 1, 2
+# magic, version, kind, flags, dtype code, pad x3, request id, deadline (unix s),
+# layer, h0, h1, n, Tq, Hq, Tkv, Hkv, D (int32), owner length (uint16), pad x2
+ATTEND = struct.Struct("<BBBBBxxxqdiiiiiiiiiHxx")
+# magic, version, kind, flags, pad x4, request id, T, Hq, D (int32), pad x4, tq, tk0, tk1 (trace times)
+REPLY = struct.Struct("<BBBBxxxxqiiixxxxddd")
+_CODE_TAG = ("f32", "bf16", "f16", "u16")
+_TAG_CODE = {t: i for i, t in enumerate(_CODE_TAG)}
+_F32 = DTYPES["f32"]
+_I64 = DTYPES["i64"]
+
+
+def encode_attend(rid: int, owner: str, layer: int, h0: int, h1: int, meta: np.ndarray, q, k, v,
+                  deadline: float | None = None, trace: bool = False) -> list:
+    """Frames of one attend in the fixed binary header (see the module docstring).
+
+    meta: int64 [n, 4]; q [Tq, Hq, D] and k, v [Tkv, Hkv, D] with one dtype among float32,
+    bfloat16/float16 (torch or as uint16 bits) and uint16. `deadline`: unix seconds. Raises
+    WireError for a dtype or shape the format cannot carry. The arrays' memory is sent without a
+    copy where large (as `encode`): do not write into them until the send completes.
+    """
+    tag, qa = _as_array(q)
+    ktag, ka = _as_array(k)
+    vtag, va = _as_array(v)
+    mtag, ma = _as_array(meta)
+    if tag not in _TAG_CODE or not tag == ktag == vtag or mtag != "i64":
+        raise WireError(f"attend: q/k/v dtypes {tag}/{ktag}/{vtag}, meta {mtag}: need one float dtype and int64 meta")
+    if qa.ndim != 3 or ka.ndim != 3 or ka.shape != va.shape or ma.ndim != 2 or ma.shape[1] != 4 \
+            or qa.shape[2] != ka.shape[2]:
+        raise WireError(f"attend: shapes meta {ma.shape}, q {qa.shape}, k {ka.shape}, v {va.shape}")
+    name = owner.encode()
+    flags = (FLAG_TRACE if trace else 0) | (FLAG_DEADLINE if deadline is not None else 0)
+    head = ATTEND.pack(MAGIC, PROTOCOL_VERSION, KIND_ATTEND, flags, _TAG_CODE[tag], rid,
+                       0.0 if deadline is None else float(deadline), layer, h0, h1, ma.shape[0],
+                       qa.shape[0], qa.shape[1], ka.shape[0], ka.shape[1], qa.shape[2], len(name))
+    return [head + name, *(_payload(a) for a in (ma, qa, ka, va))]
+
+
+def encode_attend_reply(rid: int, out: np.ndarray, lse: np.ndarray, times: tuple | None = None) -> list:
+    """Frames of an attend's reply: out float32 [T, Hq, D], lse float32 [T, Hq]; `times` (tq, tk0, tk1)
+    on the shared monotonic clock when the caller asked for a trace. Raises WireError otherwise."""
+    if out.dtype != _F32 or lse.dtype != _F32 or out.ndim != 3 or lse.shape != out.shape[:2]:
+        raise WireError(f"attend reply: out {out.dtype}{list(out.shape)}, lse {lse.dtype}{list(lse.shape)}")
+    head = REPLY.pack(MAGIC, PROTOCOL_VERSION, KIND_REPLY, FLAG_TRACE if times else 0, rid, *out.shape,
+                      *(times or (0.0, 0.0, 0.0)))
+    return [head, _payload(np.ascontiguousarray(out)), _payload(np.ascontiguousarray(lse))]
+
+
+def _payload(arr: np.ndarray):
+    return memoryview(arr.reshape(-1)).cast("B") if arr.nbytes >= ZERO_COPY_THRESHOLD else arr.tobytes()
+
+
+def _tensor(frames: Sequence, i: int, dtype: np.dtype, shape: tuple, limits: Limits) -> np.ndarray:
+    declared = dtype.itemsize * math.prod(shape)
+    if declared > limits.max_frame_bytes:
+        raise WireError(f"tensor {i}: {declared} bytes, limit {limits.max_frame_bytes}")
+    view = _frame_view(frames[i + 1])
+    if view.nbytes != declared:
+        raise WireError(f"tensor {i}: header declares {declared} bytes, frame has {view.nbytes}")
+    return np.frombuffer(view, dtype=dtype).reshape(shape)
+
+
+def _decode_binary(raw: memoryview, frames: Sequence, limits: Limits) -> Message:
+    if raw.nbytes < 3:
+        raise WireError(f"header of {raw.nbytes} bytes starts with 0xC1: neither msgpack nor a whole binary header")
+    if raw[1] != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {raw[1]}, expected {PROTOCOL_VERSION}")
+    kind = raw[2]
+    if kind == KIND_ATTEND:
+        if raw.nbytes < ATTEND.size:
+            raise WireError(f"attend header is {raw.nbytes} bytes, expected at least {ATTEND.size}")
+        _, _, _, flags, code, rid, dl, layer, h0, h1, n, tq, hq, tkv, hkv, d, name_len = ATTEND.unpack_from(raw)
+        try:
+            if raw.nbytes != ATTEND.size + name_len:
+                raise WireError(f"attend header is {raw.nbytes} bytes, declares {ATTEND.size + name_len}")
+            if flags & ~(FLAG_TRACE | FLAG_DEADLINE) or code >= len(_CODE_TAG):
+                raise WireError(f"attend: unknown flags {flags:#x} or dtype code {code}")
+            if flags & FLAG_DEADLINE and not math.isfinite(dl):
+                raise WireError("deadline must be a finite number")
+            if min(n, tq, hq, tkv, hkv, d) < 0:
+                raise WireError("attend: negative dimension")
+            if len(frames) != 5:
+                raise WireError(f"attend carries 4 tensors, message has {len(frames) - 1} frames")
+            try:
+                owner = str(raw[ATTEND.size:], "utf-8")
+            except UnicodeDecodeError:
+                raise WireError("attend: owner is not utf-8") from None
+            tag = _CODE_TAG[code]
+            dt = DTYPES[tag]
+            tensors = [_tensor(frames, 0, _I64, (n, 4), limits), _tensor(frames, 1, dt, (tq, hq, d), limits),
+                       _tensor(frames, 2, dt, (tkv, hkv, d), limits), _tensor(frames, 3, dt, (tkv, hkv, d), limits)]
+            if sum(t.nbytes for t in tensors) > limits.max_total_bytes:
+                raise WireError(f"message tensors exceed {limits.max_total_bytes} bytes")
+        except WireError as e:
+            e.rid = rid
+            raise
+        fields = {"owner": owner, "layer": layer, "h0": h0, "h1": h1}
+        if flags & FLAG_TRACE:
+            fields["trace"] = True
+        return Message("attend", rid, fields, tensors, ["i64", tag, tag, tag],
+                       dl if flags & FLAG_DEADLINE else None)
+    if kind == KIND_REPLY:
+        if raw.nbytes != REPLY.size:
+            raise WireError(f"reply header is {raw.nbytes} bytes, expected {REPLY.size}")
+        _, _, _, flags, rid, t, hq, d, tq, tk0, tk1 = REPLY.unpack_from(raw)
+        try:
+            if flags & ~FLAG_TRACE or min(t, hq, d) < 0 or len(frames) != 3:
+                raise WireError(f"reply: flags {flags:#x}, shape {[t, hq, d]}, {len(frames) - 1} tensor frames")
+            tensors = [_tensor(frames, 0, _F32, (t, hq, d), limits), _tensor(frames, 1, _F32, (t, hq), limits)]
+            if tensors[0].nbytes + tensors[1].nbytes > limits.max_total_bytes:
+                raise WireError(f"message tensors exceed {limits.max_total_bytes} bytes")
+        except WireError as e:
+            e.rid = rid
+            raise
+        fields = {"tq": tq, "tk0": tk0, "tk1": tk1} if flags & FLAG_TRACE else {}
+        return Message("reply", rid, fields, tensors, ["f32", "f32"])
+    raise WireError(f"binary header of unknown kind {kind}")
