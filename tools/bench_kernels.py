@@ -171,8 +171,8 @@ def make_case(geom, storage, batch, ctx, n_new, rng):
     v_new = to_storage(rng.standard_normal((t, hkv, d), dtype=np.float32), storage)
     starts = np.arange(0, t + 1, n_new, dtype=np.int32)
     return dict(q=q, k_new=k_new, v_new=v_new, k_pool=pools[0], v_pool=pools[1], block_table=bt,
-                slots=np.arange(batch, dtype=np.int32), q_start=starts, kv_start=starts,
-                ctx_lens=np.full(batch, ctx, np.int32), layer=0, scale=1.0 / math.sqrt(d),
+                table_rows=np.arange(batch, dtype=np.int32), q_start=starts, kv_start=starts,
+                context_lens=np.full(batch, ctx, np.int32), layer=0, scale=1.0 / math.sqrt(d),
                 storage=storage)
 
 
@@ -231,7 +231,7 @@ def bench_cpu(ns):
                            f"{f32_bytes / 1e9:.1f} GB float32 pool > --max-kv-gb")
             continue
         cases = [make_case(geom, st, batch, ctx, n_new, rng) for st in ns.dtypes]
-        # One call appends, the timed calls repeat the same append (same slots and
+        # One call appends, the timed calls repeat the same append (same table rows and
         # positions): the work per call is identical.
         outs = [append_attend(**a)[0] for a in cases]
         fns = [functools.partial(append_attend, **a) for a in cases]
@@ -301,7 +301,7 @@ def bench_cuda(ns):
                     continue
                 a = make_case(geom, storage, batch, ctx, 1, rng)
                 nbytes, _ = case_cost(geom, storage, batch, ctx, 1)
-                host_idx = {k: a[k] for k in ("slots", "q_start", "kv_start", "ctx_lens")}
+                host_idx = {k: a[k] for k in ("table_rows", "q_start", "kv_start", "context_lens")}
                 d = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}
                 d.update(host_idx)  # index arrays stay on the host: the planner reads them
 

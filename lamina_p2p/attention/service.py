@@ -205,7 +205,7 @@ class AttentionService:
             if slot is None:
                 if n_kv == 0 or ctx != 0:
                     raise ShardError(f"sequence {sid} has no shard here")
-                slot = reg.slots[sid] = pool.new_slot(heads)
+                slot = reg.slots[sid] = pool.new_table_row(heads)
             elif pool.heads[slot] != heads:
                 raise ShardError(f"sequence {sid} holds {pool.heads[slot]} kv heads here, request has {heads}")
             slots[i] = slot
