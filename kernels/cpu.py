@@ -46,7 +46,7 @@ from . import tiles as T
 from .simd import prefetch
 from .softmax import softmax_block as _softmax_block
 from .softmax import u32_as_f32 as _u32_as_f32
-from .storage import check_storage, storage_dtype, widen
+from .storage import check_storage, widen
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
