@@ -90,8 +90,8 @@ def _kernels(d, rmax, tk):
     dp = d + 1  # padded row: threads reading one column of the K tile hit distinct banks
 
     @cuda.jit
-    def attend(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
-               ctx_lens, layer, scale, code, groups, items, part_o, part_lse, out, lse):
+    def attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+               context_lens, layer, scale, code, groups, items, part_o, part_lse, out, lse):
         q_s = cuda.shared.array((rmax, d), float32)
         acc = cuda.shared.array((rmax, d), float32)
         kv_s = cuda.shared.array((tk, dp), float32)
@@ -111,15 +111,15 @@ def _kernels(d, rmax, tk):
         h = groups[g, 1]
         j0 = groups[g, 2]
         nqt = groups[g, 3]
-        n_kv = k_new.shape[1]  # local kv heads; the block table may have more rows
-        gsz = q.shape[1] // n_kv
+        num_kv_heads = k_new.shape[1]  # local kv heads; the block table may have more rows
+        gsz = q.shape[1] // num_kv_heads
         n_rows = nqt * gsz
         bs = k_pool.shape[2]
-        ctx = ctx_lens[i]
-        slot = slots[i]
+        context_len = context_lens[i]
+        table_row = table_rows[i]
         kv0 = kv_start[i]
         append = kv_start[i + 1] > kv0
-        own0 = ctx + j0  # new positions from here on belong to this group's tile
+        own0 = context_len + j0  # new positions from here on belong to this group's tile
         tok0 = q_start[i] + j0
 
         for idx in range(tid, n_rows * d, nth):
@@ -131,7 +131,7 @@ def _kernels(d, rmax, tk):
         for r in range(tid, n_rows, nth):
             m_s[r] = _NEG_INF
             l_s[r] = 0.0
-            lim_s[r] = ctx + (j0 + r // gsz + 1 if append else 0)
+            lim_s[r] = context_len + (j0 + r // gsz + 1 if append else 0)
         cuda.syncthreads()
 
         for kt in range(k0, k1, tk):
@@ -142,11 +142,11 @@ def _kernels(d, rmax, tk):
                 t = idx // d
                 x = idx - t * d
                 p = kt + t
-                blk = block_table[slot, h, p // bs]
-                if p < ctx:
+                blk = block_table[table_row, h, p // bs]
+                if p < context_len:
                     bits = k_pool[blk, layer, p % bs, x]
                 else:
-                    bits = k_new[kv0 + p - ctx, h, x]
+                    bits = k_new[kv0 + p - context_len, h, x]
                     if p >= own0:
                         k_pool[blk, layer, p % bs, x] = bits
                 kv_s[t, x] = _decode(bits, code)
@@ -185,11 +185,11 @@ def _kernels(d, rmax, tk):
                 t = idx // d
                 x = idx - t * d
                 p = kt + t
-                blk = block_table[slot, h, p // bs]
-                if p < ctx:
+                blk = block_table[table_row, h, p // bs]
+                if p < context_len:
                     bits = v_pool[blk, layer, p % bs, x]
                 else:
-                    bits = v_new[kv0 + p - ctx, h, x]
+                    bits = v_new[kv0 + p - context_len, h, x]
                     if p >= own0:
                         v_pool[blk, layer, p % bs, x] = bits
                 kv_s[t, x] = _decode(bits, code)
@@ -291,20 +291,20 @@ def _n_workers():
     return 4 * sms  # a few resident blocks per SM hide memory latency
 
 
-def append_attend_cuda(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
-                       ctx_lens, layer, scale, storage, stream=0):
+def append_attend_cuda(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+                       context_lens, layer, scale, storage, stream=0):
     """The CUDA version of lamina_kernels.cpu.append_attend (same contract).
 
     Tensors may be numba device arrays, objects with __cuda_array_interface__ (torch
     CUDA tensors) or host numpy arrays (copied over). The four small index arrays
-    (slots, q_start, kv_start, ctx_lens) are read on the host to plan the launch, so
+    (table_rows, q_start, kv_start, context_lens) are read on the host to plan the launch, so
     pass them as numpy arrays to avoid a device-to-host copy. Block indices are
     checked only when block_table is a host array. Returns device arrays (out, lse).
     """
     check_storage(storage)
     code = CODE[storage]
-    slots_h, q_start_h, kv_start_h, ctx_h = (_host(a, np.int32)
-                                             for a in (slots, q_start, kv_start, ctx_lens))
+    table_rows_h, q_start_h, kv_start_h, context_lens_h = (_host(a, np.int32)
+                                             for a in (table_rows, q_start, kv_start, context_lens))
     # Host pools are a convenience (tests): they are copied over and copied back.
     host_pools = [p if isinstance(p, np.ndarray) else None for p in (k_pool, v_pool)]
     q, k_new, v_new, k_pool, v_pool = (_device(a) for a in (q, k_new, v_new, k_pool, v_pool))
@@ -312,16 +312,16 @@ def append_attend_cuda(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_st
     n_blocks, n_layers, bs, d = k_pool.shape
     if isinstance(block_table, np.ndarray):
         err, seq = P.validate(np.ascontiguousarray(block_table, np.int32), bs, n_blocks,
-                              slots_h, q_start_h, kv_start_h, ctx_h, k_new.shape[1])
+                              table_rows_h, q_start_h, kv_start_h, context_lens_h, k_new.shape[1])
         if err:
             raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
     bt = _device(block_table)
-    n_kv = k_new.shape[1]  # local kv heads; the block table may have more rows
-    if bt.shape[1] < n_kv:
-        raise ValueError(f"block table has {bt.shape[1]} kv head rows, request has {n_kv}")
+    num_kv_heads = k_new.shape[1]  # local kv heads; the block table may have more rows
+    if bt.shape[1] < num_kv_heads:
+        raise ValueError(f"block table has {bt.shape[1]} kv head rows, request has {num_kv_heads}")
     t_all, n_q_heads, _ = q.shape
-    gsz = n_q_heads // n_kv
-    if gsz * n_kv != n_q_heads or not 0 <= layer < n_layers:
+    gsz = n_q_heads // num_kv_heads
+    if gsz * num_kv_heads != n_q_heads or not 0 <= layer < n_layers:
         raise ValueError("query heads must be a multiple of kv heads and layer in range")
     # One kernel body for every storage: view everything as unsigned bits.
     bits = np.uint32 if code == 0 else np.uint16
@@ -332,7 +332,7 @@ def append_attend_cuda(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_st
         return out, lse
     max_chunk = int(np.max(np.diff(q_start_h)))
     q_tile, tk = _tiles(d, gsz, max_chunk)
-    groups, items, _, n_parts = P.make_plan(q_start_h, kv_start_h, ctx_h, n_kv, q_tile, bs,
+    groups, items, _, n_parts = P.make_plan(q_start_h, kv_start_h, context_lens_h, num_kv_heads, q_tile, bs,
                                             _n_workers(), _MIN_SPLIT)
     # Groups that see no key still own output rows: give each an empty item so the
     # kernel writes their out = 0, lse = -inf (nothing else touches those rows).
@@ -348,7 +348,7 @@ def append_attend_cuda(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_st
     part_lse = cuda.device_array((max(n_parts, 1), rmax), np.float32, stream=stream)
     groups_d = cuda.to_device(groups.astype(np.int32), stream=stream)
     items_d = cuda.to_device(items.astype(np.int32), stream=stream)
-    idx = [cuda.to_device(a, stream=stream) for a in (slots_h, q_start_h, kv_start_h, ctx_h)]
+    idx = [cuda.to_device(a, stream=stream) for a in (table_rows_h, q_start_h, kv_start_h, context_lens_h)]
     attend[len(items), THREADS, stream](q, k_new, v_new, k_pool, v_pool, bt, *idx, int(layer),
                                         np.float32(scale), code, groups_d, items_d, part_o,
                                         part_lse, out, lse)

@@ -19,13 +19,13 @@ def _as_f64(a, storage):
     return t.view(torch.int16).view(_TORCH_16[storage]).to(torch.float64)
 
 
-def append_attend_ref(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_start, kv_start,
-                      ctx_lens, layer, scale, storage):
+def append_attend_ref(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+                      context_lens, layer, scale, storage):
     """Same contract as lamina_kernels.cpu.append_attend; mutates k_pool/v_pool in place."""
     q64 = _as_f64(q, storage)
     t_all, n_q_heads, d = q64.shape
-    n_kv = k_new.shape[1]  # local kv heads; the block table may have more rows
-    g = n_q_heads // n_kv
+    num_kv_heads = k_new.shape[1]  # local kv heads; the block table may have more rows
+    g = n_q_heads // num_kv_heads
     bs = k_pool.shape[2]
     kp = torch.from_numpy(k_pool)  # shares memory: appends land in the caller's arrays
     vp = torch.from_numpy(v_pool)
@@ -33,24 +33,24 @@ def append_attend_ref(q, k_new, v_new, k_pool, v_pool, block_table, slots, q_sta
     vn = torch.from_numpy(np.ascontiguousarray(v_new))
     out = torch.zeros((t_all, n_q_heads, d), dtype=torch.float64)
     lse = torch.full((t_all, n_q_heads), float("-inf"), dtype=torch.float64)
-    for i in range(len(slots)):
-        s, ctx = int(slots[i]), int(ctx_lens[i])
+    for i in range(len(table_rows)):
+        row, context_len = int(table_rows[i]), int(context_lens[i])
         q0, q1 = int(q_start[i]), int(q_start[i + 1])
         k0, k1 = int(kv_start[i]), int(kv_start[i + 1])
         n, nk = q1 - q0, k1 - k0
-        for h in range(n_kv):
+        for h in range(num_kv_heads):
             for t in range(nk):
-                pos = ctx + t
-                blk = int(block_table[s, h, pos // bs])
+                pos = context_len + t
+                blk = int(block_table[row, h, pos // bs])
                 kp[blk, layer, pos % bs] = kn[k0 + t, h]
                 vp[blk, layer, pos % bs] = vn[k0 + t, h]
-            total = ctx + nk
-            blocks = [int(block_table[s, h, p // bs]) for p in range(total)]
+            total = context_len + nk
+            blocks = [int(block_table[row, h, p // bs]) for p in range(total)]
             offs = [p % bs for p in range(total)]
             keys = _as_f64(k_pool[blocks, layer, offs], storage).reshape(total, d)
             vals = _as_f64(v_pool[blocks, layer, offs], storage).reshape(total, d)
             for j in range(n):
-                visible = ctx + (j + 1 if nk else 0)
+                visible = context_len + (j + 1 if nk else 0)
                 if visible == 0:
                     continue
                 qh = q64[q0 + j, h * g:(h + 1) * g]  # [g, d]

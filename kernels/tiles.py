@@ -9,8 +9,8 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   (row, key) over head_dim (16 zmm registers), folded by one transposed reduction
   (simd.vsum16) into the 16 scores; each K chunk loaded feeds both rows (an odd last
   row: 16 keys of one row).
-- PV: each row's accumulator, 64 columns at a time (4 registers), stays in registers
-  over the block's keys; the probability is broadcast into the FMA.
+- PV: rows in pairs, 64 columns of each (8 registers) kept in registers over the
+  block's keys; each V load feeds both rows' FMAs, the probability is broadcast.
 - float32 pools are read in place; a 16-bit pool's block is widened once into a
   per-thread float32 scratch (one vector load + decode + store per 16 elements), so
   16-bit pools move half the bytes and every query row reads float32.
@@ -257,9 +257,71 @@ def make_attend_rows(D):
                     for x in range(0, d, 16):
                         vstore(acc, r * d + x, vmul(vload(acc, r * d + x), alpha))
 
-            # PV: acc[r] += sum_t p[r, t] V[t], 64 columns of a row in registers.
+            # PV: acc[r] += sum_t p[r, t] V[t]. Rows in pairs, 64 columns of each in
+            # registers: each V load feeds two FMAs and the 8 accumulator chains keep
+            # both FMA ports busy (4 chains of one row wait on the FMA latency).
             vb = _stage(v_pool, row0, n * d, vw)
-            for r in range(n_rows):
+            r = 0
+            while r + 2 <= n_rows:
+                c = 0
+                while c + 64 <= d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    x1 = vload(acc, o + 16)
+                    x2 = vload(acc, o + 32)
+                    x3 = vload(acc, o + 48)
+                    y0 = vload(acc, o + d)
+                    y1 = vload(acc, o + d + 16)
+                    y2 = vload(acc, o + d + 32)
+                    y3 = vload(acc, o + d + 48)
+                    for t in range(n):
+                        if pf >= 0 and r == 0 and c == 0:
+                            po = pf + t * d
+                            while po < pf + (t + 1) * d:
+                                prefetch(v_pool, po)
+                                po += step
+                        pt = s[r, t0 + t]
+                        pu = s[r + 1, t0 + t]
+                        v = vb + t * d + c
+                        w = vload(vs, v)
+                        x0 = vfma(w, pt, x0)
+                        y0 = vfma(w, pu, y0)
+                        w = vload(vs, v + 16)
+                        x1 = vfma(w, pt, x1)
+                        y1 = vfma(w, pu, y1)
+                        w = vload(vs, v + 32)
+                        x2 = vfma(w, pt, x2)
+                        y2 = vfma(w, pu, y2)
+                        w = vload(vs, v + 48)
+                        x3 = vfma(w, pt, x3)
+                        y3 = vfma(w, pu, y3)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + 16, x1)
+                    vstore(acc, o + 32, x2)
+                    vstore(acc, o + 48, x3)
+                    vstore(acc, o + d, y0)
+                    vstore(acc, o + d + 16, y1)
+                    vstore(acc, o + d + 32, y2)
+                    vstore(acc, o + d + 48, y3)
+                    c += 64
+                while c < d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    y0 = vload(acc, o + d)
+                    for t in range(n):
+                        if pf >= 0 and r == 0 and c == 0:
+                            po = pf + t * d
+                            while po < pf + (t + 1) * d:
+                                prefetch(v_pool, po)
+                                po += step
+                        w = vload(vs, vb + t * d + c)
+                        x0 = vfma(w, s[r, t0 + t], x0)
+                        y0 = vfma(w, s[r + 1, t0 + t], y0)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + d, y0)
+                    c += 16
+                r += 2
+            while r < n_rows:
                 c = 0
                 while c + 64 <= d:
                     o = r * d + c
@@ -296,6 +358,7 @@ def make_attend_rows(D):
                         x0 = vfma(vload(vs, vb + t * d + c), s[r, t0 + t], x0)
                     vstore(acc, o, x0)
                     c += 16
+                r += 1
 
     return attend_rows
 

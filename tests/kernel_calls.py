@@ -1,7 +1,7 @@
 """Ready append_attend calls on random pools and how a result is compared with the reference's,
 for the CPU kernel tests (test_kernels.py) and the CUDA ones (test_kernels_cuda.py).
 
-    call = Call(rng, "bfloat16", g=4, bs=16, seqs=[(37, 1, True)])   # (ctx, n_query, append)
+    call = Call(rng, "bfloat16", g=4, bs=16, seqs=[(37, 1, True)])   # (context_len, n_query, append)
     assert_matches(call.run(append_attend), call.run(append_attend_ref))
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 from lamina_kernels import to_storage
 
 D = 32
-N_KV = 2
+NUM_KV_HEADS = 2
 N_LAYERS = 2
 LAYER = 1
 
@@ -22,37 +22,37 @@ def rand_enc(rng, shape, storage):
 
 
 class Call:
-    """A ready append_attend call. seqs: list of (ctx, n_query, append)."""
+    """A ready append_attend call. seqs: list of (context_len, n_query, append)."""
 
-    def __init__(self, rng, storage, g, bs, seqs, n_kv=N_KV, d=D):
+    def __init__(self, rng, storage, g, bs, seqs, num_kv_heads=NUM_KV_HEADS, d=D):
         self.storage = storage
         max_blocks = max((c + n) // bs + 1 for c, n, _ in seqs)
-        n_blocks = len(seqs) * n_kv * max_blocks + 3
+        n_blocks = len(seqs) * num_kv_heads * max_blocks + 3
         self.k_pool = rand_enc(rng, (n_blocks, N_LAYERS, bs, d), storage)
         self.v_pool = rand_enc(rng, (n_blocks, N_LAYERS, bs, d), storage)
         # Scattered, distinct blocks; unused tail entries stay -1.
-        bt = np.full((len(seqs) + 1, n_kv, max_blocks), -1, np.int32)
+        bt = np.full((len(seqs) + 1, num_kv_heads, max_blocks), -1, np.int32)
         free = list(rng.permutation(n_blocks))
         for i, (c, n, app) in enumerate(seqs):
             need = -(-(c + (n if app else 0)) // bs)
-            for h in range(n_kv):
+            for h in range(num_kv_heads):
                 for b in range(need):
                     bt[i + 1, h, b] = free.pop()  # slot i+1: slot 0 stays unused
         self.block_table = bt
-        self.slots = np.arange(1, len(seqs) + 1, dtype=np.int32)
+        self.table_rows = np.arange(1, len(seqs) + 1, dtype=np.int32)
         self.q_start = np.cumsum([0] + [n for _, n, _ in seqs]).astype(np.int32)
         self.kv_start = np.cumsum([0] + [n if a else 0 for _, n, a in seqs]).astype(np.int32)
-        self.ctx_lens = np.array([c for c, _, _ in seqs], np.int32)
-        self.q = rand_enc(rng, (self.q_start[-1], n_kv * g, d), storage)
-        self.k_new = rand_enc(rng, (self.kv_start[-1], n_kv, d), storage)
-        self.v_new = rand_enc(rng, (self.kv_start[-1], n_kv, d), storage)
+        self.context_lens = np.array([c for c, _, _ in seqs], np.int32)
+        self.q = rand_enc(rng, (self.q_start[-1], num_kv_heads * g, d), storage)
+        self.k_new = rand_enc(rng, (self.kv_start[-1], num_kv_heads, d), storage)
+        self.v_new = rand_enc(rng, (self.kv_start[-1], num_kv_heads, d), storage)
         self.scale = 1.0 / math.sqrt(d)
 
     def run(self, fn, layer=LAYER):
         """Run fn on private copies of the pools; returns (out, lse, k_pool, v_pool)."""
         kp, vp = self.k_pool.copy(), self.v_pool.copy()
-        out, lse = fn(self.q, self.k_new, self.v_new, kp, vp, self.block_table, self.slots,
-                      self.q_start, self.kv_start, self.ctx_lens, layer, self.scale,
+        out, lse = fn(self.q, self.k_new, self.v_new, kp, vp, self.block_table, self.table_rows,
+                      self.q_start, self.kv_start, self.context_lens, layer, self.scale,
                       self.storage)
         return out, lse, kp, vp
 

@@ -7,13 +7,22 @@ no token at all, and one long sequence that the planner splits across items.
 
 import numpy as np
 import pytest
-from kernel_calls import LAYER, N_KV, Call, D, assert_matches
+from kernel_calls import LAYER, NUM_KV_HEADS, Call, D, assert_matches
 from numba import njit
 
 from lamina_kernels import (STORAGES, append_attend, merge, storage_itemsize, to_storage,
                             warmup, widen)
 from lamina_kernels import cpu
 from lamina_kernels.reference import append_attend_ref
+
+
+@pytest.fixture(params=["inline", "threads"])
+def kernel_path(request, monkeypatch):
+    """Run append_attend on the calling thread alone, or over numba's threads (with
+    split groups merged), whatever the call's size (cpu._INLINE_WORK decides otherwise)."""
+    monkeypatch.setattr(cpu, "_INLINE_WORK", 1 << 62 if request.param == "inline" else -1)
+    return request.param
+
 
 MIXED = [
     (0, 1, True),      # first decode step
@@ -44,12 +53,12 @@ GEOMETRIES = [(1, 128), (3, 64), (4, 128), (7, 128), (8, 64), (2, 80), (3, 24)]
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("g,d", GEOMETRIES)
-def test_real_geometries_match_reference(storage, g, d):
+def test_real_geometries_match_reference(storage, g, d, kernel_path):
     """Every tile path at real sizes: 16-key QK tiles and their tails, the diagonal
     block of a chunk (scalar softmax), query tiles of 64 // g positions, a split."""
     rng = np.random.default_rng(hash((storage, g, d, "geom")) % 2**32)
     order = rng.permutation(len(MIXED))
-    call = Call(rng, storage, g, 16, [MIXED[i] for i in order], n_kv=2, d=d)
+    call = Call(rng, storage, g, 16, [MIXED[i] for i in order], num_kv_heads=2, d=d)
     assert_matches(call.run(append_attend), call.run(append_attend_ref), atol=3e-5)
 
 
@@ -57,13 +66,13 @@ def test_real_geometries_match_reference(storage, g, d):
 def test_real_geometry_other_block_sizes(bs):
     """Blocks smaller than one 16-key tile, and of two tiles."""
     rng = np.random.default_rng(bs)
-    call = Call(rng, "bfloat16", 3, bs, MIXED, n_kv=1, d=64)
+    call = Call(rng, "bfloat16", 3, bs, MIXED, num_kv_heads=1, d=64)
     assert_matches(call.run(append_attend), call.run(append_attend_ref), atol=3e-5)
 
 
 def test_preallocated_outputs_are_filled_and_returned():
     rng = np.random.default_rng(17)
-    call = Call(rng, "float16", 4, 16, MIXED, n_kv=2, d=64)
+    call = Call(rng, "float16", 4, 16, MIXED, num_kv_heads=2, d=64)
     want = call.run(append_attend)
     t = call.q.shape[0]
     out = np.full((t, 8, 64), np.nan, np.float32)
@@ -79,7 +88,7 @@ def test_preallocated_outputs_are_filled_and_returned():
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("g,bs", [(3, 6), (2, 4), (5, 16)])
-def test_remainder_rows_and_tokens(storage, g, bs):
+def test_remainder_rows_and_tokens(storage, g, bs, kernel_path):
     """GQA groups and query tiles that are not a multiple of the 4-row register tile,
     and blocks not a multiple of the 4-token tile: the 1-row and 1-token tails."""
     rng = np.random.default_rng(hash((storage, g, bs, "tails")) % 2**32)
@@ -105,12 +114,16 @@ def test_one_thread_and_scratch_reuse():
 
 
 @pytest.mark.parametrize("storage", STORAGES)
-def test_single_long_sequence_uses_splits(storage):
+def test_single_long_sequence_uses_splits(storage, kernel_path):
     rng = np.random.default_rng(7)
-    call = Call(rng, storage, 4, 16, [(3000, 1, True)], n_kv=1, d=64)
-    _, items, _, n_parts = cpu.P.make_plan(call.q_start, call.kv_start, call.ctx_lens, 1, 1,
+    call = Call(rng, storage, 4, 16, [(3000, 1, True)], num_kv_heads=1, d=64)
+    _, items, _, n_parts = cpu.P.make_plan(call.q_start, call.kv_start, call.context_lens, 1, 1,
                                            16, 2, cpu._MIN_SPLIT)
     assert len(items) >= 2 and n_parts == len(items)  # both cores get work
+    if kernel_path == "threads":
+        assert not cpu.P.validate_and_plan(call.block_table, call.k_pool.shape[0], call.table_rows,
+                                           call.q_start, call.kv_start, call.context_lens, 1, 4,
+                                           64, 64, 16, 2, cpu._MIN_SPLIT, cpu._INLINE_WORK)[2]
     assert_matches(call.run(append_attend), call.run(append_attend_ref))
 
 
@@ -124,8 +137,8 @@ def test_nothing_visible_anywhere():
 def test_empty_batch():
     rng = np.random.default_rng(4)
     call = Call(rng, "bfloat16", 2, 8, [(3, 1, True)])
-    e = np.zeros((0, N_KV * 2, D), np.uint16)
-    kv = np.zeros((0, N_KV, D), np.uint16)
+    e = np.zeros((0, NUM_KV_HEADS * 2, D), np.uint16)
+    kv = np.zeros((0, NUM_KV_HEADS, D), np.uint16)
     z = np.zeros(1, np.int32)
     out, lse = append_attend(e, kv, kv, call.k_pool, call.v_pool, call.block_table,
                              np.zeros(0, np.int32), z, z, np.zeros(0, np.int32), 0, 1.0,
@@ -161,7 +174,7 @@ def test_sequence_shards_merge_to_whole(storage, n_shards):
         shard.kv_start = whole.kv_start if tail else np.zeros_like(whole.kv_start)
         # Copy this shard's token range of the whole cache into the shard's pool.
         for i in range(len(seqs)):
-            for h in range(N_KV):
+            for h in range(NUM_KV_HEADS):
                 for p in range(lo[i], hi[i]):
                     src = whole.block_table[i + 1, h, p // bs], LAYER, p % bs
                     q = p - lo[i]
@@ -181,7 +194,7 @@ def test_appended_rows_are_token_major_to_head_major():
     call = Call(rng, "float16", 2, 8, [(6, 5, True)])
     _, _, kp, vp = call.run(append_attend)
     for t in range(5):
-        for h in range(N_KV):
+        for h in range(NUM_KV_HEADS):
             pos = 6 + t
             blk = call.block_table[1, h, pos // 8]
             np.testing.assert_array_equal(kp[blk, LAYER, pos % 8], call.k_new[t, h])
@@ -201,7 +214,7 @@ def test_rejects_malformed_calls(what):
         call.k_new = call.k_new[:2]
         call.v_new = call.v_new[:2]
     elif what == "bad_slot":
-        call.slots = np.array([7], np.int32)
+        call.table_rows = np.array([7], np.int32)
     else:
         call.q = call.q.astype(np.float64)
     with pytest.raises((ValueError, TypeError)):
@@ -273,7 +286,7 @@ def test_warmup_compiles_every_variant():
 
 def test_block_table_wider_than_local_heads():
     """A shard holding a kv-head range may index a table with more head rows than
-    the call's local kv heads; only the first n_kv rows are used."""
+    the call's local kv heads; only the first num_kv_heads rows are used."""
     rng = np.random.default_rng(12)
     call = Call(rng, "bfloat16", 4, 8, [(20, 1, True), (4, 3, True)])
     extra = np.full(call.block_table.shape[:1] + (1,) + call.block_table.shape[2:], -1, np.int32)

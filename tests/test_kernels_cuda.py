@@ -40,7 +40,7 @@ SMALL = [
 @pytest.mark.parametrize("g", [1, 4])
 def test_matches_reference(storage, g):
     rng = np.random.default_rng(g)
-    call = Call(rng, storage, g, 8, SMALL, n_kv=2, d=D)
+    call = Call(rng, storage, g, 8, SMALL, num_kv_heads=2, d=D)
     assert_matches(call.run(run_cuda), call.run(append_attend_ref))
 
 
@@ -50,7 +50,7 @@ def test_real_geometries_match_reference(g, d):
     one kv head and short contexts: the simulator runs every thread in Python."""
     rng = np.random.default_rng(g * 1000 + d)
     storage = STORAGES[(g + d) % 3]
-    call = Call(rng, storage, g, 8, [(9, 1, True), (3, 2, True), (0, 1, False)], n_kv=1, d=d)
+    call = Call(rng, storage, g, 8, [(9, 1, True), (3, 2, True), (0, 1, False)], num_kv_heads=1, d=d)
     assert_matches(call.run(run_cuda), call.run(append_attend_ref))
 
 
@@ -58,18 +58,18 @@ def test_real_geometries_match_reference(g, d):
 def test_long_context_is_split_and_merged(storage):
     # 300 keys with the simulator's 16 workers -> several items and the merge launch.
     rng = np.random.default_rng(5)
-    call = Call(rng, storage, 2, 16, [(300, 1, True), (290, 2, True)], n_kv=1, d=D)
+    call = Call(rng, storage, 2, 16, [(300, 1, True), (290, 2, True)], num_kv_heads=1, d=D)
     assert_matches(call.run(run_cuda), call.run(append_attend_ref))
 
 
 def test_device_arrays_and_pool_stays_on_device():
     rng = np.random.default_rng(6)
-    call = Call(rng, "float16", 2, 8, [(9, 2, True)], n_kv=2, d=D)
+    call = Call(rng, "float16", 2, 8, [(9, 2, True)], num_kv_heads=2, d=D)
     kd, vd = cuda.to_device(call.k_pool), cuda.to_device(call.v_pool)
     out, lse = append_attend_cuda(
         cuda.to_device(call.q), cuda.to_device(call.k_new), cuda.to_device(call.v_new), kd, vd,
-        cuda.to_device(call.block_table), call.slots, call.q_start, call.kv_start,
-        call.ctx_lens, 1, call.scale, "float16")
+        cuda.to_device(call.block_table), call.table_rows, call.q_start, call.kv_start,
+        call.context_lens, 1, call.scale, "float16")
     rout, rlse, rkp, rvp = call.run(append_attend_ref)
     np.testing.assert_allclose(out.copy_to_host(), rout, atol=2e-5)
     np.testing.assert_allclose(lse.copy_to_host(), rlse, atol=2e-5)
@@ -80,13 +80,13 @@ def test_device_arrays_and_pool_stays_on_device():
 def test_two_shards_merge_to_whole():
     rng = np.random.default_rng(8)
     g, bs = 2, 8
-    whole = Call(rng, "bfloat16", g, bs, [(12, 1, True)], n_kv=1, d=D)
+    whole = Call(rng, "bfloat16", g, bs, [(12, 1, True)], num_kv_heads=1, d=D)
     want, want_lse, _, _ = whole.run(append_attend_ref)
-    head = Call(rng, "bfloat16", g, bs, [(5, 1, False)], n_kv=1, d=D)
-    tail = Call(rng, "bfloat16", g, bs, [(7, 1, True)], n_kv=1, d=D)
+    head = Call(rng, "bfloat16", g, bs, [(5, 1, False)], num_kv_heads=1, d=D)
+    tail = Call(rng, "bfloat16", g, bs, [(7, 1, True)], num_kv_heads=1, d=D)
     for shard, lo in ((head, 0), (tail, 5)):
         shard.q = whole.q
-        for p in range(shard.ctx_lens[0]):
+        for p in range(shard.context_lens[0]):
             src = whole.block_table[1, 0, (lo + p) // bs], 1, (lo + p) % bs
             dst = shard.block_table[1, 0, p // bs], 1, p % bs
             shard.k_pool[dst] = whole.k_pool[src]
@@ -103,7 +103,7 @@ def test_two_shards_merge_to_whole():
 
 def test_block_table_wider_than_local_heads():
     rng = np.random.default_rng(13)
-    call = Call(rng, "float32", 2, 8, [(6, 2, True)], n_kv=1, d=D)
+    call = Call(rng, "float32", 2, 8, [(6, 2, True)], num_kv_heads=1, d=D)
     extra = np.full(call.block_table.shape[:1] + (2,) + call.block_table.shape[2:], -1, np.int32)
     call.block_table = np.ascontiguousarray(np.concatenate([call.block_table, extra], axis=1))
     assert_matches(call.run(run_cuda), call.run(append_attend_ref))

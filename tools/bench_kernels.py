@@ -2,6 +2,7 @@
 
     python tools/bench_kernels.py [--geometry HQ/HKV/D ...] [--quick] [--json FILE]
                                   [--threads N] [--cuda]
+    python tools/bench_kernels.py --inline-sweep --geometry 9/3/64 --contexts 256,512,1024,2048 --batch 1
 
 For each geometry (query heads / kv heads / head_dim), batch, context, mode and storage
 dtype it times `append_attend` and, in the same round-robin (so they see the same
@@ -21,6 +22,9 @@ Bytes: K and V of every key read once per kv head, in the storage dtype. Flops:
 4 * head_dim per (query head, visible key) (QK and PV, 2 flops per FMA).
 Modes: decode (one new token per sequence, appended then attended) and prefill
 (a chunk of --chunk new tokens per sequence after `context` cached ones, causal).
+
+--inline-sweep times each decode case run on the calling thread alone and over the
+threads, with its plan.call_work: where they cross is lamina_kernels.cpu._INLINE_WORK.
 
 Defaults cover GQA group sizes 1, 3, 4, 7, 8 and head_dim 64 and 128; batch 16 up to
 context 8192 and batch 1 up to 32768. Cases whose pool would exceed --max-kv-gb are
@@ -172,8 +176,8 @@ def make_case(geom, storage, batch, ctx, n_new, rng):
     v_new = to_storage(rng.standard_normal((t, hkv, d), dtype=np.float32), storage)
     starts = np.arange(0, t + 1, n_new, dtype=np.int32)
     return dict(q=q, k_new=k_new, v_new=v_new, k_pool=pools[0], v_pool=pools[1], block_table=bt,
-                slots=np.arange(batch, dtype=np.int32), q_start=starts, kv_start=starts,
-                ctx_lens=np.full(batch, ctx, np.int32), layer=0, scale=1.0 / math.sqrt(d),
+                table_rows=np.arange(batch, dtype=np.int32), q_start=starts, kv_start=starts,
+                context_lens=np.full(batch, ctx, np.int32), layer=0, scale=1.0 / math.sqrt(d),
                 storage=storage)
 
 
@@ -232,7 +236,7 @@ def bench_cpu(ns):
                            f"{f32_bytes / 1e9:.1f} GB float32 pool > --max-kv-gb")
             continue
         cases = [make_case(geom, st, batch, ctx, n_new, rng) for st in ns.dtypes]
-        # One call appends, the timed calls repeat the same append (same slots and
+        # One call appends, the timed calls repeat the same append (same table rows and
         # positions): the work per call is identical.
         outs = [append_attend(**a)[0] for a in cases]
         fns = [functools.partial(append_attend, **a) for a in cases]
@@ -275,6 +279,46 @@ def bench_cpu(ns):
     return rows, skipped, n_threads
 
 
+def inline_sweep(ns):
+    """Where the calling thread alone beats the threads: per-call time (best of
+    --sweep-calls, warm cache) of each decode case run inline and over the threads,
+    round-robin, with plan.call_work; lamina_kernels.cpu._INLINE_WORK is set from it."""
+    from lamina_kernels import append_attend, cpu, warmup
+
+    warmup(ns.dtypes)
+    rng = np.random.default_rng(0)
+    rows = []
+    for geom in ns.geometry:
+        for batch in ns.batch:
+            for ctx in ns.contexts:
+                for st in ns.dtypes:
+                    a = make_case(geom, st, batch, ctx, 1, rng)
+                    out = np.empty((batch, geom[0], geom[2]), np.float32)
+                    lse = np.empty((batch, geom[0]), np.float32)
+                    work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
+                                               geom[1], geom[0] // geom[1], geom[2]))
+
+                    def call(limit, a=a, out=out, lse=lse):
+                        cpu._INLINE_WORK = limit
+                        append_attend(**a, out=out, lse=lse)
+
+                    saved = cpu._INLINE_WORK
+                    try:
+                        t_in, t_thr = best_times([functools.partial(call, 1 << 62),
+                                                  functools.partial(call, -1)], ns.sweep_calls)
+                    finally:
+                        cpu._INLINE_WORK = saved
+                    rows.append(dict(geometry="/".join(map(str, geom)), batch=batch, context=ctx,
+                                     dtype=st, work=work, inline_us=t_in * 1e6,
+                                     threads_us=t_thr * 1e6, inline_now=work <= saved))
+                    r = rows[-1]
+                    print(f"{r['geometry']:>10} B{batch:<3} ctx {ctx:6d} {st:>9} work {work:>11,d} "
+                          f"inline {r['inline_us']:8.1f} us  threads {r['threads_us']:8.1f} us  "
+                          f"({'inline' if r['inline_now'] else 'threads'} at the current threshold)",
+                          flush=True)
+    return rows
+
+
 def bench_cuda(ns):
     from numba import cuda
 
@@ -302,7 +346,7 @@ def bench_cuda(ns):
                     continue
                 a = make_case(geom, storage, batch, ctx, 1, rng)
                 nbytes, _ = case_cost(geom, storage, batch, ctx, 1)
-                host_idx = {k: a[k] for k in ("slots", "q_start", "kv_start", "ctx_lens")}
+                host_idx = {k: a[k] for k in ("table_rows", "q_start", "kv_start", "context_lens")}
                 d = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}
                 d.update(host_idx)  # index arrays stay on the host: the planner reads them
 
@@ -365,6 +409,10 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="numba threads (default: all)")
     ap.add_argument("--progress", action="store_true", help="print each row to stderr as it is measured")
     ap.add_argument("--cuda", action="store_true", help="benchmark the numba.cuda kernel")
+    ap.add_argument("--inline-sweep", action="store_true",
+                    help="decode per-call time inline vs over the threads, with each case's work "
+                         "(sets the threshold lamina_kernels.cpu._INLINE_WORK)")
+    ap.add_argument("--sweep-calls", type=int, default=2000, help="--inline-sweep: calls per case")
     ns = ap.parse_args()
     ns.geometry = ns.geometry or [parse_geometry(g) for g in DEFAULT_GEOMETRIES]
     ns.contexts = ns.contexts or ((512, 2048) if ns.quick else (512, 2048, 8192, 32768))
@@ -377,7 +425,12 @@ def main():
         if d not in STORAGES:
             ap.error(f"unknown dtype {d!r}; expected one of {STORAGES}")
     load0 = os.getloadavg()
-    if ns.cuda:
+    if ns.inline_sweep:
+        print(f"load average {load0[0]:.2f} at start")
+        rows = inline_sweep(ns)
+        print(f"load average {os.getloadavg()[0]:.2f} at end")
+        header = dict(load_average_start=load0, load_average_end=os.getloadavg())
+    elif ns.cuda:
         rows = bench_cuda(ns)
         print(f"{'geometry':>10} {'dtype':>9} {'ctx':>5} {'KV GB/s':>8} {'copy GB/s':>9} {'ratio':>6} "
               f"{'ms':>8} {'err':>8}")

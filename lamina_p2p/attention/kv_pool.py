@@ -3,8 +3,8 @@
 A block holds `block_size` tokens of ONE kv head for ALL layers
 (`[n_blocks, n_layers, block_size, head_dim]`), so a shard that holds any range
 of kv heads, and every model with the same (layers, head_dim, storage), share
-one pool. A sequence shard lives in a slot; its block table row
-`table[slot, h, :]` lists the blocks of local kv head h in token order.
+one pool. A sequence shard owns one row of the block table: `table[table_row, h, :]`
+lists the blocks of its local kv head h in token order (-1: none yet).
 
 Capacity is a byte budget shared by every pool of the peer. The pool arrays
 are allocated with np.empty, which only reserves address space: pages become
@@ -81,10 +81,10 @@ class KVBudget:
 
 
 class KVPool:
-    """Blocks, slots and block tables for one PoolKey."""
+    """Blocks, block-table rows and the block table for one PoolKey."""
 
     def __init__(self, key: PoolKey, budget: KVBudget, max_blocks_per_seq: int, num_kv_heads: int,
-                 initial_slots: int = 64, device: str = "cpu"):
+                 initial_table_rows: int = 64, device: str = "cpu"):
         self.key = key
         self.budget = budget
         self.block_bytes = key.block_bytes()
@@ -104,15 +104,11 @@ class KVPool:
         self.num_kv_heads = num_kv_heads
         # LIFO free list: recently freed blocks are likely still resident.
         self._free_blocks = list(range(n_blocks - 1, -1, -1))
-        self.table = np.full((initial_slots, num_kv_heads, max_blocks_per_seq), -1, np.int32)
-        self.capacity_tokens = np.zeros(initial_slots, np.int64)  # tokens the slot's blocks can hold
-        self.heads = np.zeros(initial_slots, np.int32)  # kv heads held by the slot's shard
-        self.length = np.zeros(initial_slots, np.int64)  # tokens written (highest position + 1)
-        self._free_slots = list(range(initial_slots - 1, -1, -1))
-
-    @property
-    def blocks_in_use(self) -> int:
-        return self.k.shape[0] - len(self._free_blocks)
+        self.table = np.full((initial_table_rows, num_kv_heads, max_blocks_per_seq), -1, np.int32)
+        self.capacity_tokens = np.zeros(initial_table_rows, np.int64)  # tokens a row's blocks can hold
+        self.heads = np.zeros(initial_table_rows, np.int32)  # kv heads held by a row's shard
+        self.length = np.zeros(initial_table_rows, np.int64)  # tokens written (highest position + 1)
+        self._free_table_rows = list(range(initial_table_rows - 1, -1, -1))
 
     def widen_heads(self, num_kv_heads: int) -> None:
         if num_kv_heads <= self.table.shape[1]:
@@ -122,16 +118,16 @@ class KVPool:
         self.table = grown
         self.num_kv_heads = num_kv_heads
 
-    def new_slot(self, heads: int) -> int:
-        if not self._free_slots:
-            self._grow_slots()
-        slot = self._free_slots.pop()
-        self.heads[slot] = heads
-        self.capacity_tokens[slot] = 0
-        self.length[slot] = 0
-        return slot
+    def new_table_row(self, heads: int) -> int:
+        if not self._free_table_rows:
+            self._grow_table_rows()
+        table_row = self._free_table_rows.pop()
+        self.heads[table_row] = heads
+        self.capacity_tokens[table_row] = 0
+        self.length[table_row] = 0
+        return table_row
 
-    def _grow_slots(self) -> None:
+    def _grow_table_rows(self) -> None:
         old = self.table.shape[0]
         new = old * 2
         table = np.full((new, self.table.shape[1], self.max_blocks_per_seq), -1, np.int32)
@@ -140,33 +136,33 @@ class KVPool:
         self.capacity_tokens = np.concatenate([self.capacity_tokens, np.zeros(new - old, np.int64)])
         self.heads = np.concatenate([self.heads, np.zeros(new - old, np.int32)])
         self.length = np.concatenate([self.length, np.zeros(new - old, np.int64)])
-        self._free_slots.extend(range(new - 1, old - 1, -1))
+        self._free_table_rows.extend(range(new - 1, old - 1, -1))
 
-    def ensure(self, slot: int, tokens: int) -> None:
-        """Give the slot enough blocks for `tokens` tokens on each of its heads, or raise KVFull."""
+    def ensure(self, table_row: int, tokens: int) -> None:
+        """Give the table row enough blocks for `tokens` tokens on each of its heads, or raise KVFull."""
         bs = self.key.block_size
-        have = int(self.capacity_tokens[slot]) // bs
+        have = int(self.capacity_tokens[table_row]) // bs
         need = -(-tokens // bs)
         if need <= have:
             return
         if need > self.max_blocks_per_seq:
             raise ShardError(f"{tokens} tokens exceed the {self.max_blocks_per_seq * bs}-token limit of a shard")
-        heads = int(self.heads[slot])
+        heads = int(self.heads[table_row])
         count = (need - have) * heads
         if count > len(self._free_blocks) or not self.budget.take(count * self.block_bytes):
             raise KVFull(f"kv pool full: need {count} blocks, {self.budget.free // self.block_bytes} free")
         blocks = [self._free_blocks.pop() for _ in range(count)]
-        self.table[slot, :heads, have:need] = np.asarray(blocks, np.int32).reshape(heads, need - have)
-        self.capacity_tokens[slot] = need * bs
+        self.table[table_row, :heads, have:need] = np.asarray(blocks, np.int32).reshape(heads, need - have)
+        self.capacity_tokens[table_row] = need * bs
 
-    def release(self, slot: int) -> None:
-        heads = int(self.heads[slot])
-        used = self.table[slot, :heads]
+    def release(self, table_row: int) -> None:
+        heads = int(self.heads[table_row])
+        used = self.table[table_row, :heads]
         blocks = used[used >= 0]
         self._free_blocks.extend(int(b) for b in blocks)
         self.budget.give(len(blocks) * self.block_bytes)
-        self.table[slot] = -1
-        self.capacity_tokens[slot] = 0
-        self.heads[slot] = 0
-        self.length[slot] = 0
-        self._free_slots.append(slot)
+        self.table[table_row] = -1
+        self.capacity_tokens[table_row] = 0
+        self.heads[table_row] = 0
+        self.length[table_row] = 0
+        self._free_table_rows.append(table_row)

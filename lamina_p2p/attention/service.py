@@ -262,7 +262,7 @@ class AttentionService:
             if row is None:
                 if new == 0 or context_len != 0:
                     raise ShardError(f"sequence {sid} has no shard here")
-                row = reg.table_rows[sid] = pool.new_slot(heads)
+                row = reg.table_rows[sid] = pool.new_table_row(heads)
             elif pool.heads[row] != heads:
                 raise ShardError(f"sequence {sid} holds {pool.heads[row]} kv heads here, request has {heads}")
             rows[i] = row
