@@ -13,12 +13,12 @@ GEOM = dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, storage="floa
 def request(owner="o", layer=0, seq_ids=(1,), ctx=(0,), n=(3,), append=True, h0=0, h1=2, rng=None, group=2):
     rng = rng or np.random.default_rng(0)
     n = np.array(n, np.int64)
-    n_kv = n if append else np.zeros_like(n)
+    num_new_tokens = n if append else np.zeros_like(n)
     heads = h1 - h0
     q = rng.standard_normal((int(n.sum()), heads * group, 8)).astype(np.float32)
-    k = rng.standard_normal((int(n_kv.sum()), heads, 8)).astype(np.float32)
-    v = rng.standard_normal((int(n_kv.sum()), heads, 8)).astype(np.float32)
-    return AttendRequest(owner, layer, np.array(seq_ids, np.int64), np.array(ctx, np.int64), n, n_kv, h0, h1, q, k, v)
+    k = rng.standard_normal((int(num_new_tokens.sum()), heads, 8)).astype(np.float32)
+    v = rng.standard_normal((int(num_new_tokens.sum()), heads, 8)).astype(np.float32)
+    return AttendRequest(owner, layer, np.array(seq_ids, np.int64), np.array(ctx, np.int64), n, num_new_tokens, h0, h1, q, k, v)
 
 
 def test_append_then_decode_and_free_returns_every_byte():

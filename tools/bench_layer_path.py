@@ -107,7 +107,7 @@ class IsolatedKernel:
         self.req = AttendRequest("bench", 0, ids, full, one, one, 0, hkv, arr(batch, hq, d), arr(batch, hkv, d),
                                  arr(batch, hkv, d))  # rewrites position `context` each call
         self.reg = svc._owners["bench"]
-        self.slots = svc._prepare(self.reg, self.req)
+        self.table_rows = svc._prepare(self.reg, self.req)
         self.starts = np.arange(batch + 1, dtype=np.int32)
         self.ctx32 = full.astype(np.int32)
         self.kernel: list[float] = []
@@ -117,7 +117,7 @@ class IsolatedKernel:
         r, reg, L = self.req, self.reg, self.layers
         for i in range(reps):
             t0 = time.perf_counter()
-            self.lk.append_attend(r.q, r.k, r.v, reg.pool.k, reg.pool.v, reg.pool.table, self.slots, self.starts,
+            self.lk.append_attend(r.q, r.k, r.v, reg.pool.k, reg.pool.v, reg.pool.table, self.table_rows, self.starts,
                                   self.starts, self.ctx32, i % L, reg.scale, self.storage)
             t1 = time.perf_counter()
             r.layer = (i + L // 2) % L

@@ -81,26 +81,26 @@ def profile_attention(cfg, storage, batch, ctx, reps, block_size=16):
 
     warmup((storage,))
     rng = np.random.default_rng(0)
-    n_kv, d, hq = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    num_kv_heads, d, hq = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     nbps = math.ceil(ctx / block_size)
-    n_blocks = batch * n_kv * nbps
+    n_blocks = batch * num_kv_heads * nbps
     # The pool's real layout: a block holds every layer, so one layer's slice of it is a short run
     # (block_size x head_dim), and a one-layer pool would read faster than the engine's does.
     layers = cfg.num_layers
     pool = lambda: to_storage(rng.standard_normal((n_blocks, layers, block_size, d), dtype=np.float32), storage)
     k_pool, v_pool = pool(), pool()
-    bt = rng.permutation(n_blocks).astype(np.int32).reshape(batch, n_kv, nbps)
+    bt = rng.permutation(n_blocks).astype(np.int32).reshape(batch, num_kv_heads, nbps)
     new = lambda h: to_storage(rng.standard_normal((batch, h, d), dtype=np.float32), storage)
-    q, k_new, v_new = new(hq), new(n_kv), new(n_kv)
+    q, k_new, v_new = new(hq), new(num_kv_heads), new(num_kv_heads)
     ar = np.arange(batch + 1, dtype=np.int32)
-    ctx_lens = np.full(batch, ctx - 1, np.int32)  # ctx - 1 cached + the appended token = ctx read
+    context_lens = np.full(batch, ctx - 1, np.int32)  # ctx - 1 cached + the appended token = ctx read
 
     def call():
         append_attend(q, k_new, v_new, k_pool, v_pool, bt, np.arange(batch, dtype=np.int32), ar, ar,
-                      ctx_lens, layers // 2, 1.0 / math.sqrt(d), storage)
+                      context_lens, layers // 2, 1.0 / math.sqrt(d), storage)
 
     t = median_time(call, reps)
-    kv_bytes = batch * ctx * n_kv * d * 2 * storage_itemsize(storage)
+    kv_bytes = batch * ctx * num_kv_heads * d * 2 * storage_itemsize(storage)
     return kv_bytes / t, t
 
 
@@ -146,8 +146,8 @@ def profile_wire(cfg, batch, itemsize, reps):
 
     from lamina_p2p.net import wire
 
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
+    zmq_context = zmq.Context()
+    router = zmq_context.socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     stop = threading.Event()
 
@@ -164,7 +164,7 @@ def profile_wire(cfg, batch, itemsize, reps):
 
     th = threading.Thread(target=serve, daemon=True)
     th.start()
-    dealer = ctx.socket(zmq.DEALER)
+    dealer = zmq_context.socket(zmq.DEALER)
     dealer.connect(f"tcp://127.0.0.1:{port}")
     dt = {2: np.float16, 4: np.float32}[itemsize]
 
@@ -187,7 +187,7 @@ def profile_wire(cfg, batch, itemsize, reps):
         th.join()
         dealer.close(0)
         router.close(0)
-        ctx.term()
+        zmq_context.term()
     rate = nbytes / max(t_big - t_small, 1e-9)
     return t_small, rate
 
