@@ -38,15 +38,23 @@ class PeerProcess:
     address: str | None = None
     peer_id: str | None = None
     output: list[str] = field(default_factory=list)
+    terminated: bool = False
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one can land after the peer's shutdown has put the default handler
+        back, and would kill it mid-shutdown (exit -15 instead of 0)."""
+        if not self.terminated and self.proc.poll() is None:
+            self.terminated = True
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (once) and wait up to timeout_s for a clean exit, then SIGKILL."""
+        self.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -115,8 +123,7 @@ def start_attention_peers(count: int, kv_memory: str, threads: int | None = None
 
 def stop_all(peers: list[PeerProcess]) -> None:
     for p in peers:
-        if p.proc.poll() is None:
-            p.proc.send_signal(signal.SIGTERM)
+        p.terminate()
     for p in peers:
         p.stop()
 

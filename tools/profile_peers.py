@@ -216,9 +216,11 @@ def mem_total_gb() -> float:
 
 
 def main(argv=None):
+    from lamina_kernels import STORAGES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", metavar="OUT", help="write the profile here")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", choices=STORAGES)
     ap.add_argument("--threads", type=int, default=1, help="torch and numba threads per peer")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--context", type=int, default=2048)

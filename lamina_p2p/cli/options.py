@@ -20,11 +20,13 @@ import os
 
 import click
 
+from lamina_kernels import STORAGES
+
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
 from lamina_p2p.runtime import parse_cpus, pin_cpus
 
 MODEL_HELP = "A checkpoint directory (HF format), a .gguf file, or org/name in the local Hugging Face cache."
-DTYPES = ["float32", "float16", "bfloat16"]
+DTYPES = list(STORAGES)
 
 
 def _apply(f, options):
