@@ -328,6 +328,8 @@ def kv_bytes_per_context_token(model_dir: str, dtype: str) -> int:
 # -- the run -----------------------------------------------------------------------------------
 async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, systems: list[str], wbytes: int,
                       kv_tok: int, log) -> dict:
+    import torch
+
     rng = random.Random(ctx_len)
     prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(ctx_len)] for _ in range(batch)]
     order_all = list(dict.fromkeys(v[0] for v in SYSTEMS.values()))
@@ -335,7 +337,7 @@ async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, sys
     per_backend = {b: [s for s in systems if SYSTEMS[s][0] == b] for b in backends_needed}
     # Prefill runs in chunks (the engine's step budget): sequences whose prompt is done early decode
     # while the others still prefill, so leave room for those tokens too.
-    decode_tokens = (args.warmup + (args.rounds * args.steps + args.trace_steps) * max(len(v) for v in per_backend.values())
+    decode_tokens = (args.warmup + (args.rounds * (args.steps + 1) + args.trace_steps) * max(len(v) for v in per_backend.values())
                      + 4 + (batch * ctx_len) // 1024 + 8)
     kv_need = batch * (ctx_len + decode_tokens + 16) * kv_tok
     backends: dict = {}
@@ -375,8 +377,14 @@ async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, sys
             for s in order:
                 b, mb = SYSTEMS[s]
                 be = backends[b]
-                c0 = be.context()
+                threads = torch.get_num_threads()
                 use_cores(args, clustered=b.startswith("cluster"))
+                if isinstance(be, LaminaBackend) and torch.get_num_threads() != threads:
+                    # The systems share one model in this process: a new torch thread count makes the
+                    # fp16 weights re-pack for it on the next step (model/linear.py), once. A process
+                    # that serves keeps one count, so that step is not timed.
+                    await be.decode(1, mb)
+                c0 = be.context()
                 if b in ("transformers", "llama.cpp"):
                     dt = await loop.run_in_executor(None, be.decode, args.steps)
                 else:
