@@ -370,6 +370,7 @@ async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, sys
                     await be.decode(max(1, args.warmup // len(per_backend[b])), SYSTEMS[s][1])
             prefill_s[b] = time.perf_counter() - t0
             log(f"  {tag}: {b} ready (prefill + warm-up {prefill_s[b]:.1f} s)")
+        model_threads = torch.get_num_threads()  # the count the shared model last ran with
         rates: dict[str, list[float]] = {s: [] for s in systems}
         bytes_tok: dict[str, list[float]] = {s: [] for s in systems}
         for r in range(args.rounds):
@@ -377,13 +378,14 @@ async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, sys
             for s in order:
                 b, mb = SYSTEMS[s]
                 be = backends[b]
-                threads = torch.get_num_threads()
                 use_cores(args, clustered=b.startswith("cluster"))
-                if isinstance(be, LaminaBackend) and torch.get_num_threads() != threads:
-                    # The systems share one model in this process: a new torch thread count makes the
-                    # fp16 weights re-pack for it on the next step (model/linear.py), once. A process
-                    # that serves keeps one count, so that step is not timed.
-                    await be.decode(1, mb)
+                if isinstance(be, LaminaBackend):
+                    if torch.get_num_threads() != model_threads:
+                        # The lamina systems share one model in this process: another torch thread count
+                        # makes its fp16 weights re-pack for that count on the next step
+                        # (model/linear.py), once. A serving process keeps one count: not timed.
+                        await be.decode(1, mb)
+                    model_threads = torch.get_num_threads()
                 c0 = be.context()
                 if b in ("transformers", "llama.cpp"):
                     dt = await loop.run_in_executor(None, be.decode, args.steps)
