@@ -68,10 +68,10 @@ def expected_attend(seed: int):
 
 
 async def register_and_attend(client: RpcClient, owner: str, seed: int, timeout: float = 10.0):
-    await client.call("register", {"owner": owner, **GEOMETRY}, timeout=timeout)
+    await client.call("register", {"owner": owner, **GEOMETRY}, timeout_s=timeout)
     meta, q, k, v = _round_trip_inputs(seed)
     msg = await client.call("attend", {"owner": owner, "layer": 1, "h0": 0, "h1": 2}, [meta, q, k, v],
-                            timeout=timeout)
+                            timeout_s=timeout)
     return msg.tensors[0], msg.tensors[1]
 
 
@@ -80,7 +80,7 @@ def call(address, security, op, fields=None, timeout=5.0):
         ctx = zmq.asyncio.Context()
         client = RpcClient(ctx, address, security=security)
         try:
-            return (await client.call(op, fields, timeout=timeout)).fields
+            return (await client.call(op, fields, timeout_s=timeout)).fields
         finally:
             await client.close()
             ctx.destroy(linger=0)
@@ -172,12 +172,12 @@ def test_allow_list_admits_listed_peer_keys_only(keys):
         await server.start()
         try:
             client = RpcClient(ctx, server.bound_address, security=as_a)
-            assert (await client.call("echo", {"who": "a"}, timeout=5)).fields == {"ok": True}
+            assert (await client.call("echo", {"who": "a"}, timeout_s=5)).fields == {"ok": True}
             await client.close()
             for who, sec in (("b", as_b), ("cluster", cluster_only)):
                 client = RpcClient(ctx, server.bound_address, security=sec)
                 with pytest.raises(RpcTimeout):
-                    await client.call("echo", {"who": who}, timeout=1.0)
+                    await client.call("echo", {"who": who}, timeout_s=1.0)
                 await client.close()
             assert calls == [{"who": "a"}]
             assert server.handshake_failures >= 2

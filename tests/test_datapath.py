@@ -61,7 +61,7 @@ def test_round_trips_over_tcp_and_ipc_are_matched_by_id_and_run_on_the_kernel_th
     for endpoint in (kt.tcp_endpoint, kt.ipc_endpoint):
         ln = link(endpoint)
         xs = [np.arange(i, i + 5, dtype=np.float32) for i in range(3)]  # max_in_flight: 3
-        rids = [ln.send("attend", {}, [x], timeout=10) for x in xs]
+        rids = [ln.send("attend", {}, [x], timeout_s=10) for x in xs]
         for rid, x in reversed(list(zip(rids, xs))):  # received out of order: still matched
             msg = ln.receive(rid, time.monotonic() + 10)
             np.testing.assert_array_equal(msg.tensors[0], x * 2)
@@ -89,8 +89,8 @@ def test_malformed_messages_get_error_replies_and_the_thread_keeps_serving(serve
     ctx.term()
     ln = link()
     with pytest.raises(RpcError, match="asked to fail"):  # a handler that raises: an error reply, not a crash
-        ln.receive(ln.send("attend", {"fail": True}, [], timeout=10), time.monotonic() + 10)
-    msg = ln.receive(ln.send("attend", {}, [np.ones(3, np.float32)], timeout=10), time.monotonic() + 10)
+        ln.receive(ln.send("attend", {"fail": True}, [], timeout_s=10), time.monotonic() + 10)
+    msg = ln.receive(ln.send("attend", {}, [np.ones(3, np.float32)], timeout_s=10), time.monotonic() + 10)
     np.testing.assert_array_equal(msg.tensors[0], np.full(3, 2, np.float32))
 
 
@@ -101,7 +101,7 @@ def test_past_max_in_flight_waiting_requests_are_answered_busy(served):
     for _ in range(5):  # the requests must all be queued at the peer before it wakes: usually the first try
         gate = threading.Event()
         blocked = kt.submit(gate.wait, 10)  # the kernel thread is busy: requests queue up in ZeroMQ
-        rids = [ln.send("attend", {}, [np.ones(2, np.float32)], timeout=10) for _ in range(8)]
+        rids = [ln.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10) for _ in range(8)]
         gate.set()
         blocked.result(10)
         outcomes = []
@@ -123,10 +123,10 @@ def test_deadline_and_a_dead_peer_end_the_wait(served):
     ln = link()
     handler.gate = threading.Event()
     try:
-        rid = ln.send("attend", {}, [], timeout=0.3)
+        rid = ln.send("attend", {}, [], timeout_s=0.3)
         with pytest.raises(RpcTimeout):
             ln.receive(rid, time.monotonic() + 0.3)
-        rid = ln.send("attend", {}, [], timeout=30)
+        rid = ln.send("attend", {}, [], timeout_s=30)
         t0 = time.monotonic()
         with pytest.raises(RpcClosed):  # membership says the peer is dead: no waiting for the deadline
             ln.receive(rid, time.monotonic() + 30, alive=lambda: False)
@@ -143,12 +143,12 @@ def test_curve_keys_are_required_on_the_data_path(tmp_path):
     kt.start()
     try:
         ok = DataLink(ctx, kt.tcp_endpoint, security=good)
-        msg = ok.receive(ok.send("attend", {}, [np.ones(2, np.float32)], timeout=10), time.monotonic() + 10)
+        msg = ok.receive(ok.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10), time.monotonic() + 10)
         np.testing.assert_array_equal(msg.tensors[0], [2, 2])
         for security in (wrong, None):
             intruder = DataLink(ctx, kt.tcp_endpoint, security=security)
             with pytest.raises(RpcTimeout):  # the handshake fails: nothing is ever served
-                intruder.receive(intruder.send("attend", {}, [np.ones(2, np.float32)], timeout=1),
+                intruder.receive(intruder.send("attend", {}, [np.ones(2, np.float32)], timeout_s=1),
                                  time.monotonic() + 1)
             intruder.close()
         ok.close()

@@ -50,10 +50,10 @@ async def check_serves_correctly(address, owner, seed):
     ctx = zmq.asyncio.Context()
     client = RpcClient(ctx, address)
     try:
-        await client.call("register", {"owner": owner, **GEOMETRY}, timeout=10)
+        await client.call("register", {"owner": owner, **GEOMETRY}, timeout_s=10)
         msg = await client.call("attend", {"owner": owner, "layer": 0, "h0": 0, "h1": 2}, [meta, q, k, v],
-                                timeout=10)
-        await client.call("drop", {"owner": owner}, timeout=10)
+                                timeout_s=10)
+        await client.call("drop", {"owner": owner}, timeout_s=10)
     finally:
         await client.close()
         ctx.destroy(linger=0)
@@ -137,7 +137,7 @@ def test_requests_asking_for_absurd_allocations_are_refused(peer):
 
         async def refused(op, fields, tensors=(), match=""):
             with pytest.raises(RpcError, match=match):
-                await client.call(op, fields, tensors, timeout=10)
+                await client.call(op, fields, tensors, timeout_s=10)
 
         try:
             for bad in ({"num_layers": 10**6}, {"num_layers": 2**62}, {"head_dim": 10**5}, {"num_heads": 10**7},
@@ -146,7 +146,7 @@ def test_requests_asking_for_absurd_allocations_are_refused(peer):
                 await refused("register", {"owner": "absurd", **GEOMETRY, **bad}, match="register")
             await refused("register", {"owner": "o" * 10_000, **GEOMETRY}, match="owner")
             await refused("register", {"owner": ["not", "a", "str"], **GEOMETRY}, match="owner")
-            await client.call("register", {"owner": "victim", **GEOMETRY}, timeout=10)
+            await client.call("register", {"owner": "victim", **GEOMETRY}, timeout_s=10)
             meta, q, k, v = inputs(4)
             for fields in ({"layer": 10**9}, {"layer": -1}, {"h0": 0, "h1": 10**6}, {"h0": -5}, {"h1": 2**62}):
                 await refused("attend", {"owner": "victim", "layer": 0, "h0": 0, "h1": 2, **fields},
@@ -157,9 +157,9 @@ def test_requests_asking_for_absurd_allocations_are_refused(peer):
             # A free with 20k ids is over the cap (one with a million does not fit a header: see the
             # barrage above, whose oversized header gets an error reply).
             await refused("free", {"owner": "victim", "seq_ids": [1] * 20_000}, match="seq_ids")
-            stats = (await client.call("stats", timeout=10)).fields
+            stats = (await client.call("stats", timeout_s=10)).fields
             assert stats["owners"] == 1 and stats["sequences"] == 0  # only "victim", holding nothing
-            await client.call("drop", {"owner": "victim"}, timeout=10)
+            await client.call("drop", {"owner": "victim"}, timeout_s=10)
         finally:
             await client.close()
             ctx.destroy(linger=0)
@@ -175,7 +175,7 @@ def test_hostile_messages_on_the_data_path_are_answered_and_the_peer_keeps_servi
         ctx = zmq.asyncio.Context()
         client = RpcClient(ctx, peer.address)
         try:
-            reply = await client.call("register", {"owner": "data-victim", **GEOMETRY}, timeout=10)
+            reply = await client.call("register", {"owner": "data-victim", **GEOMETRY}, timeout_s=10)
             return reply.fields["data"], reply.fields["data_ipc"]
         finally:
             await client.close()
@@ -319,11 +319,11 @@ def test_oversized_frames_are_dropped_by_libzmq_and_a_flood_is_answered_busy():
             # A frame past MAXMSGSIZE: libzmq drops the connection before buffering it; no reply.
             big = RpcClient(ctx, server.bound_address)
             with pytest.raises(RpcTimeout):
-                await big.call("slow", tensors=[np.zeros(1 << 20, np.uint8)], timeout=1.0)
+                await big.call("slow", tensors=[np.zeros(1 << 20, np.uint8)], timeout_s=1.0)
             await big.close()
             # A flood: the first four wait in the handler, the rest are refused at once as busy.
             client = RpcClient(ctx, server.bound_address)
-            calls = [asyncio.ensure_future(client.call("slow", timeout=10)) for _ in range(10)]
+            calls = [asyncio.ensure_future(client.call("slow", timeout_s=10)) for _ in range(10)]
             async with asyncio.timeout(10):
                 while sum(c.done() for c in calls) < 6:
                     await asyncio.wait([c for c in calls if not c.done()], return_when=asyncio.FIRST_COMPLETED)
@@ -356,9 +356,9 @@ def test_hostile_gossip_entries_are_dropped(peer):
         client = RpcClient(ctx, peer.address)
         try:
             reply = await client.call("gossip", {"from": "junk0", "cluster": "lamina", "version": PROTOCOL_VERSION,
-                                                 "leave": False, "peers": junk}, timeout=10)
+                                                 "leave": False, "peers": junk}, timeout_s=10)
             assert all(not p["id"].startswith("junk") for p in reply.fields["peers"])
-            table = (await client.call("status", timeout=10)).fields
+            table = (await client.call("status", timeout_s=10)).fields
             assert all(not str(p["id"]).startswith(("junk", "iii")) for p in table["peers"])
         finally:
             await client.close()

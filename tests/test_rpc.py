@@ -128,7 +128,7 @@ def test_timeout_and_the_server_drops_the_work():
         async with Cluster() as c:
             t0 = time.monotonic()
             with pytest.raises(RpcTimeout):
-                await c.client.call("hang", timeout=0.2)
+                await c.client.call("hang", timeout_s=0.2)
             assert time.monotonic() - t0 < 1.0
             # The server cancels the handler at the request's deadline: no leaked task.
             await server_idle(c.server, what="hung handler to be cancelled")
@@ -146,7 +146,7 @@ def test_call_to_a_peer_that_is_not_there_times_out():
         sock.close(0)
         client = RpcClient(ctx, f"tcp://127.0.0.1:{port}")
         with pytest.raises(RpcTimeout):
-            await client.call("echo", timeout=0.2)
+            await client.call("echo", timeout_s=0.2)
         await client.close()
         ctx.destroy(0)
 
@@ -156,7 +156,7 @@ def test_call_to_a_peer_that_is_not_there_times_out():
 def test_close_fails_pending_calls():
     async def body():
         async with Cluster() as c:
-            calls = [asyncio.create_task(c.client.call("hang", timeout=30)) for _ in range(5)]
+            calls = [asyncio.create_task(c.client.call("hang", timeout_s=30)) for _ in range(5)]
             async with c.arrival:
                 await asyncio.wait_for(c.arrival.wait_for(lambda: c.arrived == 5), 5)
             await c.client.close()
@@ -217,14 +217,14 @@ def test_hostile_replies_do_not_break_the_client():
         router = ctx.socket(zmq.ROUTER)
         port = router.bind_to_random_port("tcp://127.0.0.1")
         client = RpcClient(ctx, f"tcp://127.0.0.1:{port}")
-        first = asyncio.create_task(client.call("a", timeout=5))
+        first = asyncio.create_task(client.call("a", timeout_s=5))
         rid_frames = await router.recv_multipart()
         rid = decode(rid_frames[1:]).rid
         await router.send_multipart([rid_frames[0], b"\xc1 garbage"])  # no id: ignored
         await router.send_multipart([rid_frames[0], *encode("reply", rid, tensors=[np.zeros(4)])[:1]])
         with pytest.raises(RpcError, match="bad reply"):
             await first
-        second = asyncio.create_task(client.call("b", timeout=5))
+        second = asyncio.create_task(client.call("b", timeout_s=5))
         f = await router.recv_multipart()
         await router.send_multipart([f[0], *encode("reply", decode(f[1:]).rid, {"ok": 1})])
         assert (await second).fields == {"ok": 1}
@@ -270,7 +270,7 @@ def test_server_in_another_process():
             ctx = zmq.asyncio.Context()
             client = RpcClient(ctx, address)
             a = np.arange(200_000, dtype=np.float32)
-            results = await asyncio.gather(*(client.call("echo", {"x": i}, [a], timeout=10) for i in range(20)))
+            results = await asyncio.gather(*(client.call("echo", {"x": i}, [a], timeout_s=10) for i in range(20)))
             for i, m in enumerate(results):
                 assert m.fields == {"pid": proc.pid, "x": i}
                 np.testing.assert_array_equal(m.tensors[0], a * 2)

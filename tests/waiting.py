@@ -43,7 +43,7 @@ def peer_stats(address: str) -> dict:
         zmq_context = zmq.asyncio.Context()
         client = RpcClient(zmq_context, address)
         try:
-            return (await client.call("stats", timeout=5.0)).fields
+            return (await client.call("stats", timeout_s=5.0)).fields
         finally:
             await client.close()
             zmq_context.destroy(linger=0)

@@ -90,7 +90,7 @@ async def bench_lamina(ctx, payload: np.ndarray, n: int, depth: int) -> float:
     client = RpcClient(ctx, server.bound_address)
 
     async def one():
-        await client.call("echo", None, [payload], timeout=60)
+        await client.call("echo", None, [payload], timeout_s=60)
 
     try:
         await _bounded(max(2, depth), depth, one)

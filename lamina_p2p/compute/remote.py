@@ -101,7 +101,7 @@ class ClusterTransport:
 
     async def _register(self, peer: PeerInfo) -> None:
         msg = await self._clients[peer.id].call("register", {"owner": self.owner, **self.geometry},
-                                                timeout=self.request_timeout)
+                                                timeout_s=self.request_timeout)
         info = msg.fields
         bs, data = info.get("block_size"), info.get("data")
         if not isinstance(bs, int) or bs <= 0 or not isinstance(data, str) or not data.startswith("tcp://"):
@@ -201,7 +201,7 @@ class ClusterTransport:
         tracing = req.trace and self.tracer is not None
         try:
             rid = link.send_attend(req.owner, req.layer, req.h0, req.h1, meta, req.q, req.k, req.v,
-                                   timeout=self.request_timeout, trace=tracing)
+                                   timeout_s=self.request_timeout, trace=tracing)
         except (RpcTimeout, RpcClosed) as e:
             raise AttentionPeerError(peer, str(e), "failed") from None
         return _Ticket(peer, link, rid, time.monotonic() + self.request_timeout, req.layer,
@@ -233,7 +233,7 @@ class ClusterTransport:
     async def free(self, peer: str, seq_ids: list[int]) -> None:
         client = self._clients.get(peer)
         if client is not None:
-            await client.call("free", {"owner": self.owner, "seq_ids": list(seq_ids)}, timeout=self.request_timeout)
+            await client.call("free", {"owner": self.owner, "seq_ids": list(seq_ids)}, timeout_s=self.request_timeout)
 
     async def close(self) -> None:
         # A step still running on the dense thread ends at its next receive (alive() is false now);
@@ -242,7 +242,7 @@ class ClusterTransport:
         for task in self._registered.values():
             task.cancel()
         if self.owner is not None:
-            await asyncio.gather(*(c.call("drop", {"owner": self.owner}, timeout=2.0) for c in self._clients.values()),
+            await asyncio.gather(*(c.call("drop", {"owner": self.owner}, timeout_s=2.0) for c in self._clients.values()),
                                  return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self._clients.values()), return_exceptions=True)
         self._clients.clear()

@@ -296,24 +296,24 @@ class DataLink:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def send(self, op: str, fields: dict, tensors: Sequence, timeout: float) -> int:
-        """Queue a request in the msgpack format; returns its id. `timeout` (s) is both how long
+    def send(self, op: str, fields: dict, tensors: Sequence, timeout_s: float) -> int:
+        """Queue a request in the msgpack format; returns its id. `timeout_s` is both how long
         ZeroMQ may take to accept it and the peer's deadline. Raises RpcTimeout, RpcClosed."""
-        return self._send(lambda rid: encode(op, rid, fields, tensors, deadline=time.time() + timeout), op, timeout)
+        return self._send(lambda rid: encode(op, rid, fields, tensors, deadline=time.time() + timeout_s), op, timeout_s)
 
     def send_attend(self, owner: str, layer: int, h0: int, h1: int, meta: np.ndarray, q, k, v,
-                    timeout: float, trace: bool = False) -> int:
+                    timeout_s: float, trace: bool = False) -> int:
         """Queue one attend in the fixed binary header (wire.encode_attend); returns its id.
 
         meta int64 [n, 4] = (shard key, context_len, n_q, num_new_tokens) per entry; q [Tq, Hq, D],
         k/v [Tkv, Hkv, D] in the registered storage (float32, or 16-bit floats as uint16 bits), sent
-        without a copy: the caller must not write into them until the reply arrives. `timeout` (s):
+        without a copy: the caller must not write into them until the reply arrives. `timeout_s`:
         how long ZeroMQ may take to accept it, and the peer's deadline. Raises RpcTimeout, RpcClosed,
         WireError (shapes/dtypes the format cannot carry)."""
         return self._send(lambda rid: encode_attend(rid, owner, layer, h0, h1, meta, q, k, v,
-                                                    deadline=time.time() + timeout, trace=trace), "attend", timeout)
+                                                    deadline=time.time() + timeout_s, trace=trace), "attend", timeout_s)
 
-    def _send(self, build: Callable[[int], list], op: str, timeout: float) -> int:
+    def _send(self, build: Callable[[int], list], op: str, timeout_s: float) -> int:
         with self._lock:
             if self.closed:
                 raise RpcClosed(f"data link to {self.endpoint} is closed")
@@ -323,19 +323,19 @@ class DataLink:
                 # A multipart message is taken whole or not at all: NOBLOCK first, poll only when full.
                 self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
-                if not self._sock.poll(int(timeout * 1000), zmq.POLLOUT):
-                    raise RpcTimeout(f"{op} to {self.endpoint}: could not send within {timeout:g} s") from None
+                if not self._sock.poll(int(timeout_s * 1000), zmq.POLLOUT):
+                    raise RpcTimeout(f"{op} to {self.endpoint}: could not send within {timeout_s:g} s") from None
                 self._sock.send_multipart(frames, copy=False)
         self.bytes_sent += _nbytes(frames)
         self._waiting.add(rid)
         return rid
 
     def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
-                check_every: float = 0.05) -> Message:
+                check_every_s: float = 0.05) -> Message:
         """Wait for the reply to request `rid` and return it: a Message whose tensors are read-only
         views of the received frames (an attend's: out float32 [Tq, Hq, D], lse float32 [Tq, Hq]).
 
-        deadline: time.monotonic() seconds. Blocks in zmq poll, waking every `check_every` s to ask
+        deadline: time.monotonic() seconds. Blocks in zmq poll, waking every `check_every_s` seconds to ask
         `alive()`. Raises RpcTimeout past the deadline (or for a "deadline" error reply), RpcClosed
         when `alive()` turns false (membership declared the peer dead) or the link is closed,
         RpcError(reason, code) for any other error reply. Replies to other ids that arrive
@@ -348,7 +348,7 @@ class DataLink:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise RpcTimeout(f"attend to {self.endpoint}: no reply in time")
-                if self._sock.poll(int(min(remaining, check_every) * 1000) or 1, zmq.POLLIN):
+                if self._sock.poll(int(min(remaining, check_every_s) * 1000) or 1, zmq.POLLIN):
                     self._take_replies()
                 elif not alive():
                     raise RpcClosed(f"attention peer at {self.endpoint} is gone")

@@ -206,7 +206,7 @@ class Membership:
             fields = self._gossip_fields(leave=True)
             others = [p.address for p in self._table.values() if p.id != self.me.id and p.state != DEAD]
             await asyncio.gather(
-                *(self._client(a).call("gossip", fields, timeout=self._call_timeout) for a in others),
+                *(self._client(a).call("gossip", fields, timeout_s=self._call_timeout) for a in others),
                 return_exceptions=True,
             )
         for c in self._clients.values():
@@ -377,7 +377,7 @@ class Membership:
 
     async def _exchange(self, address: str) -> None:
         try:
-            reply = await self._client(address).call("gossip", self._gossip_fields(), timeout=self._call_timeout)
+            reply = await self._client(address).call("gossip", self._gossip_fields(), timeout_s=self._call_timeout)
         except RpcError as e:  # timeouts included: silence is handled by the heartbeat clock
             if e.code is not None:  # an answer, not silence: say so once
                 if address not in self._warned:
@@ -423,6 +423,6 @@ async def fetch_status(ctx: zmq.asyncio.Context, address: str, timeout: float = 
     """The cluster as the peer at `address` sees it: {"id", "cluster", "peers": [...]}."""
     client = RpcClient(ctx, address, security=security)
     try:
-        return (await client.call("status", timeout=timeout)).fields
+        return (await client.call("status", timeout_s=timeout)).fields
     finally:
         await client.close()

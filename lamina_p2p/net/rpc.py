@@ -272,14 +272,14 @@ class RpcClient:
         self.timeouts = 0
 
     async def call(
-        self, op: str, fields: dict | None = None, tensors: Sequence = (), timeout: float = 10.0
+        self, op: str, fields: dict | None = None, tensors: Sequence = (), timeout_s: float = 10.0
     ) -> Message:
         """One request/reply on the event loop: returns the reply Message (its tensors are read-only
         numpy views of the received frames; bf16 as uint16 bits, `Message.torch(i)` converts).
 
         op: the handler's name on the server; fields: a msgpack-able dict; tensors: numpy arrays or
         CPU torch tensors (sent without a copy when large: do not write into them until this returns);
-        timeout: seconds for the whole call, also sent as the server's deadline. Raises RpcTimeout
+        timeout_s: seconds for the whole call, also sent as the server's deadline. Raises RpcTimeout
         past it, RpcClosed when the client is (or gets) closed, RpcError(reason, code) for an error
         reply (code "busy", "deadline", "bad_message", "unknown_op", "handler"), WireError for a
         tensor the wire cannot carry."""
@@ -288,17 +288,17 @@ class RpcClient:
         if self._recv_task is None:  # created here because __init__ may run outside a loop
             self._recv_task = asyncio.create_task(self._receive(), name=f"rpc-client {self.address}")
         rid = next(self._ids)
-        frames = encode(op, rid, fields, tensors, deadline=time.time() + timeout)
+        frames = encode(op, rid, fields, tensors, deadline=time.time() + timeout_s)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self.calls += 1
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout_s):
                 await self._send(frames)
                 msg = await fut
         except TimeoutError:
             self.timeouts += 1
-            raise RpcTimeout(f"{op} to {self.address}: no reply within {timeout:g} s") from None
+            raise RpcTimeout(f"{op} to {self.address}: no reply within {timeout_s:g} s") from None
         except asyncio.CancelledError:
             # close() closes the socket, and pyzmq cancels a send still waiting on it: report that
             # as the close it is, unless it is this task that is being cancelled.
