@@ -9,7 +9,6 @@ import pytest
 from hf_models import build_hf_model
 
 import lamina_p2p
-from lamina_p2p.model.presets import write_preset
 from lamina_p2p.offline import GenerateOptions, run_generate
 
 PROMPTS = [[1, 5, 9, 22, 7], [3, 4, 8, 10, 11, 12, 13], [17, 200]]
@@ -39,8 +38,8 @@ def test_llm_greedy_tokens_equal_run_generate(model_dir):
     assert [o["token_ids"] for o in llm.generate(PROMPTS[:1], params)] == expected[:1]
 
 
-def test_llm_text_prompt_as_the_command_encodes_it(tmp_path):
-    path = str(write_preset("tiny", tmp_path / "tiny", seed=0))
+def test_llm_text_prompt_as_the_command_encodes_it(tiny):
+    path = str(tiny)
     expected = run_generate(GenerateOptions(model_dir=path, prompts=["Hello there"], max_tokens=6, ignore_eos=True,
                                             kv_bytes=16 << 20))
     out = lamina_p2p.LLM(path, kv_bytes=16 << 20).generate(["Hello there"],

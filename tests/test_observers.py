@@ -19,11 +19,10 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tiny_preset):
     from lamina_p2p.model.loader import load_model
-    from lamina_p2p.model.presets import write_preset
 
-    return load_model(write_preset("tiny", tmp_path_factory.mktemp("tiny")))
+    return load_model(tiny_preset())
 
 
 class Recorder:
