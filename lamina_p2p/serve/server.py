@@ -46,9 +46,7 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
     async with contextlib.AsyncExitStack() as stack:
         transport = await stack.enter_async_context(open_compute_transport(opts))
         metrics = ServeMetrics(transport)
-        engine = Engine(model, transport, placement=opts.placement, micro_batches=opts.micro_batches,
-                        shard_tokens=opts.shard_tokens, max_step_tokens=opts.max_step_tokens,
-                        kv_replicas=opts.kv_replicas, dense_cpus=opts.dense_cpus)
+        engine = Engine(model, transport, **opts.engine_kwargs())
         metrics.watch_engine(engine)
         engine.observers.append(metrics)  # per-layer dense and attention-wait times
         stack.callback(engine.close)
