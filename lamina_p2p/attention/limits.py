@@ -69,7 +69,7 @@ def check_register(fields: dict, service, limits: PeerLimits = DEFAULT_PEER_LIMI
     owners = service.owner_ids()
     if owner not in owners and len(owners) >= limits.max_owners:
         raise LimitError(f"register: this peer serves {limits.max_owners} owners already")
-    pools = getattr(service, "_pools", {})
+    pools = service.pool_keys()
     key = (fields["num_layers"], fields["head_dim"], fields["storage"])
     if len(pools) >= limits.max_pools and all((k.num_layers, k.head_dim, k.storage) != key for k in pools):
         raise LimitError(f"register: this peer holds {limits.max_pools} model geometries already")

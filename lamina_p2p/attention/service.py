@@ -134,6 +134,11 @@ class AttentionService:
         with self._lock:
             return list(self._owners)
 
+    def pool_keys(self) -> list[PoolKey]:
+        """The model geometries (one KV pool each) this peer holds."""
+        with self._lock:
+            return list(self._pools)
+
     def drop_owner(self, owner: str) -> int:
         with self._lock:
             return self._drop_locked(owner)
