@@ -194,7 +194,7 @@ async def open_compute_transport(opts: ComputeOptions):
         from lamina_p2p.compute.remote import join_cluster
 
         async with join_cluster(opts.join, listen=opts.listen, cluster=opts.cluster,
-                                heartbeat_interval=opts.heartbeat, dead_after=opts.dead_after,
+                                heartbeat_interval=opts.heartbeat_interval_s, dead_after=opts.dead_after_s,
                                 advertise=opts.advertise, discover=opts.discover, discover_port=opts.discover_port,
                                 discover_broadcast=opts.discover_broadcast, security=opts.security,
                                 insecure_listen=opts.insecure_listen) as transport:

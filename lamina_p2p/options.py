@@ -28,7 +28,7 @@ class EngineOptions:
     micro_batches: int = 1
     kv_replicas: int = 1  # copies of every KV shard on distinct attention peers
     max_step_tokens: int = 4096  # prefill tokens one engine step takes at most
-    peer_wait_timeout: float = 60.0  # seconds requests wait for an attention peer when none is left
+    peer_wait_timeout_s: float = 60.0  # requests wait for an attention peer when none is left
     threads: int | None = None  # torch threads of the compute side
     dense_cpus: set[int] | None = None  # the dense thread (and its torch pool) on these CPUs only
     # Where attention runs.
@@ -41,7 +41,7 @@ class EngineOptions:
     security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection
 
     def engine_kwargs(self) -> dict:
-        """The keyword arguments of `compute.engine.Engine` these options set (peer_wait_timeout is the
+        """The keyword arguments of `compute.engine.Engine` these options set (peer_wait_timeout_s is the
         scheduler's: a serving compute peer passes it there)."""
         return dict(placement=self.placement, micro_batches=self.micro_batches, shard_tokens=self.shard_tokens,
                     max_step_tokens=self.max_step_tokens, kv_replicas=self.kv_replicas, dense_cpus=self.dense_cpus)
@@ -71,14 +71,14 @@ class ComputeOptions(EngineOptions):
     """A compute peer (`start --role compute`, `serve`): its place in the cluster and its HTTP API."""
 
     listen: str = "tcp://127.0.0.1:0"
-    heartbeat: float = 0.5  # seconds between gossip heartbeats
-    dead_after: float = 5.0  # seconds without a heartbeat before a peer is declared dead
+    heartbeat_interval_s: float = 0.5  # between gossip heartbeats
+    dead_after_s: float = 5.0  # without a heartbeat before a peer is declared dead
     advertise: str | None = None
     discover: bool = False
     discover_port: int = 47474
     discover_broadcast: str = "255.255.255.255"
     insecure_listen: bool = False
-    drain_timeout: float = 30.0  # on SIGTERM: seconds to let running requests finish before failing them
+    drain_timeout_s: float = 30.0  # on SIGTERM: time to let running requests finish before failing them
     http: str | None = None  # HOST:PORT of the OpenAI-compatible API
     max_batch: int = 64
     api_key: str | None = None

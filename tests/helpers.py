@@ -1,6 +1,7 @@
-"""What several test modules share: peer processes started together and stopped together, talking
-to a running `lamina-node serve` (the official openai client, raw HTTP, /metrics), the sampling
-tests' constants, the fault tests' streamed workload, and the package-registry probe.
+"""What several test modules share: peer processes started together and stopped together, the
+`lamina-node` command run as a user runs it (one or several at once), talking to a running
+`lamina-node serve` (the official openai client, raw HTTP, /metrics), the sampling tests' constants,
+the fault tests' streamed workload, and the package-registry probe.
 
     from helpers import GREEDY, client, metric
 
@@ -24,7 +25,7 @@ import urllib.request
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from lamina_p2p.launch import PeerProcess, start_peer, stop_all
+from lamina_p2p.launch import PeerProcess, node_command, start_peer, stop_all
 
 # -- peer processes ------------------------------------------------------------------------------
 
@@ -85,6 +86,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- the command line, as a user runs it ----------------------------------------------------------
+
+
+def node(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `lamina-node ARGS` to its end; stdout/stderr captured as text."""
+    import os
+
+    return subprocess.run(node_command(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def nodes(commands: list[list[str]], env: dict | None = None,
+          timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Run several independent `lamina-node` commands at once; their results in the order given.
+
+    For the tests that check how many commands fail: most of each one's time is the interpreter's
+    start and, for --join, the status probe's wait, which overlap instead of adding up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda cmd: node(*cmd, env=env, timeout=timeout), commands))
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """The command failed with a usage or runtime error (exit 1 or 2) in one line naming every needle."""
+    assert r.returncode in (1, 2), (r.args, r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, (r.args, r.stderr)
+    for n in needles:
+        assert n in lines[0], (r.args, lines[0])
 
 
 # -- a running `lamina-node serve` ---------------------------------------------------------------

@@ -4,12 +4,10 @@ model, and --join where no peer answers (nothing listening, or a secret missing 
 
 import json
 import shutil
-import subprocess
 
 import pytest
-from helpers import free_port
+from helpers import free_port, node, nodes, one_line_error
 
-from lamina_p2p.launch import node_command
 from lamina_p2p.model.config import ModelError
 from lamina_p2p.model.loader import load_model
 from lamina_p2p.model.source import display_name, resolve
@@ -26,21 +24,6 @@ def hf_cache(root, repo: str, files_from) -> None:
     (entry / "refs").mkdir(parents=True)
     (entry / "refs" / "main").write_text(COMMIT)
     shutil.copytree(files_from, entry / "snapshots" / COMMIT)
-
-
-def run(*args, env=None, timeout=600):
-    import os
-
-    return subprocess.run(node_command(*args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-def one_line_error(r, *needles):
-    assert r.returncode in (1, 2), (r.returncode, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_hf_cache_repo_resolves_offline(tiny, tmp_path, monkeypatch):
@@ -81,7 +64,7 @@ def test_generate_from_the_hf_cache_and_chat(tiny, tmp_path):
     hub = tmp_path / "hub"
     hf_cache(hub, "acme/tiny", tiny)
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
-    r = run("generate", "--model", "acme/tiny", "--chat", "Hello there", "--chat", "Second one", "--system", "Be brief.",
+    r = node("generate", "--model", "acme/tiny", "--chat", "Hello there", "--chat", "Second one", "--system", "Be brief.",
             "--prompt", "The river", "--max-tokens", "4", "--ignore-eos", "--json", env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -93,26 +76,28 @@ def test_generate_from_the_hf_cache_and_chat(tiny, tmp_path):
     assert out["prompt_tokens"] == [len(p) for p in prompts]
     want, _ = generate_greedy(load_model(tiny), prompts, 4)
     assert out["token_ids"] == want
-    one_line_error(run("generate", "--model", "acme/absent", "--prompt", "x", env=env),
+    one_line_error(node("generate", "--model", "acme/absent", "--prompt", "x", env=env),
                    "acme/absent", "not in the local Hugging Face cache")
 
 
 def test_bad_models_and_options_are_one_line(tiny, tmp_path):
-    one_line_error(run("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"), "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    for cmd in (["generate", "--prompt", "x"], ["serve"], ["start", "--role", "compute", "--join", "tcp://127.0.0.1:1"],
-                ["plan", "--compute", "h100", "--attention", "h20"]):
-        one_line_error(run(*cmd, "--model", str(empty)), "empty", "config.json not found")
     broken = shutil.copytree(tiny, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
-    one_line_error(run("generate", "--model", str(broken), "--prompt", "x"), "model.safetensors", "cannot read")
-    one_line_error(run("generate", "--model", str(tiny), "--system", "s", "--prompt", "x"), "--system goes with --chat")
     nochat = shutil.copytree(tiny, tmp_path / "nochat")
     tc = json.loads((nochat / "tokenizer_config.json").read_text())
     del tc["chat_template"]
     (nochat / "tokenizer_config.json").write_text(json.dumps(tc))
-    one_line_error(run("generate", "--model", str(nochat), "--chat", "hi"), "no chat template")
+    cases = [(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"], ["nowhere"])]
+    for cmd in (["generate", "--prompt", "x"], ["serve"], ["start", "--role", "compute", "--join", "tcp://127.0.0.1:1"],
+                ["plan", "--compute", "h100", "--attention", "h20"]):
+        cases.append(([*cmd, "--model", str(empty)], ["empty", "config.json not found"]))
+    cases += [(["generate", "--model", str(broken), "--prompt", "x"], ["model.safetensors", "cannot read"]),
+              (["generate", "--model", str(tiny), "--system", "s", "--prompt", "x"], ["--system goes with --chat"]),
+              (["generate", "--model", str(nochat), "--chat", "hi"], ["no chat template"])]
+    for r, (_, needles) in zip(nodes([cmd for cmd, _ in cases]), cases):
+        one_line_error(r, *needles)
 
 
 @pytest.mark.cluster
@@ -126,11 +111,12 @@ def test_join_with_no_answering_peer_fails_fast(tiny, tmp_path, launch_peer):
     peer = launch_peer(["start", "--role", "attention", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "64MiB",
                         "--secret", str(good)])
     cases = [(nobody, []), (peer.address, []), (peer.address, ["--secret", str(other)])]
-    for addr, extra in cases:
-        for cmd in (["generate", "--model", str(tiny), "--prompt", "x", "--join", addr],
-                    ["serve", "--model", str(tiny), "--http", "127.0.0.1:0", "--join", addr],
-                    ["start", "--role", "compute", "--model", str(tiny), "--join", addr]):
-            r = run(*cmd, *extra, timeout=120)
-            # The status probe's answer (5 s), not the 60 s wait for peers that used to end in a traceback;
-            # no wall-clock assertion (shared machine), the message says which path was taken.
-            one_line_error(r, "no peer answered", addr, "within 5 s", "--secret")
+    commands = [[*cmd, *extra]
+                for addr, extra in cases
+                for cmd in (["generate", "--model", str(tiny), "--prompt", "x", "--join", addr],
+                            ["serve", "--model", str(tiny), "--http", "127.0.0.1:0", "--join", addr],
+                            ["start", "--role", "compute", "--model", str(tiny), "--join", addr])]
+    for r, cmd in zip(nodes(commands, timeout=120), commands):
+        # The status probe's answer (5 s), not the 60 s wait for peers that used to end in a traceback;
+        # no wall-clock assertion (shared machine), the message says which path was taken.
+        one_line_error(r, "no peer answered", cmd[cmd.index("--join") + 1], "within 5 s", "--secret")

@@ -11,10 +11,11 @@ import subprocess
 
 import pytest
 import torch
+from helpers import free_port
 from hf_models import build_hf_model, load_hf_model
 
 from lamina_p2p.offline import GenerateOptions, run_generate
-from lamina_p2p.launch import node_command, start_attention_peers, stop_all
+from lamina_p2p.launch import node_command
 
 pytestmark = pytest.mark.cluster
 
@@ -84,12 +85,12 @@ def test_generate_command_starts_and_stops_its_peers(model_dir, reference):
 
 
 @pytest.mark.parametrize("data_address", ["default", "fixed"])
-def test_block_size_and_data_path_come_from_the_register_reply(model_dir, reference, data_address):
+def test_block_size_and_data_path_come_from_the_register_reply(model_dir, reference, data_address,
+                                                              attention_peers):
     """A peer started with --block-size 32: the transport (and so the scheduler) uses 32, not 16; every
     per-layer attend goes over the data path (the kernel thread's own socket): ipc:// on one host by
     default, or exactly the address given with --data-port/--data-advertise (firewalls, NAT, relays)."""
     import asyncio
-    import socket
 
     from waiting import peer_stats
 
@@ -100,33 +101,29 @@ def test_block_size_and_data_path_come_from_the_register_reply(model_dir, refere
 
     extra, expected = ["--block-size", "32"], "ipc://"
     if data_address == "fixed":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         expected = f"tcp://127.0.0.1:{port}"
         extra += ["--data-port", str(port), "--data-advertise", expected]
-    (peer,) = start_attention_peers(1, "64MiB", threads=1, cluster="bs32", extra=extra)
-    try:
-        async def run():
-            async with join_cluster([peer.address], cluster="bs32") as transport:
-                await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60)
-                engine = Engine(load_model(model_dir), transport)
-                try:
-                    await transport.wait_for_peers(1, 60)
-                    (info,) = transport._info.values()
-                    seqs, _ = await engine.generate(PROMPTS[:3], SamplingParams(max_tokens=STEPS, ignore_eos=True))
-                    return transport.block_size(), info["endpoint"], [s.output for s in seqs]
-                finally:
-                    engine.close()
+    (peer,) = attention_peers(1, *extra, kv_memory="64MiB", cluster="bs32")
 
-        block, endpoint, tokens = asyncio.run(run())
-        assert block == 32
-        assert endpoint == expected if data_address == "fixed" else endpoint.startswith(expected)
-        assert tokens == reference[:3]
-        stats = peer_stats(peer.address)
-        assert stats["attend_calls"] > 0 and stats["data_path_requests"] == stats["attend_calls"]
-    finally:
-        stop_all([peer])
+    async def run():
+        async with join_cluster([peer.address], cluster="bs32") as transport:
+            await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60)
+            engine = Engine(load_model(model_dir), transport)
+            try:
+                await transport.wait_for_peers(1, 60)
+                (info,) = transport._info.values()
+                seqs, _ = await engine.generate(PROMPTS[:3], SamplingParams(max_tokens=STEPS, ignore_eos=True))
+                return transport.block_size(), info["endpoint"], [s.output for s in seqs]
+            finally:
+                engine.close()
+
+    block, endpoint, tokens = asyncio.run(run())
+    assert block == 32
+    assert endpoint == expected if data_address == "fixed" else endpoint.startswith(expected)
+    assert tokens == reference[:3]
+    stats = peer_stats(peer.address)
+    assert stats["attend_calls"] > 0 and stats["data_path_requests"] == stats["attend_calls"]
 
 
 def test_sequence_shards_with_replicas_match_transformers(model_dir, reference, peers):

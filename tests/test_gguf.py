@@ -3,14 +3,13 @@ with the `gguf` package, loaded by lamina-p2p and by transformers' own GGUF load
 process and on a real cluster; and one-line errors for broken files."""
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 from gguf_models import build_gguf, permute
-from lamina_p2p.launch import node_command
+from helpers import node, nodes, one_line_error
 from lamina_p2p.model.config import ModelError
 from lamina_p2p.model.gguf import gguf_config, unpermute
 from lamina_p2p.model.loader import load_model
@@ -138,19 +137,6 @@ def test_metadata_config_and_tokenizer(root):
     assert encode_chat(tok, template_for(tok), messages, allow_special_in_content=True).count(2) == 2
 
 
-def _run(*args, timeout=600):
-    return subprocess.run(node_command(*args), capture_output=True, text=True, timeout=timeout)
-
-
-def _one_line_error(r, *needles):
-    assert r.returncode in (1, 2), r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Traceback" not in r.stderr
-
-
 def _rewrite(src, dst, arch=None, drop=None, qtype=None):
     """Copy GGUF `src` to `dst`, changing the architecture, dropping a tensor or re-typing one."""
     import gguf
@@ -207,10 +193,11 @@ def test_bad_files_fail_in_one_line(root, tmp_path):
         for n in needles:
             assert n in str(e.value)
     # And through the CLI, every command that takes a model: one line, no traceback.
-    for path, needles in cases[:3] + cases[4:5]:
-        _one_line_error(_run("generate", "--model", str(path), "--prompt", "hi"), *needles)
-    _one_line_error(_run("plan", "--model", str(cases[2][0]), "--compute", "h100", "--attention", "h20"),
-                    "unsupported architecture 'gpt2'")
+    cli = [(["generate", "--model", str(path), "--prompt", "hi"], needles) for path, needles in cases[:3] + cases[4:5]]
+    cli.append((["plan", "--model", str(cases[2][0]), "--compute", "h100", "--attention", "h20"],
+                ["unsupported architecture 'gpt2'"]))
+    for r, (_, needles) in zip(nodes([cmd for cmd, _ in cli]), cli):
+        one_line_error(r, *needles)
 
 
 @pytest.mark.cluster
@@ -220,7 +207,7 @@ def test_gguf_on_a_real_cluster_equals_in_process(root):
     tok = load_tokenizer(path)
     prompts = ["The river ran slowly", "the old mill"]
     want, _ = generate_greedy(model, [tok.encode(p) for p in prompts], 8)
-    r = _run("generate", "--model", str(path), "--prompt", prompts[0], "--prompt", prompts[1], "--max-tokens", "8",
+    r = node("generate", "--model", str(path), "--prompt", prompts[0], "--prompt", prompts[1], "--max-tokens", "8",
              "--ignore-eos", "--attention-peers", "2", "--placement", "head", "--micro-batches", "2",
              "--kv-memory", "64MiB", "--json")
     assert r.returncode == 0, r.stderr[-3000:]

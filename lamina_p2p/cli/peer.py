@@ -110,8 +110,8 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
 
     opts = ComputeOptions(model_dir=model_dir, listen=listen, join=list(join), cluster=cluster, dtype=dtype,
                           placement=placement, shard_tokens=shard_tokens, micro_batches=micro_batches, http=http,
-                          kv_replicas=kv_replicas, peer_wait_timeout=peer_wait_timeout, drain_timeout=drain_timeout,
-                          threads=threads, dense_cpus=dense, heartbeat=heartbeat, dead_after=dead_after,
+                          kv_replicas=kv_replicas, peer_wait_timeout_s=peer_wait_timeout, drain_timeout_s=drain_timeout,
+                          threads=threads, dense_cpus=dense, heartbeat_interval_s=heartbeat, dead_after_s=dead_after,
                           max_batch=max_batch, advertise=advertise, discover=discover, discover_port=discover_port,
                           discover_broadcast=discover_broadcast, security=security,
                           insecure_listen=insecure_listen, api_key=api_key)

@@ -21,9 +21,9 @@ from lamina_p2p.cli.options import (attention_options, engine_fields, engine_opt
 @model_option()
 @click.option("--http", default="127.0.0.1:8000", show_default=True, help="HOST:PORT to serve on (port 0: any).")
 @engine_options
-@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
+@click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True, type=click.FloatRange(0),
               help="On SIGTERM: seconds to let running requests finish before failing them.")
-@click.option("--peer-wait-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
+@click.option("--peer-wait-timeout", "peer_wait_timeout_s", default=60.0, show_default=True, type=click.FloatRange(0),
               help="Seconds requests wait for an attention peer when none is left.")
 @click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1),
               help="Most sequences in one step.")

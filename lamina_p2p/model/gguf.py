@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import ModelConfig, ModelError
 
@@ -197,9 +196,10 @@ def _rope_scaling(reader, arch, tensors, head_dim, source) -> dict | None:
 def _llama3_scaling(reader, arch, t, head_dim, source) -> dict:
     """Llama 3.1+ files carry the llama3 rope as per-frequency divisors (rope_freqs.weight), not as
     parameters. Those divisors come from four numbers; find the ones that reproduce them exactly."""
-    from .transformer import rope_inv_freq  # the same formula the model will use
-
     import gguf
+    import torch
+
+    from .transformer import rope_inv_freq  # the same formula the model will use
 
     freqs = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(-1)
     theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))
@@ -244,6 +244,7 @@ def load_gguf_weights(path, model, reader=None, progress: bool | None = None) ->
     the tensor); `progress` (default: stderr is a terminal) shows a bar on stderr.
     """
     import gguf
+    import torch
 
     reader = reader or open_gguf(path)
     c = model.config

@@ -53,7 +53,7 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
         # Registration happens on bind: wait until it is done.
         await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
         scheduler = Scheduler(engine, max_batch=opts.max_batch, reserve=opts.reserve, metrics=metrics,
-                              peer_wait_timeout_s=opts.peer_wait_timeout)
+                              peer_wait_timeout_s=opts.peer_wait_timeout_s)
         sched_stop = asyncio.Event()
         sched_task = asyncio.create_task(scheduler.run(sched_stop))
         # A scheduler that dies would leave every request hanging: take the whole peer down instead.
@@ -89,7 +89,7 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
         await stop.wait()
         # Graceful: refuse new requests (503), let the running ones finish, then fail what is left
         # (the scheduler's shutdown), drop our KV on the attention peers and leave the cluster.
-        if not sched_task.done() and not await scheduler.drain(opts.drain_timeout):
-            log.warning("drain timed out after %g s: failing the requests still running", opts.drain_timeout)
+        if not sched_task.done() and not await scheduler.drain(opts.drain_timeout_s):
+            log.warning("drain timed out after %g s: failing the requests still running", opts.drain_timeout_s)
         if sched_task.done() and not sched_task.cancelled() and sched_task.exception():
             log.error("scheduler failed: %r", sched_task.exception())
