@@ -37,13 +37,19 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-LAYOUTS = ("auto", "eager", "onednn", "f32", "fp16")
+LAYOUTS = ("auto", "eager", "onednn", "f32", "fp16", "gemv")
 FP16_MAX = 65504.0
 _HAS_ATEN_FP16 = hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation")
 
 
 def _has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_avx2_supported()
+
+
+def _has_avx512() -> bool:
+    # The gemv kernel keeps up to 17 16-lane float32 vectors live: AVX-512's 32 zmm registers hold
+    # them; on AVX2 (16 ymm, two a vector) they would spill, and FBGEMM's fp16 GEMM is the pick.
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
 def _native_bf16() -> bool:
@@ -67,6 +73,8 @@ def choose_layout(layout: str, dtype: torch.dtype, device: torch.device) -> str:
             return "onednn" if onednn else "eager"
         if onednn and _native_bf16() and dtype == torch.bfloat16:
             return "onednn"
+        if _has_avx512():
+            return "gemv"
         if _has_fbgemm():
             return "fp16"
         return "f32"
@@ -166,6 +174,10 @@ class Linear:
 
             def f32(x):
                 return F.linear(x, wf, bf)
+        elif layout == "gemv":
+            from .gemv import Gemv  # numba: imported only when chosen
+
+            f32 = Gemv(w, bf)
         elif layout == "fp16":
             top = float(w.abs().max()) if w.numel() else 0.0
             if not top <= FP16_MAX:  # also catches nan
