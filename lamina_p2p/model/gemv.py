@@ -33,7 +33,9 @@ BLOCK = 16
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract", "arcp", "nsz", "afn"})
 
 
-@njit(inline="always", **_JIT)
+# Not inlined: every caller (serial, parallel, the fused kernels) calls one compiled copy, which
+# keeps Numba's first compile to about a minute instead of several.
+@njit(**_JIT)
 def _block(x, wb, bias, y, tail, j, n_out):
     """Outputs 16 j .. 16 j + 15 of every row of x."""
     rows, k_in = x.shape
