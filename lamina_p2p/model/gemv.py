@@ -208,7 +208,7 @@ def pack(w: torch.Tensor) -> np.ndarray:
 
 
 class Gemv:
-    """y = x @ w.T + b for float32 x [rows, in] (any rows), float32 y [rows, out]; w packed once.
+    """y = x @ w.T + b for float32 x [..., in], float32 y [..., out]; w packed once.
 
     `w` [out, in] float32/bfloat16/float16 and `b` [out] (any float dtype or None) are copied at
     construction. Splits the output blocks over Numba's threads when torch runs more than one
@@ -227,12 +227,14 @@ class Gemv:
         self.split = self.wb.nbytes >= PARALLEL_MIN_BYTES
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        rows = x2.shape[0]
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         tail = _NO_TAIL if self.out_features % BLOCK == 0 else np.empty((rows, BLOCK), np.float32)
         fn = _gemv_parallel if self.split and torch.get_num_threads() > 1 else _gemv_serial
-        fn(x.contiguous().numpy(), self.wb, self.bias, y.numpy(), tail)
-        return y
+        fn(x2.numpy(), self.wb, self.bias, y.numpy(), tail)
+        return y if len(lead) == 1 else y.view(*lead, self.out_features)
 
 
 _NO_TAIL = np.empty((0, BLOCK), np.float32)
