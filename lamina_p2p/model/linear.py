@@ -17,7 +17,19 @@ library runs it and how its weights sit in memory:
           bf16 value exactly unless it is below 2^-14 in magnitude (fp16 subnormals
           hold it to 2^-24 absolute), so a bf16 model loses nothing measurable.
 
-`choose_layout("auto", ...)` picks from measurements with SmolLM2-135M's shapes on
+  gemv    the model's own 16-bit weights (or float32) in 16-row blocks, streamed by a
+          Numba kernel (model/gemv.py) that widens them in registers and accumulates
+          in float32: a batch-1 GEMV reads its bytes at the memory's speed. A
+          bfloat16 Llama-family model also fuses the small ops around each GEMV
+          (model/fused.py). Needs AVX-512 to be fast (32 vector registers).
+
+`choose_layout("auto", ...)`: float32 -> onednn; bfloat16 with native bf16 dot products ->
+onednn; else gemv on AVX-512 CPUs, fp16 on other AVX2 CPUs. gemv over fp16 (same sitting,
+SmolLM2-135M bf16, 2 threads, load ~5, tools/bench_e2e.py): dense per layer 2.58 vs 6.99 ms
+(batch 1, context 512), 2.35 vs 4.80 ms (batch 16); per call, hot cache, one thread: QKV
+33 vs 57 us and gate/up 149 vs 166 us at batch 1 (FBGEMM on two threads); at batch 16 the
+two were within 15 % (ours on one thread) -- no batch up to 16 where fp16 won clearly.
+Earlier measurements, before gemv: picks from measurements with SmolLM2-135M's shapes on
 a 2-core AVX512 Xeon without BF16 (python -m lamina_p2p.model.bench_dense prints
 the table): a bf16 decode step at batch 16 cost 2.3x the CPU time with oneDNN's
 bf16 GEMM (prepacked or not) as with fp16 weights, and 1.7x as with float32
