@@ -279,5 +279,8 @@ class FusedDense:
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
-    """A contiguous bfloat16 tensor as its int16 bits (no copy unless t is not contiguous)."""
+    """A bfloat16 tensor as its int16 bits (no copy when contiguous bfloat16; another dtype, e.g. a
+    float32 attention output, is rounded to bfloat16 first, as the layer's bfloat16 input)."""
+    if t.dtype != torch.bfloat16:
+        t = t.to(torch.bfloat16)
     return t.contiguous().view(torch.int16).numpy()
