@@ -60,6 +60,8 @@ def test_auto_follows_the_machine():
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     if native and torch.backends.mkldnn.is_available():
         assert bf16 == "onednn"
+    elif torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
+        assert bf16 == "gemv"
     elif "fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_avx2_supported():
         assert bf16 == "fp16"
     assert choose_layout("auto", torch.float32, CPU) in ("onednn", "eager")

@@ -17,7 +17,19 @@ library runs it and how its weights sit in memory:
           bf16 value exactly unless it is below 2^-14 in magnitude (fp16 subnormals
           hold it to 2^-24 absolute), so a bf16 model loses nothing measurable.
 
-`choose_layout("auto", ...)` picks from measurements with SmolLM2-135M's shapes on
+  gemv    the model's own 16-bit weights (or float32) in 16-row blocks, streamed by a
+          Numba kernel (model/gemv.py) that widens them in registers and accumulates
+          in float32: a batch-1 GEMV reads its bytes at the memory's speed. A
+          bfloat16 Llama-family model also fuses the small ops around each GEMV
+          (model/fused.py). Needs AVX-512 to be fast (32 vector registers).
+
+`choose_layout("auto", ...)`: float32 -> onednn; bfloat16 with native bf16 dot products ->
+onednn; else gemv on AVX-512 CPUs, fp16 on other AVX2 CPUs. gemv over fp16 (same sitting,
+SmolLM2-135M bf16, 2 threads, load ~5, tools/bench_e2e.py): dense per layer 2.58 vs 6.99 ms
+(batch 1, context 512), 2.35 vs 4.80 ms (batch 16); per call, hot cache, one thread: QKV
+33 vs 57 us and gate/up 149 vs 166 us at batch 1 (FBGEMM on two threads); at batch 16 the
+two were within 15 % (ours on one thread) -- no batch up to 16 where fp16 won clearly.
+Earlier measurements, before gemv: picks from measurements with SmolLM2-135M's shapes on
 a 2-core AVX512 Xeon without BF16 (python -m lamina_p2p.model.bench_dense prints
 the table): a bf16 decode step at batch 16 cost 2.3x the CPU time with oneDNN's
 bf16 GEMM (prepacked or not) as with fp16 weights, and 1.7x as with float32
@@ -37,13 +49,19 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-LAYOUTS = ("auto", "eager", "onednn", "f32", "fp16")
+LAYOUTS = ("auto", "eager", "onednn", "f32", "fp16", "gemv")
 FP16_MAX = 65504.0
 _HAS_ATEN_FP16 = hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation")
 
 
 def _has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_avx2_supported()
+
+
+def _has_avx512() -> bool:
+    # The gemv kernel keeps up to 17 16-lane float32 vectors live: AVX-512's 32 zmm registers hold
+    # them; on AVX2 (16 ymm, two a vector) they would spill, and FBGEMM's fp16 GEMM is the pick.
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
 def _native_bf16() -> bool:
@@ -67,6 +85,8 @@ def choose_layout(layout: str, dtype: torch.dtype, device: torch.device) -> str:
             return "onednn" if onednn else "eager"
         if onednn and _native_bf16() and dtype == torch.bfloat16:
             return "onednn"
+        if _has_avx512():
+            return "gemv"
         if _has_fbgemm():
             return "fp16"
         return "f32"
@@ -166,6 +186,10 @@ class Linear:
 
             def f32(x):
                 return F.linear(x, wf, bf)
+        elif layout == "gemv":
+            from .gemv import Gemv  # numba: imported only when chosen
+
+            f32 = Gemv(w, bf)
         elif layout == "fp16":
             top = float(w.abs().max()) if w.numel() else 0.0
             if not top <= FP16_MAX:  # also catches nan

@@ -132,6 +132,8 @@ class Transformer(torch.nn.Module):
         # Per layer (qkv, o, gate_up, down) prepared matmuls, and the LM head; None until prepare().
         self._linears: tuple[tuple[Linear, Linear, Linear, Linear], ...] | None = None
         self._head: Linear | None = None
+        # The fused bfloat16 path of layout "gemv" (fused.FusedDense), or None: then _linears is ().
+        self._fused = None
         self._inv_freq = rope_inv_freq(c)
         self._build_rope_table(c.max_position_embeddings)
         self._rope_positions: torch.Tensor | None = None  # last positions seen, see _rope()
@@ -191,6 +193,14 @@ class Transformer(torch.nn.Module):
         if layout is not None:
             self._auto = layout == "auto"
             self.layout = choose_layout(layout, self.dtype, self.device)
+        if self.layout == "gemv":
+            from .fused import FusedDense
+
+            if FusedDense.eligible(self):
+                self._fused = FusedDense(self)
+                self._head, self._linears = self._fused.logits, ()
+                self._drop_plain_weights()
+                return
         try:
             linears, head = self._build(self.layout)
         except ValueError:
@@ -201,9 +211,12 @@ class Transformer(torch.nn.Module):
         # Head first: a forward on another thread takes `_linears` being set as "prepared".
         self._head, self._linears = head, linears
         if self.layout != "eager":
-            for L in self._layers:
-                L.wqkv = L.bqkv = L.wo = L.w_gate_up = L.w_down = None
-            self.lm_head = None
+            self._drop_plain_weights()
+
+    def _drop_plain_weights(self) -> None:
+        for L in self._layers:
+            L.wqkv = L.bqkv = L.wo = L.w_gate_up = L.w_down = None
+        self.lm_head = None
 
     def _build(self, lay: str):
         with torch.inference_mode():
@@ -255,7 +268,9 @@ class Transformer(torch.nn.Module):
 
     def pre(self, layer: int, x: torch.Tensor, positions: torch.Tensor):
         """Residual stream [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], contiguous."""
-        lin = self._linears or self.prepare()._linears
+        lin = self._linears if self._linears is not None else self.prepare()._linears
+        if self._fused is not None:
+            return self._fused.pre(layer, x, *self._rope(positions))
         L = self._layers[layer]
         eps = self.config.rms_norm_eps
         t = x.shape[0]
@@ -270,7 +285,10 @@ class Transformer(torch.nn.Module):
 
     def post(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual stream [T, hidden] and attention output [T, Hq, D] -> next residual stream."""
-        _, wo, w_gate_up, w_down = (self._linears or self.prepare()._linears)[layer]
+        lin = self._linears if self._linears is not None else self.prepare()._linears
+        if self._fused is not None:
+            return self._fused.post(layer, x, attn_out)
+        _, wo, w_gate_up, w_down = lin[layer]
         x = x + wo(attn_out.reshape(x.shape[0], -1))
         gate, up = w_gate_up(rms_norm(x, self._layers[layer].post_norm, self.config.rms_norm_eps)).chunk(2, dim=-1)
         return x + w_down(F.silu(gate) * up)
@@ -284,6 +302,8 @@ class Transformer(torch.nn.Module):
         as transformers does.
         """
         head = self._head or self.prepare()._head
+        if self._fused is not None:
+            return head(x)  # the fused head norms its input itself
         return head(rms_norm(x, self.final_norm, self.config.rms_norm_eps))
 
     @property

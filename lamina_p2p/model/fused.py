@@ -1,0 +1,286 @@
+"""A bfloat16 decoder layer's dense work in four Numba calls around the gemv kernel.
+
+At batch 1 a layer's small torch ops (norms, casts, rotary, SiLU*mul, residual adds:
+~30 dispatches of several us each) cost about as much as reading its weights at the
+memory's speed. Here each GEMV carries its neighbours instead:
+
+    norm_linear   RMSNorm of the residual stream, then x @ w.T (+ b)   (QKV, LM head)
+    rope_split    rotary on the q and k heads, split into q, k, v      (after QKV)
+    linear_add    residual + x @ w.T                                   (O proj, down proj)
+    norm_swiglu   RMSNorm, then the gate/up GEMV with SiLU(gate)*up    (MLP input)
+
+Numerics follow transformers' bfloat16 Llama op for op, as transformer.py does with
+torch ops: the norm in float32 (sum of squares in float64, within float32 rounding of
+torch's), rounded to bfloat16 before the weight and after it; each GEMV accumulates in
+float32 and rounds its output once; the residual add, SiLU, the product and each rotary
+term are rounded to bfloat16 as torch's bfloat16 ops round them (to nearest even).
+Activations travel as bfloat16 bits (torch bfloat16 tensors viewed as int16).
+`split` runs the output blocks over Numba's threads; otherwise the calling thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from lamina_kernels.softmax import exp_nonpos, u32_as_f32
+
+from .gemv import BLOCK, _JIT, _block
+
+
+@intrinsic
+def _f32_as_u32(typingctx, f):
+    """The bits of a float32 as uint32 (no value conversion)."""
+    if f != types.float32:
+        return None
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(inline="always", **_JIT)
+def bf16_bits(f):
+    """float32 -> bfloat16 bits (int16), rounded to nearest even; NaN -> 0x7FC0 (as c10::BFloat16)."""
+    u = _f32_as_u32(np.float32(f))
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.int16(0x7FC0)
+    u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.int16(np.uint16(u >> np.uint32(16)))
+
+
+@njit(inline="always", **_JIT)
+def bf16_value(h):
+    """bfloat16 bits (int16) -> float32."""
+    return u32_as_f32(np.uint32(np.uint16(h)) << np.uint32(16))
+
+
+@njit(inline="always", **_JIT)
+def _round(f):
+    return bf16_value(bf16_bits(f))
+
+
+@njit(inline="always", **_JIT)
+def _load_rows(x, xs, norm_w, eps, use_norm):
+    """xs[r, k] = float32 of row r of x (bfloat16 bits), RMS-normalised and scaled when use_norm."""
+    rows, h = x.shape
+    for r in range(rows):
+        if use_norm:
+            ss = 0.0
+            for k in range(h):
+                f = bf16_value(x[r, k])
+                ss += np.float64(f) * np.float64(f)
+            inv = np.float32(1.0) / np.sqrt(np.float32(ss / h) + np.float32(eps))
+            for k in range(h):
+                xs[r, k] = _round(_round(bf16_value(x[r, k]) * inv) * bf16_value(norm_w[k]))
+        else:
+            for k in range(h):
+                xs[r, k] = bf16_value(x[r, k])
+
+
+@njit(parallel=True, **_JIT)
+def norm_linear(x, norm_w, eps, use_norm, wb, bias, out, round_out, split):
+    """out[r] = (RMSNorm(x[r]) if use_norm else x[r]) @ w.T + b.
+
+    x [rows, in] bfloat16 bits; norm_w [in] bfloat16 bits; wb/bias as gemv.pack and Gemv hold
+    them; out [rows, out] bfloat16 bits (round_out) or float32 (as accumulated: the LM head).
+    """
+    rows, n_out = out.shape
+    nb = wb.shape[0]
+    xs = np.empty((rows, x.shape[1]), np.float32)
+    _load_rows(x, xs, norm_w, eps, use_norm)
+    yf = np.empty((rows, nb * BLOCK), np.float32)
+    tail = np.empty((0, BLOCK), np.float32)
+    if split:
+        for j in prange(nb):
+            _block(xs, wb, bias, yf, tail, j, nb * BLOCK)
+            _store(yf, out, j, n_out, round_out)
+    else:
+        for j in range(nb):
+            _block(xs, wb, bias, yf, tail, j, nb * BLOCK)
+            _store(yf, out, j, n_out, round_out)
+
+
+@njit(inline="always", **_JIT)
+def _store(yf, out, j, n_out, round_out):
+    for r in range(out.shape[0]):
+        for c in range(j * BLOCK, min(n_out, (j + 1) * BLOCK)):
+            if round_out:
+                out[r, c] = bf16_bits(yf[r, c])
+            else:
+                out[r, c] = yf[r, c]
+
+
+@njit(parallel=True, **_JIT)
+def linear_add(x, wb, res, out, split):
+    """out = res + x @ w.T in bfloat16 (the product rounded, then the sum). x [rows, in], res and
+    out [rows, out], all bfloat16 bits; out may not alias res."""
+    rows, n_out = out.shape
+    nb = wb.shape[0]
+    xs = np.empty((rows, x.shape[1]), np.float32)
+    _load_rows(x, xs, x[0], np.float32(0.0), False)
+    yf = np.empty((rows, nb * BLOCK), np.float32)
+    tail = np.empty((0, BLOCK), np.float32)
+    zero = np.zeros(nb * BLOCK, np.float32)
+    if split:
+        for j in prange(nb):
+            _block(xs, wb, zero, yf, tail, j, nb * BLOCK)
+            _store_add(yf, res, out, j, n_out)
+    else:
+        for j in range(nb):
+            _block(xs, wb, zero, yf, tail, j, nb * BLOCK)
+            _store_add(yf, res, out, j, n_out)
+
+
+@njit(inline="always", **_JIT)
+def _store_add(yf, res, out, j, n_out):
+    for r in range(out.shape[0]):
+        for c in range(j * BLOCK, min(n_out, (j + 1) * BLOCK)):
+            out[r, c] = bf16_bits(bf16_value(res[r, c]) + _round(yf[r, c]))
+
+
+@njit(parallel=True, **_JIT)
+def norm_swiglu(x, norm_w, eps, wb, out, split):
+    """out = SiLU(g) * u with [g | u] = RMSNorm(x) @ w_gate_up.T, in bfloat16.
+
+    wb holds gate and up blocks interleaved (pack_gate_up): block 2m is gate rows 16m..16m+15,
+    block 2m+1 the same up rows, so one thread finishes out[:, 16m:16m+16]. x [rows, hidden]
+    and out [rows, intermediate] bfloat16 bits.
+    """
+    rows, inter = out.shape
+    nb = wb.shape[0]
+    xs = np.empty((rows, x.shape[1]), np.float32)
+    _load_rows(x, xs, norm_w, eps, True)
+    yf = np.empty((rows, nb * BLOCK), np.float32)
+    tail = np.empty((0, BLOCK), np.float32)
+    zero = np.zeros(nb * BLOCK, np.float32)
+    if split:
+        for m in prange(nb // 2):
+            _swiglu_pair(xs, wb, zero, yf, tail, m, out)
+    else:
+        for m in range(nb // 2):
+            _swiglu_pair(xs, wb, zero, yf, tail, m, out)
+
+
+@njit(inline="always", **_JIT)
+def _swiglu_pair(xs, wb, zero, yf, tail, m, out):
+    n = wb.shape[0] * BLOCK
+    _block(xs, wb, zero, yf, tail, 2 * m, n)
+    _block(xs, wb, zero, yf, tail, 2 * m + 1, n)
+    for r in range(out.shape[0]):
+        for i in range(BLOCK):
+            g = _round(yf[r, 2 * m * BLOCK + i])
+            u = _round(yf[r, (2 * m + 1) * BLOCK + i])
+            # SiLU = g * sigmoid(g) from exp(-|g|) <= 1 (exp_nonpos: a polynomial that vectorises,
+            # ~1 ulp from expf, where np.exp is a scalar call per element): 16 elements in a few ns.
+            e = exp_nonpos(-abs(g))
+            sig = (np.float32(1.0) if g >= 0 else e) / (np.float32(1.0) + e)
+            s = _round(g * sig)
+            out[r, m * BLOCK + i] = bf16_bits(s * u)
+
+
+@njit(**_JIT)
+def rope_split(qkv, cos, sin, nq, nk, q, k, v):
+    """q, k (rotated) and v from qkv [T, (nq + 2 nk) * D] bfloat16 bits; cos/sin [T, D] bfloat16
+    bits with rotate_half's sign folded into sin (transformer._build_rope_table):
+    x * cos + roll(x, D/2) * sin, each product and the sum rounded to bfloat16."""
+    t, nh, d = q.shape[0], nq + nk, q.shape[2]
+    half = d // 2
+    for r in range(t):
+        for h in range(nh):
+            base = h * d
+            for i in range(d):
+                a = _round(bf16_value(qkv[r, base + i]) * bf16_value(cos[r, i]))
+                b = _round(bf16_value(qkv[r, base + (i + half) % d]) * bf16_value(sin[r, i]))
+                if h < nq:
+                    q[r, h, i] = bf16_bits(a + b)
+                else:
+                    k[r, h - nq, i] = bf16_bits(a + b)
+        for h in range(nk):
+            for i in range(d):
+                v[r, h, i] = qkv[r, (nh + h) * d + i]
+
+
+def pack_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
+    """gemv.pack's blocks of [gate; up] (intermediate a multiple of 16) -> gate and up blocks interleaved."""
+    nb = w_gate_up.shape[0]
+    half = nb // 2
+    out = np.empty_like(w_gate_up)
+    out[0::2] = w_gate_up[:half]
+    out[1::2] = w_gate_up[half:]
+    return out
+
+
+class FusedDense:
+    """A bfloat16 Llama-family model's dense weights for the four fused calls (see the module doc).
+
+    Built from the plain [out, in] bfloat16 weights of transformer.Layer (each packed once by
+    gemv.pack, gate/up interleaved); `eligible` says whether a model can take this path.
+    """
+
+    def __init__(self, model):
+        from .gemv import PARALLEL_MIN_BYTES, Gemv
+
+        self.eps = float(model.config.rms_norm_eps)
+        c = model.config
+        self.nq, self.nk, self.d = c.num_heads, c.num_kv_heads, c.head_dim
+        self.layers = []
+        for L in model._layers:
+            qkv, o, down = Gemv(L.wqkv, L.bqkv), Gemv(L.wo, None), Gemv(L.w_down, None)
+            gate_up = pack_gate_up(Gemv(L.w_gate_up, None).wb)
+            bits = [n.view(torch.int16).numpy() for n in (L.input_norm, L.post_norm)]
+            self.layers.append((bits[0], qkv, o, bits[1], gate_up, down))
+        self.head = Gemv(model.lm_head_weight, None)
+        self.final_norm = model.final_norm.view(torch.int16).numpy()
+        self.min_bytes = PARALLEL_MIN_BYTES
+
+    @staticmethod
+    def eligible(model) -> bool:
+        c = model.config
+        return (model.dtype == torch.bfloat16 and model.device.type == "cpu" and not c.qk_norm
+                and c.intermediate_size % BLOCK == 0)
+
+    def _split(self, wb) -> bool:
+        return wb.nbytes >= self.min_bytes and torch.get_num_threads() > 1
+
+    def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        norm, qkv, *_ = self.layers[layer]
+        t = x.shape[0]
+        y = torch.empty(t, qkv.out_features, dtype=torch.bfloat16)
+        norm_linear(_bits(x), norm, self.eps, True, qkv.wb, qkv.bias, _bits(y), True, self._split(qkv.wb))
+        q = torch.empty(t, self.nq, self.d, dtype=torch.bfloat16)
+        k = torch.empty(t, self.nk, self.d, dtype=torch.bfloat16)
+        v = torch.empty(t, self.nk, self.d, dtype=torch.bfloat16)
+        rope_split(_bits(y), _bits(cos.view(t, -1)), _bits(sin.view(t, -1)), self.nq, self.nk, _bits(q), _bits(k), _bits(v))
+        return q, k, v
+
+    def post(self, layer: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        _, _, o, norm, gate_up, down = self.layers[layer]
+        t = x.shape[0]
+        x1 = torch.empty_like(x)
+        linear_add(_bits(attn.reshape(t, -1)), o.wb, _bits(x), _bits(x1), self._split(o.wb))
+        act = torch.empty(t, down.in_features, dtype=torch.bfloat16)
+        norm_swiglu(_bits(x1), norm, self.eps, gate_up, _bits(act), self._split(gate_up))
+        x2 = torch.empty_like(x)
+        linear_add(_bits(act), down.wb, _bits(x1), _bits(x2), self._split(down.wb))
+        return x2
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        out = torch.empty(x.shape[0], head.out_features, dtype=torch.float32)
+        norm_linear(_bits(x), self.final_norm, self.eps, True, head.wb, head.bias, out.numpy(), False,
+                    self._split(head.wb))
+        return out
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor as its int16 bits (no copy when contiguous bfloat16; another dtype, e.g. a
+    float32 attention output, is rounded to bfloat16 first, as the layer's bfloat16 input)."""
+    if t.dtype != torch.bfloat16:
+        t = t.to(torch.bfloat16)
+    return t.contiguous().view(torch.int16).numpy()

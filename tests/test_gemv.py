@@ -1,0 +1,104 @@
+"""The gemv kernel (model/gemv.py) and the fused bfloat16 layer (model/fused.py).
+
+The kernel against a float64 matmul over shapes that are not multiples of its 16-row
+blocks or of any unrolling (out, in and rows of 1, odd and past 16), for every weight
+storage, with and without bias, on the calling thread and split over threads. The fused
+layer against the same model computed with torch ops (layout f32: float32 weights,
+outputs rounded to bfloat16), call by call, and the LM head.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lamina_p2p.model.bench_dense import random_model
+from lamina_p2p.model.gemv import BLOCK, Gemv, pack
+
+SHAPES = [(1, 1), (15, 7), (17, 77), (33, 130), (100, 64)]
+ROWS = [1, 2, 3, 5, 8, 9, 16, 17, 33]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("split", [False, True])
+@torch.inference_mode()
+def test_gemv_matches_a_float64_matmul(dtype, bias, split):
+    g = torch.Generator().manual_seed(1)
+    for n_out, k_in in SHAPES:
+        w = (torch.randn(n_out, k_in, generator=g) / k_in ** 0.5).to(dtype)
+        b = torch.randn(n_out, generator=g).to(dtype) if bias else None
+        lin = Gemv(w, b)
+        lin.split = split
+        for rows in ROWS:
+            x = torch.randn(rows, k_in, generator=g)
+            ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+            y = lin(x)
+            assert y.dtype == torch.float32 and y.shape == (rows, n_out)
+            # float32 accumulation of exact products of float32 inputs and 16-bit weights
+            assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5), (n_out, k_in, rows)
+
+
+def test_pack_lays_out_16_row_blocks_k_major_and_pads_with_zeros():
+    w = torch.arange(20 * 3, dtype=torch.float32).reshape(20, 3).to(torch.bfloat16)
+    wb = pack(w)
+    assert wb.shape == (2, 3, BLOCK) and wb.dtype.name == "int16"
+    back = torch.from_numpy(wb.copy()).view(torch.bfloat16)
+    assert torch.equal(back[0, 2], w[:16, 2])  # block 0, input 2: rows 0..15
+    assert torch.equal(back[1, 0, :4], w[16:, 0])
+    assert not back[1, :, 4:].float().any()  # padding rows
+    with pytest.raises(ValueError, match="2-d float32, bfloat16 or float16"):
+        pack(torch.ones(2, 2, dtype=torch.float64))
+
+
+# Awkward sizes for the fused layer: hidden and head count not multiples of 16 (the
+# intermediate size must be: the gate/up blocks are interleaved), GQA, a 100-token vocabulary.
+GEOMETRY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 40,
+            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 5, "num_key_value_heads": 1,
+            "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "tie_word_embeddings": True, "dtype": "bfloat16"}
+
+
+def _close_bf16(a: torch.Tensor, b: torch.Tensor) -> None:
+    # The same ops and roundings; the GEMVs sum in another order, so a float32 sum may fall on
+    # the other side of a bfloat16 rounding boundary now and then: one bfloat16 step at most.
+    a, b = a.float(), b.float()
+    assert torch.allclose(a, b, rtol=2 ** -7, atol=1e-3), (a - b).abs().max()
+    assert (a == b).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("split", [False, True])
+@torch.inference_mode()
+def test_fused_layer_matches_the_torch_ops(split, monkeypatch):
+    base = random_model("bfloat16", seed=3, geometry=GEOMETRY)
+    fused, plain = copy.deepcopy(base).prepare("gemv"), copy.deepcopy(base).prepare("f32")
+    assert fused._fused is not None and plain._fused is None
+    monkeypatch.setattr(fused._fused, "min_bytes", 0 if split else 1 << 62)
+    g = torch.Generator().manual_seed(4)
+    c = base.config
+    for rows in (1, 3, 17):
+        x = torch.randn(rows, c.hidden_size, generator=g).to(torch.bfloat16)
+        positions = torch.randint(0, 200, (rows,), generator=g)
+        attn = torch.randn(rows, c.num_heads, c.head_dim, generator=g).to(torch.bfloat16)
+        for layer in range(c.num_layers):
+            for a, b in zip(fused.pre(layer, x, positions), plain.pre(layer, x, positions)):
+                assert a.dtype == torch.bfloat16 and a.shape == b.shape and a.is_contiguous()
+                _close_bf16(a, b)
+            y = fused.post(layer, x, attn)
+            assert y.dtype == torch.bfloat16
+            _close_bf16(y, plain.post(layer, x, attn))
+        logits = fused.logits(x)
+        assert logits.dtype == torch.float32 and logits.shape == (rows, c.vocab_size)
+        assert torch.allclose(logits, plain.logits(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_path_only_where_it_applies():
+    bf16 = random_model("bfloat16", geometry=GEOMETRY).prepare("gemv")
+    assert bf16._fused is not None and bf16.layers[0].wqkv is None  # plain weights dropped
+    odd = random_model("bfloat16", geometry={**GEOMETRY, "intermediate_size": 40}).prepare("gemv")
+    assert odd._fused is None and odd._linears[0][0].layout == "gemv"  # per-GEMV kernel instead
+    f32 = random_model("float32", geometry=GEOMETRY).prepare("gemv")
+    assert f32._fused is None
