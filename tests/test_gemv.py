@@ -2,7 +2,8 @@
 
 The kernel against a float64 matmul over shapes that are not multiples of its 16-row
 blocks or of any unrolling (out, in and rows of 1, odd and past 16), for every weight
-storage, with and without bias, on the calling thread and split over threads. The fused
+storage, with and without bias, on the calling thread and split over threads, and a prefill
+chunk (WIDE_MIN_ROWS rows and more: the weights widened for torch's matmul). The fused
 layer against the same model computed with torch ops (layout f32: float32 weights,
 outputs rounded to bfloat16), call by call, and the LM head.
 """
@@ -16,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from lamina_p2p.model.bench_dense import random_model
-from lamina_p2p.model.gemv import BLOCK, Gemv, pack
+from lamina_p2p.model.gemv import BLOCK, WIDE_MIN_ROWS, Gemv, pack
 
 SHAPES = [(1, 1), (15, 7), (17, 77), (33, 130), (100, 64)]
-ROWS = [1, 2, 3, 5, 8, 9, 16, 17, 33]
+ROWS = [1, 2, 3, 5, 8, 9, 16, 17, 33, WIDE_MIN_ROWS + 3]  # the last: a prefill chunk, widened weights
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -79,7 +80,7 @@ def test_fused_layer_matches_the_torch_ops(split, monkeypatch):
     monkeypatch.setattr(fused._fused, "min_bytes", 0 if split else 1 << 62)
     g = torch.Generator().manual_seed(4)
     c = base.config
-    for rows in (1, 3, 17):
+    for rows in (1, 3, 17, WIDE_MIN_ROWS + 5):  # the last: a prefill chunk, the torch ops over widened weights
         x = torch.randn(rows, c.hidden_size, generator=g).to(torch.bfloat16)
         positions = torch.randint(0, 200, (rows,), generator=g)
         attn = torch.randn(rows, c.num_heads, c.head_dim, generator=g).to(torch.bfloat16)

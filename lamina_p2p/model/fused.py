@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from lamina_kernels.softmax import exp_nonpos, u32_as_f32
 
-from .gemv import BLOCK, _JIT, _block
+from .gemv import BLOCK, WIDE_MIN_ROWS, _JIT, _block, widened_t
 
 
 @intrinsic
@@ -238,6 +238,12 @@ class FusedDense:
         self.head = Gemv(model.lm_head_weight, None)
         self.final_norm = model.final_norm.view(torch.int16).numpy()
         self.min_bytes = PARALLEL_MIN_BYTES
+        # A prefill chunk of wide_min_rows tokens or more is compute-bound: transformer.py runs it
+        # with its torch ops over these matmuls (qkv, o, gate_up, down per layer), which widen the
+        # same packed weights for the call (gemv.WIDE_MIN_ROWS) instead of the fused calls.
+        self.wide_min_rows = WIDE_MIN_ROWS
+        self.prefill_linears = tuple((_bf16_out(qkv), _bf16_out(o), _WideGateUp(gate_up), _bf16_out(down))
+                                     for _, qkv, o, _, gate_up, down in self.layers)
 
     @staticmethod
     def eligible(model) -> bool:
@@ -276,6 +282,26 @@ class FusedDense:
         norm_linear(_bits(x), self.final_norm, self.eps, True, head.wb, head.bias, out.numpy(), False,
                     self._split(head.wb))
         return out
+
+
+def _bf16_out(gemv):
+    """A Gemv as transformer.py's matmuls are called: bfloat16 in, bfloat16 out (one rounding)."""
+    return lambda x: gemv(x.float()).to(torch.bfloat16)
+
+
+class _WideGateUp:
+    """The MLP's [gate; up] product, [T, 2 * intermediate] bfloat16, from the interleaved gate/up
+    blocks (pack_gate_up) widened for the call: for prefill chunks, see FusedDense.prefill_linears."""
+
+    __slots__ = ("wb",)
+
+    def __init__(self, wb: np.ndarray):
+        self.wb = wb
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.mm(x.float(), widened_t(self.wb))  # columns: gate block 0, up block 0, gate block 1, ...
+        t = y.shape[0]
+        return y.view(t, -1, 2, BLOCK).transpose(1, 2).reshape(t, -1).to(torch.bfloat16)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

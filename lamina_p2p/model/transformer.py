@@ -270,7 +270,9 @@ class Transformer(torch.nn.Module):
         """Residual stream [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], contiguous."""
         lin = self._linears if self._linears is not None else self.prepare()._linears
         if self._fused is not None:
-            return self._fused.pre(layer, x, *self._rope(positions))
+            if x.shape[0] < self._fused.wide_min_rows:
+                return self._fused.pre(layer, x, *self._rope(positions))
+            lin = self._fused.prefill_linears
         L = self._layers[layer]
         eps = self.config.rms_norm_eps
         t = x.shape[0]
@@ -287,7 +289,9 @@ class Transformer(torch.nn.Module):
         """Residual stream [T, hidden] and attention output [T, Hq, D] -> next residual stream."""
         lin = self._linears if self._linears is not None else self.prepare()._linears
         if self._fused is not None:
-            return self._fused.post(layer, x, attn_out)
+            if x.shape[0] < self._fused.wide_min_rows:
+                return self._fused.post(layer, x, attn_out)
+            lin = self._fused.prefill_linears
         _, wo, w_gate_up, w_down = lin[layer]
         x = x + wo(attn_out.reshape(x.shape[0], -1))
         gate, up = w_gate_up(rms_norm(x, self._layers[layer].post_norm, self.config.rms_norm_eps)).chunk(2, dim=-1)
