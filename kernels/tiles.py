@@ -18,7 +18,7 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   of the first query row: blocks are scattered, so the hardware prefetcher stops at
   every block edge.
 
-Requires head_dim % 16 == 0 (every real checkpoint's head_dim); cpu.py keeps a
+Requires head_dim % 16 == 0 (every real checkpoint's head_dim); scalar.py keeps a
 scalar path for the rest.
 """
 
@@ -33,7 +33,7 @@ from .softmax import exp_nonpos
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 # The factory's functions are closures over D: not cached themselves, they are
-# compiled into (and cached with) the cpu.py kernel that calls them.
+# compiled into (and cached with) the items.py body that calls them.
 _JIT_D = dict(_JIT, cache=False)
 
 

@@ -12,7 +12,7 @@ from numba import njit
 
 from lamina_kernels import (STORAGES, append_attend, merge, storage_itemsize, to_storage,
                             warmup, widen)
-from lamina_kernels import cpu
+from lamina_kernels import cpu, widen16
 from lamina_kernels.reference import append_attend_ref
 
 
@@ -227,7 +227,7 @@ def _widen_all(src, code):
     dst = np.empty(src.shape, np.float32)
     for t in range(src.shape[0]):
         for k in range(src.shape[1]):
-            dst[t, k] = cpu._dec(np.int16(src[t, k])) if code == 2 else cpu._dec(src[t, k])
+            dst[t, k] = widen16.dec(np.int16(src[t, k])) if code == 2 else widen16.dec(src[t, k])
     return dst
 
 
@@ -245,7 +245,7 @@ def test_kernel_decoders_cover_every_bit_pattern(storage):
 def _manual_f16(bits):
     out = np.empty(bits.shape, np.float32)
     for i in range(bits.shape[0]):
-        out[i] = cpu._f16_to_f32(bits[i])
+        out[i] = widen16.f16_to_f32(bits[i])
     return out
 
 

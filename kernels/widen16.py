@@ -1,0 +1,125 @@
+"""Host feature detection and the per-element decoders of 16-bit storages for the CPU
+kernels. Numba has no float16/bfloat16 arithmetic on CPU, so pools of either hold uint16
+bits and the storage is a compile-time property of the array type: bfloat16 arrays
+reach jitted code viewed as int16, float16 as uint16, and `dec` (an overload) picks
+the decoder by type with no branch: bfloat16 is a 16-bit shift, float16 one vcvtph2ps
+(LLVM's fpext half) where the CPU has F16C, else a branch-light manual decode. Also
+whether the vector tiles may take a pool (`vector_ok`) and whether the host reports
+avx512_bf16 (for the benchmark's header).
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from .softmax import u32_as_f32 as _u32_as_f32
+from .storage import widen
+
+# No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+
+
+@intrinsic
+def half_bits_to_f32(typingctx, h):
+    """IEEE half bits (a 16-bit integer) to float32 via LLVM's fpext half: one
+    vcvtph2ps per 16 lanes on CPUs with F16C."""
+    if not isinstance(h, types.Integer) or h.bitwidth != 16:
+        return None
+    sig = types.float32(h)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+def _host_has_f16c():
+    # Only when compiling for this host: for a generic target LLVM would lower fpext
+    # half to a runtime call that may not resolve.
+    from llvmlite import binding
+
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return "+f16c" in (numba.config.CPU_FEATURES or "")
+    try:
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except RuntimeError:
+        return False
+
+
+F16C = _host_has_f16c()
+
+
+def _host_has(feature):
+    from llvmlite import binding
+
+    try:
+        return bool(binding.get_host_cpu_features().get(feature, False))
+    except RuntimeError:
+        return False
+
+
+# Whether this CPU reports avx512_bf16 (vdpbf16ps). The kernels do not use it: on the
+# machines measured it is masked (the hypervisor hides it), so bfloat16 is widened to
+# float32 in the vector load (a shift) and computed with float32 FMAs. Reported by
+# tools/bench_kernels.py.
+HOST_AVX512_BF16 = _host_has("avx512bf16")
+
+
+@njit(inline="always", **_JIT)
+def bf16_to_f32(h):
+    # Works for uint16 and int16 bits alike: the shift drops any sign extension.
+    return _u32_as_f32(np.uint32(h) << np.uint32(16))
+
+
+@njit(inline="always", **_JIT)
+def f16_to_f32(h):
+    # Manual IEEE half decode, for CPUs without F16C; written branch-light so LLVM
+    # turns it into selects and the loops still vectorise.
+    a = np.uint32(h) & np.uint32(0x7FFF)
+    normal = _u32_as_f32((a << np.uint32(13)) + np.uint32(0x38000000))  # rebias 15 -> 127
+    special = _u32_as_f32((a << np.uint32(13)) | np.uint32(0x7F800000))  # inf / nan
+    subnormal = np.float32(a) * np.float32(5.9604644775390625e-08)  # a * 2**-24
+    f = normal if a >= np.uint32(0x0400) else subnormal
+    f = special if a >= np.uint32(0x7C00) else f
+    return -f if (np.uint32(h) & np.uint32(0x8000)) != 0 else f
+
+
+def vector_ok(pool):
+    """Whether the vector tiles can decode this pool's storage (host version)."""
+    return pool.dtype != np.uint16 or F16C
+
+
+@overload(vector_ok, jit_options=_JIT)
+def _ov_vector_ok(pool):
+    # float16 is widened by LLVM's fpext half: one instruction with F16C, else a
+    # runtime call that the JIT may not resolve; such hosts keep the scalar decoder.
+    ok = pool.dtype != types.uint16 or F16C
+    return lambda pool: ok
+
+
+def dec(h):
+    """float32 value of one stored element. Jitted code gets the overload below (the
+    storage told apart by type); this host version is the same mapping, for checks."""
+    if isinstance(h, np.int16):
+        return widen(np.array([h]).view(np.uint16), "bfloat16")[0]
+    if isinstance(h, np.uint16):
+        return widen(np.array([h], np.uint16), "float16")[0]
+    return np.float32(h)
+
+
+@overload(dec, inline="always", jit_options=_JIT)
+def _ov_dec(h):
+    # The storage is told apart by type: float32 as is, bfloat16 bits as int16,
+    # float16 bits as uint16 (see drivers.append_attend_16).
+    if h == types.float32:
+        return lambda h: h
+    if h == types.int16:
+        return lambda h: bf16_to_f32(h)
+    if h == types.uint16:
+        if F16C:
+            return lambda h: half_bits_to_f32(h)
+        return lambda h: f16_to_f32(h)
+    return None
