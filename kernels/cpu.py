@@ -1,11 +1,11 @@
 """append_attend on CPU with Numba: append a chunk's K/V into the paged pool, then attend
-(DESIGN.md s4). This module is the Python entry point: the argument checks (checks.py),
-one jitted dispatch that validates, plans and, for a call whose plan.call_work is at
-most _INLINE_WORK (e.g. batch 1 at a short context), runs the whole call on the
-calling thread (drivers.plan_and_run_inline), else the threaded kernel over numba's
-threads (drivers.append_attend_threads); numba's thread count and chunk size are read
-and set through its raw ctypes entry points (per-call cost matters: one call per
-layer per micro-batch); `warmup` compiles every variant. The kernel's parts: widen16.py
+(DESIGN.md s4). This module is the Python entry point: the argument checks (checks.py,
+identity tests in the common case), then one jitted dispatch (drivers.append_attend)
+that validates, plans and runs the call, on the calling thread when its
+plan.call_work is at most _INLINE_WORK (e.g. batch 1 at a short context), else over
+numba's threads; numba's thread count is read through its raw ctypes entry point
+(per-call cost matters: one call per layer per micro-batch); `warmup` compiles every
+variant. The kernel's parts: widen16.py
 (16-bit storages), scalar.py and tiles.py (the inner loops), items.py (one work item),
 drivers.py (the passes), plan.py (the work list).
 """
@@ -21,11 +21,8 @@ from .checks import I32 as _I32
 from .checks import check_out as _check_out
 from .checks import is_array as _is
 from .checks import prepare
-from .drivers import MIN_SPLIT as _MIN_SPLIT
-from .drivers import ROWS_PER_GROUP as _ROWS_PER_GROUP
-from .drivers import append_attend_16 as _append_attend_16
-from .drivers import append_attend_threads as _append_attend
-from .drivers import plan_and_run_inline as _plan_and_run_inline
+from .drivers import MIN_SPLIT as _MIN_SPLIT  # noqa: F401  (tests plan with it)
+from .drivers import append_attend as _append_attend
 from .storage import STORAGES
 
 # plan.call_work up to which a whole call runs on the calling thread: below it, waking
@@ -98,76 +95,43 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
         lse = np.empty((t, n_q_heads), np.float32)
     else:
         _check_out("lse", lse, (t, n_q_heads))
-    n_threads = _num_threads()
-    err, seq, inline, q_tile, groups, items, order, n_parts = _plan_and_run_inline(
-        storage == "bfloat16", q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
-        kv_start, context_lens, layer, float(scale), n_threads, _INLINE_WORK, out, lse)
+    err, seq, _ = _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows,
+                                 q_start, kv_start, context_lens, layer, float(scale),
+                                 storage == "bfloat16", _num_threads(), _INLINE_WORK, out, lse)
     if err < 0:
         prepare(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
                 context_lens, layer, storage)  # raises, naming the shape that is wrong
-        raise ValueError("malformed call")  # not reached: prepare and _shapes_ok agree
+        raise ValueError("malformed call")  # not reached: prepare and shapes_ok agree
     if err:
         raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
-    if not inline and t:
-        _run(storage, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
-             kv_start, context_lens, int(layer), scale, groups, items, order, n_parts, q_tile,
-             n_threads, out, lse)
     return out, lse
-
-
-def _run(storage, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
-         context_lens, layer, scale, groups, items, order, n_parts, q_tile, n_threads, out, lse):
-    """Run a planned call over numba's threads."""
-    # Items differ in size: hand them out one at a time (dynamic scheduling; a thread
-    # the OS delays does not hold up the others' share). The setting is thread-local.
-    chunk0 = _set_chunksize(1)
-    try:
-        if storage == "float32":
-            _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
-                           kv_start, context_lens, layer, np.float32(scale), groups, items, order,
-                           n_parts, q_tile, n_threads, out, lse)
-        else:
-            _append_attend_16(storage == "bfloat16", q, k_new, v_new, k_pool, v_pool,
-                              block_table, table_rows, q_start, kv_start, context_lens, layer,
-                              float(scale), groups, items, order, n_parts, q_tile, n_threads,
-                              out, lse)
-    finally:
-        _set_chunksize(chunk0)
 
 
 def _num_threads():
     """numba.get_num_threads() of this thread without its Python-level checks (~3 us)."""
     if _RAW is None:
         _bind_raw()
-    return _RAW[0]()
-
-
-def _set_chunksize(n):
-    """numba.set_parallel_chunksize without its per-call checks and lock (~6 us)."""
-    if _RAW is None:
-        _bind_raw()
-    return _RAW[1](n)
+    return _RAW()
 
 
 def _bind_raw():
-    """The ctypes getter/setter numba binds once its threads are up."""
+    """The ctypes getter numba binds once its threads are up."""
     global _RAW
     numba.set_parallel_chunksize(numba.get_parallel_chunksize())  # launches the threads
     from numba.np.ufunc import parallel
 
-    _RAW = (parallel._get_num_threads, parallel._set_parallel_chunksize)
+    _RAW = parallel._get_num_threads
 
 
 _RAW = None
 
 
 def warmup(storages=STORAGES):
-    """Compile (or load from cache) every kernel variant, inline and parallel, on tiny
-    shapes."""
+    """Compile (or load from cache) every kernel variant (float32; both 16-bit storages
+    share one) and run it inline and over the threads, on tiny shapes."""
     from .storage import to_storage
 
     rng = np.random.default_rng(0)
-    n_threads = _num_threads()
     for storage in storages:
         num_kv_heads, g, d, bs = 1, 2, 8, 4
         pool_shape = (4, 1, bs, d)
@@ -178,10 +142,7 @@ def warmup(storages=STORAGES):
         kv = to_storage(rng.standard_normal((2, num_kv_heads, d)).astype(np.float32), storage)
         idx = (np.array([0], np.int32), np.array([0, 2], np.int32), np.array([0, 2], np.int32),
                np.array([5], np.int32))
-        append_attend(q, kv, kv, k_pool, v_pool, bt, *idx, 0, 1.0 / math.sqrt(d), storage)
-        # The same call over the threads (append_attend runs one this small inline).
-        _, _, _, q_tile, groups, items, order, n_parts = P.validate_and_plan(
-            bt, 4, *idx, num_kv_heads, g, d, _ROWS_PER_GROUP, bs, n_threads, _MIN_SPLIT, -1)
-        _run(storage, q, kv, kv, k_pool, v_pool, bt, *idx, 0, 1.0 / math.sqrt(d), groups,
-             items, order, n_parts, q_tile, n_threads, np.empty((2, g, d), np.float32),
-             np.empty((2, g), np.float32))
+        for inline_work in (1 << 62, -1):  # inline, then the same call over the threads
+            _append_attend(q, kv, kv, k_pool, v_pool, bt, *idx, 0, 1.0 / math.sqrt(d),
+                           storage == "bfloat16", _num_threads(), inline_work,
+                           np.empty((2, g, d), np.float32), np.empty((2, g), np.float32))

@@ -1,19 +1,24 @@
-"""The jitted drivers of the CPU kernel: one call = one layer of one micro-batch in three
-passes. (1) append: each (sequence, kv head) copies its new rows (token-major as they
-come from the projection) into the head-major pool blocks, on the calling thread when
-they are few (a decode step), else a prange; (2) attend: the planned items (plan.py)
-in a prange, handed out one at a time, longest first; (3) merge: the split groups'
-partials (skipped when there is none). `append_attend_inline` runs the same passes on
-the calling thread for a small call, and `plan_and_run_inline` does the shape checks,
-validation, plan and (for a small call) that kernel in one dispatch from Python;
-`append_attend_threads` is the threaded one. Bits of 16-bit storages are copied as
-they are; bfloat16 arrays are viewed as int16 here so each storage compiles its own
-decoder (widen16.py).
+"""The jitted driver of the CPU kernel: one call = one layer of one micro-batch, in one
+dispatch from Python. It checks the shapes, validates and plans (plan.py), then runs
+three passes: (1) append: each (sequence, kv head) copies its new rows (token-major as
+they come from the projection) into the head-major pool blocks, on the calling thread
+when they are few (a decode step), else a prange; (2) attend: the planned items, each
+an online softmax of one (sequence, kv head, query tile) over a key range
+(items.attend_item); (3) merge: the split groups' partials (LSE merge), skipped when
+there is none. A small call (plan.call_work up to `inline_work`) runs the passes on
+the calling thread, planned without splits: waking the second thread costs more than
+it saves there; a larger one hands the items out over numba's threads one at a time,
+longest first. The inline and threaded paths are one function and both 16-bit
+storages one compiled variant (a runtime `bf16` flag; bits are copied as they are),
+so a cold start compiles two specializations (float32, uint16), not six.
 """
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import plan as P
 from .checks import shapes_ok as _shapes_ok
@@ -36,20 +41,61 @@ MIN_SPLIT = 256
 SERIAL_APPEND = 1 << 16
 
 
+@intrinsic
+def _set_chunksize(typingctx, n):
+    """numba.set_parallel_chunksize(n) for this thread from jitted code, returning the old
+    size. numba's own overload calls a ctypes pointer, which makes a function uncachable;
+    the symbols by name (numba's threading layer registers them) resolve at link time,
+    declared as numba's parfor lowering declares them."""
+    if not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        get = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(cgutils.intp_t, []), "get_parallel_chunksize")
+        put = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [cgutils.intp_t]),
+            "set_parallel_chunksize")
+        old = builder.call(get, [])
+        builder.call(put, [context.cast(builder, args[0], signature.args[0], types.intp)])
+        return old
+
+    return types.intp(n), codegen
+
+
 @njit(parallel=True, **_JIT)
-def append_attend_threads(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
-                          kv_start, context_lens, layer, scale, groups, items, order, n_parts,
-                          q_tile, n_threads, out, lse):
-    """The three passes over both threads (see the module docstring)."""
+def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+                  context_lens, layer, scale, bf16, n_threads, inline_work, out, lse):
+    """Check, plan and run one call (see the module docstring; arguments as
+    cpu.append_attend's, arrays already of the right dtypes; 16-bit storages as uint16
+    bits with bf16 telling which). n_threads: numba.get_num_threads() of the caller
+    (read here it would make the function uncachable); inline_work: the inline
+    threshold (negative: never inline). Returns (error, sequence, inline): error -1
+    for shapes that disagree (cpu.prepare says which), a plan.ERRORS code for a
+    malformed call (nothing is written then), 0 when out/lse are written."""
+    if not _shapes_ok(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
+                      kv_start, context_lens, layer):
+        return -1, 0, False
     n_seq = table_rows.shape[0]
     num_kv_heads = k_new.shape[1]  # local kv heads; the table may be wider (rows past it unused)
     d = k_pool.shape[3]
     gsz = q.shape[1] // num_kv_heads
+    err, seq, inline, q_tile, groups, items, order, n_parts = P.validate_and_plan(
+        block_table, k_pool.shape[0], table_rows, q_start, kv_start, context_lens, num_kv_heads,
+        gsz, d, ROWS_PER_GROUP, k_pool.shape[2], n_threads, MIN_SPLIT, inline_work)
+    if err != 0 or q.shape[0] == 0:
+        return err, seq, inline
+    scale32 = np.float32(scale)
     rmax = q_tile * gsz
+
+    # Items differ in size: the threaded path hands them out one at a time (dynamic
+    # scheduling; a thread the OS delays does not hold up the others' share). The
+    # setting is thread-local and restored before returning.
+    chunk0 = 0 if inline else _set_chunksize(1)
 
     # Pass 1: append. Bits are copied as they are (same encoding in and out). A decode
     # step's rows are a few KB: copied on this thread, a parallel region would cost more.
-    if kv_start[n_seq] * num_kv_heads * d <= SERIAL_APPEND:
+    if inline or kv_start[n_seq] * num_kv_heads * d <= SERIAL_APPEND:
         for w in range(n_seq * num_kv_heads):
             _append_rows(k_new, v_new, k_pool, v_pool, block_table, table_rows, kv_start,
                          context_lens, layer, w // num_kv_heads, w % num_kv_heads)
@@ -58,95 +104,31 @@ def append_attend_threads(q, k_new, v_new, k_pool, v_pool, block_table, table_ro
             _append_rows(k_new, v_new, k_pool, v_pool, block_table, table_rows, kv_start,
                          context_lens, layer, w // num_kv_heads, w % num_kv_heads)
 
-    # Pass 2: attend, one item per iteration, longest items first. n_threads:
-    # numba.get_num_threads() of the caller (read here it would make the function
-    # uncachable); get_thread_id() < n_threads.
+    # Pass 2: attend, one item per iteration, longest items first.
     part_o = np.empty((n_parts, rmax, d), np.float32)
     part_lse = np.empty((n_parts, rmax), np.float32)
-    scratch = _scratch(n_threads, rmax, k_pool.shape[2], d)
+    n_groups = groups.shape[0]
+    if inline:
+        scratch = _scratch(1, rmax, k_pool.shape[2], d)
+        for it in range(items.shape[0]):
+            _attend_item(it, 0, q, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+                         context_lens, layer, scale32, bf16, groups, items, gsz, scratch, part_o,
+                         part_lse, out, lse)
+        for g in range(n_groups):  # no split group: only groups that see no key
+            _merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse)
+        return 0, 0, True
+    scratch = _scratch(n_threads, rmax, k_pool.shape[2], d)  # get_thread_id() < n_threads
     for it in prange(items.shape[0]):
-        _attend_item(order[it], numba.get_thread_id(), q, k_pool, v_pool, block_table, table_rows,
-                     q_start, kv_start, context_lens, layer, scale, groups, items, gsz, scratch,
-                     part_o, part_lse, out, lse)
+        _attend_item(order[it], numba.get_thread_id(), q, k_pool, v_pool, block_table,
+                     table_rows, q_start, kv_start, context_lens, layer, scale32, bf16, groups,
+                     items, gsz, scratch, part_o, part_lse, out, lse)
 
     # Pass 3: merge split groups and fill groups that see no key at all (a parallel
     # region only when there is such a group).
-    n_groups = groups.shape[0]
     need = n_parts > 0
     for g in range(n_groups):
         need = need or groups[g, P.G_NITEMS] == 0
     for g in prange(n_groups if need else 0):
         _merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse)
-
-
-@njit(**_JIT)
-def append_attend_inline(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
-                         kv_start, context_lens, layer, scale, groups, items, order, n_parts,
-                         q_tile, n_threads, out, lse):
-    """The same passes on the calling thread: for calls too small to pay for waking a
-    second thread (plan.validate_and_plan decides; no group is split then)."""
-    n_seq = table_rows.shape[0]
-    num_kv_heads = k_new.shape[1]
-    d = k_pool.shape[3]
-    gsz = q.shape[1] // num_kv_heads
-    rmax = q_tile * gsz
-    for w in range(n_seq * num_kv_heads):
-        _append_rows(k_new, v_new, k_pool, v_pool, block_table, table_rows, kv_start,
-                     context_lens, layer, w // num_kv_heads, w % num_kv_heads)
-    part_o = np.empty((n_parts, rmax, d), np.float32)
-    part_lse = np.empty((n_parts, rmax), np.float32)
-    scratch = _scratch(1, rmax, k_pool.shape[2], d)
-    for it in range(items.shape[0]):
-        _attend_item(it, 0, q, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
-                     context_lens, layer, scale, groups, items, gsz, scratch, part_o, part_lse,
-                     out, lse)
-    for g in range(groups.shape[0]):
-        _merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse)
-
-
-@njit(**_JIT)
-def append_attend_16(bf16, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
-                     kv_start, context_lens, layer, scale, groups, items, order, n_parts, q_tile,
-                     n_threads, out, lse):
-    """uint16-held storages: bfloat16 bits go to the kernel viewed as int16, which selects
-    its decoder at compile time (the views are free here, ~1 us each in Python)."""
-    if bf16:
-        append_attend_threads(q.view(np.int16), k_new.view(np.int16), v_new.view(np.int16),
-                              k_pool.view(np.int16), v_pool.view(np.int16), block_table,
-                              table_rows, q_start, kv_start, context_lens, layer,
-                              np.float32(scale), groups, items, order, n_parts, q_tile, n_threads,
-                              out, lse)
-    else:
-        append_attend_threads(q, k_new, v_new, k_pool, v_pool, block_table, table_rows,
-                              q_start, kv_start, context_lens, layer, np.float32(scale), groups,
-                              items, order, n_parts, q_tile, n_threads, out, lse)
-
-
-@njit(**_JIT)
-def plan_and_run_inline(bf16, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
-                        kv_start, context_lens, layer, scale, n_threads, inline_work, out, lse):
-    """plan.validate_and_plan, then, for a call planned inline, the kernel on this thread:
-    one dispatch from Python for a small call. Returns the plan (the caller runs the
-    threaded kernel when it is not inline, and raises on an error)."""
-    num_kv_heads = k_new.shape[1]
-    if not _shapes_ok(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
-                      kv_start, context_lens, layer):
-        e = np.empty((0, 8), np.int64)
-        return -1, 0, False, 1, e, np.empty((0, 4), np.int64), np.empty(0, np.int64), 0
-    gsz = q.shape[1] // num_kv_heads
-    err, seq, inline, q_tile, groups, items, order, n_parts = P.validate_and_plan(
-        block_table, k_pool.shape[0], table_rows, q_start, kv_start, context_lens, num_kv_heads,
-        gsz, k_pool.shape[3], ROWS_PER_GROUP, k_pool.shape[2], n_threads, MIN_SPLIT,
-        inline_work)
-    if err == 0 and inline and q.shape[0] > 0:
-        if bf16:
-            append_attend_inline(q.view(np.int16), k_new.view(np.int16), v_new.view(np.int16),
-                                 k_pool.view(np.int16), v_pool.view(np.int16), block_table,
-                                 table_rows, q_start, kv_start, context_lens, layer,
-                                 np.float32(scale), groups, items, order, n_parts, q_tile, 1,
-                                 out, lse)
-        else:
-            append_attend_inline(q, k_new, v_new, k_pool, v_pool, block_table, table_rows,
-                                 q_start, kv_start, context_lens, layer, np.float32(scale),
-                                 groups, items, order, n_parts, q_tile, 1, out, lse)
-    return err, seq, inline, q_tile, groups, items, order, n_parts
+    _set_chunksize(chunk0)
+    return 0, 0, False

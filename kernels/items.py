@@ -41,7 +41,7 @@ def append_rows(k_new, v_new, k_pool, v_pool, block_table, table_rows, kv_start,
 
 @njit(**_JIT)
 def attend_item(item, tid, q, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
-                context_lens, layer, scale, groups, items, gsz, scratch, part_o, part_lse,
+                context_lens, layer, scale, bf16, groups, items, gsz, scratch, part_o, part_lse,
                 out, lse):
     """One planned item: online softmax of its group's query rows over its key range,
     normalised into out/lse (a whole group) or into its partial slot (a split group).
@@ -71,19 +71,20 @@ def attend_item(item, tid, q, k_pool, v_pool, block_table, table_rows, q_start, 
             r = jj * gsz + gg
             row_lim[r] = lim
             for x in range(d):
-                qs[r, x] = _dec(q[tok, h * gsz + gg, x]) * scale
+                qs[r, x] = _dec(q[tok, h * gsz + gg, x], bf16) * scale
     bt_row = block_table[table_rows[i], h]
-    if not (d % 16 == 0 and _vector_ok(k_pool)):
-        _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc)
+    if not (d % 16 == 0 and _vector_ok(k_pool, bf16)):
+        _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
+                     bf16)
     elif d == 64:
         T.attend_rows_64(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
-                         kw_t[tid], vw_t[tid])
+                         kw_t[tid], vw_t[tid], bf16)
     elif d == 128:
         T.attend_rows_128(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l,
-                          acc, kw_t[tid], vw_t[tid])
+                          acc, kw_t[tid], vw_t[tid], bf16)
     else:
         T.attend_rows_any(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l,
-                          acc, kw_t[tid], vw_t[tid])
+                          acc, kw_t[tid], vw_t[tid], bf16)
     for jj in range(nqt):
         tok = q_start[i] + j0 + jj
         for gg in range(gsz):

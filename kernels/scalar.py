@@ -31,7 +31,7 @@ def _prefetch_rows(pool, blk, layer, t, n):
 
 
 @njit(**_JIT)
-def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf):
+def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf, bf16):
     """s[r:r+4, t] = qs[r:r+4] . kp[blk, layer, t] for t in [t0, t1).
 
     Tiles of 4 rows x 4 tokens: 16 dot products in flight, each q and K element
@@ -49,7 +49,7 @@ def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf):
         a30 = a31 = a32 = a33 = np.float32(0.0)
         for x in range(d):
             q0 = qs[r, x]; q1 = qs[r + 1, x]; q2 = qs[r + 2, x]; q3 = qs[r + 3, x]
-            k0 = _dec(kp[blk, layer, t, x]); k1 = _dec(kp[blk, layer, t + 1, x]); k2 = _dec(kp[blk, layer, t + 2, x]); k3 = _dec(kp[blk, layer, t + 3, x])
+            k0 = _dec(kp[blk, layer, t, x], bf16); k1 = _dec(kp[blk, layer, t + 1, x], bf16); k2 = _dec(kp[blk, layer, t + 2, x], bf16); k3 = _dec(kp[blk, layer, t + 3, x], bf16)
             a00 += q0 * k0; a01 += q0 * k1; a02 += q0 * k2; a03 += q0 * k3
             a10 += q1 * k0; a11 += q1 * k1; a12 += q1 * k2; a13 += q1 * k3
             a20 += q2 * k0; a21 += q2 * k1; a22 += q2 * k2; a23 += q2 * k3
@@ -62,7 +62,7 @@ def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf):
     while t < t1:
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for x in range(d):
-            k = _dec(kp[blk, layer, t, x])
+            k = _dec(kp[blk, layer, t, x], bf16)
             a0 += qs[r, x] * k
             a1 += qs[r + 1, x] * k
             a2 += qs[r + 2, x] * k
@@ -72,7 +72,7 @@ def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf):
 
 
 @njit(**_JIT)
-def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf):
+def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf, bf16):
     """acc[r:r+4] += sum_t p[r:r+4, t] * vp[blk, layer, t] for t in [t0, t1).
 
     Four tokens per pass: the 16 probabilities are hoisted (broadcast once), each
@@ -89,7 +89,7 @@ def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf):
         p20 = p[r + 2, t]; p21 = p[r + 2, t + 1]; p22 = p[r + 2, t + 2]; p23 = p[r + 2, t + 3]
         p30 = p[r + 3, t]; p31 = p[r + 3, t + 1]; p32 = p[r + 3, t + 2]; p33 = p[r + 3, t + 3]
         for x in range(d):
-            v0 = _dec(vp[blk, layer, t, x]); v1 = _dec(vp[blk, layer, t + 1, x]); v2 = _dec(vp[blk, layer, t + 2, x]); v3 = _dec(vp[blk, layer, t + 3, x])
+            v0 = _dec(vp[blk, layer, t, x], bf16); v1 = _dec(vp[blk, layer, t + 1, x], bf16); v2 = _dec(vp[blk, layer, t + 2, x], bf16); v3 = _dec(vp[blk, layer, t + 3, x], bf16)
             acc[r, x] += p00 * v0 + p01 * v1 + p02 * v2 + p03 * v3
             acc[r + 1, x] += p10 * v0 + p11 * v1 + p12 * v2 + p13 * v3
             acc[r + 2, x] += p20 * v0 + p21 * v1 + p22 * v2 + p23 * v3
@@ -98,7 +98,7 @@ def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf):
     while t < t1:
         p0 = p[r, t]; p1 = p[r + 1, t]; p2 = p[r + 2, t]; p3 = p[r + 3, t]
         for x in range(d):
-            v = _dec(vp[blk, layer, t, x])
+            v = _dec(vp[blk, layer, t, x], bf16)
             acc[r, x] += p0 * v
             acc[r + 1, x] += p1 * v
             acc[r + 2, x] += p2 * v
@@ -107,7 +107,7 @@ def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf):
 
 
 @njit(**_JIT)
-def _qk1(qs, r, kp, blk, layer, t0, t1, s, bn, pf):
+def _qk1(qs, r, kp, blk, layer, t0, t1, s, bn, pf, bf16):
     """s[r, t] = qs[r] . kp[blk, layer, t] for one row, four tokens at a time."""
     d = kp.shape[3]
     t = t0
@@ -117,22 +117,22 @@ def _qk1(qs, r, kp, blk, layer, t0, t1, s, bn, pf):
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for x in range(d):
             q = qs[r, x]
-            a0 += q * _dec(kp[blk, layer, t, x])
-            a1 += q * _dec(kp[blk, layer, t + 1, x])
-            a2 += q * _dec(kp[blk, layer, t + 2, x])
-            a3 += q * _dec(kp[blk, layer, t + 3, x])
+            a0 += q * _dec(kp[blk, layer, t, x], bf16)
+            a1 += q * _dec(kp[blk, layer, t + 1, x], bf16)
+            a2 += q * _dec(kp[blk, layer, t + 2, x], bf16)
+            a3 += q * _dec(kp[blk, layer, t + 3, x], bf16)
         s[r, t] = a0; s[r, t + 1] = a1; s[r, t + 2] = a2; s[r, t + 3] = a3
         t += 4
     while t < t1:
         a = np.float32(0.0)
         for x in range(d):
-            a += qs[r, x] * _dec(kp[blk, layer, t, x])
+            a += qs[r, x] * _dec(kp[blk, layer, t, x], bf16)
         s[r, t] = a
         t += 1
 
 
 @njit(**_JIT)
-def _pv1(p, r, vp, blk, layer, t0, t1, acc, bn, pf):
+def _pv1(p, r, vp, blk, layer, t0, t1, acc, bn, pf, bf16):
     """acc[r] += sum_t p[r, t] * vp[blk, layer, t] for one row, four tokens at a time."""
     d = vp.shape[3]
     t = t0
@@ -141,13 +141,13 @@ def _pv1(p, r, vp, blk, layer, t0, t1, acc, bn, pf):
             _prefetch_rows(vp, bn, layer, t, 4)
         p0 = p[r, t]; p1 = p[r, t + 1]; p2 = p[r, t + 2]; p3 = p[r, t + 3]
         for x in range(d):
-            acc[r, x] += (p0 * _dec(vp[blk, layer, t, x]) + p1 * _dec(vp[blk, layer, t + 1, x])
-                          + p2 * _dec(vp[blk, layer, t + 2, x]) + p3 * _dec(vp[blk, layer, t + 3, x]))
+            acc[r, x] += (p0 * _dec(vp[blk, layer, t, x], bf16) + p1 * _dec(vp[blk, layer, t + 1, x], bf16)
+                          + p2 * _dec(vp[blk, layer, t + 2, x], bf16) + p3 * _dec(vp[blk, layer, t + 3, x], bf16))
         t += 4
     while t < t1:
         p0 = p[r, t]
         for x in range(d):
-            acc[r, x] += p0 * _dec(vp[blk, layer, t, x])
+            acc[r, x] += p0 * _dec(vp[blk, layer, t, x], bf16)
         t += 1
 
 
@@ -159,7 +159,8 @@ def _prefetch_block(k_pool, v_pool, blk, layer):
 
 
 @njit(**_JIT)
-def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc):
+def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
+                bf16):
     """Online softmax of rows qs[:n_rows] over keys [k0, k1); row r sees keys < row_lim[r].
 
     Leaves the running max m, sum l and unnormalised accumulator acc. K and V are
@@ -189,11 +190,11 @@ def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m
         t1 = min(k1 - base, bs)
         bn = bt_row[b + 1] if pf else blk
         for r in range(0, r4, 4):
-            _qk4(qs, r, k_pool, blk, layer, t0, t1, s, bn, pf and r == 0)
+            _qk4(qs, r, k_pool, blk, layer, t0, t1, s, bn, pf and r == 0, bf16)
         for r in range(r4, n_rows):
-            _qk1(qs, r, k_pool, blk, layer, t0, t1, s, bn, pf and r == 0)
+            _qk1(qs, r, k_pool, blk, layer, t0, t1, s, bn, pf and r == 0, bf16)
         _softmax_block(s, n_rows, row_lim, base, t0, t1, m, l, acc)
         for r in range(0, r4, 4):
-            _pv4(s, r, v_pool, blk, layer, t0, t1, acc, bn, pf and r == 0)
+            _pv4(s, r, v_pool, blk, layer, t0, t1, acc, bn, pf and r == 0, bf16)
         for r in range(r4, n_rows):
-            _pv1(s, r, v_pool, blk, layer, t0, t1, acc, bn, pf and r == 0)
+            _pv1(s, r, v_pool, blk, layer, t0, t1, acc, bn, pf and r == 0, bf16)

@@ -82,6 +82,23 @@ def vload(typingctx, arr, idx):
 
 
 @intrinsic
+def vload_bf16(typingctx, arr, idx):
+    """16 consecutive bfloat16 elements (bits in a 16-bit integer array) from flat index
+    idx, as float32 (vload decodes uint16 arrays as float16)."""
+    if not isinstance(arr, types.Array) or arr.dtype not in (types.int16, types.uint16):
+        return None
+    sig = f32x16(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        vty = ir.VectorType(ir.IntType(16), LANES)
+        raw = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=2)
+        return _decode(builder, raw, types.int16)
+
+    return sig, codegen
+
+
+@intrinsic
 def vstore(typingctx, arr, idx, v):
     """arr.flat[idx:idx+16] = v for a C-contiguous float32 array."""
     if not isinstance(arr, types.Array) or arr.dtype != types.float32 or v != f32x16:

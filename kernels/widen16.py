@@ -1,11 +1,11 @@
 """Host feature detection and the per-element decoders of 16-bit storages for the CPU
 kernels. Numba has no float16/bfloat16 arithmetic on CPU, so pools of either hold uint16
-bits and the storage is a compile-time property of the array type: bfloat16 arrays
-reach jitted code viewed as int16, float16 as uint16, and `dec` (an overload) picks
-the decoder by type with no branch: bfloat16 is a 16-bit shift, float16 one vcvtph2ps
-(LLVM's fpext half) where the CPU has F16C, else a branch-light manual decode. Also
-whether the vector tiles may take a pool (`vector_ok`) and whether the host reports
-avx512_bf16 (for the benchmark's header).
+bits; both storages share one compiled kernel (compiling a variant per storage doubled
+the cold warm-up) and a runtime flag `bf16` picks the decoder: `dec(h, bf16)` is a
+16-bit shift for bfloat16, one vcvtph2ps (LLVM's fpext half) for float16 where the CPU
+has F16C, else a branch-light manual decode. Also whether the vector tiles may take a
+pool (`vector_ok`) and whether the host reports avx512_bf16 (for the benchmark's
+header).
 """
 
 import numba
@@ -87,39 +87,37 @@ def f16_to_f32(h):
     return -f if (np.uint32(h) & np.uint32(0x8000)) != 0 else f
 
 
-def vector_ok(pool):
+def vector_ok(pool, bf16):
     """Whether the vector tiles can decode this pool's storage (host version)."""
-    return pool.dtype != np.uint16 or F16C
+    return pool.dtype != np.uint16 or bf16 or F16C
 
 
 @overload(vector_ok, jit_options=_JIT)
-def _ov_vector_ok(pool):
+def _ov_vector_ok(pool, bf16):
     # float16 is widened by LLVM's fpext half: one instruction with F16C, else a
     # runtime call that the JIT may not resolve; such hosts keep the scalar decoder.
-    ok = pool.dtype != types.uint16 or F16C
-    return lambda pool: ok
+    if pool.dtype != types.uint16 or F16C:
+        return lambda pool, bf16: True
+    return lambda pool, bf16: bf16
 
 
-def dec(h):
-    """float32 value of one stored element. Jitted code gets the overload below (the
-    storage told apart by type); this host version is the same mapping, for checks."""
-    if isinstance(h, np.int16):
-        return widen(np.array([h]).view(np.uint16), "bfloat16")[0]
+def dec(h, bf16):
+    """float32 value of one stored element (uint16 bits: bfloat16 if bf16, else
+    float16). Jitted code gets the overload below; this host version is the same
+    mapping, for checks."""
     if isinstance(h, np.uint16):
-        return widen(np.array([h], np.uint16), "float16")[0]
+        return widen(np.array([h], np.uint16), "bfloat16" if bf16 else "float16")[0]
     return np.float32(h)
 
 
-@overload(dec, inline="always", jit_options=_JIT)
-def _ov_dec(h):
-    # The storage is told apart by type: float32 as is, bfloat16 bits as int16,
-    # float16 bits as uint16 (see drivers.append_attend_16).
+@overload(dec, jit_options=_JIT)
+def _ov_dec(h, bf16):
+    # float32 as is; both 16-bit storages are uint16 bits and share one compiled
+    # kernel, told apart by the runtime flag (a select, or a loop LLVM unswitches).
     if h == types.float32:
-        return lambda h: h
-    if h == types.int16:
-        return lambda h: bf16_to_f32(h)
+        return lambda h, bf16: h
     if h == types.uint16:
         if F16C:
-            return lambda h: half_bits_to_f32(h)
-        return lambda h: f16_to_f32(h)
+            return lambda h, bf16: bf16_to_f32(h) if bf16 else half_bits_to_f32(h)
+        return lambda h, bf16: bf16_to_f32(h) if bf16 else f16_to_f32(h)
     return None

@@ -127,6 +127,22 @@ def test_single_long_sequence_uses_splits(storage, kernel_path):
     assert_matches(call.run(append_attend), call.run(append_attend_ref))
 
 
+def test_threaded_call_restores_the_chunk_size(monkeypatch):
+    """The threaded path hands items out one at a time (chunk size 1, set inside the
+    jitted call): the caller's own setting is back when the call returns."""
+    import numba
+
+    monkeypatch.setattr(cpu, "_INLINE_WORK", -1)
+    rng = np.random.default_rng(8)
+    call = Call(rng, "bfloat16", 4, 16, [(3000, 1, True)], num_kv_heads=1, d=64)
+    old = numba.set_parallel_chunksize(3)
+    try:
+        call.run(append_attend)
+        assert numba.get_parallel_chunksize() == 3
+    finally:
+        numba.set_parallel_chunksize(old)
+
+
 def test_nothing_visible_anywhere():
     rng = np.random.default_rng(3)
     call = Call(rng, "float32", 2, 8, [(0, 1, False), (0, 4, False)])
@@ -227,7 +243,7 @@ def _widen_all(src, code):
     dst = np.empty(src.shape, np.float32)
     for t in range(src.shape[0]):
         for k in range(src.shape[1]):
-            dst[t, k] = widen16.dec(np.int16(src[t, k])) if code == 2 else widen16.dec(src[t, k])
+            dst[t, k] = widen16.dec(src[t, k], code == 2)
     return dst
 
 
