@@ -14,7 +14,7 @@ from numba import njit
 from . import plan as P
 from . import tiles as T
 from .scalar import attend_rows as _attend_rows
-from .widen16 import dec as _dec
+from .widen16 import scaled_row as _scaled_row
 from .widen16 import vector_ok as _vector_ok
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
@@ -70,8 +70,7 @@ def attend_item(item, tid, q, k_pool, v_pool, block_table, table_rows, q_start, 
         for gg in range(gsz):
             r = jj * gsz + gg
             row_lim[r] = lim
-            for x in range(d):
-                qs[r, x] = _dec(q[tok, h * gsz + gg, x], bf16) * scale
+            _scaled_row(qs, r, q, tok, h * gsz + gg, scale, bf16)
     bt_row = block_table[table_rows[i], h]
     if not (d % 16 == 0 and _vector_ok(k_pool, bf16)):
         _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,

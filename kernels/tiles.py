@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, vexp_nonpos, vfma, vhmax, vhsum, vload, vload_bf16, vmul, vstore, vstore8,
+from .simd import (prefetch, vexp_nonpos, vfma, vhmax, vhsum, vload, vload16, vmul, vstore, vstore8,
                    vsub, vsum16, vzero)
 from .softmax import exp_nonpos
 
@@ -63,12 +63,8 @@ def _ov_stage(pool, start, n, scratch, bf16):
         return lambda pool, start, n, scratch, bf16: start
 
     def widen(pool, start, n, scratch, bf16):
-        if bf16:  # one branch per block: both 16-bit storages share the kernel
-            for x in range(0, n, 16):
-                vstore(scratch, x, vload_bf16(pool, start + x))
-        else:
-            for x in range(0, n, 16):
-                vstore(scratch, x, vload(pool, start + x))
+        for x in range(0, n, 16):  # both 16-bit storages share the kernel: bf16 selects
+            vstore(scratch, x, vload16(pool, start + x, bf16))
         return 0
 
     return widen

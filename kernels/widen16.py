@@ -121,3 +121,28 @@ def _ov_dec(h, bf16):
             return lambda h, bf16: bf16_to_f32(h) if bf16 else half_bits_to_f32(h)
         return lambda h, bf16: bf16_to_f32(h) if bf16 else f16_to_f32(h)
     return None
+
+
+def scaled_row(dst, r, src, t, h, scale, bf16):
+    """dst[r, :] = float32 value of src[t, h, :] * scale (jitted code only)."""
+
+
+@overload(scaled_row, jit_options=_JIT)
+def _ov_scaled_row(dst, r, src, t, h, scale, bf16):
+    # The storage branch is taken once per row, not per element: a per-element decode
+    # that chooses between bfloat16 and float16 does not vectorise.
+    if src.dtype == types.float32:
+        def impl(dst, r, src, t, h, scale, bf16):
+            for x in range(dst.shape[1]):
+                dst[r, x] = src[t, h, x] * scale
+        return impl
+    half = half_bits_to_f32 if F16C else f16_to_f32
+
+    def impl16(dst, r, src, t, h, scale, bf16):
+        if bf16:
+            for x in range(dst.shape[1]):
+                dst[r, x] = bf16_to_f32(src[t, h, x]) * scale
+        else:
+            for x in range(dst.shape[1]):
+                dst[r, x] = half(src[t, h, x]) * scale
+    return impl16
