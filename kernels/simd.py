@@ -275,6 +275,22 @@ def vhmax(typingctx, v):
 
 
 @intrinsic
+def vany_gt(typingctx, v, x):
+    """Whether any of the 16 lanes exceeds the scalar x (a compare into a mask register
+    and one test: cheaper than the horizontal max it lets the softmax skip)."""
+    if v != f32x16 or x != types.float32:
+        return None
+    sig = types.boolean(f32x16, types.float32)
+
+    def codegen(context, builder, signature, args):
+        gt = builder.fcmp_ordered(">", args[0], _splat(builder, args[1]))
+        bits = builder.bitcast(gt, ir.IntType(LANES))
+        return builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(LANES), 0))
+
+    return sig, codegen
+
+
+@intrinsic
 def vexp_nonpos(typingctx, v):
     """exp(x) lane by lane for x <= 0 (scores minus their running max), ~1 ulp.
 

@@ -7,7 +7,7 @@ no token at all, and one long sequence that the planner splits across items.
 
 import numpy as np
 import pytest
-from kernel_calls import LAYER, NUM_KV_HEADS, Call, D, assert_matches
+from kernel_calls import LAYER, N_LAYERS, NUM_KV_HEADS, Call, D, assert_matches
 from numba import njit
 
 from lamina_kernels import (STORAGES, append_attend, merge, storage_itemsize, to_storage,
@@ -307,4 +307,26 @@ def test_block_table_wider_than_local_heads():
     call = Call(rng, "bfloat16", 4, 8, [(20, 1, True), (4, 3, True)])
     extra = np.full(call.block_table.shape[:1] + (1,) + call.block_table.shape[2:], -1, np.int32)
     call.block_table = np.ascontiguousarray(np.concatenate([call.block_table, extra], axis=1))
+    assert_matches(call.run(append_attend), call.run(append_attend_ref))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("rising", [True, False])
+def test_running_max_that_moves_every_block_or_never(storage, rising, kernel_path):
+    """The vector softmax takes its horizontal max only when a block has a score above the
+    running max: scores that rise with the position (the max moves in every block) and
+    that fall (it never moves after the first) both match the reference."""
+    rng = np.random.default_rng(9)
+    call = Call(rng, storage, 4, 16, [(700, 1, True)], num_kv_heads=1, d=64)
+    bs = call.k_pool.shape[2]
+    ramp = np.linspace(0.0, 6.0, 700 + bs, dtype=np.float32)
+    if not rising:
+        ramp = ramp[::-1].copy()
+    q = np.ones(call.q.shape, np.float32)
+    k = np.tile(rng.uniform(0.5, 1.5, (1, 64)).astype(np.float32), (call.k_pool.shape[0], N_LAYERS, bs, 1))
+    for b, blk in enumerate(call.block_table[call.table_rows[0], 0]):
+        if blk >= 0:
+            k[blk, :, :, :] *= ramp[b * bs:(b + 1) * bs, None] / 8.0
+    call.q = to_storage(q, storage)
+    call.k_pool = to_storage(k, storage)
     assert_matches(call.run(append_attend), call.run(append_attend_ref))
