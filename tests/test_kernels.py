@@ -7,12 +7,12 @@ no token at all, and one long sequence that the planner splits across items.
 
 import numpy as np
 import pytest
-from kernel_calls import LAYER, NUM_KV_HEADS, Call, D, assert_matches
+from kernel_calls import LAYER, N_LAYERS, NUM_KV_HEADS, Call, D, assert_matches
 from numba import njit
 
 from lamina_kernels import (STORAGES, append_attend, merge, storage_itemsize, to_storage,
                             warmup, widen)
-from lamina_kernels import cpu
+from lamina_kernels import cpu, widen16
 from lamina_kernels.reference import append_attend_ref
 
 
@@ -127,6 +127,22 @@ def test_single_long_sequence_uses_splits(storage, kernel_path):
     assert_matches(call.run(append_attend), call.run(append_attend_ref))
 
 
+def test_threaded_call_restores_the_chunk_size(monkeypatch):
+    """The threaded path hands items out one at a time (chunk size 1, set inside the
+    jitted call): the caller's own setting is back when the call returns."""
+    import numba
+
+    monkeypatch.setattr(cpu, "_INLINE_WORK", -1)
+    rng = np.random.default_rng(8)
+    call = Call(rng, "bfloat16", 4, 16, [(3000, 1, True)], num_kv_heads=1, d=64)
+    old = numba.set_parallel_chunksize(3)
+    try:
+        call.run(append_attend)
+        assert numba.get_parallel_chunksize() == 3
+    finally:
+        numba.set_parallel_chunksize(old)
+
+
 def test_nothing_visible_anywhere():
     rng = np.random.default_rng(3)
     call = Call(rng, "float32", 2, 8, [(0, 1, False), (0, 4, False)])
@@ -227,7 +243,7 @@ def _widen_all(src, code):
     dst = np.empty(src.shape, np.float32)
     for t in range(src.shape[0]):
         for k in range(src.shape[1]):
-            dst[t, k] = cpu._dec(np.int16(src[t, k])) if code == 2 else cpu._dec(src[t, k])
+            dst[t, k] = widen16.dec(src[t, k], code == 2)
     return dst
 
 
@@ -245,7 +261,7 @@ def test_kernel_decoders_cover_every_bit_pattern(storage):
 def _manual_f16(bits):
     out = np.empty(bits.shape, np.float32)
     for i in range(bits.shape[0]):
-        out[i] = cpu._f16_to_f32(bits[i])
+        out[i] = widen16.f16_to_f32(bits[i])
     return out
 
 
@@ -291,4 +307,26 @@ def test_block_table_wider_than_local_heads():
     call = Call(rng, "bfloat16", 4, 8, [(20, 1, True), (4, 3, True)])
     extra = np.full(call.block_table.shape[:1] + (1,) + call.block_table.shape[2:], -1, np.int32)
     call.block_table = np.ascontiguousarray(np.concatenate([call.block_table, extra], axis=1))
+    assert_matches(call.run(append_attend), call.run(append_attend_ref))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("rising", [True, False])
+def test_running_max_that_moves_every_block_or_never(storage, rising, kernel_path):
+    """The vector softmax takes its horizontal max only when a block has a score above the
+    running max: scores that rise with the position (the max moves in every block) and
+    that fall (it never moves after the first) both match the reference."""
+    rng = np.random.default_rng(9)
+    call = Call(rng, storage, 4, 16, [(700, 1, True)], num_kv_heads=1, d=64)
+    bs = call.k_pool.shape[2]
+    ramp = np.linspace(0.0, 6.0, 700 + bs, dtype=np.float32)
+    if not rising:
+        ramp = ramp[::-1].copy()
+    q = np.ones(call.q.shape, np.float32)
+    k = np.tile(rng.uniform(0.5, 1.5, (1, 64)).astype(np.float32), (call.k_pool.shape[0], N_LAYERS, bs, 1))
+    for b, blk in enumerate(call.block_table[call.table_rows[0], 0]):
+        if blk >= 0:
+            k[blk, :, :, :] *= ramp[b * bs:(b + 1) * bs, None] / 8.0
+    call.q = to_storage(q, storage)
+    call.k_pool = to_storage(k, storage)
     assert_matches(call.run(append_attend), call.run(append_attend_ref))

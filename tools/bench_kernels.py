@@ -442,7 +442,7 @@ def main():
     else:
         import numba
 
-        from lamina_kernels.cpu import HOST_AVX512_BF16
+        from lamina_kernels.widen16 import HOST_AVX512_BF16
 
         t0 = time.time()
         rows, skipped, n_threads = bench_cpu(ns)

@@ -1,0 +1,157 @@
+"""The per-work-item bodies of the CPU kernel, shared by its inline and threaded drivers
+(drivers.py): `append_rows` copies one (sequence, kv head)'s new K/V rows into its pool
+blocks; `attend_item` runs one planned item (plan.py: a key range of one (sequence, kv
+head, query tile)) through the vector tiles of tiles.py (head_dim a multiple of 16,
+specialised for 64 and 128) or the scalar loops of scalar.py, and normalises it into
+out/lse or into a partial slot of a split group; `merge_group` merges a split group's
+partials exactly (LSE merge); `make_scratch` allocates the per-thread buffers once per
+call.
+"""
+
+import numpy as np
+from numba import njit
+
+from . import plan as P
+from . import tiles as T
+from .scalar import attend_rows as _attend_rows
+from .widen16 import scaled_row as _scaled_row
+from .widen16 import vector_ok as _vector_ok
+
+# No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+
+
+@njit(**_JIT)
+def append_rows(k_new, v_new, k_pool, v_pool, block_table, table_rows, kv_start, context_lens,
+                layer, i, h):
+    """Copy sequence i's new K/V rows of local kv head h into its pool blocks."""
+    bs = k_pool.shape[2]
+    d = k_pool.shape[3]
+    kv0 = kv_start[i]
+    bt_row = block_table[table_rows[i], h]
+    for t in range(kv_start[i + 1] - kv0):
+        pos = context_lens[i] + t
+        blk = bt_row[pos // bs]
+        off = pos - (pos // bs) * bs
+        for x in range(d):
+            k_pool[blk, layer, off, x] = k_new[kv0 + t, h, x]
+            v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
+
+
+@njit(**_JIT)
+def attend_item(item, tid, q, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+                context_lens, layer, scale, bf16, groups, items, gsz, scratch, part_o, part_lse,
+                out, lse):
+    """One planned item: online softmax of its group's query rows over its key range,
+    normalised into out/lse (a whole group) or into its partial slot (a split group).
+    scratch: the per-thread buffers of make_scratch, row tid used."""
+    qs_t, lim_t, s_t, m_t, l_t, acc_t, kw_t, vw_t = scratch
+    qs = qs_t[tid]
+    row_lim = lim_t[tid]
+    s = s_t[tid]
+    m = m_t[tid]
+    l = l_t[tid]
+    acc = acc_t[tid]
+    d = k_pool.shape[3]
+    g = items[item, P.I_GROUP]
+    k0 = items[item, P.I_K0]
+    k1 = items[item, P.I_K1]
+    part = items[item, P.I_PART]
+    i = groups[g, P.G_SEQ]
+    h = groups[g, P.G_HEAD]
+    j0 = groups[g, P.G_J0]
+    nqt = groups[g, P.G_NQ]
+    n_rows = nqt * gsz
+    append = kv_start[i + 1] > kv_start[i]
+    for jj in range(nqt):
+        tok = q_start[i] + j0 + jj
+        lim = context_lens[i] + (j0 + jj + 1 if append else 0)
+        for gg in range(gsz):
+            r = jj * gsz + gg
+            row_lim[r] = lim
+            _scaled_row(qs, r, q, tok, h * gsz + gg, scale, bf16)
+    bt_row = block_table[table_rows[i], h]
+    if not (d % 16 == 0 and _vector_ok(k_pool, bf16)):
+        _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
+                     bf16)
+    elif d == 64:
+        T.attend_rows_64(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
+                         kw_t[tid], vw_t[tid], bf16)
+    elif d == 128:
+        T.attend_rows_128(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l,
+                          acc, kw_t[tid], vw_t[tid], bf16)
+    else:
+        T.attend_rows_any(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l,
+                          acc, kw_t[tid], vw_t[tid], bf16)
+    for jj in range(nqt):
+        tok = q_start[i] + j0 + jj
+        for gg in range(gsz):
+            r = jj * gsz + gg
+            hq = h * gsz + gg
+            if l[r] > 0.0:
+                inv = np.float32(1.0) / l[r]
+                val = m[r] + np.log(l[r])
+            else:
+                inv = np.float32(0.0)
+                val = -np.inf
+            if part < 0:
+                lse[tok, hq] = val
+                for x in range(d):
+                    out[tok, hq, x] = acc[r, x] * inv
+            else:
+                part_lse[part, r] = val
+                for x in range(d):
+                    part_o[part, r, x] = acc[r, x] * inv
+
+
+@njit(**_JIT)
+def merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse):
+    """Exact LSE merge of a split group's partials into out/lse; a group that sees no
+    key (no item) gets out = 0, lse = -inf."""
+    n_split = groups[g, P.G_NITEMS]
+    if n_split == 1:
+        return
+    d = out.shape[2]
+    i = groups[g, P.G_SEQ]
+    h = groups[g, P.G_HEAD]
+    j0 = groups[g, P.G_J0]
+    nqt = groups[g, P.G_NQ]
+    p0 = groups[g, P.G_PART0]
+    for jj in range(nqt):
+        tok = q_start[i] + j0 + jj
+        for gg in range(gsz):
+            r = jj * gsz + gg
+            hq = h * gsz + gg
+            mx = -np.inf
+            for sp in range(n_split):
+                mx = max(mx, part_lse[p0 + sp, r])
+            for x in range(d):
+                out[tok, hq, x] = 0.0
+            if mx == -np.inf:
+                lse[tok, hq] = -np.inf
+                continue
+            wsum = np.float32(0.0)
+            for sp in range(n_split):
+                v = part_lse[p0 + sp, r]
+                if v == -np.inf:
+                    continue
+                w = np.exp(v - mx)
+                wsum += w
+                for x in range(d):
+                    out[tok, hq, x] += w * part_o[p0 + sp, r, x]
+            inv = np.float32(1.0) / wsum
+            for x in range(d):
+                out[tok, hq, x] *= inv
+            lse[tok, hq] = mx + np.log(wsum)
+
+
+@njit(**_JIT)
+def make_scratch(n_threads, rmax, bs, d):
+    """Per-thread buffers of the attend pass (indexed by thread id, not allocated per
+    item): query rows, causal limits, scores, running max and sum, accumulators, and
+    a 16-bit block's K and V widened to float32 (tiles._stage)."""
+    return (np.empty((n_threads, rmax, d), np.float32), np.empty((n_threads, rmax), np.int64),
+            np.empty((n_threads, rmax, bs), np.float32), np.empty((n_threads, rmax), np.float32),
+            np.empty((n_threads, rmax), np.float32), np.empty((n_threads, rmax, d), np.float32),
+            np.empty((n_threads, bs * d), np.float32), np.empty((n_threads, bs * d), np.float32))
