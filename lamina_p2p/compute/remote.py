@@ -3,8 +3,10 @@
 The transport joins the cluster as a compute peer (its own ROUTER for gossip) and
 registers the model geometry with every attention peer that becomes alive: that is
 the control path, on the event loop. The register reply names the peer's data path
-(net/datapath.py); per-layer attends go there over one DEALER per peer owned by the
-engine's dense thread (`send`/`receive`), over ipc:// when both run on this host.
+(net/datapath.py); per-layer attends go there over one link per peer owned by the
+engine's dense thread (`send`/`receive`): on this host a plain Unix-domain stream socket
+when the cluster runs in plain text (net/stream.py), else a ZeroMQ DEALER (ipc:// on
+this host, tcp:// otherwise; CURVE when the cluster has keys).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lamina_p2p.compute.errors import AttentionPeerError, classify
 from lamina_p2p.model.config import geometry_kv_bytes_per_token
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
-from lamina_p2p.net.datapath import DataLink, host_id
+from lamina_p2p.net.datapath import DataLink, StreamLink, host_id
 from lamina_p2p.net.membership import Membership, PeerInfo
 from lamina_p2p.net.rpc import RpcClient, RpcClosed, RpcError, RpcServer, RpcTimeout
 from lamina_p2p.net.wire import PROTOCOL_VERSION
@@ -69,6 +71,8 @@ class ClusterTransport:
         self._closed_bytes = [0, 0]  # sent, received by links now closed
         self._closing = False  # set by close(): the dense thread stops waiting on replies
         self._host = host_id()
+        # Per-layer attends over the peer's stream socket where it offers one on this host (False: ZeroMQ only).
+        self.use_stream = True
         membership.subscribe(self._on_event)
 
     # -- membership -------------------------------------------------------------
@@ -110,6 +114,11 @@ class ClusterTransport:
         # ipc:// only where both ends agree they share a host (and its filesystem).
         info["endpoint"] = ipc if isinstance(ipc, str) and info.get("host") == self._host and \
             ipc.startswith("ipc://") and os.path.exists(ipc.removeprefix("ipc://")) else data
+        path = info.get("data_stream")
+        # The stream has no CURVE: used only when this side is in plain text too, and on the same host.
+        info["stream"] = path if self.membership.security is None and isinstance(path, str) and \
+            path.startswith("unix://") and info.get("host") == self._host and \
+            os.path.exists(path.removeprefix("unix://")) else None
         self._info[peer.id] = info
 
     def peers(self) -> dict[str, float]:
@@ -178,7 +187,15 @@ class ClusterTransport:
             info = self._info.get(peer)
             if peer in self.failed or info is None:
                 raise AttentionPeerError(peer, "not connected", "failed")
-            link = self._links[peer] = DataLink(self.zmq_context, info["endpoint"], security=self.membership.security)
+            link = None
+            if info.get("stream") and self.use_stream:
+                try:
+                    link = StreamLink(info["stream"])
+                except OSError as e:  # gone meanwhile (the peer restarted): ZeroMQ still works or fails cleanly
+                    log.warning("stream data path to %s unusable (%s): using ZeroMQ", peer, e)
+            if link is None:
+                link = DataLink(self.zmq_context, info["endpoint"], security=self.membership.security)
+            self._links[peer] = link
         return link
 
     def _close_link(self, peer: str) -> None:
