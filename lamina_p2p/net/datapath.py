@@ -273,15 +273,7 @@ class KernelThread:
             batch.append((frames[0].bytes, frames[1:], time.monotonic()))
         for fd in streams:
             conn, reader = self._streams[fd]
-            try:
-                messages = reader.read()
-            except EOFError:
-                self._drop_stream(fd)
-                continue
-            except stream.StreamError as e:  # cannot resynchronise: answer once, then close
-                self._error_reply(fd, -1, BAD_MESSAGE, f"bad message: {e}")
-                self._drop_stream(fd)
-                continue
+            messages = reader.read()
             arrived = time.monotonic()
             batch.extend((fd, frames, arrived) for frames in messages)
         for n, (to, frames, arrived) in enumerate(batch):
@@ -289,6 +281,12 @@ class KernelThread:
                 self._serve_one(to, frames, arrived, busy=n >= self._limits.max_in_flight)
             except Exception:  # a bug here must not stop the thread answering everyone else
                 log.exception("data path: serving a request failed")
+        for fd in streams:  # after the whole messages that came before: a broken or closed stream ends
+            conn, reader = self._streams.get(fd, (None, None))
+            if reader is not None and reader.error is not None:  # cannot resynchronise: answer once, close
+                self._error_reply(fd, -1, BAD_MESSAGE, f"bad message: {reader.error}")
+            if reader is not None and (reader.error is not None or reader.closed):
+                self._drop_stream(fd)
 
     def _serve_one(self, to: bytes | int, frames: list, arrived: float, busy: bool) -> None:
         self.requests += 1
@@ -520,11 +518,17 @@ class StreamLink(DataLink):
     def _received(self) -> list[list]:
         try:
             frames = self._reader.read()
-        except (EOFError, OSError, WireError) as e:  # the peer closed it, or broke the framing
-            self._broken(f"attention peer at {self.endpoint} closed the data link ({e})")
+        except OSError as e:
+            self._reader.error = e
             return []
         self.bytes_received = self._reader.bytes_received
         return frames
+
+    def _take_replies(self) -> None:
+        super()._take_replies()
+        if self._reader.error is not None or self._reader.closed:  # after the replies that came before
+            self._broken(f"attention peer at {self.endpoint} closed the data link"
+                         f"{f' ({self._reader.error})' if self._reader.error else ''}")
 
     def _broken(self, reason: str) -> None:
         """Fail every request in flight: the stream carries no more replies."""

@@ -91,12 +91,17 @@ class FrameReader:
         self._buf = bytearray()
         self._need: tuple[int, list[int]] | None = None  # (header bytes, frame lengths) of the next message
         self.bytes_received = 0
+        self.closed = False  # the other end closed the connection
+        self.error: StreamError | None = None  # the framing broke: nothing more can be read
 
     def read(self) -> list[list[bytes]]:
         """Every whole message that has arrived (possibly none), each a list of frames (bytes).
 
-        Raises EOFError when the other end closed the connection (a partial message is dropped),
-        StreamError on framing the limits refuse."""
+        Afterwards `closed` says the other end closed the connection (a partial message is
+        dropped) and `error` holds a StreamError when the framing broke on something the limits
+        refuse; the whole messages before either are still returned."""
+        if self.error is not None:
+            return []
         closed = False
         while True:
             try:
@@ -114,10 +119,12 @@ class FrameReader:
             if len(chunk) < _READ_CHUNK:
                 break
         out = []
-        while (msg := self._next()) is not None:
-            out.append(msg)
-        if closed and not out:
-            raise EOFError("stream closed by the other end")
+        try:
+            while (msg := self._next()) is not None:
+                out.append(msg)
+        except StreamError as e:
+            self.error = e
+        self.closed = closed
         return out
 
     def _next(self) -> list[bytes] | None:
