@@ -286,3 +286,19 @@ def test_curve_peers_offer_no_stream(tmp_path):
     finally:
         kt.stop()
         ctx.term()
+
+
+def test_a_stream_caller_that_does_not_read_its_reply_holds_up_no_one(served):
+    """A reply larger than the socket's buffer waits in the kernel thread's memory, not in a blocked
+    write: the thread serves another caller meanwhile, and the slow caller gets its whole reply later."""
+    kt, _, _ = served
+    slow, other = stream_link(kt), stream_link(kt)
+    try:
+        big = np.arange(2 << 20, dtype=np.float32)  # 8 MB each way: far past a Unix socket's buffer
+        rid = slow.send("attend", {}, [big], timeout_s=30)
+        msg = other.receive(other.send("attend", {}, [np.ones(3, np.float32)], timeout_s=10), time.monotonic() + 10)
+        np.testing.assert_array_equal(msg.tensors[0], np.full(3, 2, np.float32))
+        np.testing.assert_array_equal(slow.receive(rid, time.monotonic() + 30).tensors[0], big * 2)
+    finally:
+        slow.close()
+        other.close()

@@ -45,7 +45,9 @@ from .wire import DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, enc
 
 log = logging.getLogger(__name__)
 
-STREAM_SEND_TIMEOUT_S = 1.0  # how long a reply may wait for a stream caller that stopped reading
+# Replies a stream caller has not read yet wait in the kernel thread's memory (as ZeroMQ's queue would
+# hold them) so the thread never blocks on a slow reader; past this a connection is dropped.
+STREAM_MAX_PENDING_BYTES = 1 << 30
 
 DataHandler = Callable[[Message, float], tuple[dict, list]]  # (message, arrival time) -> reply
 
@@ -103,6 +105,7 @@ class KernelThread:
         self.stream_endpoint: str | None = None
         self._listener = None  # the stream listener (plain text only), and its connections by fd:
         self._streams: dict[int, tuple[Any, stream.FrameReader]] = {}
+        self._pending: dict[int, list[memoryview]] = {}  # fd -> reply bytes the socket has not taken yet
         # counters, read by other threads for stats
         self.requests = 0
         self.errors = 0
@@ -214,7 +217,10 @@ class KernelThread:
                     self._run_jobs()
                 if listen_fd is not None and listen_fd in ready:
                     self._accept()
-                streams = [fd for fd in ready if fd in self._streams]
+                for fd, events in ready.items():
+                    if events & zmq.POLLOUT and fd in self._pending:
+                        self._flush(fd)
+                streams = [fd for fd, events in ready.items() if fd in self._streams and events & (zmq.POLLIN | zmq.POLLERR)]
                 if sock in ready or streams:
                     self._serve_waiting(sock, streams)
         finally:
@@ -253,7 +259,25 @@ class KernelThread:
             self._streams[conn.fileno()] = (conn, stream.FrameReader(conn, self._limits))
             self._poller.register(conn.fileno(), zmq.POLLIN)
 
+    def _flush(self, fd: int, more: list[memoryview] = ()) -> None:
+        """Write a stream's waiting reply bytes (and `more` after them) as far as the socket takes them."""
+        conn, _ = self._streams[fd]
+        had = fd in self._pending
+        try:
+            left = stream.write_some(conn, self._pending.pop(fd, []) + list(more))
+        except OSError as e:
+            log.warning("data path: a stream caller went away (%s)", e)
+            return self._drop_stream(fd)
+        if left:
+            if sum(b.nbytes for b in left) > STREAM_MAX_PENDING_BYTES:
+                log.warning("data path: a stream caller is not reading its replies: closing it")
+                return self._drop_stream(fd)
+            self._pending[fd] = left
+        if bool(left) != had:
+            self._poller.modify(fd, zmq.POLLIN | zmq.POLLOUT if left else zmq.POLLIN)
+
     def _drop_stream(self, fd: int) -> None:
+        self._pending.pop(fd, None)
         conn, _ = self._streams.pop(fd, (None, None))
         if conn is not None:
             self._poller.unregister(fd)
@@ -328,15 +352,10 @@ class KernelThread:
 
     def _send(self, to: bytes | int, frames: list) -> None:
         if isinstance(to, int):  # a stream connection
-            conn = self._streams.get(to)
-            if conn is None:
-                return  # closed meanwhile
-            try:
-                # A caller that stops reading holds this thread at most STREAM_SEND_TIMEOUT_S, then loses the link.
-                self.bytes_sent += stream.send_frames(conn[0], frames, STREAM_SEND_TIMEOUT_S)
-            except (OSError, TimeoutError) as e:
-                log.warning("data path: reply on a stream failed (%s): closing it", e)
-                self._drop_stream(to)
+            if to in self._streams:  # (else closed meanwhile)
+                bufs = stream.pack(frames)
+                self.bytes_sent += sum(b.nbytes for b in bufs)
+                self._flush(to, bufs)  # never waits: what the socket does not take now waits for POLLOUT
             return
         try:
             # ROUTER drops a message to a peer that has gone away instead of blocking.
@@ -513,7 +532,7 @@ class StreamLink(DataLink):
             raise RpcClosed(f"data link to {self.endpoint}: {e}") from None
 
     def _readable(self, timeout_s: float) -> bool:
-        return bool(select.select([self._sock], [], [], max(timeout_s, 0.001))[0])
+        return stream.wait(self._sock, select.POLLIN, timeout_s)
 
     def _received(self) -> list[list]:
         try:

@@ -53,6 +53,24 @@ def pack(frames: Sequence) -> list[memoryview]:
     return [memoryview(head), *views]
 
 
+def write_some(sock: socket.socket, bufs: list[memoryview]) -> list[memoryview]:
+    """Write what a non-blocking socket takes now; returns what is left (empty: all written).
+    Raises OSError (BrokenPipeError...) as the socket does."""
+    while bufs:
+        try:
+            n = sock.sendmsg(bufs[:512])  # (IOV_MAX is 1024)
+        except (BlockingIOError, InterruptedError):
+            return bufs
+        if n == 0:
+            return bufs
+        while n:  # drop what went out, keep the rest of a partly sent buffer
+            if n >= bufs[0].nbytes:
+                n -= bufs.pop(0).nbytes
+            else:
+                bufs[0], n = bufs[0][n:], 0
+    return bufs
+
+
 def send_frames(sock: socket.socket, frames: Sequence, timeout_s: float) -> int:
     """Write one message to a non-blocking stream socket, whole; returns its byte count.
 
@@ -60,26 +78,25 @@ def send_frames(sock: socket.socket, frames: Sequence, timeout_s: float) -> int:
     been written: the connection must then be closed), OSError (BrokenPipeError...) as the socket does."""
     bufs = pack(frames)
     total = sum(b.nbytes for b in bufs)
-    sent = 0
     deadline = None
     while True:
-        try:
-            n = sock.sendmsg(bufs)
-        except BlockingIOError:
-            n = 0
-        sent += n
-        if sent == total:
+        bufs = write_some(sock, bufs)
+        if not bufs:
             return total
-        while n:  # drop what went out, keep the rest of a partly sent buffer
-            if n >= bufs[0].nbytes:
-                n -= bufs.pop(0).nbytes
-            else:
-                bufs[0], n = bufs[0][n:], 0
+        sent = total - sum(b.nbytes for b in bufs)
         if deadline is None:
             deadline = time.monotonic() + timeout_s
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([], [sock], [], remaining)[1]:
+        if remaining <= 0 or not wait(sock, select.POLLOUT, remaining):
             raise TimeoutError(f"stream: the other end took {sent} of {total} bytes in {timeout_s:g} s")
+
+
+def wait(sock: socket.socket, events: int, timeout_s: float) -> bool:
+    """Whether the socket is ready for `events` (select.POLLIN/POLLOUT) within `timeout_s` seconds.
+    (poll, not select: select fails on descriptors past 1023.)"""
+    p = select.poll()
+    p.register(sock, events)
+    return bool(p.poll(max(int(timeout_s * 1000), 1)))
 
 
 class FrameReader:
