@@ -185,7 +185,7 @@ def read_stream(data: bytes, chunks: list[int], limits=SMALL):
         b.close()
     for frames in out:
         assert 1 <= len(frames) <= limits.max_frames + 1
-        assert all(type(f) is bytes and len(f) <= max(limits.max_frame_bytes, limits.max_header_bytes) for f in frames)
+        assert all(type(f) is bytearray and len(f) <= max(limits.max_frame_bytes, limits.max_header_bytes) for f in frames)
     return out, reader.error
 
 

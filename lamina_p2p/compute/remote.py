@@ -35,6 +35,7 @@ from lamina_p2p.net.wire import PROTOCOL_VERSION
 log = logging.getLogger("lamina.compute")
 
 DEFAULT_BLOCK_SIZE = 16  # what block_size() says before any peer has registered
+STREAM_MAX_REQUEST_BYTES = 1 << 20  # larger attends (prefill) go over ZeroMQ even where a stream is offered
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ClusterTransport:
         self._clients: dict[str, RpcClient] = {}
         self._registered: dict[str, asyncio.Task] = {}
         self._info: dict[str, dict] = {}  # peer -> its register reply (block size, data endpoints)
-        self._links: dict[str, DataLink] = {}  # the dense thread's data sockets, one per peer
+        self._links: dict[tuple[str, str], DataLink] = {}  # the dense thread's data sockets: (peer, "stream"/"zmq")
         self._closed_bytes = [0, 0]  # sent, received by links now closed
         self._closing = False  # set by close(): the dense thread stops waiting on replies
         self._host = host_id()
@@ -176,34 +177,38 @@ class ClusterTransport:
                 await asyncio.sleep(min(remaining, self.membership.heartbeat_interval))
 
     # -- data path: the engine's dense thread -----------------------------------------
-    def _link(self, peer: str) -> DataLink:
+    def _link(self, peer: str, nbytes: int) -> DataLink:
+        """The link for a request of `nbytes`: the stream socket where the peer offers one and the
+        request is small (per-layer decode), else ZeroMQ (prefill's megabytes: its I/O threads
+        move big messages faster than the dense thread's own reads and writes would)."""
         if self._closing:
             raise AttentionPeerError(peer, "the transport is closing", "failed")
-        link = self._links.get(peer)
-        if link is not None and peer in self.failed:
+        info = self._info.get(peer)
+        if peer in self.failed or info is None:
             self._close_link(peer)
-            link = None
+            raise AttentionPeerError(peer, "not connected", "failed")
+        kind = "stream" if info.get("stream") and self.use_stream and nbytes <= STREAM_MAX_REQUEST_BYTES else "zmq"
+        link = self._links.get((peer, kind))
         if link is None:
-            info = self._info.get(peer)
-            if peer in self.failed or info is None:
-                raise AttentionPeerError(peer, "not connected", "failed")
-            link = None
-            if info.get("stream") and self.use_stream:
+            if kind == "stream":
                 try:
                     link = StreamLink(info["stream"])
                 except OSError as e:  # gone meanwhile (the peer restarted): ZeroMQ still works or fails cleanly
                     log.warning("stream data path to %s unusable (%s): using ZeroMQ", peer, e)
-            if link is None:
+                    info["stream"] = None
+                    return self._link(peer, nbytes)
+            else:
                 link = DataLink(self.zmq_context, info["endpoint"], security=self.membership.security)
-            self._links[peer] = link
+            self._links[(peer, kind)] = link
         return link
 
     def _close_link(self, peer: str) -> None:
-        link = self._links.pop(peer, None)
-        if link is not None:
-            link.close()
-            self._closed_bytes[0] += link.bytes_sent
-            self._closed_bytes[1] += link.bytes_received
+        for kind in ("stream", "zmq"):
+            link = self._links.pop((peer, kind), None)
+            if link is not None:
+                link.close()
+                self._closed_bytes[0] += link.bytes_sent
+                self._closed_bytes[1] += link.bytes_received
 
     def send(self, peer: str, req: AttendRequest) -> _Ticket:
         """Start one attend on `peer`'s data link (dense thread only); returns the ticket for `receive`.
@@ -212,7 +217,7 @@ class ClusterTransport:
         to be written until received). Never waits on the peer's work; ZeroMQ takes the message at
         once unless its queue is full (then up to request_timeout s). Raises AttentionPeerError
         (kind "failed") when the peer is unknown, failed, or the send cannot be queued."""
-        link = self._link(peer)
+        link = self._link(peer, req.q.nbytes + req.k.nbytes + req.v.nbytes)
         meta = req.meta if req.meta is not None else \
             np.stack([req.seq_ids, req.context_lens, req.n_q, req.num_new_tokens], axis=1).astype(np.int64)
         tracing = req.trace and self.tracer is not None
@@ -265,7 +270,7 @@ class ClusterTransport:
         self._clients.clear()
         # The engine (the links' owner) has stopped by now; sockets of a shadow context must be
         # closed before the context is destroyed, or destroying it waits on them.
-        for peer in list(self._links):
+        for peer in {p for p, _ in self._links}:
             self._close_link(peer)
 
     def address(self) -> str | None:

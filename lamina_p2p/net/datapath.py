@@ -255,7 +255,7 @@ class KernelThread:
             except OSError as e:  # out of file descriptors, ...: refuse this one, keep serving
                 log.warning("data path: accepting a stream connection failed: %s", e)
                 return
-            conn.setblocking(False)
+            stream.tune(conn)
             self._streams[conn.fileno()] = (conn, stream.FrameReader(conn, self._limits))
             self._poller.register(conn.fileno(), zmq.POLLIN)
 

@@ -34,6 +34,19 @@ PREFIX = struct.Struct("<4sI")
 _LENGTH = struct.Struct("<I")
 _READ_CHUNK = 256 * 1024
 SCHEME = "unix://"
+# Bytes in flight per direction: a prefill layer's attend is megabytes, and the default (~200 kB) makes
+# each one hundreds of wake-up ping-pongs. The kernel caps it at net.core.wmem_max without privileges.
+SEND_BUFFER_BYTES = 4 << 20
+
+
+def tune(sock: socket.socket) -> socket.socket:
+    """Non-blocking, with a large send buffer (best effort)."""
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    except OSError:
+        pass
+    return sock
 
 
 class StreamError(WireError):
@@ -111,8 +124,8 @@ class FrameReader:
         self.closed = False  # the other end closed the connection
         self.error: StreamError | None = None  # the framing broke: nothing more can be read
 
-    def read(self) -> list[list[bytes]]:
-        """Every whole message that has arrived (possibly none), each a list of frames (bytes).
+    def read(self) -> list[list[bytearray]]:
+        """Every whole message that has arrived (possibly none), each a list of frames (bytearray).
 
         Afterwards `closed` says the other end closed the connection (a partial message is
         dropped) and `error` holds a StreamError when the framing broke on something the limits
@@ -144,7 +157,7 @@ class FrameReader:
         self.closed = closed
         return out
 
-    def _next(self) -> list[bytes] | None:
+    def _next(self) -> list[bytearray] | None:
         buf = self._buf
         if self._need is None:
             if len(buf) < PREFIX.size:
@@ -169,7 +182,10 @@ class FrameReader:
         frames, at = [], head
         with memoryview(buf) as mv:
             for n in lengths:
-                frames.append(bytes(mv[at:at + n]))  # own allocation each: aligned for any dtype
+                # Own allocation each (aligned for any dtype), and writable like a ZeroMQ frame: the kernels
+                # are compiled for writable arrays, and a read-only one is a new Numba type (a compile
+                # of seconds to minutes in the middle of a request).
+                frames.append(bytearray(mv[at:at + n]))
                 at += n
         del buf[:end]
         self._need = None
@@ -186,8 +202,7 @@ def connect(endpoint: str) -> socket.socket:
     except BaseException:
         sock.close()
         raise
-    sock.setblocking(False)
-    return sock
+    return tune(sock)
 
 
 def listen(path: str) -> socket.socket:
