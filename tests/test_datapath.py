@@ -178,11 +178,15 @@ def test_the_stream_socket_serves_both_headers_on_the_kernel_thread(served):
         np.testing.assert_array_equal(msg.tensors[1], q * 2)
         with pytest.raises(RpcError, match="asked to fail"):
             ln.receive(ln.send("attend", {"fail": True}, [], timeout_s=10), time.monotonic() + 10)
+        # Empty frames (k, v of a shard with no new tokens), last in the message either way.
+        msg = ln.receive(ln.send("attend", {}, [np.ones(2, np.float32), np.zeros((0, 3), np.float32)], timeout_s=10),
+                         time.monotonic() + 10)
+        assert [t.shape for t in msg.tensors] == [(2,), (0, 3)]
         assert ln.bytes_sent > 0 and ln.bytes_received > 0
     finally:
         ln.close()
     assert handler.threads == {kt.submit(threading.get_ident).result(10)}
-    assert kt.requests == 5
+    assert kt.requests == 6
 
 
 def raw_stream(kt):

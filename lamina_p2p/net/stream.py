@@ -63,12 +63,15 @@ def pack(frames: Sequence) -> list[memoryview]:
     """The buffers of one framed message (for sendmsg): prefix, lengths, then the frames themselves."""
     views = [_view(f) for f in frames]
     head = PREFIX.pack(STREAM_MAGIC, len(views)) + struct.pack(f"<{len(views)}I", *(v.nbytes for v in views))
-    return [memoryview(head), *views]
+    # An empty frame (a shard with no new tokens: k, v of 0 rows) has its length and no bytes: sendmsg
+    # writes nothing for it, and a writer waiting to see it go would wait forever.
+    return [memoryview(head), *(v for v in views if v.nbytes)]
 
 
 def write_some(sock: socket.socket, bufs: list[memoryview]) -> list[memoryview]:
     """Write what a non-blocking socket takes now; returns what is left (empty: all written).
     Raises OSError (BrokenPipeError...) as the socket does."""
+    bufs = [b for b in bufs if b.nbytes]
     while bufs:
         try:
             n = sock.sendmsg(bufs[:512])  # (IOV_MAX is 1024)
