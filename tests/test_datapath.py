@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import zmq
 
-from lamina_p2p.net.datapath import DataLink, KernelThread
+from lamina_p2p.net import stream
+from lamina_p2p.net.datapath import DataLink, KernelThread, StreamLink
 from lamina_p2p.net.rpc import RpcClosed, RpcError, RpcTimeout
 from lamina_p2p.net.security import generate_keys, load_security
-from lamina_p2p.net.wire import PROTOCOL_VERSION, Limits, encode
+from lamina_p2p.net.wire import PROTOCOL_VERSION, Limits, decode, encode, encode_attend
 
 
 class Echo:
@@ -155,3 +156,153 @@ def test_curve_keys_are_required_on_the_data_path(tmp_path):
     finally:
         kt.stop()
         ctx.term()
+
+
+# -- the stream socket (net/stream.py): plaintext peers on one host ------------------------------------
+def stream_link(kt):
+    return StreamLink(kt.stream_endpoint)
+
+
+def test_the_stream_socket_serves_both_headers_on_the_kernel_thread(served):
+    kt, handler, _ = served
+    assert kt.stream_endpoint and kt.stream_endpoint.startswith("unix://")
+    ln = stream_link(kt)
+    try:
+        xs = [np.arange(i, i + 5, dtype=np.float32) for i in range(3)]
+        rids = [ln.send("attend", {}, [x], timeout_s=10) for x in xs]
+        for rid, x in reversed(list(zip(rids, xs))):  # received out of order: still matched
+            np.testing.assert_array_equal(ln.receive(rid, time.monotonic() + 10).tensors[0], x * 2)
+        meta, q, kv = np.zeros((2, 4), np.int64), np.ones((2, 3, 4), np.float32), np.ones((2, 1, 4), np.float32)
+        msg = ln.receive(ln.send_attend("me", 1, 0, 1, meta, q, kv, kv, timeout_s=10), time.monotonic() + 10)
+        assert msg.op == "reply" and [t.shape for t in msg.tensors] == [(2, 4), (2, 3, 4), (2, 1, 4), (2, 1, 4)]
+        np.testing.assert_array_equal(msg.tensors[1], q * 2)
+        with pytest.raises(RpcError, match="asked to fail"):
+            ln.receive(ln.send("attend", {"fail": True}, [], timeout_s=10), time.monotonic() + 10)
+        # Empty frames (k, v of a shard with no new tokens), last in the message either way.
+        msg = ln.receive(ln.send("attend", {}, [np.ones(2, np.float32), np.zeros((0, 3), np.float32)], timeout_s=10),
+                         time.monotonic() + 10)
+        assert [t.shape for t in msg.tensors] == [(2,), (0, 3)]
+        assert ln.bytes_sent > 0 and ln.bytes_received > 0
+    finally:
+        ln.close()
+    assert handler.threads == {kt.submit(threading.get_ident).result(10)}
+    assert kt.requests == 6
+
+
+def raw_stream(kt):
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(kt.stream_endpoint.removeprefix("unix://"))
+    return sock
+
+
+def read_replies(sock, count, until_closed):
+    """`count` framed replies, decoded; with `until_closed`, then whether the peer closed the connection."""
+    import select
+
+    sock.setblocking(False)
+    reader, out = stream.FrameReader(sock), []
+    deadline = time.monotonic() + 10
+    closed = False
+    while len(out) < count or (until_closed and not closed):
+        if not select.select([sock], [], [], max(deadline - time.monotonic(), 0))[0]:
+            break
+        out += [decode(frames) for frames in reader.read()]
+        if reader.closed:
+            return out, True
+    return out, closed
+
+
+def test_broken_framing_gets_one_error_reply_then_the_connection_closes(served):
+    kt, _, _ = served
+    good = stream.pack(encode("attend", 4, {}, [np.ones(2, np.float32)]))
+    head = b"".join(bytes(b) for b in good[:1])
+    broken = [b"GARBAGE!" * 4, stream.PREFIX.pack(stream.STREAM_MAGIC, 0),  # wrong magic, no frames
+              stream.PREFIX.pack(stream.STREAM_MAGIC, 10**6),  # more frames than the limits allow
+              stream.PREFIX.pack(stream.STREAM_MAGIC, 2) + np.array([10, 2**31], "<u4").tobytes()]  # a huge frame
+    for junk in broken:
+        sock = raw_stream(kt)
+        sock.sendall(head + b"".join(bytes(b) for b in good[1:]) + junk)  # a good message first, then the junk
+        replies, closed = read_replies(sock, 2, until_closed=True)
+        sock.close()
+        assert [r.op for r in replies] == ["reply", "error"] and replies[1].fields["code"] == "bad_message"
+        assert closed
+    # Malformed messages inside good framing: error replies, the connection stays.
+    sock = raw_stream(kt)
+    bad = [[b"garbage"], encode("stats", 9, {}), [bytes(f) for f in encode("attend", 3, {}, [np.zeros(4, np.float32)])][:1]]
+    for frames in bad:  # (max_in_flight is 3 here)
+        sock.sendall(b"".join(bytes(b) for b in stream.pack(frames)))
+    replies, closed = read_replies(sock, 3, until_closed=False)
+    sock.sendall(b"".join(bytes(b) for b in stream.pack(encode("attend", 5, {}, [np.ones(2, np.float32)]))))
+    replies += read_replies(sock, 1, until_closed=False)[0]
+    sock.close()
+    assert [r.op for r in replies] == ["error", "error", "error", "reply"] and not closed
+    ln = stream_link(kt)  # the thread still serves everyone
+    assert ln.receive(ln.send("attend", {}, [np.ones(1, np.float32)], timeout_s=10), time.monotonic() + 10).op == "reply"
+    ln.close()
+
+
+def test_on_the_stream_busy_deadline_and_a_closed_peer_end_the_wait(served):
+    kt, handler, _ = served
+    ln = stream_link(kt)
+    gate = threading.Event()
+    blocked = kt.submit(gate.wait, 10)
+    rids = [ln.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10) for _ in range(8)]
+    # The requests are in the socket's buffer once send returns: the thread reads them all at once.
+    gate.set()
+    blocked.result(10)
+    outcomes = []
+    for rid in rids:
+        try:
+            ln.receive(rid, time.monotonic() + 10)
+            outcomes.append("ok")
+        except RpcError as e:
+            outcomes.append(e.code)
+    assert outcomes.count("ok") >= 3 and set(outcomes) <= {"ok", "busy"} and "busy" in outcomes
+    handler.gate = threading.Event()
+    try:
+        with pytest.raises(RpcTimeout):
+            ln.receive(ln.send("attend", {}, [], timeout_s=0.3), time.monotonic() + 0.3)
+        with pytest.raises(RpcClosed):  # membership says the peer is dead: no waiting for the deadline
+            ln.receive(ln.send("attend", {}, [], timeout_s=30), time.monotonic() + 30, alive=lambda: False)
+    finally:
+        handler.gate.set()
+    ln.close()
+    ln = stream_link(kt)
+    ln.receive(ln.send("attend", {}, [], timeout_s=10), time.monotonic() + 10)
+    kt.stop()  # the peer goes away: its end of the stream closes
+    t0 = time.monotonic()
+    with pytest.raises(RpcClosed):  # at send (broken pipe) or at once in receive, not at the deadline
+        ln.receive(ln.send("attend", {}, [], timeout_s=30), time.monotonic() + 30)
+    assert time.monotonic() - t0 < 10
+    ln.close()
+
+
+def test_curve_peers_offer_no_stream(tmp_path):
+    keys = load_security(generate_keys(tmp_path / "k")["cluster"])
+    ctx = zmq.Context()
+    kt = KernelThread(ctx, "tcp://127.0.0.1", Echo(), security=keys)
+    kt.start()
+    try:
+        assert kt.stream_endpoint is None
+    finally:
+        kt.stop()
+        ctx.term()
+
+
+def test_a_stream_caller_that_does_not_read_its_reply_holds_up_no_one(served):
+    """A reply larger than the socket's buffer waits in the kernel thread's memory, not in a blocked
+    write: the thread serves another caller meanwhile, and the slow caller gets its whole reply later."""
+    kt, _, _ = served
+    slow, other = stream_link(kt), stream_link(kt)
+    try:
+        big = np.arange(2 << 20, dtype=np.float32)  # 8 MB each way: far past a Unix socket's buffer
+        rid = slow.send("attend", {}, [big], timeout_s=30)
+        msg = other.receive(other.send("attend", {}, [np.ones(3, np.float32)], timeout_s=10), time.monotonic() + 10)
+        np.testing.assert_array_equal(msg.tensors[0], np.full(3, 2, np.float32))
+        np.testing.assert_array_equal(slow.receive(rid, time.monotonic() + 30).tensors[0], big * 2)
+    finally:
+        slow.close()
+        other.close()

@@ -157,3 +157,70 @@ if __name__ == "__main__":
         setattr(wire, name, atheris.instrument_func(getattr(wire, name)))
     atheris.Setup(sys.argv, atheris_target)
     atheris.Fuzz()
+
+
+# -- the stream socket's framing (net/stream.py): the same boundary on plaintext links -------------------
+def read_stream(data: bytes, chunks: list[int], limits=SMALL):
+    """Feed `data` through a real socket pair in these chunk sizes; every message the reader returns."""
+    import socket
+
+    from lamina_p2p.net.stream import FrameReader
+
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    reader, out = FrameReader(b, limits), []
+    try:
+        at = 0
+        for n in chunks + [len(data)]:
+            a.sendall(data[at:at + n])
+            at += n
+            out += reader.read()  # a socket pair delivers what sendall wrote before it returns
+            if at >= len(data):
+                break
+        a.close()
+        out += reader.read()
+        assert reader.closed or reader.error is not None
+    finally:
+        a.close()
+        b.close()
+    for frames in out:
+        assert 1 <= len(frames) <= limits.max_frames + 1
+        assert all(type(f) is bytearray and len(f) <= max(limits.max_frame_bytes, limits.max_header_bytes) for f in frames)
+    return out, reader.error
+
+
+messages = st.lists(st.lists(st.binary(max_size=64), min_size=1, max_size=4), max_size=4)
+
+
+@FUZZ
+@given(messages, st.lists(st.integers(1, 64), max_size=8), st.data())
+def test_stream_framing_returns_exactly_what_was_sent_or_stops(msgs, chunks, data):
+    from lamina_p2p.net.stream import pack
+
+    wire = b"".join(bytes(b) for m in msgs for b in pack(m))
+    got, error = read_stream(wire, chunks)
+    assert got == msgs and error is None
+    # Broken: flip a byte, cut it short, or append garbage. A cut stream gives a prefix of what was sent,
+    # garbage after it leaves what came before intact; broken framing stops the reader with an error.
+    kind = data.draw(st.sampled_from(["flip", "truncate", "garbage"]))
+    if kind == "flip" and wire:
+        i = data.draw(st.integers(0, len(wire) - 1))
+        wire = wire[:i] + bytes([wire[i] ^ data.draw(st.integers(1, 255))]) + wire[i + 1:]
+    elif kind == "truncate":
+        wire = wire[: data.draw(st.integers(0, max(len(wire) - 1, 0)))]
+    else:
+        wire += data.draw(st.binary(min_size=1, max_size=64))
+    got, error = read_stream(wire, chunks)  # (it checks every message against the limits)
+    if kind == "truncate":
+        assert got == msgs[:len(got)] and len(got) < len(msgs) + (not wire)
+    elif kind == "garbage":
+        assert got[:len(msgs)] == msgs
+
+
+def test_stream_framing_refuses_absurd_sizes_without_allocating():
+    from lamina_p2p.net.stream import PREFIX, STREAM_MAGIC
+
+    for count, lengths in ((0, []), (2**32 - 1, []), (2, [8, 2**32 - 1]), (SMALL.max_frames + 2, [])):
+        wire = PREFIX.pack(STREAM_MAGIC, count) + b"".join(n.to_bytes(4, "little") for n in lengths)
+        got, error = read_stream(wire, [])
+        assert got == [] and error is not None

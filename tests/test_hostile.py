@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import select
 import socket
 import urllib.error
 import urllib.request
@@ -168,19 +169,22 @@ def test_requests_asking_for_absurd_allocations_are_refused(peer):
     asyncio.run(scenario())
 
 
-def test_hostile_messages_on_the_data_path_are_answered_and_the_peer_keeps_serving(peer):
-    """The per-layer data socket (the kernel thread's own ROUTER, named in the register reply) takes the
-    same barrage: garbage, truncated and absurd attends each get an error reply; the peer still serves."""
-    async def data_endpoints():
+def register_for_data(peer) -> dict:
+    """Register "data-victim" on the peer; its register reply (the data path's endpoints)."""
+    async def register():
         ctx = zmq.asyncio.Context()
         client = RpcClient(ctx, peer.address)
         try:
-            reply = await client.call("register", {"owner": "data-victim", **GEOMETRY}, timeout_s=10)
-            return reply.fields["data"], reply.fields["data_ipc"]
+            return (await client.call("register", {"owner": "data-victim", **GEOMETRY}, timeout_s=10)).fields
         finally:
             await client.close()
             ctx.destroy(linger=0)
 
+    return asyncio.run(register())
+
+
+def data_barrage():
+    """(barrage, a good msgpack attend, a good binary attend (id 12)) for "data-victim", as frame lists."""
     rng = random.Random(99)
     meta, q, k, v = inputs(6)
     good = [bytes(f) for f in encode("attend", 7, {"owner": "data-victim", "layer": 0, "h0": 0, "h1": 2},
@@ -204,7 +208,15 @@ def test_hostile_messages_on_the_data_path_are_answered_and_the_peer_keeps_servi
                 [bytes(f) for f in encode_attend(14, "data-victim", 10**9, 0, 2, meta, q, k, v)],
                 [bytes(f) for f in encode_attend(15, "data-victim", 0, 0, 2, np.zeros((100_000, 4), np.int64),
                                                  q, k, v)]]
-    tcp, ipc = asyncio.run(data_endpoints())
+    return barrage, good, gb
+
+
+def test_hostile_messages_on_the_data_path_are_answered_and_the_peer_keeps_serving(peer):
+    """The per-layer data socket (the kernel thread's own ROUTER, named in the register reply) takes the
+    same barrage: garbage, truncated and absurd attends each get an error reply; the peer still serves."""
+    barrage, good, gb = data_barrage()
+    info = register_for_data(peer)
+    tcp, ipc = info["data"], info["data_ipc"]
     assert tcp.startswith("tcp://") and ipc.startswith("ipc://")
     ctx = zmq.Context()
     try:
@@ -366,3 +378,52 @@ def test_hostile_gossip_entries_are_dropped(peer):
         await check_serves_correctly(peer.address, "after-gossip", 6)
 
     asyncio.run(scenario())
+
+
+def test_hostile_messages_on_the_stream_data_path_are_answered_and_the_peer_keeps_serving(peer):
+    """The plaintext peer's Unix-domain stream socket (net/stream.py, "data_stream" in the register reply)
+    takes the same barrage in good framing: each gets an error reply on the same connection, then a good
+    attend in either header is served; broken framing gets one error reply and that connection closes."""
+    from lamina_p2p.net import stream
+
+    barrage, good, gb = data_barrage()
+    endpoint = register_for_data(peer)["data_stream"]
+    assert endpoint.startswith("unix://")
+
+    def connect():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(endpoint.removeprefix("unix://"))
+        return sock
+
+    def replies(sock, count):
+        sock.setblocking(False)
+        reader, out = stream.FrameReader(sock), []
+        while len(out) < count and not reader.closed:
+            assert select.select([sock], [], [], 30)[0], f"{len(out)} of {count} answered on the stream"
+            out += [decode(frames) for frames in reader.read()]
+        sock.setblocking(True)
+        return out, reader.closed
+
+    sock = connect()
+    for frames in barrage:
+        sock.sendall(b"".join(bytes(b) for b in stream.pack(frames)))
+    got, closed = replies(sock, len(barrage))
+    assert not closed and all(r.op == "error" for r in got) and len(got) == len(barrage)
+    assert {r.fields["code"] for r in got} <= {"bad_message", "unknown_op", "handler"}
+    for frames, rid in ((good, 7), (gb, 12)):
+        sock.sendall(b"".join(bytes(b) for b in stream.pack(frames)))
+        (reply,), _ = replies(sock, 1)
+        assert reply.op == "reply" and reply.rid == rid and reply.tensors[0].shape == (5, 4, 8)
+    sock.close()
+    rng = random.Random(7)
+    for junk in (bytes(rng.getrandbits(8) for _ in range(300)), stream.PREFIX.pack(stream.STREAM_MAGIC, 2**31),
+                 stream.PREFIX.pack(stream.STREAM_MAGIC, 1) + (2**31).to_bytes(4, "little")):
+        sock = connect()
+        sock.sendall(junk)
+        got, closed = replies(sock, 1)
+        assert [r.fields["code"] for r in got] == ["bad_message"]
+        assert closed or replies(sock, 2)[1]
+        sock.close()
+    asyncio.run(check_serves_correctly(peer.address, "after-stream-barrage", 7))
+    assert peer.proc.poll() is None

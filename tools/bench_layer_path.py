@@ -230,17 +230,31 @@ async def part_wire(args, model) -> dict:
     storage = str(model.dtype).removeprefix("torch.")
     item = 4 if storage == "float32" else 2
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item
-    opts = GenerateOptions(model_dir=args.model, attention_peers=1, attention_threads=args.attention_threads,
+    split = args.split_cores
+    opts = GenerateOptions(model_dir=args.model, attention_peers=1,
+                           attention_threads=len(split[1]) if split else args.attention_threads,
+                           attention_cpus=[",".join(map(str, sorted(split[1])))] if split else [],
                            cluster="layer-path", kv_bytes=int(args.batch * (args.context + args.steps + 64) * kv_tok * 1.5))
+    if split:  # this (compute) process on its CPUs, the attention peer on the others: two machines in miniature
+        import torch
+
+        from lamina_p2p.runtime import pin_cpus
+
+        pin_cpus(split[0])
+        torch.set_num_threads(len(split[0]))
     async with open_transport(opts) as transport:
+        if hasattr(transport, "use_stream"):  # older builds: ZeroMQ only
+            transport.use_stream = args.data_path == "stream"
         engine = Engine(model, transport)
         try:
             await transport.wait_for_peers(1, 60)
-            # The data path's endpoint (older builds: the control path's, tcp).
+            # The data path's ZeroMQ endpoint (older builds: the control path's, tcp).
             info = getattr(transport, "_info", None)
             endpoint = next(iter(info.values()))["endpoint"] if info else "tcp://"
             spans, wall = await _decode_with_trace(engine, transport, _decode_prompts(cfg.vocab_size, args.batch,
                                                                                      args.context), args.steps)
+            links = getattr(transport, "_links", {})
+            path = "stream" if any(type(x).__name__ == "StreamLink" for x in links.values()) else "zmq"
         finally:
             engine.close()
     waits, kernels, queues = {}, {}, {}
@@ -268,7 +282,8 @@ async def part_wire(args, model) -> dict:
     reply = [REPLY.size, b * hq * d * 4, b * hq * 4]
     kind = "ipc" if endpoint.startswith("ipc://") else "tcp"
     raw = raw_round_trip(kind, request, reply, args.reps)
-    return {"batch": b, "context": args.context, "endpoint": kind, "step_ms": wall * 1e3,
+    return {"batch": b, "context": args.context, "endpoint": kind, "data_path": path,
+            "split_cores": "%s:%s" % tuple(",".join(map(str, sorted(c))) for c in split) if split else None, "step_ms": wall * 1e3,
             "tok_per_s": b / wall, "compute_wait_us": _median_us(wait), "peer_kernel_us": _median_us(kern),
             "messaging_overhead_us": _median_us(overhead), "raw_pyzmq_round_trip_us": raw * 1e6,
             "send_to_peer_us": _median_us(there), "peer_before_kernel_us": _median_us(before),
@@ -357,11 +372,25 @@ if __name__ == "__main__":
     ap.add_argument("--shard-prompt", type=int, default=1024)
     ap.add_argument("--shard-decode", type=int, default=32)
     ap.add_argument("--shard-sizes", default="16,512", help="SMALL,LARGE --shard-tokens compared")
+    ap.add_argument("--data-path", choices=("stream", "zmq"), default="stream",
+                    help="wire part: the Unix-domain stream socket where the peer offers one, or ZeroMQ only")
+    ap.add_argument("--split-cores", default=None, metavar="COMPUTE:ATTENTION",
+                    help="wire part: pin this process and the attention peer to disjoint CPU lists, e.g. 0:1")
     ap.add_argument("--omp-wait-policy", default=None, help="OMP_WAIT_POLICY for this run and its peers")
     ap.add_argument("--json", nargs="?", const="-", default=None,
                     help="write results to this file (no file: the JSON on stdout, tables on stderr)")
     args = ap.parse_args()
     args.shard_sizes = tuple(int(x) for x in args.shard_sizes.split(","))
+    if args.split_cores:
+        from lamina_p2p.runtime import parse_cpus
+
+        compute_spec, sep, attention_spec = args.split_cores.partition(":")
+        try:
+            args.split_cores = (parse_cpus(compute_spec), parse_cpus(attention_spec))
+        except ValueError as e:
+            ap.error(f"--split-cores: {e}")
+        if not sep or args.split_cores[0] & args.split_cores[1]:
+            ap.error(f"--split-cores {compute_spec}{sep}{attention_spec}: expected two disjoint CPU lists, e.g. 0:1")
     TABLES_TO_STDERR = args.json == "-"
     benchlib.set_omp_wait_policy(args.omp_wait_policy)
     if args.model is None:

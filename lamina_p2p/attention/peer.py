@@ -3,7 +3,8 @@
 Ops served on the control ROUTER (besides membership's gossip/status):
   register {owner, num_layers, num_heads, num_kv_heads, head_dim, storage, max_positions}
            -> {block_size, block_bytes, kv_total_bytes, kv_free_bytes,
-               data: tcp endpoint of the data path, data_ipc: its ipc:// endpoint (or None), host}
+               data: tcp endpoint of the data path, data_ipc: its ipc:// endpoint (or None),
+               data_stream: its unix:// stream endpoint (plain text only, else None), host}
   attend   {owner, layer, h0, h1} + tensors [meta int64 [n, 4] = (seq id, context_len, n_q, num_new_tokens), q, k, v]
            (on the data path in the fixed binary header of net/wire.py, reply likewise)
            -> tensors [out f32 [T, Hq, D], lse f32 [T, Hq]]
@@ -204,7 +205,8 @@ class AttentionPeer:
             raise ValueError(f"register: missing fields {missing}")
         limits.check_register(f, self.service)
         info = await self._in_worker(lambda: self.service.register(str(f["owner"]), **{k: f[k] for k in keys}))
-        return {**info, "data": self.data_endpoint, "data_ipc": self.kernel.ipc_endpoint, "host": host_id()}, []
+        return {**info, "data": self.data_endpoint, "data_ipc": self.kernel.ipc_endpoint,
+                "data_stream": self.kernel.stream_endpoint, "host": host_id()}, []
 
     async def _attend(self, msg: Message):
         # The control path's attend (tools, tests, old clients): the same work, on the kernel thread.

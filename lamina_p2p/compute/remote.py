@@ -3,8 +3,10 @@
 The transport joins the cluster as a compute peer (its own ROUTER for gossip) and
 registers the model geometry with every attention peer that becomes alive: that is
 the control path, on the event loop. The register reply names the peer's data path
-(net/datapath.py); per-layer attends go there over one DEALER per peer owned by the
-engine's dense thread (`send`/`receive`), over ipc:// when both run on this host.
+(net/datapath.py); per-layer attends go there over one link per peer owned by the
+engine's dense thread (`send`/`receive`): on this host a plain Unix-domain stream socket
+when the cluster runs in plain text (net/stream.py), else a ZeroMQ DEALER (ipc:// on
+this host, tcp:// otherwise; CURVE when the cluster has keys).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lamina_p2p.compute.errors import AttentionPeerError, classify
 from lamina_p2p.model.config import geometry_kv_bytes_per_token
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
-from lamina_p2p.net.datapath import DataLink, host_id
+from lamina_p2p.net.datapath import DataLink, StreamLink, host_id
 from lamina_p2p.net.membership import Membership, PeerInfo
 from lamina_p2p.net.rpc import RpcClient, RpcClosed, RpcError, RpcServer, RpcTimeout
 from lamina_p2p.net.wire import PROTOCOL_VERSION
@@ -33,6 +35,7 @@ from lamina_p2p.net.wire import PROTOCOL_VERSION
 log = logging.getLogger("lamina.compute")
 
 DEFAULT_BLOCK_SIZE = 16  # what block_size() says before any peer has registered
+STREAM_MAX_REQUEST_BYTES = 1 << 20  # larger attends (prefill) go over ZeroMQ even where a stream is offered
 
 
 @dataclass
@@ -65,10 +68,12 @@ class ClusterTransport:
         self._clients: dict[str, RpcClient] = {}
         self._registered: dict[str, asyncio.Task] = {}
         self._info: dict[str, dict] = {}  # peer -> its register reply (block size, data endpoints)
-        self._links: dict[str, DataLink] = {}  # the dense thread's data sockets, one per peer
+        self._links: dict[tuple[str, str], DataLink] = {}  # the dense thread's data sockets: (peer, "stream"/"zmq")
         self._closed_bytes = [0, 0]  # sent, received by links now closed
         self._closing = False  # set by close(): the dense thread stops waiting on replies
         self._host = host_id()
+        # Per-layer attends over the peer's stream socket where it offers one on this host (False: ZeroMQ only).
+        self.use_stream = True
         membership.subscribe(self._on_event)
 
     # -- membership -------------------------------------------------------------
@@ -110,6 +115,11 @@ class ClusterTransport:
         # ipc:// only where both ends agree they share a host (and its filesystem).
         info["endpoint"] = ipc if isinstance(ipc, str) and info.get("host") == self._host and \
             ipc.startswith("ipc://") and os.path.exists(ipc.removeprefix("ipc://")) else data
+        path = info.get("data_stream")
+        # The stream has no CURVE: used only when this side is in plain text too, and on the same host.
+        info["stream"] = path if self.membership.security is None and isinstance(path, str) and \
+            path.startswith("unix://") and info.get("host") == self._host and \
+            os.path.exists(path.removeprefix("unix://")) else None
         self._info[peer.id] = info
 
     def peers(self) -> dict[str, float]:
@@ -167,26 +177,38 @@ class ClusterTransport:
                 await asyncio.sleep(min(remaining, self.membership.heartbeat_interval))
 
     # -- data path: the engine's dense thread -----------------------------------------
-    def _link(self, peer: str) -> DataLink:
+    def _link(self, peer: str, nbytes: int) -> DataLink:
+        """The link for a request of `nbytes`: the stream socket where the peer offers one and the
+        request is small (per-layer decode), else ZeroMQ (prefill's megabytes: its I/O threads
+        move big messages faster than the dense thread's own reads and writes would)."""
         if self._closing:
             raise AttentionPeerError(peer, "the transport is closing", "failed")
-        link = self._links.get(peer)
-        if link is not None and peer in self.failed:
+        info = self._info.get(peer)
+        if peer in self.failed or info is None:
             self._close_link(peer)
-            link = None
+            raise AttentionPeerError(peer, "not connected", "failed")
+        kind = "stream" if info.get("stream") and self.use_stream and nbytes <= STREAM_MAX_REQUEST_BYTES else "zmq"
+        link = self._links.get((peer, kind))
         if link is None:
-            info = self._info.get(peer)
-            if peer in self.failed or info is None:
-                raise AttentionPeerError(peer, "not connected", "failed")
-            link = self._links[peer] = DataLink(self.zmq_context, info["endpoint"], security=self.membership.security)
+            if kind == "stream":
+                try:
+                    link = StreamLink(info["stream"])
+                except OSError as e:  # gone meanwhile (the peer restarted): ZeroMQ still works or fails cleanly
+                    log.warning("stream data path to %s unusable (%s): using ZeroMQ", peer, e)
+                    info["stream"] = None
+                    return self._link(peer, nbytes)
+            else:
+                link = DataLink(self.zmq_context, info["endpoint"], security=self.membership.security)
+            self._links[(peer, kind)] = link
         return link
 
     def _close_link(self, peer: str) -> None:
-        link = self._links.pop(peer, None)
-        if link is not None:
-            link.close()
-            self._closed_bytes[0] += link.bytes_sent
-            self._closed_bytes[1] += link.bytes_received
+        for kind in ("stream", "zmq"):
+            link = self._links.pop((peer, kind), None)
+            if link is not None:
+                link.close()
+                self._closed_bytes[0] += link.bytes_sent
+                self._closed_bytes[1] += link.bytes_received
 
     def send(self, peer: str, req: AttendRequest) -> _Ticket:
         """Start one attend on `peer`'s data link (dense thread only); returns the ticket for `receive`.
@@ -195,7 +217,7 @@ class ClusterTransport:
         to be written until received). Never waits on the peer's work; ZeroMQ takes the message at
         once unless its queue is full (then up to request_timeout s). Raises AttentionPeerError
         (kind "failed") when the peer is unknown, failed, or the send cannot be queued."""
-        link = self._link(peer)
+        link = self._link(peer, req.q.nbytes + req.k.nbytes + req.v.nbytes)
         meta = req.meta if req.meta is not None else \
             np.stack([req.seq_ids, req.context_lens, req.n_q, req.num_new_tokens], axis=1).astype(np.int64)
         tracing = req.trace and self.tracer is not None
@@ -248,7 +270,7 @@ class ClusterTransport:
         self._clients.clear()
         # The engine (the links' owner) has stopped by now; sockets of a shadow context must be
         # closed before the context is destroyed, or destroying it waits on them.
-        for peer in list(self._links):
+        for peer in {p for p, _ in self._links}:
             self._close_link(peer)
 
     def address(self) -> str | None:

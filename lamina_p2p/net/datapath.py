@@ -11,6 +11,10 @@ there is one per layer per micro-batch. Here
   drop) is handed to the same thread with `submit`, so the pool has one writer.
 - `DataLink` is a compute peer's DEALER to one attention peer, owned by the
   engine's dense thread: `send` returns at once, `receive` waits for that reply.
+- `StreamLink` is the same over a plain Unix-domain stream socket (net/stream.py),
+  which the kernel thread also listens on when the peer runs in plain text: on one
+  host the compute side chooses it at register time, and a round trip then wakes two
+  threads instead of six (no ZeroMQ I/O threads in between).
 
 Both sides use the wire format (net/wire.py) and the same checks as the control
 path: a malformed message gets an error reply and a log line, never a crash;
@@ -24,6 +28,7 @@ import itertools
 import logging
 import os
 import queue
+import select
 import shutil
 import socket
 import tempfile
@@ -34,10 +39,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import zmq
 
+from . import stream
 from .rpc import BAD_MESSAGE, BUSY, DEADLINE, HANDLER_FAILED, UNKNOWN_OP, RpcClosed, RpcError, RpcTimeout
 from .wire import DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend, encode_attend_reply
 
 log = logging.getLogger(__name__)
+
+# Replies a stream caller has not read yet wait in the kernel thread's memory (as ZeroMQ's queue would
+# hold them) so the thread never blocks on a slow reader; past this a connection is dropped.
+STREAM_MAX_PENDING_BYTES = 1 << 30
 
 DataHandler = Callable[[Message, float], tuple[dict, list]]  # (message, arrival time) -> reply
 
@@ -67,7 +77,9 @@ class KernelThread:
     `tcp_bind` is the host part to bind ("tcp://127.0.0.1"); `tcp_port` its port (0: the system
     chooses; a fixed one for firewalls and relays). `ipc` also binds an ipc:// path for peers on this host.
     `handler(msg, arrived)` runs an attend and returns (reply fields, reply tensors); it raises to
-    send an error reply. `on_start` runs first on the thread (thread counts, warm-up).
+    send an error reply. `on_start` runs first on the thread (thread counts, warm-up). With `ipc`
+    and no `security` it also listens on a Unix-domain stream socket (`stream_endpoint`,
+    "unix://PATH", net/stream.py) and serves the same messages there.
     """
 
     def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
@@ -90,6 +102,10 @@ class KernelThread:
         self._zap = False
         self.tcp_endpoint: str | None = None
         self.ipc_endpoint: str | None = None
+        self.stream_endpoint: str | None = None
+        self._listener = None  # the stream listener (plain text only), and its connections by fd:
+        self._streams: dict[int, tuple[Any, stream.FrameReader]] = {}
+        self._pending: dict[int, list[memoryview]] = {}  # fd -> reply bytes the socket has not taken yet
         # counters, read by other threads for stats
         self.requests = 0
         self.errors = 0
@@ -160,8 +176,15 @@ class KernelThread:
                 if len(path) < zmq.IPC_PATH_MAX_LEN:
                     sock.bind(f"ipc://{path}")
                     self.ipc_endpoint = f"ipc://{path}"
+                # CURVE-secured clusters keep ZeroMQ: the stream carries no encryption or authentication.
+                if self._security is None and len(path) < zmq.IPC_PATH_MAX_LEN:
+                    path = os.path.join(self._ipc_dir, "stream")
+                    self._listener = stream.listen(path)
+                    self.stream_endpoint = stream.SCHEME + path
         except BaseException:
             sock.close(linger=0)
+            if self._listener is not None:
+                self._listener.close()
             raise
         return sock
 
@@ -176,8 +199,12 @@ class KernelThread:
             return
         self._ready.set()
         poller = zmq.Poller()
+        self._router, self._poller = sock, poller  # used on this thread only
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        listen_fd = self._listener.fileno() if self._listener is not None else None
+        if listen_fd is not None:
+            poller.register(listen_fd, zmq.POLLIN)
         try:
             while not self._stopping:
                 ready = dict(poller.poll())
@@ -188,10 +215,20 @@ class KernelThread:
                     except BlockingIOError:
                         pass
                     self._run_jobs()
-                if sock in ready:
-                    self._serve_waiting(sock)
+                if listen_fd is not None and listen_fd in ready:
+                    self._accept()
+                for fd, events in ready.items():
+                    if events & zmq.POLLOUT and fd in self._pending:
+                        self._flush(fd)
+                streams = [fd for fd, events in ready.items() if fd in self._streams and events & (zmq.POLLIN | zmq.POLLERR)]
+                if sock in ready or streams:
+                    self._serve_waiting(sock, streams)
         finally:
             sock.close(linger=0)
+            for fd in list(self._streams):
+                self._drop_stream(fd)
+            if self._listener is not None:
+                self._listener.close()
             self._run_jobs(cancel=True)
 
     def _run_jobs(self, cancel: bool = False) -> None:
@@ -209,43 +246,92 @@ class KernelThread:
             except BaseException as e:
                 fut.set_exception(e)
 
-    def _serve_waiting(self, sock: zmq.Socket) -> None:
-        """Take every request waiting (past max_in_flight they are refused as busy), then run them in order."""
-        batch = []
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of file descriptors, ...: refuse this one, keep serving
+                log.warning("data path: accepting a stream connection failed: %s", e)
+                return
+            stream.tune(conn)
+            self._streams[conn.fileno()] = (conn, stream.FrameReader(conn, self._limits))
+            self._poller.register(conn.fileno(), zmq.POLLIN)
+
+    def _flush(self, fd: int, more: list[memoryview] = ()) -> None:
+        """Write a stream's waiting reply bytes (and `more` after them) as far as the socket takes them."""
+        conn, _ = self._streams[fd]
+        had = fd in self._pending
+        try:
+            left = stream.write_some(conn, self._pending.pop(fd, []) + list(more))
+        except OSError as e:
+            log.warning("data path: a stream caller went away (%s)", e)
+            return self._drop_stream(fd)
+        if left:
+            if sum(b.nbytes for b in left) > STREAM_MAX_PENDING_BYTES:
+                log.warning("data path: a stream caller is not reading its replies: closing it")
+                return self._drop_stream(fd)
+            self._pending[fd] = left
+        if bool(left) != had:
+            self._poller.modify(fd, zmq.POLLIN | zmq.POLLOUT if left else zmq.POLLIN)
+
+    def _drop_stream(self, fd: int) -> None:
+        self._pending.pop(fd, None)
+        conn, _ = self._streams.pop(fd, (None, None))
+        if conn is not None:
+            self._poller.unregister(fd)
+            conn.close()
+
+    def _serve_waiting(self, sock: zmq.Socket, streams: list[int]) -> None:
+        """Take every request waiting (past max_in_flight they are refused as busy), then run them in order.
+
+        A request is (where to reply, frames, arrival time); where to reply is the ROUTER's routing id
+        (bytes) or a stream connection's fd."""
+        batch: list[tuple[bytes | int, list, float]] = []
         while True:
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            batch.append((frames, time.monotonic()))
-        for n, (frames, arrived) in enumerate(batch):
+            batch.append((frames[0].bytes, frames[1:], time.monotonic()))
+        for fd in streams:
+            conn, reader = self._streams[fd]
+            messages = reader.read()
+            arrived = time.monotonic()
+            batch.extend((fd, frames, arrived) for frames in messages)
+        for n, (to, frames, arrived) in enumerate(batch):
             try:
-                self._serve_one(sock, frames, arrived, busy=n >= self._limits.max_in_flight)
+                self._serve_one(to, frames, arrived, busy=n >= self._limits.max_in_flight)
             except Exception:  # a bug here must not stop the thread answering everyone else
                 log.exception("data path: serving a request failed")
+        for fd in streams:  # after the whole messages that came before: a broken or closed stream ends
+            conn, reader = self._streams.get(fd, (None, None))
+            if reader is not None and reader.error is not None:  # cannot resynchronise: answer once, close
+                self._error_reply(fd, -1, BAD_MESSAGE, f"bad message: {reader.error}")
+            if reader is not None and (reader.error is not None or reader.closed):
+                self._drop_stream(fd)
 
-    def _serve_one(self, sock: zmq.Socket, frames: list, arrived: float, busy: bool) -> None:
-        routing = frames[0].bytes
+    def _serve_one(self, to: bytes | int, frames: list, arrived: float, busy: bool) -> None:
         self.requests += 1
-        self.bytes_received += _nbytes(frames[1:])
+        self.bytes_received += _nbytes(frames)
         try:
-            msg = decode(frames[1:], self._limits)
+            msg = decode(frames, self._limits)
         except WireError as e:
-            return self._error_reply(sock, routing, e.rid if e.rid is not None else -1, BAD_MESSAGE,
-                                     f"bad message: {e}")
+            return self._error_reply(to, e.rid if e.rid is not None else -1, BAD_MESSAGE, f"bad message: {e}")
         if msg.op != "attend":
-            return self._error_reply(sock, routing, msg.rid, UNKNOWN_OP, f"unknown op {msg.op!r} on the data path")
+            return self._error_reply(to, msg.rid, UNKNOWN_OP, f"unknown op {msg.op!r} on the data path")
         if busy:
-            return self._error_reply(sock, routing, msg.rid, BUSY, "attend: too many requests waiting, try later")
+            return self._error_reply(to, msg.rid, BUSY, "attend: too many requests waiting, try later")
         if msg.deadline is not None and msg.deadline <= time.time():
-            return self._error_reply(sock, routing, msg.rid, DEADLINE, "attend: deadline exceeded before start")
+            return self._error_reply(to, msg.rid, DEADLINE, "attend: deadline exceeded before start")
         try:
             fields, tensors = self._handler(msg, arrived)
-            reply = self._encode_reply(msg.rid, fields, tensors, binary=frames[1].buffer[0] == MAGIC)
+            reply = self._encode_reply(msg.rid, fields, tensors, binary=stream._view(frames[0])[0] == MAGIC)
         except Exception as e:
             log.warning("data path: attend id=%d failed: %r", msg.rid, e)
-            return self._error_reply(sock, routing, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")
-        self._send(sock, routing, reply)
+            return self._error_reply(to, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")
+        self._send(to, reply)
 
     @staticmethod
     def _encode_reply(rid: int, fields: dict, tensors: list, binary: bool) -> list:
@@ -258,16 +344,22 @@ class KernelThread:
                 return encode_attend_reply(rid, out, lse, times)
         return encode("reply", rid, fields, tensors)
 
-    def _error_reply(self, sock: zmq.Socket, routing: bytes, rid: int, code: str, reason: str) -> None:
+    def _error_reply(self, to: bytes | int, rid: int, code: str, reason: str) -> None:
         self.errors += 1
         if self.errors <= 5 or self.errors % 100 == 0:
             log.warning("data path %s: %s (%d errors so far)", self.tcp_endpoint, reason, self.errors)
-        self._send(sock, routing, encode("error", rid, {"code": code, "reason": reason}))
+        self._send(to, encode("error", rid, {"code": code, "reason": reason}))
 
-    def _send(self, sock: zmq.Socket, routing: bytes, frames: list) -> None:
+    def _send(self, to: bytes | int, frames: list) -> None:
+        if isinstance(to, int):  # a stream connection
+            if to in self._streams:  # (else closed meanwhile)
+                bufs = stream.pack(frames)
+                self.bytes_sent += sum(b.nbytes for b in bufs)
+                self._flush(to, bufs)  # never waits: what the socket does not take now waits for POLLOUT
+            return
         try:
             # ROUTER drops a message to a peer that has gone away instead of blocking.
-            sock.send_multipart([routing, *frames], copy=False, flags=zmq.NOBLOCK)
+            self._router.send_multipart([to, *frames], copy=False, flags=zmq.NOBLOCK)
             self.bytes_sent += _nbytes(frames)
         except zmq.Again:
             log.warning("data path: reply dropped (the caller's queue is full)")
@@ -319,16 +411,19 @@ class DataLink:
                 raise RpcClosed(f"data link to {self.endpoint} is closed")
             rid = next(self._ids)
             frames = build(rid)
-            try:
-                # A multipart message is taken whole or not at all: NOBLOCK first, poll only when full.
-                self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                if not self._sock.poll(int(timeout_s * 1000), zmq.POLLOUT):
-                    raise RpcTimeout(f"{op} to {self.endpoint}: could not send within {timeout_s:g} s") from None
-                self._sock.send_multipart(frames, copy=False)
-        self.bytes_sent += _nbytes(frames)
+            self.bytes_sent += self._send_frames(frames, op, timeout_s)
         self._waiting.add(rid)
         return rid
+
+    def _send_frames(self, frames: list, op: str, timeout_s: float) -> int:
+        try:
+            # A multipart message is taken whole or not at all: NOBLOCK first, poll only when full.
+            self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            if not self._sock.poll(int(timeout_s * 1000), zmq.POLLOUT):
+                raise RpcTimeout(f"{op} to {self.endpoint}: could not send within {timeout_s:g} s") from None
+            self._sock.send_multipart(frames, copy=False)
+        return _nbytes(frames)
 
     def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
                 check_every_s: float = 0.05) -> Message:
@@ -342,13 +437,13 @@ class DataLink:
         meanwhile are kept for their own receive."""
         self._lock.acquire()
         try:
-            if self.closed:
+            if self.closed and rid not in self._replies:
                 raise RpcClosed(f"data link to {self.endpoint} is closed")
             while rid not in self._replies:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise RpcTimeout(f"attend to {self.endpoint}: no reply in time")
-                if self._sock.poll(int(min(remaining, check_every_s) * 1000) or 1, zmq.POLLIN):
+                if self._readable(min(remaining, check_every_s)):
                     self._take_replies()
                 elif not alive():
                     raise RpcClosed(f"attention peer at {self.endpoint} is gone")
@@ -363,13 +458,22 @@ class DataLink:
             raise (RpcTimeout if code == DEADLINE else RpcError)(reason, code)
         return got
 
-    def _take_replies(self) -> None:
+    def _readable(self, timeout_s: float) -> bool:
+        return bool(self._sock.poll(int(timeout_s * 1000) or 1, zmq.POLLIN))
+
+    def _received(self) -> list[list]:
+        """Every reply waiting now, as frame lists."""
+        out = []
         while True:
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return out
             self.bytes_received += _nbytes(frames)
+            out.append(frames)
+
+    def _take_replies(self) -> None:
+        for frames in self._received():
             try:
                 msg = decode(frames, self._limits)
             except WireError as e:
@@ -387,7 +491,70 @@ class DataLink:
         try:
             if not self.closed:
                 self.closed = True
-                self._sock.close(linger=0)
+                self._close_socket()
         finally:
             if locked:
                 self._lock.release()
+
+    def _close_socket(self) -> None:
+        self._sock.close(linger=0)
+
+
+class StreamLink(DataLink):
+    """A compute peer's data link over the kernel thread's Unix-domain stream socket (net/stream.py).
+
+    Same methods, messages and errors as DataLink; chosen at register time for a plaintext peer on
+    this host. The owning thread writes requests and reads replies itself: no ZeroMQ I/O thread.
+    `endpoint`: "unix://PATH" from the register reply. Raises OSError when it cannot connect."""
+
+    def __init__(self, endpoint: str, limits: Limits = DEFAULT_LIMITS):
+        self.endpoint = endpoint
+        self._limits = limits
+        self._sock = stream.connect(endpoint)
+        self._reader = stream.FrameReader(self._sock, limits)
+        self._ids = itertools.count(1)
+        self._replies: dict[int, Message | Exception] = {}
+        self._waiting: set[int] = set()
+        self.closed = False
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _send_frames(self, frames: list, op: str, timeout_s: float) -> int:
+        try:
+            return stream.send_frames(self._sock, frames, timeout_s)
+        except TimeoutError:
+            # Part of the message may be out: the stream cannot carry another one after it.
+            self._broken(f"{op} to {self.endpoint}: could not send within {timeout_s:g} s")
+            raise RpcTimeout(f"{op} to {self.endpoint}: could not send within {timeout_s:g} s") from None
+        except OSError as e:
+            self._broken(f"{op} to {self.endpoint}: {e}")
+            raise RpcClosed(f"data link to {self.endpoint}: {e}") from None
+
+    def _readable(self, timeout_s: float) -> bool:
+        return stream.wait(self._sock, select.POLLIN, timeout_s)
+
+    def _received(self) -> list[list]:
+        try:
+            frames = self._reader.read()
+        except OSError as e:
+            self._reader.error = e
+            return []
+        self.bytes_received = self._reader.bytes_received
+        return frames
+
+    def _take_replies(self) -> None:
+        super()._take_replies()
+        if self._reader.error is not None or self._reader.closed:  # after the replies that came before
+            self._broken(f"attention peer at {self.endpoint} closed the data link"
+                         f"{f' ({self._reader.error})' if self._reader.error else ''}")
+
+    def _broken(self, reason: str) -> None:
+        """Fail every request in flight: the stream carries no more replies."""
+        for rid in self._waiting:
+            self._replies.setdefault(rid, RpcClosed(reason))
+        self.closed = True
+        self._sock.close()
+
+    def _close_socket(self) -> None:
+        self._sock.close()

@@ -1,0 +1,221 @@
+"""The data path over a plain Unix-domain stream socket, for plaintext links on one host.
+
+Why: a ZeroMQ message crosses two extra threads each way (the sender's I/O thread, then the
+receiver's), so one attend round trip is six thread wake-ups where a stream socket read and
+written by the two working threads themselves needs two. On a shared or loaded CPU every wake-up
+waits for a time slice; measured in tools/bench_layer_path.py (issue 11).
+
+The messages are the wire format's frames unchanged (net/wire.py: the binary attend and reply,
+msgpack for the rest), each message preceded by its frame lengths:
+
+    PREFIX   magic b"LMS1", frame count (uint32, little-endian)
+    LENGTHS  one uint32 per frame
+    frames   the frames' bytes, back to back
+
+`FrameReader` checks the prefix against the same `Limits` as the decoder before it keeps anything
+(frame count, each frame's size, the message's total); a stream whose framing is broken cannot be
+resynchronised, so the reader raises `StreamError` and the peer answers once and closes that
+connection. Only plaintext links use it (a CURVE-secured cluster keeps ZeroMQ); the socket lives
+in the kernel thread's private (0700) directory, so only this user's processes can connect.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import time
+from typing import Sequence
+
+from .wire import DEFAULT_LIMITS, Limits, WireError
+
+STREAM_MAGIC = b"LMS1"
+PREFIX = struct.Struct("<4sI")
+_LENGTH = struct.Struct("<I")
+_READ_CHUNK = 256 * 1024
+SCHEME = "unix://"
+# Bytes in flight per direction: a prefill layer's attend is megabytes, and the default (~200 kB) makes
+# each one hundreds of wake-up ping-pongs. The kernel caps it at net.core.wmem_max without privileges.
+SEND_BUFFER_BYTES = 4 << 20
+
+
+def tune(sock: socket.socket) -> socket.socket:
+    """Non-blocking, with a large send buffer (best effort)."""
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    except OSError:
+        pass
+    return sock
+
+
+class StreamError(WireError):
+    """Broken framing on a stream: the connection cannot continue."""
+
+
+def _view(frame) -> memoryview:
+    buf = getattr(frame, "buffer", None)  # zmq.Frame
+    mv = memoryview(buf if buf is not None else frame)
+    return mv if mv.ndim == 1 and mv.itemsize == 1 else mv.cast("B")
+
+
+def pack(frames: Sequence) -> list[memoryview]:
+    """The buffers of one framed message (for sendmsg): prefix, lengths, then the frames themselves."""
+    views = [_view(f) for f in frames]
+    head = PREFIX.pack(STREAM_MAGIC, len(views)) + struct.pack(f"<{len(views)}I", *(v.nbytes for v in views))
+    # An empty frame (a shard with no new tokens: k, v of 0 rows) has its length and no bytes: sendmsg
+    # writes nothing for it, and a writer waiting to see it go would wait forever.
+    return [memoryview(head), *(v for v in views if v.nbytes)]
+
+
+def write_some(sock: socket.socket, bufs: list[memoryview]) -> list[memoryview]:
+    """Write what a non-blocking socket takes now; returns what is left (empty: all written).
+    Raises OSError (BrokenPipeError...) as the socket does."""
+    bufs = [b for b in bufs if b.nbytes]
+    while bufs:
+        try:
+            n = sock.sendmsg(bufs[:512])  # (IOV_MAX is 1024)
+        except (BlockingIOError, InterruptedError):
+            return bufs
+        if n == 0:
+            return bufs
+        while n:  # drop what went out, keep the rest of a partly sent buffer
+            if n >= bufs[0].nbytes:
+                n -= bufs.pop(0).nbytes
+            else:
+                bufs[0], n = bufs[0][n:], 0
+    return bufs
+
+
+def send_frames(sock: socket.socket, frames: Sequence, timeout_s: float) -> int:
+    """Write one message to a non-blocking stream socket, whole; returns its byte count.
+
+    Raises TimeoutError when the peer does not take it within `timeout_s` seconds (part may have
+    been written: the connection must then be closed), OSError (BrokenPipeError...) as the socket does."""
+    bufs = pack(frames)
+    total = sum(b.nbytes for b in bufs)
+    deadline = None
+    while True:
+        bufs = write_some(sock, bufs)
+        if not bufs:
+            return total
+        sent = total - sum(b.nbytes for b in bufs)
+        if deadline is None:
+            deadline = time.monotonic() + timeout_s
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not wait(sock, select.POLLOUT, remaining):
+            raise TimeoutError(f"stream: the other end took {sent} of {total} bytes in {timeout_s:g} s")
+
+
+def wait(sock: socket.socket, events: int, timeout_s: float) -> bool:
+    """Whether the socket is ready for `events` (select.POLLIN/POLLOUT) within `timeout_s` seconds.
+    (poll, not select: select fails on descriptors past 1023.)"""
+    p = select.poll()
+    p.register(sock, events)
+    return bool(p.poll(max(int(timeout_s * 1000), 1)))
+
+
+class FrameReader:
+    """Reads length-prefixed messages from a non-blocking stream socket, checked against `limits`."""
+
+    def __init__(self, sock: socket.socket, limits: Limits = DEFAULT_LIMITS):
+        self._sock = sock
+        self._limits = limits
+        self._buf = bytearray()
+        self._need: tuple[int, list[int]] | None = None  # (header bytes, frame lengths) of the next message
+        self.bytes_received = 0
+        self.closed = False  # the other end closed the connection
+        self.error: StreamError | None = None  # the framing broke: nothing more can be read
+
+    def read(self) -> list[list[bytearray]]:
+        """Every whole message that has arrived (possibly none), each a list of frames (bytearray).
+
+        Afterwards `closed` says the other end closed the connection (a partial message is
+        dropped) and `error` holds a StreamError when the framing broke on something the limits
+        refuse; the whole messages before either are still returned."""
+        if self.error is not None:
+            return []
+        closed = False
+        while True:
+            try:
+                chunk = self._sock.recv(_READ_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            self._buf += chunk
+            self.bytes_received += len(chunk)
+            if len(chunk) < _READ_CHUNK:
+                break
+        out = []
+        try:
+            while (msg := self._next()) is not None:
+                out.append(msg)
+        except StreamError as e:
+            self.error = e
+        self.closed = closed
+        return out
+
+    def _next(self) -> list[bytearray] | None:
+        buf = self._buf
+        if self._need is None:
+            if len(buf) < PREFIX.size:
+                return None
+            magic, count = PREFIX.unpack_from(buf)
+            if magic != STREAM_MAGIC:
+                raise StreamError(f"stream: message starts with {bytes(magic)!r}, not {STREAM_MAGIC!r}")
+            if not 1 <= count <= self._limits.max_frames + 1:
+                raise StreamError(f"stream: {count} frames, limit {self._limits.max_frames + 1}")
+            head = PREFIX.size + count * _LENGTH.size
+            if len(buf) < head:
+                return None
+            lengths = list(struct.unpack_from(f"<{count}I", buf, PREFIX.size))
+            biggest = max(self._limits.max_frame_bytes, self._limits.max_header_bytes)
+            if max(lengths) > biggest or sum(lengths[1:]) > self._limits.max_total_bytes:
+                raise StreamError(f"stream: frames of {lengths} bytes exceed the limits")
+            self._need = (head, lengths)
+        head, lengths = self._need
+        end = head + sum(lengths)
+        if len(buf) < end:
+            return None
+        frames, at = [], head
+        with memoryview(buf) as mv:
+            for n in lengths:
+                # Own allocation each (aligned for any dtype), and writable like a ZeroMQ frame: the kernels
+                # are compiled for writable arrays, and a read-only one is a new Numba type (a compile
+                # of seconds to minutes in the middle of a request).
+                frames.append(bytearray(mv[at:at + n]))
+                at += n
+        del buf[:end]
+        self._need = None
+        return frames
+
+
+def connect(endpoint: str) -> socket.socket:
+    """A non-blocking connection to a kernel thread's stream endpoint ("unix:///path")."""
+    if not endpoint.startswith(SCHEME):
+        raise ValueError(f"stream endpoint {endpoint!r} is not {SCHEME}PATH")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(endpoint.removeprefix(SCHEME))
+    except BaseException:
+        sock.close()
+        raise
+    return tune(sock)
+
+
+def listen(path: str) -> socket.socket:
+    """A non-blocking Unix-domain listener at `path`."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
