@@ -17,7 +17,7 @@ from lamina_p2p.net import stream
 from lamina_p2p.net.datapath import DataLink, KernelThread, StreamLink
 from lamina_p2p.net.rpc import RpcClosed, RpcError, RpcTimeout
 from lamina_p2p.net.security import generate_keys, load_security
-from lamina_p2p.net.wire import PROTOCOL_VERSION, Limits, decode, encode, encode_attend
+from lamina_p2p.net.wire import PROTOCOL_VERSION, Limits, decode, encode
 
 
 class Echo:

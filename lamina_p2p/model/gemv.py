@@ -22,7 +22,6 @@ waking the second (see `parallel_min_blocks`), the serial twin runs instead.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
