@@ -9,9 +9,19 @@ Public API:
 The pure-torch oracle lives in lamina_kernels.reference (imports torch).
 """
 
-from .cpu import append_attend, warmup
 from .merge import merge
 from .storage import STORAGES, storage_dtype, storage_itemsize, to_storage, widen
+
+
+def __getattr__(name):
+    # The CPU kernels import Numba (about a second): only when used, so that what needs only the
+    # storage names (the command line's options and its one-line errors) starts without it.
+    if name in ("append_attend", "warmup"):
+        from . import cpu
+
+        globals()[name] = value = getattr(cpu, name)  # looked up here once, then a plain attribute
+        return value
+    raise AttributeError(f"module 'lamina_kernels' has no attribute {name!r}")
 
 
 def append_attend_cuda(*args, **kwargs):
