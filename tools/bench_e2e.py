@@ -157,7 +157,11 @@ class LlamaCppBackend:
         cmd = [self.exe, "-m", self.gguf, "-c", str(per_seq * self.batch), "-npp", str(self.ctx_len),
                "-ntg", str(steps), "-npl", str(self.batch), "-pps", "-t", str(self.threads), "-tb", str(self.threads),
                "-fa", "on", "-no-kvu", "--output-format", "jsonl"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        # llama.cpp runs as its users run it: OpenMP settings this tool sets for our processes
+        # (--omp-wait-policy) are ours, not its. Passive waiting halved its batch-1 decode here
+        # (llama-bench -n 64 -t 2: 24 tok/s with OMP_WAIT_POLICY=PASSIVE, 49 without).
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
         rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not rows:
             raise RuntimeError(f"llama-batched-bench failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}")
