@@ -1,4 +1,4 @@
-"""The data path (net/datapath.py): a kernel thread that owns its ROUTER, a link owned by its caller.
+"""The data path (net/kernel_thread.py, net/datapath.py): a kernel thread that owns its ROUTER, a link owned by its caller.
 
 Real ZeroMQ sockets over TCP and ipc://, real CURVE keys; no event loop anywhere on this path.
 """
@@ -14,7 +14,8 @@ import pytest
 import zmq
 
 from lamina_p2p.net import stream
-from lamina_p2p.net.datapath import DataLink, KernelThread, StreamLink
+from lamina_p2p.net.datapath import DataLink, StreamLink
+from lamina_p2p.net.kernel_thread import KernelThread
 from lamina_p2p.net.rpc import RpcClosed, RpcError, RpcTimeout
 from lamina_p2p.net.security import generate_keys, load_security
 from lamina_p2p.net.wire import PROTOCOL_VERSION, Limits, decode, encode

@@ -11,7 +11,7 @@ Ops served on the control ROUTER (besides membership's gossip/status):
   free     {owner, seq_ids}
   drop     {owner}            (a compute peer leaving)
   stats    -> the pool's counters
-The data path (net/datapath.py) serves the same `attend` on the kernel thread's own
+The data path (net/kernel_thread.py) serves the same `attend` on the kernel thread's own
 sockets, with no event loop in between: that is what compute peers use per layer.
 Anything that touches the pool runs on the kernel thread, so heartbeats are
 answered on the event loop while it works.
@@ -33,7 +33,8 @@ from lamina_p2p.attention import limits
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
-from lamina_p2p.net.datapath import KernelThread, host_id
+from lamina_p2p.net.datapath import host_id
+from lamina_p2p.net.kernel_thread import KernelThread
 from lamina_p2p.net.membership import Membership, PeerInfo
 from lamina_p2p.net.rpc import RpcServer
 from lamina_p2p.net.wire import PROTOCOL_VERSION, Message

@@ -1,0 +1,332 @@
+"""The attention peer's side of the data path: the kernel thread and the sockets it owns.
+
+DESIGN.md section 5; the compute side's links are in net/datapath.py. `KernelThread` owns a
+ROUTER bound to a TCP port (and, on one host, an ipc:// path) and, when the peer runs in plain
+text, a Unix-domain stream listener (net/stream.py). It receives attends from both, runs them and
+replies itself, never blocking on a slow reader. Control-path work that touches the KV pool
+(register, free, drop) is handed to the same thread with `submit`, so the pool has one writer. A
+malformed message gets an error reply and a log line, never a crash.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from . import stream
+from .datapath import blocking_view, frames_nbytes
+from .rpc import BAD_MESSAGE, BUSY, DEADLINE, HANDLER_FAILED, UNKNOWN_OP
+from .wire import DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend_reply
+
+log = logging.getLogger(__name__)
+
+# Replies a stream caller has not read yet wait in the kernel thread's memory (as ZeroMQ's queue would
+# hold them) so the thread never blocks on a slow reader; past this a connection is dropped.
+STREAM_MAX_PENDING_BYTES = 1 << 30
+
+DataHandler = Callable[[Message, float], tuple[dict, list]]  # (message, arrival time) -> reply
+
+
+class KernelThread:
+    """The attention peer's worker: serves `attend` on its own sockets and runs submitted jobs in order.
+
+    `tcp_bind` is the host part to bind ("tcp://127.0.0.1"); `tcp_port` its port (0: the system
+    chooses; a fixed one for firewalls and relays). `ipc` also binds an ipc:// path for peers on this host.
+    `handler(msg, arrived)` runs an attend and returns (reply fields, reply tensors); it raises to
+    send an error reply. `on_start` runs first on the thread (thread counts, warm-up). With `ipc`
+    and no `security` it also listens on a Unix-domain stream socket (`stream_endpoint`,
+    "unix://PATH", net/stream.py) and serves the same messages there.
+    """
+
+    def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
+                 limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True,
+                 tcp_port: int = 0):
+        self._ctx = ctx
+        self._tcp_bind = tcp_bind
+        self._tcp_port = tcp_port
+        self._handler = handler
+        self._security = security
+        self._limits = limits
+        self._on_start = on_start
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._stopping = False
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._ipc_dir = tempfile.mkdtemp(prefix="lamina-data-") if ipc and hasattr(zmq, "IPC_PATH_MAX_LEN") else None
+        self._zap = False
+        self.tcp_endpoint: str | None = None
+        self.ipc_endpoint: str | None = None
+        self.stream_endpoint: str | None = None
+        self._listener = None  # the stream listener (plain text only), and its connections by fd:
+        self._streams: dict[int, tuple[Any, stream.FrameReader]] = {}
+        self._pending: dict[int, list[memoryview]] = {}  # fd -> reply bytes the socket has not taken yet
+        # counters, read by other threads for stats
+        self.requests = 0
+        self.errors = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._thread = threading.Thread(target=self._run, name="kernel", daemon=True)
+
+    def start(self, timeout: float = 600.0) -> None:
+        """Start the thread; returns once its sockets are bound and `on_start` has run (or raises its error)."""
+        if self._security is not None:
+            from .security import acquire_zap
+
+            acquire_zap(self._ctx, self._security)  # before binding: an unanswered ZAP lets everyone in
+            self._zap = True
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("kernel thread did not start")
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on the kernel thread, between attends; await with asyncio.wrap_future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopping:
+            fut.set_exception(RuntimeError("kernel thread stopped"))
+            return fut
+        self._jobs.put((fn, args, fut))
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # stopped meanwhile
+            if not fut.done():
+                fut.set_exception(RuntimeError("kernel thread stopped"))
+        return fut
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        if self._zap:
+            from .security import release_zap
+
+            self._zap = False
+            release_zap(self._ctx)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    # -- the thread -------------------------------------------------------------
+    def _bind(self) -> zmq.Socket:
+        sock = blocking_view(self._ctx).socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.setsockopt(zmq.MAXMSGSIZE, max(self._limits.max_frame_bytes, self._limits.max_header_bytes))
+            from .security import apply
+
+            apply(sock, self._security, server=True)
+            sock.bind(f"{self._tcp_bind}:{self._tcp_port}")
+            self.tcp_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self._ipc_dir is not None:
+                path = os.path.join(self._ipc_dir, "attend")
+                if len(path) < zmq.IPC_PATH_MAX_LEN:
+                    sock.bind(f"ipc://{path}")
+                    self.ipc_endpoint = f"ipc://{path}"
+                # CURVE-secured clusters keep ZeroMQ: the stream carries no encryption or authentication.
+                if self._security is None and len(path) < zmq.IPC_PATH_MAX_LEN:
+                    path = os.path.join(self._ipc_dir, "stream")
+                    self._listener = stream.listen(path)
+                    self.stream_endpoint = stream.SCHEME + path
+        except BaseException:
+            sock.close(linger=0)
+            if self._listener is not None:
+                self._listener.close()
+            raise
+        return sock
+
+    def _run(self) -> None:
+        try:
+            sock = self._bind()
+            if self._on_start is not None:
+                self._on_start()
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        self._router, self._poller = sock, poller  # used on this thread only
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        listen_fd = self._listener.fileno() if self._listener is not None else None
+        if listen_fd is not None:
+            poller.register(listen_fd, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll())
+                # Jobs run between attends: a submitted free/register waits for one batch of kernels at most.
+                if self._wake_r in ready:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    self._run_jobs()
+                if listen_fd is not None and listen_fd in ready:
+                    self._accept()
+                for fd, events in ready.items():
+                    if events & zmq.POLLOUT and fd in self._pending:
+                        self._flush(fd)
+                streams = [fd for fd, events in ready.items()
+                           if fd in self._streams and events & (zmq.POLLIN | zmq.POLLERR)]
+                if sock in ready or streams:
+                    self._serve_waiting(sock, streams)
+        finally:
+            sock.close(linger=0)
+            for fd in list(self._streams):
+                self._drop_stream(fd)
+            if self._listener is not None:
+                self._listener.close()
+            self._run_jobs(cancel=True)
+
+    def _run_jobs(self, cancel: bool = False) -> None:
+        while True:
+            try:
+                fn, args, fut = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if cancel or not fut.set_running_or_notify_cancel():
+                if not fut.done():
+                    fut.set_exception(RuntimeError("kernel thread stopped"))
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of file descriptors, ...: refuse this one, keep serving
+                log.warning("data path: accepting a stream connection failed: %s", e)
+                return
+            stream.tune(conn)
+            self._streams[conn.fileno()] = (conn, stream.FrameReader(conn, self._limits))
+            self._poller.register(conn.fileno(), zmq.POLLIN)
+
+    def _flush(self, fd: int, more: list[memoryview] = ()) -> None:
+        """Write a stream's waiting reply bytes (and `more` after them) as far as the socket takes them."""
+        conn, _ = self._streams[fd]
+        had = fd in self._pending
+        try:
+            left = stream.write_some(conn, self._pending.pop(fd, []) + list(more))
+        except OSError as e:
+            log.warning("data path: a stream caller went away (%s)", e)
+            return self._drop_stream(fd)
+        if left:
+            if sum(b.nbytes for b in left) > STREAM_MAX_PENDING_BYTES:
+                log.warning("data path: a stream caller is not reading its replies: closing it")
+                return self._drop_stream(fd)
+            self._pending[fd] = left
+        if bool(left) != had:
+            self._poller.modify(fd, zmq.POLLIN | zmq.POLLOUT if left else zmq.POLLIN)
+
+    def _drop_stream(self, fd: int) -> None:
+        self._pending.pop(fd, None)
+        conn, _ = self._streams.pop(fd, (None, None))
+        if conn is not None:
+            self._poller.unregister(fd)
+            conn.close()
+
+    def _serve_waiting(self, sock: zmq.Socket, streams: list[int]) -> None:
+        """Take every request waiting (past max_in_flight they are refused as busy), then run them in order.
+
+        A request is (where to reply, frames, arrival time); where to reply is the ROUTER's routing id
+        (bytes) or a stream connection's fd."""
+        batch: list[tuple[bytes | int, list, float]] = []
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            batch.append((frames[0].bytes, frames[1:], time.monotonic()))
+        for fd in streams:
+            conn, reader = self._streams[fd]
+            messages = reader.read()
+            arrived = time.monotonic()
+            batch.extend((fd, frames, arrived) for frames in messages)
+        for n, (to, frames, arrived) in enumerate(batch):
+            try:
+                self._serve_one(to, frames, arrived, busy=n >= self._limits.max_in_flight)
+            except Exception:  # a bug here must not stop the thread answering everyone else
+                log.exception("data path: serving a request failed")
+        for fd in streams:  # after the whole messages that came before: a broken or closed stream ends
+            conn, reader = self._streams.get(fd, (None, None))
+            if reader is not None and reader.error is not None:  # cannot resynchronise: answer once, close
+                self._error_reply(fd, -1, BAD_MESSAGE, f"bad message: {reader.error}")
+            if reader is not None and (reader.error is not None or reader.closed):
+                self._drop_stream(fd)
+
+    def _serve_one(self, to: bytes | int, frames: list, arrived: float, busy: bool) -> None:
+        self.requests += 1
+        self.bytes_received += frames_nbytes(frames)
+        try:
+            msg = decode(frames, self._limits)
+        except WireError as e:
+            return self._error_reply(to, e.rid if e.rid is not None else -1, BAD_MESSAGE, f"bad message: {e}")
+        if msg.op != "attend":
+            return self._error_reply(to, msg.rid, UNKNOWN_OP, f"unknown op {msg.op!r} on the data path")
+        if busy:
+            return self._error_reply(to, msg.rid, BUSY, "attend: too many requests waiting, try later")
+        if msg.deadline is not None and msg.deadline <= time.time():
+            return self._error_reply(to, msg.rid, DEADLINE, "attend: deadline exceeded before start")
+        try:
+            fields, tensors = self._handler(msg, arrived)
+            reply = self._encode_reply(msg.rid, fields, tensors, binary=stream._view(frames[0])[0] == MAGIC)
+        except Exception as e:
+            log.warning("data path: attend id=%d failed: %r", msg.rid, e)
+            return self._error_reply(to, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")
+        self._send(to, reply)
+
+    @staticmethod
+    def _encode_reply(rid: int, fields: dict, tensors: list, binary: bool) -> list:
+        """A binary attend gets the binary reply when it fits that format (out, lse and trace times)."""
+        if binary and len(tensors) == 2 and fields.keys() <= {"tq", "tk0", "tk1"}:
+            out, lse = tensors
+            if isinstance(out, np.ndarray) and isinstance(lse, np.ndarray) and out.dtype == lse.dtype == np.float32 \
+                    and out.ndim == 3 and lse.shape == out.shape[:2]:
+                times = (fields["tq"], fields["tk0"], fields["tk1"]) if len(fields) == 3 else None
+                return encode_attend_reply(rid, out, lse, times)
+        return encode("reply", rid, fields, tensors)
+
+    def _error_reply(self, to: bytes | int, rid: int, code: str, reason: str) -> None:
+        self.errors += 1
+        if self.errors <= 5 or self.errors % 100 == 0:
+            log.warning("data path %s: %s (%d errors so far)", self.tcp_endpoint, reason, self.errors)
+        self._send(to, encode("error", rid, {"code": code, "reason": reason}))
+
+    def _send(self, to: bytes | int, frames: list) -> None:
+        if isinstance(to, int):  # a stream connection
+            if to in self._streams:  # (else closed meanwhile)
+                bufs = stream.pack(frames)
+                self.bytes_sent += sum(b.nbytes for b in bufs)
+                self._flush(to, bufs)  # never waits: what the socket does not take now waits for POLLOUT
+            return
+        try:
+            # ROUTER drops a message to a peer that has gone away instead of blocking.
+            self._router.send_multipart([to, *frames], copy=False, flags=zmq.NOBLOCK)
+            self.bytes_sent += frames_nbytes(frames)
+        except zmq.Again:
+            log.warning("data path: reply dropped (the caller's queue is full)")
