@@ -57,6 +57,24 @@ def served():
     ctx.term()
 
 
+def burst_while_busy(kt, ln, n=8) -> list:
+    """Send n attends while the kernel thread is held by a job, then release it: each one's
+    outcome, "ok" or the error reply's code (past max_in_flight: "busy")."""
+    gate = threading.Event()
+    blocked = kt.submit(gate.wait, 10)  # the kernel thread is busy: requests queue up on the socket
+    rids = [ln.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10) for _ in range(n)]
+    gate.set()
+    blocked.result(10)
+    outcomes = []
+    for rid in rids:
+        try:
+            ln.receive(rid, time.monotonic() + 10)
+            outcomes.append("ok")
+        except RpcError as e:
+            outcomes.append(e.code)
+    return outcomes
+
+
 def test_round_trips_over_tcp_and_ipc_are_matched_by_id_and_run_on_the_kernel_thread(served):
     kt, handler, link = served
     assert kt.ipc_endpoint and kt.ipc_endpoint.startswith("ipc://")
@@ -101,18 +119,7 @@ def test_past_max_in_flight_waiting_requests_are_answered_busy(served):
     ln = link()
     seen = []
     for _ in range(5):  # the requests must all be queued at the peer before it wakes: usually the first try
-        gate = threading.Event()
-        blocked = kt.submit(gate.wait, 10)  # the kernel thread is busy: requests queue up in ZeroMQ
-        rids = [ln.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10) for _ in range(8)]
-        gate.set()
-        blocked.result(10)
-        outcomes = []
-        for rid in rids:
-            try:
-                ln.receive(rid, time.monotonic() + 10)
-                outcomes.append("ok")
-            except RpcError as e:
-                outcomes.append(e.code)
+        outcomes = burst_while_busy(kt, ln)
         assert outcomes.count("ok") >= 3 and set(outcomes) <= {"ok", "busy"}
         seen += outcomes
         if "busy" in seen:
@@ -248,19 +255,8 @@ def test_broken_framing_gets_one_error_reply_then_the_connection_closes(served):
 def test_on_the_stream_busy_deadline_and_a_closed_peer_end_the_wait(served):
     kt, handler, _ = served
     ln = stream_link(kt)
-    gate = threading.Event()
-    blocked = kt.submit(gate.wait, 10)
-    rids = [ln.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10) for _ in range(8)]
     # The requests are in the socket's buffer once send returns: the thread reads them all at once.
-    gate.set()
-    blocked.result(10)
-    outcomes = []
-    for rid in rids:
-        try:
-            ln.receive(rid, time.monotonic() + 10)
-            outcomes.append("ok")
-        except RpcError as e:
-            outcomes.append(e.code)
+    outcomes = burst_while_busy(kt, ln)
     assert outcomes.count("ok") >= 3 and set(outcomes) <= {"ok", "busy"} and "busy" in outcomes
     handler.gate = threading.Event()
     try:

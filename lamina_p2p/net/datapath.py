@@ -64,14 +64,18 @@ class DataLink:
     def __init__(self, ctx: zmq.Context, endpoint: str, security: Any = None, limits: Limits = DEFAULT_LIMITS):
         from .security import apply
 
-        self.endpoint = endpoint
-        self._limits = limits
+        self._init_link(endpoint, limits)
         sock = blocking_view(ctx).socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_frame_bytes, limits.max_header_bytes))
         apply(sock, security, server=False)
         sock.connect(endpoint)
         self._sock = sock
+
+    def _init_link(self, endpoint: str, limits: Limits) -> None:
+        """What every link holds, whatever its socket: request ids, replies by id, counters."""
+        self.endpoint = endpoint
+        self._limits = limits
         self._ids = itertools.count(1)
         self._replies: dict[int, Message | Exception] = {}
         self._waiting: set[int] = set()
@@ -201,17 +205,9 @@ class StreamLink(DataLink):
     `endpoint`: "unix://PATH" from the register reply. Raises OSError when it cannot connect."""
 
     def __init__(self, endpoint: str, limits: Limits = DEFAULT_LIMITS):
-        self.endpoint = endpoint
-        self._limits = limits
+        self._init_link(endpoint, limits)
         self._sock = stream.connect(endpoint)
         self._reader = stream.FrameReader(self._sock, limits)
-        self._ids = itertools.count(1)
-        self._replies: dict[int, Message | Exception] = {}
-        self._waiting: set[int] = set()
-        self.closed = False
-        self._lock = threading.Lock()
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     def _send_frames(self, frames: list, op: str, timeout_s: float) -> int:
         try:
