@@ -46,12 +46,20 @@ class KernelThread:
     send an error reply. `on_start` runs first on the thread (thread counts, warm-up). With `ipc`
     and no `security` it also listens on a Unix-domain stream socket (`stream_endpoint`,
     "unix://PATH", net/stream.py) and serves the same messages there.
+    `busy_poll_us`: after replying on a stream connection, poll every socket without blocking for
+    this many microseconds before blocking again (0: never; None: stream.busy_poll_s's automatic
+    choice, on only when this thread is pinned to some of the CPUs).
     """
 
     def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
                  limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True,
-                 tcp_port: int = 0):
+                 tcp_port: int = 0, busy_poll_us: int | None = None):
         self._ctx = ctx
+        if busy_poll_us is not None:
+            stream.busy_poll_s(busy_poll_us)  # a negative window fails here, not on the thread
+        self._busy_poll_us = busy_poll_us
+        self.busy_poll_s = 0.0  # the window in use, set on the thread (its CPU affinity decides "automatic")
+        self.busy_poll: stream.BusyPoll | None = None  # the thread's, once running
         self._tcp_bind = tcp_bind
         self._tcp_port = tcp_port
         self._handler = handler
@@ -157,6 +165,7 @@ class KernelThread:
     def _run(self) -> None:
         try:
             sock = self._bind()
+            self.busy_poll_s = stream.busy_poll_s(self._busy_poll_us) if self._listener is not None else 0.0
             if self._on_start is not None:
                 self._on_start()
         except BaseException as e:
@@ -171,9 +180,19 @@ class KernelThread:
         listen_fd = self._listener.fileno() if self._listener is not None else None
         if listen_fd is not None:
             poller.register(listen_fd, zmq.POLLIN)
+        spin = self.busy_poll = stream.BusyPoll(self.busy_poll_s)
         try:
             while not self._stopping:
-                ready = dict(poller.poll())
+                if spin.spinning():
+                    # Busy-poll: the next request of a stream caller usually follows within the window;
+                    # catching it here saves this thread's wake-up. poll(0) releases the GIL on each
+                    # call, so the control path's event loop still runs (heartbeats, register).
+                    ready = dict(poller.poll(0))
+                    if not ready:
+                        continue
+                    spin.stop()
+                else:
+                    ready = dict(poller.poll())
                 # Jobs run between attends: a submitted free/register waits for one batch of kernels at most.
                 if self._wake_r in ready:
                     try:
@@ -190,6 +209,8 @@ class KernelThread:
                            if fd in self._streams and events & (zmq.POLLIN | zmq.POLLERR)]
                 if sock in ready or streams:
                     self._serve_waiting(sock, streams)
+                    if streams:  # only after a stream reply: ZeroMQ needs its I/O thread's CPU
+                        spin.start()
         finally:
             sock.close(linger=0)
             for fd in list(self._streams):
