@@ -79,15 +79,20 @@ class BusyPoll:
     scheduler ranks it below a thread that does: on a CPU shared with another runnable task it is
     preempted for a whole time slice (milliseconds), far worse than the wake-up it saves. So when
     one poll to the next took longer than `preempted_s` (the thread lost its CPU), it stops
-    polling for `backoff_s` seconds and blocks as without busy-poll. Only the owning thread uses it."""
+    polling for a while and blocks as without busy-poll: `backoff_s` seconds, doubled for each
+    preemption within a second of the last one (a CPU taken for good), up to `max_backoff_s`.
+    Only the owning thread uses it."""
 
-    def __init__(self, window_s: float, backoff_s: float = 1.0, preempted_s: float = 1e-3):
+    def __init__(self, window_s: float, backoff_s: float = 0.02, max_backoff_s: float = 1.0,
+                 preempted_s: float = 1e-3):
         self.window_s = window_s
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self.preempted_s = preempted_s
         self._until = 0.0  # time.monotonic() when the open window ends (0: none open)
         self._last = 0.0  # the previous poll's time
         self._off_until = 0.0  # backed off until then
+        self._off_s = backoff_s  # the next back-off's length
         self.backoffs = 0  # how often it backed off (for stats and tests)
 
     def start(self) -> None:
@@ -106,7 +111,9 @@ class BusyPoll:
             return False
         now = time.monotonic()
         if now - self._last > self.preempted_s:
-            self._until, self._off_until = 0.0, now + self.backoff_s
+            again = now - self._off_until < 1.0  # preempted soon after the last back-off ended
+            self._off_s = min(self._off_s * 2, self.max_backoff_s) if again else self.backoff_s
+            self._until, self._off_until = 0.0, now + self._off_s
             self.backoffs += 1
             return False
         self._last = now
