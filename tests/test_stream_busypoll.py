@@ -1,4 +1,4 @@
-"""Busy-poll on the stream data path (net/stream.py BusyPoll, KernelThread and StreamLink with a window).
+"""Busy-poll on the stream data path (net/busypoll.py, KernelThread and StreamLink with a window).
 
 Real sockets and threads, a real attention peer process; no wall-clock assertions: the window's
 effect on latency is measured in tools/bench_layer_path.py, here only that behaviour is unchanged
@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
-from lamina_p2p.net import stream
+from lamina_p2p.net import busypoll
 from lamina_p2p.net.datapath import DataLink, StreamLink
 from lamina_p2p.net.kernel_thread import KernelThread
 from lamina_p2p.net.rpc import RpcClient, RpcClosed
@@ -28,53 +28,53 @@ WINDOW_US = 200_000  # long enough that the other side always answers inside it
 
 
 def test_the_window_is_the_option_or_on_only_for_a_pinned_thread():
-    assert stream.busy_poll_s(0) == 0.0
-    assert stream.busy_poll_s(250) == pytest.approx(250e-6)
+    assert busypoll.busy_poll_s(0) == 0.0
+    assert busypoll.busy_poll_s(250) == pytest.approx(250e-6)
     with pytest.raises(ValueError, match="negative"):
-        stream.busy_poll_s(-1)
+        busypoll.busy_poll_s(-1)
     with pytest.raises(ValueError, match="negative"):
         KernelThread(zmq.Context.instance(), "tcp://127.0.0.1", lambda m, a: ({}, []), busy_poll_us=-5)
-    assert stream.busy_poll_s(None) == (stream.BUSY_POLL_PINNED_US * 1e-6 if stream.pinned() else 0.0)
+    assert busypoll.busy_poll_s(None) == (busypoll.BUSY_POLL_PINNED_US * 1e-6 if busypoll.pinned() else 0.0)
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs a thread that may run on 2 or more CPUs")
     seen = {}
 
     def pinned_thread():  # affinity is per thread: pin only this one
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        seen["pinned"], seen["window"] = stream.pinned(), stream.busy_poll_s(None)
+        seen["pinned"], seen["window"] = busypoll.pinned(), busypoll.busy_poll_s(None)
 
     t = threading.Thread(target=pinned_thread)
     t.start()
     t.join()
-    assert seen == {"pinned": True, "window": stream.BUSY_POLL_PINNED_US * 1e-6}
+    assert seen == {"pinned": True, "window": busypoll.BUSY_POLL_PINNED_US * 1e-6}
 
 
 def test_busy_poll_window_opens_closes_and_backs_off_when_preempted():
-    off = stream.BusyPoll(0.0)
+    off = busypoll.BusyPoll(0.0)
     off.start()
     assert not off.spinning()  # a zero window never spins
 
-    bp = stream.BusyPoll(60.0)
+    bp = busypoll.BusyPoll(60.0)
     assert not bp.spinning()  # no window opened yet
     bp.start()
     assert bp.spinning() and bp.spinning()
     bp.stop()
     assert not bp.spinning()
 
-    short = stream.BusyPoll(1e-9)
+    short = busypoll.BusyPoll(1e-9)
     short.start()
     assert not short.spinning()  # the window has passed
     assert short.backoffs == 0
 
     # Every gap counts as a preemption (preempted_s < 0): it stops and backs off.
-    hog = stream.BusyPoll(60.0, backoff_s=60.0, preempted_s=-1.0)
+    hog = busypoll.BusyPoll(60.0, backoff_s=60.0, preempted_s=-1.0)
     hog.start()
     assert not hog.spinning() and hog.backoffs == 1
     hog.start()  # backing off: no window opens
     assert not hog.spinning() and hog.backoffs == 1
 
     # Preempted again soon after a back-off ended: the next back-off is longer (doubled, capped).
-    again = stream.BusyPoll(60.0, backoff_s=1e-4, max_backoff_s=2.5e-4, preempted_s=-1.0)
+    again = busypoll.BusyPoll(60.0, backoff_s=1e-4, max_backoff_s=2.5e-4, preempted_s=-1.0)
     lengths = []
     for _ in range(4):
         deadline = time.monotonic() + 10

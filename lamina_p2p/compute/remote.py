@@ -75,7 +75,7 @@ class ClusterTransport:
         # Per-layer attends over the peer's stream socket where it offers one on this host (False: ZeroMQ only).
         self.use_stream = True
         # The stream links' busy-poll window in microseconds (0: off; None: on only where the dense thread
-        # is pinned to some of the CPUs; net/stream.py busy_poll_s).
+        # is pinned to some of the CPUs; net/busypoll.py).
         self.busy_poll_us: int | None = None
         membership.subscribe(self._on_event)
 

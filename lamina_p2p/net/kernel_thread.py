@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from . import stream
+from . import busypoll, stream
 from .datapath import blocking_view, frames_nbytes
 from .rpc import BAD_MESSAGE, BUSY, DEADLINE, HANDLER_FAILED, UNKNOWN_OP
 from .wire import DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend_reply
@@ -47,7 +47,7 @@ class KernelThread:
     and no `security` it also listens on a Unix-domain stream socket (`stream_endpoint`,
     "unix://PATH", net/stream.py) and serves the same messages there.
     `busy_poll_us`: after replying on a stream connection, poll every socket without blocking for
-    this many microseconds before blocking again (0: never; None: stream.busy_poll_s's automatic
+    this many microseconds before blocking again (0: never; None: busypoll.busy_poll_s's automatic
     choice, on only when this thread is pinned to some of the CPUs).
     """
 
@@ -56,10 +56,10 @@ class KernelThread:
                  tcp_port: int = 0, busy_poll_us: int | None = None):
         self._ctx = ctx
         if busy_poll_us is not None:
-            stream.busy_poll_s(busy_poll_us)  # a negative window fails here, not on the thread
+            busypoll.busy_poll_s(busy_poll_us)  # a negative window fails here, not on the thread
         self._busy_poll_us = busy_poll_us
         self.busy_poll_s = 0.0  # the window in use, set on the thread (its CPU affinity decides "automatic")
-        self.busy_poll: stream.BusyPoll | None = None  # the thread's, once running
+        self.busy_poll: busypoll.BusyPoll | None = None  # the thread's, once running
         self._tcp_bind = tcp_bind
         self._tcp_port = tcp_port
         self._handler = handler
@@ -165,7 +165,7 @@ class KernelThread:
     def _run(self) -> None:
         try:
             sock = self._bind()
-            self.busy_poll_s = stream.busy_poll_s(self._busy_poll_us) if self._listener is not None else 0.0
+            self.busy_poll_s = busypoll.busy_poll_s(self._busy_poll_us) if self._listener is not None else 0.0
             if self._on_start is not None:
                 self._on_start()
         except BaseException as e:
@@ -180,7 +180,7 @@ class KernelThread:
         listen_fd = self._listener.fileno() if self._listener is not None else None
         if listen_fd is not None:
             poller.register(listen_fd, zmq.POLLIN)
-        spin = self.busy_poll = stream.BusyPoll(self.busy_poll_s)
+        spin = self.busy_poll = busypoll.BusyPoll(self.busy_poll_s)
         try:
             while not self._stopping:
                 if spin.spinning():

@@ -21,7 +21,6 @@ in the kernel thread's private (0700) directory, so only this user's processes c
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import struct
@@ -38,89 +37,6 @@ SCHEME = "unix://"
 # Bytes in flight per direction: a prefill layer's attend is megabytes, and the default (~200 kB) makes
 # each one hundreds of wake-up ping-pongs. The kernel caps it at net.core.wmem_max without privileges.
 SEND_BUFFER_BYTES = 4 << 20
-
-
-# Busy-poll (see `busy_poll_s`): the window when this thread is pinned to CPUs of its own and no
-# window is given. Measured in tools/bench_layer_path.py and the echo of notes/wire.md (issue 11).
-BUSY_POLL_PINNED_US = 2000
-
-
-def pinned() -> bool:
-    """Whether the calling thread may run on fewer CPUs than the machine has (pinned: --cpus, --split-cores)."""
-    try:
-        return len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
-    except (AttributeError, OSError):
-        return False
-
-
-def busy_poll_s(busy_poll_us: int | None) -> float:
-    """The busy-poll window in seconds for the calling thread: `busy_poll_us` microseconds (0: off),
-    or, when None, BUSY_POLL_PINNED_US where the thread is pinned to some of the CPUs and 0 otherwise.
-
-    Why: a thread blocked in poll sleeps, and on a VM waking it on an idle vCPU (HLT, then an
-    inter-processor interrupt) costs 50-100+ us, twice per round trip. Polling without blocking for a
-    bounded window after a reply (peer) or before blocking for one (compute) skips those wake-ups
-    while the other side answers within the window. It spends the CPU it polls on, so it is on by
-    default only for a pinned thread (its CPUs are its own); where processes share cores (unpinned
-    local clusters, CI) the spinner would take the CPU the other side's work needs. Raises ValueError
-    for a negative window."""
-    if busy_poll_us is None:
-        return BUSY_POLL_PINNED_US * 1e-6 if pinned() else 0.0
-    if busy_poll_us < 0:
-        raise ValueError(f"busy-poll window {busy_poll_us} us is negative")
-    return busy_poll_us * 1e-6
-
-
-class BusyPoll:
-    """A bounded busy-poll window that backs off when its CPU is wanted by someone else.
-
-    `start()` opens a window of `window_s` seconds; `spinning()`, called once per non-blocking
-    poll, says whether to poll again (True) or block (False). A spinner never sleeps, so the
-    scheduler ranks it below a thread that does: on a CPU shared with another runnable task it is
-    preempted for a whole time slice (milliseconds), far worse than the wake-up it saves. So when
-    one poll to the next took longer than `preempted_s` (the thread lost its CPU), it stops
-    polling for a while and blocks as without busy-poll: `backoff_s` seconds, doubled for each
-    preemption within a second of the last one (a CPU taken for good), up to `max_backoff_s`.
-    Only the owning thread uses it."""
-
-    def __init__(self, window_s: float, backoff_s: float = 0.02, max_backoff_s: float = 1.0,
-                 preempted_s: float = 1e-3):
-        self.window_s = window_s
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.preempted_s = preempted_s
-        self._until = 0.0  # time.monotonic() when the open window ends (0: none open)
-        self._last = 0.0  # the previous poll's time
-        self._off_until = 0.0  # backed off until then
-        self._off_s = backoff_s  # the next back-off's length
-        self.backoffs = 0  # how often it backed off (for stats and tests)
-
-    def start(self) -> None:
-        """Open a window now (unless off, or backing off)."""
-        if self.window_s:
-            now = time.monotonic()
-            if now >= self._off_until:
-                self._until, self._last = now + self.window_s, now
-
-    def stop(self) -> None:
-        self._until = 0.0
-
-    def spinning(self) -> bool:
-        """Whether to poll once more without blocking (the window is open and the CPU is ours)."""
-        if not self._until:
-            return False
-        now = time.monotonic()
-        if now - self._last > self.preempted_s:
-            again = now - self._off_until < 1.0  # preempted soon after the last back-off ended
-            self._off_s = min(self._off_s * 2, self.max_backoff_s) if again else self.backoff_s
-            self._until, self._off_until = 0.0, now + self._off_s
-            self.backoffs += 1
-            return False
-        self._last = now
-        if now >= self._until:
-            self._until = 0.0
-            return False
-        return True
 
 
 def tune(sock: socket.socket) -> socket.socket:
