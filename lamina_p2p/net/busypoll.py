@@ -21,11 +21,18 @@ BUSY_POLL_PINNED_US = 2000
 
 
 def pinned() -> bool:
-    """Whether the calling thread may run on fewer CPUs than the machine has (pinned: --cpus, --split-cores)."""
+    """Whether the calling thread may run on fewer CPUs than this machine or container offers (pinned:
+    --cpus, --split-cores, --dense-cpus). Compared with process 1's CPUs, not os.cpu_count(): in a
+    container limited to a cpuset every process has fewer CPUs than the host, and is not pinned."""
     try:
-        return len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+        mine = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return False
+    try:
+        offered = len(os.sched_getaffinity(1))
+    except OSError:  # no process 1 visible, or not allowed to ask
+        offered = os.cpu_count() or 1
+    return mine < offered
 
 
 def busy_poll_s(busy_poll_us: int | None) -> float:
