@@ -130,6 +130,9 @@ def test_round_trips_with_busy_poll_on_both_sides(spinning):
     finally:
         zlink.close()
     assert kt.requests == 22 and kt.errors == 0
+    # Every receive opened a window unless backing off (a loaded machine may preempt the spinner).
+    bp = link.busy_poll
+    assert 0 <= bp.caught <= bp.windows <= 21 and bp.windows + bp.backoffs >= 1
 
 
 def test_with_busy_poll_alive_and_deadlines_still_end_the_wait(spinning):
@@ -178,6 +181,7 @@ def test_a_peer_with_busy_poll_answers_attends_and_its_control_path(attention_pe
                 # Right after the reply the peer's kernel thread is polling: the event loop must still answer.
                 stats = (await client.call("stats", {}, timeout_s=10)).fields
                 assert stats["busy_poll_us"] == 1_000_000
+                assert {"busy_poll_windows", "busy_poll_caught", "busy_poll_backoffs"} <= stats.keys()
                 out, lse = ref.attend(AttendRequest("ref", 0, meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], 0, 2,
                                                     q, k, v))
                 np.testing.assert_allclose(got.tensors[0], out, rtol=1e-5, atol=1e-6)

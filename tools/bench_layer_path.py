@@ -258,7 +258,8 @@ async def part_wire(args, model) -> dict:
             links = getattr(transport, "_links", {})
             path = "stream" if any(type(x).__name__ == "StreamLink" for x in links.values()) else "zmq"
             polls = [x.busy_poll for x in links.values() if hasattr(x, "busy_poll")]
-            busy_poll = {"window_us": round(polls[0].window_s * 1e6), "backoffs": polls[0].backoffs} if polls else None
+            busy_poll = {"window_us": round(polls[0].window_s * 1e6), "windows": polls[0].windows,
+                         "caught": polls[0].caught, "backoffs": polls[0].backoffs} if polls else None
         finally:
             engine.close()
     waits, kernels, queues = {}, {}, {}

@@ -76,6 +76,8 @@ class BusyPoll:
         self._off_until = 0.0  # backed off until then
         self._off_s = backoff_s  # the next back-off's length
         self.backoffs = 0  # how often it backed off (for stats and tests)
+        self.windows = 0  # windows opened
+        self.caught = 0  # of them, ended by a message (its owner calls `caught_one`)
 
     def start(self) -> None:
         """Open a window now (unless off, or backing off)."""
@@ -83,9 +85,14 @@ class BusyPoll:
             now = time.monotonic()
             if now >= self._off_until:
                 self._until, self._last = now + self.window_s, now
+                self.windows += 1
 
     def stop(self) -> None:
         self._until = 0.0
+
+    def caught_one(self) -> None:
+        """Count a poll inside the window that found something (the owner decides whether to go on)."""
+        self.caught += 1
 
     def spinning(self) -> bool:
         """Whether to poll once more without blocking (the window is open and the CPU is ours)."""
@@ -102,4 +109,8 @@ class BusyPoll:
         if now >= self._until:
             self._until = 0.0
             return False
+        # Let another thread of this process that waits for the GIL have it now, on this CPU: the
+        # poll releases the GIL but this thread takes it straight back, so a pinned process's event
+        # loop thread would wait for the 5 ms switch interval (a stall, and a back-off here).
+        os.sched_yield()
         return True

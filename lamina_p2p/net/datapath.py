@@ -242,6 +242,7 @@ class StreamLink(DataLink):
         # thread. poll(0) releases the GIL on each call: the event loop's thread still runs.
         while self.busy_poll.spinning():
             if self._poll.poll(0):
+                self.busy_poll.caught_one()
                 return True
         return bool(self._poll.poll(max(int(timeout_s * 1000), 1)))
 

@@ -190,6 +190,7 @@ class KernelThread:
                     ready = dict(poller.poll(0))
                     if not ready:
                         continue
+                    spin.caught_one()
                     spin.stop()
                 else:
                     ready = dict(poller.poll())
