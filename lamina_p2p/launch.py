@@ -165,7 +165,7 @@ async def _open_cluster_transport(opts: EngineOptions):
         else:
             kv = f"{opts.kv_bytes}"
             extra = (security.cli_args() if security is not None else []) + \
-                (["--busy-poll-us", str(opts.busy_poll_us)] if opts.busy_poll_us is not None else [])
+                (["--busy-poll-us", str(opts.busy_poll_us)] if opts.busy_poll_us else [])
             starting = loop.run_in_executor(None, lambda: start_attention_peers(
                 opts.attention_peers, kv, opts.attention_threads, opts.cluster, extra=extra,
                 cpus=opts.attention_cpus))

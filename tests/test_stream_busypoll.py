@@ -8,7 +8,6 @@ with it on (replies, deadlines, alive(), jobs, ZeroMQ on the same thread, the co
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
@@ -27,26 +26,23 @@ from tests.helpers import node, one_line_error
 WINDOW_US = 200_000  # long enough that the other side always answers inside it
 
 
-def test_the_window_is_the_option_or_on_only_for_a_pinned_thread():
+def test_the_window_is_off_unless_asked_for():
     assert busypoll.busy_poll_s(0) == 0.0
     assert busypoll.busy_poll_s(250) == pytest.approx(250e-6)
     with pytest.raises(ValueError, match="negative"):
         busypoll.busy_poll_s(-1)
     with pytest.raises(ValueError, match="negative"):
         KernelThread(zmq.Context.instance(), "tcp://127.0.0.1", lambda m, a: ({}, []), busy_poll_us=-5)
-    assert busypoll.busy_poll_s(None) == (busypoll.BUSY_POLL_PINNED_US * 1e-6 if busypoll.pinned() else 0.0)
-    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs a thread that may run on 2 or more CPUs")
-    seen = {}
-
-    def pinned_thread():  # affinity is per thread: pin only this one
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        seen["pinned"], seen["window"] = busypoll.pinned(), busypoll.busy_poll_s(None)
-
-    t = threading.Thread(target=pinned_thread)
-    t.start()
-    t.join()
-    assert seen == {"pinned": True, "window": busypoll.BUSY_POLL_PINNED_US * 1e-6}
+    ctx = zmq.Context()
+    kt = KernelThread(ctx, "tcp://127.0.0.1", lambda m, a: ({}, []))
+    kt.start()
+    try:
+        link = StreamLink(kt.stream_endpoint)
+        assert kt.busy_poll_s == link.busy_poll_s == 0.0  # the default: no spinning on either side
+        link.close()
+    finally:
+        kt.stop()
+        ctx.term()
 
 
 def test_busy_poll_window_opens_closes_and_backs_off_when_preempted():
@@ -132,7 +128,7 @@ def test_round_trips_with_busy_poll_on_both_sides(spinning):
     assert kt.requests == 22 and kt.errors == 0
     # Every receive opened a window unless backing off (a loaded machine may preempt the spinner).
     bp = link.busy_poll
-    assert 0 <= bp.caught <= bp.windows <= 21 and bp.windows + bp.backoffs >= 1
+    assert 1 <= bp.windows <= 21 and bp.caught >= 0
 
 
 def test_with_busy_poll_alive_and_deadlines_still_end_the_wait(spinning):

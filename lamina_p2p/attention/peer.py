@@ -65,7 +65,7 @@ class AttentionPeerConfig:
     discover_broadcast: str = "255.255.255.255"
     security: object = None  # net.security.Security: CURVE on every connection; None = plain text
     insecure_listen: bool = False  # plain text beyond loopback only when this is set
-    busy_poll_us: int | None = None  # the kernel thread's busy-poll window on its stream socket (None: automatic)
+    busy_poll_us: int = 0  # the kernel thread's busy-poll window on its stream socket (0: off; net/busypoll.py)
 
 
 class AttentionPeer:

@@ -77,10 +77,10 @@ def engine_options(f):
         click.option("--kv-replicas", default=1, show_default=True, type=click.IntRange(1),
                      help="Copies of every KV shard on distinct attention peers: a failure then costs no "
                           "recompute."),
-        click.option("--busy-poll-us", type=click.IntRange(0), default=None,
-                     help="Microseconds a data-path thread polls its stream socket before sleeping, on both sides "
-                          "of a local cluster (0: never; default: 2000 where the process is pinned with --cpus, "
-                          "else 0)."),
+        click.option("--busy-poll-us", type=click.IntRange(0), default=0, show_default=True,
+                     help="Microseconds a data-path thread polls its stream socket before sleeping, both sides of "
+                          "a local cluster (0: never). Only where the cores are the process's own (--cpus): on a "
+                          "shared core it makes replies slower."),
     ])
 
 

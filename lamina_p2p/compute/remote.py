@@ -74,9 +74,8 @@ class ClusterTransport:
         self._host = host_id()
         # Per-layer attends over the peer's stream socket where it offers one on this host (False: ZeroMQ only).
         self.use_stream = True
-        # The stream links' busy-poll window in microseconds (0: off; None: on only where the dense thread
-        # is pinned to some of the CPUs; net/busypoll.py).
-        self.busy_poll_us: int | None = None
+        # The stream links' busy-poll window in microseconds (0: off; net/busypoll.py).
+        self.busy_poll_us = 0
         membership.subscribe(self._on_event)
 
     # -- membership -------------------------------------------------------------
@@ -293,7 +292,7 @@ async def join_cluster(seeds: list[str], listen: str = "tcp://127.0.0.1:0", clus
                        peer_id: str | None = None, heartbeat_interval: float = 0.5, dead_after: float = 5.0,
                        advertise: str | None = None, discover: bool = False, discover_port: int = 47474,
                        discover_broadcast: str = "255.255.255.255", security=None, insecure_listen: bool = False,
-                       busy_poll_us: int | None = None):
+                       busy_poll_us: int = 0):
     """Join as a compute peer; yields the ClusterTransport (`busy_poll_us`: its stream links' busy-poll
     window, ClusterTransport.busy_poll_us)."""
     ctx = zmq.asyncio.Context()

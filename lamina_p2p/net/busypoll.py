@@ -6,8 +6,8 @@ kernel thread, the compute side's dense thread). The attention peer's kernel thr
 window after each stream reply (net/kernel_thread.py); the compute side's StreamLink polls for one
 before it blocks for a reply (net/datapath.py). A poll is select.poll / zmq_poll with a 0 timeout
 (0.4 / 1.3 us a call here), which releases the GIL, so the event loop's thread of the same process
-still runs. Spinning spends the CPU it spins on, so it is on by default only for a pinned thread,
-and it backs off when it loses its CPU to someone else (`BusyPoll`). Measured in notes/wire.md.
+still runs. Spinning spends the CPU it spins on and hurts badly where another task shares that CPU,
+so it is off unless asked for (`busy_poll_s`), and it backs off when it loses its CPU (`BusyPoll`).
 """
 
 from __future__ import annotations
@@ -15,39 +15,16 @@ from __future__ import annotations
 import os
 import time
 
-# Busy-poll (see `busy_poll_s`): the window when this thread is pinned to CPUs of its own and no
-# window is given. Measured in tools/bench_layer_path.py and the echo of notes/wire.md (issue 11).
-BUSY_POLL_PINNED_US = 2000
+def busy_poll_s(busy_poll_us: int) -> float:
+    """The busy-poll window in seconds for `busy_poll_us` microseconds (0: off). Raises ValueError for
+    a negative window.
 
-
-def pinned() -> bool:
-    """Whether the calling thread may run on fewer CPUs than this machine or container offers (pinned:
-    --cpus, --split-cores, --dense-cpus). Compared with process 1's CPUs, not os.cpu_count(): in a
-    container limited to a cpuset every process has fewer CPUs than the host, and is not pinned."""
-    try:
-        mine = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return False
-    try:
-        offered = len(os.sched_getaffinity(1))
-    except OSError:  # no process 1 visible, or not allowed to ask
-        offered = os.cpu_count() or 1
-    return mine < offered
-
-
-def busy_poll_s(busy_poll_us: int | None) -> float:
-    """The busy-poll window in seconds for the calling thread: `busy_poll_us` microseconds (0: off),
-    or, when None, BUSY_POLL_PINNED_US where the thread is pinned to some of the CPUs and 0 otherwise.
-
-    Why: a thread blocked in poll sleeps, and on a VM waking it on an idle vCPU (HLT, then an
-    inter-processor interrupt) costs 50-100+ us, twice per round trip. Polling without blocking for a
-    bounded window after a reply (peer) or before blocking for one (compute) skips those wake-ups
-    while the other side answers within the window. It spends the CPU it polls on, so it is on by
-    default only for a pinned thread (its CPUs are its own); where processes share cores (unpinned
-    local clusters, CI) the spinner would take the CPU the other side's work needs. Raises ValueError
-    for a negative window."""
-    if busy_poll_us is None:
-        return BUSY_POLL_PINNED_US * 1e-6 if pinned() else 0.0
+    Off by default (measured, notes/wire.md, issue 11): on CPUs that are really the two processes'
+    own, a 2000 us window took ~45 % off the messaging of an echo of the real stack (226 vs 400 us);
+    with another runnable task on the peer's CPU it made it ~3x worse (~2000 vs 620-770 us), back-off
+    and all: a spinner that is preempted is still runnable, so a request arriving meanwhile gets no
+    wake-up preemption and waits for the other task's time slice. So: set it where the cores are
+    dedicated (`--busy-poll-us 2000` with --cpus), never where processes share cores."""
     if busy_poll_us < 0:
         raise ValueError(f"busy-poll window {busy_poll_us} us is negative")
     return busy_poll_us * 1e-6
@@ -77,7 +54,7 @@ class BusyPoll:
         self._off_s = backoff_s  # the next back-off's length
         self.backoffs = 0  # how often it backed off (for stats and tests)
         self.windows = 0  # windows opened
-        self.caught = 0  # of them, ended by a message (its owner calls `caught_one`)
+        self.caught = 0  # polls inside a window that found something (its owner calls `caught_one`)
 
     def start(self) -> None:
         """Open a window now (unless off, or backing off)."""

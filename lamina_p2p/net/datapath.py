@@ -203,11 +203,10 @@ class StreamLink(DataLink):
     Same methods, messages and errors as DataLink; chosen at register time for a plaintext peer on
     this host. The owning thread writes requests and reads replies itself: no ZeroMQ I/O thread.
     `endpoint`: "unix://PATH" from the register reply. `busy_poll_us`: `receive` polls the socket
-    without blocking for this many microseconds before it blocks (0: never; None: busypoll.busy_poll_s's
-    automatic choice for the creating thread, on only when it is pinned to some of the CPUs).
+    without blocking for this many microseconds before it blocks (0: never; net/busypoll.py).
     Raises OSError when it cannot connect, ValueError for a negative window."""
 
-    def __init__(self, endpoint: str, limits: Limits = DEFAULT_LIMITS, busy_poll_us: int | None = None):
+    def __init__(self, endpoint: str, limits: Limits = DEFAULT_LIMITS, busy_poll_us: int = 0):
         self.busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
         self._init_link(endpoint, limits)
         self._sock = stream.connect(endpoint)

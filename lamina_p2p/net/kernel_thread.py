@@ -47,18 +47,15 @@ class KernelThread:
     and no `security` it also listens on a Unix-domain stream socket (`stream_endpoint`,
     "unix://PATH", net/stream.py) and serves the same messages there.
     `busy_poll_us`: after replying on a stream connection, poll every socket without blocking for
-    this many microseconds before blocking again (0: never; None: busypoll.busy_poll_s's automatic
-    choice, on only when this thread is pinned to some of the CPUs).
+    this many microseconds before blocking again (0: never; net/busypoll.py).
     """
 
     def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
                  limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True,
-                 tcp_port: int = 0, busy_poll_us: int | None = None):
+                 tcp_port: int = 0, busy_poll_us: int = 0):
         self._ctx = ctx
-        if busy_poll_us is not None:
-            busypoll.busy_poll_s(busy_poll_us)  # a negative window fails here, not on the thread
-        self._busy_poll_us = busy_poll_us
-        self.busy_poll_s = 0.0  # the window in use, set on the thread (its CPU affinity decides "automatic")
+        self._busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
+        self.busy_poll_s = 0.0  # the window in use: set once bound (only where a stream listener exists)
         self.busy_poll: busypoll.BusyPoll | None = None  # the thread's, once running
         self._tcp_bind = tcp_bind
         self._tcp_port = tcp_port
@@ -165,7 +162,7 @@ class KernelThread:
     def _run(self) -> None:
         try:
             sock = self._bind()
-            self.busy_poll_s = busypoll.busy_poll_s(self._busy_poll_us) if self._listener is not None else 0.0
+            self.busy_poll_s = self._busy_poll_s if self._listener is not None else 0.0
             if self._on_start is not None:
                 self._on_start()
         except BaseException as e:
