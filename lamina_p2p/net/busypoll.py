@@ -36,14 +36,14 @@ class BusyPoll:
     `start()` opens a window of `window_s` seconds; `spinning()`, called once per non-blocking
     poll, says whether to poll again (True) or block (False). A spinner never sleeps, so the
     scheduler ranks it below a thread that does: on a CPU shared with another runnable task it is
-    preempted for a whole time slice (milliseconds), far worse than the wake-up it saves. So when
-    one poll to the next took longer than `preempted_s` (the thread lost its CPU), it stops
+    preempted for a time slice (about a millisecond), far worse than the wake-up it saves. So when one
+    poll to the next took longer than `preempted_s` (the thread lost its CPU), it stops
     polling for a while and blocks as without busy-poll: `backoff_s` seconds, doubled for each
     preemption within a second of the last one (a CPU taken for good), up to `max_backoff_s`.
     Only the owning thread uses it."""
 
     def __init__(self, window_s: float, backoff_s: float = 0.02, max_backoff_s: float = 1.0,
-                 preempted_s: float = 1e-3):
+                 preempted_s: float = 2e-4):
         self.window_s = window_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
