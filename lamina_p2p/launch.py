@@ -164,9 +164,10 @@ async def _open_cluster_transport(opts: EngineOptions):
             seeds, expect = list(opts.join), 1
         else:
             kv = f"{opts.kv_bytes}"
+            extra = (security.cli_args() if security is not None else []) + \
+                (["--busy-poll-us", str(opts.busy_poll_us)] if opts.busy_poll_us else [])
             starting = loop.run_in_executor(None, lambda: start_attention_peers(
-                opts.attention_peers, kv, opts.attention_threads, opts.cluster,
-                extra=security.cli_args() if security is not None else None,
+                opts.attention_peers, kv, opts.attention_threads, opts.cluster, extra=extra,
                 cpus=opts.attention_cpus))
             try:
                 peers = await asyncio.shield(starting)
@@ -176,7 +177,8 @@ async def _open_cluster_transport(opts: EngineOptions):
                     peers = await starting
                 raise
             seeds, expect = [peers[0].address], len(peers)
-        async with join_cluster(seeds, cluster=opts.cluster, security=security) as transport:
+        async with join_cluster(seeds, cluster=opts.cluster, security=security,
+                                busy_poll_us=opts.busy_poll_us) as transport:
             # The engine binds (registers) right after this; wait for membership to show the peers first.
             await transport.membership.wait_for(
                 lambda m: len(m.peers(role="attention")) >= expect, timeout=60.0)
@@ -197,7 +199,7 @@ async def open_compute_transport(opts: ComputeOptions):
                                 heartbeat_interval=opts.heartbeat_interval_s, dead_after=opts.dead_after_s,
                                 advertise=opts.advertise, discover=opts.discover, discover_port=opts.discover_port,
                                 discover_broadcast=opts.discover_broadcast, security=opts.security,
-                                insecure_listen=opts.insecure_listen) as transport:
+                                insecure_listen=opts.insecure_listen, busy_poll_us=opts.busy_poll_us) as transport:
             await transport.membership.wait_for(lambda m: bool(m.peers(role="attention")), timeout=60.0)
             yield transport
         return

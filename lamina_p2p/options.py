@@ -39,6 +39,7 @@ class EngineOptions:
     attention_threads: int | None = None  # threads of in-process attention or of each peer started here
     attention_cpus: list[str] = field(default_factory=list)  # per started peer, reused in turn
     security: object = None  # net.security.Security (--secret): CURVE on every ZeroMQ connection
+    busy_poll_us: int = 0  # the stream data path's busy-poll window, both sides (0: off; net/busypoll.py)
 
     def engine_kwargs(self) -> dict:
         """The keyword arguments of `compute.engine.Engine` these options set (peer_wait_timeout_s is the

@@ -235,6 +235,8 @@ async def part_wire(args, model) -> dict:
                            attention_threads=len(split[1]) if split else args.attention_threads,
                            attention_cpus=[",".join(map(str, sorted(split[1])))] if split else [],
                            cluster="layer-path", kv_bytes=int(args.batch * (args.context + args.steps + 64) * kv_tok * 1.5))
+    if args.busy_poll_us is not None:  # (older builds have no such field, and no busy-poll)
+        opts.busy_poll_us = args.busy_poll_us
     if split:  # this (compute) process on its CPUs, the attention peer on the others: two machines in miniature
         import torch
 
@@ -255,6 +257,9 @@ async def part_wire(args, model) -> dict:
                                                                                      args.context), args.steps)
             links = getattr(transport, "_links", {})
             path = "stream" if any(type(x).__name__ == "StreamLink" for x in links.values()) else "zmq"
+            polls = [x.busy_poll for x in links.values() if hasattr(x, "busy_poll")]
+            busy_poll = {"window_us": round(polls[0].window_s * 1e6), "windows": polls[0].windows,
+                         "caught": polls[0].caught, "backoffs": polls[0].backoffs} if polls else None
         finally:
             engine.close()
     waits, kernels, queues = {}, {}, {}
@@ -282,7 +287,7 @@ async def part_wire(args, model) -> dict:
     reply = [REPLY.size, b * hq * d * 4, b * hq * 4]
     kind = "ipc" if endpoint.startswith("ipc://") else "tcp"
     raw = raw_round_trip(kind, request, reply, args.reps)
-    return {"batch": b, "context": args.context, "endpoint": kind, "data_path": path,
+    return {"batch": b, "context": args.context, "endpoint": kind, "data_path": path, "compute_busy_poll": busy_poll,
             "split_cores": "%s:%s" % tuple(",".join(map(str, sorted(c))) for c in split) if split else None, "step_ms": wall * 1e3,
             "tok_per_s": b / wall, "compute_wait_us": _median_us(wait), "peer_kernel_us": _median_us(kern),
             "messaging_overhead_us": _median_us(overhead), "raw_pyzmq_round_trip_us": raw * 1e6,
@@ -374,6 +379,8 @@ if __name__ == "__main__":
     ap.add_argument("--shard-sizes", default="16,512", help="SMALL,LARGE --shard-tokens compared")
     ap.add_argument("--data-path", choices=("stream", "zmq"), default="stream",
                     help="wire part: the Unix-domain stream socket where the peer offers one, or ZeroMQ only")
+    ap.add_argument("--busy-poll-us", type=int, default=None,
+                    help="wire part: the stream data path's busy-poll window on both sides (default: the engine's)")
     ap.add_argument("--split-cores", default=None, metavar="COMPUTE:ATTENTION",
                     help="wire part: pin this process and the attention peer to disjoint CPU lists, e.g. 0:1")
     ap.add_argument("--omp-wait-policy", default=None, help="OMP_WAIT_POLICY for this run and its peers")

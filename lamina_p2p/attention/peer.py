@@ -65,6 +65,7 @@ class AttentionPeerConfig:
     discover_broadcast: str = "255.255.255.255"
     security: object = None  # net.security.Security: CURVE on every connection; None = plain text
     insecure_listen: bool = False  # plain text beyond loopback only when this is set
+    busy_poll_us: int = 0  # the kernel thread's busy-poll window on its stream socket (0: off; net/busypoll.py)
 
 
 class AttentionPeer:
@@ -113,7 +114,7 @@ class AttentionPeer:
         tcp_host = listen.rsplit(":", 1)[0] if listen.startswith("tcp://") else "tcp://127.0.0.1"
         self.kernel = KernelThread(ctx, tcp_host, self._attend_data, security=self.config.security,
                                    on_start=self._start_kernel_thread, tcp_port=self.config.data_port,
-                                   ipc=self.config.data_advertise is None)
+                                   ipc=self.config.data_advertise is None, busy_poll_us=self.config.busy_poll_us)
         server = None
         try:
             await loop.run_in_executor(None, self.kernel.start)
@@ -257,7 +258,10 @@ class AttentionPeer:
 
     async def _stats(self, msg: Message):
         return {**self.service.stats(), "attend_calls": self.attend_calls, "busy_s": round(self.busy_s, 3),
-                "data_path_requests": self.kernel.requests, "data_path_errors": self.kernel.errors}, []
+                "data_path_requests": self.kernel.requests, "data_path_errors": self.kernel.errors,
+                "busy_poll_us": round(self.kernel.busy_poll_s * 1e6),
+                **({f"busy_poll_{k}": getattr(self.kernel.busy_poll, k) for k in ("windows", "caught", "backoffs")}
+                   if self.kernel.busy_poll else {})}, []
 
 
 def _check_cuda() -> None:

@@ -77,6 +77,10 @@ def engine_options(f):
         click.option("--kv-replicas", default=1, show_default=True, type=click.IntRange(1),
                      help="Copies of every KV shard on distinct attention peers: a failure then costs no "
                           "recompute."),
+        click.option("--busy-poll-us", type=click.IntRange(0), default=0, show_default=True,
+                     help="Microseconds a data-path thread polls its stream socket before sleeping, both sides of "
+                          "a local cluster (0: never). Only where the cores are the process's own (--cpus): on a "
+                          "shared core it makes replies slower."),
     ])
 
 
@@ -115,7 +119,8 @@ def engine_fields(kw: dict) -> dict:
                 shard_tokens=kw.pop("shard_tokens"), micro_batches=kw.pop("micro_batches"),
                 kv_replicas=kw.pop("kv_replicas"), threads=threads, dense_cpus=dense, join=list(kw.pop("join")),
                 cluster=kw.pop("cluster"), attention_peers=kw.pop("attention_peers"), kv_bytes=kv_bytes,
-                attention_threads=kw.pop("attention_threads"), attention_cpus=list(attention_cpus))
+                attention_threads=kw.pop("attention_threads"), attention_cpus=list(attention_cpus),
+                busy_poll_us=kw.pop("busy_poll_us"))
 
 
 def security_field(kw: dict, join: list[str]):

@@ -60,7 +60,7 @@ from lamina_p2p.config import ConfigError, check_address, parse_bytes
 def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_cpus, block_size, heartbeat, dead_after,
           model_dir, dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout,
           owner_timeout, http, max_batch, advertise, data_port, data_advertise, discover, discover_port,
-          discover_broadcast, secret, peer_key, allow_dir, insecure_listen, api_key):
+          discover_broadcast, secret, peer_key, allow_dir, insecure_listen, api_key, busy_poll_us):
     """Run one peer until SIGTERM or Ctrl-C."""
     from lamina_p2p.node import run_attention, run_compute
     from lamina_p2p.runtime import run_async
@@ -95,7 +95,7 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
                                   data_port=data_port, data_advertise=data_advertise, drain_timeout=drain_timeout,
                                   owner_timeout=owner_timeout, discover=discover, discover_port=discover_port,
                                   discover_broadcast=discover_broadcast, security=security,
-                                  insecure_listen=insecure_listen)
+                                  insecure_listen=insecure_listen, busy_poll_us=busy_poll_us)
         try:
             run_async(run_attention(cfg))
         except ValueError as e:
@@ -114,6 +114,6 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
                           threads=threads, dense_cpus=dense, heartbeat_interval_s=heartbeat, dead_after_s=dead_after,
                           max_batch=max_batch, advertise=advertise, discover=discover, discover_port=discover_port,
                           discover_broadcast=discover_broadcast, security=security,
-                          insecure_listen=insecure_listen, api_key=api_key)
+                          insecure_listen=insecure_listen, api_key=api_key, busy_poll_us=busy_poll_us)
     with one_line_errors():
         run_async(run_compute(opts))

@@ -74,6 +74,8 @@ class ClusterTransport:
         self._host = host_id()
         # Per-layer attends over the peer's stream socket where it offers one on this host (False: ZeroMQ only).
         self.use_stream = True
+        # The stream links' busy-poll window in microseconds (0: off; net/busypoll.py).
+        self.busy_poll_us = 0
         membership.subscribe(self._on_event)
 
     # -- membership -------------------------------------------------------------
@@ -192,7 +194,7 @@ class ClusterTransport:
         if link is None:
             if kind == "stream":
                 try:
-                    link = StreamLink(info["stream"])
+                    link = StreamLink(info["stream"], busy_poll_us=self.busy_poll_us)
                 except OSError as e:  # gone meanwhile (the peer restarted): ZeroMQ still works or fails cleanly
                     log.warning("stream data path to %s unusable (%s): using ZeroMQ", peer, e)
                     info["stream"] = None
@@ -289,8 +291,10 @@ class ClusterTransport:
 async def join_cluster(seeds: list[str], listen: str = "tcp://127.0.0.1:0", cluster: str = "lamina",
                        peer_id: str | None = None, heartbeat_interval: float = 0.5, dead_after: float = 5.0,
                        advertise: str | None = None, discover: bool = False, discover_port: int = 47474,
-                       discover_broadcast: str = "255.255.255.255", security=None, insecure_listen: bool = False):
-    """Join as a compute peer; yields the ClusterTransport."""
+                       discover_broadcast: str = "255.255.255.255", security=None, insecure_listen: bool = False,
+                       busy_poll_us: int = 0):
+    """Join as a compute peer; yields the ClusterTransport (`busy_poll_us`: its stream links' busy-poll
+    window, ClusterTransport.busy_poll_us)."""
     ctx = zmq.asyncio.Context()
     from lamina_p2p.net.security import check_listen
 
@@ -304,6 +308,7 @@ async def join_cluster(seeds: list[str], listen: str = "tcp://127.0.0.1:0", clus
     membership = Membership(server, ctx, me, list(seeds), heartbeat_interval=heartbeat_interval,
                             suspect_after=min(2.0, dead_after / 2), dead_after=dead_after, security=security)
     transport = ClusterTransport(ctx, server, membership)
+    transport.busy_poll_us = busy_poll_us
     await membership.start()
     beacon = None
     if discover:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import zmq
 
-from . import stream
+from . import busypoll, stream
 from .rpc import DEADLINE, RpcClosed, RpcError, RpcTimeout
 from .wire import DEFAULT_LIMITS, Limits, Message, WireError, decode, encode, encode_attend
 
@@ -202,12 +202,28 @@ class StreamLink(DataLink):
 
     Same methods, messages and errors as DataLink; chosen at register time for a plaintext peer on
     this host. The owning thread writes requests and reads replies itself: no ZeroMQ I/O thread.
-    `endpoint`: "unix://PATH" from the register reply. Raises OSError when it cannot connect."""
+    `endpoint`: "unix://PATH" from the register reply. `busy_poll_us`: `receive` polls the socket
+    without blocking for this many microseconds before it blocks (0: never; net/busypoll.py).
+    Raises OSError when it cannot connect, ValueError for a negative window."""
 
-    def __init__(self, endpoint: str, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, endpoint: str, limits: Limits = DEFAULT_LIMITS, busy_poll_us: int = 0):
+        self.busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
         self._init_link(endpoint, limits)
         self._sock = stream.connect(endpoint)
         self._reader = stream.FrameReader(self._sock, limits)
+        self._poll = select.poll()  # one for every wait: cheaper than a new one per call when spinning
+        self._poll.register(self._sock, select.POLLIN)
+        self.busy_poll = busypoll.BusyPoll(self.busy_poll_s)
+
+    def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
+                check_every_s: float = 0.05) -> Message:
+        self.busy_poll.start()
+        try:
+            return super().receive(rid, deadline, alive, check_every_s)
+        finally:
+            self.busy_poll.stop()
+
+    receive.__doc__ = DataLink.receive.__doc__
 
     def _send_frames(self, frames: list, op: str, timeout_s: float) -> int:
         try:
@@ -221,7 +237,13 @@ class StreamLink(DataLink):
             raise RpcClosed(f"data link to {self.endpoint}: {e}") from None
 
     def _readable(self, timeout_s: float) -> bool:
-        return stream.wait(self._sock, select.POLLIN, timeout_s)
+        # Busy-poll first (see net/busypoll.py): a reply inside the window costs no wake-up of this
+        # thread. poll(0) releases the GIL on each call: the event loop's thread still runs.
+        while self.busy_poll.spinning():
+            if self._poll.poll(0):
+                self.busy_poll.caught_one()
+                return True
+        return bool(self._poll.poll(max(int(timeout_s * 1000), 1)))
 
     def _received(self) -> list[list]:
         try:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from . import stream
+from . import busypoll, stream
 from .datapath import blocking_view, frames_nbytes
 from .rpc import BAD_MESSAGE, BUSY, DEADLINE, HANDLER_FAILED, UNKNOWN_OP
 from .wire import DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend_reply
@@ -46,12 +46,17 @@ class KernelThread:
     send an error reply. `on_start` runs first on the thread (thread counts, warm-up). With `ipc`
     and no `security` it also listens on a Unix-domain stream socket (`stream_endpoint`,
     "unix://PATH", net/stream.py) and serves the same messages there.
+    `busy_poll_us`: after replying on a stream connection, poll every socket without blocking for
+    this many microseconds before blocking again (0: never; net/busypoll.py).
     """
 
     def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
                  limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True,
-                 tcp_port: int = 0):
+                 tcp_port: int = 0, busy_poll_us: int = 0):
         self._ctx = ctx
+        self._busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
+        self.busy_poll_s = 0.0  # the window in use: set once bound (only where a stream listener exists)
+        self.busy_poll: busypoll.BusyPoll | None = None  # the thread's, once running
         self._tcp_bind = tcp_bind
         self._tcp_port = tcp_port
         self._handler = handler
@@ -157,6 +162,7 @@ class KernelThread:
     def _run(self) -> None:
         try:
             sock = self._bind()
+            self.busy_poll_s = self._busy_poll_s if self._listener is not None else 0.0
             if self._on_start is not None:
                 self._on_start()
         except BaseException as e:
@@ -171,9 +177,20 @@ class KernelThread:
         listen_fd = self._listener.fileno() if self._listener is not None else None
         if listen_fd is not None:
             poller.register(listen_fd, zmq.POLLIN)
+        spin = self.busy_poll = busypoll.BusyPoll(self.busy_poll_s)
         try:
             while not self._stopping:
-                ready = dict(poller.poll())
+                if spin.spinning():
+                    # Busy-poll: the next request of a stream caller usually follows within the window;
+                    # catching it here saves this thread's wake-up. poll(0) releases the GIL on each
+                    # call, so the control path's event loop still runs (heartbeats, register).
+                    ready = dict(poller.poll(0))
+                    if not ready:
+                        continue
+                    spin.caught_one()
+                    spin.stop()
+                else:
+                    ready = dict(poller.poll())
                 # Jobs run between attends: a submitted free/register waits for one batch of kernels at most.
                 if self._wake_r in ready:
                     try:
@@ -190,6 +207,8 @@ class KernelThread:
                            if fd in self._streams and events & (zmq.POLLIN | zmq.POLLERR)]
                 if sock in ready or streams:
                     self._serve_waiting(sock, streams)
+                    if streams:  # only after a stream reply: ZeroMQ needs its I/O thread's CPU
+                        spin.start()
         finally:
             sock.close(linger=0)
             for fd in list(self._streams):

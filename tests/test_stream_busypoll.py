@@ -1,0 +1,199 @@
+"""Busy-poll on the stream data path (net/busypoll.py, KernelThread and StreamLink with a window).
+
+Real sockets and threads, a real attention peer process; no wall-clock assertions: the window's
+effect on latency is measured in tools/bench_layer_path.py, here only that behaviour is unchanged
+with it on (replies, deadlines, alive(), jobs, ZeroMQ on the same thread, the control path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from lamina_p2p.attention.service import AttendRequest, AttentionService
+from lamina_p2p.net import busypoll
+from lamina_p2p.net.datapath import DataLink, StreamLink
+from lamina_p2p.net.kernel_thread import KernelThread
+from lamina_p2p.net.rpc import RpcClient, RpcClosed
+from tests.helpers import node, one_line_error
+
+WINDOW_US = 200_000  # long enough that the other side always answers inside it
+
+
+def test_the_window_is_off_unless_asked_for():
+    assert busypoll.busy_poll_s(0) == 0.0
+    assert busypoll.busy_poll_s(250) == pytest.approx(250e-6)
+    with pytest.raises(ValueError, match="negative"):
+        busypoll.busy_poll_s(-1)
+    with pytest.raises(ValueError, match="negative"):
+        KernelThread(zmq.Context.instance(), "tcp://127.0.0.1", lambda m, a: ({}, []), busy_poll_us=-5)
+    ctx = zmq.Context()
+    kt = KernelThread(ctx, "tcp://127.0.0.1", lambda m, a: ({}, []))
+    kt.start()
+    try:
+        link = StreamLink(kt.stream_endpoint)
+        assert kt.busy_poll_s == link.busy_poll_s == 0.0  # the default: no spinning on either side
+        link.close()
+    finally:
+        kt.stop()
+        ctx.term()
+
+
+def test_busy_poll_window_opens_closes_and_backs_off_when_preempted():
+    off = busypoll.BusyPoll(0.0)
+    off.start()
+    assert not off.spinning()  # a zero window never spins
+
+    bp = busypoll.BusyPoll(60.0)
+    assert not bp.spinning()  # no window opened yet
+    bp.start()
+    assert bp.spinning() and bp.spinning()
+    bp.stop()
+    assert not bp.spinning()
+
+    short = busypoll.BusyPoll(1e-9)
+    short.start()
+    assert not short.spinning()  # the window has passed
+    assert short.backoffs == 0
+
+    # Every gap counts as a preemption (preempted_s < 0): it stops and backs off.
+    hog = busypoll.BusyPoll(60.0, backoff_s=60.0, preempted_s=-1.0)
+    hog.start()
+    assert not hog.spinning() and hog.backoffs == 1
+    hog.start()  # backing off: no window opens
+    assert not hog.spinning() and hog.backoffs == 1
+
+    # Preempted again soon after a back-off ended: the next back-off is longer (doubled, capped).
+    again = busypoll.BusyPoll(60.0, backoff_s=1e-4, max_backoff_s=2.5e-4, preempted_s=-1.0)
+    lengths = []
+    for _ in range(4):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < again._off_until and time.monotonic() < deadline:  # the back-off passes
+            pass
+        again.start()
+        assert not again.spinning()
+        lengths.append(again._off_s)
+    assert lengths == [1e-4, 2e-4, 2.5e-4, 2.5e-4] and again.backoffs == 4
+
+
+class Doubler:
+    def __init__(self):
+        self.gate: threading.Event | None = None
+
+    def __call__(self, msg, arrived):
+        if self.gate is not None:
+            self.gate.wait(10)
+        return {"n": len(msg.tensors)}, [t * 2 for t in msg.tensors]
+
+
+@pytest.fixture
+def spinning():
+    ctx = zmq.Context()
+    handler = Doubler()
+    kt = KernelThread(ctx, "tcp://127.0.0.1", handler, busy_poll_us=WINDOW_US)
+    kt.start()
+    link = StreamLink(kt.stream_endpoint, busy_poll_us=WINDOW_US)
+    yield kt, handler, link, ctx
+    link.close()
+    kt.stop()
+    ctx.term()
+
+
+def test_round_trips_with_busy_poll_on_both_sides(spinning):
+    kt, handler, link, ctx = spinning
+    assert kt.busy_poll_s == link.busy_poll_s == pytest.approx(WINDOW_US * 1e-6)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        x = rng.standard_normal((3, 4), dtype=np.float32)
+        rid = link.send("attend", {"i": i}, [x], timeout_s=10)
+        got = link.receive(rid, time.monotonic() + 30)
+        np.testing.assert_array_equal(got.tensors[0], x * 2)
+        assert got.fields == {"n": 1}
+    # Inside the kernel thread's window: a ZeroMQ caller, and a submitted job, are served too.
+    zlink = DataLink(ctx, kt.ipc_endpoint)
+    try:
+        rid = link.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10)
+        link.receive(rid, time.monotonic() + 30)
+        rid = zlink.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10)
+        np.testing.assert_array_equal(zlink.receive(rid, time.monotonic() + 30).tensors[0], [2, 2])
+        assert kt.submit(lambda: "ran").result(30) == "ran"
+    finally:
+        zlink.close()
+    assert kt.requests == 22 and kt.errors == 0
+    # Every receive opened a window unless backing off (a loaded machine may preempt the spinner).
+    bp = link.busy_poll
+    assert 1 <= bp.windows <= 21 and bp.caught >= 0
+
+
+def test_with_busy_poll_alive_and_deadlines_still_end_the_wait(spinning):
+    kt, handler, link, ctx = spinning
+    handler.gate = threading.Event()  # the peer holds every request until released
+    try:
+        rid = link.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10)
+        with pytest.raises(RpcClosed):
+            link.receive(rid, time.monotonic() + 30, alive=lambda: False, check_every_s=0.01)
+        from lamina_p2p.net.rpc import RpcTimeout
+
+        rid = link.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10)
+        with pytest.raises(RpcTimeout):
+            link.receive(rid, time.monotonic() + 0.05)
+    finally:
+        handler.gate.set()
+
+
+GEOMETRY = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "storage": "float32",
+            "max_positions": 64}
+
+
+@pytest.mark.cluster
+def test_a_peer_with_busy_poll_answers_attends_and_its_control_path(attention_peers):
+    """A real attention peer whose kernel thread polls its stream socket for 1 s after every reply:
+    each attend is right, and the control path (register, stats) answers while it polls."""
+    (peer,) = attention_peers(1, "--busy-poll-us", "1000000")
+    rng = np.random.default_rng(1)
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        client = RpcClient(ctx, peer.address)
+        link = None
+        try:
+            info = (await client.call("register", {"owner": "bp", **GEOMETRY}, timeout_s=10)).fields
+            assert info["data_stream"].startswith("unix://")
+            link = StreamLink(info["data_stream"], busy_poll_us=WINDOW_US)
+            ref = AttentionService(1 << 22)
+            ref.register("ref", **GEOMETRY)
+            for seq in range(5):
+                meta = np.array([[seq, 0, 5, 5]], np.int64)
+                q = rng.standard_normal((5, 4, 8), dtype=np.float32)
+                k, v = (rng.standard_normal((5, 2, 8), dtype=np.float32) for _ in range(2))
+                rid = link.send_attend("bp", 0, 0, 2, meta, q, k, v, timeout_s=10)
+                got = link.receive(rid, time.monotonic() + 30)
+                # Right after the reply the peer's kernel thread is polling: the event loop must still answer.
+                stats = (await client.call("stats", {}, timeout_s=10)).fields
+                assert stats["busy_poll_us"] == 1_000_000
+                assert {"busy_poll_windows", "busy_poll_caught", "busy_poll_backoffs"} <= stats.keys()
+                out, lse = ref.attend(AttendRequest("ref", 0, meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], 0, 2,
+                                                    q, k, v))
+                np.testing.assert_allclose(got.tensors[0], out, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(got.tensors[1], lse, rtol=1e-5, atol=1e-6)
+            await client.call("register", {"owner": "bp-2", **GEOMETRY}, timeout_s=10)
+            assert stats["data_path_requests"] == 5 and stats["data_path_errors"] == 0
+        finally:
+            if link is not None:
+                link.close()
+            await client.close()
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())
+    assert peer.proc.poll() is None
+
+
+def test_a_negative_window_is_a_one_line_error():
+    r = node("start", "--role", "attention", "--busy-poll-us", "-1")
+    one_line_error(r, "--busy-poll-us")
