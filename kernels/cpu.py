@@ -12,6 +12,7 @@ drivers.py (the passes), plan.py (the work list).
 """
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -138,6 +139,7 @@ def _bind_raw():
 
 _RAW = None
 _COMPILED = None
+_COMPILE_LOCK = threading.Lock()
 
 
 def _compile():
@@ -146,10 +148,12 @@ def _compile():
     array from the wire or a writable one), and a type error instead of a compile of
     minutes for a call of other types."""
     global _COMPILED
-    for sig in SIGNATURES:
-        _append_attend.compile(sig)
-    _append_attend.disable_compile()
-    _COMPILED = True
+    with _COMPILE_LOCK:  # two first calls at once: the second waits, then finds it done
+        if _COMPILED is None:
+            for sig in SIGNATURES:
+                _append_attend.compile(sig)
+            _append_attend.disable_compile()
+            _COMPILED = True
 
 
 def warmup(storages=STORAGES):

@@ -355,3 +355,22 @@ def test_read_only_and_other_typed_inputs_share_the_two_variants():
         assert not q.flags.aligned
         assert_matches(call.run(append_attend), want, atol=0)
     assert len(drivers.append_attend.overloads) == len(drivers.SIGNATURES) == 2
+
+
+def test_first_calls_from_several_threads_at_once(monkeypatch):
+    """The first call loads the two variants and closes the dispatcher to new types; other
+    threads making their first call at the same moment wait for it instead of failing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lamina_kernels import drivers
+
+    rng = np.random.default_rng(32)
+    call = Call(rng, "bfloat16", 3, 16, MIXED, num_kv_heads=2, d=64)
+    want = call.run(append_attend)
+    monkeypatch.setattr(cpu, "_COMPILED", None)
+    monkeypatch.setattr(drivers.append_attend, "_can_compile", True)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: call.run(append_attend), range(4)))
+    for g in got:
+        assert_matches(g, want, atol=0)
+    assert cpu._COMPILED and not drivers.append_attend._can_compile
