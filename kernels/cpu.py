@@ -96,7 +96,8 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
                                      _num_threads(), _INLINE_WORK, out, lse)
     except TypeError:
         # The uncommon case: full checks with their one-line messages; int32 index
-        # arrays made, read-only or unaligned inputs copied; then the call again.
+        # arrays made, unaligned inputs copied (read-only ones fit the signatures as
+        # they are); then the call again.
         table_rows, q_start, kv_start, context_lens = prepare(
             q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
             context_lens, layer, storage)

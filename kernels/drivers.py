@@ -150,7 +150,7 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
     need = n_parts > 0
     for g in range(n_groups):
         need = need or groups[g, P.G_NITEMS] == 0
-    if need:  # a prange entered even with no iteration wakes the workers
+    if need:  # no parallel region at all when nothing needs merging
         for g in prange(n_groups):
             _merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse)
     _set_chunksize(chunk0)
