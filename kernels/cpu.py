@@ -1,27 +1,28 @@
 """append_attend on CPU with Numba: append a chunk's K/V into the paged pool, then attend
-(DESIGN.md s4). This module is the Python entry point: the argument checks (checks.py,
-identity tests in the common case), then one jitted dispatch (drivers.append_attend)
-that validates, plans and runs the call, on the calling thread when its
+(DESIGN.md s4). This module is the Python entry point: one jitted dispatch
+(drivers.append_attend, closed to its two signatures: the dispatch is the type check)
+that checks the shapes, validates, plans and runs the call, on the calling thread when its
 plan.call_work is at most _INLINE_WORK (e.g. batch 1 at a short context), else over
 numba's threads; numba's thread count is read through its raw ctypes entry point
 (per-call cost matters: one call per layer per micro-batch); `warmup` compiles every
-variant. The kernel's parts: widen16.py
+variant; a call that fits no signature gets the full checks of checks.py (one-line
+errors). The kernel's parts: widen16.py
 (16-bit storages), scalar.py and tiles.py (the inner loops), items.py (one work item),
 drivers.py (the passes), plan.py (the work list).
 """
 
 import math
+import threading
 
 import numba
 import numpy as np
 
 from . import plan as P
 from .checks import DT as _DT
-from .checks import I32 as _I32
 from .checks import check_out as _check_out
-from .checks import is_array as _is
 from .checks import prepare
 from .drivers import MIN_SPLIT as _MIN_SPLIT  # noqa: F401  (tests plan with it)
+from .drivers import SIGNATURES
 from .drivers import append_attend as _append_attend
 from .storage import STORAGES
 
@@ -75,32 +76,46 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
     pool, a layer outside the pool), each with a one-line message; nothing is written
     to the pool then.
     """
+    if _COMPILED is None:
+        _compile()
     dt = _DT.get(storage) if type(storage) is str else None
-    idx = (table_rows, q_start, kv_start, context_lens)
-    if (dt is None or not (_is(q, dt, 3) and _is(k_new, dt, 3) and _is(v_new, dt, 3)
-                           and _is(k_pool, dt, 4) and _is(v_pool, dt, 4)
-                           and _is(block_table, _I32, 3))
-            or type(layer) is not int or not all(_is(a, _I32, 1) for a in idx)):
-        # The uncommon case: full checks with their messages, int32 index arrays made.
-        table_rows, q_start, kv_start, context_lens = prepare(
-            q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
-            context_lens, layer, storage)
-        layer = int(layer)
+    if dt is None or type(q) is not np.ndarray or q.dtype is not dt or q.ndim != 3:
+        prepare(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+                context_lens, layer, storage)  # raises: the storage or q is wrong
     t, n_q_heads, d = q.shape
     if out is None:
         out = np.empty((t, n_q_heads, d), np.float32)
-    else:
-        _check_out("out", out, (t, n_q_heads, d))
     if lse is None:
         lse = np.empty((t, n_q_heads), np.float32)
-    else:
+    # Every other type check is the dispatch itself: the driver takes exactly its two
+    # signatures (drivers.SIGNATURES), and whatever does not fit them raises TypeError.
+    bf16 = storage == "bfloat16"
+    try:
+        err, seq, _ = _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows,
+                                     q_start, kv_start, context_lens, layer, float(scale), bf16,
+                                     _num_threads(), _INLINE_WORK, out, lse)
+    except TypeError:
+        # The uncommon case: full checks with their one-line messages; int32 index
+        # arrays made, unaligned inputs copied (read-only ones fit the signatures as
+        # they are); then the call again.
+        table_rows, q_start, kv_start, context_lens = prepare(
+            q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+            context_lens, layer, storage)
+        _check_out("out", out, (t, n_q_heads, d))
         _check_out("lse", lse, (t, n_q_heads))
-    err, seq, _ = _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows,
-                                 q_start, kv_start, context_lens, layer, float(scale),
-                                 storage == "bfloat16", _num_threads(), _INLINE_WORK, out, lse)
+        for name, a in (("k_pool", k_pool), ("v_pool", v_pool)):
+            if not (a.flags.writeable and a.flags.aligned):
+                raise ValueError(f"{name} must be writable and aligned")
+        q, k_new, v_new, block_table = (a if a.flags.aligned else a.copy()
+                                        for a in (q, k_new, v_new, block_table))
+        err, seq, _ = _append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows,
+                                     q_start, kv_start, context_lens, int(layer), float(scale),
+                                     bf16, _num_threads(), _INLINE_WORK, out, lse)
     if err < 0:
         prepare(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
                 context_lens, layer, storage)  # raises, naming the shape that is wrong
+        _check_out("out", out, (t, n_q_heads, d))
+        _check_out("lse", lse, (t, n_q_heads))
         raise ValueError("malformed call")  # not reached: prepare and shapes_ok agree
     if err:
         raise ValueError(f"sequence {seq}: {P.ERRORS[err]}")
@@ -124,6 +139,22 @@ def _bind_raw():
 
 
 _RAW = None
+_COMPILED = None
+_COMPILE_LOCK = threading.Lock()
+
+
+def _compile():
+    """Compile (or load from numba's cache) the driver's two specializations, then close
+    it to new types: one compiled variant per storage dtype whoever calls (a read-only
+    array from the wire or a writable one), and a type error instead of a compile of
+    minutes for a call of other types."""
+    global _COMPILED
+    with _COMPILE_LOCK:  # two first calls at once: the second waits, then finds it done
+        if _COMPILED is None:
+            for sig in SIGNATURES:
+                _append_attend.compile(sig)
+            _append_attend.disable_compile()
+            _COMPILED = True
 
 
 def warmup(storages=STORAGES):
@@ -131,6 +162,8 @@ def warmup(storages=STORAGES):
     share one) and run it inline and over the threads, on tiny shapes."""
     from .storage import to_storage
 
+    if _COMPILED is None:
+        _compile()
     rng = np.random.default_rng(0)
     for storage in storages:
         num_kv_heads, g, d, bs = 1, 2, 8, 4

@@ -10,7 +10,11 @@ the calling thread, planned without splits: waking the second thread costs more 
 it saves there; a larger one hands the items out over numba's threads one at a time,
 longest first. The inline and threaded paths are one function and both 16-bit
 storages one compiled variant (a runtime `bf16` flag; bits are copied as they are),
-so a cold start compiles two specializations (float32, uint16), not six.
+and the inputs the kernel only reads are typed read-only (a writable array converts to
+that type, a read-only one from the wire is it): `SIGNATURES` are the driver's only two
+specializations (float32, uint16), compiled by cpu._compile, which then closes the
+dispatcher to new types (a call of any other types raises TypeError: cpu.py's slow path
+checks it and says what is wrong).
 """
 
 import numba
@@ -39,6 +43,22 @@ MIN_SPLIT = 256
 # Elements (new tokens x kv heads x head_dim) up to which the append runs on the
 # calling thread instead of a parallel region.
 SERIAL_APPEND = 1 << 16
+
+
+def _signature(storage):
+    """The driver's signature for one storage dtype (see the module docstring)."""
+    def arr(dtype, ndim, readonly=False):
+        return types.Array(dtype, ndim, "C", readonly=readonly)
+
+    ro3 = arr(storage, 3, True)
+    idx = arr(types.int32, 1, True)
+    return types.Tuple((types.int64, types.int64, types.boolean))(
+        ro3, ro3, ro3, arr(storage, 4), arr(storage, 4), arr(types.int32, 3, True), idx, idx, idx,
+        idx, types.int64, types.float64, types.boolean, types.int64, types.int64,
+        arr(types.float32, 3), arr(types.float32, 2))
+
+
+SIGNATURES = (_signature(types.float32), _signature(types.uint16))
 
 
 @intrinsic
@@ -75,6 +95,8 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
     malformed call (nothing is written then), 0 when out/lse are written."""
     if not _shapes_ok(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
                       kv_start, context_lens, layer):
+        return -1, 0, False
+    if out.shape != q.shape or lse.shape[0] != q.shape[0] or lse.shape[1] != q.shape[1]:
         return -1, 0, False
     n_seq = table_rows.shape[0]
     num_kv_heads = k_new.shape[1]  # local kv heads; the table may be wider (rows past it unused)
@@ -128,7 +150,8 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
     need = n_parts > 0
     for g in range(n_groups):
         need = need or groups[g, P.G_NITEMS] == 0
-    for g in prange(n_groups if need else 0):
-        _merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse)
+    if need:  # no parallel region at all when nothing needs merging
+        for g in prange(n_groups):
+            _merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse)
     _set_chunksize(chunk0)
     return 0, 0, False

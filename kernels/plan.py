@@ -142,7 +142,8 @@ def make_plan(q_start, kv_start, context_lens, num_kv_heads, q_tile, block_size,
             items[it, I_K1] = k1
             items[it, I_PART] = groups[g, G_PART0] + s if n_split > 1 else -1
             cost[it] = (k1 - k0) * groups[g, G_NQ]
-    order = np.argsort(-cost)
+    # One worker runs the items in table order (the inline path): no sort.
+    order = np.argsort(-cost) if n_workers > 1 else np.arange(n_items)
     return groups, items, order, n_parts
 
 

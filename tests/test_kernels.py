@@ -330,3 +330,47 @@ def test_running_max_that_moves_every_block_or_never(storage, rising, kernel_pat
     call.q = to_storage(q, storage)
     call.k_pool = to_storage(k, storage)
     assert_matches(call.run(append_attend), call.run(append_attend_ref))
+
+
+def test_read_only_and_other_typed_inputs_share_the_two_variants():
+    """The driver is compiled once per storage dtype (float32, uint16): read-only inputs
+    (wire frames) take the same variant as writable ones, and int64 or list index
+    arguments and an unaligned q are converted by the slow path, never compiled anew."""
+    from lamina_kernels import drivers
+
+    rng = np.random.default_rng(31)
+    for storage in STORAGES:
+        call = Call(rng, storage, 3, 16, MIXED, num_kv_heads=2, d=64)
+        want = call.run(append_attend)
+        for a in (call.q, call.k_new, call.v_new, call.block_table, call.table_rows,
+                  call.q_start, call.kv_start, call.context_lens):
+            a.flags.writeable = False
+        assert_matches(call.run(append_attend), want, atol=0)
+        call.table_rows = call.table_rows.astype(np.int64)
+        call.context_lens = list(call.context_lens)
+        raw = np.zeros(call.q.nbytes + 1, np.uint8)[1:]  # misaligned by one byte
+        q = raw.view(call.q.dtype).reshape(call.q.shape)
+        q[...] = call.q
+        call.q = q
+        assert not q.flags.aligned
+        assert_matches(call.run(append_attend), want, atol=0)
+    assert len(drivers.append_attend.overloads) == len(drivers.SIGNATURES) == 2
+
+
+def test_first_calls_from_several_threads_at_once(monkeypatch):
+    """The first call loads the two variants and closes the dispatcher to new types; other
+    threads making their first call at the same moment wait for it instead of failing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lamina_kernels import drivers
+
+    rng = np.random.default_rng(32)
+    call = Call(rng, "bfloat16", 3, 16, MIXED, num_kv_heads=2, d=64)
+    want = call.run(append_attend)
+    monkeypatch.setattr(cpu, "_COMPILED", None)
+    monkeypatch.setattr(drivers.append_attend, "_can_compile", True)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: call.run(append_attend), range(4)))
+    for g in got:
+        assert_matches(g, want, atol=0)
+    assert cpu._COMPILED and not drivers.append_attend._can_compile
