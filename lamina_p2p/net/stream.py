@@ -188,9 +188,9 @@ class FrameReader:
         frames, at = [], head
         with memoryview(buf) as mv:
             for n in lengths:
-                # Own allocation each (aligned for any dtype), and writable like a ZeroMQ frame: the kernels
-                # are compiled for writable arrays, and a read-only one is a new Numba type (a compile
-                # of seconds to minutes in the middle of a request).
+                # Own allocation each, aligned for any dtype: a view into the read buffer would be
+                # misaligned for the kernel's fast path (it copies unaligned inputs) and would pin the
+                # whole buffer for as long as one frame lives.
                 frames.append(bytearray(mv[at:at + n]))
                 at += n
         del buf[:end]
