@@ -80,8 +80,10 @@ class Tracer:
 
     def on_attention(self, layer: int, micro_batch: int, tokens: int, requests: int, sent_at: float,
                      wait_from: float, t1: float) -> None:
+        # The span runs from the send; with several micro-batches in flight most of it overlaps
+        # other micro-batches' dense work, so the part the dense thread really waited is kept too.
         self.add("compute", f"micro-batch {micro_batch}", f"attention L{layer}", sent_at, t1,
-                 {"tokens": tokens, "requests": requests})
+                 {"tokens": tokens, "requests": requests, "exposed_ms": round((t1 - wait_from) * 1e3, 4)})
 
     # -- output -----------------------------------------------------------------------
     def __len__(self) -> int:

@@ -74,6 +74,8 @@ def test_tracer_metrics_and_any_observer_see_every_piece_of_every_step(model):
     # The same pieces as trace spans and as Prometheus histograms.
     names = {e["name"] for e in tracer.chrome()["traceEvents"] if e["ph"] == "X"}
     assert {"dense embed+L0", "dense L0/L1", f"dense L{layers - 1}", "attention L0", "logits+sample"} <= names
+    waits = [e for e in tracer.chrome()["traceEvents"] if e["name"].startswith("attention L")]
+    assert waits and all(0 <= e["args"]["exposed_ms"] <= e["dur"] / 1e3 + 1e-3 for e in waits)
     for label in ("embed", "0", "last", "sample"):
         assert f'lamina_layer_dense_seconds_count{{layer="{label}"}} {2 * steps if label in ("embed", "0", "last") else steps}.0' in page
     assert f'lamina_layer_attention_wait_seconds_count{{layer="{layers - 1}"}} {2 * steps}.0' in page
