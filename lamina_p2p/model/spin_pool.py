@@ -45,7 +45,8 @@ PARKED = 48  # PARKED + w: 1 while worker w is (about to be) parked
 MAX_WORKERS = 16
 # The op's arguments, written by the caller before SEQ opens it.
 A_OP, A_UNITS, A_XS, A_ROWS, A_KIN, A_WB, A_NB, A_BIAS, A_YF, A_OUT, A_NOUT, A_RES, A_ROUND = range(64, 77)
-CTL_SIZE = 80
+WORKED = 80  # units computed by workers, summed over ops (for tests and tuning)
+CTL_SIZE = 88
 OP_LINEAR, OP_ADD, OP_SWIGLU = 1, 2, 3
 
 # Idle spin before a worker parks. A decode step's ops come every 20-400 us; between steps the
@@ -58,7 +59,8 @@ POOL_MAX_ROWS = 64
 
 @njit(**_JIT)
 def _run_op(ctl):
-    """Claim and compute units of the posted op until none is left (caller and workers alike)."""
+    """Claim and compute units of the posted op until none is left (caller and workers alike);
+    returns how many this thread computed."""
     op, units, rows, k_in, nb, n_out = ctl[A_OP], ctl[A_UNITS], ctl[A_ROWS], ctl[A_KIN], ctl[A_NB], ctl[A_NOUT]
     width = nb * BLOCK
     xs = carray(as_voidptr(ctl[A_XS]), (rows, k_in), np.float32)
@@ -66,10 +68,11 @@ def _run_op(ctl):
     bias = carray(as_voidptr(ctl[A_BIAS]), (width,), np.float32)
     yf = carray(as_voidptr(ctl[A_YF]), (rows, width), np.float32)
     tail = carray(as_voidptr(ctl[A_YF]), (0, BLOCK), np.float32)  # unused: yf's rows are whole blocks
+    done = 0
     while True:
         j = fetch_add(ctl, NEXT, 1)
         if j >= units:
-            return
+            return done
         if op == OP_SWIGLU:
             _swiglu_pair(xs, wb, bias, yf, tail, j, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16))
         else:
@@ -82,6 +85,7 @@ def _run_op(ctl):
             else:
                 _store(yf, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.float32), j, n_out, False)
         fetch_add(ctl, FINISHED, 1)
+        done += 1
 
 
 @njit(**_JIT)
@@ -120,7 +124,9 @@ def _worker_loop(ctl, w, spin_cycles):
         if (seq & 1) == 0 and seq != last:
             fetch_add(ctl, ACTIVE, 1)
             if load_seq_cst(ctl, SEQ) == seq:  # still open: the caller waits for ACTIVE before reusing ctl
-                _run_op(ctl)
+                done = _run_op(ctl)
+                if done:
+                    fetch_add(ctl, WORKED, done)
             fetch_add(ctl, ACTIVE, -1)
             last = seq
             idle_from = cycles()
