@@ -145,3 +145,17 @@ def as_voidptr(typingctx, addr):
         return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
 
     return types.voidptr(addr), codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """POSIX sched_yield(): let another runnable thread have this CPU (a spinning thread whose
+    partner was preempted onto the same CPU would otherwise wait out a whole time slice).
+    Called by symbol name, so cached code stays valid in another process."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen

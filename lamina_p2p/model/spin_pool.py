@@ -35,7 +35,8 @@ import time
 import numpy as np
 from numba import carray, njit
 
-from .atomics import address, as_voidptr, compare_exchange, cycles, fetch_add, load_acquire, load_seq_cst, spin_pause, store_seq_cst
+from .atomics import (address, as_voidptr, compare_exchange, cycles, fetch_add, load_acquire, load_seq_cst, sched_yield,
+                      spin_pause, store_seq_cst)
 from .fused import _load_rows, _store, _store_add, _swiglu_pair
 from .gemv import BLOCK, _JIT, _block
 
@@ -88,6 +89,20 @@ def _run_op(ctl):
         done += 1
 
 
+# Spins of a wait before it also yields the CPU at each turn: a worker holding a unit may have been
+# preempted onto the caller's CPU (another process busy on the other one), and pausing would then
+# wait out its time slice. A pause is ~40 ns on recent Xeons: ~20 us of pure spinning first.
+YIELD_AFTER_SPINS = 512
+
+
+@njit(inline="always", **_JIT)
+def _backoff(spins):
+    spin_pause()
+    if spins >= YIELD_AFTER_SPINS:
+        sched_yield()
+    return spins + 1
+
+
 @njit(**_JIT)
 def _drive(ctl, units):
     """Open the op written in ctl, work on it, wait for the units others claimed, close it.
@@ -98,11 +113,12 @@ def _drive(ctl, units):
     ctl[FINISHED] = 0
     store_seq_cst(ctl, SEQ, seq)  # publishes the arguments above (a seq_cst store is also a release)
     _run_op(ctl)
+    waited = 0
     while load_acquire(ctl, FINISHED) < units:
-        spin_pause()
+        waited = _backoff(waited)
     store_seq_cst(ctl, SEQ, seq + 1)  # closed: a worker arriving now leaves without reading the arguments
     while load_seq_cst(ctl, ACTIVE) != 0:
-        spin_pause()
+        waited = _backoff(waited)
     wake = 0
     if load_seq_cst(ctl, NPARKED) != 0:
         for w in range(MAX_WORKERS):
@@ -117,6 +133,7 @@ def _worker_loop(ctl, w, spin_cycles):
     """Worker w: run posted ops until idle for spin_cycles (returns 0: park) or stopped (returns 1)."""
     last = np.int64(-1)
     idle_from = cycles()
+    spins = 0
     while True:
         if load_acquire(ctl, STOP) != 0:
             return 1
@@ -130,8 +147,9 @@ def _worker_loop(ctl, w, spin_cycles):
             fetch_add(ctl, ACTIVE, -1)
             last = seq
             idle_from = cycles()
+            spins = 0
             continue
-        spin_pause()
+        spins = _backoff(spins)  # idle: after a short spin, give way to the caller's Python work too
         if cycles() - idle_from > spin_cycles:
             store_seq_cst(ctl, PARKED + w, 1)
             fetch_add(ctl, NPARKED, 1)
@@ -140,6 +158,7 @@ def _worker_loop(ctl, w, spin_cycles):
                 if compare_exchange(ctl, PARKED + w, 1, 0):  # not claimed by a caller: keep going
                     fetch_add(ctl, NPARKED, -1)
                     idle_from = cycles()
+                    spins = 0
                     continue
             return 0  # park (a caller that claimed the flag sets this worker's Event)
 
