@@ -47,6 +47,7 @@ MAX_WORKERS = 16
 # The op's arguments, written by the caller before SEQ opens it.
 A_OP, A_UNITS, A_XS, A_ROWS, A_KIN, A_WB, A_NB, A_BIAS, A_YF, A_OUT, A_NOUT, A_RES, A_ROUND = range(64, 77)
 WORKED = 80  # units computed by workers, summed over ops (for tests and tuning)
+WAITED = 81  # cycles the caller spent waiting for units workers held, summed over ops (tuning)
 CTL_SIZE = 88
 OP_LINEAR, OP_ADD, OP_SWIGLU = 1, 2, 3
 
@@ -114,8 +115,11 @@ def _drive(ctl, units):
     store_seq_cst(ctl, SEQ, seq)  # publishes the arguments above (a seq_cst store is also a release)
     _run_op(ctl)
     waited = 0
-    while load_acquire(ctl, FINISHED) < units:
-        waited = _backoff(waited)
+    if load_acquire(ctl, FINISHED) < units:
+        t0 = cycles()
+        while load_acquire(ctl, FINISHED) < units:
+            waited = _backoff(waited)
+        ctl[WAITED] += cycles() - t0
     store_seq_cst(ctl, SEQ, seq + 1)  # closed: a worker arriving now leaves without reading the arguments
     while load_seq_cst(ctl, ACTIVE) != 0:
         waited = _backoff(waited)
