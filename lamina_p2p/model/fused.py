@@ -276,17 +276,18 @@ class FusedDense:
         norm, qkv, *_ = self.layers[layer]
         t = x.shape[0]
         y = torch.empty(t, qkv.out_features, dtype=torch.bfloat16)
-        pool = self._pool(t)
-        if pool is not None:
-            try:
-                pool.run(self._spin.pool_norm_linear, _bits(x), norm, self.eps, True, qkv.wb, qkv.bias, _bits(y), True)
-            finally:
-                pool.lock.release()
-        else:
-            norm_linear(_bits(x), norm, self.eps, True, qkv.wb, qkv.bias, _bits(y), True, self._split(qkv.wb))
         q = torch.empty(t, self.nq, self.d, dtype=torch.bfloat16)
         k = torch.empty(t, self.nk, self.d, dtype=torch.bfloat16)
         v = torch.empty(t, self.nk, self.d, dtype=torch.bfloat16)
+        pool = self._pool(t)
+        if pool is not None:
+            try:
+                pool.run(self._spin.pool_pre, _bits(x), norm, self.eps, qkv.wb, qkv.bias, _bits(y),
+                         _bits(cos.view(t, -1)), _bits(sin.view(t, -1)), self.nq, self.nk, _bits(q), _bits(k), _bits(v))
+            finally:
+                pool.lock.release()
+            return q, k, v
+        norm_linear(_bits(x), norm, self.eps, True, qkv.wb, qkv.bias, _bits(y), True, self._split(qkv.wb))
         rope_split(_bits(y), _bits(cos.view(t, -1)), _bits(sin.view(t, -1)), self.nq, self.nk, _bits(q), _bits(k), _bits(v))
         return q, k, v
 
@@ -298,11 +299,9 @@ class FusedDense:
         x2 = torch.empty_like(x)
         pool = self._pool(t)
         if pool is not None:
-            sp, zero = self._spin, self._zero
             try:
-                pool.run(sp.pool_linear_add, _bits(attn.reshape(t, -1)), o.wb, zero, _bits(x), _bits(x1))
-                pool.run(sp.pool_norm_swiglu, _bits(x1), norm, self.eps, gate_up, zero, _bits(act))
-                pool.run(sp.pool_linear_add, _bits(act), down.wb, zero, _bits(x1), _bits(x2))
+                pool.run(self._spin.pool_post, _bits(attn.reshape(t, -1)), o.wb, self._zero, _bits(x), _bits(x1), norm,
+                         self.eps, gate_up, _bits(act), down.wb, _bits(x2))
             finally:
                 pool.lock.release()
             return x2

@@ -37,7 +37,7 @@ from numba import carray, njit
 
 from .atomics import (address, as_voidptr, compare_exchange, cycles, fetch_add, load_acquire, load_seq_cst, sched_yield,
                       spin_pause, store_seq_cst)
-from .fused import _load_rows, _store, _store_add, _swiglu_pair
+from .fused import _load_rows, _store, _store_add, _swiglu_pair, rope_split
 from .gemv import BLOCK, _JIT, _block
 
 # Control words, each on its own 64-byte line (the caller and a worker write them concurrently).
@@ -215,6 +215,24 @@ def pool_norm_swiglu(ctl, x, norm_w, eps, wb, zero, out):
     _load_rows(x, xs, norm_w, eps, True)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     return _post(ctl, OP_SWIGLU, xs, wb, zero, yf, address(out), inter, 0, False, nb // 2)
+
+
+@njit(**_JIT)
+def pool_pre(ctl, x, norm_w, eps, wb, bias, qkv, cos, sin, nq, nk, q, k, v):
+    """A layer's pre in one call: pool_norm_linear into qkv (bfloat16 bits), then fused.rope_split
+    on the calling thread (a few us). Returns the wake mask."""
+    wake = pool_norm_linear(ctl, x, norm_w, eps, True, wb, bias, qkv, True)
+    rope_split(qkv, cos, sin, nq, nk, q, k, v)
+    return wake
+
+
+@njit(**_JIT)
+def pool_post(ctl, attn, o_wb, zero, x, x1, norm_w, eps, gate_up, act, down_wb, x2):
+    """A layer's post in one call: x1 = x + attn @ o.T; act = SiLU(g) * u of RMSNorm(x1);
+    x2 = x1 + act @ down.T (all bfloat16 bits). Returns the wake mask."""
+    wake = pool_linear_add(ctl, attn, o_wb, zero, x, x1)
+    wake |= pool_norm_swiglu(ctl, x1, norm_w, eps, gate_up, zero, act)
+    return wake | pool_linear_add(ctl, act, down_wb, zero, x1, x2)
 
 
 @njit(**_JIT)
