@@ -167,6 +167,7 @@ def _worker_loop(ctl, w, spin_cycles):
             return 0  # park (a caller that claimed the flag sets this worker's Event)
 
 
+# Called with int64 values only (np.int64(...)): a literal argument would compile a variant of its own.
 @njit(**_JIT)
 def _post(ctl, op, xs, wb, bias, yf, out_addr, n_out, res_addr, round_out, units):
     ctl[A_OP] = op
@@ -192,7 +193,7 @@ def pool_norm_linear(ctl, x, norm_w, eps, use_norm, wb, bias, out, round_out):
     xs = np.empty((rows, x.shape[1]), np.float32)
     _load_rows(x, xs, norm_w, eps, use_norm)
     yf = np.empty((rows, nb * BLOCK), np.float32)
-    return _post(ctl, OP_LINEAR, xs, wb, bias, yf, address(out), n_out, 0, round_out, nb)
+    return _post(ctl, np.int64(OP_LINEAR), xs, wb, bias, yf, address(out), n_out, np.int64(0), np.int64(round_out), nb)
 
 
 @njit(**_JIT)
@@ -203,7 +204,7 @@ def pool_linear_add(ctl, x, wb, zero, res, out):
     xs = np.empty((rows, x.shape[1]), np.float32)
     _load_rows(x, xs, x[0], np.float32(0.0), False)
     yf = np.empty((rows, nb * BLOCK), np.float32)
-    return _post(ctl, OP_ADD, xs, wb, zero, yf, address(out), n_out, address(res), False, nb)
+    return _post(ctl, np.int64(OP_ADD), xs, wb, zero, yf, address(out), n_out, address(res), np.int64(0), nb)
 
 
 @njit(**_JIT)
@@ -214,7 +215,7 @@ def pool_norm_swiglu(ctl, x, norm_w, eps, wb, zero, out):
     xs = np.empty((rows, x.shape[1]), np.float32)
     _load_rows(x, xs, norm_w, eps, True)
     yf = np.empty((rows, nb * BLOCK), np.float32)
-    return _post(ctl, OP_SWIGLU, xs, wb, zero, yf, address(out), inter, 0, False, nb // 2)
+    return _post(ctl, np.int64(OP_SWIGLU), xs, wb, zero, yf, address(out), inter, np.int64(0), np.int64(0), nb // 2)
 
 
 @njit(**_JIT)
