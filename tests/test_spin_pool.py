@@ -145,3 +145,18 @@ def test_fused_layer_through_the_pool_is_bit_equal_to_one_thread():
         assert not sp.shared(2).lock.locked()  # every call released it
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_pool_is_switched_per_model_and_on_for_in_process_attention():
+    from lamina_p2p.compute.engine import Engine
+    from lamina_p2p.compute.local import LocalTransport
+
+    model = random_model("bfloat16", geometry=GEOMETRY)
+    model.dense_pool = False  # before prepare: kept for the fused path made there
+    model.prepare("gemv")
+    assert model._fused.pool_max_rows == 0
+    engine = Engine(model, LocalTransport(1 << 20))  # attention in this process: the pool pays
+    try:
+        assert model.dense_pool and model._fused.pool_max_rows == sp.POOL_MAX_ROWS
+    finally:
+        engine.close()

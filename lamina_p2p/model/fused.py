@@ -243,6 +243,7 @@ class FusedDense:
         # Up to pool_max_rows rows, with more than one thread, the calls run on the spin pool
         # (spin_pool.py: no wake-up per call); 0 turns it off.
         self._spin, self.pool_max_rows = spin_pool, spin_pool.POOL_MAX_ROWS
+        self.default_pool_max_rows = self.pool_max_rows
         width = max(max(L[2].wb.shape[0], L[4].shape[0], L[5].wb.shape[0]) for L in self.layers) if self.layers else 0
         self._zero = np.zeros(width * BLOCK, np.float32)  # the bias of the bias-free pool calls
         # A prefill chunk of wide_min_rows tokens or more is compute-bound: transformer.py runs it
