@@ -69,6 +69,9 @@ class Engine:
         self.dense = ThreadPoolExecutor(1, thread_name_prefix="dense")
         self._dense_pinned = False  # pinned on its first step (an error then goes to that step's caller)
         self.storage = str(model.dtype).removeprefix("torch.")
+        # The spinning dense pool (model/spin_pool.py) pays where the dense thread's waits are short:
+        # attention in this process. Waiting on attention peers, it would spin through every round trip.
+        model.dense_pool = transport.address() is None
         transport.bind(self.owner, self.geometry())
         self._ids = itertools.count(1)
         self.logits_sink = None  # tests: called with (sequences, logits) for every sampled row

@@ -238,6 +238,14 @@ class FusedDense:
         self.head = Gemv(model.lm_head_weight, None)
         self.final_norm = model.final_norm.view(torch.int16).numpy()
         self.min_bytes = PARALLEL_MIN_BYTES
+        from . import spin_pool  # imports this module: not at the top
+
+        # Up to pool_max_rows rows, with more than one thread, the calls run on the spin pool
+        # (spin_pool.py: no wake-up per call); 0 turns it off.
+        self._spin, self.pool_max_rows = spin_pool, spin_pool.POOL_MAX_ROWS
+        self.default_pool_max_rows = self.pool_max_rows
+        width = max(max(L[2].wb.shape[0], L[4].shape[0], L[5].wb.shape[0]) for L in self.layers) if self.layers else 0
+        self._zero = np.zeros(width * BLOCK, np.float32)  # the bias of the bias-free pool calls
         # A prefill chunk of wide_min_rows tokens or more is compute-bound: transformer.py runs it
         # with its torch ops over these matmuls (qkv, o, gate_up, down per layer), which widen the
         # same packed weights for the call (gemv.WIDE_MIN_ROWS) instead of the fused calls.
@@ -254,14 +262,33 @@ class FusedDense:
     def _split(self, wb) -> bool:
         return wb.nbytes >= self.min_bytes and torch.get_num_threads() > 1
 
+    def _pool(self, rows: int):
+        """The spin pool (held: release it) for a call of `rows` rows, or None: then Numba's prange
+        (larger batches, where a parallel region's wake-up is small against the work) or one thread."""
+        if rows > self.pool_max_rows:
+            return None
+        threads = torch.get_num_threads()
+        if threads <= 1:
+            return None
+        pool = self._spin.shared(threads)
+        return pool if pool.lock.acquire(blocking=False) else None  # another thread has it: the old path
+
     def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         norm, qkv, *_ = self.layers[layer]
         t = x.shape[0]
         y = torch.empty(t, qkv.out_features, dtype=torch.bfloat16)
-        norm_linear(_bits(x), norm, self.eps, True, qkv.wb, qkv.bias, _bits(y), True, self._split(qkv.wb))
         q = torch.empty(t, self.nq, self.d, dtype=torch.bfloat16)
         k = torch.empty(t, self.nk, self.d, dtype=torch.bfloat16)
         v = torch.empty(t, self.nk, self.d, dtype=torch.bfloat16)
+        pool = self._pool(t)
+        if pool is not None:
+            try:
+                pool.run(self._spin.pool_pre, _bits(x), norm, self.eps, qkv.wb, qkv.bias, _bits(y),
+                         _bits(cos.view(t, -1)), _bits(sin.view(t, -1)), self.nq, self.nk, _bits(q), _bits(k), _bits(v))
+            finally:
+                pool.lock.release()
+            return q, k, v
+        norm_linear(_bits(x), norm, self.eps, True, qkv.wb, qkv.bias, _bits(y), True, self._split(qkv.wb))
         rope_split(_bits(y), _bits(cos.view(t, -1)), _bits(sin.view(t, -1)), self.nq, self.nk, _bits(q), _bits(k), _bits(v))
         return q, k, v
 
@@ -269,16 +296,32 @@ class FusedDense:
         _, _, o, norm, gate_up, down = self.layers[layer]
         t = x.shape[0]
         x1 = torch.empty_like(x)
-        linear_add(_bits(attn.reshape(t, -1)), o.wb, _bits(x), _bits(x1), self._split(o.wb))
         act = torch.empty(t, down.in_features, dtype=torch.bfloat16)
-        norm_swiglu(_bits(x1), norm, self.eps, gate_up, _bits(act), self._split(gate_up))
         x2 = torch.empty_like(x)
+        pool = self._pool(t)
+        if pool is not None:
+            try:
+                pool.run(self._spin.pool_post, _bits(attn.reshape(t, -1)), o.wb, self._zero, _bits(x), _bits(x1), norm,
+                         self.eps, gate_up, _bits(act), down.wb, _bits(x2))
+            finally:
+                pool.lock.release()
+            return x2
+        linear_add(_bits(attn.reshape(t, -1)), o.wb, _bits(x), _bits(x1), self._split(o.wb))
+        norm_swiglu(_bits(x1), norm, self.eps, gate_up, _bits(act), self._split(gate_up))
         linear_add(_bits(act), down.wb, _bits(x1), _bits(x2), self._split(down.wb))
         return x2
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         head = self.head
         out = torch.empty(x.shape[0], head.out_features, dtype=torch.float32)
+        pool = self._pool(x.shape[0])
+        if pool is not None:
+            try:
+                pool.run(self._spin.pool_norm_linear, _bits(x), self.final_norm, self.eps, True, head.wb, head.bias,
+                         out.numpy(), False)
+            finally:
+                pool.lock.release()
+            return out
         norm_linear(_bits(x), self.final_norm, self.eps, True, head.wb, head.bias, out.numpy(), False,
                     self._split(head.wb))
         return out

@@ -134,6 +134,7 @@ class Transformer(torch.nn.Module):
         self._head: Linear | None = None
         # The fused bfloat16 path of layout "gemv" (fused.FusedDense), or None: then _linears is ().
         self._fused = None
+        self._dense_pool = True  # see dense_pool
         self._inv_freq = rope_inv_freq(c)
         self._build_rope_table(c.max_position_embeddings)
         self._rope_positions: torch.Tensor | None = None  # last positions seen, see _rope()
@@ -198,6 +199,7 @@ class Transformer(torch.nn.Module):
 
             if FusedDense.eligible(self):
                 self._fused = FusedDense(self)
+                self.dense_pool = self._dense_pool
                 self._head, self._linears = self._fused.logits, ()
                 self._drop_plain_weights()
                 return
@@ -227,6 +229,20 @@ class Transformer(torch.nn.Module):
             # returns the model dtype, so a oneDNN model runs its head in float32.
             head = Linear(self.lm_head_weight, None, "f32" if lay == "onednn" else lay, out_dtype=torch.float32)
         return linears, head
+
+    @property
+    def dense_pool(self) -> bool:
+        """Whether the fused bfloat16 layer's small-batch calls (up to spin_pool.POOL_MAX_ROWS rows, more
+        than one torch thread) run on the spinning worker pool (model/spin_pool.py) instead of Numba's
+        threads. On by default; the engine turns it off when attention runs in other processes, whose
+        round trips the pool's worker would spin through."""
+        return self._dense_pool
+
+    @dense_pool.setter
+    def dense_pool(self, on: bool) -> None:
+        self._dense_pool = bool(on)
+        if self._fused is not None:
+            self._fused.pool_max_rows = self._fused.default_pool_max_rows if on else 0
 
     @property
     def onednn(self) -> bool:
