@@ -56,7 +56,7 @@ def test_trace_medians_pair_each_wait_with_the_kernels_inside_it():
     from bench_e2e import trace_medians
 
     spans = [("compute", "micro-batch 0", "dense L0/L1", 0.0, 0.002, None),
-             ("compute", "micro-batch 0", "attention L1", 0.002, 0.0050, None),
+             ("compute", "micro-batch 0", "attention L1", 0.002, 0.0050, {"exposed_ms": 2.5}),
              ("peer-a", "kernel", "L1", 0.0025, 0.0045, None),
              ("peer-a", "kernel", "L2", 0.0060, 0.0070, None),  # another layer: not inside L1's wait
              ("compute", "step", "logits+sample", 0.008, 0.009, None)]
@@ -64,6 +64,7 @@ def test_trace_medians_pair_each_wait_with_the_kernels_inside_it():
     assert t["dense_ms"] == pytest.approx(2.0)
     assert t["attention_wait_ms"] == pytest.approx(3.0)
     assert t["messaging_ms"] == pytest.approx(1.0)
+    assert t["exposed_wait_ms"] == pytest.approx(2.5)
     assert t["kernel_ms"] == pytest.approx(1.5)
     assert t["lm_head_and_sample_ms"] == pytest.approx(1.0)
 

@@ -189,14 +189,18 @@ def trace_medians(spans) -> dict:
     dense: the compute peer's dense spans (post of one layer + pre of the next); attention_wait:
     the compute side's "attention L<i>" spans; kernel: the attention kernel spans (in process or
     reported by the peer); messaging: per wait span, its length minus the kernel spans of that
-    layer inside it (what the path between the two costs); lm_head: the step's logits+sample span.
+    layer inside it (what the path between the two costs); exposed_wait: the part of each wait span
+    the dense thread really waited (at M >= 2 the rest overlaps other micro-batches' dense work);
+    lm_head: the step's logits+sample span.
     """
-    dense, waits, kernels, head = [], [], [], []
-    for process, row, name, t0, t1, _ in spans:
+    dense, waits, kernels, head, exposed = [], [], [], [], []
+    for process, row, name, t0, t1, args in spans:
         if process == "compute" and name.startswith("dense"):
             dense.append((t0, t1))
         elif process == "compute" and name.startswith("attention L"):
             waits.append((name.split("L", 1)[1], t0, t1))
+            if args and "exposed_ms" in args:
+                exposed.append(args["exposed_ms"] / 1e3)
         elif row == "kernel":
             kernels.append((name.lstrip("L"), t0, t1))
         elif process == "compute" and name.startswith("logits"):
@@ -215,6 +219,7 @@ def trace_medians(spans) -> dict:
 
     return {"dense_ms": med([b - a for a, b in dense]), "attention_wait_ms": med([b - a for _, a, b in waits]),
             "kernel_ms": med([b - a for _, a, b in kernels]), "messaging_ms": med(messaging),
+            "exposed_wait_ms": med(exposed),
             "lm_head_and_sample_ms": med([b - a for a, b in head]), "spans": len(spans)}
 
 
@@ -510,15 +515,16 @@ def report(res: dict, file=sys.stdout) -> None:
                 vs = tps[s] / tps["single"] if tps.get("single") else float("nan")
                 print(f"{batch:>5} {ctx:>8} {s:<14} {tps[s]:>8.1f} {c['roofline_fraction'][s]:>9.3f} {vl:>12.2f}x "
                       f"{vs:>9.2f}x", file=file)
-    print("per-layer medians from the trace (ms): dense, attention wait, kernel, messaging (wait - kernel); "
-          "LM head + sampling per step", file=file)
+    print("per-layer medians from the trace (ms): dense, attention wait (from the send), kernel, messaging "
+          "(wait - kernel), exposed (the part of the wait the dense thread sat idle); LM head + sampling per step",
+          file=file)
     print(f"{'batch':>5} {'context':>8} {'system':<14} {'dense':>7} {'wait':>7} {'kernel':>7} {'msg':>7} "
-          f"{'head':>7}", file=file)
+          f"{'exposed':>7} {'head':>7}", file=file)
     for batch, bres in res["batches"].items():
         for ctx, c in bres["contexts"].items():
             for s, t in c.get("trace_per_layer", {}).items():
                 cells = [t.get(k) for k in ("dense_ms", "attention_wait_ms", "kernel_ms", "messaging_ms",
-                                            "lm_head_and_sample_ms")]
+                                            "exposed_wait_ms", "lm_head_and_sample_ms")]
                 print(f"{batch:>5} {ctx:>8} {s:<14} " + " ".join(f"{v:>7.3f}" if v is not None else f"{'-':>7}"
                                                              for v in cells), file=file)
     print("targets (issue 11):", file=file)
