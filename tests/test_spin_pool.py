@@ -9,6 +9,7 @@ multiples of 16. Then the fused layer through the pool against the same layer on
 
 from __future__ import annotations
 
+import asyncio
 import copy
 
 import numpy as np
@@ -150,6 +151,7 @@ def test_fused_layer_through_the_pool_is_bit_equal_to_one_thread():
 def test_the_pool_is_switched_per_model_and_on_for_in_process_attention():
     from lamina_p2p.compute.engine import Engine
     from lamina_p2p.compute.local import LocalTransport
+    from lamina_p2p.compute.sequence import SamplingParams
 
     model = random_model("bfloat16", geometry=GEOMETRY)
     model.dense_pool = False  # before prepare: kept for the fused path made there
@@ -157,6 +159,16 @@ def test_the_pool_is_switched_per_model_and_on_for_in_process_attention():
     assert model._fused.pool_max_rows == 0
     engine = Engine(model, LocalTransport(1 << 20))  # attention in this process: the pool pays
     try:
+        assert engine.dense_pool
+        # Another engine on the same model (a cluster's) turned it off: this engine's step turns it back on.
+        model.dense_pool = False
+
+        async def one_step():
+            seq = engine.new_sequence([1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True))
+            await engine.step([seq])
+            await engine.release([seq])
+
+        asyncio.run(one_step())
         assert model.dense_pool and model._fused.pool_max_rows == sp.POOL_MAX_ROWS
     finally:
         engine.close()

@@ -71,7 +71,9 @@ class Engine:
         self.storage = str(model.dtype).removeprefix("torch.")
         # The spinning dense pool (model/spin_pool.py) pays where the dense thread's waits are short:
         # attention in this process. Waiting on attention peers, it would spin through every round trip.
-        model.dense_pool = transport.address() is None
+        # Set at every step, not once: engines may share one model (a benchmark's single process and
+        # cluster), and the last engine built must not decide for the others.
+        self.dense_pool = transport.address() is None
         transport.bind(self.owner, self.geometry())
         self._ids = itertools.count(1)
         self.logits_sink = None  # tests: called with (sequences, logits) for every sampled row
@@ -231,6 +233,8 @@ class Engine:
         if self.dense_cpus and not self._dense_pinned:
             pin_this_thread(self.dense_cpus)
             self._dense_pinned = True
+        if self.model.dense_pool != self.dense_pool:
+            self.model.dense_pool = self.dense_pool
         last = self.cfg.num_layers - 1
         outstanding: list[dict] = [{} for _ in batches]  # per micro-batch: request index -> ticket in flight
         hidden = [None] * len(batches)
