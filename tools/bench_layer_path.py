@@ -256,10 +256,11 @@ async def part_wire(args, model) -> dict:
             spans, wall = await _decode_with_trace(engine, transport, _decode_prompts(cfg.vocab_size, args.batch,
                                                                                      args.context), args.steps)
             links = getattr(transport, "_links", {})
-            path = "stream" if any(type(x).__name__ == "StreamLink" for x in links.values()) else "zmq"
-            polls = [x.busy_poll for x in links.values() if hasattr(x, "busy_poll")]
-            busy_poll = {"window_us": round(polls[0].window_s * 1e6), "windows": polls[0].windows,
-                         "caught": polls[0].caught, "backoffs": polls[0].backoffs} if polls else None
+            streams = [x for x in links.values() if type(x).__name__ == "StreamLink"]
+            path = "stream" if streams else "zmq"
+            poll = streams[0].busy_poll if streams else None
+            busy_poll = {"window_us": round(poll.window_s * 1e6), "windows": poll.windows,
+                         "caught": poll.caught, "backoffs": poll.backoffs} if poll else None
         finally:
             engine.close()
     waits, kernels, queues = {}, {}, {}

@@ -25,16 +25,14 @@ def _slot(context, builder, arrty, arr, idx):
     return builder.gep(ary.data, [idx])
 
 
-def _int64_slot_sig(arr, idx, *extra):
-    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(idx, types.Integer)):
-        return None
-    return arr, idx
+def _is_int64_slot(arr, idx) -> bool:
+    return isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(idx, types.Integer)
 
 
 @intrinsic
 def load_acquire(typingctx, arr, idx):
     """arr[idx] (int64) with acquire ordering."""
-    if _int64_slot_sig(arr, idx) is None:
+    if not _is_int64_slot(arr, idx):
         return None
 
     def codegen(context, builder, sig, args):
@@ -46,7 +44,7 @@ def load_acquire(typingctx, arr, idx):
 @intrinsic
 def load_seq_cst(typingctx, arr, idx):
     """arr[idx] (int64), sequentially consistent."""
-    if _int64_slot_sig(arr, idx) is None:
+    if not _is_int64_slot(arr, idx):
         return None
 
     def codegen(context, builder, sig, args):
@@ -58,7 +56,7 @@ def load_seq_cst(typingctx, arr, idx):
 @intrinsic
 def store_seq_cst(typingctx, arr, idx, value):
     """arr[idx] = value (int64), sequentially consistent."""
-    if _int64_slot_sig(arr, idx) is None or not isinstance(value, types.Integer):
+    if not _is_int64_slot(arr, idx) or not isinstance(value, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
@@ -72,7 +70,7 @@ def store_seq_cst(typingctx, arr, idx, value):
 @intrinsic
 def fetch_add(typingctx, arr, idx, value):
     """old = arr[idx]; arr[idx] += value, atomically (int64, sequentially consistent); returns old."""
-    if _int64_slot_sig(arr, idx) is None or not isinstance(value, types.Integer):
+    if not _is_int64_slot(arr, idx) or not isinstance(value, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
@@ -85,7 +83,7 @@ def fetch_add(typingctx, arr, idx, value):
 @intrinsic
 def compare_exchange(typingctx, arr, idx, expected, new):
     """If arr[idx] == expected, set it to new; True when it did (int64, sequentially consistent)."""
-    if _int64_slot_sig(arr, idx) is None:
+    if not _is_int64_slot(arr, idx):
         return None
 
     def codegen(context, builder, sig, args):
