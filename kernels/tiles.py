@@ -13,7 +13,10 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   block's keys; each V load feeds both rows' FMAs, the probability is broadcast.
 - float32 pools are read in place; a 16-bit pool's block is widened once into a
   per-thread float32 scratch (one vector load + decode + store per 16 elements), so
-  16-bit pools move half the bytes and every query row reads float32.
+  16-bit pools move half the bytes and every query row reads float32 -- except for a
+  single query row (decode at GQA group 1), which reads the 16-bit pool in place and
+  widens each vector in registers (_direct): there the scratch's store and reload
+  were the larger part of the widening's cost.
 - The next block's rows are prefetched one key row at a time inside the QK/PV loops
   of the first query row: blocks are scattered, so the hardware prefetcher stops at
   every block edge.
@@ -70,6 +73,34 @@ def _ov_stage(pool, start, n, scratch, bf16):
     return widen
 
 
+def _direct(pool, n_rows):
+    """Whether the tiles read a 16-bit pool in place, widening each vector in registers
+    (see _ld), instead of staging the block (_stage)."""
+
+
+@overload(_direct, inline="always", jit_options=_JIT)
+def _ov_direct(pool, n_rows):
+    # One query row (decode at GQA group 1) uses each K and V element once: staging would
+    # add a store and a reload per 16 elements for nothing (measured one thread, bf16
+    # 1/128 in cache: 24.0 -> 14.8 ns per key). With more rows each staged vector feeds
+    # several rows' FMAs and staging is not slower (G3-G8 measured the same or better).
+    # float32 pools: a constant False, and LLVM drops the branch.
+    if pool.dtype == types.float32:
+        return lambda pool, n_rows: False
+    return lambda pool, n_rows: n_rows == 1
+
+
+def _ld(pool, idx, bf16):
+    """16 elements of a pool from flat index idx as float32 (16-bit: widened in registers)."""
+
+
+@overload(_ld, inline="always", jit_options=_JIT)
+def _ov_ld(pool, idx, bf16):
+    if pool.dtype == types.float32:
+        return lambda pool, idx, bf16: vload(pool, idx)
+    return lambda pool, idx, bf16: vload16(pool, idx, bf16)
+
+
 def make_attend_rows(D):
     """attend_rows for a compile-time head_dim D (0: read it from the arrays).
 
@@ -103,6 +134,7 @@ def make_attend_rows(D):
             return
         b_end = (k1 + bs - 1) // bs
         b0 = k0 // bs
+        direct = _direct(k_pool, n_rows)
         first = ((bt_row[b0] * nl + layer) * bs) * d
         po = first
         while po < first + bs * d:  # a while loop: range() with a runtime step divides
@@ -120,11 +152,52 @@ def make_attend_rows(D):
             # so the next block is prefetched a key row at a time inside the loops
             # (a burst of a whole block at once stalls the current block's loads).
             pf = ((bt_row[b + 1] * nl + layer) * bs) * d if b + 1 < b_end else -1
-            kb = _stage(k_pool, row0, n * d, kw, bf16)
+            kb = row0 if direct else _stage(k_pool, row0, n * d, kw, bf16)
 
             # QK: s[r, t0 + t] = qs[r] . K[t]. Rows in pairs over 8 keys (each K load
-            # feeds two FMAs; 16 accumulators), an odd last row over 16 keys.
+            # feeds two FMAs; 16 accumulators), an odd last row over 16 keys. One row of
+            # a 16-bit pool: over 16 keys, read in place (_direct).
             r = 0
+            if direct:
+                t = 0
+                while t + 16 <= n:
+                    if pf >= 0:
+                        po = pf + t * d
+                        while po < pf + (t + 16) * d:
+                            prefetch(k_pool, po)
+                            po += step
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 16):
+                        qv = vload(qs, c)
+                        a0 = vfma(qv, _ld(k_pool, o + c, bf16), a0)
+                        a1 = vfma(qv, _ld(k_pool, o + d + c, bf16), a1)
+                        a2 = vfma(qv, _ld(k_pool, o + 2 * d + c, bf16), a2)
+                        a3 = vfma(qv, _ld(k_pool, o + 3 * d + c, bf16), a3)
+                        a4 = vfma(qv, _ld(k_pool, o + 4 * d + c, bf16), a4)
+                        a5 = vfma(qv, _ld(k_pool, o + 5 * d + c, bf16), a5)
+                        a6 = vfma(qv, _ld(k_pool, o + 6 * d + c, bf16), a6)
+                        a7 = vfma(qv, _ld(k_pool, o + 7 * d + c, bf16), a7)
+                        a8 = vfma(qv, _ld(k_pool, o + 8 * d + c, bf16), a8)
+                        a9 = vfma(qv, _ld(k_pool, o + 9 * d + c, bf16), a9)
+                        a10 = vfma(qv, _ld(k_pool, o + 10 * d + c, bf16), a10)
+                        a11 = vfma(qv, _ld(k_pool, o + 11 * d + c, bf16), a11)
+                        a12 = vfma(qv, _ld(k_pool, o + 12 * d + c, bf16), a12)
+                        a13 = vfma(qv, _ld(k_pool, o + 13 * d + c, bf16), a13)
+                        a14 = vfma(qv, _ld(k_pool, o + 14 * d + c, bf16), a14)
+                        a15 = vfma(qv, _ld(k_pool, o + 15 * d + c, bf16), a15)
+                    vstore(s, t0 + t, vsum16(a0, a1, a2, a3, a4, a5, a6, a7,
+                                             a8, a9, a10, a11, a12, a13, a14, a15))
+                    t += 16
+                while t < n:
+                    a = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 16):
+                        a = vfma(vload(qs, c), _ld(k_pool, o + c, bf16), a)
+                    s[0, t0 + t] = vhsum(a)
+                    t += 1
+                r = n_rows
             while r + 2 <= n_rows:
                 qb = r * d
                 t = 0
@@ -266,8 +339,44 @@ def make_attend_rows(D):
             # PV: acc[r] += sum_t p[r, t] V[t]. Rows in pairs, 64 columns of each in
             # registers: each V load feeds two FMAs and the 8 accumulator chains keep
             # both FMA ports busy (4 chains of one row wait on the FMA latency).
-            vb = _stage(v_pool, row0, n * d, vw, bf16)
             r = 0
+            if direct:
+                c = 0
+                while c + 64 <= d:
+                    x0 = vload(acc, c)
+                    x1 = vload(acc, c + 16)
+                    x2 = vload(acc, c + 32)
+                    x3 = vload(acc, c + 48)
+                    for t in range(n):
+                        if pf >= 0 and c == 0:
+                            po = pf + t * d
+                            while po < pf + (t + 1) * d:
+                                prefetch(v_pool, po)
+                                po += step
+                        pt = s[0, t0 + t]
+                        v = row0 + t * d + c
+                        x0 = vfma(_ld(v_pool, v, bf16), pt, x0)
+                        x1 = vfma(_ld(v_pool, v + 16, bf16), pt, x1)
+                        x2 = vfma(_ld(v_pool, v + 32, bf16), pt, x2)
+                        x3 = vfma(_ld(v_pool, v + 48, bf16), pt, x3)
+                    vstore(acc, c, x0)
+                    vstore(acc, c + 16, x1)
+                    vstore(acc, c + 32, x2)
+                    vstore(acc, c + 48, x3)
+                    c += 64
+                while c < d:
+                    x0 = vload(acc, c)
+                    for t in range(n):
+                        if pf >= 0 and c == 0:
+                            po = pf + t * d
+                            while po < pf + (t + 1) * d:
+                                prefetch(v_pool, po)
+                                po += step
+                        x0 = vfma(_ld(v_pool, row0 + t * d + c, bf16), s[0, t0 + t], x0)
+                    vstore(acc, c, x0)
+                    c += 16
+                r = n_rows
+            vb = 0 if direct else _stage(v_pool, row0, n * d, vw, bf16)
             while r + 2 <= n_rows:
                 c = 0
                 while c + 64 <= d:
