@@ -150,8 +150,17 @@ def merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse):
 def make_scratch(n_threads, rmax, bs, d):
     """Per-thread buffers of the attend pass (indexed by thread id, not allocated per
     item): query rows, causal limits, scores, running max and sum, accumulators, and
-    a 16-bit block's K and V widened to float32 (tiles._stage)."""
-    return (np.empty((n_threads, rmax, d), np.float32), np.empty((n_threads, rmax), np.int64),
-            np.empty((n_threads, rmax, bs), np.float32), np.empty((n_threads, rmax), np.float32),
-            np.empty((n_threads, rmax), np.float32), np.empty((n_threads, rmax, d), np.float32),
-            np.empty((n_threads, bs * d), np.float32), np.empty((n_threads, bs * d), np.float32))
+    a 16-bit block's K and V widened to float32 (tiles._stage).
+
+    Each thread's slice is padded by at least one cache line (an unused row or 16
+    elements): the slices of two threads never share a line, which they write every
+    block (unpadded, m and l of both threads sat in one line: false sharing)."""
+    pad_s = (16 + bs - 1) // bs  # score rows of bs floats making >= 64 bytes
+    return (np.empty((n_threads, rmax + 1, d), np.float32),
+            np.empty((n_threads, rmax + 8), np.int64),
+            np.empty((n_threads, rmax + pad_s, bs), np.float32),
+            np.empty((n_threads, rmax + 16), np.float32),
+            np.empty((n_threads, rmax + 16), np.float32),
+            np.empty((n_threads, rmax + 1, d), np.float32),
+            np.empty((n_threads, bs * d + 16), np.float32),
+            np.empty((n_threads, bs * d + 16), np.float32))
