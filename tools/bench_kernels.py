@@ -44,7 +44,7 @@ import numpy as np
 
 from lamina_kernels import STORAGES
 
-BS = 16
+BS = 16  # tokens per pool block: the engine's default block_size (--block-size)
 DEFAULT_GEOMETRIES = ("32/32/128", "9/3/64", "32/8/128", "28/4/128", "32/4/64")
 
 
@@ -153,21 +153,45 @@ def aligned_empty(shape, dtype, align=64):
     return buf[off:off + n].view(dtype).reshape(shape)
 
 
-def make_case(geom, storage, batch, ctx, n_new, rng):
+def huge_page_fraction(a):
+    """Fraction of an array's bytes on transparent huge pages (AnonHugePages of the
+    mappings it spans, /proc/self/smaps; None where that cannot be read). numpy advises
+    huge pages for its allocations of >= 4 MiB before they are touched, so large pools
+    get them wherever THP is in madvise or always mode."""
+    lo, hi = a.ctypes.data, a.ctypes.data + a.nbytes
+    huge = 0
+    inside = False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    start, end = (int(x, 16) for x in head.split("-"))
+                    inside = start < hi and end > lo
+                elif inside and head == "AnonHugePages:":
+                    huge += int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return min(1.0, huge / max(a.nbytes, 1))
+
+
+def make_case(geom, storage, batch, ctx, n_new, rng, block_size=None):
     """A pool holding `batch` sequences x HKV heads of ctx cached tokens (scattered
-    blocks) plus room for n_new appended ones, and the call's arguments."""
+    blocks of block_size tokens, default BS) plus room for n_new appended ones, and the
+    call's arguments."""
     from lamina_kernels import to_storage
 
     hq, hkv, d = geom
-    nbps = -(-(ctx + n_new) // BS)
+    bs = block_size or BS
+    nbps = -(-(ctx + n_new) // bs)
     n_blocks = batch * hkv * nbps
     pools = []
     for _ in range(2):
-        p = aligned_empty((n_blocks, 1, BS, d), np.float32 if storage == "float32" else np.uint16)
+        p = aligned_empty((n_blocks, 1, bs, d), np.float32 if storage == "float32" else np.uint16)
         # Fill a block-chunk at a time (a whole float32 copy of a large pool is GBs).
         for b0 in range(0, n_blocks, 4096):
             b1 = min(b0 + 4096, n_blocks)
-            p[b0:b1] = to_storage(rng.standard_normal((b1 - b0, 1, BS, d), dtype=np.float32), storage)
+            p[b0:b1] = to_storage(rng.standard_normal((b1 - b0, 1, bs, d), dtype=np.float32), storage)
         pools.append(p)
     bt = rng.permutation(n_blocks).astype(np.int32).reshape(batch, hkv, nbps)
     t = batch * n_new
@@ -235,7 +259,8 @@ def bench_cpu(ns):
             skipped.append(f"{'/'.join(map(str, geom))} {mode} B={batch} ctx={ctx}: "
                            f"{f32_bytes / 1e9:.1f} GB float32 pool > --max-kv-gb")
             continue
-        cases = [make_case(geom, st, batch, ctx, n_new, rng) for st in ns.dtypes]
+        cases = [make_case(geom, st, batch, ctx, n_new, rng, ns.block_size) for st in ns.dtypes]
+        huge = [huge_page_fraction(a["k_pool"]) for a in cases]
         # One call appends, the timed calls repeat the same append (same table rows and
         # positions): the work per call is identical.
         outs = [append_attend(**a)[0] for a in cases]
@@ -246,7 +271,7 @@ def bench_cpu(ns):
         stream = stream_arr.nbytes / ts[-2] / 1e9
         peak = peak_flops / ts[-1] / 1e9
         f32_t = None
-        for st, a, out, t in zip(ns.dtypes, cases, outs, ts):
+        for st, a, out, t, h in zip(ns.dtypes, cases, outs, ts, huge):
             nbytes, flops = case_cost(geom, st, batch, ctx, n_new)
             t_bw = nbytes / (stream * 1e9)
             t_fma = flops / (peak * 1e9)
@@ -260,7 +285,8 @@ def bench_cpu(ns):
                 us=t * 1e6, kv_gbps=nbytes / t / 1e9, gflops=flops / t / 1e9,
                 stream_gbps=stream, fma_peak_gflops=peak, bound=bound,
                 frac_stream=t_bw / t, frac_fma=t_fma / t, frac=max(t_bw, t_fma) / t,
-                tok_per_s_vs_f32=(f32_t / t) if f32_t else None, max_abs_err=err))
+                tok_per_s_vs_f32=(f32_t / t) if f32_t else None, max_abs_err=err,
+                block_size=ns.block_size, pool_huge_page_fraction=h))
             if ns.progress:
                 print(_fmt_row(rows[-1]), flush=True, file=sys.stderr)
         del cases, outs, fns
@@ -292,7 +318,7 @@ def inline_sweep(ns):
         for batch in ns.batch:
             for ctx in ns.contexts:
                 for st in ns.dtypes:
-                    a = make_case(geom, st, batch, ctx, 1, rng)
+                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size)
                     out = np.empty((batch, geom[0], geom[2]), np.float32)
                     lse = np.empty((batch, geom[0]), np.float32)
                     work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
@@ -344,7 +370,7 @@ def bench_cuda(ns):
                 batch = 16
                 if ctx > ns.max_ctx_batched:
                     continue
-                a = make_case(geom, storage, batch, ctx, 1, rng)
+                a = make_case(geom, storage, batch, ctx, 1, rng, ns.block_size)
                 nbytes, _ = case_cost(geom, storage, batch, ctx, 1)
                 host_idx = {k: a[k] for k in ("table_rows", "q_start", "kv_start", "context_lens")}
                 d = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}
@@ -380,6 +406,14 @@ def _fmt_row(r):
             + (f" {r['bound_best']:>5} {r['frac_best']:5.2f}" if "frac_best" in r else ""))
 
 
+def _pct(fractions):
+    """'a-b %' of the pools' huge-page fractions (the small pools of short cases stay on
+    4 KiB pages: numpy advises only allocations of >= 4 MiB)."""
+    if not fractions:
+        return "unknown"
+    return f"{100 * min(fractions):.0f}-{100 * max(fractions):.0f} %"
+
+
 def _csv_ints(text):
     return tuple(int(x) for x in text.split(",") if x)
 
@@ -392,6 +426,8 @@ def main():
                     help="cached tokens per sequence (default 512,2048,8192,32768; --quick 512,2048)")
     ap.add_argument("--batch", type=_csv_ints, default=(1, 16), help="decode batch sizes (default 1,16)")
     ap.add_argument("--modes", default="decode,prefill", help="decode,prefill (default both)")
+    ap.add_argument("--block-size", type=int, default=BS,
+                    help=f"tokens per pool block (default {BS}, the engine's default block_size)")
     ap.add_argument("--chunk", type=int, default=256, help="prefill: new tokens per sequence per call")
     ap.add_argument("--prefill-batch", type=_csv_ints, default=(1,), help="prefill batch sizes (default 1)")
     ap.add_argument("--max-ctx-batched", type=int, default=8192,
@@ -418,6 +454,8 @@ def main():
     ns.contexts = ns.contexts or ((512, 2048) if ns.quick else (512, 2048, 8192, 32768))
     ns.modes = tuple(m for m in ns.modes.split(",") if m)
     ns.dtypes = tuple(d for d in ns.dtypes.split(",") if d)
+    if ns.block_size <= 0:
+        ap.error("--block-size must be positive")
     for m in ns.modes:
         if m not in ("decode", "prefill"):
             ap.error(f"unknown mode {m!r}")
@@ -446,13 +484,16 @@ def main():
 
         t0 = time.time()
         rows, skipped, n_threads = bench_cpu(ns)
-        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML),
+        fr = [r["pool_huge_page_fraction"] for r in rows if r["pool_huge_page_fraction"] is not None]
+        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML), block_size=ns.block_size,
+                      pool_huge_page_fraction_min=min(fr) if fr else None,
                       avx512_bf16_on_host=HOST_AVX512_BF16, load_average_start=load0, load_average_end=os.getloadavg(),
                       seconds=time.time() - t0, skipped=skipped)
         print(f"threads {n_threads}, SVML {header['svml']}, avx512_bf16 on host {HOST_AVX512_BF16} "
               f"(bf16 widened to f32), "
               f"load average {load0[0]:.2f} at start, {header['load_average_end'][0]:.2f} at end; "
-              f"STREAM and FMA peak measured in each case's round-robin")
+              f"STREAM and FMA peak measured in each case's round-robin; block size {ns.block_size}; "
+              f"K pools on huge pages: {_pct(fr)}")
         print(_HEADER)
         print(f"run's best STREAM {rows[0]['stream_best_gbps']:.1f} GB/s, best FMA peak "
               f"{rows[0]['fma_peak_best_gflops']:.0f} GFLOP/s (the last two columns use them)"
