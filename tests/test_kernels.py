@@ -47,8 +47,9 @@ def test_append_attend_matches_reference(storage, g, bs):
 
 # Real checkpoints' (GQA group, head_dim): 32/32/128, SmolLM2 9/3/64, 32/8/128,
 # Qwen2.5-7B 28/4/128, 32/4/64; head_dim 80 (phi-2) takes the generic vector path and
-# 24 the scalar one.
-GEOMETRIES = [(1, 128), (3, 64), (4, 128), (7, 128), (8, 64), (2, 80), (3, 24)]
+# 24 the scalar one. Group 1 decode reads a 16-bit pool in place (tiles._direct): both
+# specialised head_dims.
+GEOMETRIES = [(1, 128), (1, 64), (3, 64), (4, 128), (7, 128), (8, 64), (2, 80), (3, 24)]
 
 
 @pytest.mark.parametrize("storage", STORAGES)
