@@ -38,6 +38,8 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 # The factory's functions are closures over D: not cached themselves, they are
 # compiled into (and cached with) the items.py body that calls them.
 _JIT_D = dict(_JIT, cache=False)
+# Keys per pass of the block loop (a block of more keys is taken in chunks of this).
+CHUNK = 16
 
 
 def _src(pool, scratch):
@@ -141,17 +143,23 @@ def make_attend_rows(D):
             prefetch(k_pool, po)
             prefetch(v_pool, po)
             po += step
-        for b in range(b0, b_end):
+        # One pass of the loop body = one chunk of at most CHUNK keys of a block: a
+        # block larger than that (long runs for the hardware prefetcher) is still
+        # computed 16 keys at a time, so a 16-bit block's staging stays in L1.
+        b = b0
+        t0 = max(k0 - b0 * bs, 0)
+        while b < b_end:
             blk = bt_row[b]  # one table lookup per block, not per token
             base = b * bs
-            t0 = max(k0 - base, 0)
-            t1 = min(k1 - base, bs)
+            t_end = min(k1 - base, bs)
+            t1 = min(t0 + CHUNK, t_end)
             n = t1 - t0
             row0 = ((blk * nl + layer) * bs + t0) * d
             # Blocks are scattered: the hardware prefetcher stops at each block edge,
-            # so the next block is prefetched a key row at a time inside the loops
-            # (a burst of a whole block at once stalls the current block's loads).
-            pf = ((bt_row[b + 1] * nl + layer) * bs) * d if b + 1 < b_end else -1
+            # so the next block's rows at this chunk's offset are prefetched a key row
+            # at a time inside the loops (a burst of a whole block at once stalls the
+            # current block's loads).
+            pf = ((bt_row[b + 1] * nl + layer) * bs + t0) * d if b + 1 < b_end else -1
             kb = row0 if direct else _stage(k_pool, row0, n * d, kw, bf16)
 
             # QK: s[r, t0 + t] = qs[r] . K[t]. Rows in pairs over 8 keys (each K load
@@ -474,6 +482,11 @@ def make_attend_rows(D):
                     vstore(acc, o, x0)
                     c += 16
                 r += 1
+            if t1 >= t_end:  # the block is done: the next one starts at its first key
+                b += 1
+                t0 = 0
+            else:
+                t0 = t1
 
     return attend_rows
 

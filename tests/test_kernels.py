@@ -63,11 +63,14 @@ def test_real_geometries_match_reference(storage, g, d, kernel_path):
     assert_matches(call.run(append_attend), call.run(append_attend_ref), atol=3e-5)
 
 
-@pytest.mark.parametrize("bs", [8, 32])
-def test_real_geometry_other_block_sizes(bs):
-    """Blocks smaller than one 16-key tile, and of two tiles."""
-    rng = np.random.default_rng(bs)
-    call = Call(rng, "bfloat16", 3, bs, MIXED, num_kv_heads=1, d=64)
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("g,d", [(3, 64), (1, 128)])
+@pytest.mark.parametrize("bs", [8, 32, 64, 40])
+def test_real_geometry_other_block_sizes(storage, g, d, bs, kernel_path):
+    """Blocks smaller than one 16-key tile, and of several: a block is computed in
+    16-key chunks (tiles.CHUNK), 40 ending on a partial one; splits start mid-pool."""
+    rng = np.random.default_rng(hash((storage, g, d, bs, "bs")) % 2**32)
+    call = Call(rng, storage, g, bs, MIXED, num_kv_heads=2, d=d)
     assert_matches(call.run(append_attend), call.run(append_attend_ref), atol=3e-5)
 
 
