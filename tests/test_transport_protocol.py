@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE
 from lamina_p2p.compute.local import LocalTransport
 from lamina_p2p.compute.remote import ClusterTransport
 from lamina_p2p.compute.transport import Transport
@@ -27,5 +28,5 @@ def test_local_and_cluster_transports_implement_every_member_alike():
             member = getattr(cls, name, None)
             assert callable(member), f"{cls.__name__} lacks {name}"
             assert inspect.iscoroutinefunction(member) == is_async, f"{cls.__name__}.{name}: async differs"
-    assert local.block_size() == 16
+    assert local.block_size() == DEFAULT_BLOCK_SIZE
     assert local.expected_peers == 1 and local.owner_id is None

@@ -23,6 +23,16 @@ from lamina_kernels import storage_dtype, storage_itemsize
 from lamina_p2p.model.config import kv_bytes_per_token
 
 
+# Tokens a block holds (the default of every pool: in process, attention peers, `--block-size`).
+# A block is one contiguous run of block_size x head_dim per (layer, kv head), and blocks are
+# scattered, so the hardware prefetcher restarts at every block edge: 16-token runs (2 KiB of
+# bfloat16 at head_dim 64) end before it is up to speed. Measured (tools/bench_kernels.py, B16,
+# context 2048, 2-vCPU Xeon): 64 costs 0.86-0.97x the time of 16 on every geometry and dtype,
+# SmolLM2's bfloat16 0.47 -> 0.68-0.70 of the STREAM read; batch 1 and chunked prefill the same.
+# The cost: a sequence's last block is half empty on average (SmolLM2 bfloat16: ~0.7 MB).
+DEFAULT_BLOCK_SIZE = 64
+
+
 def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     """np.empty whose data starts on a cache line. A large np.empty comes from mmap with
     a 16-byte header, so every 64-byte vector load of the kernels would straddle two

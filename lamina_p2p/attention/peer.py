@@ -30,6 +30,7 @@ import zmq
 import zmq.asyncio
 
 from lamina_p2p.attention import limits
+from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
@@ -51,7 +52,7 @@ class AttentionPeerConfig:
     device: str = "cpu"
     threads: int | None = None
     cluster: str = "lamina"
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     heartbeat_interval: float = 0.5
     suspect_after: float = 2.0
     dead_after: float = 5.0

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import lamina_kernels as lk
-from lamina_p2p.attention.kv_pool import KVBudget, KVFull, KVPool, PoolKey, ShardError
+from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE, KVBudget, KVFull, KVPool, PoolKey, ShardError
 
 __all__ = ["AttentionService", "AttendRequest", "KVFull", "ShardError"]
 
@@ -78,7 +78,7 @@ class _Plan:
 
 
 class AttentionService:
-    def __init__(self, kv_bytes: int, block_size: int = 16, device: str = "cpu"):
+    def __init__(self, kv_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE, device: str = "cpu"):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         self.budget = KVBudget(kv_bytes)

@@ -13,6 +13,7 @@ import os
 
 import click
 
+from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE
 from lamina_p2p.cli.options import (apply_cpu_options, check_join, cpu_options, engine_options, insecure_listen_option,
                                     load_cli_security, model_option, one_line_errors, security_options)
 from lamina_p2p.config import ConfigError, check_address, parse_bytes
@@ -28,7 +29,8 @@ from lamina_p2p.config import ConfigError, check_address, parse_bytes
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Kernel (attention) or torch (compute) threads.")
 @cpu_options(starts_peers=False)
-@click.option("--block-size", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option("--block-size", type=click.IntRange(1, 1024), default=DEFAULT_BLOCK_SIZE, show_default=True,
+              help="Attention: tokens per KV block.")
 @click.option("--heartbeat", type=click.FloatRange(0.01), default=0.5, show_default=True, help="Seconds.")
 @click.option("--dead-after", type=click.FloatRange(0.05), default=5.0, show_default=True,
               help="Seconds without a heartbeat before a peer is declared dead.")

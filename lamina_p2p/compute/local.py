@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 
+from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.model.config import geometry_kv_bytes_per_token
 from lamina_p2p.runtime import set_threads
@@ -31,7 +32,7 @@ class LocalTransport:
     owner_id = None
     expected_peers = 1
 
-    def __init__(self, kv_bytes: int, block_size: int = 16, threads: int | None = None):
+    def __init__(self, kv_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE, threads: int | None = None):
         self.service = AttentionService(kv_bytes, block_size)
         self.threads = threads
         self._threads_set = threading.local()

@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE  # block_size() before any peer has registered
 from lamina_p2p.attention.service import AttendRequest
 from lamina_p2p.compute.errors import AttentionPeerError, classify
 from lamina_p2p.model.config import geometry_kv_bytes_per_token
@@ -34,7 +35,6 @@ from lamina_p2p.net.wire import PROTOCOL_VERSION
 
 log = logging.getLogger("lamina.compute")
 
-DEFAULT_BLOCK_SIZE = 16  # what block_size() says before any peer has registered
 STREAM_MAX_REQUEST_BYTES = 1 << 20  # larger attends (prefill) go over ZeroMQ even where a stream is offered
 
 
