@@ -236,6 +236,7 @@ class FusedDense:
             bits = [n.view(torch.int16).numpy() for n in (L.input_norm, L.post_norm)]
             self.layers.append((bits[0], qkv, o, bits[1], gate_up, down))
         self.head = Gemv(model.lm_head_weight, None)
+        self._to_huge_pages()
         self.final_norm = model.final_norm.view(torch.int16).numpy()
         self.min_bytes = PARALLEL_MIN_BYTES
         from . import spin_pool  # imports this module: not at the top
@@ -252,6 +253,28 @@ class FusedDense:
         self.wide_min_rows = WIDE_MIN_ROWS
         self.prefill_linears = tuple((_bf16_out(qkv), _bf16_out(o), _WideGateUp(gate_up), _bf16_out(down))
                                      for _, qkv, o, _, gate_up, down in self.layers)
+
+    def _to_huge_pages(self) -> None:
+        """Move every packed weight into one huge-page mapping (hugepages.py), in the order a step reads
+        them (layer by layer: qkv, o, gate/up, down; then the head), so the stream has no 4 KiB page edges."""
+        from .hugepages import huge_copies
+
+        order = []
+        for _, qkv, o, _, gate_up, down in self.layers:
+            order += [qkv.wb, o.wb, gate_up, down.wb]
+        order.append(self.head.wb)
+        moved = huge_copies(order)
+        if moved[0] is order[0]:
+            return
+        it = iter(moved)
+        layers = []
+        for norm0, qkv, o, norm1, _, down in self.layers:
+            qkv.wb, o.wb = next(it), next(it)
+            gate_up = next(it)
+            down.wb = next(it)
+            layers.append((norm0, qkv, o, norm1, gate_up, down))
+        self.head.wb = next(it)
+        self.layers = layers
 
     @staticmethod
     def eligible(model) -> bool:
