@@ -20,7 +20,8 @@ def _thp_possible() -> bool:
 
 
 def test_copies_keep_values_shapes_and_dtypes_in_one_aligned_mapping():
-    arrays = [np.arange(3 * 5 * 16, dtype=np.int16).reshape(3, 5, 16), np.linspace(0, 1, 7, dtype=np.float32),
+    # The first array spans a whole aligned 2 MiB range, so the mapping can hold a huge page.
+    arrays = [np.arange(3 * 2**16 * 16, dtype=np.int16).reshape(3, 2**16, 16), np.linspace(0, 1, 7, dtype=np.float32),
               np.full((2, 3), 65529, np.uint16)]
     copies = hugepages.huge_copies(arrays)
     for a, c in zip(arrays, copies):
