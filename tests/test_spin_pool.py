@@ -143,6 +143,18 @@ def test_fused_layer_through_the_pool_is_bit_equal_to_one_thread():
                     assert torch.equal(a, b)
                 assert torch.equal(pooled.post(layer, x, attn), single.post(layer, x, attn))
             assert torch.equal(pooled.logits(x), single.logits(x))
+            # Chained as the engine calls it: a post's output is the next pre's and post's input (the pool path
+            # keeps its bits and reuses its intermediates), q/k/v outlive the next layer's calls.
+            xp = xs = x
+            kept = []
+            for layer in range(c.num_layers):
+                qkv_p, qkv_s = pooled.pre(layer, xp, positions), single.pre(layer, xs, positions)
+                kept.append((qkv_p, [t.clone() for t in qkv_s]))
+                xp, xs = pooled.post(layer, xp, attn), single.post(layer, xs, attn)
+                assert torch.equal(xp, xs)
+            for got, want in kept:
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert torch.equal(pooled.logits(xp), single.logits(xs))
         assert not sp.shared(2).lock.locked()  # every call released it
     finally:
         torch.set_num_threads(threads)
