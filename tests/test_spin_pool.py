@@ -111,6 +111,30 @@ def test_a_parked_worker_is_woken_and_helps_again():
         pool.close()
 
 
+def test_a_prefetch_left_open_runs_on_the_worker_and_the_next_op_closes_it():
+    pool = sp.SpinPool(1)
+    try:
+        g = torch.Generator().manual_seed(9)
+        big = Gemv(torch.randn(16 * 40, 96, generator=g).to(torch.bfloat16), None)
+        small = Gemv(torch.randn(16 * 3, 96, generator=g).to(torch.bfloat16), None)
+        pool.run(sp._open_prefetch, big.wb, 10, small.wb, 99, keep=(big.wb, small.wb))
+        assert pool.ctl[sp.SEQ] % 2 == 0  # left open for the worker
+        # The worker loads the last 10 blocks of the first hint and all 3 of the second (99 is capped).
+        wait_until(lambda: pool.ctl[sp.PREFETCHED] == 13, what="the worker to prefetch the hinted blocks")
+        for fn, args, out, tail, want in _ops(3, 2, 40, 100, 48):  # the next op closes it first
+            pool.run(fn, *args, out, *tail)
+            assert np.array_equal(out, want)
+            assert pool.ctl[sp.SEQ] % 2 == 1 and pool.ctl[sp.ACTIVE] == 0
+        # A prefetch cut short: the op after it closes it at once and computes as usual.
+        pool.run(sp._open_prefetch, big.wb, 40, big.wb, 40, keep=(big.wb,))
+        for fn, args, out, tail, want in _ops(4, 17, 130, 260, 96):
+            pool.run(fn, *args, out, *tail)
+            assert np.array_equal(out, want)
+        assert pool.ctl[sp.SEQ] % 2 == 1 and pool.ctl[sp.ACTIVE] == 0
+    finally:
+        pool.close()
+
+
 def test_pool_sizes_are_checked():
     with pytest.raises(ValueError, match="0 to 16 workers"):
         sp.SpinPool(17)

@@ -244,6 +244,7 @@ class FusedDense:
         # Up to pool_max_rows rows, with more than one thread, the calls run on the spin pool
         # (spin_pool.py: no wake-up per call); 0 turns it off.
         self._spin, self.pool_max_rows = spin_pool, spin_pool.POOL_MAX_ROWS
+        self.prefetch_bytes = spin_pool.PREFETCH_BYTES  # see pool_pre; 0 turns the prefetch off
         self.default_pool_max_rows = self.pool_max_rows
         width = max(max(L[2].wb.shape[0], L[4].shape[0], L[5].wb.shape[0]) for L in self.layers) if self.layers else 0
         self._zero = np.zeros(width * BLOCK, np.float32)  # the bias of the bias-free pool calls
@@ -315,8 +316,17 @@ class FusedDense:
             self._scratches = {**self._scratches, t: bufs}
         return bufs
 
+    def _prefetch_counts(self, o_wb: np.ndarray, gate_up: np.ndarray) -> tuple[int, int]:
+        """Blocks of O and of gate/up (from their ends) a worker prefetches during attention: up to half of each
+        (the worker's share when both threads compute), within prefetch_bytes (0: none)."""
+        budget = self.prefetch_bytes
+        block_o, block_gu = o_wb[0].nbytes, gate_up[0].nbytes
+        n_o = min(o_wb.shape[0] // 2, budget // block_o)
+        n_gu = min(gate_up.shape[0] // 2, (budget - n_o * block_o) // block_gu)
+        return int(n_o), int(n_gu)
+
     def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        norm, qkv, *_ = self.layers[layer]
+        norm, qkv, o, _, gate_up, _ = self.layers[layer]
         t = x.shape[0]
         if t <= self.pool_max_rows:
             # The outputs leave (attention requests): fresh numpy memory seen as bfloat16 tensors, which costs
@@ -329,9 +339,11 @@ class FusedDense:
             rope = self._rope_bits
             if rope is None or rope[0] is not cos or rope[1] is not sin:  # once per step: the same table every layer
                 rope = self._rope_bits = (cos, sin, _bits(cos.view(t, -1)), _bits(sin.view(t, -1)))
+            n_o, n_gate_up = self._prefetch_counts(o.wb, gate_up)
             try:
                 pool.run(self._spin.pool_pre, self._in_bits(x), norm, self.eps, qkv.wb, qkv.bias, self._scratch(t)[0],
-                         rope[2], rope[3], self.nq, self.nk, q, k, v)
+                         rope[2], rope[3], self.nq, self.nk, q, k, v, o.wb, n_o, gate_up, n_gate_up,
+                         keep=(o.wb, gate_up) if n_o + n_gate_up else None)
             finally:
                 pool.lock.release()
             return _as_bf16(q), _as_bf16(k), _as_bf16(v)
