@@ -84,11 +84,11 @@ def _run_op(ctl, back):
     tail = carray(as_voidptr(ctl[A_YF]), (0, BLOCK), np.float32)  # unused: yf's rows are whole blocks
     done = 0
     while True:
-        claims = fetch_add(ctl, NEXT, BACK if back else 1)
+        claims = fetch_add(ctl, NEXT, BACK if back != 0 else 1)
         front, behind = claims & LOW, claims >> 32
         if front + behind >= units:  # claims so far cover every unit: each unit goes to exactly one claim
             return done
-        j = units - 1 - behind if back else front
+        j = units - 1 - behind if back != 0 else front
         if op == OP_SWIGLU:
             _swiglu_pair(xs, wb, bias, yf, tail, j, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16))
         else:
@@ -165,7 +165,7 @@ def _drive(ctl, units):
     ctl[NEXT] = 0
     ctl[FINISHED] = 0
     store_seq_cst(ctl, SEQ, seq)  # publishes the arguments above (a seq_cst store is also a release)
-    _run_op(ctl, False)
+    _run_op(ctl, np.int64(0))  # int64, not a literal: one compiled variant for caller and workers
     waited = 0
     if load_acquire(ctl, FINISHED) < units:
         t0 = cycles()
@@ -206,7 +206,7 @@ def _worker_loop(ctl, w, spin_cycles):
                 if ctl[A_OP] == OP_PREFETCH:
                     fetch_add(ctl, PREFETCHED, _prefetch(ctl, seq))
                 else:
-                    done = _run_op(ctl, True)
+                    done = _run_op(ctl, np.int64(1))
                     if done:
                         fetch_add(ctl, WORKED, done)
             fetch_add(ctl, ACTIVE, -1)
