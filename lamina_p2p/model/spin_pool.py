@@ -69,6 +69,7 @@ POOL_MAX_ROWS = 64
 # gate/up blocks it will claim first. Its L2 is 2 MB; attention at batch 1 lasts 0.1-0.3 ms, in which one
 # thread reads ~1-3 MB.
 PREFETCH_BYTES = 1_250_000
+PREFETCH_YIELD_BLOCKS = 4  # a prefetch gives way to other threads on its CPU every this many blocks (~70 kB)
 
 
 @njit(**_JIT)
@@ -125,6 +126,10 @@ def _prefetch(ctl, seq):
             for e in range(0, k_in * BLOCK // 4, 8):  # 8 int64 = one 64-byte line
                 sink += words[j, e]
             total += 1
+            if total % PREFETCH_YIELD_BLOCKS == 0:
+                # Attention may have woken Numba's second thread onto this CPU (a split call at long context):
+                # let it run. A yield with nobody waiting costs well under a microsecond.
+                sched_yield()
     ctl[SINK] = sink
     return total
 
