@@ -111,6 +111,30 @@ def test_a_parked_worker_is_woken_and_helps_again():
         pool.close()
 
 
+def test_a_prefetch_left_open_runs_on_the_worker_and_the_next_op_closes_it():
+    pool = sp.SpinPool(1)
+    try:
+        g = torch.Generator().manual_seed(9)
+        big = Gemv(torch.randn(16 * 40, 96, generator=g).to(torch.bfloat16), None)
+        small = Gemv(torch.randn(16 * 3, 96, generator=g).to(torch.bfloat16), None)
+        pool.run(sp._open_prefetch, big.wb, 10, small.wb, 99, keep=(big.wb, small.wb))
+        assert pool.ctl[sp.SEQ] % 2 == 0  # left open for the worker
+        # The worker loads the last 10 blocks of the first hint and all 3 of the second (99 is capped).
+        wait_until(lambda: pool.ctl[sp.PREFETCHED] == 13, what="the worker to prefetch the hinted blocks")
+        for fn, args, out, tail, want in _ops(3, 2, 40, 100, 48):  # the next op closes it first
+            pool.run(fn, *args, out, *tail)
+            assert np.array_equal(out, want)
+            assert pool.ctl[sp.SEQ] % 2 == 1 and pool.ctl[sp.ACTIVE] == 0
+        # A prefetch cut short: the op after it closes it at once and computes as usual.
+        pool.run(sp._open_prefetch, big.wb, 40, big.wb, 40, keep=(big.wb,))
+        for fn, args, out, tail, want in _ops(4, 17, 130, 260, 96):
+            pool.run(fn, *args, out, *tail)
+            assert np.array_equal(out, want)
+        assert pool.ctl[sp.SEQ] % 2 == 1 and pool.ctl[sp.ACTIVE] == 0
+    finally:
+        pool.close()
+
+
 def test_pool_sizes_are_checked():
     with pytest.raises(ValueError, match="0 to 16 workers"):
         sp.SpinPool(17)
@@ -143,6 +167,18 @@ def test_fused_layer_through_the_pool_is_bit_equal_to_one_thread():
                     assert torch.equal(a, b)
                 assert torch.equal(pooled.post(layer, x, attn), single.post(layer, x, attn))
             assert torch.equal(pooled.logits(x), single.logits(x))
+            # Chained as the engine calls it: a post's output is the next pre's and post's input (the pool path
+            # keeps its bits and reuses its intermediates), q/k/v outlive the next layer's calls.
+            xp = xs = x
+            kept = []
+            for layer in range(c.num_layers):
+                qkv_p, qkv_s = pooled.pre(layer, xp, positions), single.pre(layer, xs, positions)
+                kept.append((qkv_p, [t.clone() for t in qkv_s]))
+                xp, xs = pooled.post(layer, xp, attn), single.post(layer, xs, attn)
+                assert torch.equal(xp, xs)
+            for got, want in kept:
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert torch.equal(pooled.logits(xp), single.logits(xs))
         assert not sp.shared(2).lock.locked()  # every call released it
     finally:
         torch.set_num_threads(threads)

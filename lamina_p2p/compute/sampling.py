@@ -12,6 +12,7 @@ of the model's distribution (before bias, mask, penalties and temperature), as O
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lamina_p2p.compute.sequence import Sequence
@@ -27,6 +28,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     `seq.error` and a placeholder token 0 that the caller must not deliver.
     """
     logits = logits.float()
+    if all(_plain_greedy(s) and not s.params.top_logprobs for s in seqs):
+        fast = _greedy(logits)
+        if fast is not None:
+            return fast
     if all(_plain_greedy(s) for s in seqs):
         # max over the row returns the first maximal index (ties go to the lowest token id, as
         # argmax) and its value, the chosen logit, in one pass.
@@ -44,6 +49,24 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             lps[i] = float(row[out[i]])  # the same float as its entry among the alternatives
             seq.top_logprobs.append(top_logprobs(row, seq.params.top_logprobs))
     return out, lps
+
+
+def _greedy(logits: torch.Tensor) -> tuple[list[int], list[float]] | None:
+    """Plain greedy rows on the CPU without torch's reductions (argmax_lse.py): numpy's argmax (the first
+    maximal index, as torch's max) and one compiled logsumexp pass. None (take the torch path) off the CPU,
+    for a non-contiguous input, or when a row's maximum is NaN or infinite."""
+    if logits.device.type != "cpu" or not logits.is_contiguous() or logits.dim() != 2 or logits.shape[1] == 0:
+        return None
+    from .argmax_lse import log_sum_exp_from_max
+
+    x = logits.numpy()
+    ids = x.argmax(axis=1)
+    top = x[np.arange(len(ids)), ids]
+    if not np.isfinite(top).all():  # NaN wins numpy's argmax; +inf or an all -inf row: torch defines these
+        return None
+    lse = np.empty(len(ids), np.float32)
+    log_sum_exp_from_max(x, ids, lse)
+    return ids.tolist(), (-lse).tolist()
 
 
 def top_logprobs(row: torch.Tensor, n: int) -> list[tuple[int, float]]:

@@ -108,8 +108,12 @@ def _norm(x, w, eps):
     return rms_norm(x, w, eps)
 
 
-def build_systems(plain: dict[str, Transformer], layouts: list[str], compile_: bool, log) -> dict:
-    """name -> (model, step function) for every dtype x layout this machine runs."""
+def build_systems(plain: dict[str, Transformer], layouts: list[str], compile_: bool, log,
+                  huge_pages: str = "on") -> dict:
+    """name -> (model, step function) for every dtype x layout this machine runs. huge_pages "off" or "both"
+    (also "<dtype>/gemv-4k"): the gemv layout's packed weights on plain 4 KiB pages (hugepages.ENABLED)."""
+    from . import hugepages
+
     systems = {}
     for dtype, base in plain.items():
         for layout in layouts:
@@ -121,8 +125,14 @@ def build_systems(plain: dict[str, Transformer], layouts: list[str], compile_: b
             if base.dtype == torch.float32 and resolved == "fp16":
                 continue  # lossy for a float32 checkpoint: never chosen, not compared
             name = f"{dtype}/{layout}" + (f"={resolved}" if layout == "auto" else "")
-            m = copy.deepcopy(base).prepare(resolved)
-            systems[name] = (m, dense_step)
+            hugepages.ENABLED = huge_pages != "off"
+            try:
+                systems[name] = (copy.deepcopy(base).prepare(resolved), dense_step)
+                if resolved == "gemv" and huge_pages == "both" and name == f"{dtype}/gemv":
+                    hugepages.ENABLED = False
+                    systems[f"{dtype}/gemv-4k"] = (copy.deepcopy(base).prepare(resolved), dense_step)
+            finally:
+                hugepages.ENABLED = True
         if compile_:
             m = copy.deepcopy(base).prepare("eager")
             # One graph per batch size (dynamic=False): decode batches are few and fixed.
@@ -167,6 +177,15 @@ def run(systems: dict, batches: list[int], rounds: int, steps: int, vocab: int, 
     return out
 
 
+def _huge_page_mb(model: Transformer) -> float | None:
+    """MB of the fused path's packed weights on transparent huge pages (hugepages.py); None off that path."""
+    if getattr(model, "_fused", None) is None:
+        return None
+    from .hugepages import mapping_info
+
+    return mapping_info(model._fused.head.wb).get("AnonHugePages", 0) / 2**20
+
+
 def _stats(ts: list[float]) -> dict:
     s = sorted(ts)
     return {"median": 1e3 * statistics.median(s), "p10": 1e3 * s[len(s) // 10], "n": len(s)}
@@ -196,6 +215,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--overhead", action="store_true",
                     help="random weights, SmolLM2's 30 layers at hidden 64: time per-call overhead, not matmuls")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the eager step (minutes to compile)")
+    ap.add_argument("--huge-pages", choices=["on", "off", "both"], default="on",
+                    help="the gemv layout's weights on transparent huge pages; both: also a 4 KiB-page copy (gemv-4k)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per system per round")
@@ -215,7 +236,7 @@ def main(argv=None) -> dict:
             plain[dtype] = load_model(args.model, dtype=dtype, layout=None)
         else:
             plain[dtype] = random_model(dtype, geometry=OVERHEAD if args.overhead else SMOLLM2)
-    systems = build_systems(plain, args.layouts, args.compile, log)
+    systems = build_systems(plain, args.layouts, args.compile, log, args.huge_pages)
     vocab = next(iter(plain.values())).config.vocab_size
     res = {"model": args.model or ("random, 30 layers at hidden 64 (overhead)" if args.overhead
                                    else "random, SmolLM2-135M geometry"), "threads": torch.get_num_threads(),
@@ -223,8 +244,9 @@ def main(argv=None) -> dict:
            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported(),
            "rounds": args.rounds, "steps_per_round": args.steps,
            "batches": run(systems, args.batch, args.rounds, args.steps, vocab, log)}
+    res["huge_page_mb"] = {name: _huge_page_mb(m) for name, (m, _) in systems.items() if _huge_page_mb(m) is not None}
     print(f"model {res['model']}, threads {res['threads']}, torch {res['torch']}, {res['cpu_capability']}, "
-          f"avx512_bf16 {res['avx512_bf16']}, amx {res['amx']}")
+          f"avx512_bf16 {res['avx512_bf16']}, amx {res['amx']}, weights on huge pages (MB): {res['huge_page_mb']}")
     report(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -236,6 +236,7 @@ class FusedDense:
             bits = [n.view(torch.int16).numpy() for n in (L.input_norm, L.post_norm)]
             self.layers.append((bits[0], qkv, o, bits[1], gate_up, down))
         self.head = Gemv(model.lm_head_weight, None)
+        self._to_huge_pages()
         self.final_norm = model.final_norm.view(torch.int16).numpy()
         self.min_bytes = PARALLEL_MIN_BYTES
         from . import spin_pool  # imports this module: not at the top
@@ -243,6 +244,7 @@ class FusedDense:
         # Up to pool_max_rows rows, with more than one thread, the calls run on the spin pool
         # (spin_pool.py: no wake-up per call); 0 turns it off.
         self._spin, self.pool_max_rows = spin_pool, spin_pool.POOL_MAX_ROWS
+        self.prefetch_bytes = spin_pool.PREFETCH_BYTES  # see pool_pre; 0 turns the prefetch off
         self.default_pool_max_rows = self.pool_max_rows
         width = max(max(L[2].wb.shape[0], L[4].shape[0], L[5].wb.shape[0]) for L in self.layers) if self.layers else 0
         self._zero = np.zeros(width * BLOCK, np.float32)  # the bias of the bias-free pool calls
@@ -250,8 +252,33 @@ class FusedDense:
         # with its torch ops over these matmuls (qkv, o, gate_up, down per layer), which widen the
         # same packed weights for the call (gemv.WIDE_MIN_ROWS) instead of the fused calls.
         self.wide_min_rows = WIDE_MIN_ROWS
+        self._scratches: dict[int, tuple[np.ndarray, ...]] = {}
+        self._last_out = None  # (the last bfloat16 tensor post made on the pool, its int16 bits)
+        self._rope_bits = None  # (cos, sin, their bits) of the last pre on the pool
         self.prefill_linears = tuple((_bf16_out(qkv), _bf16_out(o), _WideGateUp(gate_up), _bf16_out(down))
                                      for _, qkv, o, _, gate_up, down in self.layers)
+
+    def _to_huge_pages(self) -> None:
+        """Move every packed weight into one huge-page mapping (hugepages.py), in the order a step reads
+        them (layer by layer: qkv, o, gate/up, down; then the head), so the stream has no 4 KiB page edges."""
+        from .hugepages import huge_copies
+
+        order = []
+        for _, qkv, o, _, gate_up, down in self.layers:
+            order += [qkv.wb, o.wb, gate_up, down.wb]
+        order.append(self.head.wb)
+        moved = huge_copies(order)
+        if moved[0] is order[0]:
+            return
+        it = iter(moved)
+        layers = []
+        for norm0, qkv, o, norm1, _, down in self.layers:
+            qkv.wb, o.wb = next(it), next(it)
+            gate_up = next(it)
+            down.wb = next(it)
+            layers.append((norm0, qkv, o, norm1, gate_up, down))
+        self.head.wb = next(it)
+        self.layers = layers
 
     @staticmethod
     def eligible(model) -> bool:
@@ -273,21 +300,57 @@ class FusedDense:
         pool = self._spin.shared(threads)
         return pool if pool.lock.acquire(blocking=False) else None  # another thread has it: the old path
 
+    def _in_bits(self, x: torch.Tensor) -> np.ndarray:
+        """_bits(x), without the torch calls when x is the last layer output this object made (its bits kept)."""
+        last = self._last_out
+        return last[1] if last is not None and last[0] is x else _bits(x)
+
+    def _scratch(self, t: int) -> tuple[np.ndarray, ...]:
+        """Per-call intermediates that never leave the pool path (qkv, x1, act) for t rows, made once per t.
+        Used only while holding the pool's lock, so one caller at a time."""
+        bufs = self._scratches.get(t)
+        if bufs is None:
+            _, qkv, _, _, _, down = self.layers[0]
+            bufs = (np.empty((t, qkv.out_features), np.int16), np.empty((t, down.out_features), np.int16),
+                    np.empty((t, down.in_features), np.int16))
+            self._scratches = {**self._scratches, t: bufs}
+        return bufs
+
+    def _prefetch_counts(self, o_wb: np.ndarray, gate_up: np.ndarray) -> tuple[int, int]:
+        """Blocks of O and of gate/up (from their ends) a worker prefetches during attention: up to half of each
+        (the worker's share when both threads compute), within prefetch_bytes (0: none)."""
+        budget = self.prefetch_bytes
+        block_o, block_gu = o_wb[0].nbytes, gate_up[0].nbytes
+        n_o = min(o_wb.shape[0] // 2, budget // block_o)
+        n_gu = min(gate_up.shape[0] // 2, (budget - n_o * block_o) // block_gu)
+        return int(n_o), int(n_gu)
+
     def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        norm, qkv, *_ = self.layers[layer]
+        norm, qkv, o, _, gate_up, _ = self.layers[layer]
         t = x.shape[0]
+        if t <= self.pool_max_rows:
+            # The outputs leave (attention requests): fresh numpy memory seen as bfloat16 tensors, which costs
+            # less than torch.empty plus a view back to bits; the intermediates are kept (_scratch).
+            q = np.empty((t, self.nq, self.d), np.int16)
+            k = np.empty((t, self.nk, self.d), np.int16)
+            v = np.empty((t, self.nk, self.d), np.int16)
+        pool = self._pool(t)
+        if pool is not None:
+            rope = self._rope_bits
+            if rope is None or rope[0] is not cos or rope[1] is not sin:  # once per step: the same table every layer
+                rope = self._rope_bits = (cos, sin, _bits(cos.view(t, -1)), _bits(sin.view(t, -1)))
+            n_o, n_gate_up = self._prefetch_counts(o.wb, gate_up)
+            try:
+                pool.run(self._spin.pool_pre, self._in_bits(x), norm, self.eps, qkv.wb, qkv.bias, self._scratch(t)[0],
+                         rope[2], rope[3], self.nq, self.nk, q, k, v, o.wb, n_o, gate_up, n_gate_up,
+                         keep=(o.wb, gate_up) if n_o + n_gate_up else None)
+            finally:
+                pool.lock.release()
+            return _as_bf16(q), _as_bf16(k), _as_bf16(v)
         y = torch.empty(t, qkv.out_features, dtype=torch.bfloat16)
         q = torch.empty(t, self.nq, self.d, dtype=torch.bfloat16)
         k = torch.empty(t, self.nk, self.d, dtype=torch.bfloat16)
         v = torch.empty(t, self.nk, self.d, dtype=torch.bfloat16)
-        pool = self._pool(t)
-        if pool is not None:
-            try:
-                pool.run(self._spin.pool_pre, _bits(x), norm, self.eps, qkv.wb, qkv.bias, _bits(y),
-                         _bits(cos.view(t, -1)), _bits(sin.view(t, -1)), self.nq, self.nk, _bits(q), _bits(k), _bits(v))
-            finally:
-                pool.lock.release()
-            return q, k, v
         norm_linear(_bits(x), norm, self.eps, True, qkv.wb, qkv.bias, _bits(y), True, self._split(qkv.wb))
         rope_split(_bits(y), _bits(cos.view(t, -1)), _bits(sin.view(t, -1)), self.nq, self.nk, _bits(q), _bits(k), _bits(v))
         return q, k, v
@@ -295,17 +358,21 @@ class FusedDense:
     def post(self, layer: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         _, _, o, norm, gate_up, down = self.layers[layer]
         t = x.shape[0]
-        x1 = torch.empty_like(x)
-        act = torch.empty(t, down.in_features, dtype=torch.bfloat16)
-        x2 = torch.empty_like(x)
+        x2 = np.empty((t, x.shape[1]), np.int16) if t <= self.pool_max_rows else None
         pool = self._pool(t)
         if pool is not None:
             try:
-                pool.run(self._spin.pool_post, _bits(attn.reshape(t, -1)), o.wb, self._zero, _bits(x), _bits(x1), norm,
-                         self.eps, gate_up, _bits(act), down.wb, _bits(x2))
+                _, x1, act = self._scratch(t)
+                pool.run(self._spin.pool_post, _bits(attn).reshape(t, -1), o.wb, self._zero, self._in_bits(x), x1,
+                         norm, self.eps, gate_up, act, down.wb, x2)
             finally:
                 pool.lock.release()
-            return x2
+            out = _as_bf16(x2)
+            self._last_out = (out, x2)  # the next pre/post gets x2 back without torch calls
+            return out
+        x1 = torch.empty_like(x)
+        act = torch.empty(t, down.in_features, dtype=torch.bfloat16)
+        x2 = torch.empty_like(x)
         linear_add(_bits(attn.reshape(t, -1)), o.wb, _bits(x), _bits(x1), self._split(o.wb))
         norm_swiglu(_bits(x1), norm, self.eps, gate_up, _bits(act), self._split(gate_up))
         linear_add(_bits(act), down.wb, _bits(x1), _bits(x2), self._split(down.wb))
@@ -345,6 +412,11 @@ class _WideGateUp:
         y = torch.mm(x.float(), widened_t(self.wb))  # columns: gate block 0, up block 0, gate block 1, ...
         t = y.shape[0]
         return y.view(t, -1, 2, BLOCK).transpose(1, 2).reshape(t, -1).to(torch.bfloat16)
+
+
+def _as_bf16(a: np.ndarray) -> torch.Tensor:
+    """int16 bfloat16 bits as a bfloat16 tensor sharing their memory."""
+    return torch.from_numpy(a).view(torch.bfloat16)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

@@ -48,8 +48,16 @@ MAX_WORKERS = 16
 A_OP, A_UNITS, A_XS, A_ROWS, A_KIN, A_WB, A_NB, A_BIAS, A_YF, A_OUT, A_NOUT, A_RES, A_ROUND = range(64, 77)
 WORKED = 80  # units computed by workers, summed over ops (for tests and tuning)
 WAITED = 81  # cycles the caller spent waiting for units workers held, summed over ops (tuning)
-CTL_SIZE = 88
-OP_LINEAR, OP_ADD, OP_SWIGLU = 1, 2, 3
+PREFETCHED = 82  # weight blocks workers prefetched, summed (tests and tuning)
+SINK = 83  # where a prefetch leaves the sum of what it loaded (so the loads are not optimised away)
+# An OP_PREFETCH's hints, each (address of packed blocks [nb, k_in, 16] int16, nb, k_in, blocks from the end).
+A_HINTS, N_HINTS = 88, 2
+CTL_SIZE = 96
+OP_LINEAR, OP_ADD, OP_SWIGLU, OP_PREFETCH = 1, 2, 3, 4
+# Units are claimed through NEXT: the caller takes them from the front (low 32 bits count its claims), the
+# workers from the back (high 32 bits), so the blocks a worker prefetched while idle are the ones it computes.
+BACK = 1 << 32
+LOW = (1 << 32) - 1
 
 # Idle spin before a worker parks. A decode step's ops come every 20-400 us; between steps the
 # LM head, sampling and the scheduler take a few ms. Longer keeps the worker hot across steps but
@@ -57,12 +65,17 @@ OP_LINEAR, OP_ADD, OP_SWIGLU = 1, 2, 3
 SPIN_S = 0.002
 # Rows (tokens) up to which the fused layer uses the pool; above it Numba's prange (see fused.py).
 POOL_MAX_ROWS = 64
+# Weight bytes a worker loads while the caller runs attention (pool_pre's OP_PREFETCH): the post's O and
+# gate/up blocks it will claim first. Its L2 is 2 MB; attention at batch 1 lasts 0.1-0.3 ms, in which one
+# thread reads ~1-3 MB.
+PREFETCH_BYTES = 1_250_000
+PREFETCH_YIELD_BLOCKS = 4  # a prefetch gives way to other threads on its CPU every this many blocks (~70 kB)
 
 
 @njit(**_JIT)
-def _run_op(ctl):
-    """Claim and compute units of the posted op until none is left (caller and workers alike);
-    returns how many this thread computed."""
+def _run_op(ctl, back):
+    """Claim and compute units of the posted op until none is left (the caller from the front, workers from
+    the back: `back`); returns how many this thread computed."""
     op, units, rows, k_in, nb, n_out = ctl[A_OP], ctl[A_UNITS], ctl[A_ROWS], ctl[A_KIN], ctl[A_NB], ctl[A_NOUT]
     width = nb * BLOCK
     xs = carray(as_voidptr(ctl[A_XS]), (rows, k_in), np.float32)
@@ -72,9 +85,11 @@ def _run_op(ctl):
     tail = carray(as_voidptr(ctl[A_YF]), (0, BLOCK), np.float32)  # unused: yf's rows are whole blocks
     done = 0
     while True:
-        j = fetch_add(ctl, NEXT, 1)
-        if j >= units:
+        claims = fetch_add(ctl, NEXT, BACK if back != 0 else 1)
+        front, behind = claims & LOW, claims >> 32
+        if front + behind >= units:  # claims so far cover every unit: each unit goes to exactly one claim
             return done
+        j = units - 1 - behind if back != 0 else front
         if op == OP_SWIGLU:
             _swiglu_pair(xs, wb, bias, yf, tail, j, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16))
         else:
@@ -88,6 +103,35 @@ def _run_op(ctl):
                 _store(yf, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.float32), j, n_out, False)
         fetch_add(ctl, FINISHED, 1)
         done += 1
+
+
+@njit(**_JIT)
+def _prefetch(ctl, seq):
+    """OP_PREFETCH on a worker: load one word of every cache line of each hint's last blocks, last block
+    first (the order this worker will claim them), until done or the caller closes the op (checked per
+    block). Returns the blocks loaded."""
+    total = np.int64(0)
+    sink = np.int64(0)
+    for h in range(N_HINTS):
+        addr, nb, k_in, count = ctl[A_HINTS + 4 * h], ctl[A_HINTS + 4 * h + 1], ctl[A_HINTS + 4 * h + 2], \
+            ctl[A_HINTS + 4 * h + 3]
+        if addr == 0:
+            continue
+        words = carray(as_voidptr(addr), (nb, k_in * BLOCK // 4), np.int64)  # a block: k_in * 16 int16
+        for i in range(min(count, nb)):
+            if load_acquire(ctl, SEQ) != seq:
+                ctl[SINK] = sink
+                return total
+            j = nb - 1 - i
+            for e in range(0, k_in * BLOCK // 4, 8):  # 8 int64 = one 64-byte line
+                sink += words[j, e]
+            total += 1
+            if total % PREFETCH_YIELD_BLOCKS == 0:
+                # Attention may have woken Numba's second thread onto this CPU (a split call at long context):
+                # let it run. A yield with nobody waiting costs well under a microsecond.
+                sched_yield()
+    ctl[SINK] = sink
+    return total
 
 
 # Spins of a wait before it also yields the CPU at each turn: a worker holding a unit may have been
@@ -105,15 +149,28 @@ def _backoff(spins):
 
 
 @njit(**_JIT)
+def _close_prefetch(ctl):
+    """Close an OP_PREFETCH left open (SEQ even) and wait until no worker is inside it; returns SEQ (odd)."""
+    seq = load_acquire(ctl, SEQ)
+    if (seq & 1) == 0:
+        store_seq_cst(ctl, SEQ, seq + 1)
+        waited = 0
+        while load_seq_cst(ctl, ACTIVE) != 0:
+            waited = _backoff(waited)
+        seq += 1
+    return seq
+
+
+@njit(**_JIT)
 def _drive(ctl, units):
     """Open the op written in ctl, work on it, wait for the units others claimed, close it.
     Returns a bit mask of parked workers this call claimed to wake (the caller sets their Events)."""
-    seq = load_acquire(ctl, SEQ) + 1  # odd (closed) + 1: this op's even number; only the caller writes SEQ
+    seq = _close_prefetch(ctl) + 1  # odd (closed) + 1: this op's even number; only the caller writes SEQ
     ctl[A_UNITS] = units
     ctl[NEXT] = 0
     ctl[FINISHED] = 0
     store_seq_cst(ctl, SEQ, seq)  # publishes the arguments above (a seq_cst store is also a release)
-    _run_op(ctl)
+    _run_op(ctl, np.int64(0))  # int64, not a literal: one compiled variant for caller and workers
     waited = 0
     if load_acquire(ctl, FINISHED) < units:
         t0 = cycles()
@@ -123,6 +180,12 @@ def _drive(ctl, units):
     store_seq_cst(ctl, SEQ, seq + 1)  # closed: a worker arriving now leaves without reading the arguments
     while load_seq_cst(ctl, ACTIVE) != 0:
         waited = _backoff(waited)
+    return _claim_parked(ctl)
+
+
+@njit(**_JIT)
+def _claim_parked(ctl):
+    """A bit mask of the parked workers this caller claimed to wake (it sets their Events)."""
     wake = 0
     if load_seq_cst(ctl, NPARKED) != 0:
         for w in range(MAX_WORKERS):
@@ -145,9 +208,12 @@ def _worker_loop(ctl, w, spin_cycles):
         if (seq & 1) == 0 and seq != last:
             fetch_add(ctl, ACTIVE, 1)
             if load_seq_cst(ctl, SEQ) == seq:  # still open: the caller waits for ACTIVE before reusing ctl
-                done = _run_op(ctl)
-                if done:
-                    fetch_add(ctl, WORKED, done)
+                if ctl[A_OP] == OP_PREFETCH:
+                    fetch_add(ctl, PREFETCHED, _prefetch(ctl, seq))
+                else:
+                    done = _run_op(ctl, np.int64(1))
+                    if done:
+                        fetch_add(ctl, WORKED, done)
             fetch_add(ctl, ACTIVE, -1)
             last = seq
             idle_from = cycles()
@@ -219,11 +285,28 @@ def pool_norm_swiglu(ctl, x, norm_w, eps, wb, zero, out):
 
 
 @njit(**_JIT)
-def pool_pre(ctl, x, norm_w, eps, wb, bias, qkv, cos, sin, nq, nk, q, k, v):
+def _open_prefetch(ctl, wb0, count0, wb1, count1):
+    """Leave an OP_PREFETCH open for the workers: the last count0 blocks of wb0, then the last count1 of wb1
+    (packed [nb, k_in, 16] int16). The next op closes it (_close_prefetch); the caller keeps the arrays
+    alive until then (SpinPool.run's `keep`). Returns the wake mask (a parked worker is woken for it)."""
+    seq = _close_prefetch(ctl) + 1
+    ctl[A_OP] = OP_PREFETCH
+    ctl[A_HINTS], ctl[A_HINTS + 1], ctl[A_HINTS + 2], ctl[A_HINTS + 3] = address(wb0), wb0.shape[0], wb0.shape[1], count0
+    ctl[A_HINTS + 4], ctl[A_HINTS + 5], ctl[A_HINTS + 6], ctl[A_HINTS + 7] = address(wb1), wb1.shape[0], wb1.shape[1], count1
+    store_seq_cst(ctl, SEQ, seq)
+    return _claim_parked(ctl)
+
+
+@njit(**_JIT)
+def pool_pre(ctl, x, norm_w, eps, wb, bias, qkv, cos, sin, nq, nk, q, k, v, next_wb0, count0, next_wb1, count1):
     """A layer's pre in one call: pool_norm_linear into qkv (bfloat16 bits), then fused.rope_split
-    on the calling thread (a few us). Returns the wake mask."""
+    on the calling thread (a few us), then, when count0 + count1 > 0, an OP_PREFETCH of the post's first two
+    weights (next_wb0: O, next_wb1: gate/up) left open: the worker would idle through attention, and
+    loads the blocks it will claim first instead. Returns the wake mask."""
     wake = pool_norm_linear(ctl, x, norm_w, eps, True, wb, bias, qkv, True)
     rope_split(qkv, cos, sin, nq, nk, q, k, v)
+    if count0 + count1 > 0:
+        wake |= _open_prefetch(ctl, next_wb0, count0, next_wb1, count1)
     return wake
 
 
@@ -266,6 +349,7 @@ class SpinPool:
         self.ctl[SEQ] = 1  # closed
         self.spin_cycles = int(max(spin_s, 0.0) * _cycles_per_s())
         self.lock = threading.Lock()
+        self._kept = None  # arrays an open OP_PREFETCH reads
         self._events = [threading.Event() for _ in range(workers)]
         self._threads = [threading.Thread(target=self._serve, args=(w,), name=f"lamina-spin-{w}", daemon=True)
                          for w in range(workers)] if start else []
@@ -278,9 +362,11 @@ class SpinPool:
             ev.wait()
             ev.clear()
 
-    def run(self, fn, *args) -> None:
-        """fn(ctl, *args), one of the pool_* ops, then wake the workers it found parked."""
+    def run(self, fn, *args, keep=None) -> None:
+        """fn(ctl, *args), one of the pool_* ops, then wake the workers it found parked. `keep`: what an
+        OP_PREFETCH that fn leaves open reads (held until the next op has closed it)."""
         wake = fn(self.ctl, *args)
+        self._kept = keep
         if wake:
             for w in range(self.workers):
                 if wake >> w & 1:
@@ -293,6 +379,7 @@ class SpinPool:
         for t in self._threads:
             t.join()
         self._threads = []
+        self._kept = None
 
 
 _shared: dict[int, SpinPool] = {}
