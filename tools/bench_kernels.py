@@ -43,8 +43,8 @@ import time
 import numpy as np
 
 from lamina_kernels import STORAGES
+from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE as BS  # tokens per pool block, as the engine's
 
-BS = 16  # tokens per pool block: the engine's default block_size (--block-size)
 DEFAULT_GEOMETRIES = ("32/32/128", "9/3/64", "32/8/128", "28/4/128", "32/4/64")
 
 
