@@ -5,7 +5,9 @@ core's L2 streaming prefetcher stops at each page edge and the STLB misses on ev
 thread reads ~10-11.5 GB/s on this VM; on 2 MiB pages the same read runs 12-14.6 GB/s (a 16-row
 GEMV unit is 18 kB: four and a half 4 KiB pages). Linux's THP in `madvise` mode (the common
 default) backs a region with huge pages only if madvise(MADV_HUGEPAGE) reaches it before its pages
-are first touched, so the mapping is advised empty and the weights are copied in afterwards.
+are first touched, so the mapping is advised empty and the weights are copied in afterwards. (numpy
+advises its own allocations of 4 MiB or more the same way, which is why the KV pool, one large np.empty,
+needs nothing; a layer's packed matrices are smaller than that, and one mapping keeps them in step order.)
 
 `ENABLED` (default on) turns it off for A/B runs; where madvise or MADV_HUGEPAGE is missing (not
 Linux) or the mapping fails, the arrays are plain numpy memory and nothing else changes.
