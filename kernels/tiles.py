@@ -45,6 +45,17 @@ _JIT_D = dict(_JIT, cache=False)
 CHUNK = 16
 
 
+@njit(inline="always", **_JIT)
+def _prefetch_keys(pool, pf, t, n, d, step):
+    """Prefetch keys t .. t + n - 1 of the next block's rows (flat offset pf of its key 0; none when pf < 0),
+    one cache line (`step` elements) at a time: a few lines inside each loop instead of a burst per block."""
+    if pf >= 0:
+        po = pf + t * d
+        while po < pf + (t + n) * d:
+            prefetch(pool, po)
+            po += step
+
+
 def _src(pool, scratch):
     """The array the tiles read K or V from (see _stage)."""
 
@@ -172,11 +183,7 @@ def make_attend_rows(D):
             if direct:
                 t = 0
                 while t + 16 <= n:
-                    if pf >= 0:
-                        po = pf + t * d
-                        while po < pf + (t + 16) * d:
-                            prefetch(k_pool, po)
-                            po += step
+                    _prefetch_keys(k_pool, pf, t, 16, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
@@ -213,11 +220,8 @@ def make_attend_rows(D):
                 qb = r * d
                 t = 0
                 while t + 8 <= n:
-                    if pf >= 0 and r == 0:
-                        po = pf + t * d
-                        while po < pf + (t + 8) * d:
-                            prefetch(k_pool, po)
-                            po += step
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 8, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
@@ -268,11 +272,8 @@ def make_attend_rows(D):
                 qb = r * d
                 t = 0
                 while t + 16 <= n:
-                    if pf >= 0 and r == 0:
-                        po = pf + t * d
-                        while po < pf + (t + 16) * d:
-                            prefetch(k_pool, po)
-                            po += step
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 16, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
@@ -359,11 +360,8 @@ def make_attend_rows(D):
                     x2 = vload(acc, c + 32)
                     x3 = vload(acc, c + 48)
                     for t in range(n):
-                        if pf >= 0 and c == 0:
-                            po = pf + t * d
-                            while po < pf + (t + 1) * d:
-                                prefetch(v_pool, po)
-                                po += step
+                        if c == 0:
+                            _prefetch_keys(v_pool, pf, t, 1, d, step)
                         pt = s[0, t0 + t]
                         v = row0 + t * d + c
                         x0 = vfma(_ld(v_pool, v, bf16), pt, x0)
@@ -378,11 +376,8 @@ def make_attend_rows(D):
                 while c < d:
                     x0 = vload(acc, c)
                     for t in range(n):
-                        if pf >= 0 and c == 0:
-                            po = pf + t * d
-                            while po < pf + (t + 1) * d:
-                                prefetch(v_pool, po)
-                                po += step
+                        if c == 0:
+                            _prefetch_keys(v_pool, pf, t, 1, d, step)
                         x0 = vfma(_ld(v_pool, row0 + t * d + c, bf16), s[0, t0 + t], x0)
                     vstore(acc, c, x0)
                     c += 16
@@ -401,11 +396,8 @@ def make_attend_rows(D):
                     y2 = vload(acc, o + d + 32)
                     y3 = vload(acc, o + d + 48)
                     for t in range(n):
-                        if pf >= 0 and r == 0 and c == 0:
-                            po = pf + t * d
-                            while po < pf + (t + 1) * d:
-                                prefetch(v_pool, po)
-                                po += step
+                        if r == 0 and c == 0:
+                            _prefetch_keys(v_pool, pf, t, 1, d, step)
                         pt = s[r, t0 + t]
                         pu = s[r + 1, t0 + t]
                         v = vb + t * d + c
@@ -435,11 +427,8 @@ def make_attend_rows(D):
                     x0 = vload(acc, o)
                     y0 = vload(acc, o + d)
                     for t in range(n):
-                        if pf >= 0 and r == 0 and c == 0:
-                            po = pf + t * d
-                            while po < pf + (t + 1) * d:
-                                prefetch(v_pool, po)
-                                po += step
+                        if r == 0 and c == 0:
+                            _prefetch_keys(v_pool, pf, t, 1, d, step)
                         w = vload(vs, vb + t * d + c)
                         x0 = vfma(w, s[r, t0 + t], x0)
                         y0 = vfma(w, s[r + 1, t0 + t], y0)
@@ -456,11 +445,8 @@ def make_attend_rows(D):
                     x2 = vload(acc, o + 32)
                     x3 = vload(acc, o + 48)
                     for t in range(n):
-                        if pf >= 0 and r == 0 and c == 0:
-                            po = pf + t * d
-                            while po < pf + (t + 1) * d:
-                                prefetch(v_pool, po)
-                                po += step
+                        if r == 0 and c == 0:
+                            _prefetch_keys(v_pool, pf, t, 1, d, step)
                         pt = s[r, t0 + t]
                         v = vb + t * d + c
                         x0 = vfma(vload(vs, v), pt, x0)
@@ -476,11 +462,8 @@ def make_attend_rows(D):
                     o = r * d + c
                     x0 = vload(acc, o)
                     for t in range(n):
-                        if pf >= 0 and r == 0 and c == 0:
-                            po = pf + t * d
-                            while po < pf + (t + 1) * d:
-                                prefetch(v_pool, po)
-                                po += step
+                        if r == 0 and c == 0:
+                            _prefetch_keys(v_pool, pf, t, 1, d, step)
                         x0 = vfma(vload(vs, vb + t * d + c), s[r, t0 + t], x0)
                     vstore(acc, o, x0)
                     c += 16
