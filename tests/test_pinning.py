@@ -44,9 +44,10 @@ def test_cluster_config_checks_cpus(tmp_path):
 
 @linux_only
 @pytest.mark.cluster
-def test_attention_peer_runs_every_thread_on_its_cpus(attention_peers):
+@pytest.mark.parametrize("threads", [None, 1])  # 1: as the launchers start peers (`--threads 1 --cpus 1`)
+def test_attention_peer_runs_every_thread_on_its_cpus(attention_peers, threads):
     last = max(os.sched_getaffinity(0))
-    peers = attention_peers(1, kv_memory="16MiB", threads=None, cpus=str(last))
+    peers = attention_peers(1, kv_memory="16MiB", threads=threads, cpus=str(last))
     threads = thread_cpus(peers[0].proc.pid)
     # the kernel pool is up by READY (kernels are warmed first): several threads, all pinned
     assert len(threads) > 1

@@ -172,9 +172,10 @@ def apply_cpu_options(cpus: str | None, dense_cpus: str | None, threads: int | N
         threads = threads or len(dense)
     if cpus:
         try:
-            threads = threads or len(pin_cpus(cpus))
+            pinned = pin_cpus(cpus)  # always: `--threads N --cpus L` must pin too, not only size the pools
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--cpus'") from None
+        threads = threads or len(pinned)
     return threads, dense
 
 
