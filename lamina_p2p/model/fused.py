@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from lamina_kernels.softmax import exp_nonpos, u32_as_f32
 
-from .gemv import BLOCK, WIDE_MIN_ROWS, _JIT, _block, widened_t
+from .gemv import BLOCK, PANEL, WIDE_MIN_ROWS, _JIT, _block, at, flat, put, widened_t
 
 
 @intrinsic
@@ -67,20 +67,38 @@ def _round(f):
 
 @njit(inline="always", **_JIT)
 def _load_rows(x, xs, norm_w, eps, use_norm):
-    """xs[r, k] = float32 of row r of x (bfloat16 bits), RMS-normalised and scaled when use_norm."""
+    """xs = float32 of the rows of x (bfloat16 bits), RMS-normalised and scaled when use_norm, in the
+    gemv kernel's panel layout (gemv.panel_index; xs is [rows, in] C-ordered memory)."""
     rows, h = x.shape
-    for r in range(rows):
+    xf, x1, nw = flat(xs), flat(x), flat(norm_w)
+    inv = np.empty(PANEL, np.float32)  # not np.ones: see _zeros
+    for g0 in range(0, rows, PANEL):
+        width = min(PANEL, rows - g0)
+        p0 = g0 * h
         if use_norm:
-            ss = 0.0
-            for k in range(h):
-                f = bf16_value(x[r, k])
-                ss += np.float64(f) * np.float64(f)
-            inv = np.float32(1.0) / np.sqrt(np.float32(ss / h) + np.float32(eps))
-            for k in range(h):
-                xs[r, k] = _round(_round(bf16_value(x[r, k]) * inv) * bf16_value(norm_w[k]))
-        else:
-            for k in range(h):
-                xs[r, k] = bf16_value(x[r, k])
+            for c in range(width):
+                src = (g0 + c) * h
+                ss = 0.0
+                for k in range(h):
+                    f = bf16_value(at(x1, src + k))
+                    ss += np.float64(f) * np.float64(f)
+                inv[c] = np.float32(1.0) / np.sqrt(np.float32(ss / h) + np.float32(eps))
+        # A panel is written k-major, a row at a time: in tiles of LOAD_TILE inputs, so that the lines a row
+        # writes are still in L1 for the next row (a whole panel at 1536 inputs is 98 kB: 7x slower untiled).
+        for k0 in range(0, h, LOAD_TILE):
+            k1 = min(h, k0 + LOAD_TILE)
+            for c in range(width):
+                src = (g0 + c) * h
+                if use_norm:
+                    s = inv[c]
+                    for k in range(k0, k1):
+                        put(xf, p0 + k * width + c, _round(_round(bf16_value(at(x1, src + k)) * s) * bf16_value(at(nw, k))))
+                else:
+                    for k in range(k0, k1):
+                        put(xf, p0 + k * width + c, bf16_value(at(x1, src + k)))
+
+
+LOAD_TILE = 64
 
 
 @njit(parallel=True, **_JIT)
@@ -107,13 +125,30 @@ def norm_linear(x, norm_w, eps, use_norm, wb, bias, out, round_out, split):
 
 
 @njit(inline="always", **_JIT)
+def _zeros(n):
+    """n float32 zeros without np.zeros: inside a parallel=True function np.zeros becomes a parallel loop of its
+    own, and with the output blocks on one thread (split False) waking Numba's pool for it cost a scheduler
+    time slice (~8 ms) whenever the other CPU was busy."""
+    z = np.empty(n, np.float32)
+    for i in range(n):
+        z[i] = 0.0
+    return z
+
+
+@njit(inline="always", **_JIT)
 def _store(yf, out, j, n_out, round_out):
+    """out[:, block j] = yf's (rounded to bfloat16 bits when round_out, else as is: float32 out)."""
+    w = yf.shape[1]
+    yv, ov = flat(yf), flat(out)
+    c0 = j * BLOCK
+    n = min(n_out - c0, BLOCK)
     for r in range(out.shape[0]):
-        for c in range(j * BLOCK, min(n_out, (j + 1) * BLOCK)):
-            if round_out:
-                out[r, c] = bf16_bits(yf[r, c])
-            else:
-                out[r, c] = yf[r, c]
+        if round_out:
+            for i in range(n):
+                put(ov, r * n_out + c0 + i, bf16_bits(at(yv, r * w + c0 + i)))
+        else:
+            for i in range(n):
+                put(ov, r * n_out + c0 + i, at(yv, r * w + c0 + i))
 
 
 @njit(parallel=True, **_JIT)
@@ -126,7 +161,7 @@ def linear_add(x, wb, res, out, split):
     _load_rows(x, xs, x[0], np.float32(0.0), False)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     tail = np.empty((0, BLOCK), np.float32)
-    zero = np.zeros(nb * BLOCK, np.float32)
+    zero = _zeros(nb * BLOCK)
     if split:
         for j in prange(nb):
             _block(xs, wb, zero, yf, tail, j, nb * BLOCK)
@@ -139,9 +174,14 @@ def linear_add(x, wb, res, out, split):
 
 @njit(inline="always", **_JIT)
 def _store_add(yf, res, out, j, n_out):
+    w = yf.shape[1]
+    yv, rv, ov = flat(yf), flat(res), flat(out)
+    c0 = j * BLOCK
+    n = min(n_out - c0, BLOCK)
     for r in range(out.shape[0]):
-        for c in range(j * BLOCK, min(n_out, (j + 1) * BLOCK)):
-            out[r, c] = bf16_bits(bf16_value(res[r, c]) + _round(yf[r, c]))
+        for i in range(n):
+            o = r * n_out + c0 + i
+            put(ov, o, bf16_bits(bf16_value(at(rv, o)) + _round(at(yv, r * w + c0 + i))))
 
 
 @njit(parallel=True, **_JIT)
@@ -158,7 +198,7 @@ def norm_swiglu(x, norm_w, eps, wb, out, split):
     _load_rows(x, xs, norm_w, eps, True)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     tail = np.empty((0, BLOCK), np.float32)
-    zero = np.zeros(nb * BLOCK, np.float32)
+    zero = _zeros(nb * BLOCK)
     if split:
         for m in prange(nb // 2):
             _swiglu_pair(xs, wb, zero, yf, tail, m, out)
@@ -172,16 +212,18 @@ def _swiglu_pair(xs, wb, zero, yf, tail, m, out):
     n = wb.shape[0] * BLOCK
     _block(xs, wb, zero, yf, tail, 2 * m, n)
     _block(xs, wb, zero, yf, tail, 2 * m + 1, n)
+    yv, ov = flat(yf), flat(out)
+    inter = out.shape[1]
     for r in range(out.shape[0]):
         for i in range(BLOCK):
-            g = _round(yf[r, 2 * m * BLOCK + i])
-            u = _round(yf[r, (2 * m + 1) * BLOCK + i])
+            g = _round(at(yv, r * n + 2 * m * BLOCK + i))
+            u = _round(at(yv, r * n + (2 * m + 1) * BLOCK + i))
             # SiLU = g * sigmoid(g) from exp(-|g|) <= 1 (exp_nonpos: a polynomial that vectorises,
             # ~1 ulp from expf, where np.exp is a scalar call per element): 16 elements in a few ns.
             e = exp_nonpos(-abs(g))
             sig = (np.float32(1.0) if g >= 0 else e) / (np.float32(1.0) + e)
             s = _round(g * sig)
-            out[r, m * BLOCK + i] = bf16_bits(s * u)
+            put(ov, r * inter + m * BLOCK + i, bf16_bits(s * u))
 
 
 @njit(**_JIT)
@@ -191,19 +233,25 @@ def rope_split(qkv, cos, sin, nq, nk, q, k, v):
     x * cos + roll(x, D/2) * sin, each product and the sum rounded to bfloat16."""
     t, nh, d = q.shape[0], nq + nk, q.shape[2]
     half = d // 2
+    width = qkv.shape[1]
+    src, cv, sv, qv, kv, vv = flat(qkv), flat(cos), flat(sin), flat(q), flat(k), flat(v)
     for r in range(t):
+        row = r * width
         for h in range(nh):
-            base = h * d
-            for i in range(d):
-                a = _round(bf16_value(qkv[r, base + i]) * bf16_value(cos[r, i]))
-                b = _round(bf16_value(qkv[r, base + (i + half) % d]) * bf16_value(sin[r, i]))
-                if h < nq:
-                    q[r, h, i] = bf16_bits(a + b)
-                else:
-                    k[r, h - nq, i] = bf16_bits(a + b)
+            base = row + h * d
+            dst, to = (qv, (r * nq + h) * d) if h < nq else (kv, (r * nk + h - nq) * d)
+            # roll(x, D/2): element i pairs with i + D/2 in the first half, i - D/2 in the second (no modulo)
+            for i in range(half):
+                a = _round(bf16_value(at(src, base + i)) * bf16_value(at(cv, r * d + i)))
+                b = _round(bf16_value(at(src, base + i + half)) * bf16_value(at(sv, r * d + i)))
+                put(dst, to + i, bf16_bits(a + b))
+            for i in range(half, d):
+                a = _round(bf16_value(at(src, base + i)) * bf16_value(at(cv, r * d + i)))
+                b = _round(bf16_value(at(src, base + i - half)) * bf16_value(at(sv, r * d + i)))
+                put(dst, to + i, bf16_bits(a + b))
         for h in range(nk):
             for i in range(d):
-                v[r, h, i] = qkv[r, (nh + h) * d + i]
+                put(vv, (r * nk + h) * d + i, at(src, row + (nh + h) * d + i))
 
 
 def pack_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
