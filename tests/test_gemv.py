@@ -135,3 +135,33 @@ def test_fused_path_only_where_it_applies():
     assert odd._fused is None and odd._linears[0][0].layout == "gemv"  # per-GEMV kernel instead
     f32 = random_model("float32", geometry=GEOMETRY).prepare("gemv")
     assert f32._fused is None
+
+
+@torch.inference_mode()
+def test_one_thread_runs_a_layer_in_one_call_with_the_same_bits():
+    """With one compute thread pre and post go through a pool of no worker (one compiled call each, kept
+    scratch): the same bits as the separate serial calls, chained as the engine calls them."""
+    base = random_model("bfloat16", seed=7, geometry=GEOMETRY)
+    solo, serial = copy.deepcopy(base).prepare("gemv"), copy.deepcopy(base).prepare("gemv")
+    serial._fused._solo_max_rows = 0
+    serial._fused.pool_max_rows = solo._fused.pool_max_rows = 0  # as a cluster's compute side sets it
+    g = torch.Generator().manual_seed(8)
+    c = base.config
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows in (1, 3, 17, 29):
+            x = torch.randn(rows, c.hidden_size, generator=g).to(torch.bfloat16)
+            positions = torch.randint(0, 200, (rows,), generator=g)
+            attn = torch.randn(rows, c.num_heads, c.head_dim, generator=g).to(torch.bfloat16)
+            xa = xb = x
+            for layer in range(c.num_layers):
+                for a, b in zip(solo.pre(layer, xa, positions), serial.pre(layer, xb, positions)):
+                    assert torch.equal(a, b)
+                xa, xb = solo.post(layer, xa, attn), serial.post(layer, xb, attn)
+                assert torch.equal(xa, xb)
+            assert torch.equal(solo.logits(xa), serial.logits(xb))
+        assert solo._fused._solo is not None and serial._fused._solo is None
+        assert not solo._fused._solo.lock.locked()
+    finally:
+        torch.set_num_threads(threads)

@@ -311,6 +311,7 @@ class FusedDense:
         self._spin, self.pool_max_rows = spin_pool, spin_pool.POOL_MAX_ROWS
         self.prefetch_bytes = spin_pool.PREFETCH_BYTES  # see pool_pre; 0 turns the prefetch off
         self.default_pool_max_rows = self.pool_max_rows
+        self._solo, self._solo_max_rows = None, spin_pool.POOL_MAX_ROWS  # one thread's pool (see _pool); 0: off
         width = max(max(L[2].wb.shape[0], L[4].shape[0], L[5].wb.shape[0]) for L in self.layers) if self.layers else 0
         self._zero = np.zeros(width * BLOCK, np.float32)  # the bias of the bias-free pool calls
         # A prefill chunk of wide_min_rows tokens or more is compute-bound: transformer.py runs it
@@ -357,10 +358,17 @@ class FusedDense:
     def _pool(self, rows: int):
         """The spin pool (held: release it) for a call of `rows` rows, or None: then Numba's prange
         (larger batches, where a parallel region's wake-up is small against the work) or one thread."""
-        if rows > self.pool_max_rows:
-            return None
         threads = torch.get_num_threads()
         if threads <= 1:
+            # One thread: a pool of no worker, which runs every unit on the caller. Nothing spins, so it serves
+            # a cluster's compute side too (where pool_max_rows is 0); what it saves is per-call work: a pre or
+            # post is one compiled call on kept scratch instead of three or four calls on new torch tensors.
+            if rows > self._solo_max_rows:
+                return None
+            if self._solo is None:
+                self._solo = self._spin.SpinPool(0, start=False)
+            return self._solo if self._solo.lock.acquire(blocking=False) else None
+        if rows > self.pool_max_rows:
             return None
         pool = self._spin.shared(threads)
         return pool if pool.lock.acquire(blocking=False) else None  # another thread has it: the old path
@@ -393,18 +401,18 @@ class FusedDense:
     def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         norm, qkv, o, _, gate_up, _ = self.layers[layer]
         t = x.shape[0]
-        if t <= self.pool_max_rows:
+        pool = self._pool(t)
+        if pool is not None:
             # The outputs leave (attention requests): fresh numpy memory seen as bfloat16 tensors, which costs
             # less than torch.empty plus a view back to bits; the intermediates are kept (_scratch).
             q = np.empty((t, self.nq, self.d), np.int16)
             k = np.empty((t, self.nk, self.d), np.int16)
             v = np.empty((t, self.nk, self.d), np.int16)
-        pool = self._pool(t)
-        if pool is not None:
             rope = self._rope_bits
             if rope is None or rope[0] is not cos or rope[1] is not sin:  # once per step: the same table every layer
                 rope = self._rope_bits = (cos, sin, _bits(cos.view(t, -1)), _bits(sin.view(t, -1)))
-            n_o, n_gate_up = self._prefetch_counts(o.wb, gate_up)
+            # A worker's prefetch during attention; the solo pool has no worker
+            n_o, n_gate_up = self._prefetch_counts(o.wb, gate_up) if pool is not self._solo else (0, 0)
             try:
                 pool.run(self._spin.pool_pre, self._in_bits(x), norm, self.eps, qkv.wb, qkv.bias, self._scratch(t)[0],
                          rope[2], rope[3], self.nq, self.nk, q, k, v, o.wb, n_o, gate_up, n_gate_up,
@@ -423,9 +431,9 @@ class FusedDense:
     def post(self, layer: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         _, _, o, norm, gate_up, down = self.layers[layer]
         t = x.shape[0]
-        x2 = np.empty((t, x.shape[1]), np.int16) if t <= self.pool_max_rows else None
         pool = self._pool(t)
         if pool is not None:
+            x2 = np.empty((t, x.shape[1]), np.int16)
             try:
                 _, x1, act = self._scratch(t)
                 pool.run(self._spin.pool_post, _bits(attn).reshape(t, -1), o.wb, self._zero, self._in_bits(x), x1,
@@ -446,7 +454,7 @@ class FusedDense:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         head = self.head
         out = torch.empty(x.shape[0], head.out_features, dtype=torch.float32)
-        pool = self._pool(x.shape[0])
+        pool = self._pool(x.shape[0]) if torch.get_num_threads() > 1 else None  # one thread: norm_linear_f32
         if pool is not None:
             try:
                 pool.run(self._spin.pool_norm_linear, _bits(x), self.final_norm, self.eps, True, head.wb, head.bias,
