@@ -20,6 +20,8 @@ Activations travel as bfloat16 bits (torch bfloat16 tensors viewed as int16).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from llvmlite import ir
@@ -311,6 +313,7 @@ class FusedDense:
         self._spin, self.pool_max_rows = spin_pool, spin_pool.POOL_MAX_ROWS
         self.prefetch_bytes = spin_pool.PREFETCH_BYTES  # see pool_pre; 0 turns the prefetch off
         self.default_pool_max_rows = self.pool_max_rows
+        self._cpus = _allowed_cpus()
         self._solo, self._solo_max_rows = None, spin_pool.POOL_MAX_ROWS  # one thread's pool (see _pool); 0: off
         width = max(max(L[2].wb.shape[0], L[4].shape[0], L[5].wb.shape[0]) for L in self.layers) if self.layers else 0
         self._zero = np.zeros(width * BLOCK, np.float32)  # the bias of the bias-free pool calls
@@ -352,13 +355,20 @@ class FusedDense:
         return (model.dtype == torch.bfloat16 and model.device.type == "cpu" and not c.qk_norm
                 and c.intermediate_size % BLOCK == 0)
 
+    def _threads(self) -> int:
+        """The compute threads: torch's setting, at most the CPUs this process may run on. Not torch's alone:
+        Numba's OpenMP layer sets OpenMP's thread count to its own at each parallel region (torch reads 2
+        again after one, though set to 1), and a compute process pinned to one CPU (a cluster's, bench_e2e
+        --split-cores) then split its GEMVs over two threads on that one CPU."""
+        return min(torch.get_num_threads(), self._cpus)
+
     def _split(self, wb) -> bool:
-        return wb.nbytes >= self.min_bytes and torch.get_num_threads() > 1
+        return wb.nbytes >= self.min_bytes and self._threads() > 1
 
     def _pool(self, rows: int):
         """The spin pool (held: release it) for a call of `rows` rows, or None: then Numba's prange
         (larger batches, where a parallel region's wake-up is small against the work) or one thread."""
-        threads = torch.get_num_threads()
+        threads = self._threads()
         if threads <= 1:
             # One thread: a pool of no worker, which runs every unit on the caller. Nothing spins, so it serves
             # a cluster's compute side too (where pool_max_rows is 0); what it saves is per-call work: a pre or
@@ -454,7 +464,8 @@ class FusedDense:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         head = self.head
         out = torch.empty(x.shape[0], head.out_features, dtype=torch.float32)
-        pool = self._pool(x.shape[0]) if torch.get_num_threads() > 1 else None  # one thread: norm_linear_f32
+        self._cpus = _allowed_cpus()  # once a step: a process may be pinned after the model is made
+        pool = self._pool(x.shape[0]) if self._threads() > 1 else None  # one thread: norm_linear_f32
         if pool is not None:
             try:
                 pool.run(self._spin.pool_norm_linear, _bits(x), self.final_norm, self.eps, True, head.wb, head.bias,
@@ -464,6 +475,14 @@ class FusedDense:
             return out
         norm_linear_f32(_bits(x), self.final_norm, self.eps, head.wb, head.bias, out.numpy(), self._split(head.wb))
         return out
+
+
+def _allowed_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _bf16_out(gemv):
