@@ -13,11 +13,15 @@ input k, one 32-byte load widened to a 16-lane float32 vector and one FMA with x
 broadcast (AVX-512's embedded broadcast), accumulating 16 outputs in a register, in
 float32. The last block is padded with zero rows, so `in` and `out` may be anything.
 
-Batch rows are taken 4 at a time (4 accumulators share each widened weight vector,
-which stays in L1 for the next 4 rows: a block is 16 x in x 2 bytes, 18 kB at in 576);
-a single row splits k over 4 accumulators so the FMA latency is hidden. Blocks are
-split over Numba's threads (prange); with one thread, or a call too small to be worth
-waking the second (see `parallel_min_blocks`), the serial twin runs instead.
+The activations are float32 in row panels (`panel_index`): 16 rows k-major, so the 16
+values one input k multiplies are one 64-byte line. Batch rows are taken 16 at a time
+(16 accumulators share each widened weight vector: per k one weight load, its 2-uop
+widen and 16 FMAs with embedded broadcasts at fixed offsets; ~77 % of the FMA peak at
+16 rows with the block in L1), the last panel's rows 8, 4, then 1 at a time; a single
+row splits k over 4 accumulators so the FMA latency is hidden. Each block prefetches its
+neighbours into L2, so one thread streams the weights from DRAM while it computes. Blocks
+are split over Numba's threads (prange); with one thread, or a call too small to be worth
+waking the second (PARALLEL_MIN_BYTES), the serial twin runs instead.
 """
 
 from __future__ import annotations
@@ -77,17 +81,17 @@ def flat(typingctx, arr):
     the caller holds arr."""
     if not isinstance(arr, types.Array) or arr.layout != "C":
         return None
-    flat = types.Array(arr.dtype, 1, "C")
+    view = types.Array(arr.dtype, 1, "C")
 
     def codegen(context, builder, signature, args):
         src = context.make_array(signature.args[0])(context, builder, args[0])
-        out = context.make_array(flat)(context, builder)
+        out = context.make_array(view)(context, builder)
         itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(arr.dtype)))
         context.populate_array(out, data=src.data, shape=[src.nitems], strides=[itemsize], itemsize=itemsize,
                                meminfo=None)
         return out._getvalue()
 
-    return flat(arr), codegen
+    return view(arr), codegen
 
 
 # Not inlined: every caller (serial, parallel, the fused kernels) calls one compiled copy, which
