@@ -17,10 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from lamina_p2p.model.bench_dense import random_model
-from lamina_p2p.model.gemv import BLOCK, WIDE_MIN_ROWS, Gemv, pack
+import numpy as np
+
+from lamina_p2p.model import fused as fused_mod
+from lamina_p2p.model.gemv import BLOCK, PANEL, WIDE_MIN_ROWS, Gemv, pack, to_panels
 
 SHAPES = [(1, 1), (15, 7), (17, 77), (33, 130), (100, 64)]
-ROWS = [1, 2, 3, 5, 8, 9, 16, 17, 33, WIDE_MIN_ROWS + 3]  # the last: a prefill chunk, widened weights
+# 29: a full panel and one of 13 (8 + 4 + 1 rows); 64: four full panels. The last: a prefill chunk, widened weights
+ROWS = [1, 2, 3, 5, 8, 9, 16, 17, 29, 33, 64, WIDE_MIN_ROWS + 3]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -55,6 +59,34 @@ def test_pack_lays_out_16_row_blocks_k_major_and_pads_with_zeros():
         pack(torch.ones(2, 2, dtype=torch.float64))
 
 
+def test_activations_are_laid_out_in_k_major_panels_of_16_rows():
+    rows, k_in = 20, 3  # a full panel, then one of 4 rows
+    x = np.arange(rows * k_in, dtype=np.float32).reshape(rows, k_in)
+    xs = np.empty_like(x)
+    to_panels(x, xs)
+    flat = xs.reshape(-1)
+    assert np.array_equal(flat[: PANEL * k_in].reshape(k_in, PANEL), x[:PANEL].T)  # [k, row]: one line a k
+    assert np.array_equal(flat[PANEL * k_in:].reshape(k_in, rows - PANEL), x[PANEL:].T)
+    one = np.empty((1, k_in), np.float32)
+    to_panels(x[:1], one)
+    assert np.array_equal(one, x[:1])  # one row: the row-major layout itself
+
+
+@pytest.mark.parametrize("rows", [1, 16, 21])
+def test_head_into_float32_logits_equals_the_scratch_path(rows):
+    g = torch.Generator().manual_seed(rows)
+    n_out, k_in = 100, 40  # 100 outputs: a partial last block
+    lin = Gemv((torch.randn(n_out, k_in, generator=g) / k_in ** 0.5).to(torch.bfloat16), None)
+    x = torch.randn(rows, k_in, generator=g).to(torch.bfloat16).view(torch.int16).numpy()
+    norm = torch.randn(k_in, generator=g).to(torch.bfloat16).view(torch.int16).numpy()
+    want = np.empty((rows, n_out), np.float32)
+    fused_mod.norm_linear(x, norm, 1e-5, True, lin.wb, lin.bias, want, False, False)
+    for split in (False, True):
+        got = np.full((rows, n_out), np.nan, np.float32)
+        fused_mod.norm_linear_f32(x, norm, 1e-5, lin.wb, lin.bias, got, split)
+        assert np.array_equal(got, want)
+
+
 # Awkward sizes for the fused layer: hidden and head count not multiples of 16 (the
 # intermediate size must be: the gate/up blocks are interleaved), GQA, a 100-token vocabulary.
 GEOMETRY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 40,
@@ -80,7 +112,7 @@ def test_fused_layer_matches_the_torch_ops(split, monkeypatch):
     monkeypatch.setattr(fused._fused, "min_bytes", 0 if split else 1 << 62)
     g = torch.Generator().manual_seed(4)
     c = base.config
-    for rows in (1, 3, 17, WIDE_MIN_ROWS + 5):  # the last: a prefill chunk, the torch ops over widened weights
+    for rows in (1, 3, 17, 29, WIDE_MIN_ROWS + 5):  # the last: a prefill chunk, the torch ops over widened weights
         x = torch.randn(rows, c.hidden_size, generator=g).to(torch.bfloat16)
         positions = torch.randint(0, 200, (rows,), generator=g)
         attn = torch.randn(rows, c.num_heads, c.head_dim, generator=g).to(torch.bfloat16)
@@ -103,3 +135,33 @@ def test_fused_path_only_where_it_applies():
     assert odd._fused is None and odd._linears[0][0].layout == "gemv"  # per-GEMV kernel instead
     f32 = random_model("float32", geometry=GEOMETRY).prepare("gemv")
     assert f32._fused is None
+
+
+@torch.inference_mode()
+def test_one_thread_runs_a_layer_in_one_call_with_the_same_bits():
+    """With one compute thread pre and post go through a pool of no worker (one compiled call each, kept
+    scratch): the same bits as the separate serial calls, chained as the engine calls them."""
+    base = random_model("bfloat16", seed=7, geometry=GEOMETRY)
+    solo, serial = copy.deepcopy(base).prepare("gemv"), copy.deepcopy(base).prepare("gemv")
+    serial._fused._solo_max_rows = 0
+    serial._fused.pool_max_rows = solo._fused.pool_max_rows = 0  # as a cluster's compute side sets it
+    g = torch.Generator().manual_seed(8)
+    c = base.config
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows in (1, 3, 17, 29):
+            x = torch.randn(rows, c.hidden_size, generator=g).to(torch.bfloat16)
+            positions = torch.randint(0, 200, (rows,), generator=g)
+            attn = torch.randn(rows, c.num_heads, c.head_dim, generator=g).to(torch.bfloat16)
+            xa = xb = x
+            for layer in range(c.num_layers):
+                for a, b in zip(solo.pre(layer, xa, positions), serial.pre(layer, xb, positions)):
+                    assert torch.equal(a, b)
+                xa, xb = solo.post(layer, xa, attn), serial.post(layer, xb, attn)
+                assert torch.equal(xa, xb)
+            assert torch.equal(solo.logits(xa), serial.logits(xb))
+        assert solo._fused._solo is not None and serial._fused._solo is None
+        assert not solo._fused._solo.lock.locked()
+    finally:
+        torch.set_num_threads(threads)

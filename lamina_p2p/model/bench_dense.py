@@ -223,6 +223,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    import numba
+
+    # Numba's too: its OpenMP layer resets OpenMP's (so torch's) thread count to its own at each parallel region.
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     t_start = time.perf_counter()
 
     def log(msg):

@@ -20,6 +20,8 @@ Activations travel as bfloat16 bits (torch bfloat16 tensors viewed as int16).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from llvmlite import ir
@@ -28,7 +30,7 @@ from numba.extending import intrinsic
 
 from lamina_kernels.softmax import exp_nonpos, u32_as_f32
 
-from .gemv import BLOCK, WIDE_MIN_ROWS, _JIT, _block, widened_t
+from .gemv import BLOCK, PANEL, WIDE_MIN_ROWS, _JIT, _block, at, flat, put, widened_t
 
 
 @intrinsic
@@ -67,20 +69,38 @@ def _round(f):
 
 @njit(inline="always", **_JIT)
 def _load_rows(x, xs, norm_w, eps, use_norm):
-    """xs[r, k] = float32 of row r of x (bfloat16 bits), RMS-normalised and scaled when use_norm."""
+    """xs = float32 of the rows of x (bfloat16 bits), RMS-normalised and scaled when use_norm, in the
+    gemv kernel's panel layout (gemv.panel_index; xs is [rows, in] C-ordered memory)."""
     rows, h = x.shape
-    for r in range(rows):
+    xf, x1, nw = flat(xs), flat(x), flat(norm_w)
+    inv = np.empty(PANEL, np.float32)  # not np.ones: see _zeros
+    for g0 in range(0, rows, PANEL):
+        width = min(PANEL, rows - g0)
+        p0 = g0 * h
         if use_norm:
-            ss = 0.0
-            for k in range(h):
-                f = bf16_value(x[r, k])
-                ss += np.float64(f) * np.float64(f)
-            inv = np.float32(1.0) / np.sqrt(np.float32(ss / h) + np.float32(eps))
-            for k in range(h):
-                xs[r, k] = _round(_round(bf16_value(x[r, k]) * inv) * bf16_value(norm_w[k]))
-        else:
-            for k in range(h):
-                xs[r, k] = bf16_value(x[r, k])
+            for c in range(width):
+                src = (g0 + c) * h
+                ss = 0.0
+                for k in range(h):
+                    f = bf16_value(at(x1, src + k))
+                    ss += np.float64(f) * np.float64(f)
+                inv[c] = np.float32(1.0) / np.sqrt(np.float32(ss / h) + np.float32(eps))
+        # A panel is written k-major, a row at a time: in tiles of LOAD_TILE inputs, so that the lines a row
+        # writes are still in L1 for the next row (a whole panel at 1536 inputs is 98 kB: 7x slower untiled).
+        for k0 in range(0, h, LOAD_TILE):
+            k1 = min(h, k0 + LOAD_TILE)
+            for c in range(width):
+                src = (g0 + c) * h
+                if use_norm:
+                    s = inv[c]
+                    for k in range(k0, k1):
+                        put(xf, p0 + k * width + c, _round(_round(bf16_value(at(x1, src + k)) * s) * bf16_value(at(nw, k))))
+                else:
+                    for k in range(k0, k1):
+                        put(xf, p0 + k * width + c, bf16_value(at(x1, src + k)))
+
+
+LOAD_TILE = 64
 
 
 @njit(parallel=True, **_JIT)
@@ -106,14 +126,48 @@ def norm_linear(x, norm_w, eps, use_norm, wb, bias, out, round_out, split):
             _store(yf, out, j, n_out, round_out)
 
 
+@njit(parallel=True, **_JIT)
+def norm_linear_f32(x, norm_w, eps, wb, bias, out, split):
+    """out[r] = RMSNorm(x[r]) @ w.T + b into float32 out [rows, out] directly (the LM head: norm_linear with
+    round_out False would write every logit to a scratch first and copy it, 2 x 3 MB more at 16 rows of SmolLM2)."""
+    rows, n_out = out.shape
+    nb = wb.shape[0]
+    xs = np.empty((rows, x.shape[1]), np.float32)
+    _load_rows(x, xs, norm_w, eps, True)
+    tail = np.empty((rows, BLOCK), np.float32)  # the last, partial block's rows (gemv._put)
+    if split:
+        for j in prange(nb):
+            _block(xs, wb, bias, out, tail, j, n_out)
+    else:
+        for j in range(nb):
+            _block(xs, wb, bias, out, tail, j, n_out)
+
+
+@njit(inline="always", **_JIT)
+def _zeros(n):
+    """n float32 zeros without np.zeros: inside a parallel=True function np.zeros becomes a parallel loop of its
+    own, and with the output blocks on one thread (split False) waking Numba's pool for it cost a scheduler
+    time slice (~8 ms) whenever the other CPU was busy."""
+    z = np.empty(n, np.float32)
+    for i in range(n):
+        z[i] = 0.0
+    return z
+
+
 @njit(inline="always", **_JIT)
 def _store(yf, out, j, n_out, round_out):
+    """out[:, block j] = yf's (rounded to bfloat16 bits when round_out, else as is: float32 out)."""
+    w = yf.shape[1]
+    yv, ov = flat(yf), flat(out)
+    c0 = j * BLOCK
+    n = min(n_out - c0, BLOCK)
     for r in range(out.shape[0]):
-        for c in range(j * BLOCK, min(n_out, (j + 1) * BLOCK)):
-            if round_out:
-                out[r, c] = bf16_bits(yf[r, c])
-            else:
-                out[r, c] = yf[r, c]
+        if round_out:
+            for i in range(n):
+                put(ov, r * n_out + c0 + i, bf16_bits(at(yv, r * w + c0 + i)))
+        else:
+            for i in range(n):
+                put(ov, r * n_out + c0 + i, at(yv, r * w + c0 + i))
 
 
 @njit(parallel=True, **_JIT)
@@ -126,7 +180,7 @@ def linear_add(x, wb, res, out, split):
     _load_rows(x, xs, x[0], np.float32(0.0), False)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     tail = np.empty((0, BLOCK), np.float32)
-    zero = np.zeros(nb * BLOCK, np.float32)
+    zero = _zeros(nb * BLOCK)
     if split:
         for j in prange(nb):
             _block(xs, wb, zero, yf, tail, j, nb * BLOCK)
@@ -139,9 +193,14 @@ def linear_add(x, wb, res, out, split):
 
 @njit(inline="always", **_JIT)
 def _store_add(yf, res, out, j, n_out):
+    w = yf.shape[1]
+    yv, rv, ov = flat(yf), flat(res), flat(out)
+    c0 = j * BLOCK
+    n = min(n_out - c0, BLOCK)
     for r in range(out.shape[0]):
-        for c in range(j * BLOCK, min(n_out, (j + 1) * BLOCK)):
-            out[r, c] = bf16_bits(bf16_value(res[r, c]) + _round(yf[r, c]))
+        for i in range(n):
+            o = r * n_out + c0 + i
+            put(ov, o, bf16_bits(bf16_value(at(rv, o)) + _round(at(yv, r * w + c0 + i))))
 
 
 @njit(parallel=True, **_JIT)
@@ -158,7 +217,7 @@ def norm_swiglu(x, norm_w, eps, wb, out, split):
     _load_rows(x, xs, norm_w, eps, True)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     tail = np.empty((0, BLOCK), np.float32)
-    zero = np.zeros(nb * BLOCK, np.float32)
+    zero = _zeros(nb * BLOCK)
     if split:
         for m in prange(nb // 2):
             _swiglu_pair(xs, wb, zero, yf, tail, m, out)
@@ -172,16 +231,18 @@ def _swiglu_pair(xs, wb, zero, yf, tail, m, out):
     n = wb.shape[0] * BLOCK
     _block(xs, wb, zero, yf, tail, 2 * m, n)
     _block(xs, wb, zero, yf, tail, 2 * m + 1, n)
+    yv, ov = flat(yf), flat(out)
+    inter = out.shape[1]
     for r in range(out.shape[0]):
         for i in range(BLOCK):
-            g = _round(yf[r, 2 * m * BLOCK + i])
-            u = _round(yf[r, (2 * m + 1) * BLOCK + i])
+            g = _round(at(yv, r * n + 2 * m * BLOCK + i))
+            u = _round(at(yv, r * n + (2 * m + 1) * BLOCK + i))
             # SiLU = g * sigmoid(g) from exp(-|g|) <= 1 (exp_nonpos: a polynomial that vectorises,
             # ~1 ulp from expf, where np.exp is a scalar call per element): 16 elements in a few ns.
             e = exp_nonpos(-abs(g))
             sig = (np.float32(1.0) if g >= 0 else e) / (np.float32(1.0) + e)
             s = _round(g * sig)
-            out[r, m * BLOCK + i] = bf16_bits(s * u)
+            put(ov, r * inter + m * BLOCK + i, bf16_bits(s * u))
 
 
 @njit(**_JIT)
@@ -191,19 +252,25 @@ def rope_split(qkv, cos, sin, nq, nk, q, k, v):
     x * cos + roll(x, D/2) * sin, each product and the sum rounded to bfloat16."""
     t, nh, d = q.shape[0], nq + nk, q.shape[2]
     half = d // 2
+    width = qkv.shape[1]
+    src, cv, sv, qv, kv, vv = flat(qkv), flat(cos), flat(sin), flat(q), flat(k), flat(v)
     for r in range(t):
+        row = r * width
         for h in range(nh):
-            base = h * d
-            for i in range(d):
-                a = _round(bf16_value(qkv[r, base + i]) * bf16_value(cos[r, i]))
-                b = _round(bf16_value(qkv[r, base + (i + half) % d]) * bf16_value(sin[r, i]))
-                if h < nq:
-                    q[r, h, i] = bf16_bits(a + b)
-                else:
-                    k[r, h - nq, i] = bf16_bits(a + b)
+            base = row + h * d
+            dst, to = (qv, (r * nq + h) * d) if h < nq else (kv, (r * nk + h - nq) * d)
+            # roll(x, D/2): element i pairs with i + D/2 in the first half, i - D/2 in the second (no modulo)
+            for i in range(half):
+                a = _round(bf16_value(at(src, base + i)) * bf16_value(at(cv, r * d + i)))
+                b = _round(bf16_value(at(src, base + i + half)) * bf16_value(at(sv, r * d + i)))
+                put(dst, to + i, bf16_bits(a + b))
+            for i in range(half, d):
+                a = _round(bf16_value(at(src, base + i)) * bf16_value(at(cv, r * d + i)))
+                b = _round(bf16_value(at(src, base + i - half)) * bf16_value(at(sv, r * d + i)))
+                put(dst, to + i, bf16_bits(a + b))
         for h in range(nk):
             for i in range(d):
-                v[r, h, i] = qkv[r, (nh + h) * d + i]
+                put(vv, (r * nk + h) * d + i, at(src, row + (nh + h) * d + i))
 
 
 def pack_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
@@ -246,6 +313,8 @@ class FusedDense:
         self._spin, self.pool_max_rows = spin_pool, spin_pool.POOL_MAX_ROWS
         self.prefetch_bytes = spin_pool.PREFETCH_BYTES  # see pool_pre; 0 turns the prefetch off
         self.default_pool_max_rows = self.pool_max_rows
+        self._cpus = _allowed_cpus()
+        self._solo, self._solo_max_rows = None, spin_pool.POOL_MAX_ROWS  # one thread's pool (see _pool); 0: off
         width = max(max(L[2].wb.shape[0], L[4].shape[0], L[5].wb.shape[0]) for L in self.layers) if self.layers else 0
         self._zero = np.zeros(width * BLOCK, np.float32)  # the bias of the bias-free pool calls
         # A prefill chunk of wide_min_rows tokens or more is compute-bound: transformer.py runs it
@@ -286,16 +355,30 @@ class FusedDense:
         return (model.dtype == torch.bfloat16 and model.device.type == "cpu" and not c.qk_norm
                 and c.intermediate_size % BLOCK == 0)
 
+    def _threads(self) -> int:
+        """The compute threads: torch's setting, at most the CPUs this process may run on. Not torch's alone:
+        Numba's OpenMP layer sets OpenMP's thread count to its own at each parallel region (torch reads 2
+        again after one, though set to 1), and a compute process pinned to one CPU (a cluster's, bench_e2e
+        --split-cores) then split its GEMVs over two threads on that one CPU."""
+        return min(torch.get_num_threads(), self._cpus)
+
     def _split(self, wb) -> bool:
-        return wb.nbytes >= self.min_bytes and torch.get_num_threads() > 1
+        return wb.nbytes >= self.min_bytes and self._threads() > 1
 
     def _pool(self, rows: int):
         """The spin pool (held: release it) for a call of `rows` rows, or None: then Numba's prange
         (larger batches, where a parallel region's wake-up is small against the work) or one thread."""
-        if rows > self.pool_max_rows:
-            return None
-        threads = torch.get_num_threads()
+        threads = self._threads()
         if threads <= 1:
+            # One thread: a pool of no worker, which runs every unit on the caller. Nothing spins, so it serves
+            # a cluster's compute side too (where pool_max_rows is 0); what it saves is per-call work: a pre or
+            # post is one compiled call on kept scratch instead of three or four calls on new torch tensors.
+            if rows > self._solo_max_rows:
+                return None
+            if self._solo is None:
+                self._solo = self._spin.SpinPool(0, start=False)
+            return self._solo if self._solo.lock.acquire(blocking=False) else None
+        if rows > self.pool_max_rows:
             return None
         pool = self._spin.shared(threads)
         return pool if pool.lock.acquire(blocking=False) else None  # another thread has it: the old path
@@ -328,18 +411,18 @@ class FusedDense:
     def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         norm, qkv, o, _, gate_up, _ = self.layers[layer]
         t = x.shape[0]
-        if t <= self.pool_max_rows:
+        pool = self._pool(t)
+        if pool is not None:
             # The outputs leave (attention requests): fresh numpy memory seen as bfloat16 tensors, which costs
             # less than torch.empty plus a view back to bits; the intermediates are kept (_scratch).
             q = np.empty((t, self.nq, self.d), np.int16)
             k = np.empty((t, self.nk, self.d), np.int16)
             v = np.empty((t, self.nk, self.d), np.int16)
-        pool = self._pool(t)
-        if pool is not None:
             rope = self._rope_bits
             if rope is None or rope[0] is not cos or rope[1] is not sin:  # once per step: the same table every layer
                 rope = self._rope_bits = (cos, sin, _bits(cos.view(t, -1)), _bits(sin.view(t, -1)))
-            n_o, n_gate_up = self._prefetch_counts(o.wb, gate_up)
+            # A worker's prefetch during attention; the solo pool has no worker
+            n_o, n_gate_up = self._prefetch_counts(o.wb, gate_up) if pool is not self._solo else (0, 0)
             try:
                 pool.run(self._spin.pool_pre, self._in_bits(x), norm, self.eps, qkv.wb, qkv.bias, self._scratch(t)[0],
                          rope[2], rope[3], self.nq, self.nk, q, k, v, o.wb, n_o, gate_up, n_gate_up,
@@ -358,9 +441,9 @@ class FusedDense:
     def post(self, layer: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         _, _, o, norm, gate_up, down = self.layers[layer]
         t = x.shape[0]
-        x2 = np.empty((t, x.shape[1]), np.int16) if t <= self.pool_max_rows else None
         pool = self._pool(t)
         if pool is not None:
+            x2 = np.empty((t, x.shape[1]), np.int16)
             try:
                 _, x1, act = self._scratch(t)
                 pool.run(self._spin.pool_post, _bits(attn).reshape(t, -1), o.wb, self._zero, self._in_bits(x), x1,
@@ -381,7 +464,8 @@ class FusedDense:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         head = self.head
         out = torch.empty(x.shape[0], head.out_features, dtype=torch.float32)
-        pool = self._pool(x.shape[0])
+        self._cpus = _allowed_cpus()  # once a step: a process may be pinned after the model is made
+        pool = self._pool(x.shape[0]) if self._threads() > 1 else None  # one thread: norm_linear_f32
         if pool is not None:
             try:
                 pool.run(self._spin.pool_norm_linear, _bits(x), self.final_norm, self.eps, True, head.wb, head.bias,
@@ -389,9 +473,16 @@ class FusedDense:
             finally:
                 pool.lock.release()
             return out
-        norm_linear(_bits(x), self.final_norm, self.eps, True, head.wb, head.bias, out.numpy(), False,
-                    self._split(head.wb))
+        norm_linear_f32(_bits(x), self.final_norm, self.eps, head.wb, head.bias, out.numpy(), self._split(head.wb))
         return out
+
+
+def _allowed_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _bf16_out(gemv):
