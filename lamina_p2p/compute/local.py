@@ -52,6 +52,7 @@ class LocalTransport:
         # pool's own row limit, so the worker is awake exactly when the dense calls use it.
         self.pool_max_tokens = POOL_MAX_TOKENS
         self._spin = None  # (spin_pool.current, pool_attention.attend), imported on first use
+        self.pooled_calls = 0  # calls run on the spin pool (tests, traces)
 
     # -- control path -----------------------------------------------------------
     def bind(self, owner: str, geometry: dict) -> None:
@@ -125,6 +126,7 @@ class LocalTransport:
             pool = self._spin[0]()
             if pool is not None and pool.lock.acquire(blocking=False):  # held: another caller, the old path
                 try:
+                    self.pooled_calls += 1
                     return self._spin[1](pool, *self.service.kernel_args(req))
                 finally:
                     pool.lock.release()
