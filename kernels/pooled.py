@@ -38,10 +38,13 @@ from .items import merge_group as _merge_group
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 
-# Smallest key range of an item, and the key multiple items are cut at. At batch 1, ctx
-# 512, SmolLM2 (3 kv heads of 513 keys) this gives two items of 256/257 keys per head:
-# even shares for two threads (see tools/bench_kernels.py --spin-pool).
-MIN_SPLIT = 128
+# Smallest key range of an item, and the key multiple items are cut at. Measured at batch 1
+# on SmolLM2's 9/3/64 bf16 (tools/bench_kernels.py --spin-pool, /work/notes/pool.md): each
+# extra item costs ~1 us (its query rows, normalisation, the merge), so at ctx 512 the three
+# whole heads (2:1 over two threads) were as fast as six or nine even items with the worker
+# helping, and 3-5 us faster when it could not (the other CPU busy); from ctx 1024 splits pay.
+# 576 keeps a 513-key decode whole and cuts 1025 keys in two (528 + 497).
+MIN_SPLIT = 576
 ALIGN = 16
 
 # The record's fields (int64). Arrays are (address, shape...) as rebuilt by run_item.
