@@ -132,16 +132,32 @@ def test_a_split_call_is_shared_with_the_worker(spinning):
     wait_until(shared, what="the worker to compute an item")
 
 
-def test_a_prefetch_left_open_is_closed_first(spinning):
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_a_prefetch_left_open_is_closed_first_then_goes_on(spinning, read_ahead):
     from lamina_p2p.model.gemv import Gemv
 
     w = Gemv(torch.randn(16 * 40, 96).to(torch.bfloat16), None)
-    args = _case((9, 3, 64), "float16", [300], 1, 4)
-    want = _pooled(spinning, _copy(args))
-    spinning.run(sp._open_prefetch, w.wb, 40, w.wb, 40, keep=(w.wb,))
-    assert spinning.ctl[sp.SEQ] % 2 == 0
-    got = _pooled(spinning, _copy(args))
-    assert np.array_equal(got[0], want[0]) and spinning.ctl[sp.SEQ] % 2 == 1 and spinning._kept is None
+    args = _case((9, 3, 64), "float16", [3000], 1, 4)
+    want = _pooled(spinning, _copy(args), min_split=64)
+    spinning.attend_read_ahead = read_ahead
+    try:
+        for _ in range(3):
+            spinning.run(sp._open_prefetch, w.wb, 40, w.wb, 40, keep=(w.wb,))
+            assert spinning.ctl[sp.SEQ] % 2 == 0
+            got = _pooled(spinning, _copy(args), min_split=64)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+            # With read_ahead the prefetch is open again (its arrays held) for the next op to close.
+            assert spinning.ctl[sp.SEQ] % 2 == (0 if read_ahead else 1)
+            assert (spinning._kept is not None) == read_ahead
+        got = _pooled(spinning, _copy(args), min_split=64)  # closes it first, reopens it
+        assert np.array_equal(got[0], want[0])
+        if read_ahead:
+            wait_until(lambda: spinning.ctl[sp.A_OP] == sp.OP_PREFETCH and spinning.ctl[sp.PREFETCHED] > 0,
+                       what="the worker to read ahead")
+    finally:
+        spinning.attend_read_ahead = True
+        sp._close_prefetch(spinning.ctl)
+        spinning._kept = None
 
 
 def _bad_calls():

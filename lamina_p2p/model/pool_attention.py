@@ -26,25 +26,30 @@ from lamina_kernels.checks import DT
 from lamina_kernels.drivers import SIGNATURES
 
 from .atomics import address
-from .spin_pool import A_FN, A_OP, A_REC, OP_ATTEND, _drive
+from .spin_pool import A_AFTER, A_FN, A_OP, A_REC, OP_ATTEND, OP_PREFETCH, SEQ, _drive, reopen_prefetch
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def pool_attend(ctl, fn, align, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
+def pool_attend(ctl, fn, align, read_ahead, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
                 kv_start, context_lens, layer, scale, bf16, n_threads, min_split, out, lse):
     """Check, plan and append (pooled.setup: nothing posted or written when the call is malformed),
-    run the items on the pool (fn: pooled.item_fn()), merge. Returns (error, sequence, wake mask);
-    error as drivers.append_attend's."""
+    run the items on the pool (fn: pooled.item_fn()), merge. With read_ahead, an OP_PREFETCH left open
+    (pool_pre's) goes on: on the workers once no unit is left, then reopened after the op until the next
+    (the post's first). Returns (error, sequence, wake mask); error as drivers.append_attend's."""
     err, seq, rec, keep = KP.setup(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
                                    kv_start, context_lens, layer, scale, bf16, n_threads, min_split,
                                    align, out, lse)
     if err != 0:
         return err, seq, np.int64(0)
+    ahead = read_ahead and ctl[SEQ] % 2 == 0 and ctl[A_OP] == OP_PREFETCH  # only the caller writes them
     ctl[A_OP] = OP_ATTEND
     ctl[A_FN] = fn
     ctl[A_REC] = address(rec)
+    ctl[A_AFTER] = ahead
     wake = _drive(ctl, rec[KP.R_NITEMS])  # closes a read-ahead pool_pre left open first
     KP.finish(rec, q_start, keep, out, lse)
+    if ahead:
+        wake |= reopen_prefetch(ctl)
     return np.int64(0), np.int64(0), wake
 
 
@@ -62,7 +67,7 @@ def _compile() -> None:
         if _COMPILED is None:
             for sig in SIGNATURES:
                 a = sig.args  # inline_work's int64 slot carries min_split
-                pool_attend.compile((_CTL, types.int64, types.int64) + a)
+                pool_attend.compile((_CTL, types.int64, types.int64, types.boolean) + a)
             pool_attend.disable_compile()
             _FN = KP.item_fn()
             _COMPILED = True
@@ -87,16 +92,17 @@ def attend(pool, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_sta
         if lse is None:
             lse = np.empty(q.shape[:2], np.float32)
         try:
-            err, _, wake = pool_attend(pool.ctl, _FN, KP.ALIGN if align is None else align, q, k_new, v_new, k_pool,
-                                       v_pool, block_table, table_rows, q_start, kv_start, context_lens, layer,
-                                       float(scale), storage == "bfloat16", pool.workers + 1,
+            err, _, wake = pool_attend(pool.ctl, _FN, KP.ALIGN if align is None else align, pool.attend_read_ahead,
+                                       q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
+                                       context_lens, layer, float(scale), storage == "bfloat16", pool.workers + 1,
                                        KP.MIN_SPLIT if min_split is None else min_split, out, lse)
         except TypeError:
             err = -1
     if err:
         return lk.append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
                                 context_lens, layer, scale, storage, out=out, lse=lse)
-    pool._kept = None  # the op closed any read-ahead pool_pre left open: its arrays may go
+    if pool.ctl[SEQ] % 2:
+        pool._kept = None  # no read-ahead open any more: its arrays may go
     if wake:
         pool.wake(wake)
     return out, lse

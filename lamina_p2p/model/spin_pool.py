@@ -51,6 +51,8 @@ A_OP, A_UNITS, A_XS, A_ROWS, A_KIN, A_WB, A_NB, A_BIAS, A_YF, A_OUT, A_NOUT, A_R
 # An OP_ATTEND's: the address of the unit's C callback void(record, unit, thread) and of its record
 # (lamina_kernels.pooled: run_item, setup).
 A_FN, A_REC = 77, 78
+# An OP_ATTEND's workers read ahead (the hints of the OP_PREFETCH it closed) once no unit is left: 1.
+A_AFTER = 79
 WORKED = 80  # units computed by workers, summed over ops (for tests and tuning)
 WAITED = 81  # cycles the caller spent waiting for units workers held, summed over ops (tuning)
 PREFETCHED = 82  # weight blocks workers prefetched, summed (tests and tuning)
@@ -74,6 +76,9 @@ POOL_MAX_ROWS = 64
 # gate/up blocks it will claim first. Its L2 is 2 MB; attention at batch 1 lasts 0.1-0.3 ms, in which one
 # thread reads ~1-3 MB.
 PREFETCH_BYTES = 1_250_000
+# Attention on the pool (pool_attention.py) keeps pool_pre's read-ahead going: on the worker once it has no
+# unit left, then reopened after the call until the post's first op. False: the attention call ends it.
+ATTEND_READ_AHEAD = True
 PREFETCH_YIELD_BLOCKS = 4  # a prefetch gives way to other threads on its CPU every this many blocks (~70 kB)
 
 
@@ -246,6 +251,10 @@ def _worker_loop(ctl, w, spin_cycles):
                     done = _run_op(ctl, w + 1)
                     if done:
                         fetch_add(ctl, WORKED, done)
+                    if ctl[A_OP] == OP_ATTEND and ctl[A_AFTER] != 0:
+                        # attention's last units are the caller's: resume pool_pre's read-ahead of the
+                        # post's weights meanwhile (the caller's close stops it within a block).
+                        fetch_add(ctl, PREFETCHED, _prefetch(ctl, seq))
             fetch_add(ctl, ACTIVE, -1)
             last = seq
             idle_from = cycles()
@@ -330,6 +339,16 @@ def _open_prefetch(ctl, wb0, count0, wb1, count1):
 
 
 @njit(**_JIT)
+def reopen_prefetch(ctl):
+    """Open again the OP_PREFETCH whose hints ctl still holds (an op closed it); returns the wake mask.
+    The caller still holds the hinted arrays (SpinPool.run's `keep`)."""
+    seq = _close_prefetch(ctl) + 1
+    ctl[A_OP] = OP_PREFETCH
+    store_seq_cst(ctl, SEQ, seq)
+    return _claim_parked(ctl)
+
+
+@njit(**_JIT)
 def pool_pre(ctl, x, norm_w, eps, wb, bias, qkv, cos, sin, nq, nk, q, k, v, next_wb0, count0, next_wb1, count1):
     """A layer's pre in one call: pool_norm_linear into qkv (bfloat16 bits), then fused.rope_split
     on the calling thread (a few us), then, when count0 + count1 > 0, an OP_PREFETCH of the post's first two
@@ -382,6 +401,7 @@ class SpinPool:
         self.spin_cycles = int(max(spin_s, 0.0) * _cycles_per_s())
         self.lock = threading.Lock()
         self._kept = None  # arrays an open OP_PREFETCH reads
+        self.attend_read_ahead = ATTEND_READ_AHEAD
         self._events = [threading.Event() for _ in range(workers)]
         self._threads = [threading.Thread(target=self._serve, args=(w,), name=f"lamina-spin-{w}", daemon=True)
                          for w in range(workers)] if start else []
