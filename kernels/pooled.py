@@ -94,6 +94,14 @@ def _readonly(typingctx, arr):
 
 
 @njit(**_JIT)
+def _no_keep():
+    """setup's `keep` of a call that fails its checks (the same types, nothing in them)."""
+    return (np.empty((0, 8), np.int64), np.empty((0, 4), np.int64), np.empty(0, np.int64),
+            np.empty(1, np.float32), np.empty((0, 1, 1), np.float32), np.empty((0, 1), np.float32),
+            _scratch(0, 1, 1, 1))
+
+
+@njit(**_JIT)
 def setup(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
           context_lens, layer, scale, bf16, n_threads, min_split, align, out, lse):
     """Check, validate, plan and append one call (arguments as drivers.append_attend's;
@@ -102,19 +110,11 @@ def setup(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_
     plan.ERRORS code for a malformed call (nothing written then), else 0; record the
     int64 array run_item and finish read; keep the arrays it points to (hold them
     until finish)."""
-    rec = np.zeros(N_REC, np.int64)
-    groups = np.empty((0, 8), np.int64)
-    items = np.empty((0, 4), np.int64)
-    order = np.empty(0, np.int64)
-    scale_a = np.empty(1, np.float32)
-    part_o = np.empty((0, 1, 1), np.float32)
-    part_lse = np.empty((0, 1), np.float32)
-    scratch = _scratch(0, 1, 1, 1)
     if not _shapes_ok(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
                       kv_start, context_lens, layer):
-        return -1, 0, rec, (groups, items, order, scale_a, part_o, part_lse, scratch)
+        return -1, 0, np.zeros(N_REC, np.int64), _no_keep()
     if out.shape != q.shape or lse.shape[0] != q.shape[0] or lse.shape[1] != q.shape[1]:
-        return -1, 0, rec, (groups, items, order, scale_a, part_o, part_lse, scratch)
+        return -1, 0, np.zeros(N_REC, np.int64), _no_keep()
     n_seq = table_rows.shape[0]
     num_kv_heads = k_new.shape[1]
     n_blocks, n_layers, bs, d = k_pool.shape
@@ -128,7 +128,7 @@ def setup(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_
     err, seq = P.validate(block_table, bs, n_blocks, table_rows, q_start, kv_start,
                           context_lens, num_kv_heads)
     if err != 0:
-        return err, seq, rec, (groups, items, order, scale_a, part_o, part_lse, scratch)
+        return err, seq, np.zeros(N_REC, np.int64), _no_keep()
     groups, items, order, n_parts = P.make_plan(q_start, kv_start, context_lens, num_kv_heads,
                                                 q_tile, align, n_threads, min_split)
     for w in range(n_seq * num_kv_heads):  # a decode step's rows: a few KB
@@ -138,7 +138,8 @@ def setup(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_
     part_o = np.empty((n_parts, rmax, d), np.float32)
     part_lse = np.empty((n_parts, rmax), np.float32)
     scratch = _scratch(n_threads, rmax, bs, d)
-    scale_a[0] = scale
+    scale_a = np.full(1, scale, np.float32)
+    rec = np.zeros(N_REC, np.int64)
     rec[R_Q], rec[R_T], rec[R_HQ], rec[R_D] = _address(q), q.shape[0], q.shape[1], d
     rec[R_KP], rec[R_VP] = _address(k_pool), _address(v_pool)
     rec[R_NBLK], rec[R_NLAY], rec[R_BS] = n_blocks, n_layers, bs
