@@ -50,7 +50,7 @@ class LocalTransport:
         # Query tokens up to which a call runs on the engine's spin pool (0: never): the dense pool's own row
         # limit (the worker is awake when the dense calls use it). The pool beat the kernel's own choice at
         # every case measured, B1 and B16 at ctx 512 and 2048 (tools/bench_kernels.py --spin-pool,
-        # tools/bench_pool_attention.py; /work/notes/pool.md).
+        # tools/bench_pool_attention.py).
         self.pool_max_tokens = POOL_MAX_TOKENS
         self._spin = None  # (spin_pool.current, pool_attention.attend), imported on first use
         self.pooled_calls = 0  # calls run on the spin pool (tests, traces)
