@@ -312,6 +312,21 @@ def bench_cpu(ns):
     return rows, skipped, n_threads
 
 
+def _decode_cases(ns, cpu):
+    """Each decode case of the sweeps: (geometry, batch, context, storage, call arguments, out, lse,
+    plan.call_work)."""
+    rng = np.random.default_rng(0)
+    for geom in ns.geometry:
+        for batch in ns.batch:
+            for ctx in ns.contexts:
+                for st in ns.dtypes:
+                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size)
+                    work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
+                                               geom[1], geom[0] // geom[1], geom[2]))
+                    yield (geom, batch, ctx, st, a, np.empty((batch, geom[0], geom[2]), np.float32),
+                           np.empty((batch, geom[0]), np.float32), work)
+
+
 def inline_sweep(ns):
     """Where the calling thread alone beats the threads: per-call time (best of
     --sweep-calls, warm cache) of each decode case run inline and over the threads,
@@ -319,36 +334,26 @@ def inline_sweep(ns):
     from lamina_kernels import append_attend, cpu, warmup
 
     warmup(ns.dtypes)
-    rng = np.random.default_rng(0)
     rows = []
-    for geom in ns.geometry:
-        for batch in ns.batch:
-            for ctx in ns.contexts:
-                for st in ns.dtypes:
-                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size)
-                    out = np.empty((batch, geom[0], geom[2]), np.float32)
-                    lse = np.empty((batch, geom[0]), np.float32)
-                    work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
-                                               geom[1], geom[0] // geom[1], geom[2]))
+    for geom, batch, ctx, st, a, out, lse, work in _decode_cases(ns, cpu):
+        def call(limit, a=a, out=out, lse=lse):
+            cpu._INLINE_WORK = limit
+            append_attend(**a, out=out, lse=lse)
 
-                    def call(limit, a=a, out=out, lse=lse):
-                        cpu._INLINE_WORK = limit
-                        append_attend(**a, out=out, lse=lse)
-
-                    saved = cpu._INLINE_WORK
-                    try:
-                        t_in, t_thr = best_times([functools.partial(call, 1 << 62),
-                                                  functools.partial(call, -1)], ns.sweep_calls)
-                    finally:
-                        cpu._INLINE_WORK = saved
-                    rows.append(dict(geometry="/".join(map(str, geom)), batch=batch, context=ctx,
-                                     dtype=st, work=work, inline_us=t_in * 1e6,
-                                     threads_us=t_thr * 1e6, inline_now=work <= saved))
-                    r = rows[-1]
-                    print(f"{r['geometry']:>10} B{batch:<3} ctx {ctx:6d} {st:>9} work {work:>11,d} "
-                          f"inline {r['inline_us']:8.1f} us  threads {r['threads_us']:8.1f} us  "
-                          f"({'inline' if r['inline_now'] else 'threads'} at the current threshold)",
-                          flush=True)
+        saved = cpu._INLINE_WORK
+        try:
+            t_in, t_thr = best_times([functools.partial(call, 1 << 62),
+                                      functools.partial(call, -1)], ns.sweep_calls)
+        finally:
+            cpu._INLINE_WORK = saved
+        rows.append(dict(geometry="/".join(map(str, geom)), batch=batch, context=ctx,
+                         dtype=st, work=work, inline_us=t_in * 1e6,
+                         threads_us=t_thr * 1e6, inline_now=work <= saved))
+        r = rows[-1]
+        print(f"{r['geometry']:>10} B{batch:<3} ctx {ctx:6d} {st:>9} work {work:>11,d} "
+              f"inline {r['inline_us']:8.1f} us  threads {r['threads_us']:8.1f} us  "
+              f"({'inline' if r['inline_now'] else 'threads'} at the current threshold)",
+              flush=True)
     return rows
 
 
@@ -371,56 +376,47 @@ def spin_pool_sweep(ns):
     threads = max(2, numba.get_num_threads())
     pool = spin_pool.SpinPool(threads - 1, spin_s=3600.0)  # awake throughout, as between dense ops
     flush = np.ones(max(ns.flush_mb, 0) << 18, np.float32)
-    rng = np.random.default_rng(0)
     rows = []
     try:
-        for geom in ns.geometry:
-            for batch in ns.batch:
-                for ctx in ns.contexts:
-                    for st in ns.dtypes:
-                        a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size)
-                        out = np.empty((batch, geom[0], geom[2]), np.float32)
-                        lse = np.empty((batch, geom[0]), np.float32)
-                        work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
-                                                   geom[1], geom[0] // geom[1], geom[2]))
-                        saved = cpu._INLINE_WORK
+        for geom, batch, ctx, st, a, out, lse, work in _decode_cases(ns, cpu):
+            saved = cpu._INLINE_WORK
 
-                        def kernel(limit, a=a, out=out, lse=lse):
-                            cpu._INLINE_WORK = limit
-                            try:
-                                append_attend(**a, out=out, lse=lse)
-                            finally:
-                                cpu._INLINE_WORK = saved
+            def kernel(limit, a=a, out=out, lse=lse):
+                cpu._INLINE_WORK = limit
+                try:
+                    append_attend(**a, out=out, lse=lse)
+                finally:
+                    cpu._INLINE_WORK = saved
 
-                        def pooled(split, a=a, out=out, lse=lse):
-                            with pool.lock:
-                                pool_attention.attend(pool, **a, out=out, lse=lse, min_split=split[0],
-                                                      align=split[1])
+            def pooled(split, a=a, out=out, lse=lse):
+                with pool.lock:
+                    pool_attention.attend(pool, **a, out=out, lse=lse, min_split=split[0],
+                                          align=split[1])
 
-                        names = ["inline", "threads", "now"] + [f"pool {m}/{al}" for m, al in ns.pool_split]
-                        fns = [functools.partial(kernel, 1 << 62), functools.partial(kernel, -1),
-                               functools.partial(kernel, saved)]
-                        fns += [functools.partial(pooled, sp) for sp in ns.pool_split]
-                        times = [[] for _ in fns]
-                        for fn in fns:
-                            fn()
-                        for _ in range(ns.sweep_calls):
-                            for j, fn in enumerate(fns):
-                                if flush.size:
-                                    flush.sum()
-                                t0 = time.perf_counter()
-                                fn()
-                                times[j].append(time.perf_counter() - t0)
-                        worked0 = int(pool.ctl[spin_pool.WORKED])
-                        r = dict(geometry="/".join(map(str, geom)), batch=batch, context=ctx, dtype=st,
-                                 work=work, flush_mb=ns.flush_mb,
-                                 median_us={n: float(np.median(t)) * 1e6 for n, t in zip(names, times)},
-                                 best_us={n: float(np.min(t)) * 1e6 for n, t in zip(names, times)},
-                                 worker_units=worked0)
-                        rows.append(r)
-                        med = "  ".join(f"{n} {v:7.1f}" for n, v in r["median_us"].items())
-                        print(f"{r['geometry']:>10} B{batch:<3} ctx {ctx:6d} {st:>9} median us: {med}  "
-                              f"(best {min(r['best_us'].values()):.1f})", flush=True)
+            names = ["inline", "threads", "now"] + [f"pool {m}/{al}" for m, al in ns.pool_split]
+            fns = [functools.partial(kernel, 1 << 62), functools.partial(kernel, -1),
+                   functools.partial(kernel, saved)]
+            fns += [functools.partial(pooled, sp) for sp in ns.pool_split]
+            times = [[] for _ in fns]
+            for fn in fns:
+                fn()
+            for _ in range(ns.sweep_calls):
+                for j, fn in enumerate(fns):
+                    if flush.size:
+                        flush.sum()
+                    t0 = time.perf_counter()
+                    fn()
+                    times[j].append(time.perf_counter() - t0)
+            worked0 = int(pool.ctl[spin_pool.WORKED])
+            r = dict(geometry="/".join(map(str, geom)), batch=batch, context=ctx, dtype=st,
+                     work=work, flush_mb=ns.flush_mb,
+                     median_us={n: float(np.median(t)) * 1e6 for n, t in zip(names, times)},
+                     best_us={n: float(np.min(t)) * 1e6 for n, t in zip(names, times)},
+                     worker_units=worked0)
+            rows.append(r)
+            med = "  ".join(f"{n} {v:7.1f}" for n, v in r["median_us"].items())
+            print(f"{r['geometry']:>10} B{batch:<3} ctx {ctx:6d} {st:>9} median us: {med}  "
+                  f"(best {min(r['best_us'].values()):.1f})", flush=True)
     finally:
         pool.close()
     return rows
