@@ -26,6 +26,13 @@ Modes: decode (one new token per sequence, appended then attended) and prefill
 --inline-sweep times each decode case run on the calling thread alone and over the
 threads, with its plan.call_work: where they cross is lamina_kernels.cpu._INLINE_WORK.
 
+--spin-pool times each decode case per call (median and best of --sweep-calls, round-robin)
+inline, over Numba's threads, as append_attend picks today, and with its items split over
+the engine's spin pool (lamina_p2p/model/pool_attention.py; one worker, kept awake as
+between a layer's dense ops), once per --pool-split MIN_SPLIT/ALIGN; --flush-mb N reads N MB
+between calls (not timed), so the pool comes from DRAM as in the engine, where a step's
+weights pass through the caches between two calls of one layer.
+
 Defaults cover GQA group sizes 1, 3, 4, 7, 8 and head_dim 64 and 128; batch 16 up to
 context 8192 and batch 1 up to 32768. Cases whose pool would exceed --max-kv-gb are
 skipped (listed at the end). --cuda benchmarks the numba.cuda kernel instead, against
@@ -305,6 +312,21 @@ def bench_cpu(ns):
     return rows, skipped, n_threads
 
 
+def _decode_cases(ns, cpu):
+    """Each decode case of the sweeps: (geometry, batch, context, storage, call arguments, out, lse,
+    plan.call_work)."""
+    rng = np.random.default_rng(0)
+    for geom in ns.geometry:
+        for batch in ns.batch:
+            for ctx in ns.contexts:
+                for st in ns.dtypes:
+                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size)
+                    work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
+                                               geom[1], geom[0] // geom[1], geom[2]))
+                    yield (geom, batch, ctx, st, a, np.empty((batch, geom[0], geom[2]), np.float32),
+                           np.empty((batch, geom[0]), np.float32), work)
+
+
 def inline_sweep(ns):
     """Where the calling thread alone beats the threads: per-call time (best of
     --sweep-calls, warm cache) of each decode case run inline and over the threads,
@@ -312,36 +334,91 @@ def inline_sweep(ns):
     from lamina_kernels import append_attend, cpu, warmup
 
     warmup(ns.dtypes)
-    rng = np.random.default_rng(0)
     rows = []
-    for geom in ns.geometry:
-        for batch in ns.batch:
-            for ctx in ns.contexts:
-                for st in ns.dtypes:
-                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size)
-                    out = np.empty((batch, geom[0], geom[2]), np.float32)
-                    lse = np.empty((batch, geom[0]), np.float32)
-                    work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
-                                               geom[1], geom[0] // geom[1], geom[2]))
+    for geom, batch, ctx, st, a, out, lse, work in _decode_cases(ns, cpu):
+        def call(limit, a=a, out=out, lse=lse):
+            cpu._INLINE_WORK = limit
+            append_attend(**a, out=out, lse=lse)
 
-                    def call(limit, a=a, out=out, lse=lse):
-                        cpu._INLINE_WORK = limit
-                        append_attend(**a, out=out, lse=lse)
+        saved = cpu._INLINE_WORK
+        try:
+            t_in, t_thr = best_times([functools.partial(call, 1 << 62),
+                                      functools.partial(call, -1)], ns.sweep_calls)
+        finally:
+            cpu._INLINE_WORK = saved
+        rows.append(dict(geometry="/".join(map(str, geom)), batch=batch, context=ctx,
+                         dtype=st, work=work, inline_us=t_in * 1e6,
+                         threads_us=t_thr * 1e6, inline_now=work <= saved))
+        r = rows[-1]
+        print(f"{r['geometry']:>10} B{batch:<3} ctx {ctx:6d} {st:>9} work {work:>11,d} "
+              f"inline {r['inline_us']:8.1f} us  threads {r['threads_us']:8.1f} us  "
+              f"({'inline' if r['inline_now'] else 'threads'} at the current threshold)",
+              flush=True)
+    return rows
 
-                    saved = cpu._INLINE_WORK
-                    try:
-                        t_in, t_thr = best_times([functools.partial(call, 1 << 62),
-                                                  functools.partial(call, -1)], ns.sweep_calls)
-                    finally:
-                        cpu._INLINE_WORK = saved
-                    rows.append(dict(geometry="/".join(map(str, geom)), batch=batch, context=ctx,
-                                     dtype=st, work=work, inline_us=t_in * 1e6,
-                                     threads_us=t_thr * 1e6, inline_now=work <= saved))
-                    r = rows[-1]
-                    print(f"{r['geometry']:>10} B{batch:<3} ctx {ctx:6d} {st:>9} work {work:>11,d} "
-                          f"inline {r['inline_us']:8.1f} us  threads {r['threads_us']:8.1f} us  "
-                          f"({'inline' if r['inline_now'] else 'threads'} at the current threshold)",
-                          flush=True)
+
+def _split(text):
+    a, _, b = text.partition("/")
+    return int(a), int(b or 16)
+
+
+def spin_pool_sweep(ns):
+    """Per-call time of each decode case inline, over Numba's threads, as append_attend picks, and on
+    the spin pool (one variant per --pool-split), round-robin; see the module docstring."""
+    import numba
+
+    from lamina_kernels import append_attend, cpu, warmup
+    from lamina_p2p.model import pool_attention, spin_pool
+
+    if ns.threads:
+        numba.set_num_threads(ns.threads)
+    warmup(ns.dtypes)
+    threads = max(2, numba.get_num_threads())
+    pool = spin_pool.SpinPool(threads - 1, spin_s=3600.0)  # awake throughout, as between dense ops
+    flush = np.ones(max(ns.flush_mb, 0) << 18, np.float32)
+    rows = []
+    try:
+        for geom, batch, ctx, st, a, out, lse, work in _decode_cases(ns, cpu):
+            saved = cpu._INLINE_WORK
+
+            def kernel(limit, a=a, out=out, lse=lse):
+                cpu._INLINE_WORK = limit
+                try:
+                    append_attend(**a, out=out, lse=lse)
+                finally:
+                    cpu._INLINE_WORK = saved
+
+            def pooled(split, a=a, out=out, lse=lse):
+                with pool.lock:
+                    pool_attention.attend(pool, **a, out=out, lse=lse, min_split=split[0],
+                                          align=split[1])
+
+            names = ["inline", "threads", "now"] + [f"pool {m}/{al}" for m, al in ns.pool_split]
+            fns = [functools.partial(kernel, 1 << 62), functools.partial(kernel, -1),
+                   functools.partial(kernel, saved)]
+            fns += [functools.partial(pooled, sp) for sp in ns.pool_split]
+            times = [[] for _ in fns]
+            for fn in fns:
+                fn()
+            for _ in range(ns.sweep_calls):
+                for j, fn in enumerate(fns):
+                    if flush.size:
+                        flush.sum()
+                    t0 = time.perf_counter()
+                    fn()
+                    times[j].append(time.perf_counter() - t0)
+            worked0 = int(pool.ctl[spin_pool.WORKED])
+            r = dict(geometry="/".join(map(str, geom)), batch=batch, context=ctx, dtype=st,
+                     work=work, flush_mb=ns.flush_mb,
+                     median_us={n: float(np.median(t)) * 1e6 for n, t in zip(names, times)},
+                     best_us={n: float(np.min(t)) * 1e6 for n, t in zip(names, times)},
+                     worker_units=worked0)
+            rows.append(r)
+            med = "  ".join(f"{n} {v:7.1f}" for n, v in r["median_us"].items())
+            print(f"{r['geometry']:>10} B{batch:<3} ctx {ctx:6d} {st:>9} median us: {med}  "
+                  f"(best {min(r['best_us'].values()):.1f})", flush=True)
+    finally:
+        pool.close()
     return rows
 
 
@@ -448,7 +525,15 @@ def main():
     ap.add_argument("--inline-sweep", action="store_true",
                     help="decode per-call time inline vs over the threads, with each case's work "
                          "(sets the threshold lamina_kernels.cpu._INLINE_WORK)")
-    ap.add_argument("--sweep-calls", type=int, default=2000, help="--inline-sweep: calls per case")
+    ap.add_argument("--sweep-calls", type=int, default=2000,
+                    help="--inline-sweep, --spin-pool: calls per case")
+    ap.add_argument("--spin-pool", action="store_true",
+                    help="decode per-call time inline, over the threads and on the engine's spin pool")
+    ap.add_argument("--pool-split", action="append", type=_split, default=None, metavar="MIN_SPLIT/ALIGN",
+                    help="--spin-pool: the pooled plan's smallest item and key multiple, repeatable "
+                         "(default: lamina_kernels.pooled's)")
+    ap.add_argument("--flush-mb", type=int, default=0,
+                    help="--spin-pool: MB read between calls (0: the case stays in cache)")
     ns = ap.parse_args()
     ns.geometry = ns.geometry or [parse_geometry(g) for g in DEFAULT_GEOMETRIES]
     ns.contexts = ns.contexts or ((512, 2048) if ns.quick else (512, 2048, 8192, 32768))
@@ -463,7 +548,16 @@ def main():
         if d not in STORAGES:
             ap.error(f"unknown dtype {d!r}; expected one of {STORAGES}")
     load0 = os.getloadavg()
-    if ns.inline_sweep:
+    if ns.spin_pool:
+        from lamina_kernels import pooled
+
+        ns.pool_split = ns.pool_split or [(pooled.MIN_SPLIT, pooled.ALIGN)]
+        print(f"load average {load0[0]:.2f} at start, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+        rows = spin_pool_sweep(ns)
+        print(f"load average {os.getloadavg()[0]:.2f} at end")
+        header = dict(load_average_start=load0, load_average_end=os.getloadavg(),
+                      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    elif ns.inline_sweep:
         print(f"load average {load0[0]:.2f} at start")
         rows = inline_sweep(ns)
         print(f"load average {os.getloadavg()[0]:.2f} at end")

@@ -197,17 +197,22 @@ class AttentionService:
         which every layer of a step repeats: it runs for the first layer and is reused (keyed by
         the layout's bytes) until a register/free/drop may have moved a table row.
         """
-        with self._lock:
-            reg = self._owner(req.owner)
-            plan = self._plan(reg, req)
-            pool = reg.pool
-        args = (req.q, req.k, req.v, pool.k, pool.v, pool.table, plan.table_rows, plan.q_start, plan.kv_start,
-                plan.context_lens, req.layer, reg.scale, reg.storage)
+        args = self.kernel_args(req)
         if self.device == "cuda":
             # One launch per layer and micro-batch; the (small) outputs come back for the reply.
             out, lse = lk.append_attend_cuda(*args)
             return out.copy_to_host(), lse.copy_to_host()
         return lk.append_attend(*args)
+
+    def kernel_args(self, req: AttendRequest) -> tuple:
+        """attend's shard-table work (same errors): the arguments of lamina_kernels.append_attend for the request
+        (compute/local.py runs them on the engine's spin pool)."""
+        with self._lock:
+            reg = self._owner(req.owner)
+            plan = self._plan(reg, req)
+            pool = reg.pool
+        return (req.q, req.k, req.v, pool.k, pool.v, pool.table, plan.table_rows, plan.q_start, plan.kv_start,
+                plan.context_lens, req.layer, reg.scale, reg.storage)
 
     def _plan(self, reg: Registration, req: AttendRequest) -> _Plan:
         if not 0 <= req.layer < reg.pool.key.num_layers:

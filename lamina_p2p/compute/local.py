@@ -4,6 +4,13 @@ Used by `generate --attention-peers 0` and as the single-process baseline. The
 engine's dense thread calls the kernel itself (`send` runs it, `receive` hands
 back the result): a thread hop per layer costs more than the whole kernel at
 decode sizes, and Numba releases the GIL, so nothing else waits on it.
+
+When the engine's dense layers run on a spin pool (model/spin_pool.py: a bf16 model,
+two or more threads) a call of up to `pool_max_tokens` query tokens runs its items on
+that pool's already-awake worker and the dense thread (model/pool_attention.py) instead
+of Numba's OpenMP threads, whose passive second thread must be woken for every call and
+then competes with the pool's worker for a CPU. Same results bit for bit as the kernel
+with the same plan, same errors.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from lamina_p2p.runtime import set_threads
 from lamina_p2p.trace import now
 
 LOCAL_PEER = "local"
+POOL_MAX_TOKENS = 64  # see LocalTransport.pool_max_tokens
 
 
 class _Done:
@@ -39,6 +47,13 @@ class LocalTransport:
         self.owner = None
         self.geometry: dict | None = None
         self.tracer = None
+        # Query tokens up to which a call runs on the engine's spin pool (0: never): the dense pool's own row
+        # limit (the worker is awake when the dense calls use it). The pool beat the kernel's own choice at
+        # every case measured, B1 and B16 at ctx 512 and 2048 (tools/bench_kernels.py --spin-pool,
+        # tools/bench_pool_attention.py).
+        self.pool_max_tokens = POOL_MAX_TOKENS
+        self._spin = None  # (spin_pool.current, pool_attention.attend), imported on first use
+        self.pooled_calls = 0  # calls run on the spin pool (tests, traces)
 
     # -- control path -----------------------------------------------------------
     def bind(self, owner: str, geometry: dict) -> None:
@@ -94,13 +109,29 @@ class LocalTransport:
             self._threads_set.done = True
         t0 = now()
         try:
-            done = _Done(self.service.attend(req))
+            done = _Done(self._attend(req))
         except Exception as e:  # KVFull goes to the scheduler as it is; anything else is a bug here
             done = _Done(error=e)
         if req.trace and self.tracer is not None:
             self.tracer.add("attention (in process)", "kernel", f"L{req.layer}", t0, now(),
                             {"tokens": len(req.q)})
         return done
+
+    def _attend(self, req: AttendRequest):
+        """service.attend, on the engine's spin pool when it has one, the call is small and the pool is free."""
+        if len(req.q) <= self.pool_max_tokens and self.service.device == "cpu":
+            if self._spin is None:
+                from lamina_p2p.model import pool_attention, spin_pool  # numba and torch: only once attending
+
+                self._spin = (spin_pool.current, pool_attention.attend)
+            pool = self._spin[0]()
+            if pool is not None and pool.lock.acquire(blocking=False):  # held: another caller, the old path
+                try:
+                    self.pooled_calls += 1
+                    return self._spin[1](pool, *self.service.kernel_args(req))
+                finally:
+                    pool.lock.release()
+        return self.service.attend(req)
 
     def receive(self, ticket: _Done):
         """The attend's (out float32 [Tq, Hq', D], lse float32 [Tq, Hq']), or raise its error."""

@@ -33,7 +33,9 @@ import threading
 import time
 
 import numpy as np
-from numba import carray, njit
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic
 
 from .atomics import (address, as_voidptr, compare_exchange, cycles, fetch_add, load_acquire, load_seq_cst, sched_yield,
                       spin_pause, store_seq_cst)
@@ -46,6 +48,11 @@ PARKED = 48  # PARKED + w: 1 while worker w is (about to be) parked
 MAX_WORKERS = 16
 # The op's arguments, written by the caller before SEQ opens it.
 A_OP, A_UNITS, A_XS, A_ROWS, A_KIN, A_WB, A_NB, A_BIAS, A_YF, A_OUT, A_NOUT, A_RES, A_ROUND = range(64, 77)
+# An OP_ATTEND's: the address of the unit's C callback void(record, unit, thread) and of its record
+# (lamina_kernels.pooled: run_item, setup).
+A_FN, A_REC = 77, 78
+# An OP_ATTEND's workers read ahead (the hints of the OP_PREFETCH it closed) once no unit is left: 1.
+A_AFTER = 79
 WORKED = 80  # units computed by workers, summed over ops (for tests and tuning)
 WAITED = 81  # cycles the caller spent waiting for units workers held, summed over ops (tuning)
 PREFETCHED = 82  # weight blocks workers prefetched, summed (tests and tuning)
@@ -53,7 +60,7 @@ SINK = 83  # where a prefetch leaves the sum of what it loaded (so the loads are
 # An OP_PREFETCH's hints, each (address of packed blocks [nb, k_in, 16] int16, nb, k_in, blocks from the end).
 A_HINTS, N_HINTS = 88, 2
 CTL_SIZE = 96
-OP_LINEAR, OP_ADD, OP_SWIGLU, OP_PREFETCH = 1, 2, 3, 4
+OP_LINEAR, OP_ADD, OP_SWIGLU, OP_PREFETCH, OP_ATTEND = 1, 2, 3, 4, 5
 # Units are claimed through NEXT: the caller takes them from the front (low 32 bits count its claims), the
 # workers from the back (high 32 bits), so the blocks a worker prefetched while idle are the ones it computes.
 BACK = 1 << 32
@@ -69,38 +76,68 @@ POOL_MAX_ROWS = 64
 # gate/up blocks it will claim first. Its L2 is 2 MB; attention at batch 1 lasts 0.1-0.3 ms, in which one
 # thread reads ~1-3 MB.
 PREFETCH_BYTES = 1_250_000
+# Attention on the pool (pool_attention.py) keeps pool_pre's read-ahead going: on the worker once it has no
+# unit left, then reopened after the call until the post's first op. False: the attention call ends it.
+ATTEND_READ_AHEAD = True
 PREFETCH_YIELD_BLOCKS = 4  # a prefetch gives way to other threads on its CPU every this many blocks (~70 kB)
 
 
-@njit(**_JIT)
-def _run_op(ctl, back):
-    """Claim and compute units of the posted op until none is left (the caller from the front, workers from
-    the back: `back`); returns how many this thread computed."""
-    op, units, rows, k_in, nb, n_out = ctl[A_OP], ctl[A_UNITS], ctl[A_ROWS], ctl[A_KIN], ctl[A_NB], ctl[A_NOUT]
+@intrinsic
+def _call_unit(typingctx, fn, rec, j, tid):
+    """Call the C function at address fn as void(int64 rec, int64 j, int64 tid): an OP_ATTEND's unit
+    (lamina_kernels.pooled.run_item), called through a pointer so that this module's compiled code
+    does not link the attention kernel's."""
+    if not all(isinstance(a, types.Integer) for a in (fn, rec, j, tid)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.VoidType(), [i64, i64, i64])
+        vals = [context.cast(builder, a, t, types.int64) for a, t in zip(args, sig.args)]
+        builder.call(builder.inttoptr(vals[0], fnty.as_pointer()), vals[1:])
+        return context.get_dummy_value()
+
+    return types.void(fn, rec, j, tid), codegen
+
+
+@njit(inline="always", **_JIT)
+def _unit(ctl, op, j, tid):
+    """Compute unit j of the posted op on thread row tid."""
+    if op == OP_ATTEND:
+        _call_unit(ctl[A_FN], ctl[A_REC], j, tid)
+        return
+    rows, k_in, nb, n_out = ctl[A_ROWS], ctl[A_KIN], ctl[A_NB], ctl[A_NOUT]
     width = nb * BLOCK
     xs = carray(as_voidptr(ctl[A_XS]), (rows, k_in), np.float32)
     wb = carray(as_voidptr(ctl[A_WB]), (nb, k_in, BLOCK), np.int16)
     bias = carray(as_voidptr(ctl[A_BIAS]), (width,), np.float32)
     yf = carray(as_voidptr(ctl[A_YF]), (rows, width), np.float32)
     tail = carray(as_voidptr(ctl[A_YF]), (0, BLOCK), np.float32)  # unused: yf's rows are whole blocks
+    if op == OP_SWIGLU:
+        _swiglu_pair(xs, wb, bias, yf, tail, j, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16))
+    else:
+        _block(xs, wb, bias, yf, tail, j, width)
+        if op == OP_ADD:
+            res = carray(as_voidptr(ctl[A_RES]), (rows, n_out), np.int16)
+            _store_add(yf, res, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16), j, n_out)
+        elif ctl[A_ROUND]:
+            _store(yf, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16), j, n_out, True)
+        else:
+            _store(yf, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.float32), j, n_out, False)
+
+
+@njit(**_JIT)
+def _run_op(ctl, tid):
+    """Claim and compute units of the posted op until none is left (the caller, tid 0, from the front;
+    worker w, tid w + 1, from the back); returns how many this thread computed."""
+    op, units = ctl[A_OP], ctl[A_UNITS]
     done = 0
     while True:
-        claims = fetch_add(ctl, NEXT, BACK if back != 0 else 1)
+        claims = fetch_add(ctl, NEXT, BACK if tid != 0 else 1)
         front, behind = claims & LOW, claims >> 32
         if front + behind >= units:  # claims so far cover every unit: each unit goes to exactly one claim
             return done
-        j = units - 1 - behind if back != 0 else front
-        if op == OP_SWIGLU:
-            _swiglu_pair(xs, wb, bias, yf, tail, j, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16))
-        else:
-            _block(xs, wb, bias, yf, tail, j, width)
-            if op == OP_ADD:
-                res = carray(as_voidptr(ctl[A_RES]), (rows, n_out), np.int16)
-                _store_add(yf, res, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16), j, n_out)
-            elif ctl[A_ROUND]:
-                _store(yf, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16), j, n_out, True)
-            else:
-                _store(yf, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.float32), j, n_out, False)
+        _unit(ctl, op, units - 1 - behind if tid != 0 else front, tid)
         fetch_add(ctl, FINISHED, 1)
         done += 1
 
@@ -170,7 +207,7 @@ def _drive(ctl, units):
     ctl[NEXT] = 0
     ctl[FINISHED] = 0
     store_seq_cst(ctl, SEQ, seq)  # publishes the arguments above (a seq_cst store is also a release)
-    _run_op(ctl, np.int64(0))  # int64, not a literal: one compiled variant for caller and workers
+    _run_op(ctl, np.int64(0))  # int64, not a literal: one compiled variant for caller and workers (tid 0)
     waited = 0
     if load_acquire(ctl, FINISHED) < units:
         t0 = cycles()
@@ -211,9 +248,13 @@ def _worker_loop(ctl, w, spin_cycles):
                 if ctl[A_OP] == OP_PREFETCH:
                     fetch_add(ctl, PREFETCHED, _prefetch(ctl, seq))
                 else:
-                    done = _run_op(ctl, np.int64(1))
+                    done = _run_op(ctl, w + 1)
                     if done:
                         fetch_add(ctl, WORKED, done)
+                    if ctl[A_OP] == OP_ATTEND and ctl[A_AFTER] != 0:
+                        # attention's last units are the caller's: resume pool_pre's read-ahead of the
+                        # post's weights meanwhile (the caller's close stops it within a block).
+                        fetch_add(ctl, PREFETCHED, _prefetch(ctl, seq))
             fetch_add(ctl, ACTIVE, -1)
             last = seq
             idle_from = cycles()
@@ -298,6 +339,16 @@ def _open_prefetch(ctl, wb0, count0, wb1, count1):
 
 
 @njit(**_JIT)
+def reopen_prefetch(ctl):
+    """Open again the OP_PREFETCH whose hints ctl still holds (an op closed it); returns the wake mask.
+    The caller still holds the hinted arrays (SpinPool.run's `keep`)."""
+    seq = _close_prefetch(ctl) + 1
+    ctl[A_OP] = OP_PREFETCH
+    store_seq_cst(ctl, SEQ, seq)
+    return _claim_parked(ctl)
+
+
+@njit(**_JIT)
 def pool_pre(ctl, x, norm_w, eps, wb, bias, qkv, cos, sin, nq, nk, q, k, v, next_wb0, count0, next_wb1, count1):
     """A layer's pre in one call: pool_norm_linear into qkv (bfloat16 bits), then fused.rope_split
     on the calling thread (a few us), then, when count0 + count1 > 0, an OP_PREFETCH of the post's first two
@@ -350,6 +401,7 @@ class SpinPool:
         self.spin_cycles = int(max(spin_s, 0.0) * _cycles_per_s())
         self.lock = threading.Lock()
         self._kept = None  # arrays an open OP_PREFETCH reads
+        self.attend_read_ahead = ATTEND_READ_AHEAD
         self._events = [threading.Event() for _ in range(workers)]
         self._threads = [threading.Thread(target=self._serve, args=(w,), name=f"lamina-spin-{w}", daemon=True)
                          for w in range(workers)] if start else []
@@ -368,9 +420,13 @@ class SpinPool:
         wake = fn(self.ctl, *args)
         self._kept = keep
         if wake:
-            for w in range(self.workers):
-                if wake >> w & 1:
-                    self._events[w].set()
+            self.wake(wake)
+
+    def wake(self, mask: int) -> None:
+        """Set the Events of the parked workers in `mask` (an op's wake mask: they were claimed for waking)."""
+        for w in range(self.workers):
+            if mask >> w & 1:
+                self._events[w].set()
 
     def close(self) -> None:
         self.ctl[STOP] = 1
@@ -401,6 +457,13 @@ def shared(threads: int) -> SpinPool | None:
             _shared.clear()
             _shared[threads] = SpinPool(min(threads - 1, MAX_WORKERS))
         return _shared[threads]
+
+
+def current() -> SpinPool | None:
+    """The process's pool if `shared` made one (the fused layer's calls did), else None; never makes one."""
+    for pool in list(_shared.values()):
+        return pool
+    return None
 
 
 @atexit.register
