@@ -22,7 +22,6 @@ cuts at whole blocks). Defaults measured with tools/bench_kernels.py --spin-pool
 """
 
 import numpy as np
-from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
@@ -34,6 +33,8 @@ from .items import append_rows as _append_rows
 from .items import attend_item as _attend_item
 from .items import make_scratch as _scratch
 from .items import merge_group as _merge_group
+from .pointers import address as _address
+from .pointers import as_voidptr as _voidptr
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
@@ -53,31 +54,6 @@ ALIGN = 16
  R_ORDER, R_GSZ, R_NTHR, R_RMAX, R_PO, R_PL, R_NPARTS, R_OUT, R_LSE, R_SCR) = range(36)
 N_SCRATCH = 8
 N_REC = R_SCR + N_SCRATCH
-
-
-@intrinsic
-def _address(typingctx, arr):
-    """An array's data pointer as int64 (the record holds addresses)."""
-    if not isinstance(arr, types.Array):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.ptrtoint(context.make_array(sig.args[0])(context, builder, args[0]).data,
-                                ir.IntType(64))
-
-    return types.int64(arr), codegen
-
-
-@intrinsic
-def _voidptr(typingctx, addr):
-    """An int64 address as void* (for numba.carray)."""
-    if not isinstance(addr, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-
-    return types.voidptr(addr), codegen
 
 
 @intrinsic

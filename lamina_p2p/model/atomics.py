@@ -121,31 +121,6 @@ def cycles(typingctx):
 
 
 @intrinsic
-def address(typingctx, arr):
-    """The data pointer of an array as int64 (to pass it through an int64 control array)."""
-    if not isinstance(arr, types.Array):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        return builder.ptrtoint(ary.data, _I64)
-
-    return types.int64(arr), codegen
-
-
-@intrinsic
-def as_voidptr(typingctx, addr):
-    """An int64 address as void* (for numba.carray)."""
-    if not isinstance(addr, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-
-    return types.voidptr(addr), codegen
-
-
-@intrinsic
 def sched_yield(typingctx):
     """POSIX sched_yield(): let another runnable thread have this CPU (a spinning thread whose
     partner was preempted onto the same CPU would otherwise wait out a whole time slice).

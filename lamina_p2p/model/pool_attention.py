@@ -24,8 +24,8 @@ import lamina_kernels as lk
 from lamina_kernels import pooled as KP
 from lamina_kernels.checks import DT
 from lamina_kernels.drivers import SIGNATURES
+from lamina_kernels.pointers import address
 
-from .atomics import address
 from .spin_pool import A_AFTER, A_FN, A_OP, A_REC, OP_ATTEND, OP_PREFETCH, SEQ, _drive, reopen_prefetch
 
 

@@ -37,7 +37,9 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .atomics import (address, as_voidptr, compare_exchange, cycles, fetch_add, load_acquire, load_seq_cst, sched_yield,
+from lamina_kernels.pointers import address, as_voidptr
+
+from .atomics import (compare_exchange, cycles, fetch_add, load_acquire, load_seq_cst, sched_yield,
                       spin_pause, store_seq_cst)
 from .fused import _load_rows, _store, _store_add, _swiglu_pair, rope_split
 from .gemv import BLOCK, _JIT, _block
