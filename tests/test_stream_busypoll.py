@@ -8,6 +8,10 @@ with it on (replies, deadlines, alive(), jobs, ZeroMQ on the same thread, the co
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -62,15 +66,17 @@ def test_busy_poll_window_opens_closes_and_backs_off_when_preempted():
     assert not short.spinning()  # the window has passed
     assert short.backoffs == 0
 
-    # Every gap counts as a preemption (preempted_s < 0): it stops and backs off.
-    hog = busypoll.BusyPoll(60.0, backoff_s=60.0, preempted_s=-1.0)
+    # Every gap counts as a preemption (preempted_s < 0) spent on the run queue (a clock that
+    # advances a second a read): it stops and backs off.
+    hog = busypoll.BusyPoll(60.0, backoff_s=60.0, preempted_s=-1.0, run_queue_s=queued_clock())
     hog.start()
     assert not hog.spinning() and hog.backoffs == 1
     hog.start()  # backing off: no window opens
     assert not hog.spinning() and hog.backoffs == 1
 
     # Preempted again soon after a back-off ended: the next back-off is longer (doubled, capped).
-    again = busypoll.BusyPoll(60.0, backoff_s=1e-4, max_backoff_s=2.5e-4, preempted_s=-1.0)
+    again = busypoll.BusyPoll(60.0, backoff_s=1e-4, max_backoff_s=2.5e-4, preempted_s=-1.0,
+                              run_queue_s=queued_clock())
     lengths = []
     for _ in range(4):
         deadline = time.monotonic() + 10
@@ -80,6 +86,50 @@ def test_busy_poll_window_opens_closes_and_backs_off_when_preempted():
         assert not again.spinning()
         lengths.append(again._off_s)
     assert lengths == [1e-4, 2e-4, 2.5e-4, 2.5e-4] and again.backoffs == 4
+
+
+def queued_clock():
+    """A run-queue clock under which every read finds another second spent queued."""
+    ticks = itertools.count()
+    return lambda: float(next(ticks))
+
+
+def test_a_gap_not_spent_on_the_run_queue_does_not_end_the_window():
+    # Every gap is long (preempted_s < 0), but the thread was never queued: the hypervisor's, not ours.
+    bp = busypoll.BusyPoll(60.0, preempted_s=-1.0, run_queue_s=lambda: 0.0)
+    bp.start()
+    assert bp.spinning() and bp.spinning()
+    assert bp.backoffs == 0 and bp.host_gaps == 2
+
+
+@pytest.mark.skipif(busypoll.run_queue_clock() is None, reason="no per-thread schedstat in /proc")
+def test_a_spinner_sharing_its_cpu_with_a_busy_process_backs_off():
+    """A real preemption: a process that never sleeps on the spinning thread's CPU takes it for a
+    time slice; that gap is spent on the run queue, so the window ends and backs off."""
+    cpu = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    result = {}
+
+    def spin():
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        bp = busypoll.BusyPoll(60.0)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            bp.start()
+            while bp.spinning():
+                pass
+            if bp.backoffs:
+                break
+        result.update(backoffs=bp.backoffs, windows=bp.windows)
+
+    try:
+        spinner = threading.Thread(target=spin)
+        spinner.start()
+        spinner.join(90)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert result.get("backoffs") == 1, result
 
 
 class Doubler:
@@ -177,7 +227,7 @@ def test_a_peer_with_busy_poll_answers_attends_and_its_control_path(attention_pe
                 # Right after the reply the peer's kernel thread is polling: the event loop must still answer.
                 stats = (await client.call("stats", {}, timeout_s=10)).fields
                 assert stats["busy_poll_us"] == 1_000_000
-                assert {"busy_poll_windows", "busy_poll_caught", "busy_poll_backoffs"} <= stats.keys()
+                assert {"busy_poll_windows", "busy_poll_caught", "busy_poll_backoffs", "busy_poll_host_gaps"} <= stats.keys()
                 out, lse = ref.attend(AttendRequest("ref", 0, meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], 0, 2,
                                                     q, k, v))
                 np.testing.assert_allclose(got.tensors[0], out, rtol=1e-5, atol=1e-6)

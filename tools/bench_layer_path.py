@@ -260,7 +260,8 @@ async def part_wire(args, model) -> dict:
             path = "stream" if streams else "zmq"
             poll = streams[0].busy_poll if streams else None
             busy_poll = {"window_us": round(poll.window_s * 1e6), "windows": poll.windows,
-                         "caught": poll.caught, "backoffs": poll.backoffs} if poll else None
+                         "caught": poll.caught, "backoffs": poll.backoffs,
+                         "host_gaps": getattr(poll, "host_gaps", None)} if poll else None
         finally:
             engine.close()
     waits, kernels, queues = {}, {}, {}

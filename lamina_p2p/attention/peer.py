@@ -261,7 +261,7 @@ class AttentionPeer:
         return {**self.service.stats(), "attend_calls": self.attend_calls, "busy_s": round(self.busy_s, 3),
                 "data_path_requests": self.kernel.requests, "data_path_errors": self.kernel.errors,
                 "busy_poll_us": round(self.kernel.busy_poll_s * 1e6),
-                **({f"busy_poll_{k}": getattr(self.kernel.busy_poll, k) for k in ("windows", "caught", "backoffs")}
+                **({f"busy_poll_{k}": getattr(self.kernel.busy_poll, k) for k in ("windows", "caught", "backoffs", "host_gaps")}
                    if self.kernel.busy_poll else {})}, []
 
 

@@ -13,7 +13,10 @@ so it is off unless asked for (`busy_poll_s`), and it backs off when it loses it
 from __future__ import annotations
 
 import os
+import threading
 import time
+import weakref
+from typing import Callable
 
 def busy_poll_s(busy_poll_us: int) -> float:
     """The busy-poll window in seconds for `busy_poll_us` microseconds (0: off). Raises ValueError for
@@ -30,6 +33,27 @@ def busy_poll_s(busy_poll_us: int) -> float:
     return busy_poll_us * 1e-6
 
 
+def run_queue_clock() -> Callable[[], float] | None:
+    """A reader of the calling thread's time spent waiting on a run queue, in seconds (Linux
+    /proc/.../schedstat, second field, ns), or None where the kernel does not expose it. The
+    reader stays bound to the thread that called this; its file closes when the reader is freed."""
+    try:
+        fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+
+    def waited_s() -> float:
+        return int(os.pread(fd, 128, 0).split()[1]) * 1e-9
+
+    try:
+        waited_s()
+    except (OSError, ValueError, IndexError):
+        os.close(fd)
+        return None
+    weakref.finalize(waited_s, os.close, fd)
+    return waited_s
+
+
 class BusyPoll:
     """A bounded busy-poll window that backs off when its CPU is wanted by someone else.
 
@@ -37,13 +61,19 @@ class BusyPoll:
     poll, says whether to poll again (True) or block (False). A spinner never sleeps, so the
     scheduler ranks it below a thread that does: on a CPU shared with another runnable task it is
     preempted for a time slice (about a millisecond), far worse than the wake-up it saves. So when one
-    poll to the next took longer than `preempted_s` (the thread lost its CPU), it stops
-    polling for a while and blocks as without busy-poll: `backoff_s` seconds, doubled for each
-    preemption within a second of the last one (a CPU taken for good), up to `max_backoff_s`.
+    poll to the next took longer than `preempted_s` and this thread spent most of that gap on this
+    kernel's run queue (another task had its CPU), it stops polling for a while and blocks as without
+    busy-poll: `backoff_s` seconds, doubled for each preemption that comes within one back-off of
+    resuming (a CPU taken for good), up to `max_backoff_s`; a preemption later than that (this
+    process's own event loop every heartbeat) starts again from `backoff_s`. A gap the thread did not spend queued is the hypervisor
+    running something else on the virtual CPU (measured here: several gaps of 0.2-2 ms a second on an
+    otherwise idle VM): blocking cannot give that back and makes the next wake-up slower, so the
+    window goes on (`host_gaps` counts them). `run_queue_s`: the owning thread's run-queue clock
+    (default `run_queue_clock()`, read on first use; where there is none every long gap backs off).
     Only the owning thread uses it."""
 
     def __init__(self, window_s: float, backoff_s: float = 0.02, max_backoff_s: float = 1.0,
-                 preempted_s: float = 2e-4):
+                 preempted_s: float = 2e-4, run_queue_s: Callable[[], float] | None = None):
         self.window_s = window_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -55,12 +85,20 @@ class BusyPoll:
         self.backoffs = 0  # how often it backed off (for stats and tests)
         self.windows = 0  # windows opened
         self.caught = 0  # polls inside a window that found something (its owner calls `caught_one`)
+        self.host_gaps = 0  # long gaps not spent on this kernel's run queue: the window went on
+        self._run_queue_s = run_queue_s
+        self._clock_read = run_queue_s is not None  # run_queue_clock() is called on the owner's first start()
+        self._queued_at = 0.0  # the run-queue clock when the window opened or the last gap was seen
 
     def start(self) -> None:
         """Open a window now (unless off, or backing off)."""
         if self.window_s:
             now = time.monotonic()
             if now >= self._off_until:
+                if not self._clock_read:
+                    self._run_queue_s, self._clock_read = run_queue_clock(), True
+                if self._run_queue_s is not None:
+                    self._queued_at = self._run_queue_s()
                 self._until, self._last = now + self.window_s, now
                 self.windows += 1
 
@@ -76,8 +114,15 @@ class BusyPoll:
         if not self._until:
             return False
         now = time.monotonic()
-        if now - self._last > self.preempted_s:
-            again = now - self._off_until < 1.0  # preempted soon after the last back-off ended
+        gap = now - self._last
+        preempted = gap > self.preempted_s
+        if preempted and self._run_queue_s is not None:
+            queued_at, self._queued_at = self._queued_at, self._run_queue_s()
+            if self._queued_at - queued_at <= gap / 2:  # the hypervisor's gap, not this kernel's scheduler
+                self.host_gaps += 1
+                preempted = False
+        if preempted:
+            again = now - self._off_until < self._off_s  # preempted again within a back-off of resuming
             self._off_s = min(self._off_s * 2, self.max_backoff_s) if again else self.backoff_s
             self._until, self._off_until = 0.0, now + self._off_s
             self.backoffs += 1
