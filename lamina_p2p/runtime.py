@@ -16,16 +16,49 @@ def run_async(coro):
         return runner.run(coro)
 
 
+_compute_threads: int | None = None  # what set_threads was last given for torch (None: never called)
+
+
 def set_threads(torch_threads: int | None = None, numba_threads: int | None = None) -> None:
-    """Set thread counts deliberately: peers that share cores must not oversubscribe them."""
+    """Set thread counts deliberately: peers that share cores must not oversubscribe them.
+
+    `torch_threads` is also remembered as this process's compute thread count (`compute_threads`):
+    torch's own count cannot be trusted after Numba has run on a thread (below). Numba's count is
+    per calling thread; torch's is process-wide but read through OpenMP's per-thread setting."""
+    global _compute_threads
     if torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
+        _compute_threads = torch_threads
     if numba_threads:
         import numba
 
         numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def compute_threads() -> int:
+    """The process's compute thread count: what `set_threads` was last given, else torch's count.
+
+    Why not torch.get_num_threads() alone: Numba's OpenMP layer sets OpenMP's thread count to
+    Numba's at each parallel region, on the thread that runs it, and torch reads that count (set to
+    1, it reads 2 again after one Numba region on a two-CPU machine)."""
+    if _compute_threads:
+        return _compute_threads
+    import torch
+
+    return torch.get_num_threads()
+
+
+def use_compute_threads(threads: int) -> None:
+    """Make the calling thread run torch's and Numba's parallel work on `threads` threads; Numba's
+    regions then set OpenMP's count to the same value instead of to Numba's default (see
+    compute_threads). For a thread that runs dense work (the engine's dense thread)."""
+    import numba
+    import torch
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 MAX_CPUS = 8192  # Linux's largest NR_CPUS: a bound before a range becomes a set

@@ -295,13 +295,11 @@ def use_cores(args, clustered: bool) -> None:
     peers on theirs (a two-machine cluster in miniature); the others get every CPU."""
     if not args.split_cores:
         return
-    import torch
-
-    from lamina_p2p.runtime import pin_cpus
+    from lamina_p2p.runtime import pin_cpus, set_threads
 
     compute, _, threads, _ = args.split_cores
     pin_cpus(compute if clustered else args.all_cpus)
-    torch.set_num_threads(threads if clustered else args.threads)
+    set_threads(threads if clustered else args.threads)
 
 
 # -- bytes per token ---------------------------------------------------------------------------
@@ -337,7 +335,7 @@ def kv_bytes_per_context_token(model_dir: str, dtype: str) -> int:
 # -- the run -----------------------------------------------------------------------------------
 async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, systems: list[str], wbytes: int,
                       kv_tok: int, log) -> dict:
-    import torch
+    from lamina_p2p.runtime import compute_threads
 
     rng = random.Random(ctx_len)
     prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(ctx_len)] for _ in range(batch)]
@@ -379,7 +377,7 @@ async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, sys
                     await be.decode(max(1, args.warmup // len(per_backend[b])), SYSTEMS[s][1])
             prefill_s[b] = time.perf_counter() - t0
             log(f"  {tag}: {b} ready (prefill + warm-up {prefill_s[b]:.1f} s)")
-        model_threads = torch.get_num_threads()  # the count the shared model last ran with
+        model_threads = compute_threads()  # the count the shared model last ran with
         rates: dict[str, list[float]] = {s: [] for s in systems}
         bytes_tok: dict[str, list[float]] = {s: [] for s in systems}
         for r in range(args.rounds):
@@ -389,12 +387,12 @@ async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, sys
                 be = backends[b]
                 use_cores(args, clustered=b.startswith("cluster"))
                 if isinstance(be, LaminaBackend):
-                    if torch.get_num_threads() != model_threads:
+                    if compute_threads() != model_threads:
                         # The lamina systems share one model in this process: another torch thread count
                         # makes its fp16 weights re-pack for that count on the next step
                         # (model/linear.py), once. A serving process keeps one count: not timed.
                         await be.decode(1, mb)
-                    model_threads = torch.get_num_threads()
+                    model_threads = compute_threads()
                 c0 = be.context()
                 if b in ("transformers", "llama.cpp"):
                     dt = await loop.run_in_executor(None, be.decode, args.steps)

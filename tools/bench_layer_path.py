@@ -238,12 +238,10 @@ async def part_wire(args, model) -> dict:
     if args.busy_poll_us is not None:  # (older builds have no such field, and no busy-poll)
         opts.busy_poll_us = args.busy_poll_us
     if split:  # this (compute) process on its CPUs, the attention peer on the others: two machines in miniature
-        import torch
-
-        from lamina_p2p.runtime import pin_cpus
+        from lamina_p2p.runtime import pin_cpus, set_threads
 
         pin_cpus(split[0])
-        torch.set_num_threads(len(split[0]))
+        set_threads(len(split[0]))
     async with open_transport(opts) as transport:
         if hasattr(transport, "use_stream"):  # older builds: ZeroMQ only
             transport.use_stream = args.data_path == "stream"

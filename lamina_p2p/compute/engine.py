@@ -33,7 +33,7 @@ from lamina_p2p.compute.placement import Placer
 from lamina_p2p.compute.sampling import sample
 from lamina_p2p.compute.sequence import SamplingParams, Sequence
 from lamina_p2p.compute.transport import Transport
-from lamina_p2p.runtime import pin_this_thread
+from lamina_p2p.runtime import compute_threads, pin_this_thread, use_compute_threads
 from lamina_p2p.trace import EMBED, LAST, LAYER, SAMPLE, StepObserver, Tracer, now
 
 log = logging.getLogger("lamina.compute")
@@ -68,6 +68,7 @@ class Engine:
         self.dense_cpus = set(dense_cpus) if dense_cpus else None
         self.dense = ThreadPoolExecutor(1, thread_name_prefix="dense")
         self._dense_pinned = False  # pinned on its first step (an error then goes to that step's caller)
+        self._dense_threads = 0  # the compute thread count the dense thread last applied (runtime.compute_threads)
         self.storage = str(model.dtype).removeprefix("torch.")
         # The spinning dense pool (model/spin_pool.py) pays where the dense thread's waits are short:
         # attention in this process. Waiting on attention peers, it would spin through every round trip.
@@ -151,7 +152,8 @@ class Engine:
         batches = self._split(chosen, counts)
         sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
         try:
-            tokens, logprobs = await asyncio.get_running_loop().run_in_executor(self.dense, self._run_step, batches)
+            tokens, logprobs = await asyncio.get_running_loop().run_in_executor(self.dense, self._run_step, batches,
+                                                                                 compute_threads())
         finally:
             failed, self._failed_replicas = self._failed_replicas, []
             for peer in failed:
@@ -222,7 +224,7 @@ class Engine:
         return [plan_micro_batch(s, c, self.cfg.num_kv_heads) for s, c, _ in bins if s]
 
     # -- the pipeline (on the dense thread) ---------------------------------------
-    def _run_step(self, batches: list[MicroBatch]) -> tuple[list[int], list[float]]:
+    def _run_step(self, batches: list[MicroBatch], threads: int = 0) -> tuple[list[int], list[float]]:
         """Every layer of every micro-batch, then the LM head and sampling: one job on the dense thread.
 
         The paper's rotation as an explicit software pipeline: micro-batch i's attention
@@ -233,6 +235,9 @@ class Engine:
         if self.dense_cpus and not self._dense_pinned:
             pin_this_thread(self.dense_cpus)
             self._dense_pinned = True
+        if threads and threads != self._dense_threads:  # the process's count (set by the caller), on this thread
+            use_compute_threads(threads)
+            self._dense_threads = threads
         if self.model.dense_pool != self.dense_pool:
             self.model.dense_pool = self.dense_pool
         last = self.cfg.num_layers - 1
