@@ -323,7 +323,7 @@ class FusedDense:
         self.wide_min_rows = WIDE_MIN_ROWS
         self._scratches: dict[int, tuple[np.ndarray, ...]] = {}
         self._last_out = None  # (the last bfloat16 tensor post made on the pool, its int16 bits)
-        self._rope_bits = None  # (cos, sin, their bits) of the last pre on the pool
+        self._rope_bits: dict = {}  # id(cos) -> (cos, sin, their bits): each micro-batch's table of the step
         self.prefill_linears = tuple((_bf16_out(qkv), _bf16_out(o), _WideGateUp(gate_up), _bf16_out(down))
                                      for _, qkv, o, _, gate_up, down in self.layers)
 
@@ -418,9 +418,11 @@ class FusedDense:
             q = np.empty((t, self.nq, self.d), np.int16)
             k = np.empty((t, self.nk, self.d), np.int16)
             v = np.empty((t, self.nk, self.d), np.int16)
-            rope = self._rope_bits
-            if rope is None or rope[0] is not cos or rope[1] is not sin:  # once per step: the same table every layer
-                rope = self._rope_bits = (cos, sin, _bits(cos.view(t, -1)), _bits(sin.view(t, -1)))
+            rope = self._rope_bits.get(id(cos))
+            if rope is None or rope[0] is not cos or rope[1] is not sin:  # once per step and micro-batch
+                if len(self._rope_bits) >= 32:  # older steps' tables
+                    self._rope_bits.clear()
+                rope = self._rope_bits[id(cos)] = (cos, sin, _bits(cos.view(t, -1)), _bits(sin.view(t, -1)))
             # A worker's prefetch during attention; the solo pool has no worker
             n_o, n_gate_up = self._prefetch_counts(o.wb, gate_up) if pool is not self._solo else (0, 0)
             try:

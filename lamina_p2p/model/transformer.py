@@ -137,8 +137,8 @@ class Transformer(torch.nn.Module):
         self._dense_pool = True  # see dense_pool
         self._inv_freq = rope_inv_freq(c)
         self._build_rope_table(c.max_position_embeddings)
-        self._rope_positions: torch.Tensor | None = None  # last positions seen, see _rope()
-        self._rope_cs: tuple[torch.Tensor, torch.Tensor] | None = None
+        # id(positions) -> (positions, (cos, sin)) of the step's micro-batches, see _rope()
+        self._rope_cs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---- weights in HF naming --------------------------------------------------------------
 
@@ -265,16 +265,21 @@ class Transformer(torch.nn.Module):
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, D] for these positions, growing the table if a position is past it."""
-        # Every layer of a step passes the same positions tensor: gather once per tensor
-        # (the bound check is a host sync on GPU). The reference keeps the tensor alive,
-        # so `is` cannot match a new tensor at a recycled address.
-        if positions is not self._rope_positions:
-            top = int(positions.max()) if positions.numel() else 0
-            if top >= self._cos.shape[0]:
-                self._build_rope_table(max(top + 1, 2 * self._cos.shape[0]))
-            self._rope_positions = positions
-            self._rope_cs = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
-        return self._rope_cs
+        # Every layer of a step passes each micro-batch's same positions tensor: gather once per
+        # tensor (the bound check is a host sync on GPU), for every micro-batch of the step (with one
+        # entry, micro-batches that alternate gathered again at every layer). The entry keeps its
+        # tensor alive, so an id cannot match a new tensor at a recycled address.
+        hit = self._rope_cs.get(id(positions))
+        if hit is not None and hit[0] is positions:
+            return hit[1]
+        top = int(positions.max()) if positions.numel() else 0
+        if top >= self._cos.shape[0]:
+            self._build_rope_table(max(top + 1, 2 * self._cos.shape[0]))
+        if len(self._rope_cs) >= 32:  # more than a step's micro-batches: older steps' tensors go
+            self._rope_cs.clear()
+        cs = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+        self._rope_cs[id(positions)] = (positions, cs)
+        return cs
 
     # ---- the four entry points -------------------------------------------------------------
 
