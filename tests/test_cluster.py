@@ -84,12 +84,14 @@ def test_generate_command_starts_and_stops_its_peers(model_dir, reference):
     assert _attention_pids("gen-cmd-test") == set()  # the command stopped the peers it started
 
 
-@pytest.mark.parametrize("data_address", ["default", "fixed"])
+@pytest.mark.parametrize("data_address", ["default", "fixed", "stream_tcp", "stream_unreachable"])
 def test_block_size_and_data_path_come_from_the_register_reply(model_dir, reference, data_address,
                                                               attention_peers):
     """A peer started with --block-size 32: the transport (and so the scheduler) uses 32, not 16; every
-    per-layer attend goes over the data path (the kernel thread's own socket): ipc:// on one host by
-    default, or exactly the address given with --data-port/--data-advertise (firewalls, NAT, relays)."""
+    per-layer attend goes over the data path (the kernel thread's own sockets): ipc:// and the Unix
+    stream on one host by default, or exactly the addresses given with --data-port/--data-advertise
+    (firewalls, NAT, relays: then no stream unless --data-stream-advertise names one, which a compute
+    peer on another host dials over TCP; where that address does not answer, ZeroMQ it is)."""
     import asyncio
 
     from waiting import peer_stats
@@ -99,11 +101,18 @@ def test_block_size_and_data_path_come_from_the_register_reply(model_dir, refere
     from lamina_p2p.compute.sequence import SamplingParams
     from lamina_p2p.model.loader import load_model
 
-    extra, expected = ["--block-size", "32"], "ipc://"
-    if data_address == "fixed":
+    extra, expected, expected_stream = ["--block-size", "32"], "ipc://", "unix://"
+    if data_address != "default":
         port = free_port()
-        expected = f"tcp://127.0.0.1:{port}"
+        expected, expected_stream = f"tcp://127.0.0.1:{port}", None
         extra += ["--data-port", str(port), "--data-advertise", expected]
+    if data_address.startswith("stream"):
+        stream_port, nobody = free_port(), free_port()
+        expected_stream = f"tcp://127.0.0.1:{stream_port}"
+        advertised = expected_stream if data_address == "stream_tcp" else f"tcp://127.0.0.1:{nobody}"
+        extra += ["--data-stream-port", str(stream_port), "--data-stream-advertise", advertised]
+        if data_address == "stream_unreachable":  # a firewall in front of the stream's port
+            expected_stream = None
     (peer,) = attention_peers(1, *extra, kv_memory="64MiB", cluster="bs32")
 
     async def run():
@@ -114,13 +123,16 @@ def test_block_size_and_data_path_come_from_the_register_reply(model_dir, refere
                 await transport.wait_for_peers(1, 60)
                 (info,) = transport._info.values()
                 seqs, _ = await engine.generate(PROMPTS[:3], SamplingParams(max_tokens=STEPS, ignore_eos=True))
-                return transport.block_size(), info["endpoint"], [s.output for s in seqs]
+                kinds = sorted({type(link).__name__ for link in transport._links.values()})
+                return transport.block_size(), info["endpoint"], info["stream"], kinds, [s.output for s in seqs]
             finally:
                 engine.close()
 
-    block, endpoint, tokens = asyncio.run(run())
+    block, endpoint, stream, kinds, tokens = asyncio.run(run())
     assert block == 32
-    assert endpoint == expected if data_address == "fixed" else endpoint.startswith(expected)
+    assert endpoint == expected if data_address != "default" else endpoint.startswith(expected)
+    assert stream == expected_stream if data_address != "default" else stream.startswith(expected_stream)
+    assert "StreamLink" in kinds if expected_stream else kinds == ["DataLink"]
     assert tokens == reference[:3]
     stats = peer_stats(peer.address)
     assert stats["attend_calls"] > 0 and stats["data_path_requests"] == stats["attend_calls"]

@@ -41,7 +41,7 @@ class Echo:
 def served():
     ctx = zmq.Context()
     handler = Echo()
-    kt = KernelThread(ctx, "tcp://127.0.0.1", handler, limits=Limits(max_in_flight=3))
+    kt = KernelThread(ctx, "tcp://127.0.0.1", handler, limits=Limits(max_in_flight=3), stream_tcp_port=0)
     kt.start()
     links = []
 
@@ -167,14 +167,25 @@ def test_curve_keys_are_required_on_the_data_path(tmp_path):
 
 
 # -- the stream socket (net/stream.py): plaintext peers on one host ------------------------------------
-def stream_link(kt):
-    return StreamLink(kt.stream_endpoint)
+@pytest.fixture(params=["unix", "tcp"])
+def stream_kind(request):
+    """The stream data path on one host (Unix socket) and between hosts (TCP, here over loopback)."""
+    return request.param
 
 
-def test_the_stream_socket_serves_both_headers_on_the_kernel_thread(served):
+def stream_endpoint(kt, kind):
+    return kt.stream_endpoint if kind == "unix" else kt.stream_tcp_endpoint
+
+
+def stream_link(kt, kind):
+    return StreamLink(stream_endpoint(kt, kind))
+
+
+def test_the_stream_socket_serves_both_headers_on_the_kernel_thread(served, stream_kind):
     kt, handler, _ = served
     assert kt.stream_endpoint and kt.stream_endpoint.startswith("unix://")
-    ln = stream_link(kt)
+    assert kt.stream_tcp_endpoint and kt.stream_tcp_endpoint.startswith("tcp://127.0.0.1:")
+    ln = stream_link(kt, stream_kind)
     try:
         xs = [np.arange(i, i + 5, dtype=np.float32) for i in range(3)]
         rids = [ln.send("attend", {}, [x], timeout_s=10) for x in xs]
@@ -197,9 +208,11 @@ def test_the_stream_socket_serves_both_headers_on_the_kernel_thread(served):
     assert kt.requests == 6
 
 
-def raw_stream(kt):
+def raw_stream(kt, kind):
     import socket
 
+    if kind == "tcp":
+        return socket.create_connection(stream.tcp_host_port(kt.stream_tcp_endpoint), timeout=10)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(kt.stream_endpoint.removeprefix("unix://"))
@@ -223,7 +236,7 @@ def read_replies(sock, count, until_closed):
     return out, closed
 
 
-def test_broken_framing_gets_one_error_reply_then_the_connection_closes(served):
+def test_broken_framing_gets_one_error_reply_then_the_connection_closes(served, stream_kind):
     kt, _, _ = served
     good = stream.pack(encode("attend", 4, {}, [np.ones(2, np.float32)]))
     head = b"".join(bytes(b) for b in good[:1])
@@ -231,14 +244,14 @@ def test_broken_framing_gets_one_error_reply_then_the_connection_closes(served):
               stream.PREFIX.pack(stream.STREAM_MAGIC, 10**6),  # more frames than the limits allow
               stream.PREFIX.pack(stream.STREAM_MAGIC, 2) + np.array([10, 2**31], "<u4").tobytes()]  # a huge frame
     for junk in broken:
-        sock = raw_stream(kt)
+        sock = raw_stream(kt, stream_kind)
         sock.sendall(head + b"".join(bytes(b) for b in good[1:]) + junk)  # a good message first, then the junk
         replies, closed = read_replies(sock, 2, until_closed=True)
         sock.close()
         assert [r.op for r in replies] == ["reply", "error"] and replies[1].fields["code"] == "bad_message"
         assert closed
     # Malformed messages inside good framing: error replies, the connection stays.
-    sock = raw_stream(kt)
+    sock = raw_stream(kt, stream_kind)
     bad = [[b"garbage"], encode("stats", 9, {}), [bytes(f) for f in encode("attend", 3, {}, [np.zeros(4, np.float32)])][:1]]
     for frames in bad:  # (max_in_flight is 3 here)
         sock.sendall(b"".join(bytes(b) for b in stream.pack(frames)))
@@ -247,14 +260,14 @@ def test_broken_framing_gets_one_error_reply_then_the_connection_closes(served):
     replies += read_replies(sock, 1, until_closed=False)[0]
     sock.close()
     assert [r.op for r in replies] == ["error", "error", "error", "reply"] and not closed
-    ln = stream_link(kt)  # the thread still serves everyone
+    ln = stream_link(kt, stream_kind)  # the thread still serves everyone
     assert ln.receive(ln.send("attend", {}, [np.ones(1, np.float32)], timeout_s=10), time.monotonic() + 10).op == "reply"
     ln.close()
 
 
-def test_on_the_stream_busy_deadline_and_a_closed_peer_end_the_wait(served):
+def test_on_the_stream_busy_deadline_and_a_closed_peer_end_the_wait(served, stream_kind):
     kt, handler, _ = served
-    ln = stream_link(kt)
+    ln = stream_link(kt, stream_kind)
     # The requests are in the socket's buffer once send returns: the thread reads them all at once.
     outcomes = burst_while_busy(kt, ln)
     assert outcomes.count("ok") >= 3 and set(outcomes) <= {"ok", "busy"} and "busy" in outcomes
@@ -267,7 +280,7 @@ def test_on_the_stream_busy_deadline_and_a_closed_peer_end_the_wait(served):
     finally:
         handler.gate.set()
     ln.close()
-    ln = stream_link(kt)
+    ln = stream_link(kt, stream_kind)
     ln.receive(ln.send("attend", {}, [], timeout_s=10), time.monotonic() + 10)
     kt.stop()  # the peer goes away: its end of the stream closes
     t0 = time.monotonic()
@@ -280,20 +293,20 @@ def test_on_the_stream_busy_deadline_and_a_closed_peer_end_the_wait(served):
 def test_curve_peers_offer_no_stream(tmp_path):
     keys = load_security(generate_keys(tmp_path / "k")["cluster"])
     ctx = zmq.Context()
-    kt = KernelThread(ctx, "tcp://127.0.0.1", Echo(), security=keys)
+    kt = KernelThread(ctx, "tcp://127.0.0.1", Echo(), security=keys, stream_tcp_port=0)
     kt.start()
     try:
-        assert kt.stream_endpoint is None
+        assert kt.stream_endpoint is None and kt.stream_tcp_endpoint is None
     finally:
         kt.stop()
         ctx.term()
 
 
-def test_a_stream_caller_that_does_not_read_its_reply_holds_up_no_one(served):
+def test_a_stream_caller_that_does_not_read_its_reply_holds_up_no_one(served, stream_kind):
     """A reply larger than the socket's buffer waits in the kernel thread's memory, not in a blocked
     write: the thread serves another caller meanwhile, and the slow caller gets its whole reply later."""
     kt, _, _ = served
-    slow, other = stream_link(kt), stream_link(kt)
+    slow, other = stream_link(kt, stream_kind), stream_link(kt, stream_kind)
     try:
         big = np.arange(2 << 20, dtype=np.float32)  # 8 MB each way: far past a Unix socket's buffer
         rid = slow.send("attend", {}, [big], timeout_s=30)

@@ -9,8 +9,9 @@ Topology (loopback only; nothing to clean up but our own processes):
 
 The attention peer listens on P and advertises R (`--advertise`), so membership gossip hands the
 compute peer R; its per-layer data path listens on a second port D and advertises a second relay's
-port (`--data-port`, `--data-advertise`, which also withholds the ipc:// shortcut), so every attend
-request and reply crosses a relay with the same delay and rate. The kernels here have no
+port (`--data-port`, `--data-advertise`, which also withholds the ipc:// shortcut) and its TCP stream
+a third (`--data-stream-port`, `--data-stream-advertise`: the decode path between hosts), so every
+attend request and reply crosses a relay with the same delay and rate. The kernels here have no
 `netem` qdisc, hence the user-space relay (checked by `tools/relay.py check`; the same ping-pong
 runs first here and is reported). One attention peer is prefilled once; the relay's delay is then
 changed between rounds (a command on its stdin), and every (delay, micro-batches) pair decodes
@@ -90,19 +91,22 @@ async def run(args, log) -> dict:
                      + (args.batch * args.context) // 1024)
     kv = int(args.batch * (args.context + decode_tokens + 16) * kv_tok * 1.25) + (64 << 20)
     loop = asyncio.get_running_loop()
-    port, data_port = free_port(), free_port()
+    port, data_port, stream_port = free_port(), free_port(), free_port()
     relay = RelayProcess(port, args.rate_gbit)  # the control path: membership, register, free
-    data_relay = RelayProcess(data_port, args.rate_gbit)  # the per-layer attends
+    data_relay = RelayProcess(data_port, args.rate_gbit)  # the per-layer attends over ZeroMQ (prefill's large ones)
+    stream_relay = RelayProcess(stream_port, args.rate_gbit)  # and over the TCP stream (decode's), as between hosts
+    relays = (relay, data_relay, stream_relay)
     peer = None
     backend = None
     try:
         peer = await loop.run_in_executor(None, lambda: start_peer(
             ["start", "--role", "attention", "--listen", f"tcp://127.0.0.1:{port}", "--advertise",
              f"tcp://127.0.0.1:{relay.port}", "--data-port", str(data_port), "--data-advertise",
-             f"tcp://127.0.0.1:{data_relay.port}", "--kv-memory", str(kv), "--cluster", "netem",
-             "--threads", str(args.attention_threads)]))
-        log(f"attention peer on :{port} (data :{data_port}), advertised through the relays on :{relay.port} "
-            f"(data :{data_relay.port})")
+             f"tcp://127.0.0.1:{data_relay.port}", "--data-stream-port", str(stream_port),
+             "--data-stream-advertise", f"tcp://127.0.0.1:{stream_relay.port}", "--kv-memory", str(kv),
+             "--cluster", "netem", "--threads", str(args.attention_threads)]))
+        log(f"attention peer on :{port} (data :{data_port}, stream :{stream_port}), advertised through the relays "
+            f"on :{relay.port} (data :{data_relay.port}, stream :{stream_relay.port})")
         backend = LaminaBackend(model, model_dir, 0, args, "netem", join=[f"tcp://127.0.0.1:{relay.port}"],
                                 cluster="netem")
         await backend.open(kv)
@@ -118,8 +122,8 @@ async def run(args, log) -> dict:
         for r in range(args.rounds):
             order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]
             for d, m in order:
-                relay.command(f"delay {d}")
-                data_relay.command(f"delay {d}")
+                for rel in relays:
+                    rel.command(f"delay {d}")
                 await backend.decode(1, m)  # settle: chunks queued under the old delay drain
                 dt = await backend.decode(args.steps, m)
                 rates[f"{d}ms_mb{m}"].append(args.batch * args.steps / dt)
@@ -129,8 +133,8 @@ async def run(args, log) -> dict:
             await backend.close()
         if peer is not None:
             await loop.run_in_executor(None, peer.stop)
-        relay.close()
-        data_relay.close()
+        for rel in relays:
+            rel.close()
     tps = {k: benchlib.median(v) for k, v in rates.items()}
     d0 = args.delays_ms[0]
     rel = {f"{d}ms_mb{m}": tps[f"{d}ms_mb{m}"] / tps[f"{d0}ms_mb{m}"] for d, m in pairs}

@@ -4,7 +4,8 @@ Ops served on the control ROUTER (besides membership's gossip/status):
   register {owner, num_layers, num_heads, num_kv_heads, head_dim, storage, max_positions}
            -> {block_size, block_bytes, kv_total_bytes, kv_free_bytes,
                data: tcp endpoint of the data path, data_ipc: its ipc:// endpoint (or None),
-               data_stream: its unix:// stream endpoint (plain text only, else None), host}
+               data_stream: its unix:// stream endpoint (plain text only, else None),
+               data_stream_tcp: its tcp:// stream endpoint for other hosts (plain text only, else None), host}
   attend   {owner, layer, h0, h1} + tensors [meta int64 [n, 4] = (seq id, context_len, n_q, num_new_tokens), q, k, v]
            (on the data path in the fixed binary header of net/wire.py, reply likewise)
            -> tensors [out f32 [T, Hq, D], lse f32 [T, Hq]]
@@ -61,6 +62,10 @@ class AttentionPeerConfig:
     advertise: str | None = None  # address others dial; default: the bound one
     data_port: int = 0  # the data path's TCP port (0: the system chooses)
     data_advertise: str | None = None  # the data path's address others dial (then no ipc://); default: advertise's host
+    # The TCP stream data path (plain text only, net/stream.py): its port (0: any free one; None: off) and
+    # the address others dial (default: advertise's host and that port; not offered with data_advertise alone).
+    data_stream_port: int | None = 0
+    data_stream_advertise: str | None = None
     discover: bool = False  # UDP beacon on the LAN
     discover_port: int = 47474
     discover_broadcast: str = "255.255.255.255"
@@ -79,6 +84,7 @@ class AttentionPeer:
             _check_cuda()
         self.service = AttentionService(config.kv_bytes, config.block_size, config.device)
         self.kernel: KernelThread | None = None  # the kernel thread, started by run()
+        self.data_stream_endpoint: str | None = None  # the TCP stream data path as advertised, set by run()
         self.busy_s = 0.0  # kernel time, for the advertised load
         self.in_flight = 0
         self.attend_calls = 0
@@ -115,7 +121,8 @@ class AttentionPeer:
         tcp_host = listen.rsplit(":", 1)[0] if listen.startswith("tcp://") else "tcp://127.0.0.1"
         self.kernel = KernelThread(ctx, tcp_host, self._attend_data, security=self.config.security,
                                    on_start=self._start_kernel_thread, tcp_port=self.config.data_port,
-                                   ipc=self.config.data_advertise is None, busy_poll_us=self.config.busy_poll_us)
+                                   ipc=self.config.data_advertise is None, busy_poll_us=self.config.busy_poll_us,
+                                   stream_tcp_port=self.config.data_stream_port)
         server = None
         try:
             await loop.run_in_executor(None, self.kernel.start)
@@ -136,6 +143,11 @@ class AttentionPeer:
         # Compute peers dial the data path at the advertised host, on the kernel thread's port.
         self.data_endpoint = self.config.data_advertise or \
             address.rsplit(":", 1)[0] + ":" + self.kernel.tcp_endpoint.rsplit(":", 1)[1]
+        # Behind NAT or a relay (data_advertise) the stream's port is not reachable as bound unless told.
+        tcp_stream = self.kernel.stream_tcp_endpoint
+        self.data_stream_endpoint = self.config.data_stream_advertise if tcp_stream else None
+        if tcp_stream and self.data_stream_endpoint is None and self.config.data_advertise is None:
+            self.data_stream_endpoint = address.rsplit(":", 1)[0] + ":" + tcp_stream.rsplit(":", 1)[1]
         me = PeerInfo(id=os.urandom(8).hex(), role="attention", address=address,
                       device=self.config.device, kv_total_bytes=self.service.budget.total,
                       kv_free_bytes=self.service.budget.free, load=0.0, version=PROTOCOL_VERSION,
@@ -209,7 +221,8 @@ class AttentionPeer:
         limits.check_register(f, self.service)
         info = await self._in_worker(lambda: self.service.register(str(f["owner"]), **{k: f[k] for k in keys}))
         return {**info, "data": self.data_endpoint, "data_ipc": self.kernel.ipc_endpoint,
-                "data_stream": self.kernel.stream_endpoint, "host": host_id()}, []
+                "data_stream": self.kernel.stream_endpoint, "data_stream_tcp": self.data_stream_endpoint,
+                "host": host_id()}, []
 
     async def _attend(self, msg: Message):
         # The control path's attend (tools, tests, old clients): the same work, on the kernel thread.

@@ -52,6 +52,12 @@ from lamina_p2p.config import ConfigError, check_address, parse_bytes
 @click.option("--data-advertise", default=None,
               help="Attention: address compute peers dial for the data path (default: --advertise's host and "
                    "--data-port; given, no ipc:// shortcut is offered), e.g. behind NAT or a relay.")
+@click.option("--data-stream-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Attention, plain text only: TCP port of the stream data path compute peers on other hosts use "
+                   "(fewer thread hops than ZeroMQ; 0: any free one). Where it is unreachable they use --data-port.")
+@click.option("--data-stream-advertise", default=None,
+              help="Attention: address compute peers dial for the stream data path (default: --advertise's host "
+                   "and --data-stream-port; with --data-advertise and not this, no stream is offered).")
 @click.option("--discover", is_flag=True, help="Find peers of this cluster on the LAN with a UDP beacon.")
 @click.option("--discover-port", type=click.IntRange(1, 65535), default=47474, show_default=True)
 @click.option("--discover-broadcast", default="255.255.255.255", show_default=True)
@@ -61,7 +67,8 @@ from lamina_p2p.config import ConfigError, check_address, parse_bytes
               help="Compute with --http: require 'Authorization: Bearer KEY' on /v1/* (default: $LAMINA_API_KEY).")
 def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_cpus, block_size, heartbeat, dead_after,
           model_dir, dtype, placement, shard_tokens, micro_batches, kv_replicas, peer_wait_timeout, drain_timeout,
-          owner_timeout, http, max_batch, advertise, data_port, data_advertise, discover, discover_port,
+          owner_timeout, http, max_batch, advertise, data_port, data_advertise, data_stream_port,
+          data_stream_advertise, discover, discover_port,
           discover_broadcast, secret, peer_key, allow_dir, insecure_listen, api_key, busy_poll_us):
     """Run one peer until SIGTERM or Ctrl-C."""
     from lamina_p2p.node import run_attention, run_compute
@@ -71,8 +78,9 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
         check_address(listen)
         if advertise:
             check_address(advertise)
-        if data_advertise:
-            check_address(data_advertise)
+        for address in (data_advertise, data_stream_advertise):
+            if address:
+                check_address(address)
         for addr in join:
             check_address(addr)
         kv_bytes = parse_bytes(kv_memory)
@@ -94,7 +102,8 @@ def start(role, listen, join, cluster, kv_memory, device, threads, cpus, dense_c
         cfg = AttentionPeerConfig(listen=listen, join=tuple(join), kv_bytes=kv_bytes, device=device, threads=threads,
                                   cluster=cluster, block_size=block_size, heartbeat_interval=heartbeat,
                                   suspect_after=dead_after / 2, dead_after=dead_after, advertise=advertise,
-                                  data_port=data_port, data_advertise=data_advertise, drain_timeout=drain_timeout,
+                                  data_port=data_port, data_advertise=data_advertise, data_stream_port=data_stream_port,
+                                  data_stream_advertise=data_stream_advertise, drain_timeout=drain_timeout,
                                   owner_timeout=owner_timeout, discover=discover, discover_port=discover_port,
                                   discover_broadcast=discover_broadcast, security=security,
                                   insecure_listen=insecure_listen, busy_poll_us=busy_poll_us)

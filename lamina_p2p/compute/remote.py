@@ -36,6 +36,20 @@ from lamina_p2p.net.wire import PROTOCOL_VERSION
 log = logging.getLogger("lamina.compute")
 
 STREAM_MAX_REQUEST_BYTES = 1 << 20  # larger attends (prefill) go over ZeroMQ even where a stream is offered
+STREAM_PROBE_TIMEOUT_S = 3.0  # how long register waits to see a peer's TCP stream accept a connection
+
+
+async def _reachable(endpoint: str, timeout_s: float) -> bool:
+    """Whether a "tcp://host:port" stream endpoint accepts a connection within `timeout_s` (then closed)."""
+    from lamina_p2p.net.stream import tcp_host_port
+
+    try:
+        host, port = tcp_host_port(endpoint)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 @dataclass
@@ -117,12 +131,25 @@ class ClusterTransport:
         # ipc:// only where both ends agree they share a host (and its filesystem).
         info["endpoint"] = ipc if isinstance(ipc, str) and info.get("host") == self._host and \
             ipc.startswith("ipc://") and os.path.exists(ipc.removeprefix("ipc://")) else data
-        path = info.get("data_stream")
-        # The stream has no CURVE: used only when this side is in plain text too, and on the same host.
-        info["stream"] = path if self.membership.security is None and isinstance(path, str) and \
-            path.startswith("unix://") and info.get("host") == self._host and \
-            os.path.exists(path.removeprefix("unix://")) else None
+        info["stream"] = self._stream_endpoint(info)
+        if info["stream"] is not None and info["stream"].startswith("tcp://") and \
+                not await _reachable(info["stream"], STREAM_PROBE_TIMEOUT_S):
+            # A firewall that lets the ZeroMQ data port through but not this one: found here, on the event
+            # loop, not as a connect timeout on the dense thread at the first attend.
+            log.warning("stream data path of %s at %s unreachable: using ZeroMQ", peer.id, info["stream"])
+            info["stream"] = None
         self._info[peer.id] = info
+
+    def _stream_endpoint(self, info: dict) -> str | None:
+        """The peer's stream data path (net/stream.py) this side may use: its Unix socket on this host,
+        else its TCP stream; None where it offers neither or either side runs CURVE (the stream has none)."""
+        if self.membership.security is not None:
+            return None
+        path, tcp = info.get("data_stream"), info.get("data_stream_tcp")
+        if isinstance(path, str) and path.startswith("unix://") and info.get("host") == self._host and \
+                os.path.exists(path.removeprefix("unix://")):
+            return path
+        return tcp if isinstance(tcp, str) and tcp.startswith("tcp://") else None
 
     def peers(self) -> dict[str, float]:
         """Attention peers registered and alive, weighted by advertised KV capacity."""

@@ -7,9 +7,9 @@ there is one per layer per micro-batch. Here, the compute side:
 
 - `DataLink` is a compute peer's DEALER to one attention peer, owned by the
   engine's dense thread: `send` returns at once, `receive` waits for that reply.
-- `StreamLink` is the same over a plain Unix-domain stream socket (net/stream.py),
-  which the attention peer's kernel thread also listens on when the peer runs in plain
-  text: on one host the compute side chooses it at register time, and a round trip then
+- `StreamLink` is the same over a plain stream socket (net/stream.py: Unix-domain on one
+  host, TCP between hosts), which the attention peer's kernel thread also listens on when the
+  peer runs in plain text: the compute side chooses it at register time, and a round trip then
   wakes two threads instead of six (no ZeroMQ I/O threads in between).
 
 The other end of both is the attention peer's `KernelThread` (net/kernel_thread.py).
@@ -198,11 +198,11 @@ class DataLink:
 
 
 class StreamLink(DataLink):
-    """A compute peer's data link over the kernel thread's Unix-domain stream socket (net/stream.py).
+    """A compute peer's data link over the kernel thread's stream socket (net/stream.py).
 
-    Same methods, messages and errors as DataLink; chosen at register time for a plaintext peer on
-    this host. The owning thread writes requests and reads replies itself: no ZeroMQ I/O thread.
-    `endpoint`: "unix://PATH" from the register reply. `busy_poll_us`: `receive` polls the socket
+    Same methods, messages and errors as DataLink; chosen at register time for a plaintext peer.
+    The owning thread writes requests and reads replies itself: no ZeroMQ I/O thread.
+    `endpoint`: "unix://PATH" (a peer on this host) or "tcp://HOST:PORT" from the register reply. `busy_poll_us`: `receive` polls the socket
     without blocking for this many microseconds before it blocks (0: never; net/busypoll.py).
     Raises OSError when it cannot connect, ValueError for a negative window."""
 

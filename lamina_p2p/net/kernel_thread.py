@@ -47,12 +47,14 @@ class KernelThread:
     and no `security` it also listens on a Unix-domain stream socket (`stream_endpoint`,
     "unix://PATH", net/stream.py) and serves the same messages there.
     `busy_poll_us`: after replying on a stream connection, poll every socket without blocking for
-    this many microseconds before blocking again (0: never; net/busypoll.py).
+    this many microseconds before blocking again (0: never; net/busypoll.py). `stream_tcp_port`:
+    with no `security`, also listen for stream connections on TCP at `tcp_bind`'s host and this port
+    (0: any free one; None: no TCP stream), for compute peers on other hosts (`stream_tcp_endpoint`).
     """
 
     def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
                  limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True,
-                 tcp_port: int = 0, busy_poll_us: int = 0):
+                 tcp_port: int = 0, busy_poll_us: int = 0, stream_tcp_port: int | None = None):
         self._ctx = ctx
         self._busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
         self.busy_poll_s = 0.0  # the window in use: set once bound (only where a stream listener exists)
@@ -74,7 +76,9 @@ class KernelThread:
         self.tcp_endpoint: str | None = None
         self.ipc_endpoint: str | None = None
         self.stream_endpoint: str | None = None
-        self._listener = None  # the stream listener (plain text only), and its connections by fd:
+        self.stream_tcp_endpoint: str | None = None
+        self._stream_tcp_port = stream_tcp_port
+        self._listeners: dict[int, Any] = {}  # the stream listeners by fd (plain text only), and their connections by fd:
         self._streams: dict[int, tuple[Any, stream.FrameReader]] = {}
         self._pending: dict[int, list[memoryview]] = {}  # fd -> reply bytes the socket has not taken yet
         # counters, read by other threads for stats
@@ -150,19 +154,28 @@ class KernelThread:
                 # CURVE-secured clusters keep ZeroMQ: the stream carries no encryption or authentication.
                 if self._security is None and len(path) < zmq.IPC_PATH_MAX_LEN:
                     path = os.path.join(self._ipc_dir, "stream")
-                    self._listener = stream.listen(path)
+                    self._add_listener(stream.listen(path))
                     self.stream_endpoint = stream.SCHEME + path
+            if self._security is None and self._stream_tcp_port is not None:
+                host = self._tcp_bind.removeprefix("tcp://")
+                listener = self._add_listener(stream.listen_tcp(host, self._stream_tcp_port))
+                port = listener.getsockname()[1]
+                self.stream_tcp_endpoint = f"{stream.TCP_SCHEME}{host}:{port}"
         except BaseException:
             sock.close(linger=0)
-            if self._listener is not None:
-                self._listener.close()
+            for listener in self._listeners.values():
+                listener.close()
             raise
         return sock
+
+    def _add_listener(self, listener):
+        self._listeners[listener.fileno()] = listener
+        return listener
 
     def _run(self) -> None:
         try:
             sock = self._bind()
-            self.busy_poll_s = self._busy_poll_s if self._listener is not None else 0.0
+            self.busy_poll_s = self._busy_poll_s if self._listeners else 0.0
             if self._on_start is not None:
                 self._on_start()
         except BaseException as e:
@@ -174,8 +187,7 @@ class KernelThread:
         self._router, self._poller = sock, poller  # used on this thread only
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        listen_fd = self._listener.fileno() if self._listener is not None else None
-        if listen_fd is not None:
+        for listen_fd in self._listeners:
             poller.register(listen_fd, zmq.POLLIN)
         spin = self.busy_poll = busypoll.BusyPoll(self.busy_poll_s)
         try:
@@ -198,8 +210,9 @@ class KernelThread:
                     except BlockingIOError:
                         pass
                     self._run_jobs()
-                if listen_fd is not None and listen_fd in ready:
-                    self._accept()
+                for listen_fd in self._listeners:
+                    if listen_fd in ready:
+                        self._accept(self._listeners[listen_fd])
                 for fd, events in ready.items():
                     if events & zmq.POLLOUT and fd in self._pending:
                         self._flush(fd)
@@ -213,8 +226,8 @@ class KernelThread:
             sock.close(linger=0)
             for fd in list(self._streams):
                 self._drop_stream(fd)
-            if self._listener is not None:
-                self._listener.close()
+            for listener in self._listeners.values():
+                listener.close()
             self._run_jobs(cancel=True)
 
     def _run_jobs(self, cancel: bool = False) -> None:
@@ -232,10 +245,10 @@ class KernelThread:
             except BaseException as e:
                 fut.set_exception(e)
 
-    def _accept(self) -> None:
+    def _accept(self, listener) -> None:
         while True:
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # out of file descriptors, ...: refuse this one, keep serving

@@ -1,4 +1,4 @@
-"""The data path over a plain Unix-domain stream socket, for plaintext links on one host.
+"""The data path over a plain stream socket: Unix-domain on one host, TCP between hosts (plain text only).
 
 Why: a ZeroMQ message crosses two extra threads each way (the sender's I/O thread, then the
 receiver's), so one attend round trip is six thread wake-ups where a stream socket read and
@@ -15,8 +15,10 @@ msgpack for the rest), each message preceded by its frame lengths:
 `FrameReader` checks the prefix against the same `Limits` as the decoder before it keeps anything
 (frame count, each frame's size, the message's total); a stream whose framing is broken cannot be
 resynchronised, so the reader raises `StreamError` and the peer answers once and closes that
-connection. Only plaintext links use it (a CURVE-secured cluster keeps ZeroMQ); the socket lives
-in the kernel thread's private (0700) directory, so only this user's processes can connect.
+connection. Only plaintext links use it (a CURVE-secured cluster keeps ZeroMQ). The Unix socket lives
+in the kernel thread's private (0700) directory, so only this user's processes can connect; the TCP
+listener is as open as the plaintext ZeroMQ data port next to it (a plaintext peer listens beyond
+loopback only with --insecure-listen). TCP links set TCP_NODELAY: a reply must not wait for an ACK.
 """
 
 from __future__ import annotations
@@ -34,18 +36,22 @@ PREFIX = struct.Struct("<4sI")
 _LENGTH = struct.Struct("<I")
 _READ_CHUNK = 256 * 1024
 SCHEME = "unix://"
+TCP_SCHEME = "tcp://"
 # Bytes in flight per direction: a prefill layer's attend is megabytes, and the default (~200 kB) makes
 # each one hundreds of wake-up ping-pongs. The kernel caps it at net.core.wmem_max without privileges.
 SEND_BUFFER_BYTES = 4 << 20
 
 
 def tune(sock: socket.socket) -> socket.socket:
-    """Non-blocking, with a large send buffer (best effort)."""
+    """Non-blocking, with a large send buffer (best effort), and TCP_NODELAY on TCP."""
     sock.setblocking(False)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     except OSError:
         pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Nagle would hold a reply's last segment until the previous one is ACKed (delayed ACK: up to 40 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
@@ -198,10 +204,22 @@ class FrameReader:
         return frames
 
 
-def connect(endpoint: str) -> socket.socket:
-    """A non-blocking connection to a kernel thread's stream endpoint ("unix:///path")."""
+def tcp_host_port(endpoint: str) -> tuple[str, int]:
+    """("host", port) of "tcp://host:port" (an IPv6 host in brackets). Raises ValueError."""
+    host, sep, port = endpoint.removeprefix(TCP_SCHEME).rpartition(":")
+    if not endpoint.startswith(TCP_SCHEME) or not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"stream endpoint {endpoint!r} is not {TCP_SCHEME}HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def connect(endpoint: str, timeout_s: float = 10.0) -> socket.socket:
+    """A non-blocking connection to a kernel thread's stream endpoint: "unix:///path" or "tcp://host:port".
+    Raises ValueError for another form, OSError when it cannot connect (TCP: within `timeout_s`)."""
+    if endpoint.startswith(TCP_SCHEME):
+        sock = socket.create_connection(tcp_host_port(endpoint), timeout=timeout_s)
+        return tune(sock)
     if not endpoint.startswith(SCHEME):
-        raise ValueError(f"stream endpoint {endpoint!r} is not {SCHEME}PATH")
+        raise ValueError(f"stream endpoint {endpoint!r} is neither {SCHEME}PATH nor {TCP_SCHEME}HOST:PORT")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(endpoint.removeprefix(SCHEME))
@@ -216,6 +234,23 @@ def listen(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP listener on host:port (port 0: any free one; "*" or "0.0.0.0": every IPv4
+    address). Raises OSError (address in use...)."""
+    host = "0.0.0.0" if host in ("*", "") else host.removeprefix("[").removesuffix("]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
         sock.listen(64)
     except BaseException:
         sock.close()
