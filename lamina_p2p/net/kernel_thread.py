@@ -2,7 +2,8 @@
 
 DESIGN.md section 5; the compute side's links are in net/datapath.py. `KernelThread` owns a
 ROUTER bound to a TCP port (and, on one host, an ipc:// path) and, when the peer runs in plain
-text, a Unix-domain stream listener (net/stream.py). It receives attends from both, runs them and
+text, stream listeners (net/stream.py: Unix-domain, and TCP for other hosts). It receives attends
+from all of them, runs them and
 replies itself, never blocking on a slow reader. Control-path work that touches the KV pool
 (register, free, drop) is handed to the same thread with `submit`, so the pool has one writer. A
 malformed message gets an error reply and a log line, never a crash.
@@ -78,7 +79,7 @@ class KernelThread:
         self.stream_endpoint: str | None = None
         self.stream_tcp_endpoint: str | None = None
         self._stream_tcp_port = stream_tcp_port
-        self._listeners: dict[int, Any] = {}  # the stream listeners by fd (plain text only), and their connections by fd:
+        self._listeners: dict[int, Any] = {}  # fd -> stream listener (Unix, TCP; plain text only); connections by fd:
         self._streams: dict[int, tuple[Any, stream.FrameReader]] = {}
         self._pending: dict[int, list[memoryview]] = {}  # fd -> reply bytes the socket has not taken yet
         # counters, read by other threads for stats
