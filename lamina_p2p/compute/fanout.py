@@ -151,8 +151,13 @@ def _rows(spans: list[tuple[int, int]], total: int | None) -> torch.Tensor | Non
     return torch.cat([torch.arange(s, s + c) for s, c in spans])
 
 
+_WIRE_16BIT = (torch.bfloat16, torch.float16)
+
+
 def to_wire(t: torch.Tensor) -> np.ndarray:
     """A tensor as numpy in the attention storage encoding (16-bit floats as uint16 bits)."""
+    if t.dtype in _WIRE_16BIT and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        return t.view(torch.int16).numpy().view(np.uint16)  # the per-layer case: a view, three calls
     t = t.detach().contiguous()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -167,7 +172,13 @@ def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: t
                    group_size: int, trace: bool = False) -> list[AttendRequest]:
     """Cut one layer's q [T,Hq,D], k/v [T,Hkv,D] into the micro-batch's per-group requests."""
     reqs = []
+    num_kv_heads = k.shape[1]
     for g in mb.groups:
+        if g.rows is None and g.kv_rows is None and g.h0 == 0 and g.h1 == num_kv_heads and g.num_new_tokens.all():
+            # A peer that holds every head of every row (request placement, one peer): q/k/v as they are.
+            reqs.append(AttendRequest(owner, layer, g.seq_ids, g.context_lens, g.n_q, g.num_new_tokens, g.h0, g.h1,
+                                      to_wire(q), to_wire(k), to_wire(v), trace, g.meta))
+            continue
         qg = q if g.rows is None else q.index_select(0, g.rows)
         qg = qg[:, g.h0 * group_size : g.h1 * group_size]
         if g.num_new_tokens.any():
