@@ -243,7 +243,7 @@ class LaminaBackend:
         opts = GenerateOptions(model_dir=self.model_dir, attention_peers=self.peers, kv_bytes=kv_bytes,
                                join=self.join, attention_threads=split[3] if split else self.args.attention_threads,
                                attention_cpus=[split[1]] if split else [], cluster=self.cluster,
-                               placement=self.args.placement)
+                               placement=self.args.placement, busy_poll_us=getattr(self.args, "busy_poll_us", 0))
         transport = await self.stack.enter_async_context(open_transport(opts))
         self.engine = Engine(self.model, transport, placement=self.args.placement, micro_batches=1)
         self.stack.callback(self.engine.close)
@@ -470,7 +470,8 @@ async def main_async(args, log) -> dict:
     kv_tok = kv_bytes_per_context_token(model_dir, args.dtype)
     out = {"stream_read_gbps": stream, "model": model_dir, "batches": {}, "dtype": args.dtype,
            "threads": args.threads, "attention_threads": args.attention_threads, "placement": args.placement,
-           "omp_wait_policy": args.omp_wait_policy, "load_average_start": os.getloadavg(),
+           "omp_wait_policy": args.omp_wait_policy, "busy_poll_us": args.busy_poll_us,
+           "load_average_start": os.getloadavg(),
            "weight_layout": getattr(model, "layout", None),
            "llama_cpp": {"bin_dir": args.llama_cpp, "gguf": args.gguf} if not why else {"skipped": why},
            "split_cores": {"compute_cpus": args.split_cores[0], "attention_cpus": args.split_cores[1]}
@@ -605,6 +606,9 @@ def parse_args(argv=None):
     ap.add_argument("--split-cores", metavar="COMPUTE:ATTENTION", default=None,
                     help="cluster systems on disjoint CPUs, e.g. 0:1 (compute process on CPU 0, attention peers "
                          "on CPU 1, one thread per CPU); transformers and single keep every CPU")
+    ap.add_argument("--busy-poll-us", type=int, default=0,
+                    help="cluster systems: the stream data path's busy-poll window on both sides (0: off; only "
+                         "where the cores are the peers' own, e.g. with --split-cores)")
     args = ap.parse_args(argv)
     args.split_cores = parse_split(ap, args.split_cores)
     args.all_cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
