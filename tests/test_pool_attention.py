@@ -129,7 +129,8 @@ def test_a_split_call_is_shared_with_the_worker(spinning):
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
         return spinning.ctl[sp.WORKED] > worked
 
-    wait_until(shared, what="the worker to compute an item")
+    # A generous deadline: on a loaded machine the worker may not get a CPU for seconds at a time.
+    wait_until(shared, timeout_s=180, what="the worker to compute an item")
 
 
 @pytest.mark.parametrize("read_ahead", [True, False])

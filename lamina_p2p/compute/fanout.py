@@ -33,6 +33,7 @@ class Group:
     kv_rows: torch.Tensor | None  # rows whose K/V are appended; None = same as rows
     replica: bool = False  # a copy kept for failover: sent the same request, its result unused
     meta: np.ndarray | None = None  # int64 [n, 4] (seq_ids, context_lens, n_q, num_new_tokens), built once a step
+    whole: bool = False  # every row in order, every kv head, every row appended: q/k/v go as they are
 
 
 @dataclass
@@ -48,6 +49,7 @@ class MicroBatch:
     index: int = 0  # position in the step, for traces
     num_primary: int = 0  # groups[:num_primary] give the results; the rest are replica writes
     sent_at: float = 0.0  # when the layer in flight was sent, for traces
+    whole: bool = False  # every group is `whole`: pre may hand q/k/v over in the storage encoding
 
     @property
     def num_tokens(self) -> int:
@@ -100,7 +102,9 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
         rows = _rows([(m[4], m[2]) for m in members], T)
         kv_rows = rows if num_new.all() else _rows([(m[4], m[2]) for m in members if m[3]], None)
         groups.append(Group(peer, h0, h1, seq_ids, context_lens, n_q, num_new, rows, kv_rows, replica,
-                            np.stack([seq_ids, context_lens, n_q, num_new], axis=1)))
+                            np.stack([seq_ids, context_lens, n_q, num_new], axis=1),
+                            whole=rows is None and kv_rows is None and h0 == 0 and h1 == num_kv_heads
+                            and bool(num_new.all())))
         if replica:
             continue
         for m in members:
@@ -108,7 +112,7 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
     overlapping = bool((coverage > 1).any())
     return MicroBatch(seqs, n, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                       groups, overlapping, torch.tensor(sample_rows, dtype=torch.long), sample_seqs,
-                      num_primary=sum(not g.replica for g in groups))
+                      num_primary=sum(not g.replica for g in groups), whole=all(g.whole for g in groups))
 
 
 def _slot_entries(shards: list[Shard], start: int, end: int, row: int) -> list[tuple[int, int, int, int]]:
@@ -168,16 +172,20 @@ def to_wire(t: torch.Tensor) -> np.ndarray:
     raise TypeError(f"unsupported activation dtype {t.dtype}")
 
 
-def build_requests(owner: str, layer: int, mb: MicroBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _wire(a) -> np.ndarray:
+    return a if isinstance(a, np.ndarray) else to_wire(a)
+
+
+def build_requests(owner: str, layer: int, mb: MicroBatch, q, k, v,
                    group_size: int, trace: bool = False) -> list[AttendRequest]:
-    """Cut one layer's q [T,Hq,D], k/v [T,Hkv,D] into the micro-batch's per-group requests."""
+    """Cut one layer's q [T,Hq,D], k/v [T,Hkv,D] into the micro-batch's per-group requests. q/k/v are
+    tensors, or (only for a micro-batch whose groups are all `whole`: mb.whole) numpy arrays already in
+    the storage encoding (Transformer.pre with wire=True)."""
     reqs = []
-    num_kv_heads = k.shape[1]
     for g in mb.groups:
-        if g.rows is None and g.kv_rows is None and g.h0 == 0 and g.h1 == num_kv_heads and g.num_new_tokens.all():
-            # A peer that holds every head of every row (request placement, one peer): q/k/v as they are.
+        if g.whole:  # a peer that holds every head of every row (request placement, one peer): as they are
             reqs.append(AttendRequest(owner, layer, g.seq_ids, g.context_lens, g.n_q, g.num_new_tokens, g.h0, g.h1,
-                                      to_wire(q), to_wire(k), to_wire(v), trace, g.meta))
+                                      _wire(q), _wire(k), _wire(v), trace, g.meta))
             continue
         qg = q if g.rows is None else q.index_select(0, g.rows)
         qg = qg[:, g.h0 * group_size : g.h1 * group_size]

@@ -408,7 +408,9 @@ class FusedDense:
         n_gu = min(gate_up.shape[0] // 2, (budget - n_o * block_o) // block_gu)
         return int(n_o), int(n_gu)
 
-    def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def pre(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wire: bool = False):
+        """q [T, Hq, D], k, v [T, Hkv, D] bfloat16; with `wire`, on the pool, as the uint16 numpy arrays
+        written (the attention requests' encoding: no tensor made and taken apart again per layer)."""
         norm, qkv, o, _, gate_up, _ = self.layers[layer]
         t = x.shape[0]
         pool = self._pool(t)
@@ -431,6 +433,8 @@ class FusedDense:
                          keep=(o.wb, gate_up) if n_o + n_gate_up else None)
             finally:
                 pool.lock.release()
+            if wire:
+                return q.view(np.uint16), k.view(np.uint16), v.view(np.uint16)
             return _as_bf16(q), _as_bf16(k), _as_bf16(v)
         y = torch.empty(t, qkv.out_features, dtype=torch.bfloat16)
         q = torch.empty(t, self.nq, self.d, dtype=torch.bfloat16)
@@ -512,9 +516,22 @@ def _as_bf16(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a).view(torch.bfloat16)
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
+@njit(**_JIT)
+def _round_bf16(src, dst):
+    """float32 [n] -> bfloat16 bits int16 [n], rounded as torch's .to(torch.bfloat16) (bf16_bits)."""
+    for i in range(src.shape[0]):
+        dst[i] = bf16_bits(src[i])
+
+
+def _bits(t) -> np.ndarray:
     """A bfloat16 tensor as its int16 bits (no copy when contiguous bfloat16; another dtype, e.g. a
-    float32 attention output, is rounded to bfloat16 first, as the layer's bfloat16 input)."""
+    float32 attention output, is rounded to bfloat16 first, as the layer's bfloat16 input). A float32
+    numpy array (an attention output as the kernel or the wire gave it) is rounded here, compiled."""
+    if isinstance(t, np.ndarray):
+        src = np.ascontiguousarray(t, np.float32)
+        out = np.empty(src.shape, np.int16)
+        _round_bf16(src.reshape(-1), out.reshape(-1))
+        return out
     if t.dtype != torch.bfloat16:
         t = t.to(torch.bfloat16)
     return t.contiguous().view(torch.int16).numpy()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -287,12 +288,14 @@ class Transformer(torch.nn.Module):
         """[T] token ids -> [T, hidden] residual stream in the model dtype."""
         return F.embedding(token_ids, self.embed_weight)
 
-    def pre(self, layer: int, x: torch.Tensor, positions: torch.Tensor):
-        """Residual stream [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], contiguous."""
+    def pre(self, layer: int, x: torch.Tensor, positions: torch.Tensor, wire: bool = False):
+        """Residual stream [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], contiguous.
+        With `wire`, the fused path may return them as numpy arrays in the attention storage encoding
+        (uint16 bits) instead, as it wrote them; the others return tensors either way."""
         lin = self._linears if self._linears is not None else self.prepare()._linears
         if self._fused is not None:
             if x.shape[0] < self._fused.wide_min_rows:
-                return self._fused.pre(layer, x, *self._rope(positions))
+                return self._fused.pre(layer, x, *self._rope(positions), wire=wire)
             lin = self._fused.prefill_linears
         L = self._layers[layer]
         eps = self.config.rms_norm_eps
@@ -306,13 +309,16 @@ class Transformer(torch.nn.Module):
         q, k, v = qk[:, : self._nq], qk[:, self._nq :], qkv[:, self._nqk :]
         return q.contiguous(), k.contiguous(), v.contiguous()
 
-    def post(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Residual stream [T, hidden] and attention output [T, Hq, D] -> next residual stream."""
+    def post(self, layer: int, x: torch.Tensor, attn_out) -> torch.Tensor:
+        """Residual stream [T, hidden] and attention output [T, Hq, D] -> next residual stream.
+        attn_out: a tensor, or a float32 numpy array (rounded to the model dtype here, as .to would)."""
         lin = self._linears if self._linears is not None else self.prepare()._linears
         if self._fused is not None:
             if x.shape[0] < self._fused.wide_min_rows:
                 return self._fused.post(layer, x, attn_out)
             lin = self._fused.prefill_linears
+        if isinstance(attn_out, np.ndarray):
+            attn_out = torch.tensor(attn_out, device=x.device).to(x.dtype)  # (a copy: frames are read-only)
         _, wo, w_gate_up, w_down = lin[layer]
         x = x + wo(attn_out.reshape(x.shape[0], -1))
         gate, up = w_gate_up(rms_norm(x, self._layers[layer].post_norm, self.config.rms_norm_eps)).chunk(2, dim=-1)
