@@ -165,3 +165,23 @@ def test_one_thread_runs_a_layer_in_one_call_with_the_same_bits():
         assert not solo._fused._solo.lock.locked()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_float32_attention_output_is_rounded_to_bf16_as_torch_does():
+    """fused._bits rounds a float32 numpy array (the attention output handed to post as it came)
+    exactly as torch's .to(torch.bfloat16): ties to even, carries into the exponent, infinities,
+    subnormals, signed zeros."""
+    from lamina_p2p.model.fused import _bits
+
+    g = torch.Generator().manual_seed(7)
+    values = torch.cat([torch.randn(4096, generator=g) * 10.0 ** torch.randint(-40, 38, (4096,), generator=g),
+                        torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38,
+                                      1.00390625, 1.01171875, 1.0029296875, 65504.0, 0.33333334])])
+    # exact ties: a bf16 value plus half its last place, both parities of the kept bit
+    ties = (torch.arange(1, 257, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    f32 = torch.cat([values.float(), ties])
+    f32 = f32[: len(f32) // 8 * 8].reshape(-1, 4, 2)  # [T, Hq, D] like an attention output
+    got = _bits(f32.numpy())
+    want = f32.to(torch.bfloat16).view(torch.int16).numpy()
+    assert got.dtype == np.int16 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
