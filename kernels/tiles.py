@@ -8,9 +8,16 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
 - QK: two query rows x 8 keys at a time, one unreduced 16-lane accumulator per
   (row, key) over head_dim (16 zmm registers), folded by one transposed reduction
   (simd.vsum16) into the 16 scores; each K chunk loaded feeds both rows (an odd last
-  row: 16 keys of one row).
-- PV: rows in pairs, 64 columns of each (8 registers) kept in registers over the
-  block's keys; each V load feeds both rows' FMAs, the probability is broadcast.
+  row: 16 keys of one row). Large GQA groups (whole 16-key chunks of >= 4 rows on
+  16-bit pools, >= 8 rows at head_dim 64 on float32): the chunk's K is staged as key
+  quads (4 keys x 4 dims per vector, simd.vquad) and four rows x four quads accumulate
+  against the rows' broadcast 4-dim slices (simd.vbcast4), folded by simd.vsum4x4: the
+  fold, ~2 shuffles + 1 add per (row, key) with vsum16, costs an eighth of that.
+- Softmax: a whole chunk every row sees (decode) takes one vector per row without the
+  causal bookkeeping; the max's fold and rescale only when a score passes the max.
+- PV: rows in fours (16 accumulators; then a pair, then one), 64 columns of each kept
+  in registers over the chunk's keys; each V load feeds four rows' FMAs, the
+  probability is broadcast from memory.
 - float32 pools are read in place; a 16-bit pool's block is widened once into a
   per-thread float32 scratch (one vector load + decode + store per 16 elements), so
   16-bit pools move half the bytes and every query row reads float32 -- except for a
@@ -43,7 +50,8 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 _JIT_D = dict(_JIT, cache=False)
 # Keys per pass of the block loop (a block of more keys is taken in chunks of this).
 CHUNK = 16
-# Query rows from which a whole chunk's QK runs on key quads (see _quad_rows), per storage.
+# Query rows from which a whole chunk's QK runs on key quads (see _quad_rows), per storage
+# (float32: head_dim 64 only).
 QUAD_ROWS_16 = 4
 QUAD_ROWS_F32 = 8
 
@@ -109,19 +117,23 @@ def _ov_direct(pool, n_rows):
     return lambda pool, n_rows: n_rows == 1
 
 
-def _quad_rows(pool):
+def _quad_rows(pool, d):
     """Fewest query rows for which a whole chunk's K is staged as key quads (simd.vbcast4)
     and QK folds its dot products with vsum4x4 instead of vsum16."""
 
 
 @overload(_quad_rows, inline="always", jit_options=_JIT)
-def _ov_quad_rows(pool):
+def _ov_quad_rows(pool, d):
     # The fold of vsum16 costs ~2 shuffles and an add per (row, key): at GQA group 8 and
-    # head_dim 64 a third of QK's vector work. Quads fold for an eighth of that but cost
-    # the reordering store; a 16-bit pool is staged (widened) anyway, so it pays from 4
-    # rows; a float32 pool is otherwise read in place (the staging is an extra pass).
-    n = QUAD_ROWS_F32 if pool.dtype == types.float32 else QUAD_ROWS_16
-    return lambda pool: n
+    # head_dim 64 a third of QK's vector work (half that at 128). Quads fold for an eighth
+    # of that but cost the reordering (2 shuffles per 16 elements). A 16-bit pool is
+    # staged (widened) anyway: quads pay from 4 rows (one thread, in cache, G4/G8 D128
+    # 37.7 -> 34.4 / 55.9 -> 49.9 ns per key; G7 D128 even). A float32 pool is otherwise
+    # read in place, so staging is an extra pass: it paid at G8 D64 (32.0 -> 30.2 ns per
+    # key in cache, 56.7 -> 52.5 from DRAM) and lost at D128 (G8: 45.6 -> 48.6 in cache).
+    if pool.dtype == types.float32:
+        return lambda pool, d: QUAD_ROWS_F32 if d <= 64 else 1 << 30
+    return lambda pool, d: QUAD_ROWS_16
 
 
 def _ld(pool, idx, bf16):
@@ -167,6 +179,9 @@ def make_attend_rows(D):
         if k1 <= k0:
             return
         b_end = (k1 + bs - 1) // bs
+        lim_min = k1  # the first key some row does not see, if below k1
+        for r in range(n_rows):
+            lim_min = min(lim_min, row_lim[r])
         b0 = k0 // bs
         direct = _direct(k_pool, n_rows)
         first = ((bt_row[b0] * nl + layer) * bs) * d
@@ -192,7 +207,7 @@ def make_attend_rows(D):
             # at a time inside the loops (a burst of a whole block at once stalls the
             # current block's loads).
             pf = ((bt_row[b + 1] * nl + layer) * bs + t0) * d if b + 1 < b_end else -1
-            quad = n == CHUNK and n_rows >= _quad_rows(k_pool)
+            quad = n == CHUNK and n_rows >= _quad_rows(k_pool, d)
             if quad:
                 # Widen (16-bit) and reorder the chunk's K into key quads: vector j of quad
                 # q = K[4q + kk, 4j + e] in lane 4kk + e, written as four 128-bit stores.
@@ -401,7 +416,27 @@ def make_attend_rows(D):
 
             # Online softmax: scores become probabilities (0 past a row's causal
             # limit); m, l and acc are rescaled when the running max moves.
-            for r in range(n_rows):
+            whole = n == CHUNK and lim_min - base >= t1
+            if whole:
+                # A whole chunk every row sees (all of decode but the tail): one vector per
+                # row, no causal bookkeeping, the max's fold and the rescale only when a
+                # score exceeds the running max (measured G8 D64: ~2.5 ns of ~31 per key).
+                for r in range(n_rows):
+                    o = r * sw + t0
+                    sv = vload(s, o)
+                    mx = m[r]
+                    if vany_gt(sv, mx):
+                        mr = mx
+                        mx = max(mr, vhmax(sv))
+                        alpha = exp_nonpos(mr - mx)
+                        m[r] = mx
+                        l[r] *= alpha
+                        for x in range(0, d, 16):
+                            vstore(acc, r * d + x, vmul(vload(acc, r * d + x), alpha))
+                    pv = vexp_nonpos(vsub(sv, mx))
+                    vstore(s, o, pv)
+                    l[r] += vhsum(pv)
+            for r in range(0 if whole else n_rows):
                 te = max(min(t1, row_lim[r] - base), t0)
                 for t in range(te, t1):
                     s[r, t] = 0.0
