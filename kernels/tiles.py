@@ -9,10 +9,11 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   (row, key) over head_dim (16 zmm registers), folded by one transposed reduction
   (simd.vsum16) into the 16 scores; each K chunk loaded feeds both rows (an odd last
   row: 16 keys of one row). Large GQA groups (whole 16-key chunks of >= 4 rows on
-  16-bit pools, >= 8 rows at head_dim 64 on float32): the chunk's K is staged as key
-  quads (4 keys x 4 dims per vector, simd.vquad) and four rows x four quads accumulate
-  against the rows' broadcast 4-dim slices (simd.vbcast4), folded by simd.vsum4x4: the
-  fold, ~2 shuffles + 1 add per (row, key) with vsum16, costs an eighth of that.
+  16-bit pools, >= 8 rows at head_dim 64 on float32; the head_dim 64 and 128 bodies):
+  the chunk's K is staged as key quads (4 keys x 4 dims per vector, simd.vquad) and
+  four rows x four quads accumulate against the rows' broadcast 4-dim slices
+  (simd.vbcast4), folded by simd.vsum4x4: the fold, ~2 shuffles + 1 add per (row, key)
+  with vsum16, costs an eighth of that.
 - Softmax: a whole chunk every row sees (decode) takes one vector per row without the
   causal bookkeeping; the max's fold and rescale only when a score passes the max.
 - PV: rows in fours (16 accumulators; then a pair, then one), 64 columns of each kept
@@ -39,8 +40,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, vadd, vany_gt, vbcast4, vexp_nonpos, vfma, vhmax, vhsum, vload, vload16, vmul, vquad,
-                   vstore, vstore8, vsub, vsum4x4, vsum16, vzero)
+from .simd import (prefetch, vadd, vany_gt, vbcast4, vexp_nonpos, vfma, vhmax, vhsum, vload, vload16,
+                   vmul, vquad, vstore, vstore8, vsub, vsum4x4, vsum16, vzero)
 from .softmax import exp_nonpos
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -50,8 +51,8 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 _JIT_D = dict(_JIT, cache=False)
 # Keys per pass of the block loop (a block of more keys is taken in chunks of this).
 CHUNK = 16
-# Query rows from which a whole chunk's QK runs on key quads (see _quad_rows), per storage
-# (float32: head_dim 64 only).
+# Query rows from which a whole chunk's QK runs on key quads (see _quads), per storage
+# (float32: head_dim 64 only; neither in the generic-head_dim body).
 QUAD_ROWS_16 = 4
 QUAD_ROWS_F32 = 8
 
@@ -117,13 +118,13 @@ def _ov_direct(pool, n_rows):
     return lambda pool, n_rows: n_rows == 1
 
 
-def _quad_rows(pool, d):
-    """Fewest query rows for which a whole chunk's K is staged as key quads (simd.vbcast4)
-    and QK folds its dot products with vsum4x4 instead of vsum16."""
+def _quads(pool, d, n_rows):
+    """Whether a whole chunk's K is staged as key quads (simd.vbcast4) and QK folds its
+    dot products with vsum4x4 instead of vsum16."""
 
 
-@overload(_quad_rows, inline="always", jit_options=_JIT)
-def _ov_quad_rows(pool, d):
+@overload(_quads, inline="always", jit_options=_JIT)
+def _ov_quads(pool, d, n_rows):
     # The fold of vsum16 costs ~2 shuffles and an add per (row, key): at GQA group 8 and
     # head_dim 64 a third of QK's vector work (half that at 128). Quads fold for an eighth
     # of that but cost the reordering (2 shuffles per 16 elements). A 16-bit pool is
@@ -131,9 +132,10 @@ def _ov_quad_rows(pool, d):
     # 37.7 -> 34.4 / 55.9 -> 49.9 ns per key; G7 D128 even). A float32 pool is otherwise
     # read in place, so staging is an extra pass: it paid at G8 D64 (32.0 -> 30.2 ns per
     # key in cache, 56.7 -> 52.5 from DRAM) and lost at D128 (G8: 45.6 -> 48.6 in cache).
+    # d is a constant in the specialised bodies: where quads never apply LLVM drops them.
     if pool.dtype == types.float32:
-        return lambda pool, d: QUAD_ROWS_F32 if d <= 64 else 1 << 30
-    return lambda pool, d: QUAD_ROWS_16
+        return lambda pool, d, n_rows: d <= 64 and n_rows >= QUAD_ROWS_F32
+    return lambda pool, d, n_rows: n_rows >= QUAD_ROWS_16
 
 
 def _ld(pool, idx, bf16):
@@ -155,6 +157,10 @@ def make_attend_rows(D):
     function body on purpose: array arguments of a helper, even an inlined one, cost
     an NRT incref/decref pair per call, i.e. per block.
     """
+
+    # Key quads only in the head_dim-specialised bodies (64 and 128): each variant of
+    # them adds to the cold compile, and the generic body serves rare head_dims.
+    QUADS = D != 0
 
     @njit(**_JIT_D)
     def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
@@ -207,7 +213,7 @@ def make_attend_rows(D):
             # at a time inside the loops (a burst of a whole block at once stalls the
             # current block's loads).
             pf = ((bt_row[b + 1] * nl + layer) * bs + t0) * d if b + 1 < b_end else -1
-            quad = n == CHUNK and n_rows >= _quad_rows(k_pool, d)
+            quad = QUADS and n == CHUNK and _quads(k_pool, d, n_rows)
             if quad:
                 # Widen (16-bit) and reorder the chunk's K into key quads: vector j of quad
                 # q = K[4q + kk, 4j + e] in lane 4kk + e, written as four 128-bit stores.
