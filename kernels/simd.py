@@ -362,3 +362,83 @@ def prefetch(typingctx, arr, idx):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# Key-quad layout (tiles.py, large GQA groups): a staged 16-key tile is stored as 4 quads
+# of 4 keys (vquad); vector j of quad q holds K[4q + kk, 4j + e] in lane 4 kk + e. A query
+# row's 4 dims [4j, 4j + 4) broadcast to all four 128-bit lanes (vbcast4) multiply it, so
+# the 16 lanes of one accumulator are 4 keys x 4 dims: folding 16 dot products into 16
+# scores then takes 6 shuffles and 3 adds (vsum4x4) instead of 30 and 15 (vsum16).
+
+
+@intrinsic
+def vbcast4(typingctx, arr, idx):
+    """arr.flat[idx:idx+4] (float32) repeated in all four 128-bit lanes (one
+    vbroadcastf32x4 from memory: a load, no shuffle port)."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.float32:
+        return None
+    sig = f32x16(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        v4 = ir.VectorType(_F, 4)
+        raw = builder.load(builder.bitcast(ptr, v4.as_pointer()), align=4)
+        return builder.shuffle_vector(raw, ir.Constant(v4, ir.Undefined),
+                                      ir.Constant(ir.VectorType(_I32, LANES), [0, 1, 2, 3] * 4))
+
+    return sig, codegen
+
+
+@intrinsic
+def vsum4x4(typingctx, a0, a1, a2, a3):
+    """Lane 4 q + kk of the result = the sum of lanes 4 kk .. 4 kk + 3 of a_q: the scores
+    of a key-quad tile's 16 keys (see vbcast4) from its four accumulators."""
+    if any(a != f32x16 for a in (a0, a1, a2, a3)):
+        return None
+    sig = f32x16(a0, a1, a2, a3)
+
+    def codegen(context, builder, signature, args):
+        mask = lambda m: ir.Constant(ir.VectorType(_I32, LANES), m)  # noqa: E731
+        # Level 1, (a, b) -> lane 8 ql + 2 kk + e' = a_ql[4 kk + e'] + a_ql[4 kk + e' + 2].
+        lo = [ql * 16 + kk * 4 + e for ql in range(2) for kk in range(4) for e in range(2)]
+        hi = [i + 2 for i in lo]
+
+        def level1(a, b):
+            return builder.fadd(builder.shuffle_vector(a, b, mask(lo)),
+                                builder.shuffle_vector(a, b, mask(hi)), flags=_FM)
+
+        v01 = level1(args[0], args[1])
+        v23 = level1(args[2], args[3])
+        # Level 2 -> lane 4 q + kk = the two e' of quad q (q // 2 picks v01 or v23).
+        lo2 = [(q // 2) * 16 + (q % 2) * 8 + kk * 2 for q in range(4) for kk in range(4)]
+        hi2 = [i + 1 for i in lo2]
+        return builder.fadd(builder.shuffle_vector(v01, v23, mask(lo2)),
+                            builder.shuffle_vector(v01, v23, mask(hi2)), flags=_FM)
+
+    return sig, codegen
+
+
+@intrinsic
+def vquad(typingctx, r0, r1, r2, r3, i):
+    """[r0, r1, r2, r3]'s 128-bit lane i side by side (i a literal 0-3): four calls with
+    i = 0..3 transpose the 4 x 4 blocks of four key rows into key-quad vectors (see
+    vbcast4). Two levels of block shuffles; the four calls share the first level
+    (identical shuffles, merged by LLVM): 8 shuffles per 4 vectors."""
+    if any(a != f32x16 for a in (r0, r1, r2, r3)):
+        return None
+    if not isinstance(i, types.IntegerLiteral) or not 0 <= i.literal_value < 4:
+        return None
+    sig = f32x16(r0, r1, r2, r3, i)
+    blk = i.literal_value
+
+    def codegen(context, builder, signature, args):
+        def mask(blocks):  # 128-bit blocks of the 32-lane concatenation
+            return ir.Constant(ir.VectorType(_I32, LANES), [4 * b + e for b in blocks for e in range(4)])
+
+        half = [0, 1, 4, 5] if blk < 2 else [2, 3, 6, 7]  # blocks (blk & ~1, | 1) of a, then of b
+        x01 = builder.shuffle_vector(args[0], args[1], mask(half))
+        x23 = builder.shuffle_vector(args[2], args[3], mask(half))
+        pick = [0, 2, 4, 6] if blk % 2 == 0 else [1, 3, 5, 7]
+        return builder.shuffle_vector(x01, x23, mask(pick))
+
+    return sig, codegen

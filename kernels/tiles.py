@@ -8,9 +8,17 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
 - QK: two query rows x 8 keys at a time, one unreduced 16-lane accumulator per
   (row, key) over head_dim (16 zmm registers), folded by one transposed reduction
   (simd.vsum16) into the 16 scores; each K chunk loaded feeds both rows (an odd last
-  row: 16 keys of one row).
-- PV: rows in pairs, 64 columns of each (8 registers) kept in registers over the
-  block's keys; each V load feeds both rows' FMAs, the probability is broadcast.
+  row: 16 keys of one row). Large GQA groups (whole 16-key chunks of >= 4 rows on
+  16-bit pools, >= 8 rows at head_dim 64 on float32; the head_dim 64 and 128 bodies):
+  the chunk's K is staged as key quads (4 keys x 4 dims per vector, simd.vquad) and
+  four rows x four quads accumulate against the rows' broadcast 4-dim slices
+  (simd.vbcast4), folded by simd.vsum4x4: the fold, ~2 shuffles + 1 add per (row, key)
+  with vsum16, costs an eighth of that.
+- Softmax: a whole chunk every row sees (decode) takes one vector per row without the
+  causal bookkeeping; the max's fold and rescale only when a score passes the max.
+- PV: rows in fours (16 accumulators; then a pair, then one), 64 columns of each kept
+  in registers over the chunk's keys; each V load feeds four rows' FMAs, the
+  probability is broadcast from memory.
 - float32 pools are read in place; a 16-bit pool's block is widened once into a
   per-thread float32 scratch (one vector load + decode + store per 16 elements), so
   16-bit pools move half the bytes and every query row reads float32 -- except for a
@@ -32,8 +40,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, vany_gt, vexp_nonpos, vfma, vhmax, vhsum, vload, vload16, vmul, vstore, vstore8,
-                   vsub, vsum16, vzero)
+from .simd import (prefetch, vadd, vany_gt, vbcast4, vexp_nonpos, vfma, vhmax, vhsum, vload, vload16,
+                   vmul, vquad, vstore, vstore8, vsub, vsum4x4, vsum16, vzero)
 from .softmax import exp_nonpos
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -43,6 +51,10 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 _JIT_D = dict(_JIT, cache=False)
 # Keys per pass of the block loop (a block of more keys is taken in chunks of this).
 CHUNK = 16
+# Query rows from which a whole chunk's QK runs on key quads (see _quads), per storage
+# (float32: head_dim 64 only; neither in the generic-head_dim body).
+QUAD_ROWS_16 = 4
+QUAD_ROWS_F32 = 8
 
 
 @njit(inline="always", **_JIT)
@@ -106,6 +118,26 @@ def _ov_direct(pool, n_rows):
     return lambda pool, n_rows: n_rows == 1
 
 
+def _quads(pool, d, n_rows):
+    """Whether a whole chunk's K is staged as key quads (simd.vbcast4) and QK folds its
+    dot products with vsum4x4 instead of vsum16."""
+
+
+@overload(_quads, inline="always", jit_options=_JIT)
+def _ov_quads(pool, d, n_rows):
+    # The fold of vsum16 costs ~2 shuffles and an add per (row, key): at GQA group 8 and
+    # head_dim 64 a third of QK's vector work (half that at 128). Quads fold for an eighth
+    # of that but cost the reordering (2 shuffles per 16 elements). A 16-bit pool is
+    # staged (widened) anyway: quads pay from 4 rows (one thread, in cache, G4/G8 D128
+    # 37.7 -> 34.4 / 55.9 -> 49.9 ns per key; G7 D128 even). A float32 pool is otherwise
+    # read in place, so staging is an extra pass: it paid at G8 D64 (32.0 -> 30.2 ns per
+    # key in cache, 56.7 -> 52.5 from DRAM) and lost at D128 (G8: 45.6 -> 48.6 in cache).
+    # d is a constant in the specialised bodies: where quads never apply LLVM drops them.
+    if pool.dtype == types.float32:
+        return lambda pool, d, n_rows: d <= 64 and n_rows >= QUAD_ROWS_F32
+    return lambda pool, d, n_rows: n_rows >= QUAD_ROWS_16
+
+
 def _ld(pool, idx, bf16):
     """16 elements of a pool from flat index idx as float32 (16-bit: widened in registers)."""
 
@@ -125,6 +157,10 @@ def make_attend_rows(D):
     function body on purpose: array arguments of a helper, even an inlined one, cost
     an NRT incref/decref pair per call, i.e. per block.
     """
+
+    # Key quads only in the head_dim-specialised bodies (64 and 128): each variant of
+    # them adds to the cold compile, and the generic body serves rare head_dims.
+    QUADS = D != 0
 
     @njit(**_JIT_D)
     def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
@@ -149,6 +185,9 @@ def make_attend_rows(D):
         if k1 <= k0:
             return
         b_end = (k1 + bs - 1) // bs
+        lim_min = k1  # the first key some row does not see, if below k1
+        for r in range(n_rows):
+            lim_min = min(lim_min, row_lim[r])
         b0 = k0 // bs
         direct = _direct(k_pool, n_rows)
         first = ((bt_row[b0] * nl + layer) * bs) * d
@@ -174,12 +213,86 @@ def make_attend_rows(D):
             # at a time inside the loops (a burst of a whole block at once stalls the
             # current block's loads).
             pf = ((bt_row[b + 1] * nl + layer) * bs + t0) * d if b + 1 < b_end else -1
-            kb = row0 if direct else _stage(k_pool, row0, n * d, kw, bf16)
+            quad = QUADS and n == CHUNK and _quads(k_pool, d, n_rows)
+            if quad:
+                # Widen (16-bit) and reorder the chunk's K into key quads: vector j of quad
+                # q = K[4q + kk, 4j + e] in lane 4kk + e, written as four 128-bit stores.
+                kb = 0
+                for q4 in range(0, CHUNK, 4):
+                    _prefetch_keys(k_pool, pf, q4, 4, d, step)
+                    qd = q4 * d
+                    for x in range(0, d, 16):
+                        src = row0 + qd + x
+                        w0 = _ld(k_pool, src, bf16)
+                        w1 = _ld(k_pool, src + d, bf16)
+                        w2 = _ld(k_pool, src + 2 * d, bf16)
+                        w3 = _ld(k_pool, src + 3 * d, bf16)
+                        vstore(kw, qd + 4 * x, vquad(w0, w1, w2, w3, 0))
+                        vstore(kw, qd + 4 * x + 16, vquad(w0, w1, w2, w3, 1))
+                        vstore(kw, qd + 4 * x + 32, vquad(w0, w1, w2, w3, 2))
+                        vstore(kw, qd + 4 * x + 48, vquad(w0, w1, w2, w3, 3))
+            else:
+                kb = row0 if direct else _stage(k_pool, row0, n * d, kw, bf16)
 
             # QK: s[r, t0 + t] = qs[r] . K[t]. Rows in pairs over 8 keys (each K load
             # feeds two FMAs; 16 accumulators), an odd last row over 16 keys. One row of
             # a 16-bit pool: over 16 keys, read in place (_direct).
             r = 0
+            if quad:
+                # Four rows x the chunk's four quads (16 accumulators): per 4 dims, four K
+                # loads and four query broadcasts feed 16 FMAs.
+                while r + 4 <= n_rows:
+                    qb = r * d
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    for j in range(0, d, 4):
+                        kv0 = vload(kw, 4 * j)
+                        kv1 = vload(kw, 4 * j + 4 * d)
+                        kv2 = vload(kw, 4 * j + 8 * d)
+                        kv3 = vload(kw, 4 * j + 12 * d)
+                        qv = vbcast4(qs, qb + j)
+                        a0 = vfma(qv, kv0, a0)
+                        a1 = vfma(qv, kv1, a1)
+                        a2 = vfma(qv, kv2, a2)
+                        a3 = vfma(qv, kv3, a3)
+                        qv = vbcast4(qs, qb + d + j)
+                        a4 = vfma(qv, kv0, a4)
+                        a5 = vfma(qv, kv1, a5)
+                        a6 = vfma(qv, kv2, a6)
+                        a7 = vfma(qv, kv3, a7)
+                        qv = vbcast4(qs, qb + 2 * d + j)
+                        a8 = vfma(qv, kv0, a8)
+                        a9 = vfma(qv, kv1, a9)
+                        a10 = vfma(qv, kv2, a10)
+                        a11 = vfma(qv, kv3, a11)
+                        qv = vbcast4(qs, qb + 3 * d + j)
+                        a12 = vfma(qv, kv0, a12)
+                        a13 = vfma(qv, kv1, a13)
+                        a14 = vfma(qv, kv2, a14)
+                        a15 = vfma(qv, kv3, a15)
+                    vstore(s, r * sw + t0, vsum4x4(a0, a1, a2, a3))
+                    vstore(s, (r + 1) * sw + t0, vsum4x4(a4, a5, a6, a7))
+                    vstore(s, (r + 2) * sw + t0, vsum4x4(a8, a9, a10, a11))
+                    vstore(s, (r + 3) * sw + t0, vsum4x4(a12, a13, a14, a15))
+                    r += 4
+                # Remaining rows one at a time, even and odd dims in separate accumulators
+                # (8 FMA chains).
+                while r < n_rows:
+                    qb = r * d
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    for j in range(0, d, 8):
+                        qv = vbcast4(qs, qb + j)
+                        a0 = vfma(qv, vload(kw, 4 * j), a0)
+                        a1 = vfma(qv, vload(kw, 4 * j + 4 * d), a1)
+                        a2 = vfma(qv, vload(kw, 4 * j + 8 * d), a2)
+                        a3 = vfma(qv, vload(kw, 4 * j + 12 * d), a3)
+                        qv = vbcast4(qs, qb + j + 4)
+                        a4 = vfma(qv, vload(kw, 4 * j + 16), a4)
+                        a5 = vfma(qv, vload(kw, 4 * j + 4 * d + 16), a5)
+                        a6 = vfma(qv, vload(kw, 4 * j + 8 * d + 16), a6)
+                        a7 = vfma(qv, vload(kw, 4 * j + 12 * d + 16), a7)
+                    vstore(s, r * sw + t0, vsum4x4(vadd(a0, a4), vadd(a1, a5), vadd(a2, a6), vadd(a3, a7)))
+                    r += 1
             if direct:
                 t = 0
                 while t + 16 <= n:
@@ -309,7 +422,27 @@ def make_attend_rows(D):
 
             # Online softmax: scores become probabilities (0 past a row's causal
             # limit); m, l and acc are rescaled when the running max moves.
-            for r in range(n_rows):
+            whole = n == CHUNK and lim_min - base >= t1
+            if whole:
+                # A whole chunk every row sees (all of decode but the tail): one vector per
+                # row, no causal bookkeeping, the max's fold and the rescale only when a
+                # score exceeds the running max (measured G8 D64: ~2.5 ns of ~31 per key).
+                for r in range(n_rows):
+                    o = r * sw + t0
+                    sv = vload(s, o)
+                    mx = m[r]
+                    if vany_gt(sv, mx):
+                        mr = mx
+                        mx = max(mr, vhmax(sv))
+                        alpha = exp_nonpos(mr - mx)
+                        m[r] = mx
+                        l[r] *= alpha
+                        for x in range(0, d, 16):
+                            vstore(acc, r * d + x, vmul(vload(acc, r * d + x), alpha))
+                    pv = vexp_nonpos(vsub(sv, mx))
+                    vstore(s, o, pv)
+                    l[r] += vhsum(pv)
+            for r in range(0 if whole else n_rows):
                 te = max(min(t1, row_lim[r] - base), t0)
                 for t in range(te, t1):
                     s[r, t] = 0.0
@@ -383,6 +516,94 @@ def make_attend_rows(D):
                     c += 16
                 r = n_rows
             vb = 0 if direct else _stage(v_pool, row0, n * d, vw, bf16)
+            # Rows in fours (16 accumulators): each V load feeds four FMAs, so the loads
+            # (V and the broadcast probabilities) stay under the FMAs and 16 chains hide
+            # the FMA latency.
+            while r + 4 <= n_rows:
+                c = 0
+                while c + 64 <= d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    x1 = vload(acc, o + 16)
+                    x2 = vload(acc, o + 32)
+                    x3 = vload(acc, o + 48)
+                    y0 = vload(acc, o + d)
+                    y1 = vload(acc, o + d + 16)
+                    y2 = vload(acc, o + d + 32)
+                    y3 = vload(acc, o + d + 48)
+                    z0 = vload(acc, o + 2 * d)
+                    z1 = vload(acc, o + 2 * d + 16)
+                    z2 = vload(acc, o + 2 * d + 32)
+                    z3 = vload(acc, o + 2 * d + 48)
+                    u0 = vload(acc, o + 3 * d)
+                    u1 = vload(acc, o + 3 * d + 16)
+                    u2 = vload(acc, o + 3 * d + 32)
+                    u3 = vload(acc, o + 3 * d + 48)
+                    for t in range(n):
+                        if r == 0 and c == 0:
+                            _prefetch_keys(v_pool, pf, t, 1, d, step)
+                        pt = s[r, t0 + t]
+                        pu = s[r + 1, t0 + t]
+                        pw = s[r + 2, t0 + t]
+                        pz = s[r + 3, t0 + t]
+                        v = vb + t * d + c
+                        w = vload(vs, v)
+                        x0 = vfma(w, pt, x0)
+                        y0 = vfma(w, pu, y0)
+                        z0 = vfma(w, pw, z0)
+                        u0 = vfma(w, pz, u0)
+                        w = vload(vs, v + 16)
+                        x1 = vfma(w, pt, x1)
+                        y1 = vfma(w, pu, y1)
+                        z1 = vfma(w, pw, z1)
+                        u1 = vfma(w, pz, u1)
+                        w = vload(vs, v + 32)
+                        x2 = vfma(w, pt, x2)
+                        y2 = vfma(w, pu, y2)
+                        z2 = vfma(w, pw, z2)
+                        u2 = vfma(w, pz, u2)
+                        w = vload(vs, v + 48)
+                        x3 = vfma(w, pt, x3)
+                        y3 = vfma(w, pu, y3)
+                        z3 = vfma(w, pw, z3)
+                        u3 = vfma(w, pz, u3)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + 16, x1)
+                    vstore(acc, o + 32, x2)
+                    vstore(acc, o + 48, x3)
+                    vstore(acc, o + d, y0)
+                    vstore(acc, o + d + 16, y1)
+                    vstore(acc, o + d + 32, y2)
+                    vstore(acc, o + d + 48, y3)
+                    vstore(acc, o + 2 * d, z0)
+                    vstore(acc, o + 2 * d + 16, z1)
+                    vstore(acc, o + 2 * d + 32, z2)
+                    vstore(acc, o + 2 * d + 48, z3)
+                    vstore(acc, o + 3 * d, u0)
+                    vstore(acc, o + 3 * d + 16, u1)
+                    vstore(acc, o + 3 * d + 32, u2)
+                    vstore(acc, o + 3 * d + 48, u3)
+                    c += 64
+                while c < d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    y0 = vload(acc, o + d)
+                    z0 = vload(acc, o + 2 * d)
+                    u0 = vload(acc, o + 3 * d)
+                    for t in range(n):
+                        if r == 0 and c == 0:
+                            _prefetch_keys(v_pool, pf, t, 1, d, step)
+                        w = vload(vs, vb + t * d + c)
+                        x0 = vfma(w, s[r, t0 + t], x0)
+                        y0 = vfma(w, s[r + 1, t0 + t], y0)
+                        z0 = vfma(w, s[r + 2, t0 + t], z0)
+                        u0 = vfma(w, s[r + 3, t0 + t], u0)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + d, y0)
+                    vstore(acc, o + 2 * d, z0)
+                    vstore(acc, o + 3 * d, u0)
+                    c += 16
+                r += 4
             while r + 2 <= n_rows:
                 c = 0
                 while c + 64 <= d:

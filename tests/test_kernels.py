@@ -48,8 +48,12 @@ def test_append_attend_matches_reference(storage, g, bs):
 # Real checkpoints' (GQA group, head_dim): 32/32/128, SmolLM2 9/3/64, 32/8/128,
 # Qwen2.5-7B 28/4/128, 32/4/64; head_dim 80 (phi-2) takes the generic vector path and
 # 24 the scalar one. Group 1 decode reads a 16-bit pool in place (tiles._direct): both
-# specialised head_dims.
-GEOMETRIES = [(1, 128), (1, 64), (3, 64), (4, 128), (7, 128), (8, 64), (2, 80), (3, 24)]
+# specialised head_dims. Groups 7 and 8 at both head_dims: whole 16-key chunks of 4+
+# rows (16-bit) or 8+ rows (float32, head_dim 64) run QK on key quads (tiles._quads),
+# with 4-row blocks and 1-3 leftover rows; group 5 at 80: 4-row PV blocks plus one row
+# on the generic body.
+GEOMETRIES = [(1, 128), (1, 64), (3, 64), (4, 128), (7, 128), (8, 64), (7, 64), (8, 128), (5, 80),
+              (2, 80), (3, 24)]
 
 
 @pytest.mark.parametrize("storage", STORAGES)
@@ -64,7 +68,7 @@ def test_real_geometries_match_reference(storage, g, d, kernel_path):
 
 
 @pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("g,d", [(3, 64), (1, 128)])
+@pytest.mark.parametrize("g,d", [(3, 64), (1, 128), (8, 64), (7, 128)])
 @pytest.mark.parametrize("bs", [8, 32, 64, 40])
 def test_real_geometry_other_block_sizes(storage, g, d, bs, kernel_path):
     """Blocks smaller than one 16-key tile, and of several: a block is computed in
