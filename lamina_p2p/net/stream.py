@@ -231,26 +231,26 @@ def connect(endpoint: str, timeout_s: float = 10.0) -> socket.socket:
 
 def listen(path: str) -> socket.socket:
     """A non-blocking Unix-domain listener at `path`."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
+    return _listening(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), path)
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:
     """A non-blocking TCP listener on host:port (port 0: any free one; "*" or "0.0.0.0": every IPv4
     address). Raises OSError (address in use...)."""
     host = "0.0.0.0" if host in ("*", "") else host.removeprefix("[").removesuffix("]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return _listening(sock, (host, port))
+
+
+def _listening(sock: socket.socket, address) -> socket.socket:
+    """`sock` bound to `address`, listening, non-blocking; closed if any of that fails."""
+    try:
+        sock.bind(address)
         sock.listen(64)
     except BaseException:
         sock.close()
