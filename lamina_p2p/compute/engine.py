@@ -25,6 +25,7 @@ import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from lamina_p2p.compute.errors import AttentionPeerError
@@ -335,11 +336,9 @@ class Engine:
         return x, build_requests(self.owner, 0, mb, q, k, v, self.group_size, self._peer_times)
 
     def _post(self, mb: MicroBatch, layer: int, x, results):
-        if mb.whole and len(results) == 1 and not mb.overlapping:
-            # One group holds every head of every row: its float32 output as it came (the model rounds it).
-            return self.model.post(layer, x, results[0][0])
         attn = merge_results(mb, results, self.cfg.num_heads, self.cfg.head_dim, self.group_size)
-        return self.model.post(layer, x, attn.to(x.dtype))
+        # A float32 numpy output (one group held every row and head) is rounded by the model itself.
+        return self.model.post(layer, x, attn if isinstance(attn, np.ndarray) else attn.to(x.dtype))
 
     def _next(self, mb: MicroBatch, layer: int, x, results):
         """Merge layer `layer`'s partials, its post, the next layer's pre: (x, next layer's requests)."""

@@ -202,8 +202,10 @@ def build_requests(owner: str, layer: int, mb: MicroBatch, q, k, v,
 
 
 def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], num_heads: int, head_dim: int,
-                  group_size: int) -> torch.Tensor:
-    """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials.
+                  group_size: int) -> torch.Tensor | np.ndarray:
+    """Assemble the micro-batch's attention output [T, Hq, D] (float32) from the groups' partials:
+    a tensor, or, when one group holds every head of every row, its numpy output as it came (the
+    model's post takes either; no copy, no tensor).
 
     results[i] = (out float32 [R_i, Hq_i, D], lse float32 [R_i, Hq_i]) of mb.groups[i] (primaries
     only, in order). A group's rows may repeat (several shards of one sequence in one request):
@@ -211,11 +213,11 @@ def merge_results(mb: MicroBatch, results: list[tuple[np.ndarray, np.ndarray]], 
     (lamina_kernels.merge.merge_partials). Raises ValueError when some query saw no token."""
     T = mb.num_tokens
     primaries = mb.groups[: mb.num_primary]
+    if not mb.overlapping and len(results) == 1 and primaries[0].rows is None and \
+            np.shape(results[0][0])[1] == num_heads:
+        return np.asarray(results[0][0], dtype=np.float32)
     parts = [(g, torch.from_numpy(np.asarray(o, dtype=np.float32)), l) for g, (o, l) in zip(primaries, results)]
     if not mb.overlapping:
-        if len(parts) == 1 and parts[0][0].rows is None and parts[0][1].shape[1] == num_heads \
-                and np.asarray(results[0][0]).flags.writeable:
-            return parts[0][1]  # one peer holds every head of every row (in process): its output as it is
         out = torch.zeros(T, num_heads, head_dim, dtype=torch.float32)
         for g, o, _ in parts:
             hs = slice(g.h0 * group_size, g.h1 * group_size)
