@@ -60,15 +60,28 @@ class StreamError(WireError):
 
 
 def _view(frame) -> memoryview:
+    if type(frame) is bytes:  # (most frames of the data path: the cheap case first)
+        return memoryview(frame)
     buf = getattr(frame, "buffer", None)  # zmq.Frame
     mv = memoryview(buf if buf is not None else frame)
     return mv if mv.ndim == 1 and mv.itemsize == 1 else mv.cast("B")
 
 
+def _lengths(count: int) -> struct.Struct:
+    """The LENGTHS struct of a message of `count` frames (cached: built once per count)."""
+    st = _LENGTHS.get(count)
+    if st is None:
+        st = _LENGTHS[count] = struct.Struct(f"<{count}I")
+    return st
+
+
+_LENGTHS: dict[int, struct.Struct] = {}
+
+
 def pack(frames: Sequence) -> list[memoryview]:
     """The buffers of one framed message (for sendmsg): prefix, lengths, then the frames themselves."""
     views = [_view(f) for f in frames]
-    head = PREFIX.pack(STREAM_MAGIC, len(views)) + struct.pack(f"<{len(views)}I", *(v.nbytes for v in views))
+    head = PREFIX.pack(STREAM_MAGIC, len(views)) + _lengths(len(views)).pack(*[v.nbytes for v in views])
     # An empty frame (a shard with no new tokens: k, v of 0 rows) has its length and no bytes: sendmsg
     # writes nothing for it, and a writer waiting to see it go would wait forever.
     return [memoryview(head), *(v for v in views if v.nbytes)]
@@ -131,7 +144,7 @@ class FrameReader:
         # recv_into one buffer kept for the reader's life: recv(n) allocates n bytes per call, and at
         # 256 kB that allocation (fresh pages each time) cost ~25 us of a ~30 us read (issue 11).
         self._chunk = memoryview(bytearray(_READ_CHUNK))
-        self._need: tuple[int, list[int]] | None = None  # (header bytes, frame lengths) of the next message
+        self._need: tuple[int, tuple, int] | None = None  # (header bytes, frame lengths, end) of the next message
         self.bytes_received = 0
         self.closed = False  # the other end closed the connection
         self.error: StreamError | None = None  # the framing broke: nothing more can be read
@@ -171,7 +184,8 @@ class FrameReader:
 
     def _next(self) -> list[bytearray] | None:
         buf = self._buf
-        if self._need is None:
+        need = self._need
+        if need is None:
             if len(buf) < PREFIX.size:
                 return None
             magic, count = PREFIX.unpack_from(buf)
@@ -182,13 +196,13 @@ class FrameReader:
             head = PREFIX.size + count * _LENGTH.size
             if len(buf) < head:
                 return None
-            lengths = list(struct.unpack_from(f"<{count}I", buf, PREFIX.size))
+            lengths = _lengths(count).unpack_from(buf, PREFIX.size)
             biggest = max(self._limits.max_frame_bytes, self._limits.max_header_bytes)
-            if max(lengths) > biggest or sum(lengths[1:]) > self._limits.max_total_bytes:
-                raise StreamError(f"stream: frames of {lengths} bytes exceed the limits")
-            self._need = (head, lengths)
-        head, lengths = self._need
-        end = head + sum(lengths)
+            body = sum(lengths)
+            if max(lengths) > biggest or body - lengths[0] > self._limits.max_total_bytes:
+                raise StreamError(f"stream: frames of {list(lengths)} bytes exceed the limits")
+            need = self._need = (head, lengths, head + body)
+        head, lengths, end = need
         if len(buf) < end:
             return None
         frames, at = [], head

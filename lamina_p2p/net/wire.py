@@ -116,6 +116,10 @@ class Message:
 
 def _as_array(t: Any) -> tuple[str, np.ndarray]:
     """(wire tag, C-contiguous numpy array sharing memory with t where possible)."""
+    if type(t) is np.ndarray and t.flags.c_contiguous:  # the data path's case: no conversion to look for
+        tag = _NP_TO_TAG.get(t.dtype)
+        if tag is not None:
+            return tag, t
     if type(t).__module__.startswith("torch"):
         import torch
 
@@ -329,10 +333,14 @@ def _tensor(frames: Sequence, i: int, dtype: np.dtype, shape: tuple, limits: Lim
     declared = dtype.itemsize * math.prod(shape)
     if declared > limits.max_frame_bytes:
         raise WireError(f"tensor {i}: {declared} bytes, limit {limits.max_frame_bytes}")
-    view = _frame_view(frames[i + 1])
+    frame = frames[i + 1]
+    view = memoryview(frame) if type(frame) is bytearray else _frame_view(frame)
     if view.nbytes != declared:
         raise WireError(f"tensor {i}: header declares {declared} bytes, frame has {view.nbytes}")
-    return np.frombuffer(view, dtype=dtype).reshape(shape)
+    # One array object, not frombuffer's then reshape's: this runs for every tensor of every attend,
+    # and in the pipeline (caches emptied by the kernel's and the weights' streams) each call costs
+    # several times what it does warm.
+    return np.ndarray(shape, dtype, view)
 
 
 def _decode_binary(raw: memoryview, frames: Sequence, limits: Limits) -> Message:
