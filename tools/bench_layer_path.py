@@ -6,7 +6,9 @@ Parts (each prints a table; --json collects them):
             and the service call (AttentionService.attend) on the same shapes; target <= 1.2x.
   wire      1 attention peer: per-layer messaging overhead = compute-side wait minus the peer's kernel
             span (median over decode layers, M=1), next to a raw pyzmq DEALER/ROUTER round trip of
-            the same request and reply bytes over the same endpoint kind; target <= 100 us.
+            the same request and reply bytes over the same endpoint kind; target <= 100 us. Also the
+            compute side's receive path for one reply timed warm, after 1 ms idle and after one
+            layer's weight bytes were streamed (receive_path_us): what the pipeline does to it.
   shards    batch 1, a long prompt, 2 attention peers, --placement sequence: prefill time and decode
             tok/s with --shard-tokens 16 against 512 (--shard-sizes); target within 10 %.
 
@@ -221,6 +223,52 @@ def raw_round_trip(endpoint_kind: str, request_bytes: list[int], reply_bytes: li
     return statistics.median(times)
 
 
+def receive_path_cost(batch: int, num_heads: int, head_dim: int, layer_bytes: int, reps: int) -> dict:
+    """Why messaging costs more in the pipeline than in a loop: the compute side's receive path for one
+    attend reply of these shapes (net/stream.py's FrameReader.read + net/wire.py's decode, over a real
+    Unix socket pair) timed warm in a loop, after 1 ms asleep, and after `layer_bytes` (one layer's
+    weights, which the dense thread streams between two replies) were read through the caches.
+    Returns medians in microseconds."""
+    import socket
+
+    from lamina_p2p.net import stream
+    from lamina_p2p.net.wire import decode, encode_attend_reply
+
+    out = np.zeros((batch, num_heads, head_dim), np.float32)
+    lse = np.zeros((batch, num_heads), np.float32)
+    frames = encode_attend_reply(1, out, lse, (1.0, 2.0, 3.0))
+    weights = np.ones(max(layer_bytes, 1), np.uint8)
+    a, b = socket.socketpair()
+    stream.tune(a)
+    stream.tune(b)
+    reader = stream.FrameReader(b)
+    try:
+        def timed(before) -> float:
+            times = []
+            for _ in range(reps):
+                before()
+                stream.send_frames(a, frames, 5.0)
+                stream.wait(b, stream.select.POLLIN, 5.0)
+                t0 = time.perf_counter()
+                got = reader.read()
+                decode(got[0])
+                times.append(time.perf_counter() - t0)
+            return _median_us(times)
+
+        timed(lambda: None)  # first calls: imports, allocations
+        return {"warm_us": timed(lambda: None), "after_1ms_idle_us": timed(lambda: time.sleep(1e-3)),
+                "after_layer_weights_us": timed(weights.sum), "layer_weight_bytes": layer_bytes}
+    finally:
+        a.close()
+        b.close()
+
+
+def layer_weight_bytes(cfg, item: int) -> int:
+    """Bytes of one decoder layer's projection weights (q, k, v, o, gate, up, down)."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return item * (h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size)
+
+
 async def part_wire(args, model) -> dict:
     from lamina_p2p.compute.engine import Engine
     from lamina_p2p.launch import open_transport
@@ -287,13 +335,15 @@ async def part_wire(args, model) -> dict:
     reply = [REPLY.size, b * hq * d * 4, b * hq * 4]
     kind = "ipc" if endpoint.startswith("ipc://") else "tcp"
     raw = raw_round_trip(kind, request, reply, args.reps)
+    cold = receive_path_cost(b, hq, d, layer_weight_bytes(cfg, item), min(args.reps, 200))
     return {"batch": b, "context": args.context, "endpoint": kind, "data_path": path, "compute_busy_poll": busy_poll,
             "split_cores": "%s:%s" % tuple(",".join(map(str, sorted(c))) for c in split) if split else None, "step_ms": wall * 1e3,
             "tok_per_s": b / wall, "compute_wait_us": _median_us(wait), "peer_kernel_us": _median_us(kern),
             "messaging_overhead_us": _median_us(overhead), "raw_pyzmq_round_trip_us": raw * 1e6,
             "send_to_peer_us": _median_us(there), "peer_before_kernel_us": _median_us(before),
             "kernel_end_to_compute_us": _median_us(back),
-            "request_bytes": sum(request), "reply_bytes": sum(reply)}
+            "request_bytes": sum(request), "reply_bytes": sum(reply),
+            "receive_path_us": {k: round(v, 1) if k != "layer_weight_bytes" else v for k, v in cold.items()}}
 
 
 # -- part 3: shards ---------------------------------------------------------------------
