@@ -317,12 +317,15 @@ def encode_attend(rid: int, owner: str, layer: int, h0: int, h1: int, meta: np.n
 
 def encode_attend_reply(rid: int, out: np.ndarray, lse: np.ndarray, times: tuple | None = None) -> list:
     """Frames of an attend's reply: out float32 [T, Hq, D], lse float32 [T, Hq]; `times` (tq, tk0, tk1)
-    on the shared monotonic clock when the caller asked for a trace. Raises WireError otherwise."""
+    on the shared monotonic clock when the caller asked for a trace. Raises WireError otherwise.
+
+    The arrays' memory is sent without a copy at any size (a kernel's outputs are fresh arrays,
+    never written again; ZeroMQ copies small frames itself): do not write into them afterwards."""
     if out.dtype != _F32 or lse.dtype != _F32 or out.ndim != 3 or lse.shape != out.shape[:2]:
         raise WireError(f"attend reply: out {out.dtype}{list(out.shape)}, lse {lse.dtype}{list(lse.shape)}")
     head = REPLY.pack(MAGIC, PROTOCOL_VERSION, KIND_REPLY, FLAG_TRACE if times else 0, rid, *out.shape,
                       *(times or (0.0, 0.0, 0.0)))
-    return [head, _payload(np.ascontiguousarray(out)), _payload(np.ascontiguousarray(lse))]
+    return [head, *(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B") for a in (out, lse))]
 
 
 def _payload(arr: np.ndarray):
