@@ -92,21 +92,27 @@ def test_a_worker_that_never_starts_leaves_the_caller_to_do_everything():
 def test_a_parked_worker_is_woken_and_helps_again():
     pool = sp.SpinPool(1, spin_s=0.0)  # parks as soon as it finds nothing to do
     try:
-        k = 512  # 64 units of 16 x 512 weights: an op long enough for a woken worker to join it
-        x, w = _bf16(torch.ones(1, k)), Gemv(torch.ones(16 * 64, k, dtype=torch.bfloat16), None)
-        out = np.empty((1, 16 * 64), np.int16)
+        # 512 units of 16 x 512 weights (8 MB, ~1 ms an op): long enough for a woken worker to join one even
+        # when another process holds the other CPU (with 64 units it sometimes never did within 30 s).
+        k, units = 512, 512
+        x, w = _bf16(torch.ones(1, k)), Gemv(torch.ones(16 * units, k, dtype=torch.bfloat16), None)
+        out = np.empty((1, 16 * units), np.int16)
         args = (x, _bf16(torch.ones(k)), 1e-5, True, w.wb, w.bias, out, True)
         for _ in range(3):
+            # (Parking again proves the previous wake reached it: the caller's claim cleared both flags.)
             wait_until(lambda: pool.ctl[sp.NPARKED] == 1, what="the worker to park")
-            pool.run(sp.pool_norm_linear, *args)  # the caller finds it parked and wakes it
-            assert pool.ctl[sp.NPARKED] == 0 and pool.ctl[sp.PARKED] == 0
+            # The caller finds it parked and claims it for waking. (Not pool.ctl read after pool.run: the
+            # woken worker, idle with spin_s=0, may already have parked again by then.)
+            wake = sp.pool_norm_linear(pool.ctl, *args)
+            assert wake == 1
+            pool.wake(wake)
         def burst():  # back-to-back ops: the first wakes the worker, a later one finds it awake
             for _ in range(20):
                 pool.run(sp.pool_norm_linear, *args)
             return pool.ctl[sp.WORKED] > 0
 
-        wait_until(burst, what="the woken worker to compute a unit")
-        assert (out == _bf16(torch.full((1, 16 * 64), float(k)))).all()
+        wait_until(burst, timeout_s=120.0, what="the woken worker to compute a unit")
+        assert (out == _bf16(torch.full((1, 16 * units), float(k)))).all()
     finally:
         pool.close()
 
