@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, vadd, vany_gt, vbcast4, veo, vexp_nonpos, vfma, vhmax, vhsum, vinterleave,
+from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, veo, vexp_nonpos, vfma, vhmax, vhsum, vinterleave,
                    vload, vload16, vload_bf16, vload_bf16_eo, vmul, vquad, vstore, vstore8, vsub, vsum4x4,
                    vsum16, vzero)
 from .softmax import exp_nonpos
@@ -56,7 +56,6 @@ CHUNK = 16
 # (float32: head_dim 64 only; neither in the generic-head_dim body).
 QUAD_ROWS_16 = 4
 QUAD_ROWS_F32 = 8
-PF_SPREAD = True
 
 
 @njit(inline="always", **_JIT)
@@ -187,6 +186,13 @@ def make_attend_rows(D):
     # Key quads only in the head_dim-specialised bodies (64 and 128): each variant of
     # them adds to the cold compile, and the generic body serves rare head_dims.
     QUADS = D != 0
+    # The prefetch spread over the loops of whole chunks (the quad QK, the 4-row PV):
+    # 16-bit pools at head_dim 64 into L1, 32 keys ahead; else into L2, a block ahead.
+    # Measured one thread, bf16 from DRAM, ns per key (into L2 a block ahead / into L1 a
+    # block ahead / into L1 32 keys ahead): G8 D64 34.6 / 32.9 / 32.0, G3 D64 27.2 /
+    # 25.5 / 24.4, G7 D128 61.6 / 71.1 / 70.7 (16 keys ahead 65.9); float32 G8 D64 49.0
+    # into L2 a block ahead, 55.3 into L1 32 keys ahead: the L1 holds too little there.
+    NEAR = D == 64
     # Even/odd bfloat16 staging (_eo) only where head_dim is a constant multiple of 32.
     EO = D != 0 and D % 32 == 0
 
@@ -228,6 +234,7 @@ def make_attend_rows(D):
         direct = _direct(k_pool, n_rows)
         eo = EO and _eo(k_pool, bf16, n_rows)
         in_place = _in_place(k_pool)
+        near = NEAR and not in_place  # constants: LLVM keeps one prefetch of the two
         if eo:  # the rows' dims in the staged order (undone before returning)
             for r in range(n_rows):
                 for x in range(r * d, (r + 1) * d, 32):
@@ -254,18 +261,17 @@ def make_attend_rows(D):
             n = t1 - t0
             row0 = ((blk * nl + layer) * bs + t0) * d
             # Blocks are scattered: the hardware prefetcher stops at each block edge,
-            # so the next block's rows at this chunk's offset are prefetched a key row
-            # at a time inside the loops (a burst of a whole block at once stalls the
-            # current block's loads).
-            pf = ((bt_row[b + 1] * nl + layer) * bs + t0) * d if b + 1 < b_end else -1
+            # so the rows of the chunk 32 keys ahead (near, above; else the next block's at
+            # this chunk's offset) are prefetched a little at a time inside the loops (a burst
+            # of a whole block at once stalls the current block's loads).
+            pa = base + t0 + (32 if near else bs)
+            pf = ((bt_row[pa // bs] * nl + layer) * bs + pa % bs) * d if pa < b_end * bs else -1
             quad = QUADS and n == CHUNK and _quads(k_pool, d, n_rows)
             if quad:
                 # Widen (16-bit) and reorder the chunk's K into key quads: vector j of quad
                 # q = K[4q + kk, 4j + e] in lane 4kk + e, written as four 128-bit stores.
                 kb = 0
                 for q4 in range(0, CHUNK, 4):
-                    if not PF_SPREAD:
-                        _prefetch_keys(k_pool, pf, q4, 4, d, step)
                     qd = q4 * d
                     if eo:  # even dims of 32 to the quads of the first 16, odd to the next
                         for x in range(0, d, 32):
@@ -329,12 +335,15 @@ def make_attend_rows(D):
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     for j in range(0, d, 4):
-                        if PF_SPREAD and r == 0 and pf >= 0:
+                        if r == 0 and pf >= 0:
                             # The next block's K at this chunk's offset, spread evenly over
                             # the first rows' loop: 64 elements an iteration cover 16 keys.
                             po = pf + 16 * j
                             while po < pf + 16 * j + 64:
-                                prefetch(k_pool, po)
+                                if near:
+                                    prefetch_l1(k_pool, po)
+                                else:
+                                    prefetch(k_pool, po)
                                 po += step
                         kv0 = vload(kw, 4 * j)
                         kv1 = vload(kw, 4 * j + 4 * d)
@@ -641,14 +650,14 @@ def make_attend_rows(D):
                     u2 = vload(acc, o + 3 * d + 32)
                     u3 = vload(acc, o + 3 * d + 48)
                     for t in range(n):
-                        if PF_SPREAD:
-                            if r == 0 and pf >= 0:  # V as K above: 64 elements a pass
-                                po = pf + t * d + c
-                                while po < pf + t * d + c + 64:
+                        if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
+                            po = pf + t * d + c
+                            while po < pf + t * d + c + 64:
+                                if near:
+                                    prefetch_l1(v_pool, po)
+                                else:
                                     prefetch(v_pool, po)
-                                    po += step
-                        elif r == 0 and c == 0:
-                            _prefetch_keys(v_pool, pf, t, 1, d, step)
+                                po += step
                         pt = s[r, t0 + t]
                         pu = s[r + 1, t0 + t]
                         pw = s[r + 2, t0 + t]
