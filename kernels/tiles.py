@@ -19,15 +19,19 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
 - PV: rows in fours (16 accumulators; then a pair, then one), 64 columns of each kept
   in registers over the chunk's keys; each V load feeds four rows' FMAs, the
   probability is broadcast from memory.
-- float32 pools are read in place; a 16-bit pool's block is widened once into a
+- float32 pools are read in place; a 16-bit pool's chunk is widened once into a
   per-thread float32 scratch (one vector load + decode + store per 16 elements), so
   16-bit pools move half the bytes and every query row reads float32 -- except for a
   single query row (decode at GQA group 1), which reads the 16-bit pool in place and
   widens each vector in registers (_direct): there the scratch's store and reload
-  were the larger part of the widening's cost.
-- The next block's rows are prefetched one key row at a time inside the QK/PV loops
-  of the first query row: blocks are scattered, so the hardware prefetcher stops at
-  every block edge.
+  were the larger part of the widening's cost. bfloat16 (head_dim 64 and 128, two or
+  more rows) is widened in even/odd dim order (one shift or mask per 16 lanes, no
+  shuffle; _eo): the query rows are put in that order for the call and the
+  accumulators back at its end; decode tiles of up to 8 such rows read V in place
+  that way (vdirect). A 16-bit tile of 4k + 3 rows gets a zero fourth row (_pad_row).
+- The next block's rows are prefetched a little at a time inside the QK/PV loops
+  of the first query row(s): blocks are scattered, so the hardware prefetcher stops at
+  every block edge (16-bit at head_dim 64: into L1, 32 keys ahead).
 - A block of more than CHUNK (16) keys is walked in 16-key chunks: larger blocks give
   the hardware prefetcher longer runs (measured faster at 64 keys) while the tiles, the
   staging scratch and the scores stay the size of one chunk.
@@ -56,6 +60,8 @@ CHUNK = 16
 # (float32: head_dim 64 only; neither in the generic-head_dim body).
 QUAD_ROWS_16 = 4
 QUAD_ROWS_F32 = 8
+# Query rows up to which a bfloat16 pool's V is read in place (see vdirect).
+VDIRECT_MAX = 8
 
 
 @njit(inline="always", **_JIT)
@@ -615,7 +621,14 @@ def make_attend_rows(D):
                     c += 16
                 r = n_rows
             vb = row0 if in_place else 0
-            if not (direct or in_place):  # staging, as K's
+            # Up to two blocks of four bfloat16 rows (decode at groups 3-4 and 7-8) read V
+            # in place, widened in registers (even/odd, as staged) once per block: cheaper
+            # than staging's store and reload (one thread, ns per key in cache / from
+            # DRAM: G3 D64 16.3 / 24.7 -> 15.0 / 23.9, G4 D128 29.6 / 49.1 -> 25.7 / 46.9,
+            # G8 D64 24.5 / 34.0 -> 24.0 / 32.4, G8 D128 44.4 / 61.6 -> 41.7 / 59.9). Larger
+            # (prefill) tiles would widen each vector once per block of rows: staged.
+            vdirect = eo and n_rows % 4 == 0 and n_rows <= VDIRECT_MAX
+            if not (direct or in_place or vdirect):  # staging, as K's
                 if eo:
                     for x in range(0, n * d, 32):
                         vstore(vw, x, vload_bf16_eo(v_pool, row0 + x, False))
@@ -629,6 +642,78 @@ def make_attend_rows(D):
             # Rows in fours (16 accumulators): each V load feeds four FMAs, so the loads
             # (V and the broadcast probabilities) stay under the FMAs and 16 chains hide
             # the FMA latency.
+            while vdirect and r + 4 <= n_rows:
+                c = 0
+                while c + 64 <= d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    x1 = vload(acc, o + 16)
+                    x2 = vload(acc, o + 32)
+                    x3 = vload(acc, o + 48)
+                    y0 = vload(acc, o + d)
+                    y1 = vload(acc, o + d + 16)
+                    y2 = vload(acc, o + d + 32)
+                    y3 = vload(acc, o + d + 48)
+                    z0 = vload(acc, o + 2 * d)
+                    z1 = vload(acc, o + 2 * d + 16)
+                    z2 = vload(acc, o + 2 * d + 32)
+                    z3 = vload(acc, o + 2 * d + 48)
+                    u0 = vload(acc, o + 3 * d)
+                    u1 = vload(acc, o + 3 * d + 16)
+                    u2 = vload(acc, o + 3 * d + 32)
+                    u3 = vload(acc, o + 3 * d + 48)
+                    for t in range(n):
+                        if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
+                            po = pf + t * d + c
+                            while po < pf + t * d + c + 64:
+                                if near:
+                                    prefetch_l1(v_pool, po)
+                                else:
+                                    prefetch(v_pool, po)
+                                po += step
+                        pt = s[r, t0 + t]
+                        pu = s[r + 1, t0 + t]
+                        pw = s[r + 2, t0 + t]
+                        pz = s[r + 3, t0 + t]
+                        v = row0 + t * d + c
+                        w = vload_bf16_eo(v_pool, v, False)
+                        x0 = vfma(w, pt, x0)
+                        y0 = vfma(w, pu, y0)
+                        z0 = vfma(w, pw, z0)
+                        u0 = vfma(w, pz, u0)
+                        w = vload_bf16_eo(v_pool, v, True)
+                        x1 = vfma(w, pt, x1)
+                        y1 = vfma(w, pu, y1)
+                        z1 = vfma(w, pw, z1)
+                        u1 = vfma(w, pz, u1)
+                        w = vload_bf16_eo(v_pool, v + 32, False)
+                        x2 = vfma(w, pt, x2)
+                        y2 = vfma(w, pu, y2)
+                        z2 = vfma(w, pw, z2)
+                        u2 = vfma(w, pz, u2)
+                        w = vload_bf16_eo(v_pool, v + 32, True)
+                        x3 = vfma(w, pt, x3)
+                        y3 = vfma(w, pu, y3)
+                        z3 = vfma(w, pw, z3)
+                        u3 = vfma(w, pz, u3)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + 16, x1)
+                    vstore(acc, o + 32, x2)
+                    vstore(acc, o + 48, x3)
+                    vstore(acc, o + d, y0)
+                    vstore(acc, o + d + 16, y1)
+                    vstore(acc, o + d + 32, y2)
+                    vstore(acc, o + d + 48, y3)
+                    vstore(acc, o + 2 * d, z0)
+                    vstore(acc, o + 2 * d + 16, z1)
+                    vstore(acc, o + 2 * d + 32, z2)
+                    vstore(acc, o + 2 * d + 48, z3)
+                    vstore(acc, o + 3 * d, u0)
+                    vstore(acc, o + 3 * d + 16, u1)
+                    vstore(acc, o + 3 * d + 32, u2)
+                    vstore(acc, o + 3 * d + 48, u3)
+                    c += 64
+                r += 4
             while r + 4 <= n_rows:
                 c = 0
                 while c + 64 <= d:
