@@ -28,7 +28,8 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   more rows) is widened in even/odd dim order (one shift or mask per 16 lanes, no
   shuffle; _eo): the query rows are put in that order for the call and the
   accumulators back at its end; decode tiles of up to 8 such rows read V in place
-  that way (vdirect). A 16-bit tile of 4k + 3 rows gets a zero fourth row (_pad_row).
+  that way (vdirect; float16 at 4 rows: hdirect). A 16-bit tile of 4k + 3 rows
+  gets a zero fourth row (_pad_row).
 - The next block's rows are prefetched a little at a time inside the QK/PV loops
   of the first query row(s): blocks are scattered, so the hardware prefetcher stops at
   every block edge (16-bit at head_dim 64: into L1, 32 keys ahead).
@@ -628,7 +629,12 @@ def make_attend_rows(D):
             # G8 D64 24.5 / 34.0 -> 24.0 / 32.4, G8 D128 44.4 / 61.6 -> 41.7 / 59.9). Larger
             # (prefill) tiles would widen each vector once per block of rows: staged.
             vdirect = eo and n_rows % 4 == 0 and n_rows <= VDIRECT_MAX
-            if not (direct or in_place or vdirect):  # staging, as K's
+            # float16 likewise (vcvtph2ps from memory, two µops) for one block of four rows
+            # (one thread, from DRAM: G3 D64 26.4 -> 24.8, G4 D128 46.2 -> 45.2 ns per key;
+            # at 8 rows even or slower: G8 D64 35.8 -> 36.0).
+            # Only the specialised bodies (head_dim 64, 128: whole 64-column passes).
+            hdirect = QUADS and not (eo or bf16 or in_place) and n_rows == 4
+            if not (direct or in_place or vdirect or hdirect):  # staging, as K's
                 if eo:
                     for x in range(0, n * d, 32):
                         vstore(vw, x, vload_bf16_eo(v_pool, row0 + x, False))
@@ -692,6 +698,78 @@ def make_attend_rows(D):
                         z2 = vfma(w, pw, z2)
                         u2 = vfma(w, pz, u2)
                         w = vload_bf16_eo(v_pool, v + 32, True)
+                        x3 = vfma(w, pt, x3)
+                        y3 = vfma(w, pu, y3)
+                        z3 = vfma(w, pw, z3)
+                        u3 = vfma(w, pz, u3)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + 16, x1)
+                    vstore(acc, o + 32, x2)
+                    vstore(acc, o + 48, x3)
+                    vstore(acc, o + d, y0)
+                    vstore(acc, o + d + 16, y1)
+                    vstore(acc, o + d + 32, y2)
+                    vstore(acc, o + d + 48, y3)
+                    vstore(acc, o + 2 * d, z0)
+                    vstore(acc, o + 2 * d + 16, z1)
+                    vstore(acc, o + 2 * d + 32, z2)
+                    vstore(acc, o + 2 * d + 48, z3)
+                    vstore(acc, o + 3 * d, u0)
+                    vstore(acc, o + 3 * d + 16, u1)
+                    vstore(acc, o + 3 * d + 32, u2)
+                    vstore(acc, o + 3 * d + 48, u3)
+                    c += 64
+                r += 4
+            while hdirect and r + 4 <= n_rows:
+                c = 0
+                while c + 64 <= d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    x1 = vload(acc, o + 16)
+                    x2 = vload(acc, o + 32)
+                    x3 = vload(acc, o + 48)
+                    y0 = vload(acc, o + d)
+                    y1 = vload(acc, o + d + 16)
+                    y2 = vload(acc, o + d + 32)
+                    y3 = vload(acc, o + d + 48)
+                    z0 = vload(acc, o + 2 * d)
+                    z1 = vload(acc, o + 2 * d + 16)
+                    z2 = vload(acc, o + 2 * d + 32)
+                    z3 = vload(acc, o + 2 * d + 48)
+                    u0 = vload(acc, o + 3 * d)
+                    u1 = vload(acc, o + 3 * d + 16)
+                    u2 = vload(acc, o + 3 * d + 32)
+                    u3 = vload(acc, o + 3 * d + 48)
+                    for t in range(n):
+                        if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
+                            po = pf + t * d + c
+                            while po < pf + t * d + c + 64:
+                                if near:
+                                    prefetch_l1(v_pool, po)
+                                else:
+                                    prefetch(v_pool, po)
+                                po += step
+                        pt = s[r, t0 + t]
+                        pu = s[r + 1, t0 + t]
+                        pw = s[r + 2, t0 + t]
+                        pz = s[r + 3, t0 + t]
+                        v = row0 + t * d + c
+                        w = vload(v_pool, v)
+                        x0 = vfma(w, pt, x0)
+                        y0 = vfma(w, pu, y0)
+                        z0 = vfma(w, pw, z0)
+                        u0 = vfma(w, pz, u0)
+                        w = vload(v_pool, v + 16)
+                        x1 = vfma(w, pt, x1)
+                        y1 = vfma(w, pu, y1)
+                        z1 = vfma(w, pw, z1)
+                        u1 = vfma(w, pz, u1)
+                        w = vload(v_pool, v + 32)
+                        x2 = vfma(w, pt, x2)
+                        y2 = vfma(w, pu, y2)
+                        z2 = vfma(w, pw, z2)
+                        u2 = vfma(w, pz, u2)
+                        w = vload(v_pool, v + 48)
                         x3 = vfma(w, pt, x3)
                         y3 = vfma(w, pu, y3)
                         z3 = vfma(w, pw, z3)
