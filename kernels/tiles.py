@@ -45,9 +45,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, veo, vexp_nonpos, vfma, vhmax, vhsum, vinterleave,
-                   vload, vload16, vload_bf16, vload_bf16_eo, vmul, vquad, vstore, vstore8, vsub, vsum4x4,
-                   vsum16, vzero)
+from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, veo, vexp_nonpos, vfma, vhmax, vhsum,
+                   vinterleave, vload, vload16, vload_bf16, vload_bf16_eo, vmul, vquad, vstore, vstore8,
+                   vsub, vsum4x4, vsum16, vzero)
 from .softmax import exp_nonpos
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
