@@ -146,21 +146,36 @@ def merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse):
             lse[tok, hq] = mx + np.log(wsum)
 
 
+@njit(inline="always", **_JIT)
+def _empty64(shape):
+    """np.empty(shape, float32) starting on a 64-byte boundary (Numba aligns to 32)."""
+    n = 1
+    for x in shape:
+        n *= x
+    raw = np.empty(n + 16, np.float32)
+    off = ((64 - raw.ctypes.data % 64) % 64) // 4
+    return raw[off:off + n].reshape(shape)
+
+
 @njit(**_JIT)
 def make_scratch(n_threads, rmax, bs, d):
     """Per-thread buffers of the attend pass (indexed by thread id, not allocated per
     item): query rows, causal limits, scores, running max and sum, accumulators, and
-    a 16-bit block's K and V widened to float32 (tiles._stage).
+    a 16-bit block's K and V widened to float32 (tiles.py's staging).
 
     Each thread's slice is padded by at least one cache line (an unused row or 16
     elements): the slices of two threads never share a line, which they write every
-    block (unpadded, m and l of both threads sat in one line: false sharing)."""
+    block (unpadded, m and l of both threads sat in one line: false sharing). The
+    float32 buffers start on a cache line, so with head_dim and the block size
+    multiples of 16 every 16-lane load and store of the tiles is within one line (at
+    Numba's 32-byte alignment half of them split two lines: one thread, bf16 G8 D128
+    in cache, 49.2 -> 43.8 ns per key aligned)."""
     pad_s = (16 + bs - 1) // bs  # score rows of bs floats making >= 64 bytes
-    return (np.empty((n_threads, rmax + 1, d), np.float32),
+    return (_empty64((n_threads, rmax + 1, d)),
             np.empty((n_threads, rmax + 8), np.int64),
-            np.empty((n_threads, rmax + pad_s, bs), np.float32),
-            np.empty((n_threads, rmax + 16), np.float32),
-            np.empty((n_threads, rmax + 16), np.float32),
-            np.empty((n_threads, rmax + 1, d), np.float32),
-            np.empty((n_threads, bs * d + 16), np.float32),
-            np.empty((n_threads, bs * d + 16), np.float32))
+            _empty64((n_threads, rmax + pad_s, bs)),
+            _empty64((n_threads, rmax + 16)),
+            _empty64((n_threads, rmax + 16)),
+            _empty64((n_threads, rmax + 1, d)),
+            _empty64((n_threads, bs * d + 16)),
+            _empty64((n_threads, bs * d + 16)))

@@ -345,11 +345,7 @@ def vstore8(typingctx, arr, idx, v, upper):
     return sig, codegen
 
 
-@intrinsic
-def prefetch(typingctx, arr, idx):
-    """llvm.prefetch (read, into L2: locality 1) of the element at flat index idx of a C-contiguous array."""
-    sig = types.void(arr, types.intp)
-
+def _prefetch_codegen(locality):
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         i8p = ir.IntType(8).as_pointer()
@@ -358,10 +354,23 @@ def prefetch(typingctx, arr, idx):
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
             "llvm.prefetch.p0")
         ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        builder.call(fn, [ptr, i32(0), i32(1), i32(1)])
+        builder.call(fn, [ptr, i32(0), i32(locality), i32(1)])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """llvm.prefetch (read, into L2: locality 1) of the element at flat index idx of a C-contiguous array."""
+    return types.void(arr, types.intp), _prefetch_codegen(1)
+
+
+
+@intrinsic
+def prefetch_l1(typingctx, arr, idx):
+    """llvm.prefetch (read, into L1: locality 3, prefetcht0) of the element at flat index idx."""
+    return types.void(arr, types.intp), _prefetch_codegen(3)
 
 
 # Key-quad layout (tiles.py, large GQA groups): a staged 16-key tile is stored as 4 quads
@@ -440,5 +449,97 @@ def vquad(typingctx, r0, r1, r2, r3, i):
         x23 = builder.shuffle_vector(args[2], args[3], mask(half))
         pick = [0, 2, 4, 6] if blk % 2 == 0 else [1, 3, 5, 7]
         return builder.shuffle_vector(x01, x23, mask(pick))
+
+    return sig, codegen
+
+
+# Even/odd bfloat16 widening (tiles.py, 16-bit pools staged in the specialised bodies): a
+# bfloat16 is the upper half of a float32, so of 32 bfloat16 loaded as 16 32-bit words the
+# even elements are `word << 16` and the odd ones `word & 0xFFFF0000`: one integer op per
+# 16 lanes, where the in-order widening (vpmovzxwd + shift) costs a shuffle-port µop and
+# a shift. The 32 dims then come out as [the 16 even, the 16 odd]; query rows are put in
+# the same order once per call (veo) and the accumulators back in dim order (vinterleave).
+
+
+@intrinsic
+def vload_bf16_eo(typingctx, arr, idx, odd):
+    """Of the 32 bfloat16 values (uint16 bits) at flat index idx, those at even offsets
+    (odd False) or odd offsets (odd True, a literal) as float32, in order. Also takes a
+    float32 array (two loads and a vpermt2ps): the tiles' code for both pools types."""
+    if not isinstance(arr, types.Array) or arr.dtype not in (types.uint16, types.float32):
+        return None
+    if not isinstance(odd, types.BooleanLiteral):
+        return None
+    sig = f32x16(arr, types.intp, odd)
+    is_odd = odd.literal_value
+    f32 = arr.dtype == types.float32
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        if f32:
+            vp = builder.bitcast(ptr, _V.as_pointer())
+            a = builder.load(vp, align=4)
+            b = builder.load(builder.gep(vp, [_I32(1)]), align=4)
+            mask = ir.Constant(ir.VectorType(_I32, LANES), list(range(int(is_odd), 2 * LANES, 2)))
+            return builder.shuffle_vector(a, b, mask)
+        vi = ir.VectorType(_I32, LANES)
+        words = builder.load(builder.bitcast(ptr, vi.as_pointer()), align=2)
+        if is_odd:
+            bits = builder.and_(words, ir.Constant(vi, [-65536] * LANES))
+        else:
+            bits = builder.shl(words, ir.Constant(vi, [16] * LANES))
+        return builder.bitcast(bits, _V)
+
+    return sig, codegen
+
+
+@intrinsic
+def vload_bf16(typingctx, arr, idx):
+    """16 bfloat16 values (uint16 bits) from flat index idx as float32, in order (a
+    float32 array: as they are)."""
+    if not isinstance(arr, types.Array) or arr.dtype not in (types.uint16, types.float32):
+        return None
+    sig = f32x16(arr, types.intp)
+    f32 = arr.dtype == types.float32
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        if f32:
+            return builder.load(builder.bitcast(ptr, _V.as_pointer()), align=4)
+        vty = ir.VectorType(ir.IntType(16), LANES)
+        raw = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=2)
+        return _decode(builder, raw, types.int16)
+
+    return sig, codegen
+
+
+@intrinsic
+def veo(typingctx, a, b, odd):
+    """The even (odd False) or odd (odd True, a literal) lanes of the 32-lane [a, b]:
+    a row's 32 dims in the order vload_bf16_eo gives them (one vpermt2ps)."""
+    if a != f32x16 or b != f32x16 or not isinstance(odd, types.BooleanLiteral):
+        return None
+    sig = f32x16(a, b, odd)
+    first = 1 if odd.literal_value else 0
+
+    def codegen(context, builder, signature, args):
+        mask = ir.Constant(ir.VectorType(_I32, LANES), list(range(first, 2 * LANES, 2)))
+        return builder.shuffle_vector(args[0], args[1], mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def vinterleave(typingctx, e, o, upper):
+    """Lanes 0-7 (upper False) or 8-15 (upper True, a literal) of e and o interleaved
+    (e0 o0 e1 o1 ...): the inverse of veo (one vpermt2ps)."""
+    if e != f32x16 or o != f32x16 or not isinstance(upper, types.BooleanLiteral):
+        return None
+    sig = f32x16(e, o, upper)
+    base = LANES // 2 if upper.literal_value else 0
+
+    def codegen(context, builder, signature, args):
+        idx = [j for i in range(base, base + LANES // 2) for j in (i, LANES + i)]
+        return builder.shuffle_vector(args[0], args[1], ir.Constant(ir.VectorType(_I32, LANES), idx))
 
     return sig, codegen

@@ -19,15 +19,20 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
 - PV: rows in fours (16 accumulators; then a pair, then one), 64 columns of each kept
   in registers over the chunk's keys; each V load feeds four rows' FMAs, the
   probability is broadcast from memory.
-- float32 pools are read in place; a 16-bit pool's block is widened once into a
+- float32 pools are read in place; a 16-bit pool's chunk is widened once into a
   per-thread float32 scratch (one vector load + decode + store per 16 elements), so
   16-bit pools move half the bytes and every query row reads float32 -- except for a
   single query row (decode at GQA group 1), which reads the 16-bit pool in place and
   widens each vector in registers (_direct): there the scratch's store and reload
-  were the larger part of the widening's cost.
-- The next block's rows are prefetched one key row at a time inside the QK/PV loops
-  of the first query row: blocks are scattered, so the hardware prefetcher stops at
-  every block edge.
+  were the larger part of the widening's cost. bfloat16 (head_dim 64 and 128, two or
+  more rows) is widened in even/odd dim order (one shift or mask per 16 lanes, no
+  shuffle; _eo): the query rows are put in that order for the call and the
+  accumulators back at its end; decode tiles of up to 8 such rows read V in place
+  that way (vdirect; float16 at 4 rows: hdirect). A 16-bit tile of 4k + 3 rows
+  gets a zero fourth row (_pad_row).
+- The next block's rows are prefetched a little at a time inside the QK/PV loops
+  of the first query row(s): blocks are scattered, so the hardware prefetcher stops at
+  every block edge (16-bit at head_dim 64: into L1, 32 keys ahead).
 - A block of more than CHUNK (16) keys is walked in 16-key chunks: larger blocks give
   the hardware prefetcher longer runs (measured faster at 64 keys) while the tiles, the
   staging scratch and the scores stay the size of one chunk.
@@ -40,8 +45,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, vadd, vany_gt, vbcast4, vexp_nonpos, vfma, vhmax, vhsum, vload, vload16,
-                   vmul, vquad, vstore, vstore8, vsub, vsum4x4, vsum16, vzero)
+from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, veo, vexp_nonpos, vfma, vhmax, vhsum,
+                   vinterleave, vload, vload16, vload_bf16, vload_bf16_eo, vmul, vquad, vstore, vstore8,
+                   vsub, vsum4x4, vsum16, vzero)
 from .softmax import exp_nonpos
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -55,6 +61,8 @@ CHUNK = 16
 # (float32: head_dim 64 only; neither in the generic-head_dim body).
 QUAD_ROWS_16 = 4
 QUAD_ROWS_F32 = 8
+# Query rows up to which a bfloat16 pool's V is read in place (see vdirect).
+VDIRECT_MAX = 8
 
 
 @njit(inline="always", **_JIT)
@@ -69,7 +77,7 @@ def _prefetch_keys(pool, pf, t, n, d, step):
 
 
 def _src(pool, scratch):
-    """The array the tiles read K or V from (see _stage)."""
+    """The array the tiles read K or V from (the pool, or the scratch of _in_place)."""
 
 
 @overload(_src, inline="always", jit_options=_JIT)
@@ -79,31 +87,55 @@ def _ov_src(pool, scratch):
     return lambda pool, scratch: scratch
 
 
-def _stage(pool, start, n, scratch, bf16):
-    """Make pool.flat[start:start+n] readable as float32; return its index in _src.
-
-    float32 pools are read in place. 16-bit pools are widened once per block into
-    a per-thread float32 scratch: every row of the tile then reads float32 (decoding
-    in each load would repeat the widening once per query row, 64 times in prefill).
-    """
+def _in_place(pool):
+    """Whether the tiles read the pool's K and V in place (float32), else from a
+    per-thread float32 scratch the chunk is widened into (16-bit; see "Staging" in the
+    tile body)."""
 
 
-@overload(_stage, inline="always", jit_options=_JIT)
-def _ov_stage(pool, start, n, scratch, bf16):
+@overload(_in_place, inline="always", jit_options=_JIT)
+def _ov_in_place(pool):
     if pool.dtype == types.float32:
-        return lambda pool, start, n, scratch, bf16: start
+        return lambda pool: True
+    return lambda pool: False
 
-    def widen(pool, start, n, scratch, bf16):
-        for x in range(0, n, 16):  # both 16-bit storages share the kernel: bf16 selects
-            vstore(scratch, x, vload16(pool, start + x, bf16))
-        return 0
 
-    return widen
+def _pad_row(pool):
+    """Whether a tile of 4k + 3 query rows runs as 4k + 4 (a zero row added)."""
+
+
+@overload(_pad_row, inline="always", jit_options=_JIT)
+def _ov_pad_row(pool):
+    # Rows go in blocks of 4 through QK (key quads) and PV; 3 leftover rows ran one at a
+    # time through QK (one K load per FMA) and as a pair and a single row through PV
+    # (4 accumulator chains). A fourth, zero row costs a quarter more FMAs on those and
+    # was faster (one thread, bf16, ns per key in cache / from DRAM: G3 D64 20.7 / 30.3
+    # as G4 18.8 / 29.6; G7 D128 50.5 / 70.2 as G8 47.7 / 64.9). float32 pools: even or
+    # worse from DRAM (G3 D64 41.8 as G4 44.3), so not there.
+    if pool.dtype == types.float32:
+        return lambda pool: False
+    return lambda pool: True
+
+
+def _eo(pool, bf16, n_rows):
+    """Whether a bfloat16 pool is staged in even/odd order (simd.vload_bf16_eo): the
+    query rows and accumulators then hold each 32 dims in that order during the call."""
+
+
+@overload(_eo, inline="always", jit_options=_JIT)
+def _ov_eo(pool, bf16, n_rows):
+    # Staged pools only (one query row reads the pool in place, see _direct). Widening a
+    # bfloat16 in order costs a shuffle-port µop and a shift per 16 elements (plus the
+    # float16 decode and a select while both storages went through one load); even/odd
+    # costs one integer op.
+    if pool.dtype == types.float32:
+        return lambda pool, bf16, n_rows: False
+    return lambda pool, bf16, n_rows: bf16 and n_rows > 1
 
 
 def _direct(pool, n_rows):
     """Whether the tiles read a 16-bit pool in place, widening each vector in registers
-    (see _ld), instead of staging the block (_stage)."""
+    (see _ld), instead of staging the chunk (_in_place)."""
 
 
 @overload(_direct, inline="always", jit_options=_JIT)
@@ -161,6 +193,15 @@ def make_attend_rows(D):
     # Key quads only in the head_dim-specialised bodies (64 and 128): each variant of
     # them adds to the cold compile, and the generic body serves rare head_dims.
     QUADS = D != 0
+    # The prefetch spread over the loops of whole chunks (the quad QK, the 4-row PV):
+    # 16-bit pools at head_dim 64 into L1, 32 keys ahead; else into L2, a block ahead.
+    # Measured one thread, bf16 from DRAM, ns per key (into L2 a block ahead / into L1 a
+    # block ahead / into L1 32 keys ahead): G8 D64 34.6 / 32.9 / 32.0, G3 D64 27.2 /
+    # 25.5 / 24.4, G7 D128 61.6 / 71.1 / 70.7 (16 keys ahead 65.9); float32 G8 D64 49.0
+    # into L2 a block ahead, 55.3 into L1 32 keys ahead: the L1 holds too little there.
+    NEAR = D == 64
+    # Even/odd bfloat16 staging (_eo) only where head_dim is a constant multiple of 32.
+    EO = D != 0 and D % 32 == 0
 
     @njit(**_JIT_D)
     def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
@@ -169,7 +210,9 @@ def make_attend_rows(D):
         head); row r sees keys < row_lim[r]. Leaves the running max m, sum l and the
         unnormalised accumulator acc (float32 [rows, d]). s: float32 [rows, >= bs];
         kw, vw: float32 scratch of >= bs * d elements (used by 16-bit pools); bf16:
-        whether a uint16 pool holds bfloat16 (else float16) bits."""
+        whether a uint16 pool holds bfloat16 (else float16) bits. qs, row_lim, s, m, l
+        and acc have a row to spare past n_rows (make_scratch's padding): a 16-bit
+        pool's tile of 4k + 3 rows runs as 4k + 4 (_pad_row)."""
         ks = _src(k_pool, kw)
         vs = _src(v_pool, vw)
         bs = k_pool.shape[2]
@@ -177,6 +220,12 @@ def make_attend_rows(D):
         nl = k_pool.shape[1]
         sw = s.shape[1]
         step = 64 // k_pool.itemsize  # elements per cache line
+        if n_rows % 4 == 3 and _pad_row(k_pool):
+            # A zero query row (its results are not read) completes the last block of 4.
+            for x in range(0, d, 16):
+                vstore(qs, n_rows * d + x, vzero())
+            row_lim[n_rows] = row_lim[n_rows - 1]
+            n_rows += 1
         for r in range(n_rows):
             m[r] = -np.inf
             l[r] = 0.0
@@ -190,6 +239,16 @@ def make_attend_rows(D):
             lim_min = min(lim_min, row_lim[r])
         b0 = k0 // bs
         direct = _direct(k_pool, n_rows)
+        eo = EO and _eo(k_pool, bf16, n_rows)
+        in_place = _in_place(k_pool)
+        near = NEAR and not in_place  # constants: LLVM keeps one prefetch of the two
+        if eo:  # the rows' dims in the staged order (undone before returning)
+            for r in range(n_rows):
+                for x in range(r * d, (r + 1) * d, 32):
+                    a = vload(qs, x)
+                    b2 = vload(qs, x + 16)
+                    vstore(qs, x, veo(a, b2, False))
+                    vstore(qs, x + 16, veo(a, b2, True))
         first = ((bt_row[b0] * nl + layer) * bs) * d
         po = first
         while po < first + bs * d:  # a while loop: range() with a runtime step divides
@@ -209,30 +268,67 @@ def make_attend_rows(D):
             n = t1 - t0
             row0 = ((blk * nl + layer) * bs + t0) * d
             # Blocks are scattered: the hardware prefetcher stops at each block edge,
-            # so the next block's rows at this chunk's offset are prefetched a key row
-            # at a time inside the loops (a burst of a whole block at once stalls the
-            # current block's loads).
-            pf = ((bt_row[b + 1] * nl + layer) * bs + t0) * d if b + 1 < b_end else -1
+            # so the rows of the chunk 32 keys ahead (near, above; else the next block's at
+            # this chunk's offset) are prefetched a little at a time inside the loops (a burst
+            # of a whole block at once stalls the current block's loads).
+            pa = base + t0 + (32 if near else bs)
+            pf = ((bt_row[pa // bs] * nl + layer) * bs + pa % bs) * d if pa < b_end * bs else -1
             quad = QUADS and n == CHUNK and _quads(k_pool, d, n_rows)
             if quad:
                 # Widen (16-bit) and reorder the chunk's K into key quads: vector j of quad
                 # q = K[4q + kk, 4j + e] in lane 4kk + e, written as four 128-bit stores.
                 kb = 0
                 for q4 in range(0, CHUNK, 4):
-                    _prefetch_keys(k_pool, pf, q4, 4, d, step)
                     qd = q4 * d
-                    for x in range(0, d, 16):
-                        src = row0 + qd + x
-                        w0 = _ld(k_pool, src, bf16)
-                        w1 = _ld(k_pool, src + d, bf16)
-                        w2 = _ld(k_pool, src + 2 * d, bf16)
-                        w3 = _ld(k_pool, src + 3 * d, bf16)
-                        vstore(kw, qd + 4 * x, vquad(w0, w1, w2, w3, 0))
-                        vstore(kw, qd + 4 * x + 16, vquad(w0, w1, w2, w3, 1))
-                        vstore(kw, qd + 4 * x + 32, vquad(w0, w1, w2, w3, 2))
-                        vstore(kw, qd + 4 * x + 48, vquad(w0, w1, w2, w3, 3))
+                    if eo:  # even dims of 32 to the quads of the first 16, odd to the next
+                        for x in range(0, d, 32):
+                            src = row0 + qd + x
+                            w0 = vload_bf16_eo(k_pool, src, False)
+                            w1 = vload_bf16_eo(k_pool, src + d, False)
+                            w2 = vload_bf16_eo(k_pool, src + 2 * d, False)
+                            w3 = vload_bf16_eo(k_pool, src + 3 * d, False)
+                            vstore(kw, qd + 4 * x, vquad(w0, w1, w2, w3, 0))
+                            vstore(kw, qd + 4 * x + 16, vquad(w0, w1, w2, w3, 1))
+                            vstore(kw, qd + 4 * x + 32, vquad(w0, w1, w2, w3, 2))
+                            vstore(kw, qd + 4 * x + 48, vquad(w0, w1, w2, w3, 3))
+                            w0 = vload_bf16_eo(k_pool, src, True)
+                            w1 = vload_bf16_eo(k_pool, src + d, True)
+                            w2 = vload_bf16_eo(k_pool, src + 2 * d, True)
+                            w3 = vload_bf16_eo(k_pool, src + 3 * d, True)
+                            vstore(kw, qd + 4 * x + 64, vquad(w0, w1, w2, w3, 0))
+                            vstore(kw, qd + 4 * x + 80, vquad(w0, w1, w2, w3, 1))
+                            vstore(kw, qd + 4 * x + 96, vquad(w0, w1, w2, w3, 2))
+                            vstore(kw, qd + 4 * x + 112, vquad(w0, w1, w2, w3, 3))
+                    else:  # float32 or float16 (bfloat16 takes eo here: n_rows >= 4)
+                        for x in range(0, d, 16):
+                            src = row0 + qd + x
+                            w0 = vload(k_pool, src)
+                            w1 = vload(k_pool, src + d)
+                            w2 = vload(k_pool, src + 2 * d)
+                            w3 = vload(k_pool, src + 3 * d)
+                            vstore(kw, qd + 4 * x, vquad(w0, w1, w2, w3, 0))
+                            vstore(kw, qd + 4 * x + 16, vquad(w0, w1, w2, w3, 1))
+                            vstore(kw, qd + 4 * x + 32, vquad(w0, w1, w2, w3, 2))
+                            vstore(kw, qd + 4 * x + 48, vquad(w0, w1, w2, w3, 3))
             else:
-                kb = row0 if direct else _stage(k_pool, row0, n * d, kw, bf16)
+                kb = row0
+                if not (direct or in_place):
+                    # Staging: the chunk widened once into the scratch (every row of the
+                    # tile then reads float32; decoding in each load would repeat the
+                    # widening per query row). One branch on the storage per chunk, in this
+                    # body: in a helper taking the arrays it cost NRT reference counting
+                    # (atomics and a vzeroupper) per call.
+                    kb = 0
+                    if eo:  # bfloat16: each 32 dims even offsets first, then odd
+                        for x in range(0, n * d, 32):
+                            vstore(kw, x, vload_bf16_eo(k_pool, row0 + x, False))
+                            vstore(kw, x + 16, vload_bf16_eo(k_pool, row0 + x, True))
+                    elif bf16:
+                        for x in range(0, n * d, 16):
+                            vstore(kw, x, vload_bf16(k_pool, row0 + x))
+                    else:  # float16: vcvtph2ps
+                        for x in range(0, n * d, 16):
+                            vstore(kw, x, vload(k_pool, row0 + x))
 
             # QK: s[r, t0 + t] = qs[r] . K[t]. Rows in pairs over 8 keys (each K load
             # feeds two FMAs; 16 accumulators), an odd last row over 16 keys. One row of
@@ -246,6 +342,16 @@ def make_attend_rows(D):
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     for j in range(0, d, 4):
+                        if r == 0 and pf >= 0:
+                            # The next block's K at this chunk's offset, spread evenly over
+                            # the first rows' loop: 64 elements an iteration cover 16 keys.
+                            po = pf + 16 * j
+                            while po < pf + 16 * j + 64:
+                                if near:
+                                    prefetch_l1(k_pool, po)
+                                else:
+                                    prefetch(k_pool, po)
+                                po += step
                         kv0 = vload(kw, 4 * j)
                         kv1 = vload(kw, 4 * j + 4 * d)
                         kv2 = vload(kw, 4 * j + 8 * d)
@@ -515,10 +621,177 @@ def make_attend_rows(D):
                     vstore(acc, c, x0)
                     c += 16
                 r = n_rows
-            vb = 0 if direct else _stage(v_pool, row0, n * d, vw, bf16)
+            vb = row0 if in_place else 0
+            # Up to two blocks of four bfloat16 rows (decode at groups 3-4 and 7-8) read V
+            # in place, widened in registers (even/odd, as staged) once per block: cheaper
+            # than staging's store and reload (one thread, ns per key in cache / from
+            # DRAM: G3 D64 16.3 / 24.7 -> 15.0 / 23.9, G4 D128 29.6 / 49.1 -> 25.7 / 46.9,
+            # G8 D64 24.5 / 34.0 -> 24.0 / 32.4, G8 D128 44.4 / 61.6 -> 41.7 / 59.9). Larger
+            # (prefill) tiles would widen each vector once per block of rows: staged.
+            vdirect = eo and n_rows % 4 == 0 and n_rows <= VDIRECT_MAX
+            # float16 likewise (vcvtph2ps from memory, two µops) for one block of four rows
+            # (one thread, from DRAM: G3 D64 26.4 -> 24.8, G4 D128 46.2 -> 45.2 ns per key;
+            # at 8 rows even or slower: G8 D64 35.8 -> 36.0).
+            # Only the specialised bodies (head_dim 64, 128: whole 64-column passes).
+            hdirect = QUADS and not (eo or bf16 or in_place) and n_rows == 4
+            if not (direct or in_place or vdirect or hdirect):  # staging, as K's
+                if eo:
+                    for x in range(0, n * d, 32):
+                        vstore(vw, x, vload_bf16_eo(v_pool, row0 + x, False))
+                        vstore(vw, x + 16, vload_bf16_eo(v_pool, row0 + x, True))
+                elif bf16:
+                    for x in range(0, n * d, 16):
+                        vstore(vw, x, vload_bf16(v_pool, row0 + x))
+                else:
+                    for x in range(0, n * d, 16):
+                        vstore(vw, x, vload(v_pool, row0 + x))
             # Rows in fours (16 accumulators): each V load feeds four FMAs, so the loads
             # (V and the broadcast probabilities) stay under the FMAs and 16 chains hide
             # the FMA latency.
+            while vdirect and r + 4 <= n_rows:
+                c = 0
+                while c + 64 <= d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    x1 = vload(acc, o + 16)
+                    x2 = vload(acc, o + 32)
+                    x3 = vload(acc, o + 48)
+                    y0 = vload(acc, o + d)
+                    y1 = vload(acc, o + d + 16)
+                    y2 = vload(acc, o + d + 32)
+                    y3 = vload(acc, o + d + 48)
+                    z0 = vload(acc, o + 2 * d)
+                    z1 = vload(acc, o + 2 * d + 16)
+                    z2 = vload(acc, o + 2 * d + 32)
+                    z3 = vload(acc, o + 2 * d + 48)
+                    u0 = vload(acc, o + 3 * d)
+                    u1 = vload(acc, o + 3 * d + 16)
+                    u2 = vload(acc, o + 3 * d + 32)
+                    u3 = vload(acc, o + 3 * d + 48)
+                    for t in range(n):
+                        if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
+                            po = pf + t * d + c
+                            while po < pf + t * d + c + 64:
+                                if near:
+                                    prefetch_l1(v_pool, po)
+                                else:
+                                    prefetch(v_pool, po)
+                                po += step
+                        pt = s[r, t0 + t]
+                        pu = s[r + 1, t0 + t]
+                        pw = s[r + 2, t0 + t]
+                        pz = s[r + 3, t0 + t]
+                        v = row0 + t * d + c
+                        w = vload_bf16_eo(v_pool, v, False)
+                        x0 = vfma(w, pt, x0)
+                        y0 = vfma(w, pu, y0)
+                        z0 = vfma(w, pw, z0)
+                        u0 = vfma(w, pz, u0)
+                        w = vload_bf16_eo(v_pool, v, True)
+                        x1 = vfma(w, pt, x1)
+                        y1 = vfma(w, pu, y1)
+                        z1 = vfma(w, pw, z1)
+                        u1 = vfma(w, pz, u1)
+                        w = vload_bf16_eo(v_pool, v + 32, False)
+                        x2 = vfma(w, pt, x2)
+                        y2 = vfma(w, pu, y2)
+                        z2 = vfma(w, pw, z2)
+                        u2 = vfma(w, pz, u2)
+                        w = vload_bf16_eo(v_pool, v + 32, True)
+                        x3 = vfma(w, pt, x3)
+                        y3 = vfma(w, pu, y3)
+                        z3 = vfma(w, pw, z3)
+                        u3 = vfma(w, pz, u3)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + 16, x1)
+                    vstore(acc, o + 32, x2)
+                    vstore(acc, o + 48, x3)
+                    vstore(acc, o + d, y0)
+                    vstore(acc, o + d + 16, y1)
+                    vstore(acc, o + d + 32, y2)
+                    vstore(acc, o + d + 48, y3)
+                    vstore(acc, o + 2 * d, z0)
+                    vstore(acc, o + 2 * d + 16, z1)
+                    vstore(acc, o + 2 * d + 32, z2)
+                    vstore(acc, o + 2 * d + 48, z3)
+                    vstore(acc, o + 3 * d, u0)
+                    vstore(acc, o + 3 * d + 16, u1)
+                    vstore(acc, o + 3 * d + 32, u2)
+                    vstore(acc, o + 3 * d + 48, u3)
+                    c += 64
+                r += 4
+            while hdirect and r + 4 <= n_rows:
+                c = 0
+                while c + 64 <= d:
+                    o = r * d + c
+                    x0 = vload(acc, o)
+                    x1 = vload(acc, o + 16)
+                    x2 = vload(acc, o + 32)
+                    x3 = vload(acc, o + 48)
+                    y0 = vload(acc, o + d)
+                    y1 = vload(acc, o + d + 16)
+                    y2 = vload(acc, o + d + 32)
+                    y3 = vload(acc, o + d + 48)
+                    z0 = vload(acc, o + 2 * d)
+                    z1 = vload(acc, o + 2 * d + 16)
+                    z2 = vload(acc, o + 2 * d + 32)
+                    z3 = vload(acc, o + 2 * d + 48)
+                    u0 = vload(acc, o + 3 * d)
+                    u1 = vload(acc, o + 3 * d + 16)
+                    u2 = vload(acc, o + 3 * d + 32)
+                    u3 = vload(acc, o + 3 * d + 48)
+                    for t in range(n):
+                        if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
+                            po = pf + t * d + c
+                            while po < pf + t * d + c + 64:
+                                if near:
+                                    prefetch_l1(v_pool, po)
+                                else:
+                                    prefetch(v_pool, po)
+                                po += step
+                        pt = s[r, t0 + t]
+                        pu = s[r + 1, t0 + t]
+                        pw = s[r + 2, t0 + t]
+                        pz = s[r + 3, t0 + t]
+                        v = row0 + t * d + c
+                        w = vload(v_pool, v)
+                        x0 = vfma(w, pt, x0)
+                        y0 = vfma(w, pu, y0)
+                        z0 = vfma(w, pw, z0)
+                        u0 = vfma(w, pz, u0)
+                        w = vload(v_pool, v + 16)
+                        x1 = vfma(w, pt, x1)
+                        y1 = vfma(w, pu, y1)
+                        z1 = vfma(w, pw, z1)
+                        u1 = vfma(w, pz, u1)
+                        w = vload(v_pool, v + 32)
+                        x2 = vfma(w, pt, x2)
+                        y2 = vfma(w, pu, y2)
+                        z2 = vfma(w, pw, z2)
+                        u2 = vfma(w, pz, u2)
+                        w = vload(v_pool, v + 48)
+                        x3 = vfma(w, pt, x3)
+                        y3 = vfma(w, pu, y3)
+                        z3 = vfma(w, pw, z3)
+                        u3 = vfma(w, pz, u3)
+                    vstore(acc, o, x0)
+                    vstore(acc, o + 16, x1)
+                    vstore(acc, o + 32, x2)
+                    vstore(acc, o + 48, x3)
+                    vstore(acc, o + d, y0)
+                    vstore(acc, o + d + 16, y1)
+                    vstore(acc, o + d + 32, y2)
+                    vstore(acc, o + d + 48, y3)
+                    vstore(acc, o + 2 * d, z0)
+                    vstore(acc, o + 2 * d + 16, z1)
+                    vstore(acc, o + 2 * d + 32, z2)
+                    vstore(acc, o + 2 * d + 48, z3)
+                    vstore(acc, o + 3 * d, u0)
+                    vstore(acc, o + 3 * d + 16, u1)
+                    vstore(acc, o + 3 * d + 32, u2)
+                    vstore(acc, o + 3 * d + 48, u3)
+                    c += 64
+                r += 4
             while r + 4 <= n_rows:
                 c = 0
                 while c + 64 <= d:
@@ -540,8 +813,14 @@ def make_attend_rows(D):
                     u2 = vload(acc, o + 3 * d + 32)
                     u3 = vload(acc, o + 3 * d + 48)
                     for t in range(n):
-                        if r == 0 and c == 0:
-                            _prefetch_keys(v_pool, pf, t, 1, d, step)
+                        if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
+                            po = pf + t * d + c
+                            while po < pf + t * d + c + 64:
+                                if near:
+                                    prefetch_l1(v_pool, po)
+                                else:
+                                    prefetch(v_pool, po)
+                                po += step
                         pt = s[r, t0 + t]
                         pu = s[r + 1, t0 + t]
                         pw = s[r + 2, t0 + t]
@@ -694,6 +973,17 @@ def make_attend_rows(D):
                 t0 = 0
             else:
                 t0 = t1
+        if eo:  # the accumulators and query rows back in dim order
+            for r in range(n_rows):
+                for x in range(r * d, (r + 1) * d, 32):
+                    a = vload(acc, x)
+                    b2 = vload(acc, x + 16)
+                    vstore(acc, x, vinterleave(a, b2, False))
+                    vstore(acc, x + 16, vinterleave(a, b2, True))
+                    a = vload(qs, x)
+                    b2 = vload(qs, x + 16)
+                    vstore(qs, x, vinterleave(a, b2, False))
+                    vstore(qs, x + 16, vinterleave(a, b2, True))
 
     return attend_rows
 

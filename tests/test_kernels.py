@@ -51,9 +51,12 @@ def test_append_attend_matches_reference(storage, g, bs):
 # specialised head_dims. Groups 7 and 8 at both head_dims: whole 16-key chunks of 4+
 # rows (16-bit) or 8+ rows (float32, head_dim 64) run QK on key quads (tiles._quads),
 # with 4-row blocks and 1-3 leftover rows; group 5 at 80: 4-row PV blocks plus one row
-# on the generic body.
+# on the generic body. 16-bit tiles of 4k + 3 rows (groups 3 and 7, prefill tiles of 63
+# rows) run with a zero fourth row (tiles._pad_row); bfloat16 at 64 and 128 is staged in
+# even/odd dim order (tiles._eo), also on the row-pair path (group 2) and with one or
+# two rows past the quads (groups 5 and 6).
 GEOMETRIES = [(1, 128), (1, 64), (3, 64), (4, 128), (7, 128), (8, 64), (7, 64), (8, 128), (5, 80),
-              (2, 80), (3, 24)]
+              (2, 80), (3, 24), (2, 64), (5, 64), (6, 128)]
 
 
 @pytest.mark.parametrize("storage", STORAGES)
