@@ -366,7 +366,6 @@ def prefetch(typingctx, arr, idx):
     return types.void(arr, types.intp), _prefetch_codegen(1)
 
 
-
 @intrinsic
 def prefetch_l1(typingctx, arr, idx):
     """llvm.prefetch (read, into L1: locality 3, prefetcht0) of the element at flat index idx."""

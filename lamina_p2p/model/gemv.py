@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
