@@ -229,6 +229,7 @@ def receive_path_cost(batch: int, num_heads: int, head_dim: int, layer_bytes: in
     Unix socket pair) timed warm in a loop, after 1 ms asleep, and after `layer_bytes` (one layer's
     weights, which the dense thread streams between two replies) were read through the caches.
     Returns medians in microseconds."""
+    import select
     import socket
 
     from lamina_p2p.net import stream
@@ -248,7 +249,7 @@ def receive_path_cost(batch: int, num_heads: int, head_dim: int, layer_bytes: in
             for _ in range(reps):
                 before()
                 stream.send_frames(a, frames, 5.0)
-                stream.wait(b, stream.select.POLLIN, 5.0)
+                stream.wait(b, select.POLLIN, 5.0)
                 t0 = time.perf_counter()
                 got = reader.read()
                 decode(got[0])

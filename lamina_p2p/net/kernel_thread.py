@@ -27,7 +27,8 @@ import zmq
 from . import busypoll, stream
 from .datapath import blocking_view, frames_nbytes
 from .rpc import BAD_MESSAGE, BUSY, DEADLINE, HANDLER_FAILED, UNKNOWN_OP
-from .wire import DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend_reply
+from .wire import (DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend_reply,
+                   frame_view)
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ class KernelThread:
             return self._error_reply(to, msg.rid, DEADLINE, "attend: deadline exceeded before start")
         try:
             fields, tensors = self._handler(msg, arrived)
-            reply = self._encode_reply(msg.rid, fields, tensors, binary=stream._view(frames[0])[0] == MAGIC)
+            reply = self._encode_reply(msg.rid, fields, tensors, binary=frame_view(frames[0])[0] == MAGIC)
         except Exception as e:
             log.warning("data path: attend id=%d failed: %r", msg.rid, e)
             return self._error_reply(to, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")

@@ -29,7 +29,7 @@ import struct
 import time
 from typing import Sequence
 
-from .wire import DEFAULT_LIMITS, Limits, WireError
+from .wire import DEFAULT_LIMITS, Limits, WireError, frame_view
 
 STREAM_MAGIC = b"LMS1"
 PREFIX = struct.Struct("<4sI")
@@ -59,12 +59,7 @@ class StreamError(WireError):
     """Broken framing on a stream: the connection cannot continue."""
 
 
-def _view(frame) -> memoryview:
-    if type(frame) is bytes:  # (most frames of the data path: the cheap case first)
-        return memoryview(frame)
-    buf = getattr(frame, "buffer", None)  # zmq.Frame
-    mv = memoryview(buf if buf is not None else frame)
-    return mv if mv.ndim == 1 and mv.itemsize == 1 else mv.cast("B")
+_LENGTHS: dict[int, struct.Struct] = {}
 
 
 def _lengths(count: int) -> struct.Struct:
@@ -75,12 +70,9 @@ def _lengths(count: int) -> struct.Struct:
     return st
 
 
-_LENGTHS: dict[int, struct.Struct] = {}
-
-
 def pack(frames: Sequence) -> list[memoryview]:
     """The buffers of one framed message (for sendmsg): prefix, lengths, then the frames themselves."""
-    views = [_view(f) for f in frames]
+    views = [frame_view(f) for f in frames]
     head = PREFIX.pack(STREAM_MAGIC, len(views)) + _lengths(len(views)).pack(*[v.nbytes for v in views])
     # An empty frame (a shard with no new tokens: k, v of 0 rows) has its length and no bytes: sendmsg
     # writes nothing for it, and a writer waiting to see it go would wait forever.

@@ -173,8 +173,10 @@ def encode(
     return frames
 
 
-def _frame_view(frame: Any) -> memoryview:
-    """A byte view of one received frame: zmq.Frame, bytes, bytearray or memoryview."""
+def frame_view(frame: Any) -> memoryview:
+    """A byte view of one frame: zmq.Frame, bytes, bytearray or memoryview (of any item type)."""
+    if type(frame) is bytes or type(frame) is bytearray:  # (the stream's frames, most sent ones: cheap case first)
+        return memoryview(frame)
     buf = getattr(frame, "buffer", None)  # zmq.Frame
     mv = memoryview(buf if buf is not None else frame)
     if mv.ndim != 1 or mv.itemsize != 1:
@@ -202,7 +204,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise WireError("empty message")
     if len(frames) - 1 > limits.max_frames:
         raise WireError(f"{len(frames) - 1} tensor frames, limit {limits.max_frames}")
-    raw = _frame_view(frames[0])
+    raw = frame_view(frames[0])
     if raw.nbytes and raw[0] == MAGIC:
         return _decode_binary(raw, frames, limits)
     header = _check_header(raw, limits)
@@ -255,7 +257,7 @@ def _decode_body(header: dict, op: str, rid: int, frames: Sequence, limits: Limi
         declared = DTYPES[tag].itemsize * math.prod(shape)
         if declared > limits.max_frame_bytes:
             raise WireError(f"tensor {i}: {declared} bytes, limit {limits.max_frame_bytes}")
-        view = _frame_view(frames[i + 1])
+        view = frame_view(frames[i + 1])
         if view.nbytes != declared:
             raise WireError(f"tensor {i}: header declares {declared} bytes, frame has {view.nbytes}")
         total += declared
@@ -336,8 +338,7 @@ def _tensor(frames: Sequence, i: int, dtype: np.dtype, shape: tuple, limits: Lim
     declared = dtype.itemsize * math.prod(shape)
     if declared > limits.max_frame_bytes:
         raise WireError(f"tensor {i}: {declared} bytes, limit {limits.max_frame_bytes}")
-    frame = frames[i + 1]
-    view = memoryview(frame) if type(frame) is bytearray else _frame_view(frame)
+    view = frame_view(frames[i + 1])
     if view.nbytes != declared:
         raise WireError(f"tensor {i}: header declares {declared} bytes, frame has {view.nbytes}")
     # One array object, not frombuffer's then reshape's: this runs for every tensor of every attend,
