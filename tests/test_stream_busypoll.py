@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -21,11 +22,13 @@ import zmq
 import zmq.asyncio
 
 from lamina_p2p.attention.service import AttendRequest, AttentionService
-from lamina_p2p.net import busypoll
+from lamina_p2p.net import busypoll, stream
 from lamina_p2p.net.datapath import DataLink, StreamLink
 from lamina_p2p.net.kernel_thread import KernelThread
-from lamina_p2p.net.rpc import RpcClient, RpcClosed
+from lamina_p2p.net.rpc import RpcClient, RpcClosed, RpcTimeout
+from lamina_p2p.net.wire import decode, encode
 from tests.helpers import node, one_line_error
+from tests.waiting import wait_until
 
 WINDOW_US = 200_000  # long enough that the other side always answers inside it
 
@@ -181,6 +184,49 @@ def test_round_trips_with_busy_poll_on_both_sides(spinning):
     assert 1 <= bp.windows <= 21 and bp.caught >= 0
 
 
+def test_spinning_link_and_peer_rehearse_the_last_message(spinning):
+    """Busy-poll's rehearsal (net/busypoll.py): while a side spins, it re-runs the last message's parse and
+    decode once; the round trips around it are unchanged."""
+    kt, handler, link, ctx = spinning
+    link.REHEARSE_WITHIN_S = 60.0  # every wait counts as one that starts right after its send
+    x = np.arange(6, dtype=np.float32)
+    rid = link.send("attend", {}, [x], timeout_s=10)
+    np.testing.assert_array_equal(link.receive(rid, time.monotonic() + 30).tensors[0], x * 2)
+    assert link.rehearsals == 0  # nothing to rehearse before the first reply
+    handler.gate = threading.Event()  # the peer holds the next request: the link's wait spins, then times out
+    try:
+        rid = link.send("attend", {}, [x], timeout_s=10)
+        with pytest.raises(RpcTimeout):
+            link.receive(rid, time.monotonic() + 0.2)
+    finally:
+        handler.gate.set()
+    assert link.rehearsals == 1 or link.busy_poll.backoffs  # once a wait (a loaded machine may preempt it)
+    wait_until(lambda: kt.rehearsals >= 1, what="the kernel thread's rehearsal")
+    handler.gate = None
+    rid = link.send("attend", {}, [x + 1], timeout_s=10)
+    np.testing.assert_array_equal(link.receive(rid, time.monotonic() + 30).tensors[0], (x + 1) * 2)
+    assert kt.errors == 0
+
+
+def test_a_rehearsal_leaves_the_reader_as_it_was():
+    a, b = socket.socketpair()
+    try:
+        stream.tune(a), stream.tune(b)
+        reader = stream.FrameReader(b)
+        message = b"".join(bytes(v) for v in stream.pack(encode("attend", 7, {"x": 1}, [np.ones(3, np.float32)])))
+        a.sendall(message[:11])  # part of a message: the reader holds it
+        assert reader.read() == []
+        reader.rehearse(encode("attend", 8, {}, [np.zeros(2, np.float32)]))
+        reader.rehearse([b"\xc1 not a message"])  # what does not decode is rehearsed too, silently
+        a.sendall(message[11:])
+        (frames,) = wait_until(reader.read, what="the rest of the message")
+        got = decode(frames)
+        assert (got.rid, got.fields) == (7, {"x": 1}) and reader.error is None and not reader.closed
+        np.testing.assert_array_equal(got.tensors[0], np.ones(3, np.float32))
+    finally:
+        a.close(), b.close()
+
+
 def test_with_busy_poll_alive_and_deadlines_still_end_the_wait(spinning):
     kt, handler, link, ctx = spinning
     handler.gate = threading.Event()  # the peer holds every request until released
@@ -188,8 +234,6 @@ def test_with_busy_poll_alive_and_deadlines_still_end_the_wait(spinning):
         rid = link.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10)
         with pytest.raises(RpcClosed):
             link.receive(rid, time.monotonic() + 30, alive=lambda: False, check_every_s=0.01)
-        from lamina_p2p.net.rpc import RpcTimeout
-
         rid = link.send("attend", {}, [np.ones(2, np.float32)], timeout_s=10)
         with pytest.raises(RpcTimeout):
             link.receive(rid, time.monotonic() + 0.05)

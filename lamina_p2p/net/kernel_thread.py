@@ -49,7 +49,8 @@ class KernelThread:
     and no `security` it also listens on a Unix-domain stream socket (`stream_endpoint`,
     "unix://PATH", net/stream.py) and serves the same messages there.
     `busy_poll_us`: after replying on a stream connection, poll every socket without blocking for
-    this many microseconds before blocking again (0: never; net/busypoll.py). `stream_tcp_port`:
+    this many microseconds before blocking again, rehearsing the last request once (0: never;
+    net/busypoll.py). `stream_tcp_port`:
     with no `security`, also listen for stream connections on TCP at `tcp_bind`'s host and this port
     (0: any free one; None: no TCP stream), for compute peers on other hosts (`stream_tcp_endpoint`).
     """
@@ -61,6 +62,8 @@ class KernelThread:
         self._busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
         self.busy_poll_s = 0.0  # the window in use: set once bound (only where a stream listener exists)
         self.busy_poll: busypoll.BusyPoll | None = None  # the thread's, once running
+        self._last_stream_attend: tuple[int, list | None, list | None] = (-1, None, None)  # (fd, request, reply)
+        self.rehearsals = 0  # busy-poll rehearsals run (net/busypoll.py)
         self._tcp_bind = tcp_bind
         self._tcp_port = tcp_port
         self._handler = handler
@@ -192,6 +195,7 @@ class KernelThread:
         for listen_fd in self._listeners:
             poller.register(listen_fd, zmq.POLLIN)
         spin = self.busy_poll = busypoll.BusyPoll(self.busy_poll_s)
+        rehearse = False
         try:
             while not self._stopping:
                 if spin.spinning():
@@ -200,6 +204,9 @@ class KernelThread:
                     # call, so the control path's event loop still runs (heartbeats, register).
                     ready = dict(poller.poll(0))
                     if not ready:
+                        if rehearse:
+                            rehearse = False
+                            self._rehearse()
                         continue
                     spin.caught_one()
                     spin.stop()
@@ -224,6 +231,7 @@ class KernelThread:
                     self._serve_waiting(sock if sock in ready else None, streams)
                     if streams:  # only after a stream reply: ZeroMQ needs its I/O thread's CPU
                         spin.start()
+                        rehearse = True
         finally:
             sock.close(linger=0)
             for fd in list(self._streams):
@@ -231,6 +239,16 @@ class KernelThread:
             for listener in self._listeners.values():
                 listener.close()
             self._run_jobs(cancel=True)
+
+    def _rehearse(self) -> None:
+        """Busy-poll's rehearsal (net/busypoll.py): the last stream attend's parse and decode, and its reply's
+        framing, again, with no effect but on the caches."""
+        fd, request, reply = self._last_stream_attend
+        if fd in self._streams and request is not None:
+            self._streams[fd][1].rehearse(request)
+            if reply is not None:
+                stream.pack(reply)
+            self.rehearsals += 1
 
     def _run_jobs(self, cancel: bool = False) -> None:
         while True:
@@ -334,6 +352,9 @@ class KernelThread:
         except Exception as e:
             log.warning("data path: attend id=%d failed: %r", msg.rid, e)
             return self._error_reply(to, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")
+        if isinstance(to, int):  # kept for rehearsal while busy-polling: a decode step's, not a prefill chunk's
+            small = self.busy_poll_s and frames_nbytes(frames) + frames_nbytes(reply) <= busypoll.REHEARSAL_MAX_BYTES
+            self._last_stream_attend = (to, frames, reply) if small else (-1, None, None)
         self._send(to, reply)
 
     @staticmethod

@@ -29,7 +29,7 @@ import struct
 import time
 from typing import Sequence
 
-from .wire import DEFAULT_LIMITS, Limits, WireError, frame_view
+from .wire import DEFAULT_LIMITS, Limits, WireError, decode, frame_view
 
 STREAM_MAGIC = b"LMS1"
 PREFIX = struct.Struct("<4sI")
@@ -173,6 +173,20 @@ class FrameReader:
             self.error = e
         self.closed = closed
         return out
+
+    def rehearse(self, frames: Sequence) -> None:
+        """Frame `frames` (a message already handled), parse and decode it as `read` would, and leave
+        this reader as it was: busy-poll's rehearsal (net/busypoll.py). Never raises."""
+        buf, need = self._buf, self._need
+        try:
+            self._buf, self._need = bytearray().join(pack(frames)), None
+            parsed = self._next()
+            if parsed is not None:
+                decode(parsed, self._limits)
+        except Exception:  # a rehearsal has no result: what it does is warm the caches
+            pass
+        finally:
+            self._buf, self._need = buf, need
 
     def _next(self) -> list[bytearray] | None:
         buf = self._buf
