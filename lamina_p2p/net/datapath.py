@@ -222,10 +222,12 @@ class StreamLink(DataLink):
         self._sent_s = 0.0  # time.monotonic() of the last send
         self._last_reply: list | None = None  # kept for rehearsal (net/busypoll.py)
         self.rehearsals = 0
+        self.replies_waiting = 0  # receives that found their reply already there (no window opened)
+        self._window_due = False
 
     def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
                 check_every_s: float = 0.05) -> Message:
-        self.busy_poll.start()
+        self._window_due = True
         try:
             return super().receive(rid, deadline, alive, check_every_s)
         finally:
@@ -249,6 +251,12 @@ class StreamLink(DataLink):
     def _readable(self, timeout_s: float) -> bool:
         # Busy-poll first (see net/busypoll.py): a reply inside the window costs no wake-up of this
         # thread. poll(0) releases the GIL on each call: the event loop's thread still runs.
+        if self._window_due:  # one window a receive, and none when the reply is already here (a pipeline's
+            self._window_due = False  # usual case: opening one reads the run-queue clock, a /proc file)
+            if self._poll.poll(0):
+                self.replies_waiting += 1
+                return True
+            self.busy_poll.start()
         rehearse = self._last_reply is not None and time.monotonic() - self._sent_s < self.REHEARSE_WITHIN_S
         while self.busy_poll.spinning():
             if self._poll.poll(0):
