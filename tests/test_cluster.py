@@ -65,6 +65,15 @@ def test_cluster_matches_transformers(model_dir, reference, peers, placement, mi
         assert result["token_ids"] == reference[:batch], (placement, micro_batches, batch)
 
 
+def test_cluster_with_busy_poll_on_both_sides_matches_transformers(model_dir, reference, attention_peers):
+    """Busy-poll on the stream data path (and its rehearsal of the last message, net/busypoll.py) on the
+    compute side and the peer changes no token, whatever the micro-batch count."""
+    (peer,) = attention_peers(1, "--busy-poll-us", "2000", kv_memory="64MiB", threads=1)
+    for micro_batches in (1, 2):
+        result = generate(model_dir, 8, join=[peer.address], micro_batches=micro_batches, busy_poll_us=2000)
+        assert result["token_ids"] == reference, micro_batches
+
+
 def _attention_pids(cluster: str) -> set[str]:
     out = subprocess.run(["pgrep", "-f", "--", f"--cluster {cluster}"], capture_output=True, text=True)
     return set(out.stdout.split())

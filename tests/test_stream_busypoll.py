@@ -272,7 +272,8 @@ def test_a_peer_with_busy_poll_answers_attends_and_its_control_path(attention_pe
                 # Right after the reply the peer's kernel thread is polling: the event loop must still answer.
                 stats = (await client.call("stats", {}, timeout_s=10)).fields
                 assert stats["busy_poll_us"] == 1_000_000
-                assert {"busy_poll_windows", "busy_poll_caught", "busy_poll_backoffs", "busy_poll_host_gaps"} <= stats.keys()
+                assert {"busy_poll_windows", "busy_poll_caught", "busy_poll_backoffs", "busy_poll_host_gaps",
+                        "busy_poll_rehearsals"} <= stats.keys()
                 out, lse = ref.attend(AttendRequest("ref", 0, meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], 0, 2,
                                                     q, k, v))
                 np.testing.assert_allclose(got.tensors[0], out, rtol=1e-5, atol=1e-6)

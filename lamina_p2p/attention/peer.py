@@ -275,7 +275,8 @@ class AttentionPeer:
                 "data_path_requests": self.kernel.requests, "data_path_errors": self.kernel.errors,
                 "busy_poll_us": round(self.kernel.busy_poll_s * 1e6),
                 **({f"busy_poll_{k}": getattr(self.kernel.busy_poll, k) for k in ("windows", "caught", "backoffs", "host_gaps")}
-                   if self.kernel.busy_poll else {})}, []
+                   if self.kernel.busy_poll else {}),
+                **({"busy_poll_rehearsals": self.kernel.rehearsals} if self.kernel.busy_poll else {})}, []
 
 
 def _check_cuda() -> None:
