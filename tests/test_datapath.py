@@ -181,6 +181,43 @@ def stream_link(kt, kind):
     return StreamLink(stream_endpoint(kt, kind))
 
 
+def _bytes(bufs) -> bytes:
+    return b"".join(bytes(b) for b in bufs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])
+@pytest.mark.parametrize("shapes", [(3, 9, 3, 64, 3), (1, 4, 0, 2, 8), (16, 8, 16, 2, 128)])  # n, Hq, Tkv, Hkv, D
+@pytest.mark.parametrize("trace", [False, True])
+def test_the_one_struct_framing_of_an_attend_and_its_reply_is_the_general_one(dtype, shapes, trace):
+    """stream.pack_attend / pack_attend_reply (the data path's fast path) give, byte for byte, what the
+    general encoder framed for a stream gives; for anything else they decline (None)."""
+    from lamina_p2p.net.wire import encode_attend, encode_attend_reply
+
+    n, hq, tkv, hkv, d = shapes
+    rng = np.random.default_rng(n + tkv)
+    meta = rng.integers(0, 1000, (n, 4)).astype(np.int64)
+    q = rng.standard_normal((n, hq, d)).astype(dtype)
+    k, v = (rng.standard_normal((tkv, hkv, d)).astype(dtype) for _ in range(2))
+    fast = stream.pack_attend(12345, "ownér".encode(), 7, 1, 1 + hkv, meta, q, k, v, 1.7e9 + 0.25, trace)
+    general = stream.pack(encode_attend(12345, "ownér", 7, 1, 1 + hkv, meta, q, k, v, deadline=1.7e9 + 0.25, trace=trace))
+    assert _bytes(fast) == _bytes(general)
+    out = rng.standard_normal((n, hq, d)).astype(np.float32)
+    lse = rng.standard_normal((n, hq)).astype(np.float32)
+    times = (1.5, 2.5, 3.5) if trace else None
+    assert _bytes(stream.pack_attend_reply(9, out, lse, times)) == _bytes(stream.pack(encode_attend_reply(9, out, lse, times)))
+    # Declined: what the general encoder converts (torch, another dtype, strided) or refuses (shapes).
+    import torch
+
+    declined = [(torch.from_numpy(q), k, v, meta), (q.astype(np.float64), k, v, meta), (q, k.astype(np.float32)
+                if dtype != np.float32 else k.astype(np.float16), v, meta), (q[:, ::2], k, v, meta),
+                (q, k, v[:, :, :1], meta), (q, k, v, meta.astype(np.int32)), (q[0], k, v, meta)]
+    for args in declined:
+        assert stream.pack_attend(1, b"o", 0, 0, 1, args[3], *args[:3], 0.0, False) is None
+    assert stream.pack_attend_reply(1, out.astype(np.float16), lse, None) is None
+    assert stream.pack_attend_reply(1, out, lse[:, :1], None) is None
+    assert stream.pack_attend_reply(1, out[:, ::2], lse[:, ::2], None) is None
+
+
 def test_the_stream_socket_serves_both_headers_on_the_kernel_thread(served, stream_kind):
     kt, handler, _ = served
     assert kt.stream_endpoint and kt.stream_endpoint.startswith("unix://")

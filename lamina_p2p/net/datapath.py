@@ -88,7 +88,13 @@ class DataLink:
     def send(self, op: str, fields: dict, tensors: Sequence, timeout_s: float) -> int:
         """Queue a request in the msgpack format; returns its id. `timeout_s` is both how long
         ZeroMQ may take to accept it and the peer's deadline. Raises RpcTimeout, RpcClosed."""
-        return self._send(lambda rid: encode(op, rid, fields, tensors, deadline=time.time() + timeout_s), op, timeout_s)
+        return self._send(lambda rid: self._framed(encode(op, rid, fields, tensors, deadline=time.time() + timeout_s)),
+                          op, timeout_s)
+
+    @staticmethod
+    def _framed(frames: list) -> list:
+        """A message's frames as this link's socket sends them (a stream frames them, net/stream.py)."""
+        return frames
 
     def send_attend(self, owner: str, layer: int, h0: int, h1: int, meta: np.ndarray, q, k, v,
                     timeout_s: float, trace: bool = False) -> int:
@@ -235,9 +241,25 @@ class StreamLink(DataLink):
 
     receive.__doc__ = DataLink.receive.__doc__
 
-    def _send_frames(self, frames: list, op: str, timeout_s: float) -> int:
+    _framed = staticmethod(stream.pack)
+
+    def send_attend(self, owner: str, layer: int, h0: int, h1: int, meta: np.ndarray, q, k, v,
+                    timeout_s: float, trace: bool = False) -> int:
+        name = owner.encode()
+
+        def build(rid: int) -> list:
+            deadline = time.time() + timeout_s
+            bufs = stream.pack_attend(rid, name, layer, h0, h1, meta, q, k, v, deadline, trace)
+            return bufs if bufs is not None else \
+                stream.pack(encode_attend(rid, owner, layer, h0, h1, meta, q, k, v, deadline=deadline, trace=trace))
+
+        return self._send(build, "attend", timeout_s)
+
+    send_attend.__doc__ = DataLink.send_attend.__doc__
+
+    def _send_frames(self, bufs: list, op: str, timeout_s: float) -> int:
         try:
-            sent = stream.send_frames(self._sock, frames, timeout_s)
+            sent = stream.send_buffers(self._sock, bufs, timeout_s)
             self._sent_s = time.monotonic()
             return sent
         except TimeoutError:

@@ -62,7 +62,7 @@ class KernelThread:
         self._busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
         self.busy_poll_s = 0.0  # the window in use: set once bound (only where a stream listener exists)
         self.busy_poll: busypoll.BusyPoll | None = None  # the thread's, once running
-        self._last_stream_attend: tuple[int, list | None, list | None] = (-1, None, None)  # (fd, request, reply)
+        self._last_stream_attend: tuple[int, list | None] = (-1, None)  # (stream fd, request frames)
         self.rehearsals = 0  # busy-poll rehearsals run (net/busypoll.py)
         self._tcp_bind = tcp_bind
         self._tcp_port = tcp_port
@@ -241,13 +241,11 @@ class KernelThread:
             self._run_jobs(cancel=True)
 
     def _rehearse(self) -> None:
-        """Busy-poll's rehearsal (net/busypoll.py): the last stream attend's parse and decode, and its reply's
-        framing, again, with no effect but on the caches."""
-        fd, request, reply = self._last_stream_attend
+        """Busy-poll's rehearsal (net/busypoll.py): the last stream attend's parse and decode again, with no
+        effect but on the caches."""
+        fd, request = self._last_stream_attend
         if fd in self._streams and request is not None:
             self._streams[fd][1].rehearse(request)
-            if reply is not None:
-                stream.pack(reply)
             self.rehearsals += 1
 
     def _run_jobs(self, cancel: bool = False) -> None:
@@ -346,27 +344,33 @@ class KernelThread:
             return self._error_reply(to, msg.rid, BUSY, "attend: too many requests waiting, try later")
         if msg.deadline is not None and msg.deadline <= time.time():
             return self._error_reply(to, msg.rid, DEADLINE, "attend: deadline exceeded before start")
+        framed = isinstance(to, int)  # a stream's reply goes out framed (net/stream.py)
         try:
             fields, tensors = self._handler(msg, arrived)
-            reply = self._encode_reply(msg.rid, fields, tensors, binary=frame_view(frames[0])[0] == MAGIC)
+            reply = self._encode_reply(msg.rid, fields, tensors, frame_view(frames[0])[0] == MAGIC, framed)
         except Exception as e:
             log.warning("data path: attend id=%d failed: %r", msg.rid, e)
             return self._error_reply(to, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")
-        if isinstance(to, int):  # kept for rehearsal while busy-polling: a decode step's, not a prefill chunk's
-            small = self.busy_poll_s and frames_nbytes(frames) + frames_nbytes(reply) <= busypoll.REHEARSAL_MAX_BYTES
-            self._last_stream_attend = (to, frames, reply) if small else (-1, None, None)
-        self._send(to, reply)
+        if framed and self.busy_poll_s:  # kept for rehearsal while busy-polling: a decode step's, not a prefill chunk's
+            self._last_stream_attend = (to, frames) if frames_nbytes(frames) <= busypoll.REHEARSAL_MAX_BYTES else (-1, None)
+        self._send(to, reply, framed)
 
     @staticmethod
-    def _encode_reply(rid: int, fields: dict, tensors: list, binary: bool) -> list:
-        """A binary attend gets the binary reply when it fits that format (out, lse and trace times)."""
+    def _encode_reply(rid: int, fields: dict, tensors: list, binary: bool, framed: bool) -> list:
+        """A binary attend gets the binary reply when it fits that format (out, lse and trace times).
+        `framed`: as a stream sends it (stream.pack), in one struct pack where it can (stream.pack_attend_reply)."""
+        frames = None
         if binary and len(tensors) == 2 and fields.keys() <= {"tq", "tk0", "tk1"}:
             out, lse = tensors
+            times = (fields["tq"], fields["tk0"], fields["tk1"]) if len(fields) == 3 else None
+            if framed and (bufs := stream.pack_attend_reply(rid, out, lse, times)) is not None:
+                return bufs
             if isinstance(out, np.ndarray) and isinstance(lse, np.ndarray) and out.dtype == lse.dtype == np.float32 \
                     and out.ndim == 3 and lse.shape == out.shape[:2]:
-                times = (fields["tq"], fields["tk0"], fields["tk1"]) if len(fields) == 3 else None
-                return encode_attend_reply(rid, out, lse, times)
-        return encode("reply", rid, fields, tensors)
+                frames = encode_attend_reply(rid, out, lse, times)
+        if frames is None:
+            frames = encode("reply", rid, fields, tensors)
+        return stream.pack(frames) if framed else frames
 
     def _error_reply(self, to: bytes | int, rid: int, code: str, reason: str) -> None:
         self.errors += 1
@@ -374,10 +378,11 @@ class KernelThread:
             log.warning("data path %s: %s (%d errors so far)", self.tcp_endpoint, reason, self.errors)
         self._send(to, encode("error", rid, {"code": code, "reason": reason}))
 
-    def _send(self, to: bytes | int, frames: list) -> None:
+    def _send(self, to: bytes | int, frames: list, framed: bool = False) -> None:
+        """Send a message's frames (`framed`: already as a stream sends them) to a ROUTER caller or a stream."""
         if isinstance(to, int):  # a stream connection
             if to in self._streams:  # (else closed meanwhile)
-                bufs = stream.pack(frames)
+                bufs = frames if framed else stream.pack(frames)
                 self.bytes_sent += sum(b.nbytes for b in bufs)
                 self._flush(to, bufs)  # never waits: what the socket does not take now waits for POLLOUT
             return

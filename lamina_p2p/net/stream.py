@@ -29,7 +29,10 @@ import struct
 import time
 from typing import Sequence
 
-from .wire import DEFAULT_LIMITS, Limits, WireError, decode, frame_view
+import numpy as np
+
+from .wire import (ATTEND, DEFAULT_LIMITS, FLAG_DEADLINE, FLAG_TRACE, KIND_ATTEND, KIND_REPLY, MAGIC, PROTOCOL_VERSION,
+                   REPLY, TAG_CODE, Limits, WireError, decode, frame_view)
 
 STREAM_MAGIC = b"LMS1"
 PREFIX = struct.Struct("<4sI")
@@ -79,6 +82,49 @@ def pack(frames: Sequence) -> list[memoryview]:
     return [memoryview(head), *(v for v in views if v.nbytes)]
 
 
+# An attend and its reply framed for a stream in one struct: prefix, the frames' lengths, the binary header.
+_ATTEND_FRAMED = struct.Struct("<4sI5I" + ATTEND.format.removeprefix("<"))
+_REPLY_FRAMED = struct.Struct("<4sI3I" + REPLY.format.removeprefix("<"))
+_I64 = np.dtype("<i8")
+_F32 = np.dtype("<f4")
+_WIRE_CODE = {np.dtype("<f4"): TAG_CODE["f32"], np.dtype("<f2"): TAG_CODE["f16"], np.dtype("<u2"): TAG_CODE["u16"]}
+
+
+def pack_attend(rid: int, owner: bytes, layer: int, h0: int, h1: int, meta: np.ndarray, q: np.ndarray,
+                k: np.ndarray, v: np.ndarray, deadline: float, trace: bool) -> list | None:
+    """`pack(encode_attend(...))`, byte for byte, for the data path's inputs: numpy arrays, C-contiguous,
+    meta int64 [n, 4], q [Tq, Hq, D] and k, v [Tkv, Hkv, D] of one wire dtype (float32, float16, or
+    16-bit floats as uint16 bits); `owner` utf-8. One struct pack and the arrays' own memory, where the
+    general encoder's conversions and checks cost ~2x more in the pipeline (caches emptied by the
+    weights' stream between two layers; tools/bench_layer_path.py). None for any other input: the caller
+    encodes it the general way (which raises WireError for what the format cannot carry)."""
+    if not (type(meta) is type(q) is type(k) is type(v) is np.ndarray):
+        return None
+    code = _WIRE_CODE.get(q.dtype)
+    if code is None or k.dtype != q.dtype or v.dtype != q.dtype or meta.dtype != _I64 or q.ndim != 3 \
+            or k.ndim != 3 or k.shape != v.shape or meta.ndim != 2 or meta.shape[1] != 4 or k.shape[2] != q.shape[2] \
+            or not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous and meta.flags.c_contiguous):
+        return None
+    tq, hq, d = q.shape
+    tkv, hkv, _ = k.shape
+    head = _ATTEND_FRAMED.pack(STREAM_MAGIC, 5, ATTEND.size + len(owner), meta.nbytes, q.nbytes, k.nbytes, v.nbytes,
+                               MAGIC, PROTOCOL_VERSION, KIND_ATTEND, FLAG_DEADLINE | (FLAG_TRACE if trace else 0), code,
+                               rid, deadline, layer, h0, h1, meta.shape[0], tq, hq, tkv, hkv, d, len(owner))
+    # (An empty frame has its length and no buffer, as in `pack`.)
+    return [memoryview(head + owner), *(memoryview(a).cast("B") for a in (meta, q, k, v) if a.nbytes)]
+
+
+def pack_attend_reply(rid: int, out: np.ndarray, lse: np.ndarray, times: tuple | None) -> list | None:
+    """`pack(encode_attend_reply(rid, out, lse, times))`, byte for byte, in one struct pack (see `pack_attend`):
+    out float32 [T, Hq, D] and lse float32 [T, Hq], C-contiguous; None for anything else."""
+    if type(out) is not np.ndarray or type(lse) is not np.ndarray or out.dtype != _F32 or lse.dtype != _F32 \
+            or out.ndim != 3 or lse.shape != out.shape[:2] or not (out.flags.c_contiguous and lse.flags.c_contiguous):
+        return None
+    head = _REPLY_FRAMED.pack(STREAM_MAGIC, 3, REPLY.size, out.nbytes, lse.nbytes, MAGIC, PROTOCOL_VERSION, KIND_REPLY,
+                              FLAG_TRACE if times else 0, rid, *out.shape, *(times or (0.0, 0.0, 0.0)))
+    return [memoryview(head), *(memoryview(a).cast("B") for a in (out, lse) if a.nbytes)]
+
+
 def write_some(sock: socket.socket, bufs: list[memoryview]) -> list[memoryview]:
     """Write what a non-blocking socket takes now; returns what is left (empty: all written).
     Raises OSError (BrokenPipeError...) as the socket does."""
@@ -90,11 +136,17 @@ def write_some(sock: socket.socket, bufs: list[memoryview]) -> list[memoryview]:
             return bufs
         if n == 0:
             return bufs
-        while n:  # drop what went out, keep the rest of a partly sent buffer
-            if n >= bufs[0].nbytes:
-                n -= bufs.pop(0).nbytes
-            else:
-                bufs[0], n = bufs[0][n:], 0
+        bufs = _unsent(bufs, n)
+    return bufs
+
+
+def _unsent(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of `bufs` once their first `n` bytes went out (the rest of a partly sent buffer first)."""
+    while n:
+        if n >= bufs[0].nbytes:
+            n -= bufs.pop(0).nbytes
+        else:
+            bufs[0], n = bufs[0][n:], 0
     return bufs
 
 
@@ -103,8 +155,19 @@ def send_frames(sock: socket.socket, frames: Sequence, timeout_s: float) -> int:
 
     Raises TimeoutError when the peer does not take it within `timeout_s` seconds (part may have
     been written: the connection must then be closed), OSError (BrokenPipeError...) as the socket does."""
-    bufs = pack(frames)
+    return send_buffers(sock, pack(frames), timeout_s)
+
+
+def send_buffers(sock: socket.socket, bufs: list, timeout_s: float) -> int:
+    """`send_frames` for a message already framed (`pack`, `pack_attend`)."""
     total = sum(b.nbytes for b in bufs)
+    try:  # the usual case first: the socket takes it all at once
+        n = sock.sendmsg(bufs) if len(bufs) <= 512 else 0
+    except (BlockingIOError, InterruptedError):
+        n = 0
+    if n == total:
+        return total
+    bufs = _unsent(list(bufs), n)
     deadline = None
     while True:
         bufs = write_some(sock, bufs)

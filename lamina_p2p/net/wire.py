@@ -286,7 +286,7 @@ ATTEND = struct.Struct("<BBBBBxxxqdiiiiiiiiiHxx")
 # magic, version, kind, flags, pad x4, request id, T, Hq, D (int32), pad x4, tq, tk0, tk1 (trace times)
 REPLY = struct.Struct("<BBBBxxxxqiiixxxxddd")
 _CODE_TAG = ("f32", "bf16", "f16", "u16")
-_TAG_CODE = {t: i for i, t in enumerate(_CODE_TAG)}
+TAG_CODE = {t: i for i, t in enumerate(_CODE_TAG)}
 _F32 = DTYPES["f32"]
 _I64 = DTYPES["i64"]
 
@@ -304,14 +304,14 @@ def encode_attend(rid: int, owner: str, layer: int, h0: int, h1: int, meta: np.n
     ktag, ka = _as_array(k)
     vtag, va = _as_array(v)
     mtag, ma = _as_array(meta)
-    if tag not in _TAG_CODE or not tag == ktag == vtag or mtag != "i64":
+    if tag not in TAG_CODE or not tag == ktag == vtag or mtag != "i64":
         raise WireError(f"attend: q/k/v dtypes {tag}/{ktag}/{vtag}, meta {mtag}: need one float dtype and int64 meta")
     if qa.ndim != 3 or ka.ndim != 3 or ka.shape != va.shape or ma.ndim != 2 or ma.shape[1] != 4 \
             or qa.shape[2] != ka.shape[2]:
         raise WireError(f"attend: shapes meta {ma.shape}, q {qa.shape}, k {ka.shape}, v {va.shape}")
     name = owner.encode()
     flags = (FLAG_TRACE if trace else 0) | (FLAG_DEADLINE if deadline is not None else 0)
-    head = ATTEND.pack(MAGIC, PROTOCOL_VERSION, KIND_ATTEND, flags, _TAG_CODE[tag], rid,
+    head = ATTEND.pack(MAGIC, PROTOCOL_VERSION, KIND_ATTEND, flags, TAG_CODE[tag], rid,
                        0.0 if deadline is None else float(deadline), layer, h0, h1, ma.shape[0],
                        qa.shape[0], qa.shape[1], ka.shape[0], ka.shape[1], qa.shape[2], len(name))
     return [head + name, *(_payload(a) for a in (ma, qa, ka, va))]
