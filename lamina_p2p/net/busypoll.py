@@ -10,12 +10,13 @@ still runs. Spinning spends the CPU it spins on and hurts badly where another ta
 so it is off unless asked for (`busy_poll_s`), and it backs off when it loses its CPU (`BusyPoll`).
 
 Rehearsal: a spinning thread also re-runs, once a window, the Python that handles a message (the
-stream parse and the wire decode) on the last message it handled, with no effect but on the caches. Why: between two messages the dense thread streams a
-layer's weights and the peer's kernel its KV through the caches, and the next message's Python then
-runs at 2-5x its warm cost (measured, tools/bench_layer_path.py `receive_path_us`: one reply's read
-and decode 11.6 us warm, 28 after one layer's weights). The window is idle time on a CPU spent anyway:
-re-running that path there brings its code and data back before the message comes. Only messages of
-up to `REHEARSAL_MAX_BYTES` (decode steps'; a prefill chunk's copy would itself flush the caches).
+stream parse and the wire decode) on the last message it handled, with no effect but on the caches.
+Why: between two messages the dense thread streams a layer's weights and the peer's kernel its KV
+through the caches, and the next message's Python then runs at 2-5x its warm cost (measured,
+tools/bench_layer_path.py `receive_path_us`: one reply's read and decode 11.6 us warm, 28 after one
+layer's weights). The window is idle time on a CPU spent anyway: re-running that path there brings
+its code and data back before the message comes. Only messages of up to `REHEARSAL_MAX_BYTES`
+(decode steps'; a prefill chunk's copy would itself flush the caches).
 """
 
 from __future__ import annotations

@@ -210,11 +210,12 @@ class StreamLink(DataLink):
     The owning thread writes requests and reads replies itself: no ZeroMQ I/O thread.
     `endpoint`: "unix://PATH" (a peer on this host) or "tcp://HOST:PORT" from the register reply. `busy_poll_us`: `receive` polls the socket
     without blocking for this many microseconds before it blocks (0: never; net/busypoll.py), and
-    rehearses the last reply once when the wait starts right after its request went out.
+    rehearses the last reply once when the wait is for the attend just sent.
     Raises OSError when it cannot connect, ValueError for a negative window."""
 
-    # A wait that starts this soon after its send has the peer's whole kernel ahead of it; one that starts
-    # later (a micro-batch pipeline's, after other work) may end at any moment, and a rehearsal would delay it.
+    # A wait for the attend sent last, starting this soon after it went out, has the peer's whole kernel
+    # ahead of it; any other (a micro-batch pipeline's wait for an earlier one, after other work) may end
+    # at any moment, and a rehearsal would delay it.
     REHEARSE_WITHIN_S = 1e-4
 
     def __init__(self, endpoint: str, limits: Limits = DEFAULT_LIMITS, busy_poll_us: int = 0):
@@ -225,15 +226,18 @@ class StreamLink(DataLink):
         self._poll = select.poll()  # one for every wait: cheaper than a new one per call when spinning
         self._poll.register(self._sock, select.POLLIN)
         self.busy_poll = busypoll.BusyPoll(self.busy_poll_s)
-        self._sent_s = 0.0  # time.monotonic() of the last send
+        self._sent_s = 0.0  # time.monotonic() when the last message went out
+        self._last_attend = 0  # the id of the last attend built
         self._last_reply: list | None = None  # kept for rehearsal (net/busypoll.py)
         self.rehearsals = 0
         self.replies_waiting = 0  # receives that found their reply already there (no window opened)
-        self._window_due = False
+        self._window_due = self._rehearsal_due = False
 
     def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
                 check_every_s: float = 0.05) -> Message:
         self._window_due = True
+        self._rehearsal_due = self._last_reply is not None and rid == self._last_attend \
+            and time.monotonic() - self._sent_s < self.REHEARSE_WITHIN_S
         try:
             return super().receive(rid, deadline, alive, check_every_s)
         finally:
@@ -248,6 +252,7 @@ class StreamLink(DataLink):
         name = owner.encode()
 
         def build(rid: int) -> list:
+            self._last_attend = rid
             deadline = time.time() + timeout_s
             bufs = stream.pack_attend(rid, name, layer, h0, h1, meta, q, k, v, deadline, trace)
             return bufs if bufs is not None else \
@@ -279,13 +284,12 @@ class StreamLink(DataLink):
                 self.replies_waiting += 1
                 return True
             self.busy_poll.start()
-        rehearse = self._last_reply is not None and time.monotonic() - self._sent_s < self.REHEARSE_WITHIN_S
         while self.busy_poll.spinning():
             if self._poll.poll(0):
                 self.busy_poll.caught_one()
                 return True
-            if rehearse:
-                rehearse = False
+            if self._rehearsal_due:
+                self._rehearsal_due = False
                 self._reader.rehearse(self._last_reply)
                 self.rehearsals += 1
         return bool(self._poll.poll(max(int(timeout_s * 1000), 1)))
