@@ -19,6 +19,7 @@ from lamina_p2p.net.kernel_thread import KernelThread
 from lamina_p2p.net.rpc import RpcClosed, RpcError, RpcTimeout
 from lamina_p2p.net.security import generate_keys, load_security
 from lamina_p2p.net.wire import PROTOCOL_VERSION, Limits, decode, encode
+from tests.waiting import wait_until
 
 
 class Echo:
@@ -216,6 +217,38 @@ def test_the_one_struct_framing_of_an_attend_and_its_reply_is_the_general_one(dt
     assert stream.pack_attend_reply(1, out.astype(np.float16), lse, None) is None
     assert stream.pack_attend_reply(1, out, lse[:, :1], None) is None
     assert stream.pack_attend_reply(1, out[:, ::2], lse[:, ::2], None) is None
+
+
+def test_the_stream_reader_returns_messages_of_any_size_in_order_however_they_arrive():
+    """Whole messages are parsed straight from the read chunk, a partial one's start kept until the rest
+    arrives (net/stream.py FrameReader): messages smaller and larger than the chunk, cut anywhere."""
+    import socket
+
+    rng = np.random.default_rng(3)
+    sizes = [10, 100_000, 3, 300_000, 256 * 1024 - 40, 256 * 1024, 7, 700_000, 1, 64]
+    msgs = [[rng.integers(0, 256, 20, np.uint8).tobytes(), rng.integers(0, 256, n, np.uint8).tobytes()] for n in sizes]
+    data = b"".join(_bytes(stream.pack(m)) for m in msgs)
+    for cuts in ([len(data)], sorted(rng.integers(1, len(data), 25).tolist()) + [len(data)]):
+        a, b = socket.socketpair()
+        try:
+            stream.tune(a), stream.tune(b)
+            reader, got, at = stream.FrameReader(b), [], 0
+            for cut in cuts:
+                while at < cut:
+                    try:
+                        at += a.send(data[at:cut])
+                    except BlockingIOError:  # the socket's buffer is full until the reader takes some
+                        pass
+                    got += reader.read()
+
+            def all_read() -> bool:
+                got.extend(reader.read())
+                return len(got) >= len(msgs)
+
+            wait_until(all_read, what="every message")
+            assert [[bytes(f) for f in m] for m in got] == msgs and reader.error is None
+        finally:
+            a.close(), b.close()
 
 
 def test_the_stream_socket_serves_both_headers_on_the_kernel_thread(served, stream_kind):
