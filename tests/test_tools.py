@@ -174,4 +174,6 @@ def test_bench_layer_path_json_shape(tiny):
     assert local["in_engine_attention_us"] > 0 and local["kernel_us"] > 0 and local["ratio_vs_kernel"] > 0
     assert wire["peer_kernel_us"] > 0 and wire["raw_pyzmq_round_trip_us"] > 0 and wire["endpoint"] == "ipc"
     assert wire["compute_wait_us"] >= wire["peer_kernel_us"]  # per layer the wait holds the kernel span
+    for path in ("send_path_us", "receive_path_us"):
+        assert all(wire[path][k] > 0 for k in ("warm_us", "after_1ms_idle_us", "after_layer_weights_us")), path
     assert shards["shard_4"]["prefill_s"] > 0 and shards["decode_ratio_small_vs_large"] > 0

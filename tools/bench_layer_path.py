@@ -7,8 +7,9 @@ Parts (each prints a table; --json collects them):
   wire      1 attention peer: per-layer messaging overhead = compute-side wait minus the peer's kernel
             span (median over decode layers, M=1), next to a raw pyzmq DEALER/ROUTER round trip of
             the same request and reply bytes over the same endpoint kind; target <= 100 us. Also the
-            compute side's receive path for one reply timed warm, after 1 ms idle and after one
-            layer's weight bytes were streamed (receive_path_us): what the pipeline does to it.
+            compute side's send path for one attend and receive path for its reply, timed warm, after
+            1 ms idle and after one layer's weight bytes were streamed (send_path_us, receive_path_us):
+            what the pipeline does to them.
   shards    batch 1, a long prompt, 2 attention peers, --placement sequence: prefill time and decode
             tok/s with --shard-tokens 16 against 512 (--shard-sizes); target within 10 %.
 
@@ -223,12 +224,14 @@ def raw_round_trip(endpoint_kind: str, request_bytes: list[int], reply_bytes: li
     return statistics.median(times)
 
 
-def receive_path_cost(batch: int, num_heads: int, head_dim: int, layer_bytes: int, reps: int) -> dict:
-    """Why messaging costs more in the pipeline than in a loop: the compute side's receive path for one
-    attend reply of these shapes (net/stream.py's FrameReader.read + net/wire.py's decode, over a real
-    Unix socket pair) timed warm in a loop, after 1 ms asleep, and after `layer_bytes` (one layer's
-    weights, which the dense thread streams between two replies) were read through the caches.
-    Returns medians in microseconds."""
+def message_path_cost(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, item: int, layer_bytes: int,
+                      reps: int) -> tuple[dict, dict]:
+    """Why messaging costs more in the pipeline than in a loop: the compute side's send path for one
+    attend (net/stream.py's pack_attend + send_buffers) and its receive path for one reply
+    (FrameReader.read + net/wire.py's decode) of these shapes, over a real Unix socket pair, each timed
+    warm in a loop, after 1 ms asleep, and after `layer_bytes` (one layer's weights, which the dense
+    thread streams between two messages) were read through the caches. Returns (send, receive), medians
+    in microseconds."""
     import select
     import socket
 
@@ -237,28 +240,49 @@ def receive_path_cost(batch: int, num_heads: int, head_dim: int, layer_bytes: in
 
     out = np.zeros((batch, num_heads, head_dim), np.float32)
     lse = np.zeros((batch, num_heads), np.float32)
-    frames = encode_attend_reply(1, out, lse, (1.0, 2.0, 3.0))
+    reply = encode_attend_reply(1, out, lse, (1.0, 2.0, 3.0))
+    dtype = np.float32 if item == 4 else np.uint16
+    meta = np.zeros((batch, 4), np.int64)
+    q = np.zeros((batch, num_heads, head_dim), dtype)
+    kv = np.zeros((batch, num_kv_heads, head_dim), dtype)
     weights = np.ones(max(layer_bytes, 1), np.uint8)
     a, b = socket.socketpair()
     stream.tune(a)
     stream.tune(b)
     reader = stream.FrameReader(b)
+    drain = bytearray(1 << 20)
+    readable = select.poll()
+    readable.register(b, select.POLLIN)
     try:
-        def timed(before) -> float:
+        def send() -> float:
+            t0 = time.perf_counter()
+            stream.send_buffers(a, stream.pack_attend(1, b"layer-path", 3, 0, num_kv_heads, meta, q, kv, kv,
+                                                      time.time() + 5, False), 5.0)
+            t1 = time.perf_counter()
+            while readable.poll(0):  # (untimed: the peer's side)
+                b.recv_into(drain)
+            return t1 - t0
+
+        def receive() -> float:
+            stream.send_frames(a, reply, 5.0)
+            stream.wait(b, select.POLLIN, 5.0)
+            t0 = time.perf_counter()
+            decode(reader.read()[0])
+            return time.perf_counter() - t0
+
+        def timed(path, before) -> float:
             times = []
             for _ in range(reps):
                 before()
-                stream.send_frames(a, frames, 5.0)
-                stream.wait(b, select.POLLIN, 5.0)
-                t0 = time.perf_counter()
-                got = reader.read()
-                decode(got[0])
-                times.append(time.perf_counter() - t0)
+                times.append(path())
             return _median_us(times)
 
-        timed(lambda: None)  # first calls: imports, allocations
-        return {"warm_us": timed(lambda: None), "after_1ms_idle_us": timed(lambda: time.sleep(1e-3)),
-                "after_layer_weights_us": timed(weights.sum), "layer_weight_bytes": layer_bytes}
+        out_ = []
+        for path in (send, receive):
+            timed(path, lambda: None)  # first calls: imports, allocations
+            out_.append({"warm_us": timed(path, lambda: None), "after_1ms_idle_us": timed(path, lambda: time.sleep(1e-3)),
+                         "after_layer_weights_us": timed(path, weights.sum), "layer_weight_bytes": layer_bytes})
+        return out_[0], out_[1]
     finally:
         a.close()
         b.close()
@@ -336,7 +360,7 @@ async def part_wire(args, model) -> dict:
     reply = [REPLY.size, b * hq * d * 4, b * hq * 4]
     kind = "ipc" if endpoint.startswith("ipc://") else "tcp"
     raw = raw_round_trip(kind, request, reply, args.reps)
-    cold = receive_path_cost(b, hq, d, layer_weight_bytes(cfg, item), min(args.reps, 200))
+    sent, got = message_path_cost(b, hq, hkv, d, item, layer_weight_bytes(cfg, item), min(args.reps, 200))
     return {"batch": b, "context": args.context, "endpoint": kind, "data_path": path, "compute_busy_poll": busy_poll,
             "split_cores": "%s:%s" % tuple(",".join(map(str, sorted(c))) for c in split) if split else None, "step_ms": wall * 1e3,
             "tok_per_s": b / wall, "compute_wait_us": _median_us(wait), "peer_kernel_us": _median_us(kern),
@@ -344,7 +368,8 @@ async def part_wire(args, model) -> dict:
             "send_to_peer_us": _median_us(there), "peer_before_kernel_us": _median_us(before),
             "kernel_end_to_compute_us": _median_us(back),
             "request_bytes": sum(request), "reply_bytes": sum(reply),
-            "receive_path_us": {k: round(v, 1) if k != "layer_weight_bytes" else v for k, v in cold.items()}}
+            "send_path_us": {k: round(v, 1) if k != "layer_weight_bytes" else v for k, v in sent.items()},
+            "receive_path_us": {k: round(v, 1) if k != "layer_weight_bytes" else v for k, v in got.items()}}
 
 
 # -- part 3: shards ---------------------------------------------------------------------
