@@ -223,6 +223,44 @@ def test_spinning_link_and_peer_rehearse_the_last_message(spinning):
     assert link.rehearsals == 1 and kt.errors == 0
 
 
+@pytest.mark.parametrize("storage", ["bfloat16", "float32"])
+def test_the_kernel_rehearsal_leaves_the_attention_service_alone(storage):
+    """The peer's kernel rehearsal (attention/rehearsal.py) runs an attend of the last request's layout on a
+    pool of its own: the service's sequences, KV and next results are exactly as without it."""
+    from lamina_p2p.attention.peer import AttentionPeer, AttentionPeerConfig
+    from lamina_p2p.net.wire import encode_attend
+
+    geometry = {"num_layers": 2, "num_heads": 6, "num_kv_heads": 2, "head_dim": 16, "storage": storage,
+                "max_positions": 64}
+    dtype = np.float32 if storage == "float32" else np.uint16
+    rng = np.random.default_rng(5)
+
+    def values(*shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x if dtype == np.float32 else (x.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits
+
+    steps = []
+    for context, n in ((0, 5), (5, 1), (6, 1)):
+        meta = np.array([[3, context, n, n]], np.int64)
+        steps.append((meta, values(n, 6, 16), values(n, 2, 16), values(n, 2, 16)))
+    peer, reference = AttentionPeer(AttentionPeerConfig(kv_bytes=1 << 24)), AttentionService(1 << 24)
+    peer.service.register("c", **geometry)
+    reference.register("c", **geometry)
+    for i, (meta, q, k, v) in enumerate(steps):
+        msg = decode(encode_attend(i, "c", 1, 0, 2, meta, q, k, v))
+        _, (out, lse) = peer._attend_data(msg, time.monotonic())
+        want = reference.attend(AttendRequest("c", 1, meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], 0, 2, q, k, v))
+        np.testing.assert_array_equal(out, want[0])
+        np.testing.assert_array_equal(lse, want[1])
+        before = peer.service.stats()
+        for _ in range(3):
+            peer._rehearse_kernel()
+        assert peer._rehearsal.runs == 3 * (i + 1) and peer.service.stats() == before
+    peer._last_layout = ("not registered", 6, 2, 16)  # a layout it cannot rehearse: skipped, not raised
+    peer._rehearse_kernel()
+    assert peer._rehearsal.runs == 9 and peer._last_layout is None
+
+
 def test_a_rehearsal_leaves_the_reader_as_it_was():
     a, b = socket.socketpair()
     try:
@@ -294,6 +332,11 @@ def test_a_peer_with_busy_poll_answers_attends_and_its_control_path(attention_pe
                 np.testing.assert_allclose(got.tensors[1], lse, rtol=1e-5, atol=1e-6)
             await client.call("register", {"owner": "bp-2", **GEOMETRY}, timeout_s=10)
             assert stats["data_path_requests"] == 5 and stats["data_path_errors"] == 0
+            # Between attends the polling kernel thread rehearsed the message path and the kernel.
+            deadline = time.monotonic() + 30
+            while not (stats["busy_poll_rehearsals"] and stats["kernel_rehearsals"]) and time.monotonic() < deadline:
+                stats = (await client.call("stats", {}, timeout_s=10)).fields
+            assert stats["busy_poll_rehearsals"] >= 1 and stats["kernel_rehearsals"] >= 1, stats
         finally:
             if link is not None:
                 link.close()

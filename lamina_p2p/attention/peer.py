@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from lamina_p2p.attention import limits
 from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE
+from lamina_p2p.attention.rehearsal import KernelRehearsal
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.net.address import advertise_address
 from lamina_p2p.net.beacon import Beacon
@@ -88,6 +89,8 @@ class AttentionPeer:
         self.busy_s = 0.0  # kernel time, for the advertised load
         self.in_flight = 0
         self.attend_calls = 0
+        self._last_layout: tuple[str, int, int, int] | None = None  # (owner, q heads, kv heads, head_dim) of the last attend
+        self._rehearsal = KernelRehearsal()
 
     def _warm(self) -> None:
         """Compile every kernel variant, then run the exact request path once, before announcing."""
@@ -122,7 +125,7 @@ class AttentionPeer:
         self.kernel = KernelThread(ctx, tcp_host, self._attend_data, security=self.config.security,
                                    on_start=self._start_kernel_thread, tcp_port=self.config.data_port,
                                    ipc=self.config.data_advertise is None, busy_poll_us=self.config.busy_poll_us,
-                                   stream_tcp_port=self.config.data_stream_port)
+                                   stream_tcp_port=self.config.data_stream_port, rehearse=self._rehearse_kernel)
         server = None
         try:
             await loop.run_in_executor(None, self.kernel.start)
@@ -246,8 +249,22 @@ class AttentionPeer:
             out, lse, t0, t1 = self._timed_attend(req)
         finally:
             self.in_flight -= 1
+        self._last_layout = (req.owner, q.shape[1], k.shape[1], q.shape[2])
         # Times on the shared monotonic clock, for the caller's trace (DESIGN: spans on both sides).
         return ({"tq": arrived, "tk0": t0, "tk1": t1} if f.get("trace") is True else {}), [out, lse]
+
+    def _rehearse_kernel(self) -> None:
+        """Busy-poll's rehearsal of the kernel (attention/rehearsal.py) for the last attend's layout; on the
+        kernel thread, never raises (a layout it cannot rehearse is not tried again)."""
+        layout = self._last_layout
+        if layout is None or self.config.device != "cpu":
+            return
+        owner, num_heads, num_kv_heads, head_dim = layout
+        try:
+            self._rehearsal.run(self.service.storage_of(owner), num_heads, num_kv_heads, head_dim)
+        except Exception as e:
+            self._last_layout = None
+            log.debug("kernel rehearsal skipped: %r", e)
 
     def _timed_attend(self, req: AttendRequest):
         t0 = now()
@@ -276,7 +293,8 @@ class AttentionPeer:
                 "busy_poll_us": round(self.kernel.busy_poll_s * 1e6),
                 **({f"busy_poll_{k}": getattr(self.kernel.busy_poll, k) for k in ("windows", "caught", "backoffs", "host_gaps")}
                    if self.kernel.busy_poll else {}),
-                **({"busy_poll_rehearsals": self.kernel.rehearsals} if self.kernel.busy_poll else {})}, []
+                **({"busy_poll_rehearsals": self.kernel.rehearsals, "kernel_rehearsals": self._rehearsal.runs}
+                   if self.kernel.busy_poll else {})}, []
 
 
 def _check_cuda() -> None:

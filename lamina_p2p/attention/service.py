@@ -178,6 +178,11 @@ class AttentionService:
         """Shards held, all owners together (no lock: a racy read is fine for a cap check)."""
         return sum(len(r.table_rows) for r in list(self._owners.values()))
 
+    def storage_of(self, owner: str) -> str:
+        """The storage dtype `owner` registered. Raises ShardError for an owner not registered here."""
+        with self._lock:
+            return self._owner(owner).storage
+
     def _owner(self, owner: str) -> Registration:
         reg = self._owners.get(owner)
         if reg is None:

@@ -50,20 +50,22 @@ class KernelThread:
     "unix://PATH", net/stream.py) and serves the same messages there.
     `busy_poll_us`: after replying on a stream connection, poll every socket without blocking for
     this many microseconds before blocking again, rehearsing the last request once (0: never;
-    net/busypoll.py). `stream_tcp_port`:
+    net/busypoll.py), and calling `rehearse` (the handler's own rehearsal) after it. `stream_tcp_port`:
     with no `security`, also listen for stream connections on TCP at `tcp_bind`'s host and this port
     (0: any free one; None: no TCP stream), for compute peers on other hosts (`stream_tcp_endpoint`).
     """
 
     def __init__(self, ctx: zmq.Context, tcp_bind: str, handler: DataHandler, security: Any = None,
                  limits: Limits = DEFAULT_LIMITS, on_start: Callable[[], None] | None = None, ipc: bool = True,
-                 tcp_port: int = 0, busy_poll_us: int = 0, stream_tcp_port: int | None = None):
+                 tcp_port: int = 0, busy_poll_us: int = 0, stream_tcp_port: int | None = None,
+                 rehearse: Callable[[], None] | None = None):
         self._ctx = ctx
         self._busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
         self.busy_poll_s = 0.0  # the window in use: set once bound (only where a stream listener exists)
         self.busy_poll: busypoll.BusyPoll | None = None  # the thread's, once running
         self._last_stream_attend: tuple[int, list | None] = (-1, None)  # (stream fd, request frames)
         self.rehearsals = 0  # busy-poll rehearsals run (net/busypoll.py)
+        self._rehearse_handler = rehearse
         self._tcp_bind = tcp_bind
         self._tcp_port = tcp_port
         self._handler = handler
@@ -246,6 +248,12 @@ class KernelThread:
         fd, request = self._last_stream_attend
         if fd in self._streams and request is not None:
             self._streams[fd][1].rehearse(request)
+            if self._rehearse_handler is not None:
+                try:
+                    self._rehearse_handler()
+                except Exception:  # a bug there must not stop the thread; rehearsal is only for speed
+                    log.exception("data path: the handler's rehearsal failed; not rehearsing it again")
+                    self._rehearse_handler = None
             self.rehearsals += 1
 
     def _run_jobs(self, cancel: bool = False) -> None:
