@@ -230,7 +230,7 @@ class StreamLink(DataLink):
         self._last_attend = 0  # the id of the last attend built
         self._last_reply: list | None = None  # kept for rehearsal (net/busypoll.py)
         self.rehearsals = 0
-        self.replies_waiting = 0  # receives that found their reply already there (no window opened)
+        self.replies_waiting = 0  # polls before a window that found a reply already there (no window opened)
         self._window_due = self._rehearsal_due = False
 
     def receive(self, rid: int, deadline: float, alive: Callable[[], bool] = lambda: True,
@@ -278,11 +278,11 @@ class StreamLink(DataLink):
     def _readable(self, timeout_s: float) -> bool:
         # Busy-poll first (see net/busypoll.py): a reply inside the window costs no wake-up of this
         # thread. poll(0) releases the GIL on each call: the event loop's thread still runs.
-        if self._window_due:  # one window a receive, and none when the reply is already here (a pipeline's
-            self._window_due = False  # usual case: opening one reads the run-queue clock, a /proc file)
-            if self._poll.poll(0):
+        if self._window_due:  # one window a receive, and none while a reply is already here (a pipeline's
+            if self._poll.poll(0):  # usual case: opening one reads the run-queue clock, a /proc file)
                 self.replies_waiting += 1
                 return True
+            self._window_due = False
             self.busy_poll.start()
         while self.busy_poll.spinning():
             if self._poll.poll(0):
