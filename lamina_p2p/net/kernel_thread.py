@@ -341,7 +341,8 @@ class KernelThread:
 
     def _serve_one(self, to: bytes | int, frames: list, arrived: float, busy: bool) -> None:
         self.requests += 1
-        self.bytes_received += frames_nbytes(frames)
+        nbytes = frames_nbytes(frames)
+        self.bytes_received += nbytes
         try:
             msg = decode(frames, self._limits)
         except WireError as e:
@@ -360,7 +361,7 @@ class KernelThread:
             log.warning("data path: attend id=%d failed: %r", msg.rid, e)
             return self._error_reply(to, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")
         if framed and self.busy_poll_s:  # kept for rehearsal while busy-polling: a decode step's, not a prefill chunk's
-            self._last_stream_attend = (to, frames) if frames_nbytes(frames) <= busypoll.REHEARSAL_MAX_BYTES else (-1, None)
+            self._last_stream_attend = (to, frames) if nbytes <= busypoll.REHEARSAL_MAX_BYTES else (-1, None)
         self._send(to, reply, framed)
 
     @staticmethod
