@@ -157,11 +157,20 @@ def _empty64(shape):
     return raw[off:off + n].reshape(shape)
 
 
+@njit(inline="always", **_JIT)
+def sums_width(rmax):
+    """Floats per thread of make_scratch's running-sum buffer: the rows' sums l[r] (r <=
+    rmax, the spare row included), then from the end 16 lanes per row (tiles.py's lazy
+    sums of whole chunks); whole cache lines."""
+    return 16 * ((rmax + 16) // 16) + 16 * (rmax + 1)
+
+
 @njit(**_JIT)
 def make_scratch(n_threads, rmax, bs, d):
     """Per-thread buffers of the attend pass (indexed by thread id, not allocated per
-    item): query rows, causal limits, scores, running max and sum, accumulators, and
-    a 16-bit block's K and V widened to float32 (tiles.py's staging).
+    item): query rows, causal limits, scores, running max, running sums (the scalar per
+    row, then 16 lanes per row: sums_width), accumulators, and a 16-bit block's K and V
+    widened to float32 (tiles.py's staging).
 
     Each thread's slice is padded by at least one cache line (an unused row or 16
     elements): the slices of two threads never share a line, which they write every
@@ -175,7 +184,7 @@ def make_scratch(n_threads, rmax, bs, d):
             np.empty((n_threads, rmax + 8), np.int64),
             _empty64((n_threads, rmax + pad_s, bs)),
             _empty64((n_threads, rmax + 16)),
-            _empty64((n_threads, rmax + 16)),
+            _empty64((n_threads, sums_width(rmax))),
             _empty64((n_threads, rmax + 1, d)),
             _empty64((n_threads, bs * d + 16)),
             _empty64((n_threads, bs * d + 16)))

@@ -33,6 +33,7 @@ from .items import append_rows as _append_rows
 from .items import attend_item as _attend_item
 from .items import make_scratch as _scratch
 from .items import merge_group as _merge_group
+from .items import sums_width as _sums_width
 from .pointers import address as _address
 from .pointers import as_voidptr as _voidptr
 
@@ -160,7 +161,7 @@ def _item(rec, j, tid, dt):
                _arr(rec, R_SCR + 1, (nthr, rmax + 8), np.int64),
                _arr(rec, R_SCR + 2, (nthr, rmax + pad_s, bs), np.float32),
                _arr(rec, R_SCR + 3, (nthr, rmax + 16), np.float32),
-               _arr(rec, R_SCR + 4, (nthr, rmax + 16), np.float32),
+               _arr(rec, R_SCR + 4, (nthr, _sums_width(rmax)), np.float32),
                _arr(rec, R_SCR + 5, (nthr, rmax + 1, d), np.float32),
                _arr(rec, R_SCR + 6, (nthr, bs * d + 16), np.float32),
                _arr(rec, R_SCR + 7, (nthr, bs * d + 16), np.float32))

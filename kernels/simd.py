@@ -461,6 +461,44 @@ def vquad(typingctx, r0, r1, r2, r3, i):
 
 
 @intrinsic
+def vload_raw(typingctx, arr, idx):
+    """The 64 bytes at flat index idx of a uint16 array (32 elements), bits unchanged, as
+    the 16 lanes of an f32x16: raw bfloat16 pairs for the block shuffles (vquad) before
+    widening (vbf16_eo). Also takes a float32 array (16 elements): the tiles' code for
+    both pool types."""
+    if not isinstance(arr, types.Array) or arr.dtype not in (types.uint16, types.float32):
+        return None
+    sig = f32x16(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(ptr, _V.as_pointer()), align=2)
+
+    return sig, codegen
+
+
+@intrinsic
+def vbf16_eo(typingctx, v, odd):
+    """Of 32 bfloat16 held in the 16 lanes of v (vload_raw), each lane's low (odd False)
+    or high (odd True, a literal) bfloat16 as float32: vload_bf16_eo after the load."""
+    if v != f32x16 or not isinstance(odd, types.BooleanLiteral):
+        return None
+    sig = f32x16(v, odd)
+    is_odd = odd.literal_value
+
+    def codegen(context, builder, signature, args):
+        vi = ir.VectorType(_I32, LANES)
+        words = builder.bitcast(args[0], vi)
+        if is_odd:
+            bits = builder.and_(words, ir.Constant(vi, [-65536] * LANES))
+        else:
+            bits = builder.shl(words, ir.Constant(vi, [16] * LANES))
+        return builder.bitcast(bits, _V)
+
+    return sig, codegen
+
+
+@intrinsic
 def vload_bf16_eo(typingctx, arr, idx, odd):
     """Of the 32 bfloat16 values (uint16 bits) at flat index idx, those at even offsets
     (odd False) or odd offsets (odd True, a literal) as float32, in order. Also takes a

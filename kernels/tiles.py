@@ -13,9 +13,11 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   the chunk's K is staged as key quads (4 keys x 4 dims per vector, simd.vquad) and
   four rows x four quads accumulate against the rows' broadcast 4-dim slices
   (simd.vbcast4), folded by simd.vsum4x4: the fold, ~2 shuffles + 1 add per (row, key)
-  with vsum16, costs an eighth of that.
+  with vsum16, costs an eighth of that. bfloat16 quads are transposed as raw bits and
+  widened after (simd.vload_raw, vbf16_eo).
 - Softmax: a whole chunk every row sees (decode) takes one vector per row without the
-  causal bookkeeping; the max's fold and rescale only when a score passes the max.
+  causal bookkeeping; the max's fold and rescale only when a score passes the max; the
+  rows' sums of such chunks stay 16-lane vectors (lv), folded once at the end.
 - PV: rows in fours (16 accumulators; then a pair, then one), 64 columns of each kept
   in registers over the chunk's keys; each V load feeds four rows' FMAs, the
   probability is broadcast from memory.
@@ -28,7 +30,8 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   more rows) is widened in even/odd dim order (one shift or mask per 16 lanes, no
   shuffle; _eo): the query rows are put in that order for the call and the
   accumulators back at its end; decode tiles of up to 8 such rows read V in place
-  that way (vdirect; float16 at 4 rows: hdirect). A 16-bit tile of 4k + 3 rows
+  that way (vdirect; float16 at 4 rows: hdirect; at 8: hdirect8, all eight rows
+  x 32 columns per pass). A 16-bit tile of 4k + 3 rows
   gets a zero fourth row (_pad_row).
 - The next block's rows are prefetched a little at a time inside the QK/PV loops
   of the first query row(s): blocks are scattered, so the hardware prefetcher stops at
@@ -45,9 +48,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, veo, vexp_nonpos, vfma, vhmax, vhsum,
-                   vinterleave, vload, vload16, vload_bf16, vload_bf16_eo, vmul, vquad, vstore, vstore8,
-                   vsub, vsum4x4, vsum16, vzero)
+from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, vbf16_eo, veo, vexp_nonpos, vfma, vhmax,
+                   vhsum, vinterleave, vload, vload16, vload_bf16, vload_bf16_eo, vload_raw, vmul, vquad,
+                   vstore, vstore8, vsub, vsum4x4, vsum16, vzero)
 from .softmax import exp_nonpos
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -233,6 +236,12 @@ def make_attend_rows(D):
                 vstore(acc, r * d + x, vzero())
         if k1 <= k0:
             return
+        # The rows' running sums of whole chunks stay 16-lane vectors (lv, at the end of
+        # l: make_scratch's lane_sums), folded into l once at the end: a horizontal sum per
+        # row and chunk was ~1 ns of G8 D64's ~24 per key (one thread, in cache).
+        lv0 = l.shape[0] - 16 * n_rows
+        for r in range(n_rows):
+            vstore(l, lv0 + 16 * r, vzero())
         b_end = (k1 + bs - 1) // bs
         lim_min = k1  # the first key some row does not see, if below k1
         for r in range(n_rows):
@@ -280,25 +289,32 @@ def make_attend_rows(D):
                 kb = 0
                 for q4 in range(0, CHUNK, 4):
                     qd = q4 * d
-                    if eo:  # even dims of 32 to the quads of the first 16, odd to the next
+                    if eo:
+                        # bfloat16: the 4 keys' raw 128-bit blocks transposed first (vquad on
+                        # the bits: 8 dims of each key per block), then widened even/odd: the
+                        # low halves are the quad of dims 8b + {0, 2, 4, 6}, the high halves
+                        # of 8b + {1, 3, 5, 7}: the eo order's query positions x + 4b and
+                        # x + 16 + 4b. Half the shuffles of widening first (8, not 16, per 4
+                        # keys x 32 dims; one thread, in cache, G8 D64 22.6 -> 22.0, G7 D128
+                        # 37.9 -> 36.3 ns per key).
                         for x in range(0, d, 32):
                             src = row0 + qd + x
-                            w0 = vload_bf16_eo(k_pool, src, False)
-                            w1 = vload_bf16_eo(k_pool, src + d, False)
-                            w2 = vload_bf16_eo(k_pool, src + 2 * d, False)
-                            w3 = vload_bf16_eo(k_pool, src + 3 * d, False)
-                            vstore(kw, qd + 4 * x, vquad(w0, w1, w2, w3, 0))
-                            vstore(kw, qd + 4 * x + 16, vquad(w0, w1, w2, w3, 1))
-                            vstore(kw, qd + 4 * x + 32, vquad(w0, w1, w2, w3, 2))
-                            vstore(kw, qd + 4 * x + 48, vquad(w0, w1, w2, w3, 3))
-                            w0 = vload_bf16_eo(k_pool, src, True)
-                            w1 = vload_bf16_eo(k_pool, src + d, True)
-                            w2 = vload_bf16_eo(k_pool, src + 2 * d, True)
-                            w3 = vload_bf16_eo(k_pool, src + 3 * d, True)
-                            vstore(kw, qd + 4 * x + 64, vquad(w0, w1, w2, w3, 0))
-                            vstore(kw, qd + 4 * x + 80, vquad(w0, w1, w2, w3, 1))
-                            vstore(kw, qd + 4 * x + 96, vquad(w0, w1, w2, w3, 2))
-                            vstore(kw, qd + 4 * x + 112, vquad(w0, w1, w2, w3, 3))
+                            w0 = vload_raw(k_pool, src)
+                            w1 = vload_raw(k_pool, src + d)
+                            w2 = vload_raw(k_pool, src + 2 * d)
+                            w3 = vload_raw(k_pool, src + 3 * d)
+                            tb = vquad(w0, w1, w2, w3, 0)
+                            vstore(kw, qd + 4 * x, vbf16_eo(tb, False))
+                            vstore(kw, qd + 4 * x + 64, vbf16_eo(tb, True))
+                            tb = vquad(w0, w1, w2, w3, 1)
+                            vstore(kw, qd + 4 * x + 16, vbf16_eo(tb, False))
+                            vstore(kw, qd + 4 * x + 80, vbf16_eo(tb, True))
+                            tb = vquad(w0, w1, w2, w3, 2)
+                            vstore(kw, qd + 4 * x + 32, vbf16_eo(tb, False))
+                            vstore(kw, qd + 4 * x + 96, vbf16_eo(tb, True))
+                            tb = vquad(w0, w1, w2, w3, 3)
+                            vstore(kw, qd + 4 * x + 48, vbf16_eo(tb, False))
+                            vstore(kw, qd + 4 * x + 112, vbf16_eo(tb, True))
                     else:  # float32 or float16 (bfloat16 takes eo here: n_rows >= 4)
                         for x in range(0, d, 16):
                             src = row0 + qd + x
@@ -543,11 +559,12 @@ def make_attend_rows(D):
                         alpha = exp_nonpos(mr - mx)
                         m[r] = mx
                         l[r] *= alpha
+                        vstore(l, lv0 + 16 * r, vmul(vload(l, lv0 + 16 * r), alpha))
                         for x in range(0, d, 16):
                             vstore(acc, r * d + x, vmul(vload(acc, r * d + x), alpha))
                     pv = vexp_nonpos(vsub(sv, mx))
                     vstore(s, o, pv)
-                    l[r] += vhsum(pv)
+                    vstore(l, lv0 + 16 * r, vadd(vload(l, lv0 + 16 * r), pv))
             for r in range(0 if whole else n_rows):
                 te = max(min(t1, row_lim[r] - base), t0)
                 for t in range(te, t1):
@@ -584,6 +601,7 @@ def make_attend_rows(D):
                 l[r] = l[r] * alpha + psum
                 m[r] = mx
                 if alpha != 1.0:
+                    vstore(l, lv0 + 16 * r, vmul(vload(l, lv0 + 16 * r), alpha))
                     for x in range(0, d, 16):
                         vstore(acc, r * d + x, vmul(vload(acc, r * d + x), alpha))
 
@@ -634,7 +652,12 @@ def make_attend_rows(D):
             # at 8 rows even or slower: G8 D64 35.8 -> 36.0).
             # Only the specialised bodies (head_dim 64, 128: whole 64-column passes).
             hdirect = QUADS and not (eo or bf16 or in_place) and n_rows == 4
-            if not (direct or in_place or vdirect or hdirect):  # staging, as K's
+            # float16 at 8 rows: the rows x 32 columns at once (16 accumulators), each V
+            # vector converted once for all eight (the 4-row blocks would convert it twice):
+            # one thread, in cache, G8 D64 24.6 -> 24.0, G7 D128 (as 8) 43.3 -> 41.7 ns per key;
+            # from DRAM 33.9 -> 33.2, 62.5 -> 61.6. (bfloat16 the same way: from DRAM slower.)
+            hdirect8 = QUADS and not (eo or bf16 or in_place) and n_rows == 8
+            if not (direct or in_place or vdirect or hdirect or hdirect8):  # staging, as K's
                 if eo:
                     for x in range(0, n * d, 32):
                         vstore(vw, x, vload_bf16_eo(v_pool, row0 + x, False))
@@ -648,6 +671,74 @@ def make_attend_rows(D):
             # Rows in fours (16 accumulators): each V load feeds four FMAs, so the loads
             # (V and the broadcast probabilities) stay under the FMAs and 16 chains hide
             # the FMA latency.
+            if hdirect8:
+                for c in range(0, d, 32):
+                    x0 = vload(acc, c)
+                    x1 = vload(acc, c + 16)
+                    y0 = vload(acc, d + c)
+                    y1 = vload(acc, d + c + 16)
+                    z0 = vload(acc, 2 * d + c)
+                    z1 = vload(acc, 2 * d + c + 16)
+                    u0 = vload(acc, 3 * d + c)
+                    u1 = vload(acc, 3 * d + c + 16)
+                    x2 = vload(acc, 4 * d + c)
+                    x3 = vload(acc, 4 * d + c + 16)
+                    y2 = vload(acc, 5 * d + c)
+                    y3 = vload(acc, 5 * d + c + 16)
+                    z2 = vload(acc, 6 * d + c)
+                    z3 = vload(acc, 6 * d + c + 16)
+                    u2 = vload(acc, 7 * d + c)
+                    u3 = vload(acc, 7 * d + c + 16)
+                    for t in range(n):
+                        if pf >= 0:  # the next rows' 32 dims of this pass: one line a key
+                            if near:
+                                prefetch_l1(v_pool, pf + t * d + c)
+                            else:
+                                prefetch(v_pool, pf + t * d + c)
+                        v = row0 + t * d + c
+                        w = vload(v_pool, v)
+                        wo = vload(v_pool, v + 16)
+                        p = s[0, t0 + t]
+                        x0 = vfma(w, p, x0)
+                        x1 = vfma(wo, p, x1)
+                        p = s[1, t0 + t]
+                        y0 = vfma(w, p, y0)
+                        y1 = vfma(wo, p, y1)
+                        p = s[2, t0 + t]
+                        z0 = vfma(w, p, z0)
+                        z1 = vfma(wo, p, z1)
+                        p = s[3, t0 + t]
+                        u0 = vfma(w, p, u0)
+                        u1 = vfma(wo, p, u1)
+                        p = s[4, t0 + t]
+                        x2 = vfma(w, p, x2)
+                        x3 = vfma(wo, p, x3)
+                        p = s[5, t0 + t]
+                        y2 = vfma(w, p, y2)
+                        y3 = vfma(wo, p, y3)
+                        p = s[6, t0 + t]
+                        z2 = vfma(w, p, z2)
+                        z3 = vfma(wo, p, z3)
+                        p = s[7, t0 + t]
+                        u2 = vfma(w, p, u2)
+                        u3 = vfma(wo, p, u3)
+                    vstore(acc, c, x0)
+                    vstore(acc, c + 16, x1)
+                    vstore(acc, d + c, y0)
+                    vstore(acc, d + c + 16, y1)
+                    vstore(acc, 2 * d + c, z0)
+                    vstore(acc, 2 * d + c + 16, z1)
+                    vstore(acc, 3 * d + c, u0)
+                    vstore(acc, 3 * d + c + 16, u1)
+                    vstore(acc, 4 * d + c, x2)
+                    vstore(acc, 4 * d + c + 16, x3)
+                    vstore(acc, 5 * d + c, y2)
+                    vstore(acc, 5 * d + c + 16, y3)
+                    vstore(acc, 6 * d + c, z2)
+                    vstore(acc, 6 * d + c + 16, z3)
+                    vstore(acc, 7 * d + c, u2)
+                    vstore(acc, 7 * d + c + 16, u3)
+                r = 8
             while vdirect and r + 4 <= n_rows:
                 c = 0
                 while c + 64 <= d:
@@ -973,6 +1064,8 @@ def make_attend_rows(D):
                 t0 = 0
             else:
                 t0 = t1
+        for r in range(n_rows):
+            l[r] += vhsum(vload(l, lv0 + 16 * r))
         if eo:  # the accumulators and query rows back in dim order
             for r in range(n_rows):
                 for x in range(r * d, (r + 1) * d, 32):
