@@ -166,6 +166,12 @@ def test_relay_holds_each_round_trip_for_at_least_twice_the_delay():
         srv.close()
 
 
+def test_bench_link_cpu_json_shape():
+    res = run_tool(str(TOOLS / "bench_link_cpu.py"), "--batch", "2", "--reps", "5", "--layer-bytes", "65536", "--json")
+    (row,) = res["rows"]
+    assert row["batch"] == 2 and all(row[k]["median_us"] > 0 and row[k]["p10_us"] > 0 for k in ("send", "receive"))
+
+
 def test_bench_layer_path_json_shape(tiny):
     res = run_tool(str(TOOLS / "bench_layer_path.py"), "--model", tiny, "--batch", "2", "--context", "16",
                    "--steps", "2", "--reps", "5", "--threads", "1", "--attention-threads", "1",
