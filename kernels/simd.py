@@ -487,15 +487,19 @@ def vbf16_eo(typingctx, v, odd):
     is_odd = odd.literal_value
 
     def codegen(context, builder, signature, args):
-        vi = ir.VectorType(_I32, LANES)
-        words = builder.bitcast(args[0], vi)
-        if is_odd:
-            bits = builder.and_(words, ir.Constant(vi, [-65536] * LANES))
-        else:
-            bits = builder.shl(words, ir.Constant(vi, [16] * LANES))
-        return builder.bitcast(bits, _V)
+        return _bf16_half(builder, builder.bitcast(args[0], ir.VectorType(_I32, LANES)), is_odd)
 
     return sig, codegen
+
+
+def _bf16_half(builder, words, odd: bool):
+    """Each 32-bit lane's high (odd) or low bfloat16 as float32: the lane masked, or shifted up 16 bits."""
+    vi = ir.VectorType(_I32, LANES)
+    if odd:
+        bits = builder.and_(words, ir.Constant(vi, [-65536] * LANES))
+    else:
+        bits = builder.shl(words, ir.Constant(vi, [16] * LANES))
+    return builder.bitcast(bits, _V)
 
 
 @intrinsic
@@ -519,13 +523,8 @@ def vload_bf16_eo(typingctx, arr, idx, odd):
             b = builder.load(builder.gep(vp, [_I32(1)]), align=4)
             mask = ir.Constant(ir.VectorType(_I32, LANES), list(range(int(is_odd), 2 * LANES, 2)))
             return builder.shuffle_vector(a, b, mask)
-        vi = ir.VectorType(_I32, LANES)
-        words = builder.load(builder.bitcast(ptr, vi.as_pointer()), align=2)
-        if is_odd:
-            bits = builder.and_(words, ir.Constant(vi, [-65536] * LANES))
-        else:
-            bits = builder.shl(words, ir.Constant(vi, [16] * LANES))
-        return builder.bitcast(bits, _V)
+        words = builder.load(builder.bitcast(ptr, ir.VectorType(_I32, LANES).as_pointer()), align=2)
+        return _bf16_half(builder, words, is_odd)
 
     return sig, codegen
 
