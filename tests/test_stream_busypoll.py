@@ -257,9 +257,10 @@ def test_the_kernel_rehearsal_leaves_the_attention_service_alone(storage):
         for _ in range(3):
             peer._rehearse_kernel()
         assert peer._rehearsal.runs == 3 * (i + 1) and peer.service.stats() == before
-    peer._last_layout = ("not registered", 6, 2, 16)  # a layout it cannot rehearse: skipped, not raised
+    peer._last_layout = ("not registered", 6, 2, 16)  # a layout it cannot rehearse: skipped, not raised, not retried
     peer._rehearse_kernel()
-    assert peer._rehearsal.runs == 9 and peer._last_layout is None
+    peer._rehearse_kernel()
+    assert peer._rehearsal.runs == 9 and peer._unrehearsable == {("not registered", 6, 2, 16)}
 
 
 def test_a_rehearsal_leaves_the_reader_as_it_was():

@@ -91,6 +91,7 @@ class AttentionPeer:
         self.attend_calls = 0
         self._last_layout: tuple[str, int, int, int] | None = None  # (owner, q heads, kv heads, head_dim) of the last attend
         self._rehearsal = KernelRehearsal()
+        self._unrehearsable: set[tuple] = set()  # layouts whose rehearsal failed once: not tried again
 
     def _warm(self) -> None:
         """Compile every kernel variant, then run the exact request path once, before announcing."""
@@ -257,14 +258,14 @@ class AttentionPeer:
         """Busy-poll's rehearsal of the kernel (attention/rehearsal.py) for the last attend's layout; on the
         kernel thread, never raises (a layout it cannot rehearse is not tried again)."""
         layout = self._last_layout
-        if layout is None or self.config.device != "cpu":
+        if layout is None or self.config.device != "cpu" or layout in self._unrehearsable:
             return
         owner, num_heads, num_kv_heads, head_dim = layout
         try:
             self._rehearsal.run(self.service.storage_of(owner), num_heads, num_kv_heads, head_dim)
         except Exception as e:
-            self._last_layout = None
-            log.debug("kernel rehearsal skipped: %r", e)
+            self._unrehearsable.add(layout)
+            log.debug("kernel rehearsal of %s skipped: %r", layout, e)
 
     def _timed_attend(self, req: AttendRequest):
         t0 = now()
