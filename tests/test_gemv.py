@@ -103,9 +103,11 @@ def _close_bf16(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a == b).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("pairs", [False, True])  # gemv_pairs' layout (vdpbf16ps, or emulated)
 @pytest.mark.parametrize("split", [False, True])
 @torch.inference_mode()
-def test_fused_layer_matches_the_torch_ops(split, monkeypatch):
+def test_fused_layer_matches_the_torch_ops(split, pairs, monkeypatch):
+    monkeypatch.setattr(fused_mod, "USE_PAIRS", pairs)
     base = random_model("bfloat16", seed=3, geometry=GEOMETRY)
     fused, plain = copy.deepcopy(base).prepare("gemv"), copy.deepcopy(base).prepare("f32")
     assert fused._fused is not None and plain._fused is None
@@ -137,10 +139,12 @@ def test_fused_path_only_where_it_applies():
     assert f32._fused is None
 
 
+@pytest.mark.parametrize("pairs", [False, True])  # gemv_pairs' layout (vdpbf16ps, or emulated)
 @torch.inference_mode()
-def test_one_thread_runs_a_layer_in_one_call_with_the_same_bits():
+def test_one_thread_runs_a_layer_in_one_call_with_the_same_bits(pairs, monkeypatch):
     """With one compute thread pre and post go through a pool of no worker (one compiled call each, kept
     scratch): the same bits as the separate serial calls, chained as the engine calls them."""
+    monkeypatch.setattr(fused_mod, "USE_PAIRS", pairs)
     base = random_model("bfloat16", seed=7, geometry=GEOMETRY)
     solo, serial = copy.deepcopy(base).prepare("gemv"), copy.deepcopy(base).prepare("gemv")
     serial._fused._solo_max_rows = 0

@@ -153,8 +153,10 @@ GEOMETRY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
             "rope_theta": 10000.0, "tie_word_embeddings": True, "dtype": "bfloat16"}
 
 
+@pytest.mark.parametrize("pairs", [False, True])  # gemv_pairs' layout (vdpbf16ps, or emulated)
 @torch.inference_mode()
-def test_fused_layer_through_the_pool_is_bit_equal_to_one_thread():
+def test_fused_layer_through_the_pool_is_bit_equal_to_one_thread(pairs, monkeypatch):
+    monkeypatch.setattr(fused, "USE_PAIRS", pairs)
     base = random_model("bfloat16", seed=5, geometry=GEOMETRY)
     pooled, single = copy.deepcopy(base).prepare("gemv"), copy.deepcopy(base).prepare("gemv")
     single._fused.pool_max_rows, single._fused.min_bytes = 0, 1 << 62  # the serial kernels

@@ -109,10 +109,12 @@ def _norm(x, w, eps):
 
 
 def build_systems(plain: dict[str, Transformer], layouts: list[str], compile_: bool, log,
-                  huge_pages: str = "on") -> dict:
+                  huge_pages: str = "on", pairs: str = "auto") -> dict:
     """name -> (model, step function) for every dtype x layout this machine runs. huge_pages "off" or "both"
-    (also "<dtype>/gemv-4k"): the gemv layout's packed weights on plain 4 KiB pages (hugepages.ENABLED)."""
-    from . import hugepages
+    (also "<dtype>/gemv-4k"): the gemv layout's packed weights on plain 4 KiB pages (hugepages.ENABLED).
+    pairs "both" where the fused layer packs pairs (vdpbf16ps, gemv_pairs.py): also "<dtype>/gemv-widen",
+    the same layer on gemv.pack's blocks (widen and FMA)."""
+    from . import fused, hugepages
 
     systems = {}
     for dtype, base in plain.items():
@@ -131,6 +133,12 @@ def build_systems(plain: dict[str, Transformer], layouts: list[str], compile_: b
                 if resolved == "gemv" and huge_pages == "both" and name == f"{dtype}/gemv":
                     hugepages.ENABLED = False
                     systems[f"{dtype}/gemv-4k"] = (copy.deepcopy(base).prepare(resolved), dense_step)
+                if resolved == "gemv" and pairs == "both" and fused.USE_PAIRS and name == f"{dtype}/gemv":
+                    fused.USE_PAIRS = False
+                    try:
+                        systems[f"{dtype}/gemv-widen"] = (copy.deepcopy(base).prepare(resolved), dense_step)
+                    finally:
+                        fused.USE_PAIRS = True
             finally:
                 hugepages.ENABLED = True
         if compile_:
@@ -215,6 +223,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--overhead", action="store_true",
                     help="random weights, SmolLM2's 30 layers at hidden 64: time per-call overhead, not matmuls")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the eager step (minutes to compile)")
+    ap.add_argument("--pairs", choices=["auto", "both"], default="auto",
+                    help="both: where the CPU has AVX512-BF16, also the fused layer without vdpbf16ps (gemv-widen)")
     ap.add_argument("--huge-pages", choices=["on", "off", "both"], default="on",
                     help="the gemv layout's weights on transparent huge pages; both: also a 4 KiB-page copy (gemv-4k)")
     ap.add_argument("--threads", type=int, default=2)
@@ -240,7 +250,7 @@ def main(argv=None) -> dict:
             plain[dtype] = load_model(args.model, dtype=dtype, layout=None)
         else:
             plain[dtype] = random_model(dtype, geometry=OVERHEAD if args.overhead else SMOLLM2)
-    systems = build_systems(plain, args.layouts, args.compile, log, args.huge_pages)
+    systems = build_systems(plain, args.layouts, args.compile, log, args.huge_pages, args.pairs)
     vocab = next(iter(plain.values())).config.vocab_size
     res = {"model": args.model or ("random, 30 layers at hidden 64 (overhead)" if args.overhead
                                    else "random, SmolLM2-135M geometry"), "threads": torch.get_num_threads(),

@@ -16,6 +16,9 @@ float32 and rounds its output once; the residual add, SiLU, the product and each
 term are rounded to bfloat16 as torch's bfloat16 ops round them (to nearest even).
 Activations travel as bfloat16 bits (torch bfloat16 tensors viewed as int16).
 `split` runs the output blocks over Numba's threads; otherwise the calling thread.
+Where the CPU has AVX512-BF16 the weights are packed in input pairs (gemv_pairs.py) and every
+GEMV multiplies the bfloat16 activations by them with vdpbf16ps: the same exact products, half
+the multiply instructions; each call takes either layout (the weights' shape tells which).
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ from numba.extending import intrinsic
 
 from lamina_kernels.softmax import exp_nonpos, u32_as_f32
 
-from .gemv import BLOCK, PANEL, WIDE_MIN_ROWS, _JIT, _block, at, flat, put, widened_t
+from .gemv import BLOCK, PANEL, WIDE_MIN_ROWS, _JIT, at, flat, put, widened_t
+from .gemv_pairs import NATIVE, block, pack_pairs
+
+# Weights in gemv_pairs' layout (vdpbf16ps) where the CPU has AVX512-BF16; tests set it to run that layout
+# (emulated) anywhere.
+USE_PAIRS = NATIVE
 
 
 @intrinsic
@@ -68,11 +76,14 @@ def _round(f):
 
 
 @njit(inline="always", **_JIT)
-def _load_rows(x, xs, norm_w, eps, use_norm):
+def _load_rows(x, xs, norm_w, eps, use_norm, pairs):
     """xs = float32 of the rows of x (bfloat16 bits), RMS-normalised and scaled when use_norm, in the
-    gemv kernel's panel layout (gemv.panel_index; xs is [rows, in] C-ordered memory)."""
+    gemv kernel's panel layout (gemv.panel_index; xs is [rows, in] C-ordered memory). With `pairs`
+    (weights in gemv_pairs' layout) the rows' bfloat16 bits instead, in panels of int32 pairs in xs's
+    first half (pair p of panel row c at int32 g0 * in / 2 + p * width + c)."""
     rows, h = x.shape
     xf, x1, nw = flat(xs), flat(x), flat(norm_w)
+    xh = xf.view(np.int16)
     inv = np.empty(PANEL, np.float32)  # not np.ones: see _zeros
     for g0 in range(0, rows, PANEL):
         width = min(PANEL, rows - g0)
@@ -91,7 +102,15 @@ def _load_rows(x, xs, norm_w, eps, use_norm):
             k1 = min(h, k0 + LOAD_TILE)
             for c in range(width):
                 src = (g0 + c) * h
-                if use_norm:
+                if pairs and use_norm:
+                    s = inv[c]
+                    for k in range(k0, k1):
+                        b = bf16_bits(_round(bf16_value(at(x1, src + k)) * s) * bf16_value(at(nw, k)))
+                        put(xh, p0 + (k >> 1) * 2 * width + 2 * c + (k & 1), b)
+                elif pairs:
+                    for k in range(k0, k1):
+                        put(xh, p0 + (k >> 1) * 2 * width + 2 * c + (k & 1), at(x1, src + k))
+                elif use_norm:
                     s = inv[c]
                     for k in range(k0, k1):
                         put(xf, p0 + k * width + c, _round(_round(bf16_value(at(x1, src + k)) * s) * bf16_value(at(nw, k))))
@@ -113,16 +132,16 @@ def norm_linear(x, norm_w, eps, use_norm, wb, bias, out, round_out, split):
     rows, n_out = out.shape
     nb = wb.shape[0]
     xs = np.empty((rows, x.shape[1]), np.float32)
-    _load_rows(x, xs, norm_w, eps, use_norm)
+    _load_rows(x, xs, norm_w, eps, use_norm, wb.shape[2] != BLOCK)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     tail = np.empty((0, BLOCK), np.float32)
     if split:
         for j in prange(nb):
-            _block(xs, wb, bias, yf, tail, j, nb * BLOCK)
+            block(xs, wb, bias, yf, tail, j, nb * BLOCK)
             _store(yf, out, j, n_out, round_out)
     else:
         for j in range(nb):
-            _block(xs, wb, bias, yf, tail, j, nb * BLOCK)
+            block(xs, wb, bias, yf, tail, j, nb * BLOCK)
             _store(yf, out, j, n_out, round_out)
 
 
@@ -133,14 +152,14 @@ def norm_linear_f32(x, norm_w, eps, wb, bias, out, split):
     rows, n_out = out.shape
     nb = wb.shape[0]
     xs = np.empty((rows, x.shape[1]), np.float32)
-    _load_rows(x, xs, norm_w, eps, True)
+    _load_rows(x, xs, norm_w, eps, True, wb.shape[2] != BLOCK)
     tail = np.empty((rows, BLOCK), np.float32)  # the last, partial block's rows (gemv._put)
     if split:
         for j in prange(nb):
-            _block(xs, wb, bias, out, tail, j, n_out)
+            block(xs, wb, bias, out, tail, j, n_out)
     else:
         for j in range(nb):
-            _block(xs, wb, bias, out, tail, j, n_out)
+            block(xs, wb, bias, out, tail, j, n_out)
 
 
 @njit(inline="always", **_JIT)
@@ -177,17 +196,17 @@ def linear_add(x, wb, res, out, split):
     rows, n_out = out.shape
     nb = wb.shape[0]
     xs = np.empty((rows, x.shape[1]), np.float32)
-    _load_rows(x, xs, x[0], np.float32(0.0), False)
+    _load_rows(x, xs, x[0], np.float32(0.0), False, wb.shape[2] != BLOCK)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     tail = np.empty((0, BLOCK), np.float32)
     zero = _zeros(nb * BLOCK)
     if split:
         for j in prange(nb):
-            _block(xs, wb, zero, yf, tail, j, nb * BLOCK)
+            block(xs, wb, zero, yf, tail, j, nb * BLOCK)
             _store_add(yf, res, out, j, n_out)
     else:
         for j in range(nb):
-            _block(xs, wb, zero, yf, tail, j, nb * BLOCK)
+            block(xs, wb, zero, yf, tail, j, nb * BLOCK)
             _store_add(yf, res, out, j, n_out)
 
 
@@ -214,7 +233,7 @@ def norm_swiglu(x, norm_w, eps, wb, out, split):
     rows, inter = out.shape
     nb = wb.shape[0]
     xs = np.empty((rows, x.shape[1]), np.float32)
-    _load_rows(x, xs, norm_w, eps, True)
+    _load_rows(x, xs, norm_w, eps, True, wb.shape[2] != BLOCK)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     tail = np.empty((0, BLOCK), np.float32)
     zero = _zeros(nb * BLOCK)
@@ -229,8 +248,8 @@ def norm_swiglu(x, norm_w, eps, wb, out, split):
 @njit(inline="always", **_JIT)
 def _swiglu_pair(xs, wb, zero, yf, tail, m, out):
     n = wb.shape[0] * BLOCK
-    _block(xs, wb, zero, yf, tail, 2 * m, n)
-    _block(xs, wb, zero, yf, tail, 2 * m + 1, n)
+    block(xs, wb, zero, yf, tail, 2 * m, n)
+    block(xs, wb, zero, yf, tail, 2 * m + 1, n)
     yv, ov = flat(yf), flat(out)
     inter = out.shape[1]
     for r in range(out.shape[0]):
@@ -303,6 +322,8 @@ class FusedDense:
             bits = [n.view(torch.int16).numpy() for n in (L.input_norm, L.post_norm)]
             self.layers.append((bits[0], qkv, o, bits[1], gate_up, down))
         self.head = Gemv(model.lm_head_weight, None)
+        if USE_PAIRS:
+            self._to_pairs()
         self._to_huge_pages()
         self.final_norm = model.final_norm.view(torch.int16).numpy()
         self.min_bytes = PARALLEL_MIN_BYTES
@@ -326,6 +347,19 @@ class FusedDense:
         self._rope_bits: dict = {}  # id(cos) -> (cos, sin, their bits): each micro-batch's table of the step
         self.prefill_linears = tuple((_bf16_out(qkv), _bf16_out(o), _WideGateUp(gate_up), _bf16_out(down))
                                      for _, qkv, o, _, gate_up, down in self.layers)
+
+    def _to_pairs(self) -> None:
+        """Every packed weight with an even input width into gemv_pairs' layout (the kernels take either)."""
+        def pairs(wb):
+            return pack_pairs(wb) if wb.shape[1] % 2 == 0 else wb
+
+        layers = []
+        for norm0, qkv, o, norm1, gate_up, down in self.layers:
+            for lin in (qkv, o, down):
+                lin.wb = pairs(lin.wb)
+            layers.append((norm0, qkv, o, norm1, pairs(gate_up), down))
+        self.layers = layers
+        self.head.wb = pairs(self.head.wb)
 
     def _to_huge_pages(self) -> None:
         """Move every packed weight into one huge-page mapping (hugepages.py), in the order a step reads

@@ -42,7 +42,8 @@ from lamina_kernels.pointers import address, as_voidptr
 from .atomics import (compare_exchange, cycles, fetch_add, load_acquire, load_seq_cst, sched_yield,
                       spin_pause, store_seq_cst)
 from .fused import _load_rows, _store, _store_add, _swiglu_pair, rope_split
-from .gemv import BLOCK, _JIT, _block
+from .gemv import BLOCK, _JIT
+from .gemv_pairs import block
 
 # Control words, each on its own 64-byte line (the caller and a worker write them concurrently).
 SEQ, STOP, NEXT, FINISHED, ACTIVE, NPARKED = 0, 8, 16, 24, 32, 40
@@ -59,6 +60,7 @@ WORKED = 80  # units computed by workers, summed over ops (for tests and tuning)
 WAITED = 81  # cycles the caller spent waiting for units workers held, summed over ops (tuning)
 PREFETCHED = 82  # weight blocks workers prefetched, summed (tests and tuning)
 SINK = 83  # where a prefetch leaves the sum of what it loaded (so the loads are not optimised away)
+A_PAIRS = 84  # 1 when the op's weights are in gemv_pairs' layout
 # An OP_PREFETCH's hints, each (address of packed blocks [nb, k_in, 16] int16, nb, k_in, blocks from the end).
 A_HINTS, N_HINTS = 88, 2
 CTL_SIZE = 96
@@ -111,14 +113,15 @@ def _unit(ctl, op, j, tid):
     rows, k_in, nb, n_out = ctl[A_ROWS], ctl[A_KIN], ctl[A_NB], ctl[A_NOUT]
     width = nb * BLOCK
     xs = carray(as_voidptr(ctl[A_XS]), (rows, k_in), np.float32)
-    wb = carray(as_voidptr(ctl[A_WB]), (nb, k_in, BLOCK), np.int16)
+    wide = BLOCK * 2 if ctl[A_PAIRS] else BLOCK  # gemv_pairs' layout: [nb, k_in / 2, 32]
+    wb = carray(as_voidptr(ctl[A_WB]), (nb, k_in * BLOCK // wide, wide), np.int16)
     bias = carray(as_voidptr(ctl[A_BIAS]), (width,), np.float32)
     yf = carray(as_voidptr(ctl[A_YF]), (rows, width), np.float32)
     tail = carray(as_voidptr(ctl[A_YF]), (0, BLOCK), np.float32)  # unused: yf's rows are whole blocks
     if op == OP_SWIGLU:
         _swiglu_pair(xs, wb, bias, yf, tail, j, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16))
     else:
-        _block(xs, wb, bias, yf, tail, j, width)
+        block(xs, wb, bias, yf, tail, j, width)
         if op == OP_ADD:
             res = carray(as_voidptr(ctl[A_RES]), (rows, n_out), np.int16)
             _store_add(yf, res, carray(as_voidptr(ctl[A_OUT]), (rows, n_out), np.int16), j, n_out)
@@ -291,6 +294,7 @@ def _post(ctl, op, xs, wb, bias, yf, out_addr, n_out, res_addr, round_out, units
     ctl[A_NOUT] = n_out
     ctl[A_RES] = res_addr
     ctl[A_ROUND] = round_out
+    ctl[A_PAIRS] = wb.shape[2] != BLOCK
     return _drive(ctl, units)
 
 
@@ -300,7 +304,7 @@ def pool_norm_linear(ctl, x, norm_w, eps, use_norm, wb, bias, out, round_out):
     rows, n_out = out.shape
     nb = wb.shape[0]
     xs = np.empty((rows, x.shape[1]), np.float32)
-    _load_rows(x, xs, norm_w, eps, use_norm)
+    _load_rows(x, xs, norm_w, eps, use_norm, wb.shape[2] != BLOCK)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     return _post(ctl, np.int64(OP_LINEAR), xs, wb, bias, yf, address(out), n_out, np.int64(0), np.int64(round_out), nb)
 
@@ -311,7 +315,7 @@ def pool_linear_add(ctl, x, wb, zero, res, out):
     rows, n_out = out.shape
     nb = wb.shape[0]
     xs = np.empty((rows, x.shape[1]), np.float32)
-    _load_rows(x, xs, x[0], np.float32(0.0), False)
+    _load_rows(x, xs, x[0], np.float32(0.0), False, wb.shape[2] != BLOCK)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     return _post(ctl, np.int64(OP_ADD), xs, wb, zero, yf, address(out), n_out, address(res), np.int64(0), nb)
 
@@ -322,7 +326,7 @@ def pool_norm_swiglu(ctl, x, norm_w, eps, wb, zero, out):
     rows, inter = out.shape
     nb = wb.shape[0]
     xs = np.empty((rows, x.shape[1]), np.float32)
-    _load_rows(x, xs, norm_w, eps, True)
+    _load_rows(x, xs, norm_w, eps, True, wb.shape[2] != BLOCK)
     yf = np.empty((rows, nb * BLOCK), np.float32)
     return _post(ctl, np.int64(OP_SWIGLU), xs, wb, zero, yf, address(out), inter, np.int64(0), np.int64(0), nb // 2)
 
@@ -334,8 +338,8 @@ def _open_prefetch(ctl, wb0, count0, wb1, count1):
     alive until then (SpinPool.run's `keep`). Returns the wake mask (a parked worker is woken for it)."""
     seq = _close_prefetch(ctl) + 1
     ctl[A_OP] = OP_PREFETCH
-    ctl[A_HINTS], ctl[A_HINTS + 1], ctl[A_HINTS + 2], ctl[A_HINTS + 3] = address(wb0), wb0.shape[0], wb0.shape[1], count0
-    ctl[A_HINTS + 4], ctl[A_HINTS + 5], ctl[A_HINTS + 6], ctl[A_HINTS + 7] = address(wb1), wb1.shape[0], wb1.shape[1], count1
+    ctl[A_HINTS], ctl[A_HINTS + 1], ctl[A_HINTS + 2], ctl[A_HINTS + 3] = address(wb0), wb0.shape[0], wb0[0].size // BLOCK, count0
+    ctl[A_HINTS + 4], ctl[A_HINTS + 5], ctl[A_HINTS + 6], ctl[A_HINTS + 7] = address(wb1), wb1.shape[0], wb1[0].size // BLOCK, count1
     store_seq_cst(ctl, SEQ, seq)
     return _claim_parked(ctl)
 
