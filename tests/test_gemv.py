@@ -171,6 +171,29 @@ def test_one_thread_runs_a_layer_in_one_call_with_the_same_bits(pairs, monkeypat
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("pairs", [False, True])
+@torch.inference_mode()
+def test_prefill_matmuls_unpack_either_layout(native, pairs, monkeypatch):
+    """A prefill chunk's matmuls (FusedDense.prefill_linears) from the packed weights: widened to float32
+    for sgemm, or unpacked to bfloat16 for torch's bf16 GEMM where the CPU has native bf16 (forced here
+    both ways: torch's bf16 GEMM is slow but right without it), gate and up put back in order."""
+    monkeypatch.setattr(fused_mod, "USE_PAIRS", pairs)
+    monkeypatch.setattr(fused_mod, "_native_bf16", lambda: native)
+    model = random_model("bfloat16", seed=11, geometry=GEOMETRY).prepare("gemv")
+    plain = random_model("bfloat16", seed=11, geometry=GEOMETRY).prepare("f32")
+    g = torch.Generator().manual_seed(12)
+    c = model.config
+    x = torch.randn(WIDE_MIN_ROWS + 5, c.hidden_size, generator=g).to(torch.bfloat16)
+    h = torch.randn(WIDE_MIN_ROWS + 5, c.intermediate_size, generator=g).to(torch.bfloat16)
+    for layer in range(c.num_layers):
+        qkv, o, gate_up, down = model._fused.prefill_linears[layer]
+        want = plain._linears[layer]
+        for got, ref in ((qkv(x), want[0](x)), (o(x), want[1](x)), (gate_up(x), want[2](x)), (down(h), want[3](h))):
+            assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+            _close_bf16(got, ref)
+
+
 def test_a_float32_attention_output_is_rounded_to_bf16_as_torch_does():
     """fused._bits rounds a float32 numpy array (the attention output handed to post as it came)
     exactly as torch's .to(torch.bfloat16): ties to even, carries into the exponent, infinities,

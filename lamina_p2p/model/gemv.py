@@ -391,6 +391,23 @@ def widened_t(wb: np.ndarray) -> torch.Tensor:
     return t.permute(1, 0, 2).reshape(wb.shape[1], -1).float()
 
 
+def plain_weights(wb: np.ndarray, halves: bool = False) -> torch.Tensor:
+    """Packed blocks [nb, in, 16] (or gemv_pairs' [nb, in / 2, 32]) -> [nb * 16, in] in their storage dtype
+    (a torch bfloat16, float16 or float32 tensor, padding rows included), made per call (nothing held).
+    `halves`: the even blocks' rows first, then the odd ones' (fused.pack_gate_up's interleaved gate and
+    up blocks back to [gate; up]) in the same single copy."""
+    if wb.shape[2] != BLOCK:
+        from .gemv_pairs import unpack_pairs  # imports this module
+
+        wb = unpack_pairs(wb)
+    t = torch.from_numpy(wb)
+    if wb.dtype != np.float32:
+        t = torch.from_numpy(wb.view(np.int16)).view(torch.bfloat16 if wb.dtype == np.int16 else torch.float16)
+    if halves:
+        t = t.view(-1, 2, *t.shape[1:]).transpose(0, 1)
+    return t.transpose(-1, -2).reshape(-1, wb.shape[1])
+
+
 def pack(w: torch.Tensor) -> np.ndarray:
     """[out, in] weights -> [ceil(out/16), in, 16], zero rows padding the last block.
 
