@@ -9,7 +9,9 @@ there is none. A small call (plan.call_work up to `inline_work`) runs the passes
 the calling thread, planned without splits: waking the second thread costs more than
 it saves there; a larger one hands the items out over numba's threads one at a time,
 longest first. The inline and threaded paths are one function and both 16-bit
-storages one compiled variant (a runtime `bf16` flag; bits are copied as they are),
+storages one compiled variant (a runtime `bf16` flag; bits are copied as they are;
+bfloat16's QK on bfloat16 dot products when the process's flag says so, read per call:
+simd.set_dpbf16),
 and the inputs the kernel only reads are typed read-only (a writable array converts to
 that type, a read-only one from the wire is it): `SIGNATURES` are the driver's only two
 specializations (float32, uint16), compiled by cpu._compile, which then closes the
@@ -30,6 +32,7 @@ from .items import append_rows as _append_rows
 from .items import attend_item as _attend_item
 from .items import make_scratch as _scratch
 from .items import merge_group as _merge_group
+from .simd import dpbf16_enabled as _dpbf16_enabled
 
 # No nnan/ninf: the running max starts at -inf and empty rows yield lse = -inf.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -109,6 +112,8 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
         return err, seq, inline
     scale32 = np.float32(scale)
     rmax = q_tile * gsz
+    # bfloat16 dot products (simd.vdpbf16): the process's flag, read per call (cpu.py sets it).
+    dp = bf16 and _dpbf16_enabled()
 
     # Items differ in size: the threaded path hands them out one at a time (dynamic
     # scheduling; a thread the OS delays does not hold up the others' share). The
@@ -134,7 +139,7 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
         scratch = _scratch(1, rmax, k_pool.shape[2], d)
         for it in range(items.shape[0]):
             _attend_item(it, 0, q, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
-                         context_lens, layer, scale32, bf16, groups, items, gsz, scratch, part_o,
+                         context_lens, layer, scale32, bf16, dp, groups, items, gsz, scratch, part_o,
                          part_lse, out, lse)
         for g in range(n_groups):  # no split group: only groups that see no key
             _merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse)
@@ -142,8 +147,8 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
     scratch = _scratch(n_threads, rmax, k_pool.shape[2], d)  # get_thread_id() < n_threads
     for it in prange(items.shape[0]):
         _attend_item(order[it], numba.get_thread_id(), q, k_pool, v_pool, block_table,
-                     table_rows, q_start, kv_start, context_lens, layer, scale32, bf16, groups,
-                     items, gsz, scratch, part_o, part_lse, out, lse)
+                     table_rows, q_start, kv_start, context_lens, layer, scale32, bf16, dp,
+                     groups, items, gsz, scratch, part_o, part_lse, out, lse)
 
     # Pass 3: merge split groups and fill groups that see no key at all (a parallel
     # region only when there is such a group).

@@ -41,11 +41,13 @@ def append_rows(k_new, v_new, k_pool, v_pool, block_table, table_rows, kv_start,
 
 @njit(**_JIT)
 def attend_item(item, tid, q, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
-                context_lens, layer, scale, bf16, groups, items, gsz, scratch, part_o, part_lse,
-                out, lse):
+                context_lens, layer, scale, bf16, dp, groups, items, gsz, scratch, part_o,
+                part_lse, out, lse):
     """One planned item: online softmax of its group's query rows over its key range,
     normalised into out/lse (a whole group) or into its partial slot (a split group).
-    scratch: the per-thread buffers of make_scratch, row tid used."""
+    scratch: the per-thread buffers of make_scratch, row tid used. dp: a bfloat16 pool's
+    QK on bfloat16 dot products where the tiles have them (head_dim 64 and 128; see
+    tiles.attend_rows), else ignored."""
     qs_t, lim_t, s_t, m_t, l_t, acc_t, kw_t, vw_t = scratch
     qs = qs_t[tid]
     row_lim = lim_t[tid]
@@ -64,26 +66,31 @@ def attend_item(item, tid, q, k_pool, v_pool, block_table, table_rows, q_start, 
     nqt = groups[g, P.G_NQ]
     n_rows = nqt * gsz
     append = kv_start[i + 1] > kv_start[i]
+    # The dot-product QK takes the query rows as stored (raw bfloat16) and scales the scores.
+    dpq = T.dp_pool(k_pool, dp) and (d == 64 or d == 128)
     for jj in range(nqt):
         tok = q_start[i] + j0 + jj
         lim = context_lens[i] + (j0 + jj + 1 if append else 0)
         for gg in range(gsz):
             r = jj * gsz + gg
             row_lim[r] = lim
-            _scaled_row(qs, r, q, tok, h * gsz + gg, scale, bf16)
+            if dpq:
+                T.raw_row(qs, r, q, tok, h * gsz + gg)
+            else:
+                _scaled_row(qs, r, q, tok, h * gsz + gg, scale, bf16)
     bt_row = block_table[table_rows[i], h]
     if not (d % 16 == 0 and _vector_ok(k_pool, bf16)):
         _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
                      bf16)
     elif d == 64:
         T.attend_rows_64(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
-                         kw_t[tid], vw_t[tid], bf16)
+                         kw_t[tid], vw_t[tid], bf16, dpq, scale)
     elif d == 128:
         T.attend_rows_128(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l,
-                          acc, kw_t[tid], vw_t[tid], bf16)
+                          acc, kw_t[tid], vw_t[tid], bf16, dpq, scale)
     else:
         T.attend_rows_any(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l,
-                          acc, kw_t[tid], vw_t[tid], bf16)
+                          acc, kw_t[tid], vw_t[tid], bf16, False, scale)
     for jj in range(nqt):
         tok = q_start[i] + j0 + jj
         for gg in range(gsz):

@@ -36,6 +36,7 @@ from .items import merge_group as _merge_group
 from .items import sums_width as _sums_width
 from .pointers import address as _address
 from .pointers import as_voidptr as _voidptr
+from .simd import dpbf16_enabled as _dpbf16_enabled
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
@@ -52,7 +53,7 @@ ALIGN = 16
 # The record's fields (int64). Arrays are (address, shape...) as rebuilt by run_item.
 (R_Q, R_T, R_HQ, R_D, R_KP, R_VP, R_NBLK, R_NLAY, R_BS, R_BT, R_BTR, R_BTH, R_BTM, R_ROWS, R_QS,
  R_KVS, R_CTX, R_NSEQ, R_LAYER, R_SCALE, R_BF16, R_F32, R_GROUPS, R_NGROUPS, R_ITEMS, R_NITEMS,
- R_ORDER, R_GSZ, R_NTHR, R_RMAX, R_PO, R_PL, R_NPARTS, R_OUT, R_LSE, R_SCR) = range(36)
+ R_ORDER, R_GSZ, R_NTHR, R_RMAX, R_PO, R_PL, R_NPARTS, R_OUT, R_LSE, R_DP, R_SCR) = range(37)
 N_SCRATCH = 8
 N_REC = R_SCR + N_SCRATCH
 
@@ -126,6 +127,7 @@ def setup(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_
     rec[R_KVS], rec[R_CTX], rec[R_NSEQ] = _address(kv_start), _address(context_lens), n_seq
     rec[R_LAYER], rec[R_SCALE], rec[R_BF16] = layer, _address(scale_a), bf16
     rec[R_F32] = q.itemsize == 4
+    rec[R_DP] = bf16 and _dpbf16_enabled()  # read once per call, as the driver does
     rec[R_GROUPS], rec[R_NGROUPS] = _address(groups), groups.shape[0]
     rec[R_ITEMS], rec[R_NITEMS], rec[R_ORDER] = _address(items), items.shape[0], _address(order)
     rec[R_GSZ], rec[R_NTHR], rec[R_RMAX] = gsz, n_threads, rmax
@@ -175,7 +177,7 @@ def _item(rec, j, tid, dt):
                  _readonly(_arr(rec, R_QS, (n_seq + 1,), np.int32)),
                  _readonly(_arr(rec, R_KVS, (n_seq + 1,), np.int32)),
                  _readonly(_arr(rec, R_CTX, (n_seq,), np.int32)), rec[R_LAYER],
-                 _arr(rec, R_SCALE, (1,), np.float32)[0], rec[R_BF16] != 0,
+                 _arr(rec, R_SCALE, (1,), np.float32)[0], rec[R_BF16] != 0, rec[R_DP] != 0,
                  _arr(rec, R_GROUPS, (rec[R_NGROUPS], 8), np.int64),
                  _arr(rec, R_ITEMS, (rec[R_NITEMS], 4), np.int64), rec[R_GSZ], scratch,
                  _arr(rec, R_PO, (rec[R_NPARTS], rmax, d), np.float32),

@@ -12,7 +12,9 @@ in the load: float32 as is, bfloat16 bits (int16 arrays) by a 16-bit shift, floa
 bits (uint16 arrays) by LLVM's `fpext half` (vcvtph2ps with F16C).
 """
 
-from llvmlite import ir
+import ctypes
+
+from llvmlite import binding, ir
 from numba.core import cgutils, types
 from numba.core.datamodel import models, register_default
 from numba.extending import intrinsic
@@ -577,5 +579,135 @@ def vinterleave(typingctx, e, o, upper):
     def codegen(context, builder, signature, args):
         idx = [j for i in range(base, base + LANES // 2) for j in (i, LANES + i)]
         return builder.shuffle_vector(args[0], args[1], ir.Constant(ir.VectorType(_I32, LANES), idx))
+
+    return sig, codegen
+
+
+# bfloat16 dot products (vdpbf16ps, AVX512_BF16). Lane i of the accumulator gains
+# a[2i] b[2i] + a[2i+1] b[2i+1] of two vectors of 32 bfloat16 (raw pairs, as vload_raw
+# and vbcast4 give them): the products are exact in float32 and the accumulation is
+# float32, so a dot product of bfloat16 rows is what the float32 FMAs on widened rows
+# compute, in another order, for half the instructions and without the widening.
+#
+# Whether the instruction may be emitted is a property of the compile target, not of a
+# call: the codegen below emits it only when Numba compiles for a CPU with avx512_bf16
+# (Numba's cache is keyed by the target CPU's name and features, so such code is never
+# loaded on a CPU without them); for any other target it emits the same arithmetic with
+# float32 FMAs, so the tiles compile, and run correctly, everywhere. Whether the tiles
+# take the dot-product path at all is a runtime flag (dpbf16_enabled, set by
+# set_dpbf16), chosen per process from the host's features: the float32 path stays the
+# default elsewhere and the fallback everywhere.
+
+_DP_SYMBOL = "lamina_kernels_dpbf16"
+_DP_FLAG = ctypes.c_int64(0)
+# Resolved by name when a function reading the flag is linked (compiled or loaded from
+# the cache), as Numba resolves its own runtime symbols: the address is this process's.
+binding.add_symbol(_DP_SYMBOL, ctypes.addressof(_DP_FLAG))
+
+
+def _target_has_bf16():
+    """Whether Numba compiles for a CPU with avx512_bf16 (the host's CPU unless
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES choose another target)."""
+    from numba.core import config
+
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return "+avx512bf16" in (config.CPU_FEATURES or "")
+    try:
+        return bool(binding.get_host_cpu_features().get("avx512bf16", False))
+    except RuntimeError:
+        return False
+
+
+TARGET_BF16 = _target_has_bf16()
+
+
+def dpbf16_default(host_features=None):
+    """Whether the dot-product path is on by default: only where the host reports
+    avx512_bf16 (host_features: a dict like llvmlite's get_host_cpu_features(); None:
+    this host's) and Numba's target has it (else the path would run on FMAs, slower
+    than the float32 tiles)."""
+    if host_features is None:
+        try:
+            host_features = binding.get_host_cpu_features()
+        except RuntimeError:
+            host_features = {}
+    return bool(host_features.get("avx512bf16", False)) and TARGET_BF16
+
+
+def set_dpbf16(on):
+    """Turn the tiles' bfloat16 dot-product path on or off for this process (from the
+    next call on); returns the previous setting. On a target without avx512_bf16 the
+    path runs on float32 FMAs (same results up to summation order, slower): callers
+    turn it on only where TARGET_BF16 (see cpu.py)."""
+    old = bool(_DP_FLAG.value)
+    _DP_FLAG.value = 1 if on else 0
+    return old
+
+
+def dpbf16_enabled_now():
+    """The flag as the next call will read it (host version of dpbf16_enabled)."""
+    return bool(_DP_FLAG.value)
+
+
+@intrinsic
+def dpbf16_enabled(typingctx):
+    """The process's dot-product flag (set_dpbf16), read at run time."""
+    sig = types.boolean()
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        gv = builder.module.globals.get(_DP_SYMBOL)
+        if gv is None:
+            gv = ir.GlobalVariable(builder.module, i64, _DP_SYMBOL)
+            gv.linkage = "external"
+        return builder.icmp_unsigned("!=", builder.load(gv), i64(0))
+
+    return sig, codegen
+
+
+set_dpbf16(dpbf16_default())
+
+
+class _BF16(ir.Type):
+    """LLVM's bfloat (llvmlite has no bfloat type; only its name is needed: values of it
+    are never built here, only vectors of them bitcast from integer vectors)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BF16)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_VB = ir.VectorType(_BF16(), 2 * LANES)
+
+
+def _dp_codegen(builder, acc, a, b):
+    if TARGET_BF16:
+        fn = _fn(builder, "llvm.x86.avx512bf16.dpbf16ps.512", _V, [_V, _VB, _VB])
+        return builder.call(fn, [acc, builder.bitcast(a, _VB), builder.bitcast(b, _VB)])
+    # The same arithmetic with float32 FMAs (odd pair element first, as the instruction;
+    # bfloat16 products are exact, so fma and multiply-add agree).
+    vi = ir.VectorType(_I32, LANES)
+    ai, bi = builder.bitcast(a, vi), builder.bitcast(b, vi)
+    fma = _fn(builder, "llvm.fma.v16f32", _V, [_V, _V, _V])
+    acc = builder.call(fma, [_bf16_half(builder, ai, True), _bf16_half(builder, bi, True), acc])
+    return builder.call(fma, [_bf16_half(builder, ai, False), _bf16_half(builder, bi, False), acc])
+
+
+@intrinsic
+def vdpbf16(typingctx, acc, a, b):
+    """acc + the pairwise bfloat16 dot products of a and b (each 32 bfloat16 held as the
+    16 lanes of an f32x16: vload_raw, vbcast4 on raw rows): lane i += a[2i] b[2i] +
+    a[2i+1] b[2i+1], exact products, float32 accumulation (one vdpbf16ps)."""
+    if acc != f32x16 or a != f32x16 or b != f32x16:
+        return None
+    sig = f32x16(acc, a, b)
+
+    def codegen(context, builder, signature, args):
+        return _dp_codegen(builder, args[0], args[1], args[2])
 
     return sig, codegen

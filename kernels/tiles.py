@@ -15,6 +15,12 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   (simd.vbcast4), folded by simd.vsum4x4: the fold, ~2 shuffles + 1 add per (row, key)
   with vsum16, costs an eighth of that. bfloat16 quads are transposed as raw bits and
   widened after (simd.vload_raw, vbf16_eo).
+- QK of bfloat16 pools on bfloat16 dot products (attend_rows' dp, the head_dim 64 and
+  128 bodies; simd.vdpbf16, vdpbf16ps, where the host has avx512_bf16: see simd.py):
+  the query rows stay raw bfloat16 (exact products, float32 accumulation, the scores
+  scaled after), K is read as stored, 32 dims a vector: the same tilings (row pairs x 8
+  keys, one row x 16 keys, key quads of raw pairs from 4 rows) for half the
+  multiply-add instructions and no widening or staging of K. PV stays float32.
 - Softmax: a whole chunk every row sees (decode) takes one vector per row without the
   causal bookkeeping; the max's fold and rescale only when a score passes the max; the
   rows' sums of such chunks stay 16-lane vectors (lv), folded once at the end.
@@ -48,9 +54,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, vbf16_eo, veo, vexp_nonpos, vfma, vhmax,
-                   vhsum, vinterleave, vload, vload16, vload_bf16, vload_bf16_eo, vload_raw, vmul, vquad,
-                   vstore, vstore8, vsub, vsum4x4, vsum16, vzero)
+from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, vbf16_eo, vdpbf16, veo, vexp_nonpos, vfma,
+                   vhmax, vhsum, vinterleave, vload, vload16, vload_bf16, vload_bf16_eo, vload_raw, vmul,
+                   vquad, vstore, vstore8, vsub, vsum4x4, vsum16, vzero)
 from .softmax import exp_nonpos
 
 FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -173,6 +179,18 @@ def _ov_quads(pool, d, n_rows):
     return lambda pool, d, n_rows: n_rows >= QUAD_ROWS_16
 
 
+def dp_pool(pool, dp):
+    """Whether QK runs on bfloat16 dot products (simd.vdpbf16): dp, for a 16-bit pool."""
+
+
+@overload(dp_pool, inline="always", jit_options=_JIT)
+def _ov_dp(pool, dp):
+    # float32 pools: a constant False, and LLVM drops the dot-product loops there.
+    if pool.dtype == types.float32:
+        return lambda pool, dp: False
+    return lambda pool, dp: dp
+
+
 def _ld(pool, idx, bf16):
     """16 elements of a pool from flat index idx as float32 (16-bit: widened in registers)."""
 
@@ -182,6 +200,16 @@ def _ov_ld(pool, idx, bf16):
     if pool.dtype == types.float32:
         return lambda pool, idx, bf16: vload(pool, idx)
     return lambda pool, idx, bf16: vload16(pool, idx, bf16)
+
+
+@njit(**_JIT)
+def raw_row(qs, r, q, tok, hq):
+    """qs[r]'s first d / 2 float32 words = the raw bfloat16 bits of q[tok, hq, :] (uint16
+    [T, Hq, d], d a multiple of 32): a query row for the dot-product QK (attend_rows' dp)."""
+    d = q.shape[2]
+    src = (tok * q.shape[1] + hq) * d
+    for x in range(0, d, 32):
+        vstore(qs, r * qs.shape[1] + x // 2, vload_raw(q, src + x))
 
 
 def make_attend_rows(D):
@@ -205,17 +233,25 @@ def make_attend_rows(D):
     NEAR = D == 64
     # Even/odd bfloat16 staging (_eo) only where head_dim is a constant multiple of 32.
     EO = D != 0 and D % 32 == 0
+    # bfloat16 dot products (vdpbf16: 32 dims a vector) likewise.
+    DP = EO
 
     @njit(**_JIT_D)
     def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
-                    kw, vw, bf16):
+                    kw, vw, bf16, dp, qscale):
         """Online softmax of rows qs[:n_rows] over keys [k0, k1) of one (sequence, kv
         head); row r sees keys < row_lim[r]. Leaves the running max m, sum l and the
         unnormalised accumulator acc (float32 [rows, d]). s: float32 [rows, >= bs];
         kw, vw: float32 scratch of >= bs * d elements (used by 16-bit pools); bf16:
         whether a uint16 pool holds bfloat16 (else float16) bits. qs, row_lim, s, m, l
         and acc have a row to spare past n_rows (make_scratch's padding): a 16-bit
-        pool's tile of 4k + 3 rows runs as 4k + 4 (_pad_row)."""
+        pool's tile of 4k + 3 rows runs as 4k + 4 (_pad_row).
+
+        dp (bfloat16 pools, the head_dim 64 and 128 bodies; see simd.vdpbf16): QK on
+        bfloat16 dot products. qs's rows then hold the query's raw bfloat16 bits (row r's
+        d values in the first d / 2 float32 words of qs[r], unscaled) and the scores are
+        the dot products times qscale (float32); the key chunks are read as stored (key
+        quads of raw pairs at four rows or more), not widened. PV is unchanged."""
         ks = _src(k_pool, kw)
         vs = _src(v_pool, vw)
         bs = k_pool.shape[2]
@@ -249,9 +285,13 @@ def make_attend_rows(D):
         b0 = k0 // bs
         direct = _direct(k_pool, n_rows)
         eo = EO and _eo(k_pool, bf16, n_rows)
+        # QK on bfloat16 dot products: the query rows stay raw pairs (no even/odd order:
+        # eo then only orders V and the accumulators).
+        dq = DP and dp_pool(k_pool, dp)
+        eo_q = eo and not dq
         in_place = _in_place(k_pool)
         near = NEAR and not in_place  # constants: LLVM keeps one prefetch of the two
-        if eo:  # the rows' dims in the staged order (undone before returning)
+        if eo_q:  # the rows' dims in the staged order (undone before returning)
             for r in range(n_rows):
                 for x in range(r * d, (r + 1) * d, 32):
                     a = vload(qs, x)
@@ -283,7 +323,25 @@ def make_attend_rows(D):
             pa = base + t0 + (32 if near else bs)
             pf = ((bt_row[pa // bs] * nl + layer) * bs + pa % bs) * d if pa < b_end * bs else -1
             quad = QUADS and n == CHUNK and _quads(k_pool, d, n_rows)
-            if quad:
+            if quad and dq:
+                # bfloat16 dot products: the chunk's K as key quads of raw pairs, not widened:
+                # vector j of quad q = 128-bit block j (dims 8j .. 8j + 7) of its 4 keys side
+                # by side (lane 4 kk + e: key 4q + kk, dims 8j + 2e, 8j + 2e + 1); 2 d words a
+                # quad. Half the stores of the widened quads, no widening.
+                kb = 0
+                for q4 in range(0, CHUNK, 4):
+                    qd = q4 * d
+                    for x in range(0, d, 32):
+                        src = row0 + qd + x
+                        w0 = vload_raw(k_pool, src)
+                        w1 = vload_raw(k_pool, src + d)
+                        w2 = vload_raw(k_pool, src + 2 * d)
+                        w3 = vload_raw(k_pool, src + 3 * d)
+                        vstore(kw, qd // 2 + 2 * x, vquad(w0, w1, w2, w3, 0))
+                        vstore(kw, qd // 2 + 2 * x + 16, vquad(w0, w1, w2, w3, 1))
+                        vstore(kw, qd // 2 + 2 * x + 32, vquad(w0, w1, w2, w3, 2))
+                        vstore(kw, qd // 2 + 2 * x + 48, vquad(w0, w1, w2, w3, 3))
+            elif quad:
                 # Widen (16-bit) and reorder the chunk's K into key quads: vector j of quad
                 # q = K[4q + kk, 4j + e] in lane 4kk + e, written as four 128-bit stores.
                 kb = 0
@@ -328,7 +386,7 @@ def make_attend_rows(D):
                             vstore(kw, qd + 4 * x + 48, vquad(w0, w1, w2, w3, 3))
             else:
                 kb = row0
-                if not (direct or in_place):
+                if not (direct or in_place or dq):
                     # Staging: the chunk widened once into the scratch (every row of the
                     # tile then reads float32; decoding in each load would repeat the
                     # widening per query row). One branch on the storage per chunk, in this
@@ -350,7 +408,69 @@ def make_attend_rows(D):
             # feeds two FMAs; 16 accumulators), an odd last row over 16 keys. One row of
             # a 16-bit pool: over 16 keys, read in place (_direct).
             r = 0
-            if quad:
+            if quad and dq:
+                # As below on raw pairs: per 8 dims (4 words), four quad loads and four
+                # broadcasts of a row's 8 dims feed 16 dot products.
+                while r + 4 <= n_rows:
+                    qb = r * d
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    for j in range(0, d // 2, 4):
+                        if r == 0 and pf >= 0:  # 128 elements an iteration cover 16 keys
+                            po = pf + 32 * j
+                            while po < pf + 32 * j + 128:
+                                if near:
+                                    prefetch_l1(k_pool, po)
+                                else:
+                                    prefetch(k_pool, po)
+                                po += step
+                        kv0 = vload(kw, 4 * j)
+                        kv1 = vload(kw, 4 * j + 2 * d)
+                        kv2 = vload(kw, 4 * j + 4 * d)
+                        kv3 = vload(kw, 4 * j + 6 * d)
+                        qv = vbcast4(qs, qb + j)
+                        a0 = vdpbf16(a0, qv, kv0)
+                        a1 = vdpbf16(a1, qv, kv1)
+                        a2 = vdpbf16(a2, qv, kv2)
+                        a3 = vdpbf16(a3, qv, kv3)
+                        qv = vbcast4(qs, qb + d + j)
+                        a4 = vdpbf16(a4, qv, kv0)
+                        a5 = vdpbf16(a5, qv, kv1)
+                        a6 = vdpbf16(a6, qv, kv2)
+                        a7 = vdpbf16(a7, qv, kv3)
+                        qv = vbcast4(qs, qb + 2 * d + j)
+                        a8 = vdpbf16(a8, qv, kv0)
+                        a9 = vdpbf16(a9, qv, kv1)
+                        a10 = vdpbf16(a10, qv, kv2)
+                        a11 = vdpbf16(a11, qv, kv3)
+                        qv = vbcast4(qs, qb + 3 * d + j)
+                        a12 = vdpbf16(a12, qv, kv0)
+                        a13 = vdpbf16(a13, qv, kv1)
+                        a14 = vdpbf16(a14, qv, kv2)
+                        a15 = vdpbf16(a15, qv, kv3)
+                    vstore(s, r * sw + t0, vmul(vsum4x4(a0, a1, a2, a3), qscale))
+                    vstore(s, (r + 1) * sw + t0, vmul(vsum4x4(a4, a5, a6, a7), qscale))
+                    vstore(s, (r + 2) * sw + t0, vmul(vsum4x4(a8, a9, a10, a11), qscale))
+                    vstore(s, (r + 3) * sw + t0, vmul(vsum4x4(a12, a13, a14, a15), qscale))
+                    r += 4
+                while r < n_rows:
+                    qb = r * d
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    for j in range(0, d // 2, 8):
+                        qv = vbcast4(qs, qb + j)
+                        a0 = vdpbf16(a0, qv, vload(kw, 4 * j))
+                        a1 = vdpbf16(a1, qv, vload(kw, 4 * j + 2 * d))
+                        a2 = vdpbf16(a2, qv, vload(kw, 4 * j + 4 * d))
+                        a3 = vdpbf16(a3, qv, vload(kw, 4 * j + 6 * d))
+                        qv = vbcast4(qs, qb + j + 4)
+                        a4 = vdpbf16(a4, qv, vload(kw, 4 * j + 16))
+                        a5 = vdpbf16(a5, qv, vload(kw, 4 * j + 2 * d + 16))
+                        a6 = vdpbf16(a6, qv, vload(kw, 4 * j + 4 * d + 16))
+                        a7 = vdpbf16(a7, qv, vload(kw, 4 * j + 6 * d + 16))
+                    vstore(s, r * sw + t0,
+                           vmul(vsum4x4(vadd(a0, a4), vadd(a1, a5), vadd(a2, a6), vadd(a3, a7)), qscale))
+                    r += 1
+            elif quad:
                 # Four rows x the chunk's four quads (16 accumulators): per 4 dims, four K
                 # loads and four query broadcasts feed 16 FMAs.
                 while r + 4 <= n_rows:
@@ -415,7 +535,100 @@ def make_attend_rows(D):
                         a7 = vfma(qv, vload(kw, 4 * j + 12 * d + 16), a7)
                     vstore(s, r * sw + t0, vsum4x4(vadd(a0, a4), vadd(a1, a5), vadd(a2, a6), vadd(a3, a7)))
                     r += 1
-            if direct:
+            # bfloat16 dot products on K as stored (fewer than four rows, or a partial
+            # chunk): rows in pairs over 8 keys, then one row over 16 keys, as below.
+            while dq and r + 2 <= n_rows:
+                qb = r * d
+                t = 0
+                while t + 8 <= n:
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 8, d, step)
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 32):
+                        qv = vload(qs, qb + c // 2)
+                        qw = vload(qs, qb + d + c // 2)
+                        k = vload_raw(k_pool, o + c)
+                        a0 = vdpbf16(a0, qv, k)
+                        a8 = vdpbf16(a8, qw, k)
+                        k = vload_raw(k_pool, o + d + c)
+                        a1 = vdpbf16(a1, qv, k)
+                        a9 = vdpbf16(a9, qw, k)
+                        k = vload_raw(k_pool, o + 2 * d + c)
+                        a2 = vdpbf16(a2, qv, k)
+                        a10 = vdpbf16(a10, qw, k)
+                        k = vload_raw(k_pool, o + 3 * d + c)
+                        a3 = vdpbf16(a3, qv, k)
+                        a11 = vdpbf16(a11, qw, k)
+                        k = vload_raw(k_pool, o + 4 * d + c)
+                        a4 = vdpbf16(a4, qv, k)
+                        a12 = vdpbf16(a12, qw, k)
+                        k = vload_raw(k_pool, o + 5 * d + c)
+                        a5 = vdpbf16(a5, qv, k)
+                        a13 = vdpbf16(a13, qw, k)
+                        k = vload_raw(k_pool, o + 6 * d + c)
+                        a6 = vdpbf16(a6, qv, k)
+                        a14 = vdpbf16(a14, qw, k)
+                        k = vload_raw(k_pool, o + 7 * d + c)
+                        a7 = vdpbf16(a7, qv, k)
+                        a15 = vdpbf16(a15, qw, k)
+                    sv = vmul(vsum16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15),
+                              qscale)
+                    vstore8(s, r * sw + t0 + t, sv, False)
+                    vstore8(s, (r + 1) * sw + t0 + t, sv, True)
+                    t += 8
+                while t < n:
+                    a = vzero()
+                    b2 = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 32):
+                        k = vload_raw(k_pool, o + c)
+                        a = vdpbf16(a, vload(qs, qb + c // 2), k)
+                        b2 = vdpbf16(b2, vload(qs, qb + d + c // 2), k)
+                    s[r, t0 + t] = vhsum(a) * qscale
+                    s[r + 1, t0 + t] = vhsum(b2) * qscale
+                    t += 1
+                r += 2
+            while dq and r < n_rows:
+                qb = r * d
+                t = 0
+                while t + 16 <= n:
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 16, d, step)
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 32):
+                        qv = vload(qs, qb + c // 2)
+                        a0 = vdpbf16(a0, qv, vload_raw(k_pool, o + c))
+                        a1 = vdpbf16(a1, qv, vload_raw(k_pool, o + d + c))
+                        a2 = vdpbf16(a2, qv, vload_raw(k_pool, o + 2 * d + c))
+                        a3 = vdpbf16(a3, qv, vload_raw(k_pool, o + 3 * d + c))
+                        a4 = vdpbf16(a4, qv, vload_raw(k_pool, o + 4 * d + c))
+                        a5 = vdpbf16(a5, qv, vload_raw(k_pool, o + 5 * d + c))
+                        a6 = vdpbf16(a6, qv, vload_raw(k_pool, o + 6 * d + c))
+                        a7 = vdpbf16(a7, qv, vload_raw(k_pool, o + 7 * d + c))
+                        a8 = vdpbf16(a8, qv, vload_raw(k_pool, o + 8 * d + c))
+                        a9 = vdpbf16(a9, qv, vload_raw(k_pool, o + 9 * d + c))
+                        a10 = vdpbf16(a10, qv, vload_raw(k_pool, o + 10 * d + c))
+                        a11 = vdpbf16(a11, qv, vload_raw(k_pool, o + 11 * d + c))
+                        a12 = vdpbf16(a12, qv, vload_raw(k_pool, o + 12 * d + c))
+                        a13 = vdpbf16(a13, qv, vload_raw(k_pool, o + 13 * d + c))
+                        a14 = vdpbf16(a14, qv, vload_raw(k_pool, o + 14 * d + c))
+                        a15 = vdpbf16(a15, qv, vload_raw(k_pool, o + 15 * d + c))
+                    vstore(s, r * sw + t0 + t, vmul(vsum16(a0, a1, a2, a3, a4, a5, a6, a7,
+                                                            a8, a9, a10, a11, a12, a13, a14, a15), qscale))
+                    t += 16
+                while t < n:
+                    a = vzero()
+                    o = kb + t * d
+                    for c in range(0, d, 32):
+                        a = vdpbf16(a, vload(qs, qb + c // 2), vload_raw(k_pool, o + c))
+                    s[r, t0 + t] = vhsum(a) * qscale
+                    t += 1
+                r += 1
+            if direct and not dq:
                 t = 0
                 while t + 16 <= n:
                     _prefetch_keys(k_pool, pf, t, 16, d, step)
@@ -1073,10 +1286,11 @@ def make_attend_rows(D):
                     b2 = vload(acc, x + 16)
                     vstore(acc, x, vinterleave(a, b2, False))
                     vstore(acc, x + 16, vinterleave(a, b2, True))
-                    a = vload(qs, x)
-                    b2 = vload(qs, x + 16)
-                    vstore(qs, x, vinterleave(a, b2, False))
-                    vstore(qs, x + 16, vinterleave(a, b2, True))
+                    if eo_q:  # (raw query pairs were never reordered)
+                        a = vload(qs, x)
+                        b2 = vload(qs, x + 16)
+                        vstore(qs, x, vinterleave(a, b2, False))
+                        vstore(qs, x + 16, vinterleave(a, b2, True))
 
     return attend_rows
 

@@ -4,8 +4,7 @@ bits; both storages share one compiled kernel (compiling a variant per storage d
 the cold warm-up) and a runtime flag `bf16` picks the decoder: `dec(h, bf16)` is a
 16-bit shift for bfloat16, one vcvtph2ps (LLVM's fpext half) for float16 where the CPU
 has F16C, else a branch-light manual decode. Also whether the vector tiles may take a
-pool (`vector_ok`) and whether the host reports avx512_bf16 (for the benchmark's
-header).
+pool (`vector_ok`) and whether the host reports avx512_bf16.
 """
 
 import numba
@@ -61,10 +60,10 @@ def _host_has(feature):
         return False
 
 
-# Whether this CPU reports avx512_bf16 (vdpbf16ps). The kernels do not use it: on the
-# machines measured it is masked (the hypervisor hides it), so bfloat16 is widened to
-# float32 in the vector load (a shift) and computed with float32 FMAs. Reported by
-# tools/bench_kernels.py.
+# Whether this CPU reports avx512_bf16 (vdpbf16ps). Where it does (and Numba compiles for
+# it), bfloat16 pools' QK runs on bfloat16 dot products (simd.vdpbf16, tiles.py); elsewhere
+# (e.g. the Intel VMs whose hypervisor hides it) bfloat16 is widened to float32 in the
+# vector load (a shift) and computed with float32 FMAs. Reported by tools/bench_kernels.py.
 HOST_AVX512_BF16 = _host_has("avx512bf16")
 
 

@@ -69,3 +69,16 @@ def assert_matches(got, want, atol=2e-5):
     assert (out[np.isneginf(lse)] == 0).all()
     np.testing.assert_array_equal(kp, rkp)  # appended rows land bit-exactly
     np.testing.assert_array_equal(vp, rvp)
+
+
+# The CPU kernels' storage paths: bfloat16 twice, the float32-widening tiles and the dot-product
+# QK (lamina_kernels.simd.vdpbf16: vdpbf16ps where Numba's target has avx512_bf16, else the same
+# arithmetic on float32 FMAs, so the tile logic is tested on every host).
+CPU_PATHS = ("float32", "float16", "bfloat16", "bfloat16-dp")
+
+
+def enter_path(name):
+    """Set the process's dot-product flag for a CPU_PATHS name; returns (storage, previous flag)."""
+    from lamina_kernels import simd
+
+    return name.removesuffix("-dp"), simd.set_dpbf16(name.endswith("-dp"))

@@ -7,12 +7,12 @@ no token at all, and one long sequence that the planner splits across items.
 
 import numpy as np
 import pytest
-from kernel_calls import LAYER, N_LAYERS, NUM_KV_HEADS, Call, D, assert_matches
+from kernel_calls import CPU_PATHS, LAYER, N_LAYERS, NUM_KV_HEADS, Call, D, assert_matches, enter_path
 from numba import njit
 
 from lamina_kernels import (STORAGES, append_attend, merge, storage_itemsize, to_storage,
                             warmup, widen)
-from lamina_kernels import cpu, widen16
+from lamina_kernels import cpu, simd, widen16
 from lamina_kernels.reference import append_attend_ref
 
 
@@ -22,6 +22,15 @@ def kernel_path(request, monkeypatch):
     split groups merged), whatever the call's size (cpu._INLINE_WORK decides otherwise)."""
     monkeypatch.setattr(cpu, "_INLINE_WORK", 1 << 62 if request.param == "inline" else -1)
     return request.param
+
+
+@pytest.fixture
+def storage(request):
+    """A CPU_PATHS name (parametrized indirectly) -> its storage, with the dot-product flag
+    set for the test (and restored after)."""
+    name, old = enter_path(request.param)
+    yield name
+    simd.set_dpbf16(old)
 
 
 MIXED = [
@@ -35,7 +44,7 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("g", [1, 4, 8])
 @pytest.mark.parametrize("bs", [8, 16, 32])
 def test_append_attend_matches_reference(storage, g, bs):
@@ -59,7 +68,7 @@ GEOMETRIES = [(1, 128), (1, 64), (3, 64), (4, 128), (7, 128), (8, 64), (7, 64), 
               (2, 80), (3, 24), (2, 64), (5, 64), (6, 128)]
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("g,d", GEOMETRIES)
 def test_real_geometries_match_reference(storage, g, d, kernel_path):
     """Every tile path at real sizes: 16-key QK tiles and their tails, the diagonal
@@ -70,7 +79,7 @@ def test_real_geometries_match_reference(storage, g, d, kernel_path):
     assert_matches(call.run(append_attend), call.run(append_attend_ref), atol=3e-5)
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("g,d", [(3, 64), (1, 128), (8, 64), (7, 128)])
 @pytest.mark.parametrize("bs", [8, 32, 64, 40])
 def test_real_geometry_other_block_sizes(storage, g, d, bs, kernel_path):
@@ -97,7 +106,7 @@ def test_preallocated_outputs_are_filled_and_returned():
         call.run(lambda *a: append_attend(*a, out=out, lse=lse.astype(np.float64)))
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("g,bs", [(3, 6), (2, 4), (5, 16)])
 def test_remainder_rows_and_tokens(storage, g, bs, kernel_path):
     """GQA groups and query tiles that are not a multiple of the 4-row register tile,
@@ -124,7 +133,7 @@ def test_one_thread_and_scratch_reuse():
         numba.set_num_threads(n)
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 def test_single_long_sequence_uses_splits(storage, kernel_path):
     rng = np.random.default_rng(7)
     call = Call(rng, storage, 4, 16, [(3000, 1, True)], num_kv_heads=1, d=64)
@@ -174,7 +183,7 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 4])
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 def test_sequence_shards_merge_to_whole(storage, n_shards):
     """Split each sequence's cached tokens over several pools ('sequence' placement):
     earlier shards attend-only, the tail shard appends; the merge equals one pool."""
@@ -321,7 +330,7 @@ def test_block_table_wider_than_local_heads():
     assert_matches(call.run(append_attend), call.run(append_attend_ref))
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("rising", [True, False])
 def test_running_max_that_moves_every_block_or_never(storage, rising, kernel_path):
     """The vector softmax takes its horizontal max only when a block has a score above the
@@ -385,3 +394,99 @@ def test_first_calls_from_several_threads_at_once(monkeypatch):
     for g in got:
         assert_matches(g, want, atol=0)
     assert cpu._COMPILED and not drivers.append_attend._can_compile
+
+
+_DP_CASES = [(g, d) for g, d in GEOMETRIES if d in (64, 128)]
+
+
+def test_dot_product_path_default_follows_the_host():
+    """On by default only where the host reports avx512_bf16 and Numba compiles for it; a host
+    without the feature keeps the float32-widening tiles."""
+    assert simd.dpbf16_default({"avx512bf16": False}) is False
+    assert simd.dpbf16_default({}) is False
+    assert simd.dpbf16_default({"avx512bf16": True}) is simd.TARGET_BF16
+    assert simd.dpbf16_default() is (widen16.HOST_AVX512_BF16 and simd.TARGET_BF16)
+
+
+@pytest.mark.parametrize("g,d", _DP_CASES)
+def test_dot_product_path_off_is_the_widening_path(g, d, kernel_path):
+    """Told that the host lacks avx512_bf16, a bfloat16 call runs the float32-widening tiles:
+    the same bits as with the flag cleared by hand, in the driver and on the spin pool's item
+    code alike, and (where the instruction exists) not the dot products' bits."""
+    rng = np.random.default_rng(hash((g, d, "dp-off")) % 2**32)
+    call = Call(rng, "bfloat16", g, 16, MIXED, num_kv_heads=2, d=d)
+    old = simd.set_dpbf16(simd.dpbf16_default({"avx512bf16": False}))
+    try:
+        fallback = call.run(append_attend)
+        simd.set_dpbf16(False)
+        assert_matches(call.run(append_attend), fallback, atol=0)
+        simd.set_dpbf16(True)
+        dp = call.run(append_attend)
+    finally:
+        simd.set_dpbf16(old)
+    assert_matches(dp, fallback, atol=3e-6)
+    assert not np.array_equal(dp[0], fallback[0])  # the flag did select another path
+
+
+@njit
+def _dot_bf16(a, b):
+    acc = simd.vzero()
+    for i in range(0, a.shape[0], 32):
+        acc = simd.vdpbf16(acc, simd.vload_raw(a, i), simd.vload_raw(b, i))
+    return simd.vhsum(acc)
+
+
+def _bf16_pair(rng, n):
+    x = to_storage(rng.standard_normal(n, dtype=np.float32), "bfloat16")
+    y = to_storage(rng.standard_normal(n, dtype=np.float32), "bfloat16")
+    return x, y, widen(x, "bfloat16").astype(np.float64) @ widen(y, "bfloat16").astype(np.float64)
+
+
+def test_vdpbf16_is_a_float32_dot_product_of_bfloat16_rows():
+    """Exact products, float32 accumulation: within float32 rounding of the float64 dot product;
+    exact where every partial sum is representable (small integers)."""
+    rng = np.random.default_rng(41)
+    for n in (32, 64, 128, 4096):
+        x, y, want = _bf16_pair(rng, n)
+        assert abs(_dot_bf16(x, y) - want) <= 1e-5 * (np.abs(widen(x, "bfloat16")) @ np.abs(widen(y, "bfloat16")))
+    ints = rng.integers(-8, 9, (2, 256)).astype(np.float32)
+    x, y = (to_storage(v, "bfloat16") for v in ints)
+    assert _dot_bf16(x, y) == float(ints[0] @ ints[1])
+
+
+@pytest.mark.skipif(not simd.TARGET_BF16, reason="host (Numba's target) lacks avx512_bf16: no vdpbf16ps to test")
+def test_vdpbf16_compiles_to_the_instruction_here():
+    x, y, _ = _bf16_pair(np.random.default_rng(42), 64)
+    _dot_bf16(x, y)
+    assert "vdpbf16ps" in _dot_bf16.inspect_asm(_dot_bf16.signatures[0])
+
+
+def test_a_target_without_avx512_bf16_never_emits_the_instruction():
+    """Compiled for a generic x86-64 (as for a CPU without avx512_bf16), vdpbf16 is float32
+    FMAs (no vdpbf16ps to SIGILL on) with the same result, and the path is off by default."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np
+        from numba import njit
+        from lamina_kernels import simd, to_storage, widen
+
+        @njit
+        def dot(a, b):
+            acc = simd.vzero()
+            for i in range(0, a.shape[0], 32):
+                acc = simd.vdpbf16(acc, simd.vload_raw(a, i), simd.vload_raw(b, i))
+            return simd.vhsum(acc)
+
+        ints = np.arange(-64, 64, dtype=np.float32).reshape(2, 64) / 4
+        x, y = (to_storage(v, "bfloat16") for v in ints)
+        assert dot(x, y) == float(ints[0] @ ints[1])
+        assert "vdpbf16ps" not in dot.inspect_asm(dot.signatures[0])
+        assert not simd.TARGET_BF16 and not simd.dpbf16_default()
+        print("ok")
+    """)
+    env = dict(__import__("os").environ, NUMBA_CPU_NAME="x86-64")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -4,7 +4,7 @@ Each planned item is computed wholly by one thread with the kernel's item code, 
 must not depend on who computed it: a spinning worker, a worker that parks after every op, and
 no worker at all (the caller computes every item) give the same bits. The pooled plan cut like
 the kernel's threaded one gives the threaded kernel's bits; without splits, the inline kernel's.
-Every storage, GQA groups 1, 3, 4 and 7, head_dim 64, 128, 32 and 40 (the scalar loops), decode,
+Every storage (bfloat16 with and without the dot-product QK), GQA groups 1, 3, 4 and 7, head_dim 64, 128, 32 and 40 (the scalar loops), decode,
 attend-only and chunked (append) calls. Malformed calls raise the kernel's own errors and post
 nothing to the pool nor write to the KV pool. Then the engine with in-process attention.
 """
@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from lamina_kernels import STORAGES, cpu, drivers, pooled, to_storage
+from lamina_kernels import cpu, drivers, pooled, simd, to_storage
 from lamina_kernels.reference import append_attend_ref
 from lamina_p2p.model import pool_attention as pa
 from lamina_p2p.model import spin_pool as sp
 
+from kernel_calls import CPU_PATHS, enter_path
 from waiting import wait_until
 
 # (query heads, kv heads, head_dim): GQA groups 1, 3, 4, 7; vector tiles 64/128/any, scalar loops (40).
@@ -64,6 +65,15 @@ def _pooled(pool, args, **kw):
         return pa.attend(pool, *args, **kw)
 
 
+@pytest.fixture
+def storage(request):
+    """A kernel_calls.CPU_PATHS name (parametrized indirectly) -> its storage, with the bfloat16
+    dot-product flag set for the test: the pooled item code reads it per call, as the driver."""
+    name, old = enter_path(request.param)
+    yield name
+    simd.set_dpbf16(old)
+
+
 @pytest.fixture(scope="module")
 def spinning():
     pool = sp.SpinPool(1, spin_s=3600.0)  # awake throughout
@@ -71,7 +81,7 @@ def spinning():
     pool.close()
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("geom", GEOMETRIES)
 def test_pooled_is_bit_equal_with_or_without_a_worker(spinning, geom, storage):
     alone = sp.SpinPool(1, start=False)
@@ -99,7 +109,7 @@ def test_pooled_is_bit_equal_with_or_without_a_worker(spinning, geom, storage):
         alone.close()
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", CPU_PATHS, indirect=True)
 @pytest.mark.parametrize("geom", [GEOMETRIES[1], GEOMETRIES[2], GEOMETRIES[4]])
 def test_pooled_is_bit_equal_to_the_kernel_with_the_same_plan(spinning, geom, storage):
     for n, (contexts, n_new, attend_only) in enumerate(CALLS):

@@ -574,6 +574,7 @@ def main():
     else:
         import numba
 
+        from lamina_kernels.simd import dpbf16_enabled_now
         from lamina_kernels.widen16 import HOST_AVX512_BF16
 
         t0 = time.time()
@@ -581,10 +582,10 @@ def main():
         fr = [r["pool_huge_page_fraction"] for r in rows if r["pool_huge_page_fraction"] is not None]
         header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML), block_size=ns.block_size,
                       pool_huge_page_fraction_min=min(fr) if fr else None,
-                      avx512_bf16_on_host=HOST_AVX512_BF16, load_average_start=load0, load_average_end=os.getloadavg(),
+                      avx512_bf16_on_host=HOST_AVX512_BF16, bf16_dot_products=dpbf16_enabled_now(), load_average_start=load0, load_average_end=os.getloadavg(),
                       seconds=time.time() - t0, skipped=skipped)
         print(f"threads {n_threads}, SVML {header['svml']}, avx512_bf16 on host {HOST_AVX512_BF16} "
-              f"(bf16 widened to f32), "
+              f"(bf16 QK on {'vdpbf16ps' if dpbf16_enabled_now() else 'f32 FMAs'}), "
               f"load average {load0[0]:.2f} at start, {header['load_average_end'][0]:.2f} at end; "
               f"STREAM and FMA peak measured in each case's round-robin; block size {ns.block_size}; "
               f"K pools on huge pages: {_pct(fr)}")
