@@ -467,8 +467,8 @@ def vload_raw(typingctx, arr, idx):
     """The 64 bytes at flat index idx of a uint16 array (32 elements), bits unchanged, as
     the 16 lanes of an f32x16: raw bfloat16 pairs for the block shuffles (vquad) before
     widening (vbf16_eo). Also takes a float32 array (16 elements): the tiles' code for
-    both pool types."""
-    if not isinstance(arr, types.Array) or arr.dtype not in (types.uint16, types.float32):
+    both pool types; and int16 (bfloat16 bits as the dense layer holds them)."""
+    if not isinstance(arr, types.Array) or arr.dtype not in (types.uint16, types.int16, types.float32):
         return None
     sig = f32x16(arr, types.intp)
 
@@ -709,5 +709,23 @@ def vdpbf16(typingctx, acc, a, b):
 
     def codegen(context, builder, signature, args):
         return _dp_codegen(builder, args[0], args[1], args[2])
+
+    return sig, codegen
+
+
+@intrinsic
+def vbcast_raw32(typingctx, arr, idx):
+    """The 32 bits at flat index idx of an int32 array (two bfloat16: a pair) in every lane of an
+    f32x16, bits unchanged: vdpbf16's broadcast operand (one pair against 16 columns' pairs)."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.int32:
+        return None
+    sig = f32x16(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        x = builder.load(_elem_ptr(context, builder, signature.args[0], args[0], args[1]), align=4)
+        vi = ir.VectorType(_I32, LANES)
+        v = builder.insert_element(ir.Constant(vi, ir.Undefined), x, ir.Constant(_I32, 0))
+        v = builder.shuffle_vector(v, ir.Constant(vi, ir.Undefined), ir.Constant(vi, [0] * LANES))
+        return builder.bitcast(v, _V)
 
     return sig, codegen

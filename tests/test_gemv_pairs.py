@@ -3,9 +3,9 @@
 Its layout against its definition; every fused op (norm_linear, its float32 head, linear_add,
 norm_swiglu) with pair-packed weights against the same op on gemv.pack's blocks, over row counts
 that take every pass (16-row panels, 8, 4, 1) and input widths of odd and even pair counts, on
-the calling thread and split; and the choice of instruction. Where the CPU lacks AVX512-BF16
-the pair kernel compiles to widen-then-FMA (dot_pairs), so these run everywhere; the fused layer
-with pairs against torch's ops is in test_gemv.py and test_spin_pool.py.
+the calling thread and split. Where Numba's target lacks AVX512-BF16 the pair kernel compiles to
+widen-then-FMA (lamina_kernels.simd.vdpbf16, tested in test_kernels.py), so these run everywhere;
+the fused layer with pairs against torch's ops is in test_gemv.py and test_spin_pool.py.
 """
 
 from __future__ import annotations
@@ -79,17 +79,3 @@ def test_every_fused_op_with_pairs_matches_the_blocks(k_in, split):
         for a, b in ((added_p, added), (act_p, act)):  # bfloat16 outputs: a sum may round the other way
             fa, fb = (torch.from_numpy(t).view(torch.bfloat16).float() for t in (a, b))
             assert torch.allclose(fa, fb, rtol=2 ** -7, atol=1e-3) and (fa == fb).float().mean() > 0.9
-
-
-def test_the_instruction_follows_the_target_numba_compiles_for(monkeypatch):
-    from numba.core import config
-
-    monkeypatch.setattr(config, "CPU_FEATURES", None)
-    monkeypatch.setattr(config, "CPU_NAME", None)
-    assert gemv_pairs._target_has_bf16() == gemv_pairs.HOST_AVX512_BF16
-    monkeypatch.setattr(config, "CPU_NAME", "skylake-avx512")  # another target, features unknown: emulate
-    assert not gemv_pairs._target_has_bf16()
-    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,+avx512bf16")
-    assert gemv_pairs._target_has_bf16()
-    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512f,-avx512bf16")
-    assert not gemv_pairs._target_has_bf16()

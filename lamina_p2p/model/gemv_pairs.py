@@ -15,109 +15,32 @@ over pairs), broadcast from memory into every lane. Per pair of inputs and 16 ro
 vdpbf16ps, where gemv.py does two loads, two widenings and 32 FMAs.
 
 `block` runs one 16-output block of either layout (the array's last dimension tells: 16 or 32), so
-the fused layer and the spin pool call one function. Where the CPU lacks AVX512-BF16 the same code
-compiles to the widen-then-FMA sequence (`dot_pairs`): fused.py packs pairs only where the CPU has it
-(`NATIVE`), the tests run the layout everywhere.
+the fused layer and the spin pool call one function. Where Numba's target lacks AVX512-BF16 the same
+code compiles to the widen-then-FMA sequence (lamina_kernels.simd.vdpbf16): fused.py packs pairs only
+where the CPU has it (`NATIVE`), the tests run the layout everywhere.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils, config
-from numba.extending import intrinsic
+from numba import njit
 
-from lamina_kernels.simd import f32x16, prefetch, vadd, vload, vzero
-from lamina_kernels.widen16 import HOST_AVX512_BF16
+from lamina_kernels.simd import dpbf16_default, prefetch, vadd, vbcast_raw32, vdpbf16, vload, vload_raw, vzero
 
 from .gemv import BLOCK, PANEL, _JIT, _block, _put, flat
 
 PAIR_BLOCK = 2 * BLOCK  # int16 elements of one input pair's weights for a block's 16 outputs
 
-
-def _target_has_bf16() -> bool:
-    """Whether Numba compiles for a CPU with AVX512-BF16: the host's features unless NUMBA_CPU_NAME /
-    NUMBA_CPU_FEATURES name another target (then only an explicit +avx512bf16 counts)."""
-    if config.CPU_FEATURES is not None:
-        return "+avx512bf16" in config.CPU_FEATURES.split(",")
-    if config.CPU_NAME not in (None, "host"):
-        return False
-    return HOST_AVX512_BF16
+# Pairs where the kernels' bfloat16 dot products are on by default: the host and Numba's target have
+# AVX512-BF16 (lamina_kernels.simd.dpbf16_default); elsewhere vdpbf16 compiles to widen and FMA.
+NATIVE = dpbf16_default()
 
 
-NATIVE = _target_has_bf16()
-
-
-class _BFloat(ir.Type):
-    """LLVM's bfloat (llvmlite has no class for it): vdpbf16ps's operands are <32 x bfloat>."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_V = ir.VectorType(_F32, 16)
-_VI = ir.VectorType(_I32, 16)
-_VB = ir.VectorType(_BFloat(), 32)
-
-
-def _ptr(context, builder, arrty, arr, idx):
-    ary = context.make_array(arrty)(context, builder, arr)
-    return builder.gep(ary.data, [idx])
-
-
-@intrinsic
-def vload_pairs(typingctx, arr, idx):
-    """The 64 bytes (32 bfloat16) at flat index idx of an int16 array, bits unchanged, as an f32x16."""
-    if not isinstance(arr, types.Array) or arr.dtype != types.int16:
-        return None
-    sig = f32x16(arr, types.intp)
-
-    def codegen(context, builder, signature, args):
-        ptr = _ptr(context, builder, signature.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(ptr, _V.as_pointer()), align=2)
-
-    return sig, codegen
-
-
-def _widen(builder, bits, odd):
-    """Each 32-bit lane's low (odd False) or high bfloat16 as float32."""
-    if odd:
-        return builder.bitcast(builder.and_(bits, ir.Constant(_VI, [-65536] * 16)), _V)
-    return builder.bitcast(builder.shl(bits, ir.Constant(_VI, [16] * 16)), _V)
-
-
-@intrinsic
-def dot_pairs(typingctx, acc, w, xs, idx):
-    """acc + the pair dot products of w (vload_pairs: 16 lanes of two bfloat16) with the int32 xs[idx]
-    (two bfloat16) in every lane: vdpbf16ps where the target has it, else widen and two FMAs."""
-    if acc != f32x16 or w != f32x16 or not isinstance(xs, types.Array) or xs.dtype != types.int32:
-        return None
-    sig = f32x16(f32x16, f32x16, xs, types.intp)
-
-    def codegen(context, builder, signature, args):
-        acc, wv, xa, i = args
-        x = builder.load(_ptr(context, builder, signature.args[2], xa, i), align=4)
-        xv = builder.insert_element(ir.Constant(_VI, ir.Undefined), x, ir.Constant(_I32, 0))
-        xv = builder.shuffle_vector(xv, ir.Constant(_VI, ir.Undefined), ir.Constant(_VI, [0] * 16))
-        if _target_has_bf16():
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V, _VB, _VB]),
-                                                "llvm.x86.avx512bf16.dpbf16ps.512")
-            return builder.call(fn, [acc, builder.bitcast(wv, _VB), builder.bitcast(xv, _VB)])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V, _V, _V]), "llvm.fma.v16f32")
-        wi = builder.bitcast(wv, _VI)
-        acc = builder.call(fma, [_widen(builder, wi, False), _widen(builder, xv, False), acc])
-        return builder.call(fma, [_widen(builder, wi, True), _widen(builder, xv, True), acc])
-
-    return sig, codegen
+@njit(inline="always", **_JIT)
+def dot_pairs(acc, w, xs, idx):
+    """acc + the pair dot products of w (16 lanes of two bfloat16: vload_raw) with xs[idx] (int32: two
+    bfloat16) in every lane."""
+    return vdpbf16(acc, w, vbcast_raw32(xs, idx))
 
 
 def pack_pairs(wb: np.ndarray) -> np.ndarray:
@@ -187,7 +110,7 @@ def _rows16(xi, p0, wf, base, k2, y, tail, r, j, bv, full, n_out, pf, pb):
     for p in range(k2):
         prefetch(wf, pf + p * PAIR_BLOCK)
         prefetch(wf, pb + p * PAIR_BLOCK)
-        w = vload_pairs(wf, base + p * PAIR_BLOCK)
+        w = vload_raw(wf, base + p * PAIR_BLOCK)
         q = p0 + p * PANEL
         a0 = dot_pairs(a0, w, xi, q)
         a1 = dot_pairs(a1, w, xi, q + 1)
@@ -252,8 +175,8 @@ def _rows_rest(xi, p0, width, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf,
             prefetch(wf, pf + (p + half) * PAIR_BLOCK)
             prefetch(wf, pb + p * PAIR_BLOCK)
             prefetch(wf, pb + (p + half) * PAIR_BLOCK)
-            w = vload_pairs(wf, base + p * PAIR_BLOCK)
-            v = vload_pairs(wf, base + (p + half) * PAIR_BLOCK)
+            w = vload_raw(wf, base + p * PAIR_BLOCK)
+            v = vload_raw(wf, base + (p + half) * PAIR_BLOCK)
             q = p0 + p * width + c
             s = q + half * width
             a0 = dot_pairs(a0, w, xi, q)
@@ -274,7 +197,7 @@ def _rows_rest(xi, p0, width, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf,
             b7 = dot_pairs(b7, v, xi, s + 7)
         if k2 % 2:  # the last pair of an odd count
             p = k2 - 1
-            w = vload_pairs(wf, base + p * PAIR_BLOCK)
+            w = vload_raw(wf, base + p * PAIR_BLOCK)
             q = p0 + p * width + c
             a0 = dot_pairs(a0, w, xi, q)
             a1 = dot_pairs(a1, w, xi, q + 1)
@@ -308,8 +231,8 @@ def _rows_rest(xi, p0, width, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf,
             prefetch(wf, pf + (p + half) * PAIR_BLOCK)
             prefetch(wf, pb + p * PAIR_BLOCK)
             prefetch(wf, pb + (p + half) * PAIR_BLOCK)
-            w = vload_pairs(wf, base + p * PAIR_BLOCK)
-            v = vload_pairs(wf, base + (p + half) * PAIR_BLOCK)
+            w = vload_raw(wf, base + p * PAIR_BLOCK)
+            v = vload_raw(wf, base + (p + half) * PAIR_BLOCK)
             q = p0 + p * width + c
             s = q + half * width
             a0 = dot_pairs(a0, w, xi, q)
@@ -322,7 +245,7 @@ def _rows_rest(xi, p0, width, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf,
             b3 = dot_pairs(b3, v, xi, s + 3)
         if k2 % 2:  # the last pair of an odd count
             p = k2 - 1
-            w = vload_pairs(wf, base + p * PAIR_BLOCK)
+            w = vload_raw(wf, base + p * PAIR_BLOCK)
             q = p0 + p * width + c
             a0 = dot_pairs(a0, w, xi, q)
             a1 = dot_pairs(a1, w, xi, q + 1)
@@ -347,13 +270,13 @@ def _rows_rest(xi, p0, width, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf,
             prefetch(wf, pb + (p + 2) * PAIR_BLOCK)
             q = base + p * PAIR_BLOCK
             s = p0 + p * width + c
-            a0 = dot_pairs(a0, vload_pairs(wf, q), xi, s)
-            a1 = dot_pairs(a1, vload_pairs(wf, q + PAIR_BLOCK), xi, s + width)
-            a2 = dot_pairs(a2, vload_pairs(wf, q + 2 * PAIR_BLOCK), xi, s + 2 * width)
-            a3 = dot_pairs(a3, vload_pairs(wf, q + 3 * PAIR_BLOCK), xi, s + 3 * width)
+            a0 = dot_pairs(a0, vload_raw(wf, q), xi, s)
+            a1 = dot_pairs(a1, vload_raw(wf, q + PAIR_BLOCK), xi, s + width)
+            a2 = dot_pairs(a2, vload_raw(wf, q + 2 * PAIR_BLOCK), xi, s + 2 * width)
+            a3 = dot_pairs(a3, vload_raw(wf, q + 3 * PAIR_BLOCK), xi, s + 3 * width)
             p += 4
         while p < k2:
-            a0 = dot_pairs(a0, vload_pairs(wf, base + p * PAIR_BLOCK), xi, p0 + p * width + c)
+            a0 = dot_pairs(a0, vload_raw(wf, base + p * PAIR_BLOCK), xi, p0 + p * width + c)
             p += 1
         _put(y, tail, g0 + c, j, vadd(vadd(vadd(a0, a1), vadd(a2, a3)), bv), full, n_out)
         c += 1
