@@ -56,7 +56,6 @@ def test_every_fused_op_with_pairs_matches_the_blocks(k_in, split):
     lin.bias[:n_out] = torch.randn(n_out, generator=g).numpy()
     o = Gemv(_bf16((k_in, k_in), g, k_in ** -0.5), None).wb
     gate_up = fused.pack_gate_up(Gemv(_bf16((2 * inter, k_in), g, k_in ** -0.5), None).wb)
-    zero = np.zeros(max(gate_up.shape[0], o.shape[0]) * BLOCK, np.float32)
     norm = _bf16((k_in,), g).view(torch.int16).numpy()
     pairs = {id(a): gemv_pairs.pack_pairs(a) for a in (lin.wb, o, gate_up)}
     for rows in ROWS:
