@@ -381,14 +381,7 @@ WIDE_MIN_ROWS = 512
 def widened_t(wb: np.ndarray) -> torch.Tensor:
     """Packed blocks [nb, in, 16] (or gemv_pairs' [nb, in / 2, 32]) -> float32 [in, nb * 16]: w.T with the
     padding columns, made per call (nothing held), for `torch.mm(x, widened_t(wb))`."""
-    if wb.shape[2] != BLOCK:
-        from .gemv_pairs import unpack_pairs  # imports this module
-
-        wb = unpack_pairs(wb)
-    t = torch.from_numpy(wb)
-    if wb.dtype != np.float32:
-        t = torch.from_numpy(wb.view(np.int16)).view(torch.bfloat16 if wb.dtype == np.int16 else torch.float16)
-    return t.permute(1, 0, 2).reshape(wb.shape[1], -1).float()
+    return plain_weights(wb).float().t()
 
 
 def plain_weights(wb: np.ndarray, halves: bool = False) -> torch.Tensor:
