@@ -25,8 +25,9 @@ library runs it and how its weights sit in memory:
 
 `choose_layout("auto", ...)`: float32 -> onednn; bfloat16 -> gemv on AVX-512 CPUs (with AMX, not
 measured here: onednn), onednn on other CPUs with native bf16 dot products, fp16 on other AVX2 CPUs.
-gemv over onednn where the CPU has AVX512-BF16 (2-vCPU AMD Zen 5, SmolLM2-135M geometry, 2 threads,
-bench_dense, CPU ms a decode step): 12.0 vs 18.7 (batch 1), 16.1 vs 41.8 (8), 24.7 vs 48.0 (16). gemv over fp16 (same sitting,
+gemv over onednn where the CPU has AVX512-BF16 (2-vCPU AMD Zen 5, SmolLM2-135M, one thread, bench_dense
+--pairs both, ms a decode step with the head; gemv with vdpbf16ps / gemv widening / onednn): 14.4 / 15.7 / 17.1
+(batch 1), 18.0 / 21.4 / 25.8 (8), 17.7 / 25.2 / 32.7 (16). gemv over fp16 (same sitting,
 SmolLM2-135M bf16, 2 threads, load ~5, tools/bench_e2e.py): dense per layer 2.58 vs 6.99 ms
 (batch 1, context 512), 2.35 vs 4.80 ms (batch 16); per call, hot cache, one thread: QKV
 33 vs 57 us and gate/up 149 vs 166 us at batch 1 (FBGEMM on two threads); at batch 16 the
