@@ -120,7 +120,7 @@ def _block(xs, wb, bias, y, tail, j, n_out):
             _rows_rest(xf, g0 * k_in, rows - g0, wf, base, k_in, yf, tf, g0, j, bv, full, n_out, pf, pb)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _rows16(xf, p0, wb, base, k_in, y, tail, r, j, bv, full, n_out, pf, pb):
     """A whole panel: 16 rows, each input k's 16 values one 64-byte line (embedded broadcasts at fixed offsets)."""
     a0 = vzero()
@@ -185,138 +185,158 @@ def _rows_rest(xf, p0, width, wb, base, k_in, y, tail, g0, j, bv, full, n_out, p
     xf[p0 + k * width + c]. The 8- and 4-row passes run the two halves of k at once (a second accumulator a
     row, added at the end): with one accumulator a row, 8 or 4 chains of dependent FMAs (4 cycles each) left
     the FMA ports idle ~half the time (measured one thread, SmolLM2's shapes: 8 rows 113 -> 135 GFLOP/s in
-    L2, 4 rows 76 -> 112); a single row splits k over 4 accumulators for the same reason."""
+    L2, 4 rows 76 -> 112); a single row splits k over 4 accumulators for the same reason.
+    Each pass is a function of its own (gemv_pairs._rows_rest says why)."""
     c = 0
-    half = k_in // 2
     while c + 8 <= width:
-        a0 = vzero()
-        a1 = vzero()
-        a2 = vzero()
-        a3 = vzero()
-        a4 = vzero()
-        a5 = vzero()
-        a6 = vzero()
-        a7 = vzero()
-        b0 = vzero()
-        b1 = vzero()
-        b2 = vzero()
-        b3 = vzero()
-        b4 = vzero()
-        b5 = vzero()
-        b6 = vzero()
-        b7 = vzero()
-        for k in range(half):
-            if k % 2 == 0:
-                prefetch(wb, pf + k * BLOCK)
-                prefetch(wb, pf + (k + half) * BLOCK)
-                prefetch(wb, pb + k * BLOCK)
-                prefetch(wb, pb + (k + half) * BLOCK)
-            w = vload(wb, base + k * BLOCK)
-            v = vload(wb, base + (k + half) * BLOCK)
-            p = p0 + k * width + c
-            q = p + half * width
-            a0 = vfma(w, at(xf, p), a0)
-            a1 = vfma(w, at(xf, p + 1), a1)
-            a2 = vfma(w, at(xf, p + 2), a2)
-            a3 = vfma(w, at(xf, p + 3), a3)
-            a4 = vfma(w, at(xf, p + 4), a4)
-            a5 = vfma(w, at(xf, p + 5), a5)
-            a6 = vfma(w, at(xf, p + 6), a6)
-            a7 = vfma(w, at(xf, p + 7), a7)
-            b0 = vfma(v, at(xf, q), b0)
-            b1 = vfma(v, at(xf, q + 1), b1)
-            b2 = vfma(v, at(xf, q + 2), b2)
-            b3 = vfma(v, at(xf, q + 3), b3)
-            b4 = vfma(v, at(xf, q + 4), b4)
-            b5 = vfma(v, at(xf, q + 5), b5)
-            b6 = vfma(v, at(xf, q + 6), b6)
-            b7 = vfma(v, at(xf, q + 7), b7)
-        if k_in % 2:  # the last k of an odd count
-            k = k_in - 1
-            w = vload(wb, base + k * BLOCK)
-            p = p0 + k * width + c
-            a0 = vfma(w, at(xf, p), a0)
-            a1 = vfma(w, at(xf, p + 1), a1)
-            a2 = vfma(w, at(xf, p + 2), a2)
-            a3 = vfma(w, at(xf, p + 3), a3)
-            a4 = vfma(w, at(xf, p + 4), a4)
-            a5 = vfma(w, at(xf, p + 5), a5)
-            a6 = vfma(w, at(xf, p + 6), a6)
-            a7 = vfma(w, at(xf, p + 7), a7)
-        r = g0 + c
-        _put(y, tail, r, j, vadd(vadd(a0, b0), bv), full, n_out)
-        _put(y, tail, r + 1, j, vadd(vadd(a1, b1), bv), full, n_out)
-        _put(y, tail, r + 2, j, vadd(vadd(a2, b2), bv), full, n_out)
-        _put(y, tail, r + 3, j, vadd(vadd(a3, b3), bv), full, n_out)
-        _put(y, tail, r + 4, j, vadd(vadd(a4, b4), bv), full, n_out)
-        _put(y, tail, r + 5, j, vadd(vadd(a5, b5), bv), full, n_out)
-        _put(y, tail, r + 6, j, vadd(vadd(a6, b6), bv), full, n_out)
-        _put(y, tail, r + 7, j, vadd(vadd(a7, b7), bv), full, n_out)
+        _rows8(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf, pb)
         c += 8
     while c + 4 <= width:
-        a0 = vzero()
-        a1 = vzero()
-        a2 = vzero()
-        a3 = vzero()
-        b0 = vzero()
-        b1 = vzero()
-        b2 = vzero()
-        b3 = vzero()
-        for k in range(half):
-            if k % 2 == 0:
-                prefetch(wb, pf + k * BLOCK)
-                prefetch(wb, pf + (k + half) * BLOCK)
-                prefetch(wb, pb + k * BLOCK)
-                prefetch(wb, pb + (k + half) * BLOCK)
-            w = vload(wb, base + k * BLOCK)
-            v = vload(wb, base + (k + half) * BLOCK)
-            p = p0 + k * width + c
-            q = p + half * width
-            a0 = vfma(w, at(xf, p), a0)
-            a1 = vfma(w, at(xf, p + 1), a1)
-            a2 = vfma(w, at(xf, p + 2), a2)
-            a3 = vfma(w, at(xf, p + 3), a3)
-            b0 = vfma(v, at(xf, q), b0)
-            b1 = vfma(v, at(xf, q + 1), b1)
-            b2 = vfma(v, at(xf, q + 2), b2)
-            b3 = vfma(v, at(xf, q + 3), b3)
-        if k_in % 2:
-            k = k_in - 1
-            w = vload(wb, base + k * BLOCK)
-            p = p0 + k * width + c
-            a0 = vfma(w, at(xf, p), a0)
-            a1 = vfma(w, at(xf, p + 1), a1)
-            a2 = vfma(w, at(xf, p + 2), a2)
-            a3 = vfma(w, at(xf, p + 3), a3)
-        r = g0 + c
-        _put(y, tail, r, j, vadd(vadd(a0, b0), bv), full, n_out)
-        _put(y, tail, r + 1, j, vadd(vadd(a1, b1), bv), full, n_out)
-        _put(y, tail, r + 2, j, vadd(vadd(a2, b2), bv), full, n_out)
-        _put(y, tail, r + 3, j, vadd(vadd(a3, b3), bv), full, n_out)
+        _rows4(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf, pb)
         c += 4
     while c < width:
-        a0 = vzero()
-        a1 = vzero()
-        a2 = vzero()
-        a3 = vzero()
-        k = 0
-        while k + 4 <= k_in:
-            prefetch(wb, pf + k * BLOCK)
-            prefetch(wb, pf + k * BLOCK + 2 * BLOCK)
-            prefetch(wb, pb + k * BLOCK)
-            prefetch(wb, pb + k * BLOCK + 2 * BLOCK)
-            q = base + k * BLOCK
-            p = p0 + k * width + c
-            a0 = vfma(vload(wb, q), at(xf, p), a0)
-            a1 = vfma(vload(wb, q + BLOCK), at(xf, p + width), a1)
-            a2 = vfma(vload(wb, q + 2 * BLOCK), at(xf, p + 2 * width), a2)
-            a3 = vfma(vload(wb, q + 3 * BLOCK), at(xf, p + 3 * width), a3)
-            k += 4
-        while k < k_in:
-            a0 = vfma(vload(wb, base + k * BLOCK), at(xf, p0 + k * width + c), a0)
-            k += 1
-        _put(y, tail, g0 + c, j, vadd(vadd(vadd(a0, a1), vadd(a2, a3)), bv), full, n_out)
+        _row1(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf, pb)
         c += 1
+
+
+@njit(**_JIT)
+def _rows8(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf, pb):
+    """Rows c .. c + 7 of the last panel, k in two halves (16 accumulators)."""
+    half = k_in // 2
+    a0 = vzero()
+    a1 = vzero()
+    a2 = vzero()
+    a3 = vzero()
+    a4 = vzero()
+    a5 = vzero()
+    a6 = vzero()
+    a7 = vzero()
+    b0 = vzero()
+    b1 = vzero()
+    b2 = vzero()
+    b3 = vzero()
+    b4 = vzero()
+    b5 = vzero()
+    b6 = vzero()
+    b7 = vzero()
+    for k in range(half):
+        if k % 2 == 0:
+            prefetch(wb, pf + k * BLOCK)
+            prefetch(wb, pf + (k + half) * BLOCK)
+            prefetch(wb, pb + k * BLOCK)
+            prefetch(wb, pb + (k + half) * BLOCK)
+        w = vload(wb, base + k * BLOCK)
+        v = vload(wb, base + (k + half) * BLOCK)
+        p = p0 + k * width + c
+        q = p + half * width
+        a0 = vfma(w, at(xf, p), a0)
+        a1 = vfma(w, at(xf, p + 1), a1)
+        a2 = vfma(w, at(xf, p + 2), a2)
+        a3 = vfma(w, at(xf, p + 3), a3)
+        a4 = vfma(w, at(xf, p + 4), a4)
+        a5 = vfma(w, at(xf, p + 5), a5)
+        a6 = vfma(w, at(xf, p + 6), a6)
+        a7 = vfma(w, at(xf, p + 7), a7)
+        b0 = vfma(v, at(xf, q), b0)
+        b1 = vfma(v, at(xf, q + 1), b1)
+        b2 = vfma(v, at(xf, q + 2), b2)
+        b3 = vfma(v, at(xf, q + 3), b3)
+        b4 = vfma(v, at(xf, q + 4), b4)
+        b5 = vfma(v, at(xf, q + 5), b5)
+        b6 = vfma(v, at(xf, q + 6), b6)
+        b7 = vfma(v, at(xf, q + 7), b7)
+    if k_in % 2:  # the last k of an odd count
+        k = k_in - 1
+        w = vload(wb, base + k * BLOCK)
+        p = p0 + k * width + c
+        a0 = vfma(w, at(xf, p), a0)
+        a1 = vfma(w, at(xf, p + 1), a1)
+        a2 = vfma(w, at(xf, p + 2), a2)
+        a3 = vfma(w, at(xf, p + 3), a3)
+        a4 = vfma(w, at(xf, p + 4), a4)
+        a5 = vfma(w, at(xf, p + 5), a5)
+        a6 = vfma(w, at(xf, p + 6), a6)
+        a7 = vfma(w, at(xf, p + 7), a7)
+    r = g0 + c
+    _put(y, tail, r, j, vadd(vadd(a0, b0), bv), full, n_out)
+    _put(y, tail, r + 1, j, vadd(vadd(a1, b1), bv), full, n_out)
+    _put(y, tail, r + 2, j, vadd(vadd(a2, b2), bv), full, n_out)
+    _put(y, tail, r + 3, j, vadd(vadd(a3, b3), bv), full, n_out)
+    _put(y, tail, r + 4, j, vadd(vadd(a4, b4), bv), full, n_out)
+    _put(y, tail, r + 5, j, vadd(vadd(a5, b5), bv), full, n_out)
+    _put(y, tail, r + 6, j, vadd(vadd(a6, b6), bv), full, n_out)
+    _put(y, tail, r + 7, j, vadd(vadd(a7, b7), bv), full, n_out)
+
+
+@njit(**_JIT)
+def _rows4(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf, pb):
+    """Rows c .. c + 3 of the last panel, k in two halves (8 accumulators)."""
+    half = k_in // 2
+    a0 = vzero()
+    a1 = vzero()
+    a2 = vzero()
+    a3 = vzero()
+    b0 = vzero()
+    b1 = vzero()
+    b2 = vzero()
+    b3 = vzero()
+    for k in range(half):
+        if k % 2 == 0:
+            prefetch(wb, pf + k * BLOCK)
+            prefetch(wb, pf + (k + half) * BLOCK)
+            prefetch(wb, pb + k * BLOCK)
+            prefetch(wb, pb + (k + half) * BLOCK)
+        w = vload(wb, base + k * BLOCK)
+        v = vload(wb, base + (k + half) * BLOCK)
+        p = p0 + k * width + c
+        q = p + half * width
+        a0 = vfma(w, at(xf, p), a0)
+        a1 = vfma(w, at(xf, p + 1), a1)
+        a2 = vfma(w, at(xf, p + 2), a2)
+        a3 = vfma(w, at(xf, p + 3), a3)
+        b0 = vfma(v, at(xf, q), b0)
+        b1 = vfma(v, at(xf, q + 1), b1)
+        b2 = vfma(v, at(xf, q + 2), b2)
+        b3 = vfma(v, at(xf, q + 3), b3)
+    if k_in % 2:
+        k = k_in - 1
+        w = vload(wb, base + k * BLOCK)
+        p = p0 + k * width + c
+        a0 = vfma(w, at(xf, p), a0)
+        a1 = vfma(w, at(xf, p + 1), a1)
+        a2 = vfma(w, at(xf, p + 2), a2)
+        a3 = vfma(w, at(xf, p + 3), a3)
+    r = g0 + c
+    _put(y, tail, r, j, vadd(vadd(a0, b0), bv), full, n_out)
+    _put(y, tail, r + 1, j, vadd(vadd(a1, b1), bv), full, n_out)
+    _put(y, tail, r + 2, j, vadd(vadd(a2, b2), bv), full, n_out)
+    _put(y, tail, r + 3, j, vadd(vadd(a3, b3), bv), full, n_out)
+
+
+@njit(**_JIT)
+def _row1(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf, pb):
+    """Row c of the last panel: four accumulators over successive k."""
+    a0 = vzero()
+    a1 = vzero()
+    a2 = vzero()
+    a3 = vzero()
+    k = 0
+    while k + 4 <= k_in:
+        prefetch(wb, pf + k * BLOCK)
+        prefetch(wb, pf + k * BLOCK + 2 * BLOCK)
+        prefetch(wb, pb + k * BLOCK)
+        prefetch(wb, pb + k * BLOCK + 2 * BLOCK)
+        q = base + k * BLOCK
+        p = p0 + k * width + c
+        a0 = vfma(vload(wb, q), at(xf, p), a0)
+        a1 = vfma(vload(wb, q + BLOCK), at(xf, p + width), a1)
+        a2 = vfma(vload(wb, q + 2 * BLOCK), at(xf, p + 2 * width), a2)
+        a3 = vfma(vload(wb, q + 3 * BLOCK), at(xf, p + 3 * width), a3)
+        k += 4
+    while k < k_in:
+        a0 = vfma(vload(wb, base + k * BLOCK), at(xf, p0 + k * width + c), a0)
+        k += 1
+    _put(y, tail, g0 + c, j, vadd(vadd(vadd(a0, a1), vadd(a2, a3)), bv), full, n_out)
 
 
 @njit(inline="always", **_JIT)
