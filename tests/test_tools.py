@@ -183,3 +183,11 @@ def test_bench_layer_path_json_shape(tiny):
     for path in ("send_path_us", "receive_path_us"):
         assert all(wire[path][k] > 0 for k in ("warm_us", "after_1ms_idle_us", "after_layer_weights_us")), path
     assert shards["shard_4"]["prefill_s"] > 0 and shards["decode_ratio_small_vs_large"] > 0
+
+
+def test_bench_gemv_json_shape():
+    res = run_tool(str(TOOLS / "bench_gemv.py"), "--mb", "2", "--rows", "1,3", "--reps", "1", "--json")
+    assert [(r["rows"], r["layout"]) for r in res["results"]] == [(1, "pairs"), (1, "widened"), (3, "pairs"),
+                                                                  (3, "widened")]
+    assert all(r["one_thread_gbps"] > 0 and r["two_threads_gbps"] > 0 for r in res["results"])
+    assert res["stream_read_gbps"] > 0
