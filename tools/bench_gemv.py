@@ -4,7 +4,8 @@ A decode step reads every weight once; what decides batch-1 speed is how close t
 machine's read bandwidth. This runs the kernel the engine runs (`gemv_pairs.block` over every 16-output block:
 the pair layout with vdpbf16ps where the CPU has AVX512-BF16, and the widened layout of `gemv.pack`) over one
 packed matrix much larger than the last-level cache (default 256 MB, input width 576: SmolLM2's), so each call
-reads it from DRAM, on one thread (the serial loop) and on two (the spin pool the engine's dense layers use).
+reads it from DRAM, on one thread (`fused.norm_linear_f32`'s serial loop) and on two (the spin pool the engine's
+dense layers use), both with the RMSNorm of the input the LM head's call does (a few microseconds).
 GB/s = weight bytes / median seconds a call; STREAM = a parallel sum over 512 MB, all threads (bench_kernels).
 
     python tools/bench_gemv.py [--rows 1,2,4,8,16] [--mb 256] [--k-in 576] [--reps 5] [--json [FILE]]
@@ -17,16 +18,7 @@ import sys
 import time
 
 import numpy as np
-from numba import njit
-
 import benchlib
-from lamina_p2p.model.gemv_pairs import block
-
-
-@njit(nogil=True, cache=True)
-def _serial(xs, wb, bias, y, tail):
-    for j in range(wb.shape[0]):
-        block(xs, wb, bias, y, tail, j, y.shape[1])
 
 
 def _median_s(fn, reps: int) -> float:
@@ -65,16 +57,15 @@ def main(argv=None) -> dict:
     for rows in rows_list:
         x = np.full((rows, k_in), 0x3F80, np.int16)
         out = np.empty((rows, nb * BLOCK), np.float32)
-        tail = np.empty((rows, BLOCK), np.float32)
         for name, wb in layouts.items():
-            xs = np.zeros((rows, k_in), np.float32)
-            fused._load_rows(x, xs, norm_w, np.float32(1e-5), False, wb.shape[2] != BLOCK)  # the engine's panels
-            one = _median_s(lambda: _serial(xs, wb, bias, out, tail), args.reps)
+            # One thread: the serial loop over the blocks (the LM head's call on a one-thread compute process).
+            one = _median_s(lambda: fused.norm_linear_f32(x, norm_w, np.float32(1e-5), wb, bias, out, False),
+                            args.reps)
 
             def two():
                 pool.lock.acquire()
                 try:
-                    pool.run(sp.pool_norm_linear, x, norm_w, np.float32(1e-5), False, wb, bias, out, False)
+                    pool.run(sp.pool_norm_linear, x, norm_w, np.float32(1e-5), True, wb, bias, out, False)
                 finally:
                     pool.lock.release()
 
