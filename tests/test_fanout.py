@@ -37,6 +37,17 @@ def test_a_chunk_over_many_shards_is_one_request_per_peer_and_each_row_once_per_
     assert sorted((g.peer, len(g.seq_ids)) for g in mb.groups) == [("a", 1), ("b", 1)]
 
 
+
+def test_a_long_prompt_in_small_shards_is_spread_evenly():
+    """Each tail goes to the least loaded peer: the first shard reserves its own tokens, not the whole
+    sequence (which sent every later shard to the other peer)."""
+    placer, seq = placed(1024, 16)
+    held = {p: sum(min(s.t1 or 1024, 1024) - s.t0 for s in seq.shards if s.peer == p) for p in "ab"}
+    assert held == {"a": 512, "b": 512}
+    assert {p: load.placed_tokens for p, load in placer.peers.items()} == {"a": 512, "b": 512}
+    placer.forget(seq.shards)
+    assert all(load.placed_tokens == 0 for load in placer.peers.values())
+
 def test_replicas_get_their_own_storage_and_the_same_positions():
     _, seq = placed(40, 8, peers=("a", "b", "c"), replicas=2)
     mb = plan_micro_batch([seq], [40], 2)
