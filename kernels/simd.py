@@ -347,6 +347,27 @@ def vstore8(typingctx, arr, idx, v, upper):
     return sig, codegen
 
 
+
+@intrinsic
+def vstore4(typingctx, arr, idx, v, quarter):
+    """arr.flat[idx:idx+4] = lanes 4 quarter .. 4 quarter + 3 of v (quarter a literal 0-3)."""
+    if not isinstance(arr, types.Array) or arr.dtype != types.float32 or v != f32x16:
+        return None
+    if not isinstance(quarter, types.IntegerLiteral) or not 0 <= quarter.literal_value < 4:
+        return None
+    sig = types.void(arr, types.intp, f32x16, quarter)
+    base = 4 * quarter.literal_value
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        v4 = ir.VectorType(_F, 4)
+        part = builder.shuffle_vector(args[2], ir.Constant(_V, ir.Undefined),
+                                      ir.Constant(ir.VectorType(_I32, 4), list(range(base, base + 4))))
+        builder.store(part, builder.bitcast(ptr, v4.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 def _prefetch_codegen(locality):
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])

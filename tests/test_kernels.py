@@ -59,8 +59,9 @@ def test_append_attend_matches_reference(storage, g, bs):
 # 24 the scalar one. Group 1 decode reads a 16-bit pool in place (tiles._direct): both
 # specialised head_dims. Groups 7 and 8 at both head_dims: whole 16-key chunks of 4+
 # rows (16-bit) or 8+ rows (float32, head_dim 64) run QK on key quads (tiles._quads),
-# with 4-row blocks and 1-3 leftover rows; group 5 at 80: 4-row PV blocks plus one row
-# on the generic body. 16-bit tiles of 4k + 3 rows (groups 3 and 7, prefill tiles of 63
+# with 4-row blocks and 1-3 leftover rows; float32 groups of 4 or more (and 16-bit partial
+# chunks) run QK in 4-row x 4-key passes first, then pairs; group 5 at 80: 4-row PV blocks
+# plus one row on the generic body. 16-bit tiles of 4k + 3 rows (groups 3 and 7, prefill tiles of 63
 # rows) run with a zero fourth row (tiles._pad_row); bfloat16 at 64 and 128 is staged in
 # even/odd dim order (tiles._eo), also on the row-pair path (group 2) and with one or
 # two rows past the quads (groups 5 and 6).
