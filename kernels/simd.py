@@ -390,6 +390,12 @@ def prefetch(typingctx, arr, idx):
 
 
 @intrinsic
+def prefetch_nta(typingctx, arr, idx):
+    """llvm.prefetch (read, non-temporal: locality 0, prefetchnta) of the element at flat index idx."""
+    return types.void(arr, types.intp), _prefetch_codegen(0)
+
+
+@intrinsic
 def prefetch_l1(typingctx, arr, idx):
     """llvm.prefetch (read, into L1: locality 3, prefetcht0) of the element at flat index idx."""
     return types.void(arr, types.intp), _prefetch_codegen(3)

@@ -19,7 +19,11 @@ values one input k multiplies are one 64-byte line. Batch rows are taken 16 at a
 widen and 16 FMAs with embedded broadcasts at fixed offsets; ~77 % of the FMA peak at
 16 rows with the block in L1), the last panel's rows 8, 4, then 1 at a time, with k split
 over 2 accumulators a row at 8 and 4 rows and over 4 at one row, so the FMA latency is hidden. Each block prefetches its
-neighbours into L2, so one thread streams the weights from DRAM while it computes. Blocks
+neighbours, so one thread streams the weights from DRAM while it computes; non-temporal (prefetchnta): a decode step
+reads every weight once, and normal prefetches let ~270 MB a step (SmolLM2) flush the L2 and L3 of what the step
+reuses (the KV cache, activations, the interpreter's state). SmolLM2 bf16 in the engine, batch 1, context 512,
+alternating 4 times: 8.5-8.8 -> 7.7-8.0 ms a step with gemv_pairs; the widened layout 8.3-9.2 -> 8.2-8.6; the GEMV
+alone over 256 MB unchanged (tools/bench_gemv.py, two threads 42-43 GB/s both ways). Blocks
 are split over Numba's threads (prange); with one thread, or a call too small to be worth
 waking the second (PARALLEL_MIN_BYTES), the serial twin runs instead.
 """
@@ -31,7 +35,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from lamina_kernels.simd import prefetch, vadd, vfma, vload, vstore, vzero
+from lamina_kernels.simd import prefetch_nta, vadd, vfma, vload, vstore, vzero
 
 BLOCK = 16
 PANEL = 16  # activation rows per panel (panel_index): the float32 values of one input k are one 64-byte line
@@ -104,7 +108,7 @@ def _block(xs, wb, bias, y, tail, j, n_out):
     base = j * k_in * BLOCK
     full = (j + 1) * BLOCK <= n_out
     bv = vload(flat(bias), j * BLOCK)
-    # While this block computes, the blocks on either side are prefetched into L2 (off the ends: this one
+    # While this block computes, the blocks on either side are prefetched (off the ends: this one
     # again): one thread goes forward through the blocks, the spin pool's worker backward (spin_pool.py), and the
     # side a thread has just done is still in its cache (a hit costs one load slot). Without it one thread
     # alternated between computing and waiting for DRAM: 16 rows x 3.5 MB from DRAM ran at 75 GFLOP/s, with it 125.
@@ -141,8 +145,8 @@ def _rows16(xf, p0, wb, base, k_in, y, tail, r, j, bv, full, n_out, pf, pb):
     a15 = vzero()
     for k in range(k_in):
         if k % 2 == 0:  # two k a 64-byte line
-            prefetch(wb, pf + k * BLOCK)
-            prefetch(wb, pb + k * BLOCK)
+            prefetch_nta(wb, pf + k * BLOCK)
+            prefetch_nta(wb, pb + k * BLOCK)
         w = vload(wb, base + k * BLOCK)
         p = p0 + k * PANEL
         a0 = vfma(w, at(xf, p), a0)
@@ -221,10 +225,10 @@ def _rows8(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf
     b7 = vzero()
     for k in range(half):
         if k % 2 == 0:
-            prefetch(wb, pf + k * BLOCK)
-            prefetch(wb, pf + (k + half) * BLOCK)
-            prefetch(wb, pb + k * BLOCK)
-            prefetch(wb, pb + (k + half) * BLOCK)
+            prefetch_nta(wb, pf + k * BLOCK)
+            prefetch_nta(wb, pf + (k + half) * BLOCK)
+            prefetch_nta(wb, pb + k * BLOCK)
+            prefetch_nta(wb, pb + (k + half) * BLOCK)
         w = vload(wb, base + k * BLOCK)
         v = vload(wb, base + (k + half) * BLOCK)
         p = p0 + k * width + c
@@ -282,10 +286,10 @@ def _rows4(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf
     b3 = vzero()
     for k in range(half):
         if k % 2 == 0:
-            prefetch(wb, pf + k * BLOCK)
-            prefetch(wb, pf + (k + half) * BLOCK)
-            prefetch(wb, pb + k * BLOCK)
-            prefetch(wb, pb + (k + half) * BLOCK)
+            prefetch_nta(wb, pf + k * BLOCK)
+            prefetch_nta(wb, pf + (k + half) * BLOCK)
+            prefetch_nta(wb, pb + k * BLOCK)
+            prefetch_nta(wb, pb + (k + half) * BLOCK)
         w = vload(wb, base + k * BLOCK)
         v = vload(wb, base + (k + half) * BLOCK)
         p = p0 + k * width + c
@@ -322,10 +326,10 @@ def _row1(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf,
     a3 = vzero()
     k = 0
     while k + 4 <= k_in:
-        prefetch(wb, pf + k * BLOCK)
-        prefetch(wb, pf + k * BLOCK + 2 * BLOCK)
-        prefetch(wb, pb + k * BLOCK)
-        prefetch(wb, pb + k * BLOCK + 2 * BLOCK)
+        prefetch_nta(wb, pf + k * BLOCK)
+        prefetch_nta(wb, pf + k * BLOCK + 2 * BLOCK)
+        prefetch_nta(wb, pb + k * BLOCK)
+        prefetch_nta(wb, pb + k * BLOCK + 2 * BLOCK)
         q = base + k * BLOCK
         p = p0 + k * width + c
         a0 = vfma(vload(wb, q), at(xf, p), a0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from lamina_kernels.simd import dpbf16_default, prefetch, vadd, vbcast_raw32, vdpbf16, vload, vload_raw, vzero
+from lamina_kernels.simd import dpbf16_default, prefetch_nta, vadd, vbcast_raw32, vdpbf16, vload, vload_raw, vzero
 
 from .gemv import BLOCK, PANEL, _JIT, _block, _put, flat
 
@@ -108,8 +108,8 @@ def _rows16(xi, p0, wf, base, k2, y, tail, r, j, bv, full, n_out, pf, pb):
     a14 = vzero()
     a15 = vzero()
     for p in range(k2):
-        prefetch(wf, pf + p * PAIR_BLOCK)
-        prefetch(wf, pb + p * PAIR_BLOCK)
+        prefetch_nta(wf, pf + p * PAIR_BLOCK)
+        prefetch_nta(wf, pb + p * PAIR_BLOCK)
         w = vload_raw(wf, base + p * PAIR_BLOCK)
         q = p0 + p * PANEL
         a0 = dot_pairs(a0, w, xi, q)
@@ -186,10 +186,10 @@ def _rows8(xi, p0, width, c, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf, 
     b6 = vzero()
     b7 = vzero()
     for p in range(half):
-        prefetch(wf, pf + p * PAIR_BLOCK)
-        prefetch(wf, pf + (p + half) * PAIR_BLOCK)
-        prefetch(wf, pb + p * PAIR_BLOCK)
-        prefetch(wf, pb + (p + half) * PAIR_BLOCK)
+        prefetch_nta(wf, pf + p * PAIR_BLOCK)
+        prefetch_nta(wf, pf + (p + half) * PAIR_BLOCK)
+        prefetch_nta(wf, pb + p * PAIR_BLOCK)
+        prefetch_nta(wf, pb + (p + half) * PAIR_BLOCK)
         w = vload_raw(wf, base + p * PAIR_BLOCK)
         v = vload_raw(wf, base + (p + half) * PAIR_BLOCK)
         q = p0 + p * width + c
@@ -246,10 +246,10 @@ def _rows4(xi, p0, width, c, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf, 
     b2 = vzero()
     b3 = vzero()
     for p in range(half):
-        prefetch(wf, pf + p * PAIR_BLOCK)
-        prefetch(wf, pf + (p + half) * PAIR_BLOCK)
-        prefetch(wf, pb + p * PAIR_BLOCK)
-        prefetch(wf, pb + (p + half) * PAIR_BLOCK)
+        prefetch_nta(wf, pf + p * PAIR_BLOCK)
+        prefetch_nta(wf, pf + (p + half) * PAIR_BLOCK)
+        prefetch_nta(wf, pb + p * PAIR_BLOCK)
+        prefetch_nta(wf, pb + (p + half) * PAIR_BLOCK)
         w = vload_raw(wf, base + p * PAIR_BLOCK)
         v = vload_raw(wf, base + (p + half) * PAIR_BLOCK)
         q = p0 + p * width + c
@@ -286,10 +286,10 @@ def _row1(xi, p0, width, c, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf, p
     a3 = vzero()
     p = 0
     while p + 4 <= k2:
-        prefetch(wf, pf + p * PAIR_BLOCK)
-        prefetch(wf, pf + (p + 2) * PAIR_BLOCK)
-        prefetch(wf, pb + p * PAIR_BLOCK)
-        prefetch(wf, pb + (p + 2) * PAIR_BLOCK)
+        prefetch_nta(wf, pf + p * PAIR_BLOCK)
+        prefetch_nta(wf, pf + (p + 2) * PAIR_BLOCK)
+        prefetch_nta(wf, pb + p * PAIR_BLOCK)
+        prefetch_nta(wf, pb + (p + 2) * PAIR_BLOCK)
         q = base + p * PAIR_BLOCK
         s = p0 + p * width + c
         a0 = dot_pairs(a0, vload_raw(wf, q), xi, s)
