@@ -22,7 +22,7 @@ over 2 accumulators a row at 8 and 4 rows and over 4 at one row, so the FMA late
 neighbours, so one thread streams the weights from DRAM while it computes; non-temporal (prefetchnta): a decode step
 reads every weight once, and normal prefetches let ~270 MB a step (SmolLM2) flush the L2 and L3 of what the step
 reuses (the KV cache, activations, the interpreter's state). SmolLM2 bf16 in the engine, batch 1, context 512,
-alternating 4 times: 8.5-8.8 -> 7.7-8.0 ms a step with gemv_pairs; the widened layout 8.3-9.2 -> 8.2-8.6; the GEMV
+alternating 4 times: 8.5-8.8 -> 7.8-8.1 ms a step with gemv_pairs; the widened layout 8.3-9.2 -> 8.2-8.6; the GEMV
 alone over 256 MB unchanged (tools/bench_gemv.py, two threads 42-43 GB/s both ways). Blocks
 are split over Numba's threads (prange); with one thread, or a call too small to be worth
 waking the second (PARALLEL_MIN_BYTES), the serial twin runs instead.
