@@ -347,7 +347,6 @@ def vstore8(typingctx, arr, idx, v, upper):
     return sig, codegen
 
 
-
 @intrinsic
 def vstore4(typingctx, arr, idx, v, quarter):
     """arr.flat[idx:idx+4] = lanes 4 quarter .. 4 quarter + 3 of v (quarter a literal 0-3)."""
@@ -367,6 +366,7 @@ def vstore4(typingctx, arr, idx, v, quarter):
         return context.get_dummy_value()
 
     return sig, codegen
+
 
 def _prefetch_codegen(locality):
     def codegen(context, builder, signature, args):
