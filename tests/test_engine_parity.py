@@ -125,3 +125,39 @@ def test_bfloat16_greedy_matches_transformers_on_tiny_preset(tiny_preset):
                     assert a == b, (placement, mb, p, step)
                     compared += 1
     assert compared >= 20  # the rule above must not make the test vacuous (26 tokens when written)
+
+
+def test_small_in_process_steps_run_on_the_event_loop_thread():
+    """Decode steps of at most INLINE_STEP_TOKENS tokens run on the loop's thread (no hop), larger ones (this
+    prefill) on the dense thread; the tokens match transformers either way (the tests above run both)."""
+    import threading
+
+    from lamina_p2p.compute.engine import INLINE_STEP_TOKENS
+
+    prompt = list(range(3, 3 + INLINE_STEP_TOKENS + 4))
+    model = load_model(build_hf_model("llama"))
+    threads: list[tuple[int, int]] = []  # (tokens of the step's first piece, thread id)
+
+    class Watch:
+        def on_dense(self, piece, layer, micro_batch, tokens, t0, t1):
+            if piece == "embed":
+                threads.append((tokens, threading.get_ident()))
+
+        def on_attention(self, *args):
+            pass
+
+    async def go():
+        transport = LocalTransport(64 << 20)
+        engine = Engine(model, transport)
+        engine.observers.append(Watch())
+        try:
+            seqs, _ = await engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
+        finally:
+            engine.close()
+            transport.close()
+        return threading.get_ident(), seqs[0].output
+
+    loop_thread, output = run_async(go())
+    assert len(output) == 4
+    assert threads[0] == (len(prompt), threads[0][1]) and threads[0][1] != loop_thread  # prefill: the dense thread
+    assert [t for t in threads[1:]] == [(1, loop_thread)] * 3  # decode: inline
