@@ -45,25 +45,30 @@ def one_compute_thread():
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs Numba's default of two threads or more")
 def test_the_dense_thread_keeps_the_process_count_after_numba_regions(one_compute_thread):
-    from lamina_p2p.compute.engine import Engine
+    from lamina_p2p.compute.engine import INLINE_STEP_TOKENS, Engine
     from lamina_p2p.compute.local import LocalTransport
     from lamina_p2p.compute.sequence import SamplingParams
 
     assert runtime.compute_threads() == 1
     engine = Engine(random_model("bfloat16", geometry=GEOMETRY), LocalTransport(1 << 20))
     try:
-        async def one_step():
-            seq = engine.new_sequence([1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True))
+        async def two_steps():
+            # The prefill (more than INLINE_STEP_TOKENS tokens) runs on the dense thread, the decode step
+            # on this (the event loop's) thread: both threads take the process's count.
+            prompt = list(range(1, 2 + INLINE_STEP_TOKENS))
+            seq = engine.new_sequence(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+            await engine.step([seq])
             await engine.step([seq])
             await engine.release([seq])
 
-        asyncio.run(one_step())
+        asyncio.run(two_steps())
 
         def counts_after_a_numba_region():
             _parallel_sum(np.ones(1024))
             return torch.get_num_threads(), numba.get_num_threads()
 
         assert engine.dense.submit(counts_after_a_numba_region).result(timeout=60) == (1, 1)
+        assert counts_after_a_numba_region() == (1, 1)
     finally:
         engine.close()
 
