@@ -160,4 +160,4 @@ def test_small_in_process_steps_run_on_the_event_loop_thread():
     loop_thread, output = run_async(go())
     assert len(output) == 4
     assert threads[0] == (len(prompt), threads[0][1]) and threads[0][1] != loop_thread  # prefill: the dense thread
-    assert [t for t in threads[1:]] == [(1, loop_thread)] * 3  # decode: inline
+    assert threads[1:] == [(1, loop_thread)] * 3  # decode: inline
