@@ -279,17 +279,20 @@ def _rows4(xi, p0, width, c, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf, 
 
 @njit(**_JIT)
 def _row1(xi, p0, width, c, wf, base, k2, y, tail, g0, j, bv, full, n_out, pf, pb):
-    """Row c of the last panel: four accumulators over successive pairs."""
+    """Row c of the last panel: four accumulators over successive pairs; a lone row (width 1) issues no software
+    prefetch (gemv._row1)."""
     a0 = vzero()
     a1 = vzero()
     a2 = vzero()
     a3 = vzero()
     p = 0
+    lone = width == 1
     while p + 4 <= k2:
-        prefetch_nta(wf, pf + p * PAIR_BLOCK)
-        prefetch_nta(wf, pf + (p + 2) * PAIR_BLOCK)
-        prefetch_nta(wf, pb + p * PAIR_BLOCK)
-        prefetch_nta(wf, pb + (p + 2) * PAIR_BLOCK)
+        if not lone:
+            prefetch_nta(wf, pf + p * PAIR_BLOCK)
+            prefetch_nta(wf, pf + (p + 2) * PAIR_BLOCK)
+            prefetch_nta(wf, pb + p * PAIR_BLOCK)
+            prefetch_nta(wf, pb + (p + 2) * PAIR_BLOCK)
         q = base + p * PAIR_BLOCK
         s = p0 + p * width + c
         a0 = dot_pairs(a0, vload_raw(wf, q), xi, s)
