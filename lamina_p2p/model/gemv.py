@@ -21,7 +21,8 @@ widen and 16 FMAs with embedded broadcasts at fixed offsets; ~77 % of the FMA pe
 over 2 accumulators a row at 8 and 4 rows and over 4 at one row, so the FMA latency is hidden. Each block of
 more than one row prefetches its neighbours (a lone row: `_row1`), so one thread streams the weights from DRAM
 while it computes; non-temporal (prefetchnta): a decode step reads every weight once, and normal prefetches
-let ~270 MB a step (SmolLM2) flush the L2 and L3 of what the step reuses (the KV cache, activations, the interpreter's state). SmolLM2 bf16 in the engine, batch 1, context 512,
+let ~270 MB a step (SmolLM2) flush the L2 and L3 of what the step reuses (the KV cache, activations, the
+interpreter's state). SmolLM2 bf16 in the engine, batch 1, context 512,
 alternating 4 times: 8.5-8.8 -> 7.8-8.1 ms a step with gemv_pairs; the widened layout 8.3-9.2 -> 8.2-8.6; the GEMV
 alone over 256 MB unchanged (tools/bench_gemv.py, two threads 42-43 GB/s both ways). Blocks
 are split over Numba's threads (prange); with one thread, or a call too small to be worth
