@@ -322,7 +322,7 @@ def _rows4(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf
 def _row1(xf, p0, width, c, wb, base, k_in, y, tail, g0, j, bv, full, n_out, pf, pb):
     """Row c of the last panel: four accumulators over successive k. Software prefetches only where the panel has
     more rows (width > 1): a lone row does too little work a line for them to pay, and the hardware prefetchers
-    stream the blocks alone (Zen 5, SmolLM2 bf16: the batch-1 LM head 1.67-1.70 -> 1.44-1.55 ms from DRAM)."""
+    stream the blocks alone (Zen 5, SmolLM2 bf16: the batch-1 LM head 1.63-1.64 -> 1.51-1.53 ms from DRAM)."""
     a0 = vzero()
     a1 = vzero()
     a2 = vzero()
