@@ -38,6 +38,10 @@ def _dump_tasks() -> None:
 
 
 def _announce(address: str, peer_id: str) -> None:
+    from lamina_p2p.runtime import freeze_heap
+
+    # Startup's objects (model, kernels, libraries) are never garbage: keep the collector off them.
+    freeze_heap()
     # The launcher (and anyone scripting a cluster) waits for this line.
     print(f"{READY_PREFIX}{address} {peer_id}", flush=True)
 

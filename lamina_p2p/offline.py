@@ -19,7 +19,7 @@ from lamina_p2p.compute.engine import Engine
 from lamina_p2p.compute.sequence import SamplingParams
 from lamina_p2p.launch import open_transport
 from lamina_p2p.options import EngineOptions, GenerateOptions
-from lamina_p2p.runtime import run_async, set_threads
+from lamina_p2p.runtime import freeze_heap, run_async, set_threads
 from lamina_p2p.trace import Tracer
 
 
@@ -43,11 +43,12 @@ def build_prompts(opts: GenerateOptions, tokenizer, vocab_size: int) -> list[lis
     return [prompts[i % len(prompts)] for i in range(batch)]
 
 
-def run_generate(opts: GenerateOptions) -> dict:
+def run_generate(opts: GenerateOptions, freeze: bool = False) -> dict:
     """Generate for opts' prompts; a dict of token ids, texts, finish reasons and decode tokens/s.
 
-    Raises ValueError (no tokenizer or chat template for text prompts), model.config.ModelError (a
-    model that does not load), TimeoutError (attention peers that do not come up within 60 s).
+    freeze: this process is the run's alone (the CLI): see _generate. Raises ValueError (no
+    tokenizer or chat template for text prompts), model.config.ModelError (a model that does not
+    load), TimeoutError (attention peers that do not come up within 60 s).
     """
     from lamina_p2p.model.loader import load_model
     from lamina_p2p.model.tokenizer import load_tokenizer
@@ -58,7 +59,7 @@ def run_generate(opts: GenerateOptions) -> dict:
     prompts = build_prompts(opts, tokenizer, model.config.vocab_size)
     params = SamplingParams(max_tokens=opts.max_tokens, temperature=opts.temperature, top_k=opts.top_k,
                             top_p=opts.top_p, seed=opts.seed, ignore_eos=opts.ignore_eos)
-    seqs, stats = run_async(_generate(opts, model, prompts, params, opts.trace))
+    seqs, stats = run_async(_generate(opts, model, prompts, params, opts.trace, freeze))
     texts = [tokenizer.decode(s.output) if tokenizer else "" for s in seqs]
     return {
         "token_ids": [s.output for s in seqs],
@@ -76,7 +77,10 @@ def run_generate(opts: GenerateOptions) -> dict:
 
 
 async def _generate(opts: EngineOptions, model, prompts: list[list[int]], params: SamplingParams,
-                    trace: str | None = None):
+                    trace: str | None = None, freeze: bool = False):
+    """Run the prompts to completion on a fresh engine; (sequences, stats). freeze: the whole process
+    is this run's (the CLI): freeze its startup heap once the engine is up (runtime.freeze_heap);
+    never in a caller's process (`LLM`, tests), whose objects frozen would never be collected."""
     # SIGTERM (kill, a job scheduler) stops like Ctrl-C: unwinding stops the peers started here.
     task = asyncio.current_task()
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
@@ -86,6 +90,8 @@ async def _generate(opts: EngineOptions, model, prompts: list[list[int]], params
         engine = Engine(model, transport, **opts.engine_kwargs())
         stack.callback(engine.close)
         await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
+        if freeze:
+            freeze_heap()
         if trace:
             engine.tracer = transport.tracer = Tracer()
         result = await engine.generate(prompts, params)

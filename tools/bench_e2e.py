@@ -238,6 +238,7 @@ class LaminaBackend:
         from lamina_p2p.compute.engine import Engine
         from lamina_p2p.launch import open_transport
         from lamina_p2p.options import GenerateOptions
+        from lamina_p2p.runtime import freeze_heap
 
         split = getattr(self.args, "split_cores", None) if self.peers else None
         opts = GenerateOptions(model_dir=self.model_dir, attention_peers=self.peers, kv_bytes=kv_bytes,
@@ -249,6 +250,7 @@ class LaminaBackend:
         self.stack.callback(self.engine.close)
         if hasattr(transport, "wait_for_peers"):
             await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
+        freeze_heap()  # as `lamina-node` does once ready: no full collection mid-measurement
 
     async def prefill(self, prompts: list[list[int]], max_tokens: int) -> None:
         from lamina_p2p.compute.sequence import SamplingParams

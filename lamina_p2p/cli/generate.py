@@ -96,7 +96,7 @@ def generate(prompt, chat, system, allow_special_tokens_in_content, prompt_ids, 
                            prompt_ids=[_parse_ids(p) for p in prompt_ids], batch=batch, **kw)
     try:
         with one_line_errors():
-            result = run_generate(opts)
+            result = run_generate(opts, freeze=True)
     except (ValueError, ConfigError) as e:
         raise click.ClickException(str(e)) from None
     except asyncio.CancelledError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
 
+from lamina_p2p.runtime import gc_pauses, track_gc_pauses
 from lamina_p2p.trace import LAYER
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -56,6 +57,8 @@ class ServeMetrics:
         self.transport = transport
         if transport is not None:
             r.register(_TransportCollector(transport))
+        track_gc_pauses()
+        r.register(_GcCollector())
 
     # -- StepObserver (the engine's dense thread) ----------------------------------
     def on_dense(self, piece: str, layer: int, micro_batch: int, tokens: int, t0: float, t1: float) -> None:
@@ -117,6 +120,30 @@ class _EngineCollector:
                                   "attention peer failed.", value=self.engine.recomputed)
         yield CounterMetricFamily("lamina_replica_failovers", "Shards served by their replica after an "
                                   "attention peer failed (no recompute).", value=self.engine.promoted)
+
+
+class _GcCollector:
+    """The process's garbage-collector pauses (runtime.track_gc_pauses) and frozen heap, read at
+    scrape time: a pause holds the GIL, so it is a stall of every step and request in flight."""
+
+    def collect(self):
+        import gc
+
+        n = CounterMetricFamily("lamina_gc_collections", "Garbage collections of this process.",
+                                labels=["generation"])
+        paused = CounterMetricFamily("lamina_gc_pause_seconds", "Time this process spent in garbage "
+                                     "collections (the GIL held).", labels=["generation"])
+        longest = GaugeMetricFamily("lamina_gc_pause_longest_seconds", "The longest garbage collection "
+                                    "pause seen.", labels=["generation"])
+        for g, (count, seconds, top) in gc_pauses().items():
+            n.add_metric([str(g)], count)
+            paused.add_metric([str(g)], seconds)
+            longest.add_metric([str(g)], top)
+        yield n
+        yield paused
+        yield longest
+        yield GaugeMetricFamily("lamina_gc_frozen_objects", "Objects frozen out of the collector's view "
+                                "once the peer was ready (runtime.freeze_heap).", value=gc.get_freeze_count())
 
 
 class _TransportCollector:
