@@ -395,12 +395,6 @@ def prefetch_nta(typingctx, arr, idx):
     return types.void(arr, types.intp), _prefetch_codegen(0)
 
 
-@intrinsic
-def prefetch_l1(typingctx, arr, idx):
-    """llvm.prefetch (read, into L1: locality 3, prefetcht0) of the element at flat index idx."""
-    return types.void(arr, types.intp), _prefetch_codegen(3)
-
-
 # Key-quad layout (tiles.py, large GQA groups): a staged 16-key tile is stored as 4 quads
 # of 4 keys (vquad); vector j of quad q holds K[4q + kk, 4j + e] in lane 4 kk + e. A query
 # row's 4 dims [4j, 4j + 4) broadcast to all four 128-bit lanes (vbcast4) multiply it, so

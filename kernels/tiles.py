@@ -44,7 +44,7 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   gets a zero fourth row (_pad_row).
 - The next block's rows are prefetched a little at a time inside the QK/PV loops
   of the first query row(s): blocks are scattered, so the hardware prefetcher stops at
-  every block edge (16-bit at head_dim 64: into L1, 32 keys ahead). In a QK tile a
+  every block edge (16-bit at head_dim 64: 32 keys ahead). In a QK tile a
   line of each of its keys per column step (_prefetch_column), not the tile's lines in
   a burst before its loads: one thread, batch 16, ctx 2048 from DRAM, float32 G4 D128
   13.2-13.4 -> 12.8-12.9 ms a call, G7 D128 7.6-7.7 -> 7.2-7.6, head_dim 64 even.
@@ -60,7 +60,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, prefetch_l1, vadd, vany_gt, vbcast4, vbf16_eo, vdpbf16, veo, vexp_nonpos, vfma,
+from .simd import (prefetch, vadd, vany_gt, vbcast4, vbf16_eo, vdpbf16, veo, vexp_nonpos, vfma,
                    vhmax, vhsum, vinterleave, vload, vload16, vload_bf16, vload_bf16_eo, vload_raw, vmul,
                    vquad, vstore, vstore4, vstore8, vsub, vsum4x4, vsum16, vzero)
 from .softmax import exp_nonpos
@@ -253,11 +253,14 @@ def make_attend_rows(D):
     # them adds to the cold compile, and the generic body serves rare head_dims.
     QUADS = D != 0
     # The prefetch spread over the loops of whole chunks (the quad QK, the 4-row PV):
-    # 16-bit pools at head_dim 64 into L1, 32 keys ahead; else into L2, a block ahead.
-    # Measured one thread, bf16 from DRAM, ns per key (into L2 a block ahead / into L1 a
-    # block ahead / into L1 32 keys ahead): G8 D64 34.6 / 32.9 / 32.0, G3 D64 27.2 /
-    # 25.5 / 24.4, G7 D128 61.6 / 71.1 / 70.7 (16 keys ahead 65.9); float32 G8 D64 49.0
-    # into L2 a block ahead, 55.3 into L1 32 keys ahead: the L1 holds too little there.
+    # 16-bit pools at head_dim 64 32 keys ahead; else a block ahead. Always with the L2
+    # hint (simd.prefetch): prefetcht0 (into L1) was 5-10 % faster on a Zen 5 (one thread,
+    # bf16 from DRAM, ns per key, into L2 a block ahead / into L1 32 keys ahead: G8 D64
+    # 34.6 / 32.0, G3 D64 27.2 / 24.4) but twice as slow on a Zen 4 (one thread, batch 16,
+    # ctx 2048, G3 D64 bf16: 2976-2988 us a call with prefetcht0 at either distance,
+    # 1484-1908 with the L2 hint at either; two threads G3 and G8 D64, bf16 and f16,
+    # 1.1-1.6x): the hint that is never far off. float32 G8 D64 (Zen 5): 49.0 a block
+    # ahead, 55.3 into L1 32 keys ahead: the L1 holds too little there.
     NEAR = D == 64
     # Even/odd bfloat16 staging (_eo) only where head_dim is a constant multiple of 32.
     EO = D != 0 and D % 32 == 0
@@ -318,7 +321,7 @@ def make_attend_rows(D):
         dq = DP and dp_pool(k_pool, dp)
         eo_q = eo and not dq
         in_place = _in_place(k_pool)
-        near = NEAR and not in_place  # constants: LLVM keeps one prefetch of the two
+        near = NEAR and not in_place
         if eo_q:  # the rows' dims in the staged order (undone before returning)
             for r in range(n_rows):
                 for x in range(r * d, (r + 1) * d, 32):
@@ -447,10 +450,7 @@ def make_attend_rows(D):
                         if r == 0 and pf >= 0:  # 128 elements an iteration cover 16 keys
                             po = pf + 32 * j
                             while po < pf + 32 * j + 128:
-                                if near:
-                                    prefetch_l1(k_pool, po)
-                                else:
-                                    prefetch(k_pool, po)
+                                prefetch(k_pool, po)
                                 po += step
                         kv0 = vload(kw, 4 * j)
                         kv1 = vload(kw, 4 * j + 2 * d)
@@ -511,10 +511,7 @@ def make_attend_rows(D):
                             # the first rows' loop: 64 elements an iteration cover 16 keys.
                             po = pf + 16 * j
                             while po < pf + 16 * j + 64:
-                                if near:
-                                    prefetch_l1(k_pool, po)
-                                else:
-                                    prefetch(k_pool, po)
+                                prefetch(k_pool, po)
                                 po += step
                         kv0 = vload(kw, 4 * j)
                         kv1 = vload(kw, 4 * j + 4 * d)
@@ -1038,10 +1035,7 @@ def make_attend_rows(D):
                     u3 = vload(acc, 7 * d + c + 16)
                     for t in range(n):
                         if pf >= 0:  # the next rows' 32 dims of this pass: one line a key
-                            if near:
-                                prefetch_l1(v_pool, pf + t * d + c)
-                            else:
-                                prefetch(v_pool, pf + t * d + c)
+                            prefetch(v_pool, pf + t * d + c)
                         v = row0 + t * d + c
                         w = vload(v_pool, v)
                         wo = vload(v_pool, v + 16)
@@ -1110,10 +1104,7 @@ def make_attend_rows(D):
                         if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
                             po = pf + t * d + c
                             while po < pf + t * d + c + 64:
-                                if near:
-                                    prefetch_l1(v_pool, po)
-                                else:
-                                    prefetch(v_pool, po)
+                                prefetch(v_pool, po)
                                 po += step
                         pt = s[r, t0 + t]
                         pu = s[r + 1, t0 + t]
@@ -1182,10 +1173,7 @@ def make_attend_rows(D):
                         if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
                             po = pf + t * d + c
                             while po < pf + t * d + c + 64:
-                                if near:
-                                    prefetch_l1(v_pool, po)
-                                else:
-                                    prefetch(v_pool, po)
+                                prefetch(v_pool, po)
                                 po += step
                         pt = s[r, t0 + t]
                         pu = s[r + 1, t0 + t]
@@ -1254,10 +1242,7 @@ def make_attend_rows(D):
                         if r == 0 and pf >= 0:  # V as K in the quads: 64 elements a pass
                             po = pf + t * d + c
                             while po < pf + t * d + c + 64:
-                                if near:
-                                    prefetch_l1(v_pool, po)
-                                else:
-                                    prefetch(v_pool, po)
+                                prefetch(v_pool, po)
                                 po += step
                         pt = s[r, t0 + t]
                         pu = s[r + 1, t0 + t]
