@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import subprocess
@@ -79,7 +78,11 @@ class TransformersBackend:
         transformers.logging.set_verbosity_error()
         warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        from lamina_p2p.model.source import resolve
+
+        path = resolve(model_dir)  # a directory, or a .gguf file (transformers' GGUF loader)
+        src, kw = (path.parent, dict(gguf_file=path.name)) if path.is_file() else (path, {})
+        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype), **kw).eval()
         self.ids = None
         self.cache = None
 
@@ -305,36 +308,28 @@ def use_cores(args, clustered: bool) -> None:
 
 
 # -- bytes per token ---------------------------------------------------------------------------
-def weight_bytes_per_step(model_dir: str) -> int:
-    """Bytes of weights a decode step reads: every tensor but the embedding table (a row lookup),
-    unless the LM head is tied to it."""
-    import json
+def weight_bytes_per_step(model: str, dtype: str) -> int:
+    """Bytes of weights a decode step reads at the run's dtype (the engine converts to it): every
+    tensor but the embedding table (a row lookup), unless the LM head is tied to it. `model`: a
+    checkpoint directory or .gguf file."""
+    from lamina_kernels import storage_itemsize
+    from lamina_p2p.model.source import model_config
+    from lamina_p2p.plan.geometry import Geometry
 
-    from safetensors import safe_open
-
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    tied = cfg.get("tie_word_embeddings", False)
-    total = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                if k.endswith("embed_tokens.weight") and not tied:
-                    continue
-                t = st.get_slice(k)
-                n = math.prod(t.get_shape())
-                total += n * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
-    return total
+    cfg = model_config(model)
+    n = Geometry.from_model_config(cfg).num_params()
+    if not cfg.tie_word_embeddings:
+        n -= cfg.vocab_size * cfg.hidden_size
+    return n * storage_itemsize(dtype)
 
 
-def kv_bytes_per_context_token(model_dir: str, dtype: str) -> int:
-    import json
+def kv_bytes_per_context_token(model: str, dtype: str) -> int:
+    from lamina_kernels import storage_itemsize
+    from lamina_p2p.model.source import model_config
 
-    c = json.loads((Path(model_dir) / "config.json").read_text())
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * (4 if dtype == "float32" else 2)
+    return model_config(model).kv_bytes_per_token(storage_itemsize(dtype))
 
 
-# -- the run -----------------------------------------------------------------------------------
 async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, systems: list[str], wbytes: int,
                       kv_tok: int, log) -> dict:
     from lamina_p2p.runtime import compute_threads
@@ -468,7 +463,7 @@ async def main_async(args, log) -> dict:
     log(f"STREAM read {stream:.1f} GB/s")
     set_threads(args.threads)
     model = load_model(model_dir, dtype=args.dtype)
-    wbytes = weight_bytes_per_step(model_dir)
+    wbytes = weight_bytes_per_step(model_dir, args.dtype)
     kv_tok = kv_bytes_per_context_token(model_dir, args.dtype)
     out = {"stream_read_gbps": stream, "model": model_dir, "batches": {}, "dtype": args.dtype,
            "threads": args.threads, "attention_threads": args.attention_threads, "placement": args.placement,
@@ -589,7 +584,7 @@ def parse_args(argv=None):
     ap.add_argument("--contexts", type=int, nargs="+", default=None, help="default 512 2048 (--quick: 256)")
     ap.add_argument("--batch", type=int, nargs="+", default=[16], help="decode batch sizes, each a run of its own")
     ap.add_argument("--preset", default="bench")
-    ap.add_argument("--model", help="model directory (default: the preset, written once to a temp dir)")
+    ap.add_argument("--model", help="model directory or .gguf file (default: the preset, written once to a temp dir)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the compute side (and transformers)")
     ap.add_argument("--attention-threads", type=int, default=2, help="numba threads of each attention peer")
