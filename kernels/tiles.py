@@ -253,7 +253,7 @@ def make_attend_rows(D):
     # them adds to the cold compile, and the generic body serves rare head_dims.
     QUADS = D != 0
     # The prefetch spread over the loops of whole chunks (the quad QK, the 4-row PV):
-    # 16-bit pools at head_dim 64 32 keys ahead; else a block ahead. Always with the L2
+    # 16-bit pools at head_dim 64: 32 keys ahead; the rest: a block ahead. Always the L2
     # hint (simd.prefetch): prefetcht0 (into L1) was 5-10 % faster on a Zen 5 (one thread,
     # bf16 from DRAM, ns per key, into L2 a block ahead / into L1 32 keys ahead: G8 D64
     # 34.6 / 32.0, G3 D64 27.2 / 24.4) but twice as slow on a Zen 4 (one thread, batch 16,
