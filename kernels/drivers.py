@@ -140,15 +140,17 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
         for it in range(items.shape[0]):
             _attend_item(it, 0, q, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
                          context_lens, layer, scale32, bf16, dp, groups, items, gsz, scratch, part_o,
-                         part_lse, out, lse)
+                         part_lse, out, lse, it + 1 if it + 1 < items.shape[0] else -1)
         for g in range(n_groups):  # no split group: only groups that see no key
             _merge_group(g, q_start, groups, gsz, part_o, part_lse, out, lse)
         return 0, 0, True
     scratch = _scratch(n_threads, rmax, k_pool.shape[2], d)  # get_thread_id() < n_threads
     for it in prange(items.shape[0]):
+        # (Items are handed out one at a time to whichever thread is free: the next one a
+        # thread runs is not known, so nothing is prefetched across items.)
         _attend_item(order[it], numba.get_thread_id(), q, k_pool, v_pool, block_table,
                      table_rows, q_start, kv_start, context_lens, layer, scale32, bf16, dp,
-                     groups, items, gsz, scratch, part_o, part_lse, out, lse)
+                     groups, items, gsz, scratch, part_o, part_lse, out, lse, -1)
 
     # Pass 3: merge split groups and fill groups that see no key at all (a parallel
     # region only when there is such a group).

@@ -39,15 +39,28 @@ def append_rows(k_new, v_new, k_pool, v_pool, block_table, table_rows, kv_start,
             v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
 
 
+@njit(inline="always", **_JIT)
+def _first_block(it, k_pool, block_table, table_rows, groups, items, layer):
+    """Flat pool offset of key 0 of the block holding item it's first key (-1 for it < 0 or an
+    item with no key)."""
+    if it < 0 or items[it, P.I_K1] <= items[it, P.I_K0]:
+        return -1
+    g = items[it, P.I_GROUP]
+    bs = k_pool.shape[2]
+    blk = block_table[table_rows[groups[g, P.G_SEQ]], groups[g, P.G_HEAD], items[it, P.I_K0] // bs]
+    return ((blk * k_pool.shape[1] + layer) * bs) * k_pool.shape[3]
+
+
 @njit(**_JIT)
 def attend_item(item, tid, q, k_pool, v_pool, block_table, table_rows, q_start, kv_start,
                 context_lens, layer, scale, bf16, dp, groups, items, gsz, scratch, part_o,
-                part_lse, out, lse):
+                part_lse, out, lse, nxt):
     """One planned item: online softmax of its group's query rows over its key range,
     normalised into out/lse (a whole group) or into its partial slot (a split group).
     scratch: the per-thread buffers of make_scratch, row tid used. dp: a bfloat16 pool's
     QK on bfloat16 dot products where the tiles have them (head_dim 64 and 128; see
-    tiles.attend_rows), else ignored."""
+    tiles.attend_rows), else ignored. nxt: the item this thread will most likely run
+    next (-1: unknown), whose first block the end of this one prefetches."""
     qs_t, lim_t, s_t, m_t, l_t, acc_t, kw_t, vw_t = scratch
     qs = qs_t[tid]
     row_lim = lim_t[tid]
@@ -79,18 +92,19 @@ def attend_item(item, tid, q, k_pool, v_pool, block_table, table_rows, q_start, 
             else:
                 _scaled_row(qs, r, q, tok, h * gsz + gg, scale, bf16)
     bt_row = block_table[table_rows[i], h]
+    pf_next = _first_block(nxt, k_pool, block_table, table_rows, groups, items, layer)
     if not (d % 16 == 0 and _vector_ok(k_pool, bf16)):
         _attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
                      bf16)
     elif d == 64:
         T.attend_rows_64(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
-                         kw_t[tid], vw_t[tid], bf16, dpq, scale)
+                         kw_t[tid], vw_t[tid], bf16, dpq, scale, pf_next)
     elif d == 128:
         T.attend_rows_128(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l,
-                          acc, kw_t[tid], vw_t[tid], bf16, dpq, scale)
+                          acc, kw_t[tid], vw_t[tid], bf16, dpq, scale, pf_next)
     else:
         T.attend_rows_any(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l,
-                          acc, kw_t[tid], vw_t[tid], bf16, False, scale)
+                          acc, kw_t[tid], vw_t[tid], bf16, False, scale, pf_next)
     for jj in range(nqt):
         tok = q_start[i] + j0 + jj
         for gg in range(gsz):

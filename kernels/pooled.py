@@ -170,6 +170,10 @@ def _item(rec, j, tid, dt):
     n_seq, t, hq = rec[R_NSEQ], rec[R_T], rec[R_HQ]
     pool_shape = (rec[R_NBLK], rec[R_NLAY], bs, d)
     order = _arr(rec, R_ORDER, (rec[R_NITEMS],), np.int64)
+    # The caller claims units from the front, the workers from the back (spin_pool._claim): the
+    # unit after this one, in this thread's direction, is most likely its next.
+    jn = j + 1 if tid == 0 else j - 1
+    nxt = order[jn] if 0 <= jn < rec[R_NITEMS] else -1
     _attend_item(order[j], tid, _readonly(_arr(rec, R_Q, (t, hq, d), dt)),
                  _arr(rec, R_KP, pool_shape, dt), _arr(rec, R_VP, pool_shape, dt),
                  _readonly(_arr(rec, R_BT, (rec[R_BTR], rec[R_BTH], rec[R_BTM]), np.int32)),
@@ -182,7 +186,7 @@ def _item(rec, j, tid, dt):
                  _arr(rec, R_ITEMS, (rec[R_NITEMS], 4), np.int64), rec[R_GSZ], scratch,
                  _arr(rec, R_PO, (rec[R_NPARTS], rmax, d), np.float32),
                  _arr(rec, R_PL, (rec[R_NPARTS], rmax), np.float32),
-                 _arr(rec, R_OUT, (t, hq, d), np.float32), _arr(rec, R_LSE, (t, hq), np.float32))
+                 _arr(rec, R_OUT, (t, hq, d), np.float32), _arr(rec, R_LSE, (t, hq), np.float32), nxt)
 
 
 def run_item(rec_addr, j, tid):

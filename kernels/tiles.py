@@ -48,6 +48,11 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   line of each of its keys per column step (_prefetch_column), not the tile's lines in
   a burst before its loads: one thread, batch 16, ctx 2048 from DRAM, float32 G4 D128
   13.2-13.4 -> 12.8-12.9 ms a call, G7 D128 7.6-7.7 -> 7.2-7.6, head_dim 64 even.
+  Past an item's last key the prefetches take the first block of the item the thread
+  runs next (pf_next, where the caller knows it: the inline driver, the spin pool's
+  runs), which otherwise starts latency-bound (~8 us an item, one thread, f32 G4 D128):
+  one thread, batch 16, from DRAM, alternating twice, us a call: ctx 128 2061, 1895 ->
+  1246, 1386; 512 4927, 5964 -> 4394, 4509; 2048 17873, 18811 -> 15863, 18251.
 - A block of more than CHUNK (16) keys is walked in 16-key chunks: larger blocks give
   the hardware prefetcher longer runs (measured faster at 64 keys) while the tiles, the
   staging scratch and the scores stay the size of one chunk.
@@ -269,7 +274,7 @@ def make_attend_rows(D):
 
     @njit(**_JIT_D)
     def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m, l, acc,
-                    kw, vw, bf16, dp, qscale):
+                    kw, vw, bf16, dp, qscale, pf_next):
         """Online softmax of rows qs[:n_rows] over keys [k0, k1) of one (sequence, kv
         head); row r sees keys < row_lim[r]. Leaves the running max m, sum l and the
         unnormalised accumulator acc (float32 [rows, d]). s: float32 [rows, >= bs];
@@ -282,7 +287,12 @@ def make_attend_rows(D):
         bfloat16 dot products. qs's rows then hold the query's raw bfloat16 bits (row r's
         d values in the first d / 2 float32 words of qs[r], unscaled) and the scores are
         the dot products times qscale (float32); the key chunks are read as stored (key
-        quads of raw pairs at four rows or more), not widened. PV is unchanged."""
+        quads of raw pairs at four rows or more), not widened. PV is unchanged.
+
+        pf_next: the flat pool offset of key 0 of the first block of the item this thread
+        runs next (-1: none or unknown). The prefetches that would run past k1 take that
+        block instead, so the next item does not start on a block nobody prefetched
+        (one thread, f32 G4 D128 from DRAM: ~8 us an item otherwise)."""
         ks = _src(k_pool, kw)
         vs = _src(v_pool, vw)
         bs = k_pool.shape[2]
@@ -352,7 +362,14 @@ def make_attend_rows(D):
             # this chunk's offset) are prefetched a little at a time inside the loops (a burst
             # of a whole block at once stalls the current block's loads).
             pa = base + t0 + (32 if near else bs)
-            pf = ((bt_row[pa // bs] * nl + layer) * bs + pa % bs) * d if pa < b_end * bs else -1
+            if pa < k1:
+                pf = ((bt_row[pa // bs] * nl + layer) * bs + pa % bs) * d
+            elif pf_next >= 0 and pa - k1 < bs:
+                # Past this item's keys: the next item's first block, in whole chunks (a
+                # chunk's keys stay inside the block).
+                pf = pf_next + ((pa - k1) // CHUNK) * CHUNK * d
+            else:
+                pf = -1
             quad = QUADS and n == CHUNK and _quads(k_pool, d, n_rows)
             if quad and dq:
                 # bfloat16 dot products: the chunk's K as key quads of raw pairs, not widened:
