@@ -147,7 +147,8 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
     scratch = _scratch(n_threads, rmax, k_pool.shape[2], d)  # get_thread_id() < n_threads
     for it in prange(items.shape[0]):
         # (Items are handed out one at a time to whichever thread is free: the next one a
-        # thread runs is not known, so nothing is prefetched across items.)
+        # thread runs is not known, so nothing is prefetched across items. One worker runs
+        # inline, above.)
         _attend_item(order[it], numba.get_thread_id(), q, k_pool, v_pool, block_table,
                      table_rows, q_start, kv_start, context_lens, layer, scale32, bf16, dp,
                      groups, items, gsz, scratch, part_o, part_lse, out, lse, -1)
