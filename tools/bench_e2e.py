@@ -308,28 +308,27 @@ def use_cores(args, clustered: bool) -> None:
 
 
 # -- bytes per token ---------------------------------------------------------------------------
-def weight_bytes_per_step(model: str, dtype: str) -> int:
+def weight_bytes_per_step(cfg, dtype: str) -> int:
     """Bytes of weights a decode step reads at the run's dtype (the engine converts to it): every
-    tensor but the embedding table (a row lookup), unless the LM head is tied to it. `model`: a
-    checkpoint directory or .gguf file."""
+    tensor but the embedding table (a row lookup), unless the LM head is tied to it. cfg: the
+    loaded model's ModelConfig."""
     from lamina_kernels import storage_itemsize
-    from lamina_p2p.model.source import model_config
     from lamina_p2p.plan.geometry import Geometry
 
-    cfg = model_config(model)
     n = Geometry.from_model_config(cfg).num_params()
     if not cfg.tie_word_embeddings:
         n -= cfg.vocab_size * cfg.hidden_size
     return n * storage_itemsize(dtype)
 
 
-def kv_bytes_per_context_token(model: str, dtype: str) -> int:
+def kv_bytes_per_context_token(cfg, dtype: str) -> int:
+    """K and V bytes of one cached token over all layers at the run's dtype (cfg: a ModelConfig)."""
     from lamina_kernels import storage_itemsize
-    from lamina_p2p.model.source import model_config
 
-    return model_config(model).kv_bytes_per_token(storage_itemsize(dtype))
+    return cfg.kv_bytes_per_token(storage_itemsize(dtype))
 
 
+# -- the run -----------------------------------------------------------------------------------
 async def run_context(ctx_len: int, batch: int, args, model, model_dir: str, systems: list[str], wbytes: int,
                       kv_tok: int, log) -> dict:
     from lamina_p2p.runtime import compute_threads
@@ -463,8 +462,8 @@ async def main_async(args, log) -> dict:
     log(f"STREAM read {stream:.1f} GB/s")
     set_threads(args.threads)
     model = load_model(model_dir, dtype=args.dtype)
-    wbytes = weight_bytes_per_step(model_dir, args.dtype)
-    kv_tok = kv_bytes_per_context_token(model_dir, args.dtype)
+    wbytes = weight_bytes_per_step(model.config, args.dtype)
+    kv_tok = kv_bytes_per_context_token(model.config, args.dtype)
     out = {"stream_read_gbps": stream, "model": model_dir, "batches": {}, "dtype": args.dtype,
            "threads": args.threads, "attention_threads": args.attention_threads, "placement": args.placement,
            "omp_wait_policy": args.omp_wait_policy, "busy_poll_us": args.busy_poll_us,

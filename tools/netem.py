@@ -83,7 +83,7 @@ async def run(args, log) -> dict:
     model_dir = args.model or benchlib.model_dir(args.preset, args.dtype)
     set_threads(args.threads)
     model = load_model(model_dir, dtype=args.dtype)
-    kv_tok = kv_bytes_per_context_token(model_dir, args.dtype)
+    kv_tok = kv_bytes_per_context_token(model.config, args.dtype)
     pairs = [(d, m) for d in args.delays_ms for m in args.micro_batches]
     # Room for every decode step the run takes: warm-up, each pair's settle step and timed steps, and
     # the tokens sequences decode while others still prefill in chunks (as in bench_e2e).
