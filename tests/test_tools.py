@@ -191,3 +191,14 @@ def test_bench_gemv_json_shape():
                                                                   (3, "widened")]
     assert all(r["one_thread_gbps"] > 0 and r["two_threads_gbps"] > 0 for r in res["results"])
     assert res["stream_read_gbps"] > 0
+
+
+def test_bench_tile_overlap_json_shape():
+    res = run_tool(str(TOOLS / "bench_tile_overlap.py"), "--dram-mb", "4", "--l2-kb", "512", "--reps", "1",
+                   "--kernel-context", "128", "--json")
+    loops = [(r["loop"], r["prefetch"]) for r in res["rows"]]
+    assert loops == [(loop, pf) for loop in ("read", "latency", "tile") for pf in ("none", "l2", "nta")] + \
+        [("kernel", "l2")]
+    assert all(r["dram_ns_per_key"] > 0 and r["l2_ns_per_key"] > 0 for r in res["rows"])
+    assert all(r["overlap"] >= 0 for r in res["rows"] if r["loop"] != "read")
+    assert res["read_dram_gbps"] > 0 and res["bytes_per_key"] == 1024
