@@ -193,9 +193,10 @@ def test_bench_gemv_json_shape():
     assert res["stream_read_gbps"] > 0
 
 
-def test_bench_tile_overlap_json_shape():
+def test_bench_tile_overlap_json_shape(tmp_path):
     res = run_tool(str(TOOLS / "bench_tile_overlap.py"), "--dram-mb", "4", "--l2-kb", "512", "--reps", "1",
-                   "--kernel-context", "128", "--json")
+                   "--kernel-context", "128", "--json", "--plot", str(tmp_path))
+    assert (tmp_path / "tile_overlap.png").stat().st_size > 0
     loops = [(r["loop"], r["prefetch"]) for r in res["rows"]]
     assert loops == [(loop, pf) for loop in ("read", "latency", "tile") for pf in ("none", "l2", "nta")] + \
         [("kernel", "l2")]

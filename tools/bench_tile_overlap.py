@@ -10,20 +10,23 @@ of float32 K and V at head_dim 128 (1 KiB a key), walked in 16-key chunks, K the
   latency   the loads, each feeding a chain of dependent FMAs: arithmetic the core waits on, not throughput
   tile      the kernel's shape at GQA group 4: QK four query rows x four keys (16 accumulators, one
             transposed fold), PV four rows x 64 columns in registers -- throughput-bound arithmetic
-  kernel    lamina_kernels.append_attend itself (batch 16, 8 kv heads of group 4, random block table)
+  kernel    lamina_kernels.append_attend itself: from DRAM batch 16 x 8 kv heads of group 4 at --kernel-context
+            (random block table); in L2 the slope between two contexts of one kv head (the call's fixed cost
+            drops out)
 
 each with software prefetch of the next block at the chunk's offset (one line per line read) with the
 L2 hint (prefetcht2, the kernel's), non-temporal (prefetchnta), or none, from DRAM (a pool far above the
 last-level cache) and from L2 (a pool of 512 KiB). overlap = (L2 + read from DRAM - DRAM) / min(L2, read
 from DRAM): 1 when the longer of the two hides the other, 0 when they add.
 
-    python tools/bench_tile_overlap.py [--dram-mb 256] [--reps 3] [--no-kernel] [--json [FILE]]
+    python tools/bench_tile_overlap.py [--dram-mb 256] [--reps 3] [--no-kernel] [--json [FILE]] [--plot DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 from numba import njit
@@ -142,8 +145,8 @@ def _timed(fn) -> float:
 
 
 def _kernel_s(batch: int, hkv: int, context: int, reps: int) -> float:
-    """Best seconds of append_attend on one thread, batch x hkv kv heads of group 4 at head_dim 128, float32,
-    attend only (no appended rows), blocks in random order."""
+    """Best seconds of append_attend on one thread (sets Numba's thread count to 1), batch x hkv kv heads of
+    group 4 at head_dim 128, float32, attend only (no appended rows), blocks in random order."""
     import numba
 
     from lamina_kernels import append_attend
@@ -172,6 +175,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-kernel", action="store_true", help="skip the append_attend row")
     ap.add_argument("--kernel-context", type=int, default=2048)
     ap.add_argument("--json", nargs="?", const="-", default=None, help="print one JSON object (or write it to FILE)")
+    ap.add_argument("--plot", default=None, help="directory for tile_overlap.png")
     ns = ap.parse_args(argv)
     key_bytes = 2 * D * 4
     dram_blocks = max(2, (ns.dram_mb << 20) // (BS * key_bytes))
@@ -191,7 +195,8 @@ def main(argv=None) -> dict:
         # In cache: the slope between two contexts of one kv head (the call's fixed cost drops out).
         c2 = max(2 * BS, (ns.l2_kb << 10) // key_bytes // BS * BS)
         c1 = max(BS, c2 // 4 // BS * BS)
-        hot = (_kernel_s(1, 1, c2, 20 * l2_reps) - _kernel_s(1, 1, c1, 20 * l2_reps)) / (c2 - c1) * 1e9
+        reps = max(50, 20 * l2_reps)
+        hot = (_kernel_s(1, 1, c2, reps) - _kernel_s(1, 1, c1, reps)) / (c2 - c1) * 1e9
         cold = _kernel_s(16, 8, ns.kernel_context, ns.reps) / (16 * 8 * ns.kernel_context) * 1e9
         rows.append({"loop": "kernel", "prefetch": "l2", "dram_ns_per_key": cold, "l2_ns_per_key": hot,
                      "overlap": max(0.0, hot + read_dram - cold) / min(hot, read_dram)})
@@ -199,6 +204,8 @@ def main(argv=None) -> dict:
            "read_dram_ns_per_key": read_dram, "read_dram_gbps": key_bytes / read_dram, "rows": rows}
     if ns.json:
         benchlib.emit_json(res, ns.json)
+    if ns.plot:
+        _plot(Path(ns.plot) / "tile_overlap.png", rows)
     if ns.json != "-":
         print(f"one thread, float32 K + V at head_dim {D} ({key_bytes} B a key), 64-key blocks in random order; "
               f"best plain read from DRAM {read_dram:.1f} ns a key ({key_bytes / read_dram:.1f} GB/s)")
@@ -207,6 +214,28 @@ def main(argv=None) -> dict:
             ov = f"{r['overlap']:8.2f}" if "overlap" in r else f"{'-':>8}"
             print(f"{r['loop']:>8} {r['prefetch']:>8} {r['dram_ns_per_key']:12.1f} {r['l2_ns_per_key']:10.1f} {ov}")
     return res
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    """Grouped bars: ns a key from DRAM and from L2 per (loop, prefetch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.bar(x - 0.2, [r["dram_ns_per_key"] for r in rows], 0.4, label="from DRAM")
+    ax.bar(x + 0.2, [r["l2_ns_per_key"] for r in rows], 0.4, label="from L2")
+    ax.set_xticks(x, [f"{r['loop']}\n{r['prefetch']}" for r in rows], fontsize=8)
+    ax.set_ylabel("ns a key (K + V)")
+    ax.set_title("one thread: tile-loop arithmetic against its DRAM stream")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
