@@ -44,10 +44,14 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   gets a zero fourth row (_pad_row).
 - The next block's rows are prefetched a little at a time inside the QK/PV loops
   of the first query row(s): blocks are scattered, so the hardware prefetcher stops at
-  every block edge (16-bit at head_dim 64: 32 keys ahead). In a QK tile a
-  line of each of its keys per column step (_prefetch_column), not the tile's lines in
-  a burst before its loads: one thread, batch 16, ctx 2048 from DRAM, float32 G4 D128
-  13.2-13.4 -> 12.8-12.9 ms a call, G7 D128 7.6-7.7 -> 7.2-7.6, head_dim 64 even.
+  every block edge (16-bit at head_dim 64: 32 keys ahead). A QK tile prefetches its
+  keys' lines in a burst before its loads (_prefetch_keys). Spreading them over the
+  tile's column loop (a line of each key per column step) read 3-5 % faster on one
+  machine (float32 G4 D128, G7 D128, one thread, B16 ctx 2048) but cost SmolLM2's
+  9/3/64 bfloat16 20-40 % on a Zen 5 (one thread, B16 ctx 512, a 30-layer pool, us a
+  call: spread 442, 389, and with the changes after it 476, 413; burst 335, 349, and
+  with those changes 331, 341) and nothing measurable there on 32/8/128 f32 or 28/4/128
+  bf16 (ctx 2048): the burst is back.
   Past an item's last key the prefetches take the first block of the item the thread
   runs next (pf_next, where the caller knows it: the inline driver, the spin pool's
   runs), which otherwise starts latency-bound (~8 us an item, one thread, f32 G4 D128):
@@ -96,17 +100,6 @@ def _prefetch_keys(pool, pf, t, n, d, step):
             po += step
 
 
-@njit(inline="always", **_JIT)
-def _prefetch_column(pool, pf, t, n, d, c, step):
-    """Prefetch the line at column c of keys t .. t + n - 1 of the next block's rows (flat offset pf
-    of its key 0; none when pf < 0 or c is not at a line's start): called in a QK tile's column
-    loop, it spreads the tile's prefetches over its loads instead of a burst before them."""
-    if pf >= 0 and c % step == 0:
-        po = pf + t * d + c
-        for j in range(n):
-            prefetch(pool, po + j * d)
-
-
 def _src(pool, scratch):
     """The array the tiles read K or V from (the pool, or the scratch of _in_place)."""
 
@@ -129,17 +122,6 @@ def _ov_in_place(pool):
     if pool.dtype == types.float32:
         return lambda pool: True
     return lambda pool: False
-
-
-def _line(pool):
-    """Elements of the pool per 64-byte cache line, a compile-time constant: the prefetch loops'
-    step (array.itemsize is a run-time field, and a loop with a run-time step does not unroll)."""
-
-
-@overload(_line, inline="always", jit_options=_JIT)
-def _ov_line(pool):
-    n = 512 // pool.dtype.bitwidth
-    return lambda pool: n
 
 
 def _pad_row(pool):
@@ -299,7 +281,7 @@ def make_attend_rows(D):
         d = k_pool.shape[3] if D == 0 else D
         nl = k_pool.shape[1]
         sw = s.shape[1]
-        step = _line(k_pool)  # elements per cache line
+        step = 64 // k_pool.itemsize  # elements per cache line
         if n_rows % 4 == 3 and _pad_row(k_pool):
             # A zero query row (its results are not read) completes the last block of 4.
             for x in range(0, d, 16):
@@ -583,12 +565,12 @@ def make_attend_rows(D):
                 qb = r * d
                 t = 0
                 while t + 8 <= n:
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 8, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
                     for c in range(0, d, 32):
-                        if r == 0:
-                            _prefetch_column(k_pool, pf, t, 8, d, c, step)
                         qv = vload(qs, qb + c // 2)
                         qw = vload(qs, qb + d + c // 2)
                         k = vload_raw(k_pool, o + c)
@@ -636,12 +618,12 @@ def make_attend_rows(D):
                 qb = r * d
                 t = 0
                 while t + 16 <= n:
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 16, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
                     for c in range(0, d, 32):
-                        if r == 0:
-                            _prefetch_column(k_pool, pf, t, 16, d, c, step)
                         qv = vload(qs, qb + c // 2)
                         a0 = vdpbf16(a0, qv, vload_raw(k_pool, o + c))
                         a1 = vdpbf16(a1, qv, vload_raw(k_pool, o + d + c))
@@ -673,11 +655,11 @@ def make_attend_rows(D):
             if direct and not dq:
                 t = 0
                 while t + 16 <= n:
+                    _prefetch_keys(k_pool, pf, t, 16, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
                     for c in range(0, d, 16):
-                        _prefetch_column(k_pool, pf, t, 16, d, c, step)
                         qv = vload(qs, c)
                         a0 = vfma(qv, _ld(k_pool, o + c, bf16), a0)
                         a1 = vfma(qv, _ld(k_pool, o + d + c, bf16), a1)
@@ -712,12 +694,12 @@ def make_attend_rows(D):
                 qb = r * d
                 t = 0
                 while t + 4 <= n:
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 4, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
                     for c in range(0, d, 16):
-                        if r == 0:
-                            _prefetch_column(k_pool, pf, t, 4, d, c, step)
                         q0 = vload(qs, qb + c)
                         q1 = vload(qs, qb + d + c)
                         q2 = vload(qs, qb + 2 * d + c)
@@ -768,12 +750,12 @@ def make_attend_rows(D):
                 qb = r * d
                 t = 0
                 while t + 4 <= n:
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 4, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = vzero()
                     o = kb + t * d
                     for c in range(0, d, 16):
-                        if r == 0:
-                            _prefetch_column(k_pool, pf, t, 4, d, c, step)
                         q0 = vload(qs, qb + c)
                         q1 = vload(qs, qb + d + c)
                         q2 = vload(qs, qb + 2 * d + c)
@@ -816,12 +798,12 @@ def make_attend_rows(D):
                 qb = r * d
                 t = 0
                 while t + 8 <= n:
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 8, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
                     for c in range(0, d, 16):
-                        if r == 0:
-                            _prefetch_column(k_pool, pf, t, 8, d, c, step)
                         qv = vload(qs, qb + c)
                         qw = vload(qs, qb + d + c)
                         k = vload(ks, o + c)
@@ -868,12 +850,12 @@ def make_attend_rows(D):
                 qb = r * d
                 t = 0
                 while t + 16 <= n:
+                    if r == 0:
+                        _prefetch_keys(k_pool, pf, t, 16, d, step)
                     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
                     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
                     o = kb + t * d
                     for c in range(0, d, 16):
-                        if r == 0:
-                            _prefetch_column(k_pool, pf, t, 16, d, c, step)
                         qv = vload(qs, qb + c)
                         a0 = vfma(qv, vload(ks, o + c), a0)
                         a1 = vfma(qv, vload(ks, o + d + c), a1)
