@@ -34,7 +34,7 @@ def shapes_ok(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
         return False
     if n_seq > 0 and (q_start[n_seq] != q.shape[0] or kv_start[n_seq] != k_new.shape[0]):
         return False
-    return 0 <= layer < k_pool.shape[1]
+    return 0 <= layer < k_pool.shape[0]
 
 
 def check_array(name, a, dtype, ndim):
@@ -77,7 +77,7 @@ def prepare(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, k
         for a in (table_rows, q_start, kv_start, context_lens))
     if not is_array(block_table, I32, 3):
         check_array("block_table", block_table, np.int32, 3)
-    n_blocks, n_layers, bs, d = k_pool.shape
+    n_layers, n_blocks, bs, d = k_pool.shape
     if v_pool.shape != k_pool.shape:
         raise ValueError("k_pool and v_pool differ in shape")
     num_kv_heads = k_new.shape[1]

@@ -47,9 +47,10 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
                     q_start[i]:q_start[i+1] (its newest positions, in order).
       k_new, v_new  [T_kv, Hkv, D] storage dtype: the new rows to append, token-major;
                     sequence i's at kv_start[i]:kv_start[i+1].
-      k_pool, v_pool [n_blocks, n_layers, block_size, D] storage dtype: the paged KV
-                    cache (one block = block_size tokens of one kv head); written by the
-                    append.
+      k_pool, v_pool [n_layers, n_blocks, block_size, D] storage dtype: the paged KV
+                    cache (one block = block_size tokens of one kv head; a layer's blocks
+                    are one array, so consecutive blocks of a sequence are consecutive in
+                    memory); written by the append.
       block_table   int32 [n_table_rows, >= Hkv, max_blocks]: block_table[r, h, b] is the
                     pool block holding tokens [b * block_size, (b+1) * block_size) of kv
                     head h of the sequence in table row r (-1: none).
@@ -167,7 +168,7 @@ def warmup(storages=STORAGES):
     rng = np.random.default_rng(0)
     for storage in storages:
         num_kv_heads, g, d, bs = 1, 2, 8, 4
-        pool_shape = (4, 1, bs, d)
+        pool_shape = (1, 4, bs, d)
         k_pool = to_storage(np.zeros(pool_shape, np.float32), storage)
         v_pool = to_storage(np.zeros(pool_shape, np.float32), storage)
         bt = np.arange(4, dtype=np.int32).reshape(1, 1, 4)

@@ -144,11 +144,11 @@ def _kernels(d, rmax, tk):
                 p = kt + t
                 blk = block_table[table_row, h, p // bs]
                 if p < context_len:
-                    bits = k_pool[blk, layer, p % bs, x]
+                    bits = k_pool[layer, blk, p % bs, x]
                 else:
                     bits = k_new[kv0 + p - context_len, h, x]
                     if p >= own0:
-                        k_pool[blk, layer, p % bs, x] = bits
+                        k_pool[layer, blk, p % bs, x] = bits
                 kv_s[t, x] = _decode(bits, code)
             cuda.syncthreads()
             for idx in range(tid, n_rows * tk, nth):
@@ -187,11 +187,11 @@ def _kernels(d, rmax, tk):
                 p = kt + t
                 blk = block_table[table_row, h, p // bs]
                 if p < context_len:
-                    bits = v_pool[blk, layer, p % bs, x]
+                    bits = v_pool[layer, blk, p % bs, x]
                 else:
                     bits = v_new[kv0 + p - context_len, h, x]
                     if p >= own0:
-                        v_pool[blk, layer, p % bs, x] = bits
+                        v_pool[layer, blk, p % bs, x] = bits
                 kv_s[t, x] = _decode(bits, code)
             cuda.syncthreads()
             for idx in range(tid, n_rows * d, nth):
@@ -309,7 +309,7 @@ def append_attend_cuda(q, k_new, v_new, k_pool, v_pool, block_table, table_rows,
     host_pools = [p if isinstance(p, np.ndarray) else None for p in (k_pool, v_pool)]
     q, k_new, v_new, k_pool, v_pool = (_device(a) for a in (q, k_new, v_new, k_pool, v_pool))
     dev_pools = (k_pool, v_pool)
-    n_blocks, n_layers, bs, d = k_pool.shape
+    n_layers, n_blocks, bs, d = k_pool.shape
     if isinstance(block_table, np.ndarray):
         err, seq = P.validate(np.ascontiguousarray(block_table, np.int32), bs, n_blocks,
                               table_rows_h, q_start_h, kv_start_h, context_lens_h, k_new.shape[1])

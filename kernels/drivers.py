@@ -106,7 +106,7 @@ def append_attend(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_st
     d = k_pool.shape[3]
     gsz = q.shape[1] // num_kv_heads
     err, seq, inline, q_tile, groups, items, order, n_parts = P.validate_and_plan(
-        block_table, k_pool.shape[0], table_rows, q_start, kv_start, context_lens, num_kv_heads,
+        block_table, k_pool.shape[1], table_rows, q_start, kv_start, context_lens, num_kv_heads,
         gsz, d, ROWS_PER_GROUP, k_pool.shape[2], n_threads, MIN_SPLIT, inline_work)
     if err != 0 or q.shape[0] == 0:
         return err, seq, inline

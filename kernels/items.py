@@ -35,8 +35,8 @@ def append_rows(k_new, v_new, k_pool, v_pool, block_table, table_rows, kv_start,
         blk = bt_row[pos // bs]
         off = pos - (pos // bs) * bs
         for x in range(d):
-            k_pool[blk, layer, off, x] = k_new[kv0 + t, h, x]
-            v_pool[blk, layer, off, x] = v_new[kv0 + t, h, x]
+            k_pool[layer, blk, off, x] = k_new[kv0 + t, h, x]
+            v_pool[layer, blk, off, x] = v_new[kv0 + t, h, x]
 
 
 @njit(inline="always", **_JIT)
@@ -48,7 +48,7 @@ def _first_block(it, k_pool, block_table, table_rows, groups, items, layer):
     g = items[it, P.I_GROUP]
     bs = k_pool.shape[2]
     blk = block_table[table_rows[groups[g, P.G_SEQ]], groups[g, P.G_HEAD], items[it, P.I_K0] // bs]
-    return ((blk * k_pool.shape[1] + layer) * bs) * k_pool.shape[3]
+    return ((layer * k_pool.shape[1] + blk) * bs) * k_pool.shape[3]
 
 
 @njit(**_JIT)

@@ -95,7 +95,7 @@ def setup(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start, kv_
         return -1, 0, np.zeros(N_REC, np.int64), _no_keep()
     n_seq = table_rows.shape[0]
     num_kv_heads = k_new.shape[1]
-    n_blocks, n_layers, bs, d = k_pool.shape
+    n_layers, n_blocks, bs, d = k_pool.shape
     gsz = q.shape[1] // num_kv_heads
     # The driver's query tile (plan.validate_and_plan); the plan is cut at `align` keys, not
     # at whole blocks, and never inline.
@@ -168,7 +168,7 @@ def _item(rec, j, tid, dt):
                _arr(rec, R_SCR + 6, (nthr, bs * d + 16), np.float32),
                _arr(rec, R_SCR + 7, (nthr, bs * d + 16), np.float32))
     n_seq, t, hq = rec[R_NSEQ], rec[R_T], rec[R_HQ]
-    pool_shape = (rec[R_NBLK], rec[R_NLAY], bs, d)
+    pool_shape = (rec[R_NLAY], rec[R_NBLK], bs, d)
     order = _arr(rec, R_ORDER, (rec[R_NITEMS],), np.int64)
     # The caller claims units from the front, the workers from the back (spin_pool._claim): the
     # unit after this one, in this thread's direction, is most likely its next.

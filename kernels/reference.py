@@ -42,13 +42,13 @@ def append_attend_ref(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, 
             for t in range(nk):
                 pos = context_len + t
                 blk = int(block_table[row, h, pos // bs])
-                kp[blk, layer, pos % bs] = kn[k0 + t, h]
-                vp[blk, layer, pos % bs] = vn[k0 + t, h]
+                kp[layer, blk, pos % bs] = kn[k0 + t, h]
+                vp[layer, blk, pos % bs] = vn[k0 + t, h]
             total = context_len + nk
             blocks = [int(block_table[row, h, p // bs]) for p in range(total)]
             offs = [p % bs for p in range(total)]
-            keys = _as_f64(k_pool[blocks, layer, offs], storage).reshape(total, d)
-            vals = _as_f64(v_pool[blocks, layer, offs], storage).reshape(total, d)
+            keys = _as_f64(k_pool[layer, blocks, offs], storage).reshape(total, d)
+            vals = _as_f64(v_pool[layer, blocks, offs], storage).reshape(total, d)
             for j in range(n):
                 visible = context_len + (j + 1 if nk else 0)
                 if visible == 0:

@@ -21,18 +21,18 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
 
 @njit(inline="always", **_JIT)
 def _prefetch_rows(pool, blk, layer, t, n):
-    """Prefetch every cache line of rows [t, t + n) of pool[blk, layer] (into L2).
+    """Prefetch every cache line of rows [t, t + n) of pool[layer, blk] (into L2).
     Flat offsets, no array views (a view costs an NRT incref/decref)."""
     bs = pool.shape[2]
     d = pool.shape[3]
-    base = (blk * pool.shape[1] + layer) * bs * d
+    base = (layer * pool.shape[1] + blk) * bs * d
     for o in range(base + t * d, base + min(t + n, bs) * d, 64 // pool.itemsize):
         prefetch(pool, o)
 
 
 @njit(**_JIT)
 def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf, bf16):
-    """s[r:r+4, t] = qs[r:r+4] . kp[blk, layer, t] for t in [t0, t1).
+    """s[r:r+4, t] = qs[r:r+4] . kp[layer, blk, t] for t in [t0, t1).
 
     Tiles of 4 rows x 4 tokens: 16 dot products in flight, each q and K element
     loaded once per tile (with one token at a time the loop is bound by q loads and
@@ -49,7 +49,7 @@ def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf, bf16):
         a30 = a31 = a32 = a33 = np.float32(0.0)
         for x in range(d):
             q0 = qs[r, x]; q1 = qs[r + 1, x]; q2 = qs[r + 2, x]; q3 = qs[r + 3, x]
-            k0 = _dec(kp[blk, layer, t, x], bf16); k1 = _dec(kp[blk, layer, t + 1, x], bf16); k2 = _dec(kp[blk, layer, t + 2, x], bf16); k3 = _dec(kp[blk, layer, t + 3, x], bf16)
+            k0 = _dec(kp[layer, blk, t, x], bf16); k1 = _dec(kp[layer, blk, t + 1, x], bf16); k2 = _dec(kp[layer, blk, t + 2, x], bf16); k3 = _dec(kp[layer, blk, t + 3, x], bf16)
             a00 += q0 * k0; a01 += q0 * k1; a02 += q0 * k2; a03 += q0 * k3
             a10 += q1 * k0; a11 += q1 * k1; a12 += q1 * k2; a13 += q1 * k3
             a20 += q2 * k0; a21 += q2 * k1; a22 += q2 * k2; a23 += q2 * k3
@@ -62,7 +62,7 @@ def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf, bf16):
     while t < t1:
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for x in range(d):
-            k = _dec(kp[blk, layer, t, x], bf16)
+            k = _dec(kp[layer, blk, t, x], bf16)
             a0 += qs[r, x] * k
             a1 += qs[r + 1, x] * k
             a2 += qs[r + 2, x] * k
@@ -73,7 +73,7 @@ def _qk4(qs, r, kp, blk, layer, t0, t1, s, bn, pf, bf16):
 
 @njit(**_JIT)
 def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf, bf16):
-    """acc[r:r+4] += sum_t p[r:r+4, t] * vp[blk, layer, t] for t in [t0, t1).
+    """acc[r:r+4] += sum_t p[r:r+4, t] * vp[layer, blk, t] for t in [t0, t1).
 
     Four tokens per pass: the 16 probabilities are hoisted (broadcast once), each
     accumulator element is loaded and stored once per 4 tokens, each V element
@@ -89,7 +89,7 @@ def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf, bf16):
         p20 = p[r + 2, t]; p21 = p[r + 2, t + 1]; p22 = p[r + 2, t + 2]; p23 = p[r + 2, t + 3]
         p30 = p[r + 3, t]; p31 = p[r + 3, t + 1]; p32 = p[r + 3, t + 2]; p33 = p[r + 3, t + 3]
         for x in range(d):
-            v0 = _dec(vp[blk, layer, t, x], bf16); v1 = _dec(vp[blk, layer, t + 1, x], bf16); v2 = _dec(vp[blk, layer, t + 2, x], bf16); v3 = _dec(vp[blk, layer, t + 3, x], bf16)
+            v0 = _dec(vp[layer, blk, t, x], bf16); v1 = _dec(vp[layer, blk, t + 1, x], bf16); v2 = _dec(vp[layer, blk, t + 2, x], bf16); v3 = _dec(vp[layer, blk, t + 3, x], bf16)
             acc[r, x] += p00 * v0 + p01 * v1 + p02 * v2 + p03 * v3
             acc[r + 1, x] += p10 * v0 + p11 * v1 + p12 * v2 + p13 * v3
             acc[r + 2, x] += p20 * v0 + p21 * v1 + p22 * v2 + p23 * v3
@@ -98,7 +98,7 @@ def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf, bf16):
     while t < t1:
         p0 = p[r, t]; p1 = p[r + 1, t]; p2 = p[r + 2, t]; p3 = p[r + 3, t]
         for x in range(d):
-            v = _dec(vp[blk, layer, t, x], bf16)
+            v = _dec(vp[layer, blk, t, x], bf16)
             acc[r, x] += p0 * v
             acc[r + 1, x] += p1 * v
             acc[r + 2, x] += p2 * v
@@ -108,7 +108,7 @@ def _pv4(p, r, vp, blk, layer, t0, t1, acc, bn, pf, bf16):
 
 @njit(**_JIT)
 def _qk1(qs, r, kp, blk, layer, t0, t1, s, bn, pf, bf16):
-    """s[r, t] = qs[r] . kp[blk, layer, t] for one row, four tokens at a time."""
+    """s[r, t] = qs[r] . kp[layer, blk, t] for one row, four tokens at a time."""
     d = kp.shape[3]
     t = t0
     while t + 4 <= t1:
@@ -117,23 +117,23 @@ def _qk1(qs, r, kp, blk, layer, t0, t1, s, bn, pf, bf16):
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for x in range(d):
             q = qs[r, x]
-            a0 += q * _dec(kp[blk, layer, t, x], bf16)
-            a1 += q * _dec(kp[blk, layer, t + 1, x], bf16)
-            a2 += q * _dec(kp[blk, layer, t + 2, x], bf16)
-            a3 += q * _dec(kp[blk, layer, t + 3, x], bf16)
+            a0 += q * _dec(kp[layer, blk, t, x], bf16)
+            a1 += q * _dec(kp[layer, blk, t + 1, x], bf16)
+            a2 += q * _dec(kp[layer, blk, t + 2, x], bf16)
+            a3 += q * _dec(kp[layer, blk, t + 3, x], bf16)
         s[r, t] = a0; s[r, t + 1] = a1; s[r, t + 2] = a2; s[r, t + 3] = a3
         t += 4
     while t < t1:
         a = np.float32(0.0)
         for x in range(d):
-            a += qs[r, x] * _dec(kp[blk, layer, t, x], bf16)
+            a += qs[r, x] * _dec(kp[layer, blk, t, x], bf16)
         s[r, t] = a
         t += 1
 
 
 @njit(**_JIT)
 def _pv1(p, r, vp, blk, layer, t0, t1, acc, bn, pf, bf16):
-    """acc[r] += sum_t p[r, t] * vp[blk, layer, t] for one row, four tokens at a time."""
+    """acc[r] += sum_t p[r, t] * vp[layer, blk, t] for one row, four tokens at a time."""
     d = vp.shape[3]
     t = t0
     while t + 4 <= t1:
@@ -141,13 +141,13 @@ def _pv1(p, r, vp, blk, layer, t0, t1, acc, bn, pf, bf16):
             _prefetch_rows(vp, bn, layer, t, 4)
         p0 = p[r, t]; p1 = p[r, t + 1]; p2 = p[r, t + 2]; p3 = p[r, t + 3]
         for x in range(d):
-            acc[r, x] += (p0 * _dec(vp[blk, layer, t, x], bf16) + p1 * _dec(vp[blk, layer, t + 1, x], bf16)
-                          + p2 * _dec(vp[blk, layer, t + 2, x], bf16) + p3 * _dec(vp[blk, layer, t + 3, x], bf16))
+            acc[r, x] += (p0 * _dec(vp[layer, blk, t, x], bf16) + p1 * _dec(vp[layer, blk, t + 1, x], bf16)
+                          + p2 * _dec(vp[layer, blk, t + 2, x], bf16) + p3 * _dec(vp[layer, blk, t + 3, x], bf16))
         t += 4
     while t < t1:
         p0 = p[r, t]
         for x in range(d):
-            acc[r, x] += p0 * _dec(vp[blk, layer, t, x], bf16)
+            acc[r, x] += p0 * _dec(vp[layer, blk, t, x], bf16)
         t += 1
 
 
@@ -180,7 +180,7 @@ def attend_rows(qs, n_rows, row_lim, k_pool, v_pool, bt_row, layer, k0, k1, s, m
     _prefetch_block(k_pool, v_pool, bt_row[k0 // bs], layer)
     for b in range(k0 // bs, b_end):
         blk = bt_row[b]  # one table lookup per block, not per token
-        # Blocks are scattered and a layer's rows of one are only bs * d elements, so
+        # Blocks may be scattered and a layer's rows of one are only bs * d elements, so
         # the hardware prefetcher stops at every block edge: the next block's rows
         # are prefetched a few at a time inside the QK/PV tile loops (a burst of a
         # whole block ahead stalls the loads of the current one in the miss queue).

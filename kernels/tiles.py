@@ -43,7 +43,7 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   x 32 columns per pass). A 16-bit tile of 4k + 3 rows
   gets a zero fourth row (_pad_row).
 - The next block's rows are prefetched a little at a time inside the QK/PV loops
-  of the first query row(s): blocks are scattered, so the hardware prefetcher stops at
+  of the first query row(s): blocks may be scattered, so the hardware prefetcher stops at
   every block edge (16-bit at head_dim 64: 32 keys ahead). A QK tile prefetches its
   keys' lines in a burst before its loads (_prefetch_keys). Spreading them over the
   tile's column loop (a line of each key per column step) read 3-5 % faster on one
@@ -279,7 +279,7 @@ def make_attend_rows(D):
         vs = _src(v_pool, vw)
         bs = k_pool.shape[2]
         d = k_pool.shape[3] if D == 0 else D
-        nl = k_pool.shape[1]
+        nb = k_pool.shape[1]
         sw = s.shape[1]
         step = 64 // k_pool.itemsize  # elements per cache line
         if n_rows % 4 == 3 and _pad_row(k_pool):
@@ -321,7 +321,7 @@ def make_attend_rows(D):
                     b2 = vload(qs, x + 16)
                     vstore(qs, x, veo(a, b2, False))
                     vstore(qs, x + 16, veo(a, b2, True))
-        first = ((bt_row[b0] * nl + layer) * bs) * d
+        first = ((layer * nb + bt_row[b0]) * bs) * d
         po = first
         while po < first + bs * d:  # a while loop: range() with a runtime step divides
             prefetch(k_pool, po)
@@ -338,14 +338,15 @@ def make_attend_rows(D):
             t_end = min(k1 - base, bs)
             t1 = min(t0 + CHUNK, t_end)
             n = t1 - t0
-            row0 = ((blk * nl + layer) * bs + t0) * d
-            # Blocks are scattered: the hardware prefetcher stops at each block edge,
-            # so the rows of the chunk 32 keys ahead (near, above; else the next block's at
-            # this chunk's offset) are prefetched a little at a time inside the loops (a burst
-            # of a whole block at once stalls the current block's loads).
+            row0 = ((layer * nb + blk) * bs + t0) * d
+            # Blocks may be scattered (taken one at a time in decode, or from a fragmented
+            # pool): the hardware prefetcher stops at each such block edge, so the rows of
+            # the chunk 32 keys ahead (near, above; else the next block's at this chunk's
+            # offset) are prefetched a little at a time inside the loops (a burst of a whole
+            # block at once stalls the current block's loads).
             pa = base + t0 + (32 if near else bs)
             if pa < k1:
-                pf = ((bt_row[pa // bs] * nl + layer) * bs + pa % bs) * d
+                pf = ((layer * nb + bt_row[pa // bs]) * bs + pa % bs) * d
             elif pf_next >= 0 and pa - k1 < bs:
                 # Past this item's keys: the next item's first block, in whole chunks (a
                 # chunk's keys stay inside the block).

@@ -28,8 +28,8 @@ class Call:
         self.storage = storage
         max_blocks = max((c + n) // bs + 1 for c, n, _ in seqs)
         n_blocks = len(seqs) * num_kv_heads * max_blocks + 3
-        self.k_pool = rand_enc(rng, (n_blocks, N_LAYERS, bs, d), storage)
-        self.v_pool = rand_enc(rng, (n_blocks, N_LAYERS, bs, d), storage)
+        self.k_pool = rand_enc(rng, (N_LAYERS, n_blocks, bs, d), storage)
+        self.v_pool = rand_enc(rng, (N_LAYERS, n_blocks, bs, d), storage)
         # Scattered, distinct blocks; unused tail entries stay -1.
         bt = np.full((len(seqs) + 1, num_kv_heads, max_blocks), -1, np.int32)
         free = list(rng.permutation(n_blocks))

@@ -213,9 +213,9 @@ def test_sequence_shards_merge_to_whole(storage, n_shards):
         for i in range(len(seqs)):
             for h in range(NUM_KV_HEADS):
                 for p in range(lo[i], hi[i]):
-                    src = whole.block_table[i + 1, h, p // bs], LAYER, p % bs
+                    src = LAYER, whole.block_table[i + 1, h, p // bs], p % bs
                     q = p - lo[i]
-                    dst = shard.block_table[i + 1, h, q // bs], LAYER, q % bs
+                    dst = LAYER, shard.block_table[i + 1, h, q // bs], q % bs
                     shard.k_pool[dst] = whole.k_pool[src]
                     shard.v_pool[dst] = whole.v_pool[src]
         out, lse, _, _ = shard.run(append_attend)
@@ -234,10 +234,10 @@ def test_appended_rows_are_token_major_to_head_major():
         for h in range(NUM_KV_HEADS):
             pos = 6 + t
             blk = call.block_table[1, h, pos // 8]
-            np.testing.assert_array_equal(kp[blk, LAYER, pos % 8], call.k_new[t, h])
-            np.testing.assert_array_equal(vp[blk, LAYER, pos % 8], call.v_new[t, h])
+            np.testing.assert_array_equal(kp[LAYER, blk, pos % 8], call.k_new[t, h])
+            np.testing.assert_array_equal(vp[LAYER, blk, pos % 8], call.v_new[t, h])
     other = 1 - LAYER  # the other layer's rows are untouched
-    np.testing.assert_array_equal(kp[:, other], call.k_pool[:, other])
+    np.testing.assert_array_equal(kp[other], call.k_pool[other])
 
 
 @pytest.mark.parametrize("what", ["missing_block", "bad_count", "bad_slot", "wrong_dtype"])
@@ -344,10 +344,10 @@ def test_running_max_that_moves_every_block_or_never(storage, rising, kernel_pat
     if not rising:
         ramp = ramp[::-1].copy()
     q = np.ones(call.q.shape, np.float32)
-    k = np.tile(rng.uniform(0.5, 1.5, (1, 64)).astype(np.float32), (call.k_pool.shape[0], N_LAYERS, bs, 1))
+    k = np.tile(rng.uniform(0.5, 1.5, (1, 64)).astype(np.float32), (N_LAYERS, call.k_pool.shape[1], bs, 1))
     for b, blk in enumerate(call.block_table[call.table_rows[0], 0]):
         if blk >= 0:
-            k[blk, :, :, :] *= ramp[b * bs:(b + 1) * bs, None] / 8.0
+            k[:, blk, :, :] *= ramp[b * bs:(b + 1) * bs, None] / 8.0
     call.q = to_storage(q, storage)
     call.k_pool = to_storage(k, storage)
     assert_matches(call.run(append_attend), call.run(append_attend_ref))

@@ -87,8 +87,8 @@ def test_two_shards_merge_to_whole():
     for shard, lo in ((head, 0), (tail, 5)):
         shard.q = whole.q
         for p in range(shard.context_lens[0]):
-            src = whole.block_table[1, 0, (lo + p) // bs], 1, (lo + p) % bs
-            dst = shard.block_table[1, 0, p // bs], 1, p % bs
+            src = 1, whole.block_table[1, 0, (lo + p) // bs], (lo + p) % bs
+            dst = 1, shard.block_table[1, 0, p // bs], p % bs
             shard.k_pool[dst] = whole.k_pool[src]
             shard.v_pool[dst] = whole.v_pool[src]
     tail.k_new, tail.v_new = whole.k_new, whole.v_new

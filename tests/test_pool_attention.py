@@ -39,7 +39,7 @@ def _case(geom, storage, contexts, n_new, seed, attend_only=False):
     n_seq = len(contexts)
     per = -(-(max(contexts) + n_new) // BS)
     n_blocks = n_seq * hkv * per + 2
-    pools = [to_storage(rng.standard_normal((n_blocks, 2, BS, d), dtype=np.float32), storage) for _ in range(2)]
+    pools = [to_storage(rng.standard_normal((2, n_blocks, BS, d), dtype=np.float32), storage) for _ in range(2)]
     table = rng.permutation(n_blocks)[:n_seq * hkv * per].astype(np.int32).reshape(n_seq, hkv, per)
     t = n_seq * n_new
     q = to_storage(rng.standard_normal((t, hq, d), dtype=np.float32), storage)

@@ -182,10 +182,12 @@ def huge_page_fraction(a):
     return min(1.0, huge / max(a.nbytes, 1))
 
 
-def make_case(geom, storage, batch, ctx, n_new, rng, block_size=None):
-    """A pool holding `batch` sequences x HKV heads of ctx cached tokens (scattered
-    blocks of block_size tokens, default BS) plus room for n_new appended ones, and the
-    call's arguments."""
+def make_case(geom, storage, batch, ctx, n_new, rng, block_size=None, blocks="runs"):
+    """A pool holding `batch` sequences x HKV heads of ctx cached tokens (blocks of
+    block_size tokens, default BS) plus room for n_new appended ones, and the call's
+    arguments. blocks "runs": each (sequence, kv head)'s blocks one ascending run, as
+    the pool gives a prompt's blocks; "scattered": a random permutation (a fragmented
+    pool, or blocks taken one at a time by interleaved decodes)."""
     from lamina_kernels import to_storage
 
     hq, hkv, d = geom
@@ -194,13 +196,14 @@ def make_case(geom, storage, batch, ctx, n_new, rng, block_size=None):
     n_blocks = batch * hkv * nbps
     pools = []
     for _ in range(2):
-        p = aligned_empty((n_blocks, 1, bs, d), np.float32 if storage == "float32" else np.uint16)
+        p = aligned_empty((1, n_blocks, bs, d), np.float32 if storage == "float32" else np.uint16)
         # Fill a block-chunk at a time (a whole float32 copy of a large pool is GBs).
         for b0 in range(0, n_blocks, 4096):
             b1 = min(b0 + 4096, n_blocks)
-            p[b0:b1] = to_storage(rng.standard_normal((b1 - b0, 1, bs, d), dtype=np.float32), storage)
+            p[:, b0:b1] = to_storage(rng.standard_normal((1, b1 - b0, bs, d), dtype=np.float32), storage)
         pools.append(p)
-    bt = rng.permutation(n_blocks).astype(np.int32).reshape(batch, hkv, nbps)
+    order = np.arange(n_blocks) if blocks == "runs" else rng.permutation(n_blocks)
+    bt = order.astype(np.int32).reshape(batch, hkv, nbps)
     t = batch * n_new
     q = to_storage(rng.standard_normal((t, hq, d), dtype=np.float32), storage)
     k_new = to_storage(rng.standard_normal((t, hkv, d), dtype=np.float32), storage)
@@ -266,7 +269,7 @@ def bench_cpu(ns):
             skipped.append(f"{'/'.join(map(str, geom))} {mode} B={batch} ctx={ctx}: "
                            f"{f32_bytes / 1e9:.1f} GB float32 pool > --max-kv-gb")
             continue
-        cases = [make_case(geom, st, batch, ctx, n_new, rng, ns.block_size) for st in ns.dtypes]
+        cases = [make_case(geom, st, batch, ctx, n_new, rng, ns.block_size, ns.blocks) for st in ns.dtypes]
         huge = [huge_page_fraction(a["k_pool"]) for a in cases]
         # One call appends, the timed calls repeat the same append (same table rows and
         # positions): the work per call is identical.
@@ -293,7 +296,7 @@ def bench_cpu(ns):
                 stream_gbps=stream, fma_peak_gflops=peak, bound=bound,
                 frac_stream=t_bw / t, frac_fma=t_fma / t, frac=max(t_bw, t_fma) / t,
                 tok_per_s_vs_f32=(f32_t / t) if f32_t else None, max_abs_err=err,
-                block_size=ns.block_size, pool_huge_page_fraction=h))
+                block_size=ns.block_size, blocks=ns.blocks, pool_huge_page_fraction=h))
             if ns.progress:
                 print(_fmt_row(rows[-1]), flush=True, file=sys.stderr)
         del cases, outs, fns
@@ -320,7 +323,7 @@ def _decode_cases(ns, cpu):
         for batch in ns.batch:
             for ctx in ns.contexts:
                 for st in ns.dtypes:
-                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size)
+                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size, ns.blocks)
                     work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
                                                geom[1], geom[0] // geom[1], geom[2]))
                     yield (geom, batch, ctx, st, a, np.empty((batch, geom[0], geom[2]), np.float32),
@@ -447,7 +450,7 @@ def bench_cuda(ns):
                 batch = 16
                 if ctx > ns.max_ctx_batched:
                     continue
-                a = make_case(geom, storage, batch, ctx, 1, rng, ns.block_size)
+                a = make_case(geom, storage, batch, ctx, 1, rng, ns.block_size, ns.blocks)
                 nbytes, _ = case_cost(geom, storage, batch, ctx, 1)
                 host_idx = {k: a[k] for k in ("table_rows", "q_start", "kv_start", "context_lens")}
                 d = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}
@@ -505,6 +508,9 @@ def main():
     ap.add_argument("--modes", default="decode,prefill", help="decode,prefill (default both)")
     ap.add_argument("--block-size", type=int, default=BS,
                     help=f"tokens per pool block (default {BS}, the engine's default block_size)")
+    ap.add_argument("--blocks", choices=("runs", "scattered"), default="runs",
+                    help="a sequence's blocks: one ascending run per kv head, as the pool allocates a "
+                         "prompt (default), or a random permutation (a fragmented pool)")
     ap.add_argument("--chunk", type=int, default=256, help="prefill: new tokens per sequence per call")
     ap.add_argument("--prefill-batch", type=_csv_ints, default=(1,), help="prefill batch sizes (default 1)")
     ap.add_argument("--max-ctx-batched", type=int, default=8192,
@@ -580,14 +586,14 @@ def main():
         t0 = time.time()
         rows, skipped, n_threads = bench_cpu(ns)
         fr = [r["pool_huge_page_fraction"] for r in rows if r["pool_huge_page_fraction"] is not None]
-        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML), block_size=ns.block_size,
+        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML), block_size=ns.block_size, blocks=ns.blocks,
                       pool_huge_page_fraction_min=min(fr) if fr else None,
                       avx512_bf16_on_host=HOST_AVX512_BF16, bf16_dot_products=dpbf16_enabled_now(), load_average_start=load0, load_average_end=os.getloadavg(),
                       seconds=time.time() - t0, skipped=skipped)
         print(f"threads {n_threads}, SVML {header['svml']}, avx512_bf16 on host {HOST_AVX512_BF16} "
               f"(bf16 QK on {'vdpbf16ps' if dpbf16_enabled_now() else 'f32 FMAs'}), "
               f"load average {load0[0]:.2f} at start, {header['load_average_end'][0]:.2f} at end; "
-              f"STREAM and FMA peak measured in each case's round-robin; block size {ns.block_size}; "
+              f"STREAM and FMA peak measured in each case's round-robin; block size {ns.block_size}, blocks {ns.blocks}; "
               f"K pools on huge pages: {_pct(fr)}")
         print(_HEADER)
         print(f"run's best STREAM {rows[0]['stream_best_gbps']:.1f} GB/s, best FMA peak "

@@ -155,9 +155,9 @@ def _kernel_s(batch: int, hkv: int, context: int, reps: int) -> float:
     hq = 4 * hkv
     nb = -(-context // BS)
     rng = np.random.default_rng(0)
-    k_pool = (rng.standard_normal((batch * hkv * nb, 1, BS, D)) * 0.5).astype(np.float32)
+    k_pool = (rng.standard_normal((1, batch * hkv * nb, BS, D)) * 0.5).astype(np.float32)
     v_pool = rng.standard_normal(k_pool.shape).astype(np.float32)
-    table = rng.permutation(len(k_pool)).astype(np.int32).reshape(batch, hkv, nb)
+    table = rng.permutation(k_pool.shape[1]).astype(np.int32).reshape(batch, hkv, nb)
     q = rng.standard_normal((batch, hq, D)).astype(np.float32)
     none = np.zeros((0, hkv, D), np.float32)
     args = (q, none, none, k_pool, v_pool, table, np.arange(batch, dtype=np.int32),

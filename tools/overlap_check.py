@@ -66,7 +66,7 @@ def worker(what: str, cpu: int, seconds: float, batch: int, context: int, model_
         rng = np.random.default_rng(0)
         nbps, bs = math.ceil(context / 16), 16
         n_blocks = batch * c.num_kv_heads * nbps
-        pool = lambda: rng.standard_normal((n_blocks, c.num_layers, bs, c.head_dim), dtype=np.float32)
+        pool = lambda: rng.standard_normal((c.num_layers, n_blocks, bs, c.head_dim), dtype=np.float32)
         k_pool, v_pool = pool(), pool()
         table = rng.permutation(n_blocks).astype(np.int32).reshape(batch, c.num_kv_heads, nbps)
         new = lambda h: rng.standard_normal((batch, h, c.head_dim), dtype=np.float32)

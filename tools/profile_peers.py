@@ -84,12 +84,12 @@ def profile_attention(cfg, storage, batch, ctx, reps, block_size=16):
     num_kv_heads, d, hq = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     nbps = math.ceil(ctx / block_size)
     n_blocks = batch * num_kv_heads * nbps
-    # The pool's real layout: a block holds every layer, so one layer's slice of it is a short run
-    # (block_size x head_dim), and a one-layer pool would read faster than the engine's does.
+    # The pool's real shape (every layer: the other layers' bytes are what evicts this one's) and
+    # its allocation of a prompt: each (sequence, kv head)'s blocks one ascending run.
     layers = cfg.num_layers
-    pool = lambda: to_storage(rng.standard_normal((n_blocks, layers, block_size, d), dtype=np.float32), storage)
+    pool = lambda: to_storage(rng.standard_normal((layers, n_blocks, block_size, d), dtype=np.float32), storage)
     k_pool, v_pool = pool(), pool()
-    bt = rng.permutation(n_blocks).astype(np.int32).reshape(batch, num_kv_heads, nbps)
+    bt = np.arange(n_blocks, dtype=np.int32).reshape(batch, num_kv_heads, nbps)
     new = lambda h: to_storage(rng.standard_normal((batch, h, d), dtype=np.float32), storage)
     q, k_new, v_new = new(hq), new(num_kv_heads), new(num_kv_heads)
     ar = np.arange(batch + 1, dtype=np.int32)

@@ -1,9 +1,13 @@
 """Paged KV storage of an attention peer.
 
-A block holds `block_size` tokens of ONE kv head for ALL layers
-(`[n_blocks, n_layers, block_size, head_dim]`), so a shard that holds any range
-of kv heads, and every model with the same (layers, head_dim, storage), share
-one pool. A sequence shard owns one row of the block table: `table[table_row, h, :]`
+A block holds `block_size` tokens of ONE kv head for ALL layers, so a shard that
+holds any range of kv heads, and every model with the same (layers, head_dim,
+storage), share one pool. The arrays are `[n_layers, n_blocks, block_size,
+head_dim]`: one layer's blocks are one array, so the blocks a sequence was given
+together (its prompt's, ascending from the free list) are one run in memory at
+every layer, and the kernel's reads of a layer stream through them (a
+`[n_blocks, n_layers, ...]` layout put a layer's consecutive blocks n_layers
+apart). A sequence shard owns one row of the block table: `table[table_row, h, :]`
 lists the blocks of its local kv head h in token order (-1: none yet).
 
 Capacity is a byte budget shared by every pool of the peer. The pool arrays
@@ -24,9 +28,10 @@ from lamina_p2p.model.config import kv_bytes_per_token
 
 
 # Tokens a block holds (the default of every pool: in process, attention peers, `--block-size`).
-# A block is one contiguous run of block_size x head_dim per (layer, kv head), and blocks are
-# scattered, so the hardware prefetcher restarts at every block edge: 16-token runs (2 KiB of
-# bfloat16 at head_dim 64) end before it is up to speed. Measured (tools/bench_kernels.py, B16,
+# A block is one contiguous run of block_size x head_dim per (layer, kv head); where blocks are
+# scattered (decode's one at a time, a fragmented free list) the hardware prefetcher restarts at
+# every block edge: 16-token runs (2 KiB of bfloat16 at head_dim 64) end before it is up to
+# speed. Measured (tools/bench_kernels.py, B16,
 # context 2048, 2-vCPU Xeon): 64 costs 0.86-0.97x the time of 16 on every geometry and dtype,
 # SmolLM2's bfloat16 0.47 -> 0.68-0.70 of the STREAM read; batch 1 and chunked prefill the same.
 # The cost: a sequence's last block is half empty on average (SmolLM2 bfloat16: ~0.7 MB).
@@ -99,7 +104,7 @@ class KVPool:
         self.budget = budget
         self.block_bytes = key.block_bytes()
         n_blocks = max(1, budget.total // self.block_bytes)
-        shape = (n_blocks, key.num_layers, key.block_size, key.head_dim)
+        shape = (key.num_layers, n_blocks, key.block_size, key.head_dim)
         dtype = storage_dtype(key.storage)
         if device == "cuda":
             # GPU memory is not overcommitted: this pool takes the whole budget up front.
@@ -112,7 +117,8 @@ class KVPool:
             self.v = _aligned_empty(shape, dtype)
         self.max_blocks_per_seq = max_blocks_per_seq
         self.num_kv_heads = num_kv_heads
-        # LIFO free list: recently freed blocks are likely still resident.
+        # LIFO free list: recently freed blocks are likely still resident. Pops come out
+        # ascending (here and after release), so a request's new blocks are runs in memory.
         self._free_blocks = list(range(n_blocks - 1, -1, -1))
         self.table = np.full((initial_table_rows, num_kv_heads, max_blocks_per_seq), -1, np.int32)
         self.capacity_tokens = np.zeros(initial_table_rows, np.int64)  # tokens a row's blocks can hold
@@ -169,7 +175,7 @@ class KVPool:
         heads = int(self.heads[table_row])
         used = self.table[table_row, :heads]
         blocks = used[used >= 0]
-        self._free_blocks.extend(int(b) for b in blocks)
+        self._free_blocks.extend(int(b) for b in blocks[::-1])
         self.budget.give(len(blocks) * self.block_bytes)
         self.table[table_row] = -1
         self.capacity_tokens[table_row] = 0
