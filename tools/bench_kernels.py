@@ -22,6 +22,8 @@ Bytes: K and V of every key read once per kv head, in the storage dtype. Flops:
 4 * head_dim per (query head, visible key) (QK and PV, 2 flops per FMA).
 Modes: decode (one new token per sequence, appended then attended) and prefill
 (a chunk of --chunk new tokens per sequence after `context` cached ones, causal).
+Each timed kernel call follows an untimed read of --flush-mb MB (default 64), so every
+case comes from DRAM, as a layer's KV does in the engine.
 
 --inline-sweep times each decode case run on the calling thread alone and over the
 threads, with its plan.call_work: where they cross is lamina_kernels.cpu._INLINE_WORK.
@@ -55,22 +57,31 @@ from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE as BS  # tokens per 
 DEFAULT_GEOMETRIES = ("32/32/128", "9/3/64", "32/8/128", "28/4/128", "32/4/64")
 
 
-def best_times(fns, reps, min_time=0.0, per_round=None):
+def best_times(fns, reps, min_time=0.0, per_round=None, before=None):
     """Best wall time of each of several callables, timed round-robin (one call of each
     per round, after one warm call each) for at least `reps` rounds and min_time seconds
     per callable. Interleaving puts every callable under the same background load, so
     their ratios hold on a shared machine even when the absolute times drift.
     per_round: calls of each callable per round (default 1); short ones (the ceilings)
-    get several, so that their best finds a moment when no other process holds a core."""
+    get several, so that their best finds a moment when no other process holds a core.
+    before: a callable (or None) per callable, run untimed before each of its calls.
+    Each round runs them in a new order (a seeded shuffle): whichever ran right after the
+    ceilings (a 512 MB read, then FMA loops on every core) in every round was measured
+    10-35 % slower on a Zen 5; now no callable holds one place every round."""
     per_round = per_round or [1] * len(fns)
+    before = before or [None] * len(fns)
     for fn in fns:
         fn()
     best = [math.inf] * len(fns)
     start = time.perf_counter()
+    order = np.random.default_rng(0)
     n = 0
     while n < reps or time.perf_counter() - start < min_time * len(fns):
-        for j, fn in enumerate(fns):
+        for j in order.permutation(len(fns)):
+            fn = fns[j]
             for _ in range(per_round[j]):
+                if before[j] is not None:
+                    before[j]()
                 t0 = time.perf_counter()
                 fn()
                 best[j] = min(best[j], time.perf_counter() - t0)
@@ -248,6 +259,9 @@ def bench_cpu(ns):
     peak_fn, peak_flops = fma_peak_callable(n_threads)
     psum, stream_arr = _stream_array(512 << 20)
     stream_fn = functools.partial(psum, stream_arr)
+    # Read before each kernel call: without it a case smaller than the L3 stays cached from
+    # its previous call while the one timed after STREAM's read comes from DRAM.
+    flush_fn = functools.partial(psum, _stream_array(ns.flush_mb << 20)[1]) if ns.flush_mb else None
     reps = 3 if ns.quick else 5
     min_time = 0.1 if ns.quick else 0.3
     rng = np.random.default_rng(0)
@@ -269,7 +283,9 @@ def bench_cpu(ns):
             skipped.append(f"{'/'.join(map(str, geom))} {mode} B={batch} ctx={ctx}: "
                            f"{f32_bytes / 1e9:.1f} GB float32 pool > --max-kv-gb")
             continue
-        cases = [make_case(geom, st, batch, ctx, n_new, rng, ns.block_size, ns.blocks) for st in ns.dtypes]
+        # Every dtype x block order of the case in one round-robin: their ratios are from the same moments.
+        kinds = [(st, order) for st in ns.dtypes for order in ns.blocks]
+        cases = [make_case(geom, st, batch, ctx, n_new, rng, ns.block_size, order) for st, order in kinds]
         huge = [huge_page_fraction(a["k_pool"]) for a in cases]
         # One call appends, the timed calls repeat the same append (same table rows and
         # positions): the work per call is identical.
@@ -277,26 +293,26 @@ def bench_cpu(ns):
         fns = [functools.partial(append_attend, **a) for a in cases]
         # The ceilings go in the same round-robin as the kernels.
         ts = best_times(fns + [stream_fn, peak_fn], reps, min_time,
-                        per_round=[1] * len(fns) + [2, 10])
+                        per_round=[1] * len(fns) + [2, 10], before=[flush_fn] * len(fns) + [None, None])
         stream = stream_arr.nbytes / ts[-2] / 1e9
         peak = peak_flops / ts[-1] / 1e9
-        f32_t = None
-        for st, a, out, t, h in zip(ns.dtypes, cases, outs, ts, huge):
+        f32_t = {}
+        for (st, order), a, out, t, h in zip(kinds, cases, outs, ts, huge):
             nbytes, flops = case_cost(geom, st, batch, ctx, n_new)
             t_bw = nbytes / (stream * 1e9)
             t_fma = flops / (peak * 1e9)
             bound = "bw" if t_bw >= t_fma else "fma"
             err = reference_error(a, out, geom) if ns.check and nbytes <= ns.check_max_mb * 1e6 else None
             if st == "float32":
-                f32_t = t
+                f32_t[order] = t
             rows.append(dict(
                 geometry="/".join(map(str, geom)), group=geom[0] // geom[1], head_dim=geom[2],
                 mode=mode, batch=batch, context=ctx, new_tokens=n_new, dtype=st,
                 us=t * 1e6, kv_gbps=nbytes / t / 1e9, gflops=flops / t / 1e9,
                 stream_gbps=stream, fma_peak_gflops=peak, bound=bound,
                 frac_stream=t_bw / t, frac_fma=t_fma / t, frac=max(t_bw, t_fma) / t,
-                tok_per_s_vs_f32=(f32_t / t) if f32_t else None, max_abs_err=err,
-                block_size=ns.block_size, blocks=ns.blocks, pool_huge_page_fraction=h))
+                tok_per_s_vs_f32=(f32_t[order] / t) if order in f32_t else None, max_abs_err=err,
+                block_size=ns.block_size, blocks=order, pool_huge_page_fraction=h))
             if ns.progress:
                 print(_fmt_row(rows[-1]), flush=True, file=sys.stderr)
         del cases, outs, fns
@@ -323,7 +339,7 @@ def _decode_cases(ns, cpu):
         for batch in ns.batch:
             for ctx in ns.contexts:
                 for st in ns.dtypes:
-                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size, ns.blocks)
+                    a = make_case(geom, st, batch, ctx, 1, rng, ns.block_size, ns.blocks[0])
                     work = int(cpu.P.call_work(a["q_start"], a["kv_start"], a["context_lens"],
                                                geom[1], geom[0] // geom[1], geom[2]))
                     yield (geom, batch, ctx, st, a, np.empty((batch, geom[0], geom[2]), np.float32),
@@ -450,7 +466,7 @@ def bench_cuda(ns):
                 batch = 16
                 if ctx > ns.max_ctx_batched:
                     continue
-                a = make_case(geom, storage, batch, ctx, 1, rng, ns.block_size, ns.blocks)
+                a = make_case(geom, storage, batch, ctx, 1, rng, ns.block_size, ns.blocks[0])
                 nbytes, _ = case_cost(geom, storage, batch, ctx, 1)
                 host_idx = {k: a[k] for k in ("table_rows", "q_start", "kv_start", "context_lens")}
                 d = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}
@@ -471,16 +487,23 @@ def bench_cuda(ns):
     return rows
 
 
-_HEADER = (f"{'geometry':>10} {'G':>2} {'mode':>7} {'B':>3} {'ctx':>6} {'dtype':>9} {'us/call':>9} "
+_HEADER = (f"{'geometry':>10} {'G':>2} {'mode':>7} {'B':>3} {'ctx':>6} {'dtype':>9} {'blocks':>9} {'us/call':>9} "
            f"{'KV GB/s':>8} {'GFLOP/s':>8} {'STREAM':>7} {'FMA pk':>7} {'bound':>5} {'frac':>5} "
            f"{'/STREAM':>7} {'/FMA':>5} {'tok/s÷f32':>9} {'err':>8} {'best-ceiling frac':>17}")
+
+
+def _csv_blocks(text):
+    orders = [o for o in text.split(",") if o]
+    if not orders or any(o not in ("runs", "scattered") for o in orders):
+        raise argparse.ArgumentTypeError("expected runs, scattered or both, comma-separated")
+    return orders
 
 
 def _fmt_row(r):
     vs = f"{r['tok_per_s_vs_f32']:9.2f}" if r["tok_per_s_vs_f32"] else f"{'-':>9}"
     err = f"{r['max_abs_err']:8.1e}" if r["max_abs_err"] is not None else f"{'-':>8}"
     return (f"{r['geometry']:>10} {r['group']:>2} {r['mode']:>7} {r['batch']:>3} {r['context']:>6} "
-            f"{r['dtype']:>9} {r['us']:9.1f} {r['kv_gbps']:8.2f} {r['gflops']:8.1f} "
+            f"{r['dtype']:>9} {r['blocks']:>9} {r['us']:9.1f} {r['kv_gbps']:8.2f} {r['gflops']:8.1f} "
             f"{r['stream_gbps']:7.1f} {r['fma_peak_gflops']:7.0f} {r['bound']:>5} {r['frac']:5.2f} "
             f"{r['frac_stream']:7.2f} {r['frac_fma']:5.2f} {vs} {err}"
             + (f" {r['bound_best']:>5} {r['frac_best']:5.2f}" if "frac_best" in r else ""))
@@ -508,9 +531,10 @@ def main():
     ap.add_argument("--modes", default="decode,prefill", help="decode,prefill (default both)")
     ap.add_argument("--block-size", type=int, default=BS,
                     help=f"tokens per pool block (default {BS}, the engine's default block_size)")
-    ap.add_argument("--blocks", choices=("runs", "scattered"), default="runs",
-                    help="a sequence's blocks: one ascending run per kv head, as the pool allocates a "
-                         "prompt (default), or a random permutation (a fragmented pool)")
+    ap.add_argument("--blocks", type=_csv_blocks, default=["runs"],
+                    help="a sequence's blocks, comma-separated: runs (one ascending run per kv head, as "
+                         "the pool allocates a prompt; the default), scattered (a random permutation: a "
+                         "fragmented pool); both: timed in the same round-robin")
     ap.add_argument("--chunk", type=int, default=256, help="prefill: new tokens per sequence per call")
     ap.add_argument("--prefill-batch", type=_csv_ints, default=(1,), help="prefill batch sizes (default 1)")
     ap.add_argument("--max-ctx-batched", type=int, default=8192,
@@ -538,9 +562,14 @@ def main():
     ap.add_argument("--pool-split", action="append", type=_split, default=None, metavar="MIN_SPLIT/ALIGN",
                     help="--spin-pool: the pooled plan's smallest item and key multiple, repeatable "
                          "(default: lamina_kernels.pooled's)")
-    ap.add_argument("--flush-mb", type=int, default=0,
-                    help="--spin-pool: MB read between calls (0: the case stays in cache)")
+    ap.add_argument("--flush-mb", type=int, default=None,
+                    help="MB read (not timed) before each kernel call, so the case comes from DRAM as "
+                         "in the engine, where a step's weights and the other layers' KV pass through "
+                         "the caches between two calls of one layer (default 64; --spin-pool: 0); 0: "
+                         "a case smaller than the caches stays in them")
     ns = ap.parse_args()
+    if ns.flush_mb is None:
+        ns.flush_mb = 0 if ns.spin_pool else 64
     ns.geometry = ns.geometry or [parse_geometry(g) for g in DEFAULT_GEOMETRIES]
     ns.contexts = ns.contexts or ((512, 2048) if ns.quick else (512, 2048, 8192, 32768))
     ns.modes = tuple(m for m in ns.modes.split(",") if m)
@@ -586,14 +615,15 @@ def main():
         t0 = time.time()
         rows, skipped, n_threads = bench_cpu(ns)
         fr = [r["pool_huge_page_fraction"] for r in rows if r["pool_huge_page_fraction"] is not None]
-        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML), block_size=ns.block_size, blocks=ns.blocks,
+        header = dict(threads=n_threads, svml=bool(numba.config.USING_SVML), block_size=ns.block_size, flush_mb=ns.flush_mb,
                       pool_huge_page_fraction_min=min(fr) if fr else None,
                       avx512_bf16_on_host=HOST_AVX512_BF16, bf16_dot_products=dpbf16_enabled_now(), load_average_start=load0, load_average_end=os.getloadavg(),
                       seconds=time.time() - t0, skipped=skipped)
         print(f"threads {n_threads}, SVML {header['svml']}, avx512_bf16 on host {HOST_AVX512_BF16} "
               f"(bf16 QK on {'vdpbf16ps' if dpbf16_enabled_now() else 'f32 FMAs'}), "
               f"load average {load0[0]:.2f} at start, {header['load_average_end'][0]:.2f} at end; "
-              f"STREAM and FMA peak measured in each case's round-robin; block size {ns.block_size}, blocks {ns.blocks}; "
+              f"STREAM and FMA peak measured in each case's round-robin; block size {ns.block_size}; "
+              f"{ns.flush_mb} MB read before each kernel call; "
               f"K pools on huge pages: {_pct(fr)}")
         print(_HEADER)
         print(f"run's best STREAM {rows[0]['stream_best_gbps']:.1f} GB/s, best FMA peak "
