@@ -25,13 +25,13 @@ from DRAM): 1 when the longer of the two hides the other, 0 when they add.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 
 import benchlib
+from bench_kernels import best_time
 from lamina_kernels.simd import (prefetch, prefetch_nta, vadd, vfma, vhsum, vload, vsplat, vstore, vstore4, vsum16,
                                  vzero)
 
@@ -133,15 +133,8 @@ def _ns_per_key(n_blocks: int, loop: int, mode: int, reps: int, seed: int = 0) -
     v = np.ones_like(k)
     table = rng.permutation(n_blocks).astype(np.int64)
     qs, s, acc = np.ones(4 * D, np.float32), np.zeros(4 * CHUNK, np.float32), np.zeros(4 * D, np.float32)
-    _walk(k, v, table, qs, s, acc, loop, mode)  # compile, fault in
-    best = min(_timed(lambda: _walk(k, v, table, qs, s, acc, loop, mode)) for _ in range(reps))
+    best = best_time(lambda: _walk(k, v, table, qs, s, acc, loop, mode), reps)  # its warm call compiles, faults in
     return best / (n_blocks * BS) * 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _kernel_s(batch: int, hkv: int, context: int, reps: int) -> float:
@@ -163,8 +156,7 @@ def _kernel_s(batch: int, hkv: int, context: int, reps: int) -> float:
     args = (q, none, none, k_pool, v_pool, table, np.arange(batch, dtype=np.int32),
             np.arange(batch + 1, dtype=np.int32), np.zeros(batch + 1, np.int32), np.full(batch, context, np.int32),
             0, D ** -0.5, "float32")
-    append_attend(*args)
-    return min(_timed(lambda: append_attend(*args)) for _ in range(reps))
+    return best_time(lambda: append_attend(*args), reps)
 
 
 def main(argv=None) -> dict:
