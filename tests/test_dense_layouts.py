@@ -76,6 +76,17 @@ def test_bad_layouts_are_refused_with_a_reason():
         choose_layout("fast", torch.float32, CPU)
     with pytest.raises(ValueError, match="is for CPUs"):
         choose_layout("onednn", torch.float32, torch.device("meta"))
+    for dtype in (torch.bfloat16, torch.float16):
+        # oneDNN's 16-bit paths need AVX512 BW/VL/DQ, AVX512-FP16 or AVX-NE-CONVERT (an AVX2-only Zen 3 has none):
+        # where torch refuses them, the choice is refused up front, naming why, not at the first matmul.
+        try:
+            Linear(torch.ones(16, 16, dtype=dtype), None, "onednn")(torch.ones(2, 16, dtype=dtype))
+        except RuntimeError as e:
+            with pytest.raises(ValueError, match=f"cannot run {str(dtype)[6:]} on this CPU .*needs the cpu support"):
+                choose_layout("onednn", dtype, CPU)
+            assert "needs the cpu support" in str(e)
+        else:
+            assert choose_layout("onednn", dtype, CPU) == "onednn"
     if "fp16" in runnable(torch.bfloat16):
         w = torch.ones(4, 4, dtype=torch.bfloat16) * 1e6
         with pytest.raises(ValueError, match="do not fit float16"):

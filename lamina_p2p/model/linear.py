@@ -47,6 +47,7 @@ the head at batch 1, 4 and 16.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -69,6 +70,18 @@ def _has_avx512() -> bool:
 
 def _native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@functools.cache
+def _onednn_refusal(dtype: torch.dtype) -> str | None:
+    """Why this CPU's oneDNN cannot run a `dtype` linear (None: it can). oneDNN's 16-bit paths
+    need AVX512 BW/VL/DQ or AVX-NE-CONVERT (bf16), AVX512-FP16 or AVX-NE-CONVERT (fp16): torch
+    raises at the weights' reorder otherwise, so ask it once, on one tiny weight."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return None
 
 
 def choose_layout(layout: str, dtype: torch.dtype, device: torch.device) -> str:
@@ -95,6 +108,8 @@ def choose_layout(layout: str, dtype: torch.dtype, device: torch.device) -> str:
         return "f32"
     if layout == "onednn" and not onednn:
         raise ValueError("weight layout 'onednn' needs torch built with oneDNN (torch.backends.mkldnn)")
+    if layout == "onednn" and (why := _onednn_refusal(dtype)):
+        raise ValueError(f"weight layout 'onednn' cannot run {str(dtype).removeprefix('torch.')} on this CPU ({why})")
     if layout == "fp16" and not _has_fbgemm():
         raise ValueError("weight layout 'fp16' needs FBGEMM (x86 with AVX2)")
     return layout
