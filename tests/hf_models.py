@@ -96,6 +96,30 @@ def load_hf_model(path: Path, dtype=torch.float32):
     return model.eval()
 
 
+@torch.no_grad()
+def bf16_greedy_tokens_agree(hf, prompts: list[list[int]], tokens: list[list[int]]) -> float:
+    """Check our greedy `tokens` of a bfloat16 model against transformers, teacher-forced on our tokens; returns
+    the fraction of steps where ours is transformers' own argmax (a caller asserts it is high).
+
+    transformers' bf16 logits are bf16, and its CPU kernels round differently per instruction set (the
+    matmuls, the softmax weights before P@V), where ours keep float32: two candidates one bf16 ulp apart may
+    swap, and after a swap free-running sequences part for good. So every step of ours is scored by
+    transformers on our own prefix: our token must be within 2 bf16 ulps of its top logit at every step
+    (a real error picks a token far below it), whatever happened before.
+    """
+    agree = total = 0
+    for p, mine in zip(prompts, tokens):
+        logits = hf(torch.tensor([p + mine[:-1]])).logits[0, len(p) - 1:].float()
+        for step, tok in enumerate(mine):
+            top = logits[step].max()
+            ulp = 2.0 ** (torch.floor(torch.log2(top.abs())) - 7)
+            assert logits[step, tok] >= top - 2 * ulp, (p, step, tok, int(logits[step].argmax()))
+            agree += int(logits[step, tok] == top)
+            total += 1
+    assert total == sum(len(t) for t in tokens) > 0
+    return agree / total
+
+
 def _default_root() -> Path:
     global _tmp_root
     if _tmp_root is None:
