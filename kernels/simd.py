@@ -626,20 +626,25 @@ _DP_FLAG = ctypes.c_int64(0)
 binding.add_symbol(_DP_SYMBOL, ctypes.addressof(_DP_FLAG))
 
 
-def _target_has_bf16():
-    """Whether Numba compiles for a CPU with avx512_bf16 (the host's CPU unless
-    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES choose another target)."""
+def _target_has(feature):
+    """Whether Numba compiles for a CPU with `feature` (LLVM's name: "avx512bf16",
+    "avx512f"): the host's CPU, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES choose another
+    target (then only a feature listed in NUMBA_CPU_FEATURES counts)."""
     from numba.core import config
 
     if config.CPU_NAME or config.CPU_FEATURES:
-        return "+avx512bf16" in (config.CPU_FEATURES or "")
+        return f"+{feature}" in (config.CPU_FEATURES or "")
     try:
-        return bool(binding.get_host_cpu_features().get("avx512bf16", False))
+        return bool(binding.get_host_cpu_features().get(feature, False))
     except RuntimeError:
         return False
 
 
-TARGET_BF16 = _target_has_bf16()
+TARGET_BF16 = _target_has("avx512bf16")
+# 32 vector registers of 16 float32 lanes. Without them (AVX2: 16 registers of 8 lanes, a
+# vector here is two) the tiles' 16-accumulator passes spill, and tiles.py leaves out the
+# variants that only paid with room to spare (key quads, a padded fourth row, even/odd bf16).
+TARGET_AVX512 = _target_has("avx512f")
 
 
 def dpbf16_default(host_features=None):

@@ -61,6 +61,10 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   the hardware prefetcher longer runs (measured faster at 64 keys) while the tiles, the
   staging scratch and the scores stay the size of one chunk.
 
+- Without AVX-512 (simd.TARGET_AVX512: 16 vector registers, two a 16-lane vector) the
+  16-accumulator passes spill: the key quads, the padded fourth row and the even/odd
+  bfloat16 order are compiled out (see _quads for the measurements).
+
 Requires head_dim % 16 == 0 (every real checkpoint's head_dim); scalar.py keeps a
 scalar path for the rest.
 """
@@ -69,7 +73,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (prefetch, vadd, vany_gt, vbcast4, vbf16_eo, vdpbf16, veo, vexp_nonpos, vfma,
+from .simd import (TARGET_AVX512, prefetch, vadd, vany_gt, vbcast4, vbf16_eo, vdpbf16, veo, vexp_nonpos, vfma,
                    vhmax, vhsum, vinterleave, vload, vload16, vload_bf16, vload_bf16_eo, vload_raw, vmul,
                    vquad, vstore, vstore4, vstore8, vsub, vsum4x4, vsum16, vzero)
 from .softmax import exp_nonpos
@@ -135,8 +139,9 @@ def _ov_pad_row(pool):
     # (4 accumulator chains). A fourth, zero row costs a quarter more FMAs on those and
     # was faster (one thread, bf16, ns per key in cache / from DRAM: G3 D64 20.7 / 30.3
     # as G4 18.8 / 29.6; G7 D128 50.5 / 70.2 as G8 47.7 / 64.9). float32 pools: even or
-    # worse from DRAM (G3 D64 41.8 as G4 44.3), so not there.
-    if pool.dtype == types.float32:
+    # worse from DRAM (G3 D64 41.8 as G4 44.3), so not there. Nor without AVX-512 (see
+    # _quads).
+    if pool.dtype == types.float32 or not TARGET_AVX512:
         return lambda pool: False
     return lambda pool: True
 
@@ -151,8 +156,8 @@ def _ov_eo(pool, bf16, n_rows):
     # Staged pools only (one query row reads the pool in place, see _direct). Widening a
     # bfloat16 in order costs a shuffle-port µop and a shift per 16 elements (plus the
     # float16 decode and a select while both storages went through one load); even/odd
-    # costs one integer op.
-    if pool.dtype == types.float32:
+    # costs one integer op. Without AVX-512 in order (see _quads).
+    if pool.dtype == types.float32 or not TARGET_AVX512:
         return lambda pool, bf16, n_rows: False
     return lambda pool, bf16, n_rows: bf16 and n_rows > 1
 
@@ -189,6 +194,15 @@ def _ov_quads(pool, d, n_rows):
     # read in place, so staging is an extra pass: it paid at G8 D64 (32.0 -> 30.2 ns per
     # key in cache, 56.7 -> 52.5 from DRAM) and lost at D128 (G8: 45.6 -> 48.6 in cache).
     # d is a constant in the specialised bodies: where quads never apply LLVM drops them.
+    # Without AVX-512 (16 registers, two a vector) none of the three paid: quads, the
+    # padded fourth row and the even/odd bf16 order all go, and the 16-bit bodies are the
+    # smaller for it (2-vCPU Zen 3, AVX2, two threads, batch 16, ctx 2048 from DRAM, us a
+    # call with all three / without, builds alternating twice: 9/3/64 bf16 3719, 2720 /
+    # 1494, 1594, f16 3639, 2385 / 1474, 1615; 28/4/128 bf16 13314, 9944 / 9746, 7892;
+    # 32/4/64 bf16 6002, 5481 / 4839, 4726, float32 (quads) 6636, 5773 / 4831, 4718;
+    # 32/8/128 within the noise).
+    if not TARGET_AVX512:
+        return lambda pool, d, n_rows: False
     if pool.dtype == types.float32:
         return lambda pool, d, n_rows: d <= 64 and n_rows >= QUAD_ROWS_F32
     return lambda pool, d, n_rows: n_rows >= QUAD_ROWS_16

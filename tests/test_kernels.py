@@ -64,7 +64,8 @@ def test_append_attend_matches_reference(storage, g, bs):
 # plus one row on the generic body. 16-bit tiles of 4k + 3 rows (groups 3 and 7, prefill tiles of 63
 # rows) run with a zero fourth row (tiles._pad_row); bfloat16 at 64 and 128 is staged in
 # even/odd dim order (tiles._eo), also on the row-pair path (group 2) and with one or
-# two rows past the quads (groups 5 and 6).
+# two rows past the quads (groups 5 and 6). Where Numba's target lacks AVX-512 the quads, the padded row
+# and the even/odd order are compiled out (simd.TARGET_AVX512) and the same cases run the plain tiles.
 GEOMETRIES = [(1, 128), (1, 64), (3, 64), (4, 128), (7, 128), (8, 64), (7, 64), (8, 128), (5, 80),
               (2, 80), (3, 24), (2, 64), (5, 64), (6, 128)]
 
@@ -460,6 +461,40 @@ def test_vdpbf16_compiles_to_the_instruction_here():
     x, y, _ = _bf16_pair(np.random.default_rng(42), 64)
     _dot_bf16(x, y)
     assert "vdpbf16ps" in _dot_bf16.inspect_asm(_dot_bf16.signatures[0])
+
+
+@pytest.mark.skipif(not simd.TARGET_AVX512, reason="Numba's target here lacks AVX-512: every test above runs the AVX2 tiles")
+def test_tiles_compiled_for_an_avx2_target_match_reference():
+    """Compiled for an AVX2-only CPU (haswell: 16 vector registers), the tiles leave out key quads, the padded
+    fourth row and even/odd bfloat16 (simd.TARGET_AVX512): that variant matches the reference too."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        sys.path.insert(0, sys.argv[1])
+        from kernel_calls import Call, assert_matches
+        from lamina_kernels import append_attend, simd
+        from lamina_kernels.reference import append_attend_ref
+
+        assert not simd.TARGET_AVX512
+        seqs = [(37, 1, True), (130, 1, False), (300, 1, True), (64, 5, True), (0, 9, True)]
+        n = 0
+        for storage in ("float32", "float16", "bfloat16"):
+            for g, d in ((3, 64), (7, 128), (8, 64), (4, 128), (1, 64)):
+                rng = np.random.default_rng(g * 1000 + d)
+                call = Call(rng, storage, g, 16, seqs, num_kv_heads=2, d=d)
+                assert_matches(call.run(append_attend), call.run(append_attend_ref), atol=3e-5)
+                n += 1
+        print("ok", n)
+    """)
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell")
+    res = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env, capture_output=True,
+                         text=True, timeout=1200)
+    assert res.returncode == 0 and res.stdout.split() == ["ok", "15"], res.stderr[-3000:]
 
 
 def test_a_target_without_avx512_bf16_never_emits_the_instruction():
