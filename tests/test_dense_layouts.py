@@ -58,15 +58,17 @@ def test_each_layout_matches_a_float64_matmul(dtype, bias):
 def test_auto_follows_the_machine():
     bf16 = choose_layout("auto", torch.bfloat16, CPU)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    avx512 = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
-    if avx512 and not torch.cpu._is_amx_tile_supported():
-        assert bf16 == "gemv"  # also with AVX512-BF16: the fused Numba path beat oneDNN's bf16 GEMM there
+    x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX")
+    if x86 and not torch.cpu._is_amx_tile_supported():
+        # also with AVX512-BF16 (the fused Numba path beat oneDNN's bf16 GEMM there) and on AVX2 only (it beat
+        # FBGEMM's fp16 GEMM at batch 1)
+        assert bf16 == "gemv"
     elif native and torch.backends.mkldnn.is_available():
         assert bf16 == "onednn"
-    elif avx512:
+    elif x86:
         assert bf16 == "gemv"
-    elif "fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_avx2_supported():
-        assert bf16 == "fp16"
+    else:
+        assert bf16 == "f32"
     assert choose_layout("auto", torch.float32, CPU) in ("onednn", "eager")
     assert choose_layout("auto", torch.bfloat16, torch.device("meta")) == "eager"
 
@@ -139,28 +141,6 @@ def test_prepare_lays_out_once_and_drops_the_plain_copies():
         assert all(L.wqkv is None and L.w_gate_up is None for L in model.layers)
     with pytest.raises(RuntimeError, match="before prepare"):
         model.hf_tensors()
-
-
-@torch.inference_mode()
-def test_auto_falls_back_to_float32_weights_beyond_float16_range():
-    model = load_model(build_hf_model("llama"), dtype="bfloat16", layout=None)
-    if model.layout != "fp16":
-        pytest.skip("auto does not pick fp16 on this machine")
-    x = torch.randn(3, model.config.hidden_size).to(torch.bfloat16)
-    plain = copy.deepcopy(model).prepare("eager")
-    model.layers[0].w_down[0, 0] = 1e6  # a checkpoint with a weight float16 cannot hold
-    plain.layers[0].w_down[0, 0] = 1e6
-    model.prepare()
-    assert model.layout == "f32"
-    positions = torch.arange(3)
-    attn = torch.ones(3, model.config.num_heads, model.config.head_dim, dtype=torch.bfloat16)
-    a, b = model.post(0, x, attn).float(), plain.post(0, x, attn).float()
-    assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
-    assert model.pre(0, x, positions)[0].dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="do not fit float16"):
-        bad = load_model(build_hf_model("llama"), dtype="bfloat16", layout=None)
-        bad.layers[0].w_down[0, 0] = 1e6
-        bad.prepare("fp16")  # asked for explicitly: refused, not silently changed
 
 
 @torch.inference_mode()

@@ -21,10 +21,13 @@ library runs it and how its weights sit in memory:
           Numba kernel (model/gemv.py) that widens them in registers and accumulates
           in float32: a batch-1 GEMV reads its bytes at the memory's speed. A
           bfloat16 Llama-family model also fuses the small ops around each GEMV
-          (model/fused.py). Needs AVX-512 to be fast (32 vector registers).
+          (model/fused.py). Fastest with AVX-512 (32 vector registers); ahead at batch 1 on AVX2 too.
 
-`choose_layout("auto", ...)`: float32 -> onednn; bfloat16 -> gemv on AVX-512 CPUs (with AMX, not
-measured here: onednn), onednn on other CPUs with native bf16 dot products, fp16 on other AVX2 CPUs.
+`choose_layout("auto", ...)`: float32 -> onednn; bfloat16 -> gemv on AVX2 and AVX-512 CPUs (with AMX, not
+measured here: onednn), onednn on other CPUs with native bf16 dot products, else f32.
+gemv over fp16 on an AVX2-only CPU (2-vCPU Zen 3, SmolLM2-135M bf16, 2 threads, ms a decode step):
+batch 1 13.9-14.9 against 29.1-29.9 (llama.cpp on the same BF16 weights: 15.4), batch 16 70.9-71.8
+against 58.7-60.8: the batch-1 GEMV at the memory's speed outweighs FBGEMM's batch-16 GEMM.
 gemv over onednn where the CPU has AVX512-BF16 (2-vCPU AMD Zen 5, SmolLM2-135M, one thread, bench_dense
 --pairs both, ms a decode step with the head; gemv with vdpbf16ps / gemv widening / onednn): 14.4 / 15.7 / 17.1
 (batch 1), 18.0 / 21.4 / 25.8 (8), 17.7 / 25.2 / 32.7 (16). gemv over fp16 (same sitting,
@@ -62,10 +65,12 @@ def _has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_avx2_supported()
 
 
-def _has_avx512() -> bool:
+def _gemv_native() -> bool:
     # The gemv kernel keeps up to 17 16-lane float32 vectors live: AVX-512's 32 zmm registers hold
-    # them; on AVX2 (16 ymm, two a vector) they would spill, and FBGEMM's fp16 GEMM is the pick.
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    # them; on AVX2 (16 ymm, two a vector) some spill, and still it beat FBGEMM's fp16 GEMM where a
+    # decode step is a GEMV (2-vCPU Zen 3, AVX2, SmolLM2-135M bf16, 2 threads, ms a step: batch 1
+    # 13.9-14.9 against 29.1-29.9; batch 16 70.9-71.8 against 58.7-60.8).
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_BF16", "AMX")
 
 
 def _native_bf16() -> bool:
@@ -99,12 +104,10 @@ def choose_layout(layout: str, dtype: torch.dtype, device: torch.device) -> str:
     if layout == "auto":
         if dtype == torch.float32:
             return "onednn" if onednn else "eager"
-        if _has_avx512() and not (onednn and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()):
+        if _gemv_native() and not (onednn and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()):
             return "gemv"
         if onednn and _native_bf16() and dtype == torch.bfloat16:
             return "onednn"
-        if _has_fbgemm():
-            return "fp16"
         return "f32"
     if layout == "onednn" and not onednn:
         raise ValueError("weight layout 'onednn' needs torch built with oneDNN (torch.backends.mkldnn)")

@@ -117,7 +117,6 @@ class Transformer(torch.nn.Module):
         self.dtype = torch_dtype(dtype or config.dtype)
         self.device = torch.device(device)
         self.layout = choose_layout(layout, self.dtype, self.device)
-        self._auto = layout == "auto"
         c = config
         self.register_buffer("embed_weight", torch.empty(c.vocab_size, c.hidden_size, dtype=self.dtype, device=device))
         self.layers = torch.nn.ModuleList(Layer(c, self.dtype, device) for _ in range(c.num_layers))
@@ -193,7 +192,6 @@ class Transformer(torch.nn.Module):
 
     def _prepare(self, layout: str | None) -> None:
         if layout is not None:
-            self._auto = layout == "auto"
             self.layout = choose_layout(layout, self.dtype, self.device)
         if self.layout == "gemv":
             from .fused import FusedDense
@@ -204,13 +202,7 @@ class Transformer(torch.nn.Module):
                 self._head, self._linears = self._fused.logits, ()
                 self._drop_plain_weights()
                 return
-        try:
-            linears, head = self._build(self.layout)
-        except ValueError:
-            if not (self._auto and self.layout == "fp16"):
-                raise
-            self.layout = "f32"  # weights beyond float16's range: auto falls back to float32 weights
-            linears, head = self._build(self.layout)
+        linears, head = self._build(self.layout)
         # Head first: a forward on another thread takes `_linears` being set as "prepared".
         self._head, self._linears = head, linears
         if self.layout != "eager":
