@@ -116,7 +116,7 @@ def bf16_greedy_tokens_agree(hf, prompts: list[list[int]], tokens: list[list[int
             assert logits[step, tok] >= top - 2 * ulp, (p, step, tok, int(logits[step].argmax()))
             agree += int(logits[step, tok] == top)
             total += 1
-    assert total == sum(len(t) for t in tokens) > 0
+    assert total > 0
     return agree / total
 
 

@@ -93,6 +93,10 @@ def test_bad_layouts_are_refused_with_a_reason():
         w = torch.ones(4, 4, dtype=torch.bfloat16) * 1e6
         with pytest.raises(ValueError, match="do not fit float16"):
             Linear(w, None, "fp16")
+        bad = load_model(build_hf_model("llama"), dtype="bfloat16", layout=None)
+        with torch.inference_mode(), pytest.raises(ValueError, match="do not fit float16"):
+            bad.layers[0].w_down[0, 0] = 1e6  # a checkpoint with a weight float16 cannot hold
+            bad.prepare("fp16")  # asked for explicitly: refused, not silently changed (auto never picks fp16)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
