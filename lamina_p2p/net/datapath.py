@@ -164,8 +164,8 @@ class DataLink:
     def _readable(self, timeout_s: float) -> bool:
         return bool(self._sock.poll(int(timeout_s * 1000) or 1, zmq.POLLIN))
 
-    def _received(self) -> list:
-        """Every reply waiting now, as frame lists (a stream's binary replies: decoded, wire.Message)."""
+    def _received(self) -> list[list]:
+        """Every reply waiting now, as frame lists."""
         out = []
         while True:
             try:
@@ -178,7 +178,7 @@ class DataLink:
     def _take_replies(self) -> None:
         for frames in self._received():
             try:
-                msg = frames if type(frames) is Message else decode(frames, self._limits)
+                msg = decode(frames, self._limits)
             except WireError as e:
                 log.warning("data link %s: bad reply: %s", self.endpoint, e)
                 if e.rid is not None and e.rid in self._waiting:
@@ -222,13 +222,13 @@ class StreamLink(DataLink):
         self.busy_poll_s = busypoll.busy_poll_s(busy_poll_us)
         self._init_link(endpoint, limits)
         self._sock = stream.connect(endpoint)
-        self._reader = stream.FrameReader(self._sock, limits, binary="reply")
+        self._reader = stream.FrameReader(self._sock, limits)
         self._poll = select.poll()  # one for every wait: cheaper than a new one per call when spinning
         self._poll.register(self._sock, select.POLLIN)
         self.busy_poll = busypoll.BusyPoll(self.busy_poll_s)
         self._sent_s = 0.0  # time.monotonic() when the last message went out
         self._last_attend = 0  # the id of the last attend built
-        self._last_reply: list | Message | None = None  # kept for rehearsal (net/busypoll.py)
+        self._last_reply: list | None = None  # kept for rehearsal (net/busypoll.py)
         self.rehearsals = 0
         self.replies_waiting = 0  # polls before a window that found a reply already there (no window opened)
         self._window_due = self._rehearsal_due = False
@@ -301,11 +301,8 @@ class StreamLink(DataLink):
             self._reader.error = e
             return []
         self.bytes_received = self._reader.bytes_received
-        if frames and self.busy_poll_s:
-            last = frames[-1]
-            size = sum(t.nbytes for t in last.tensors) if type(last) is Message else frames_nbytes(last)
-            if size <= busypoll.REHEARSAL_MAX_BYTES:
-                self._last_reply = last
+        if frames and self.busy_poll_s and frames_nbytes(frames[-1]) <= busypoll.REHEARSAL_MAX_BYTES:
+            self._last_reply = frames[-1]
         return frames
 
     def _take_replies(self) -> None:

@@ -27,7 +27,7 @@ import zmq
 from . import busypoll, stream
 from .datapath import blocking_view, frames_nbytes
 from .rpc import BAD_MESSAGE, BUSY, DEADLINE, HANDLER_FAILED, UNKNOWN_OP
-from .wire import (ATTEND, DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend_reply,
+from .wire import (DEFAULT_LIMITS, MAGIC, Limits, Message, WireError, decode, encode, encode_attend_reply,
                    frame_view)
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class KernelThread:
                 log.warning("data path: accepting a stream connection failed: %s", e)
                 return
             stream.tune(conn)
-            self._streams[conn.fileno()] = (conn, stream.FrameReader(conn, self._limits, binary="attend"))
+            self._streams[conn.fileno()] = (conn, stream.FrameReader(conn, self._limits))
             self._poller.register(conn.fileno(), zmq.POLLIN)
 
     def _flush(self, fd: int, more: list[memoryview] = ()) -> None:
@@ -341,12 +341,10 @@ class KernelThread:
 
     def _serve_one(self, to: bytes | int, frames: list, arrived: float, busy: bool) -> None:
         self.requests += 1
-        parsed = type(frames) is Message  # a stream's binary attend, decoded as it was read (net/stream.py)
-        nbytes = ATTEND.size + len(frames.fields["owner"].encode()) + sum(t.nbytes for t in frames.tensors) \
-            if parsed else frames_nbytes(frames)  # (the frames' bytes either way)
+        nbytes = frames_nbytes(frames)
         self.bytes_received += nbytes
         try:
-            msg = frames if parsed else decode(frames, self._limits)
+            msg = decode(frames, self._limits)
         except WireError as e:
             return self._error_reply(to, e.rid if e.rid is not None else -1, BAD_MESSAGE, f"bad message: {e}")
         if msg.op != "attend":
@@ -358,7 +356,7 @@ class KernelThread:
         framed = isinstance(to, int)  # a stream's reply goes out framed (net/stream.py)
         try:
             fields, tensors = self._handler(msg, arrived)
-            reply = self._encode_reply(msg.rid, fields, tensors, parsed or frame_view(frames[0])[0] == MAGIC, framed)
+            reply = self._encode_reply(msg.rid, fields, tensors, frame_view(frames[0])[0] == MAGIC, framed)
         except Exception as e:
             log.warning("data path: attend id=%d failed: %r", msg.rid, e)
             return self._error_reply(to, msg.rid, HANDLER_FAILED, f"attend failed: {type(e).__name__}: {e}")

@@ -31,9 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import binary_parse
 from .wire import (ATTEND, DEFAULT_LIMITS, FLAG_DEADLINE, FLAG_TRACE, KIND_ATTEND, KIND_REPLY, MAGIC, PROTOCOL_VERSION,
-                   REPLY, TAG_CODE, DTYPES, Limits, Message, WireError, decode, frame_view)
+                   REPLY, TAG_CODE, Limits, WireError, decode, frame_view)
 
 STREAM_MAGIC = b"LMS1"
 PREFIX = struct.Struct("<4sI")
@@ -88,7 +87,6 @@ _ATTEND_FRAMED = struct.Struct("<4sI5I" + ATTEND.format.removeprefix("<"))
 _REPLY_FRAMED = struct.Struct("<4sI3I" + REPLY.format.removeprefix("<"))
 _I64 = np.dtype("<i8")
 _F32 = np.dtype("<f4")
-_CODE_TAG = tuple(TAG_CODE)  # wire dtype code -> tag (TAG_CODE is in code order)
 _WIRE_CODE = {np.dtype("<f4"): TAG_CODE["f32"], np.dtype("<f2"): TAG_CODE["f16"], np.dtype("<u2"): TAG_CODE["u16"]}
 
 
@@ -192,34 +190,22 @@ def wait(sock: socket.socket, events: int, timeout_s: float) -> bool:
 
 
 class FrameReader:
-    """Reads length-prefixed messages from a non-blocking stream socket, checked against `limits`.
+    """Reads length-prefixed messages from a non-blocking stream socket, checked against `limits`."""
 
-    `binary`: "reply" (a compute side's link) or "attend" (an attention peer's kernel thread): that binary
-    message, the one the data path carries per layer, comes out of `read` already decoded, a wire.Message
-    parsed in one compiled call (net/binary_parse.py); every other message as its frames. Raises
-    ValueError for another value."""
-
-    def __init__(self, sock: socket.socket, limits: Limits = DEFAULT_LIMITS, binary: str | None = None):
-        if binary not in (None, "reply", "attend"):
-            raise ValueError(f"binary must be None, 'reply' or 'attend', not {binary!r}")
+    def __init__(self, sock: socket.socket, limits: Limits = DEFAULT_LIMITS):
         self._sock = sock
         self._limits = limits
-        self._limits_array = binary_parse.limits_array(limits)
-        self._binary = {"reply": self._reply_at, "attend": self._attend_at}.get(binary)
         self._buf = bytearray()  # the start of a message not whole yet
         # recv_into one buffer kept for the reader's life: recv(n) allocates n bytes per call, and at
         # 256 kB that allocation (fresh pages each time) cost ~25 us of a ~30 us read (issue 11).
-        chunk = bytearray(_READ_CHUNK)
-        self._chunk = memoryview(chunk)
-        self._chunk_array = np.frombuffer(chunk, np.uint8)  # the same bytes, for binary_reply.parse
+        self._chunk = memoryview(bytearray(_READ_CHUNK))
         self._need: tuple[int, tuple, int] | None = None  # (header bytes, frame lengths, size) of _buf's message
         self.bytes_received = 0
         self.closed = False  # the other end closed the connection
         self.error: StreamError | None = None  # the framing broke: nothing more can be read
 
-    def read(self) -> list[list[bytearray] | Message]:
-        """Every whole message that has arrived (possibly none), each a list of frames (bytearray), or a
-        wire.Message for a message of the reader's `binary` kind.
+    def read(self) -> list[list[bytearray]]:
+        """Every whole message that has arrived (possibly none), each a list of frames (bytearray).
 
         Afterwards `closed` says the other end closed the connection (a partial message is
         dropped) and `error` holds a StreamError when the framing broke on something the limits
@@ -246,7 +232,7 @@ class FrameReader:
                 else:
                     # Whole messages straight from the chunk, only a partial one's start kept in _buf: going
                     # through _buf cost a copy and its bookkeeping, ~12 of ~40 us a reply in the pipeline.
-                    taken = self._take(self._chunk, self._chunk_array, n, out)
+                    taken = self._take(self._chunk, n, out)
                     if taken < n:
                         self._buf += self._chunk[taken:n]
                 if n < _READ_CHUNK:
@@ -258,25 +244,15 @@ class FrameReader:
         self.closed = closed
         return out
 
-    def rehearse(self, frames: Sequence | Message) -> None:
-        """Frame `frames` (a message already handled, as `read` returned it), parse and decode it as `read`
-        would, with no effect on this reader: busy-poll's rehearsal (net/busypoll.py). Never raises."""
+    def rehearse(self, frames: Sequence) -> None:
+        """Frame `frames` (a message already handled), parse and decode it as `read` would, with no effect
+        on this reader: busy-poll's rehearsal (net/busypoll.py). Never raises."""
         try:
-            if type(frames) is Message and frames.op == "reply":
-                f = frames.fields
-                bufs = pack_attend_reply(frames.rid, *frames.tensors, (f["tq"], f["tk0"], f["tk1"]) if f else None)
-            elif type(frames) is Message:
-                f = frames.fields
-                bufs = pack_attend(frames.rid, f["owner"].encode(), f["layer"], f["h0"], f["h1"], *frames.tensors,
-                                   frames.deadline if frames.deadline is not None else 0.0, bool(f.get("trace")))
-            else:
-                bufs = pack(frames)
-            joined = bytearray().join(bufs)
-            parsed: list = []
-            self._take(memoryview(joined), np.frombuffer(joined, np.uint8), len(joined), parsed)
+            message = memoryview(bytearray().join(pack(frames)))
+            parsed: list[list[bytearray]] = []
+            self._take(message, message.nbytes, parsed)
             for one in parsed:
-                if type(one) is not Message:
-                    decode(one, self._limits)
+                decode(one, self._limits)
         except Exception:  # a rehearsal has no result: what it does is warm the caches
             pass
 
@@ -311,54 +287,13 @@ class FrameReader:
             at += n
         return frames
 
-    def _take(self, chunk: memoryview, array: np.ndarray, n: int, out: list) -> int:
-        """Append the whole messages at the start of chunk[:n] (`array`: the same bytes as uint8) to `out`;
-        returns where the rest begins."""
+    def _take(self, chunk: memoryview, n: int, out: list) -> int:
+        """Append the whole messages at the start of chunk[:n] to `out`; returns where the rest begins."""
         at = 0
-        binary = self._binary
-        while True:
-            if binary is not None:
-                end = binary(array, at, n, out)
-                if end:
-                    at = end
-                    continue
-            need = self._header(chunk, at, n)
-            if need is None or at + need[2] > n:
-                return at
+        while (need := self._header(chunk, at, n)) is not None and at + need[2] <= n:
             out.append(self._frames(chunk, at + need[0], need[1]))
             at += need[2]
-
-    def _reply_at(self, array: np.ndarray, at: int, n: int, out: list) -> int:
-        """Append the binary reply at array[at:n] to `out` as a Message; returns its end (0: none there)."""
-        end, rid, traced, reply, lse, tq, tk0, tk1 = binary_parse.parse_reply(array, at, n, self._limits_array)
-        if end:
-            out.append(Message("reply", rid, {"tq": tq, "tk0": tk0, "tk1": tk1} if traced else {}, [reply, lse],
-                               ["f32", "f32"]))
-        return end
-
-    def _attend_at(self, array: np.ndarray, at: int, n: int, out: list) -> int:
-        """Append the binary attend at array[at:n] to `out` as a Message; returns its end (0: none there, or
-        an owner that is not utf-8: the general path refuses it with its error)."""
-        end, rid, flags, code, deadline, layer, h0, h1, owner_at, owner_end, dims, meta, data, offsets = \
-            binary_parse.parse_attend(array, at, n, self._limits_array)
-        if not end:
-            return 0
-        try:
-            owner = str(array[owner_at:owner_end], "utf-8")
-        except UnicodeDecodeError:
-            return 0
-        tag = _CODE_TAG[code]
-        dt = DTYPES[tag]
-        _, tq, hq, tkv, hkv, d = dims.tolist()
-        fields = {"owner": owner, "layer": layer, "h0": h0, "h1": h1}
-        if flags & FLAG_TRACE:
-            fields["trace"] = True
-        o_q, o_k, o_v = offsets.tolist()
-        out.append(Message("attend", rid, fields, [meta, np.ndarray((tq, hq, d), dt, data, o_q),
-                                                    np.ndarray((tkv, hkv, d), dt, data, o_k),
-                                                    np.ndarray((tkv, hkv, d), dt, data, o_v)],
-                           ["i64", tag, tag, tag], deadline if flags & FLAG_DEADLINE else None))
-        return end
+        return at
 
     def _next(self) -> list[bytearray] | None:
         """The message at the start of _buf once it is whole (then dropped from _buf), else None."""
