@@ -44,6 +44,31 @@ def test_budget_is_never_exceeded():
     assert svc.budget.used <= svc.budget.total
 
 
+def test_a_growing_sequence_takes_its_blocks_in_runs_within_the_budget():
+    """Past its first blocks a shard grows by GROW_BLOCKS a kv head, each head's one run in memory, unless
+    the budget holds only what it needs; KVFull only when it cannot hold even that."""
+    from lamina_p2p.attention.kv_pool import GROW_BLOCKS, KVBudget, KVPool, PoolKey
+
+    key = PoolKey(num_layers=2, head_dim=8, storage="float32", block_size=4)
+    block = key.block_bytes()
+    pool = KVPool(key, KVBudget(block * (2 * GROW_BLOCKS + 6)), max_blocks_per_seq=64, num_kv_heads=2)
+    a, b = pool.new_table_row(2), pool.new_table_row(2)
+    pool.ensure(a, 4)
+    pool.ensure(b, 4)  # the prompts: one block a head each, exactly
+    assert pool.budget.used == 4 * block and pool.capacity_tokens[a] == 4
+    pool.ensure(a, 5)  # a's decode crosses into its second block
+    assert pool.capacity_tokens[a] == 4 * (1 + GROW_BLOCKS) and pool.budget.used == (4 + 2 * GROW_BLOCKS) * block
+    runs = pool.table[a, :, 1:1 + GROW_BLOCKS]
+    assert (np.diff(runs, axis=1) == 1).all() and (pool.table[a, :, 1 + GROW_BLOCKS:] == -1).all()
+    pool.ensure(b, 5)  # two blocks left in the budget: b grows by exactly one a head
+    assert pool.capacity_tokens[b] == 8 and pool.budget.used == pool.budget.total
+    with pytest.raises(KVFull):
+        pool.ensure(b, 9)
+    pool.release(a)
+    pool.release(b)
+    assert pool.budget.used == 0
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(h0=1, h1=3), "head range"),
     (dict(layer=5), "layer"),

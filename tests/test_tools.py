@@ -205,20 +205,20 @@ def test_bench_tile_overlap_json_shape(tmp_path):
     assert res["read_dram_gbps"] > 0 and res["bytes_per_key"] == 1024
 
 
-def test_bench_kernels_times_both_block_orders_in_one_round_robin(tmp_path):
+def test_bench_kernels_times_every_block_order_in_one_round_robin(tmp_path):
     out = tmp_path / "kernels.json"
     proc = subprocess.run([sys.executable, str(TOOLS / "bench_kernels.py"), "--geometry", "4/2/64", "--contexts", "128",
                            "--batch", "2", "--modes", "decode", "--dtypes", "float32,bfloat16", "--blocks",
-                           "runs,scattered", "--quick", "--json", str(out)],
+                           "runs,grown,scattered", "--quick", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["dtype"], r["blocks"]) for r in rows] == [
-        ("float32", "runs"), ("float32", "scattered"), ("bfloat16", "runs"), ("bfloat16", "scattered")]
+    assert [(r["dtype"], r["blocks"]) for r in rows] == [(dtype, blocks) for dtype in ("float32", "bfloat16")
+                                                         for blocks in ("runs", "grown", "scattered")]
     assert all(r["us"] > 0 and r["max_abs_err"] < 1e-3 for r in rows)
     f32 = {r["blocks"]: r["us"] for r in rows if r["dtype"] == "float32"}
     for r in rows:  # each order against float32 of the same order
         assert r["tok_per_s_vs_f32"] == pytest.approx(f32[r["blocks"]] / r["us"])
     bad = subprocess.run([sys.executable, str(TOOLS / "bench_kernels.py"), "--blocks", "sorted"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "runs, scattered or both" in bad.stderr
+    assert bad.returncode == 2 and "expected runs, grown, scattered" in bad.stderr

@@ -193,18 +193,41 @@ def huge_page_fraction(a):
     return min(1.0, huge / max(a.nbytes, 1))
 
 
+def grown_block_table(batch, hkv, d, storage, bs, tokens):
+    """The block table (int32 [batch, hkv, blocks]) the attention peer's pool (KVPool) gives `batch`
+    sequences that each grow to `tokens` tokens one token at a time, side by side: decode's layout."""
+    from lamina_p2p.attention.kv_pool import KVBudget, KVPool, PoolKey
+
+    key = PoolKey(1, d, storage, bs)
+    nbps = -(-tokens // bs)
+    pool = KVPool(key, KVBudget(2 * batch * hkv * nbps * key.block_bytes()), nbps, hkv, initial_table_rows=batch)
+    rows = [pool.new_table_row(hkv) for _ in range(batch)]
+    for t in range(1, tokens + 1):
+        for row in rows:
+            if t > pool.capacity_tokens[row]:
+                pool.ensure(row, t)
+    return pool.table[rows, :, :nbps].copy()
+
+
 def make_case(geom, storage, batch, ctx, n_new, rng, block_size=None, blocks="runs"):
     """A pool holding `batch` sequences x HKV heads of ctx cached tokens (blocks of
     block_size tokens, default BS) plus room for n_new appended ones, and the call's
     arguments. blocks "runs": each (sequence, kv head)'s blocks one ascending run, as
-    the pool gives a prompt's blocks; "scattered": a random permutation (a fragmented
-    pool, or blocks taken one at a time by interleaved decodes)."""
+    the pool gives a prompt's blocks; "grown": what the pool (KVPool) gives a batch whose
+    sequences grow a token at a time side by side (a long generation's KV); "scattered": a
+    random permutation (a fragmented pool)."""
     from lamina_kernels import to_storage
 
     hq, hkv, d = geom
     bs = block_size or BS
     nbps = -(-(ctx + n_new) // bs)
     n_blocks = batch * hkv * nbps
+    if blocks == "grown":
+        bt = grown_block_table(batch, hkv, d, storage, bs, ctx + n_new)
+        n_blocks = max(n_blocks, int(bt.max()) + 1)
+    else:
+        order = np.arange(n_blocks) if blocks == "runs" else rng.permutation(n_blocks)
+        bt = order.astype(np.int32).reshape(batch, hkv, nbps)
     pools = []
     for _ in range(2):
         p = aligned_empty((1, n_blocks, bs, d), np.float32 if storage == "float32" else np.uint16)
@@ -213,8 +236,6 @@ def make_case(geom, storage, batch, ctx, n_new, rng, block_size=None, blocks="ru
             b1 = min(b0 + 4096, n_blocks)
             p[:, b0:b1] = to_storage(rng.standard_normal((1, b1 - b0, bs, d), dtype=np.float32), storage)
         pools.append(p)
-    order = np.arange(n_blocks) if blocks == "runs" else rng.permutation(n_blocks)
-    bt = order.astype(np.int32).reshape(batch, hkv, nbps)
     t = batch * n_new
     q = to_storage(rng.standard_normal((t, hq, d), dtype=np.float32), storage)
     k_new = to_storage(rng.standard_normal((t, hkv, d), dtype=np.float32), storage)
@@ -494,8 +515,8 @@ _HEADER = (f"{'geometry':>10} {'G':>2} {'mode':>7} {'B':>3} {'ctx':>6} {'dtype':
 
 def _csv_blocks(text):
     orders = [o for o in text.split(",") if o]
-    if not orders or any(o not in ("runs", "scattered") for o in orders):
-        raise argparse.ArgumentTypeError("expected runs, scattered or both, comma-separated")
+    if not orders or any(o not in ("runs", "grown", "scattered") for o in orders):
+        raise argparse.ArgumentTypeError("expected runs, grown, scattered, comma-separated")
     return orders
 
 
@@ -533,8 +554,9 @@ def main():
                     help=f"tokens per pool block (default {BS}, the engine's default block_size)")
     ap.add_argument("--blocks", type=_csv_blocks, default=["runs"],
                     help="a sequence's blocks, comma-separated: runs (one ascending run per kv head, as "
-                         "the pool allocates a prompt; the default), scattered (a random permutation: a "
-                         "fragmented pool); both: timed in the same round-robin")
+                         "the pool allocates a prompt; the default), grown (as the pool allocates a batch's "
+                         "decodes), scattered (a random permutation: a fragmented pool); several: "
+                         "timed in the same round-robin")
     ap.add_argument("--chunk", type=int, default=256, help="prefill: new tokens per sequence per call")
     ap.add_argument("--prefill-batch", type=_csv_ints, default=(1,), help="prefill batch sizes (default 1)")
     ap.add_argument("--max-ctx-batched", type=int, default=8192,

@@ -29,13 +29,22 @@ from lamina_p2p.model.config import kv_bytes_per_token
 
 # Tokens a block holds (the default of every pool: in process, attention peers, `--block-size`).
 # A block is one contiguous run of block_size x head_dim per (layer, kv head); where blocks are
-# scattered (decode's one at a time, a fragmented free list) the hardware prefetcher restarts at
+# scattered (decode's growth, a fragmented free list) the hardware prefetcher restarts at
 # every block edge: 16-token runs (2 KiB of bfloat16 at head_dim 64) end before it is up to
 # speed. Measured (tools/bench_kernels.py, B16,
 # context 2048, 2-vCPU Xeon): 64 costs 0.86-0.97x the time of 16 on every geometry and dtype,
 # SmolLM2's bfloat16 0.47 -> 0.68-0.70 of the STREAM read; batch 1 and chunked prefill the same.
 # The cost: a sequence's last block is half empty on average (SmolLM2 bfloat16: ~0.7 MB).
 DEFAULT_BLOCK_SIZE = 64
+
+# Blocks a table row takes per kv head at once when it grows by fewer (decode, a short chunk): each
+# head's are one run in memory. Taken one at a time, a batch's decodes interleave their blocks block by
+# block and a long generation's KV scatters. Measured (tools/bench_kernels.py --blocks runs,grown, decode,
+# ctx 2048, 2-vCPU Zen 5, two runs, 3 geometries x f32/bf16): batch 16 one at a time 1.01-1.14x the time
+# of runs, four at a time 0.92-1.01x the time of one at a time (eight: 0.88-1.00); batch 1 within the
+# noise (0.77-1.22 either way). The cost: up to GROW_BLOCKS - 1 blocks a head held ahead of use (SmolLM2
+# bf16: up to 4.4 MB a sequence); where the budget cannot hold them a row grows by exactly what it needs.
+GROW_BLOCKS = 4
 
 
 def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -164,12 +173,16 @@ class KVPool:
         if need > self.max_blocks_per_seq:
             raise ShardError(f"{tokens} tokens exceed the {self.max_blocks_per_seq * bs}-token limit of a shard")
         heads = int(self.heads[table_row])
-        count = (need - have) * heads
-        if count > len(self._free_blocks) or not self.budget.take(count * self.block_bytes):
-            raise KVFull(f"kv pool full: need {count} blocks, {self.budget.free // self.block_bytes} free")
+        ahead = min(have + GROW_BLOCKS, self.max_blocks_per_seq) if have else need  # a first take is exact
+        for end in dict.fromkeys((max(need, ahead), need)):  # ahead, else exactly what is needed
+            count = (end - have) * heads
+            if count <= len(self._free_blocks) and self.budget.take(count * self.block_bytes):
+                break
+        else:
+            raise KVFull(f"kv pool full: need {(need - have) * heads} blocks, {self.budget.free // self.block_bytes} free")
         blocks = [self._free_blocks.pop() for _ in range(count)]
-        self.table[table_row, :heads, have:need] = np.asarray(blocks, np.int32).reshape(heads, need - have)
-        self.capacity_tokens[table_row] = need * bs
+        self.table[table_row, :heads, have:end] = np.asarray(blocks, np.int32).reshape(heads, end - have)
+        self.capacity_tokens[table_row] = end * bs
 
     def release(self, table_row: int) -> None:
         heads = int(self.heads[table_row])
