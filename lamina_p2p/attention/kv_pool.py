@@ -164,7 +164,9 @@ class KVPool:
         self._free_table_rows.extend(range(new - 1, old - 1, -1))
 
     def ensure(self, table_row: int, tokens: int) -> None:
-        """Give the table row enough blocks for `tokens` tokens on each of its heads, or raise KVFull."""
+        """Give the table row enough blocks for `tokens` tokens on each of its heads (past its first take at
+        least GROW_BLOCKS more a head where the budget holds them), or raise KVFull (ShardError past the
+        shard's token limit)."""
         bs = self.key.block_size
         have = int(self.capacity_tokens[table_row]) // bs
         need = -(-tokens // bs)
@@ -174,7 +176,7 @@ class KVPool:
             raise ShardError(f"{tokens} tokens exceed the {self.max_blocks_per_seq * bs}-token limit of a shard")
         heads = int(self.heads[table_row])
         ahead = min(have + GROW_BLOCKS, self.max_blocks_per_seq) if have else need  # a first take is exact
-        for end in dict.fromkeys((max(need, ahead), need)):  # ahead, else exactly what is needed
+        for end in (max(need, ahead), need):  # ahead of use where the budget allows, else exactly what is needed
             count = (end - have) * heads
             if count <= len(self._free_blocks) and self.budget.take(count * self.block_bytes):
                 break
