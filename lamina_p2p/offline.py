@@ -69,6 +69,7 @@ def run_generate(opts: GenerateOptions, freeze: bool = False) -> dict:
         "tokens_per_s": stats["tokens_per_s"],
         "prefill_s": stats["prefill_s"],
         "decode_s": stats["decode_s"],
+        "warm_up_s": stats["warm_up_s"],  # compiling (first run) or loading the compiled code, before the prompts
         "batch": len(seqs),
         "attention_peers": opts.attention_peers if not opts.join else None,
         "placement": opts.placement,
@@ -89,15 +90,16 @@ async def _generate(opts: EngineOptions, model, prompts: list[list[int]], params
         transport = await stack.enter_async_context(open_transport(opts))
         engine = Engine(model, transport, **opts.engine_kwargs())
         stack.callback(engine.close)
+        warm_up_s = await engine.warm_up()  # while any peers started here come up
         await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
         if freeze:
             freeze_heap()
         if trace:
             engine.tracer = transport.tracer = Tracer()
-        result = await engine.generate(prompts, params)
+        seqs, stats = await engine.generate(prompts, params)
         if trace:
             engine.tracer.write(trace)
-        return result
+        return seqs, {**stats, "warm_up_s": warm_up_s}
 
 
 class LLM:

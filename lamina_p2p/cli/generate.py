@@ -107,4 +107,7 @@ def generate(prompt, chat, system, allow_special_tokens_in_content, prompt_ids, 
     else:
         for i, text in enumerate(result["text"]):
             click.echo(f"[{i}] {text}")
+        if result["warm_up_s"] >= 5.0:  # Numba compiled: a first run, or the source changed
+            click.echo(f"compiled the dense and attention code in {result['warm_up_s']:.0f} s "
+                       "(once: cached for the next runs)", err=True)
         click.echo(f"{result['tokens_per_s']:.1f} tokens/s decode, batch {len(result['text'])}", err=True)

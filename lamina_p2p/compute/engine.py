@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -249,14 +250,7 @@ class Engine:
         result is received, its post and next pre run, and its next layer is sent.
         Returns (token id, logprob) per sampled sequence, in the order of the batches' sample_seqs.
         """
-        if self.dense_cpus and not self._dense_pinned:
-            pin_this_thread(self.dense_cpus)
-            self._dense_pinned = True
-        if threads and getattr(self._thread_state, "threads", 0) != threads:  # the process's count, on this thread
-            use_compute_threads(threads)
-            self._thread_state.threads = threads
-        if self.model.dense_pool != self.dense_pool:
-            self.model.dense_pool = self.dense_pool
+        self._enter_dense(threads)
         last = self.cfg.num_layers - 1
         outstanding: list[dict] = [{} for _ in batches]  # per micro-batch: request index -> ticket in flight
         hidden = [None] * len(batches)
@@ -297,6 +291,51 @@ class Engine:
             t1 = now()
             for o in self.observers:
                 o.on_dense(SAMPLE, -1, -1, len(sample_seqs), t0, t1)
+
+    def _enter_dense(self, threads: int) -> None:
+        """Set this thread up for dense work: pinned (dense_cpus, once), the compute thread count, the model's
+        dense pool setting (this engine's: engines may share a model)."""
+        if self.dense_cpus and not self._dense_pinned:
+            pin_this_thread(self.dense_cpus)
+            self._dense_pinned = True
+        if threads and getattr(self._thread_state, "threads", 0) != threads:  # the process's count, on this thread
+            use_compute_threads(threads)
+            self._thread_state.threads = threads
+        if self.model.dense_pool != self.dense_pool:
+            self.model.dense_pool = self.dense_pool
+
+    async def warm_up(self) -> float:
+        """Run a step's compiled code once, before the first request; the seconds it took.
+
+        Numba compiles a function at its first call (or loads it from its cache, next to the source): the
+        fused dense layer's, the LM head's and the in-process attention's would otherwise compile inside the
+        first steps, about a minute and a half on a fresh install (SmolLM2 bf16, 2 cores), counted as decode
+        time or as a first request's latency; from the cache, well under a second. Each dense call runs on
+        zeros at one row and at one row more than the spin pool takes (the two sets of calls a step can
+        make), on the dense thread as set up for steps, then the transport's own (Transport.warm_up). No
+        sequence, KV block or peer is touched; the step counter stays at 0."""
+        return await asyncio.get_running_loop().run_in_executor(self.dense, self._warm_up, compute_threads())
+
+    def _warm_up(self, threads: int) -> float:
+        from lamina_p2p.model.spin_pool import POOL_MAX_ROWS
+
+        t0 = time.perf_counter()
+        self._enter_dense(threads)
+        cfg, m = self.cfg, self.model
+        greedy = SamplingParams(max_tokens=1)
+        with torch.inference_mode():
+            for rows in (1, POOL_MAX_ROWS + 1):
+                x = m.embed(torch.zeros(rows, dtype=torch.long))
+                positions = torch.arange(rows)
+                for wire in (False, True):  # the wire's arrays: the same calls, another return
+                    m.pre(0, x, positions, wire=wire)
+                # The attention output as the transports give it: float32 numpy (rounded by the model) or a tensor.
+                attn = np.zeros((rows, cfg.num_heads, cfg.head_dim), np.float32)
+                for a in (attn, torch.from_numpy(attn).to(x.dtype)):
+                    x2 = m.post(0, x, a)
+                sample(m.logits(x2), [Sequence(0, [0], greedy)] * rows)
+        self.transport.warm_up()
+        return time.perf_counter() - t0
 
     def _observed(self, piece: str, layer: int, mb: MicroBatch, fn, *args):
         t0 = now()

@@ -133,6 +133,14 @@ class LocalTransport:
                     pool.lock.release()
         return self.service.attend(req)
 
+    def warm_up(self) -> None:
+        """The spin pool's attention path (model/pool_attention.py), compiled now; the kernel's own variants
+        were compiled when the transport opened (launch.open_transport)."""
+        if self.pool_max_tokens and self.service.device == "cpu":
+            from lamina_p2p.model import pool_attention
+
+            pool_attention.compile_now()
+
     def receive(self, ticket: _Done):
         """The attend's (out float32 [Tq, Hq', D], lse float32 [Tq, Hq']), or raise its error."""
         if ticket.error is not None:

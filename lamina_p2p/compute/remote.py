@@ -239,6 +239,10 @@ class ClusterTransport:
                 self._closed_bytes[0] += link.bytes_sent
                 self._closed_bytes[1] += link.bytes_received
 
+    def warm_up(self) -> None:
+        """Nothing here: this side's data path is Python (framing, ZeroMQ, sockets); the attention peers
+        compile their kernels when they start (attention/peer.py)."""
+
     def send(self, peer: str, req: AttendRequest) -> _Ticket:
         """Start one attend on `peer`'s data link (dense thread only); returns the ticket for `receive`.
 

@@ -66,6 +66,10 @@ class Transport(Protocol):
         (0, 0 in process)."""
 
     # -- data path: the engine's dense thread only ----------------------------------
+    def warm_up(self) -> None:
+        """Compile (or load from Numba's cache) the data path's code that runs in this process, before
+        the first request (Engine.warm_up calls it on the dense thread). Never touches a peer or the KV."""
+
     def send(self, peer: str, req: AttendRequest) -> object:
         """Start one attend of one layer of one micro-batch on `peer`; returns a ticket for `receive`.
 

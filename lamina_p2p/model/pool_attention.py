@@ -59,6 +59,12 @@ _FN = 0
 _LOCK = threading.Lock()
 
 
+def compile_now() -> None:
+    """Compile (or load from Numba's cache) what `attend` runs, if not done yet: an engine warming up."""
+    if _COMPILED is None:
+        _compile()
+
+
 def _compile() -> None:
     """pool_attend's two specializations (the kernel driver's argument types, so that read-only
     arrays from the wire and writable ones share them), then closed to new types as the driver is."""

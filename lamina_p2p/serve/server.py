@@ -50,6 +50,8 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
         metrics.watch_engine(engine)
         engine.observers.append(metrics)  # per-layer dense and attention-wait times
         stack.callback(engine.close)
+        # Before any request: the first would otherwise wait for Numba's compiles (engine.warm_up).
+        log.info("dense and attention code ready in %.1f s", await engine.warm_up())
         # Registration happens on bind: wait until it is done.
         await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
         scheduler = Scheduler(engine, max_batch=opts.max_batch, reserve=opts.reserve, metrics=metrics,
