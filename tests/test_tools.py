@@ -205,6 +205,28 @@ def test_bench_tile_overlap_json_shape(tmp_path):
     assert res["read_dram_gbps"] > 0 and res["bytes_per_key"] == 1024
 
 
+def test_bench_kernels_per_call_sweep_over_layers_and_on_the_spin_pool(tmp_path):
+    """--spin-pool --layers: each variant's per-call times, the pool's in a round of their own with the
+    inline call; the layers' pools called in turn (no flush), and nonsense layer counts refused."""
+    out = tmp_path / "per_call.json"
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_kernels.py"), "--spin-pool", "--layers", "3",
+                           "--sweep-calls", "20", "--geometry", "4/2/64", "--contexts", "128", "--batch", "1",
+                           "--dtypes", "bfloat16", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["layers"] == 3 and row["flush_mb"] == 0 and row["worker_units"] >= 0
+    from lamina_kernels import pooled
+
+    assert list(row["median_us"]) == ["inline", "threads", "now", "inline (pool round)",
+                                      f"pool {pooled.MIN_SPLIT}/{pooled.ALIGN}"]
+    assert all(v > 0 for v in row["median_us"].values())
+    assert all(row["best_us"][n] <= row["median_us"][n] for n in row["median_us"])
+    bad = subprocess.run([sys.executable, str(TOOLS / "bench_kernels.py"), "--spin-pool", "--layers", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--layers must be at least 1" in bad.stderr
+
+
 def test_bench_kernels_times_every_block_order_in_one_round_robin(tmp_path):
     out = tmp_path / "kernels.json"
     proc = subprocess.run([sys.executable, str(TOOLS / "bench_kernels.py"), "--geometry", "4/2/64", "--contexts", "128",
