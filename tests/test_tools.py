@@ -121,6 +121,9 @@ def test_netem_json_shape(tiny, tmp_path):
     assert set(res["tokens_per_s"]) == {"0.0ms_mb1", "0.0ms_mb2", "1.0ms_mb1", "1.0ms_mb2"}
     assert res["vs_zero_delay"]["0.0ms_mb1"] == pytest.approx(1.0)
     assert [r["delay_ms"] for r in res["relay_check"]["rows"]] == [0.0, 1.0]
+    # The decode relay's lateness is read back per pair: a chunk never leaves before it is due.
+    assert set(res["relay_late_ms"]) == set(res["tokens_per_s"])
+    assert all(v >= 0 for v in res["relay_late_ms"].values())
     assert (tmp_path / "netem_tokens_vs_delay.png").stat().st_size > 0
 
 
@@ -161,6 +164,7 @@ def test_relay_holds_each_round_trip_for_at_least_twice_the_delay():
             # Each direction holds every chunk for the delay and paces it at 1 Gbit/s: a lower bound.
             assert rtt >= 2 * delay + len(payload) * 8 / 1e9
         s.close()
+        assert relay.late and min(relay.late) >= 0  # each chunk's lateness, recorded after its due time
     finally:
         relay.close()
         srv.close()

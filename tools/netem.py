@@ -57,12 +57,14 @@ class RelayProcess:
             raise RuntimeError(f"relay did not start: {line}")
         self.port = int(line[1])
 
-    def command(self, cmd: str) -> None:
+    def command(self, cmd: str) -> list[str]:
+        """Send one command; returns the reply's words after "OK <cmd>"."""
         self.proc.stdin.write(cmd + "\n")
         self.proc.stdin.flush()
         reply = self.proc.stdout.readline()
         if not reply.startswith("OK"):
             raise RuntimeError(f"relay: {cmd!r} -> {reply!r}")
+        return reply.split()[2:]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -119,14 +121,19 @@ async def run(args, log) -> dict:
         for m in args.micro_batches:
             await backend.decode(2, m)
         rates: dict[str, list[float]] = {f"{d}ms_mb{m}": [] for d, m in pairs}
+        # The decode relay's median lateness per round (ms a chunk left after its due time): what
+        # the emulator adds beyond the link, from its threads waiting for a CPU the peers use.
+        late: dict[str, list[float]] = {f"{d}ms_mb{m}": [] for d, m in pairs}
         for r in range(args.rounds):
             order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]
             for d, m in order:
                 for rel in relays:
                     rel.command(f"delay {d}")
                 await backend.decode(1, m)  # settle: chunks queued under the old delay drain
+                stream_relay.command("late")
                 dt = await backend.decode(args.steps, m)
                 rates[f"{d}ms_mb{m}"].append(args.batch * args.steps / dt)
+                late[f"{d}ms_mb{m}"].append(float(stream_relay.command("late")[1]))
             log(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
     finally:
         if backend is not None:
@@ -142,7 +149,8 @@ async def run(args, log) -> dict:
             "rate_gbit": args.rate_gbit, "delays_ms": args.delays_ms, "micro_batches": args.micro_batches,
             "threads": args.threads, "attention_threads": args.attention_threads,
             "omp_wait_policy": args.omp_wait_policy,
-            "tokens_per_s": tps, "vs_zero_delay": rel, "rounds_tokens_per_s": rates}
+            "tokens_per_s": tps, "vs_zero_delay": rel, "rounds_tokens_per_s": rates,
+            "relay_late_ms": {k: benchlib.median(v) for k, v in late.items()}}
 
 
 def report(res: dict, file=sys.stdout) -> None:
@@ -155,11 +163,19 @@ def report(res: dict, file=sys.stdout) -> None:
     for d in res["delays_ms"]:
         print(f"{d:>9} " + " ".join(f"{res['tokens_per_s'][f'{d}ms_mb{m}']:>11.1f} "
                                     f"{res['vs_zero_delay'][f'{d}ms_mb{m}']:>5.2f}" for m in mbs), file=file)
-    k = "1.0ms_mb3"
-    if k in res["vs_zero_delay"]:
-        v = res["vs_zero_delay"][k]
-        print(f"target: 1 ms one-way, micro-batches 3 >= 0.7x zero delay: {v:.2f} "
-              f"[{'met' if v >= 0.7 else 'MISSED'}]", file=file)
+    print("the decode relay's median chunk lateness (ms after its due time; the emulator's, not the link's):",
+          file=file)
+    for d in res["delays_ms"]:
+        print(f"{d:>9} " + " ".join(f"{'mb' + str(m):>11} {res['relay_late_ms'][f'{d}ms_mb{m}']:>5.2f}"
+                                    for m in mbs), file=file)
+    if 1.0 in res["delays_ms"] and res["delays_ms"][0] == 0.0:
+        tps = res["tokens_per_s"]
+        best = max(mbs, key=lambda m: tps[f"1.0ms_mb{m}"])
+        v = res["vs_zero_delay"][f"1.0ms_mb{best}"]
+        best0 = max(mbs, key=lambda m: tps[f"0.0ms_mb{m}"])
+        print(f"target: 1 ms one-way, the best M (here {best}) keeps >= 0.8 of its zero-delay tokens/s: {v:.2f} "
+              f"[{'met' if v >= 0.8 else 'MISSED'}]; of the best at zero delay (M = {best0}): "
+              f"{tps[f'1.0ms_mb{best}'] / tps[f'0.0ms_mb{best0}']:.2f}", file=file)
 
 
 def main(argv=None) -> dict:

@@ -63,6 +63,9 @@ class Relay:
         self.sock = socket.create_server(listen)
         self.port = self.sock.getsockname()[1]
         self.bytes = 0
+        # Seconds each chunk left after its deliver_at (the sleep's wake-up and the scheduling of the
+        # writer thread on a busy host): the delay the emulator adds beyond the link's.
+        self.late: list[float] = []
         self._closed = threading.Event()
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True, name="relay-accept").start()
@@ -108,6 +111,8 @@ class Relay:
                     wait = when - time.perf_counter()
                     if wait > 0:
                         time.sleep(wait)
+                    if len(self.late) < 1 << 20:
+                        self.late.append(time.perf_counter() - when)
                     dst.sendall(data)
                     self.bytes += len(data)
             except OSError:
@@ -227,6 +232,10 @@ def serve(args) -> None:
             relay.delay_s = float(rest[0]) / 1e3
         elif cmd == "rate":
             relay.rate_bps = float(rest[0]) * 1e9 or None
+        elif cmd == "late":  # the chunks' lateness since the last "late": count, median and p90 in ms
+            late, relay.late = sorted(relay.late), []
+            rest = [str(len(late))] + [f"{late[int(f * (len(late) - 1))] * 1e3:.3f}" if late else "nan"
+                                       for f in (0.5, 0.9)]
         elif cmd == "quit":
             break
         print(f"OK {cmd} {' '.join(rest)}", flush=True)
