@@ -67,6 +67,23 @@ def test_trace_medians_pair_each_wait_with_the_kernels_inside_it():
     assert t["exposed_wait_ms"] == pytest.approx(2.5)
     assert t["kernel_ms"] == pytest.approx(1.5)
     assert t["lm_head_and_sample_ms"] == pytest.approx(1.0)
+    assert t["step_budget_ms"] is None  # one logits span: no whole step
+
+
+def test_step_budget_adds_up_to_the_step():
+    from bench_e2e import trace_medians
+
+    # Two steps of 10 ms, each: a dense span of 5, an attention wait of 2 whose last 1.5 the thread sat
+    # idle, a logits span of 2; 1.5 ms of neither (sends and receives).
+    spans = [("compute", "step", "logits+sample", 0.000, 0.001, None)]
+    for k in range(2):
+        t = 0.001 + 0.010 * k
+        spans += [("compute", "micro-batch 0", "dense L0/L1", t + 0.001, t + 0.006, None),
+                  ("compute", "micro-batch 0", "attention L1", t + 0.006, t + 0.008, {"exposed_ms": 1.5}),
+                  ("compute", "step", "logits+sample", t + 0.008, t + 0.010, None)]
+    b = trace_medians(spans)["step_budget_ms"]
+    assert b == pytest.approx({"step": 10.0, "dense": 5.0, "exposed_wait": 1.5, "lm_head_and_sample": 2.0,
+                               "other": 1.5})
 
 
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs to split")

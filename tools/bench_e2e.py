@@ -203,7 +203,7 @@ def trace_medians(spans) -> dict:
         elif process == "compute" and name.startswith("attention L"):
             waits.append((name.split("L", 1)[1], t0, t1))
             if args and "exposed_ms" in args:
-                exposed.append(args["exposed_ms"] / 1e3)
+                exposed.append((t1 - args["exposed_ms"] / 1e3, t1))
         elif row == "kernel":
             kernels.append((name.lstrip("L"), t0, t1))
         elif process == "compute" and name.startswith("logits"):
@@ -222,8 +222,29 @@ def trace_medians(spans) -> dict:
 
     return {"dense_ms": med([b - a for a, b in dense]), "attention_wait_ms": med([b - a for _, a, b in waits]),
             "kernel_ms": med([b - a for _, a, b in kernels]), "messaging_ms": med(messaging),
-            "exposed_wait_ms": med(exposed),
-            "lm_head_and_sample_ms": med([b - a for a, b in head]), "spans": len(spans)}
+            "exposed_wait_ms": med([b - a for a, b in exposed]),
+            "lm_head_and_sample_ms": med([b - a for a, b in head]), "spans": len(spans),
+            "step_budget_ms": step_budget(dense, exposed, head)}
+
+
+def step_budget(dense, exposed, head) -> dict | None:
+    """Where the compute thread's time goes, in ms per step (means over the traced steps): dense spans,
+    exposed attention waits, the LM head and sampling, and the rest (sends, receives, the step's Python
+    around them): the sum is the step. A step runs from the end of one logits span to the end of the next
+    (the traced steps run back to back; the scheduler's work between them is in "other")."""
+    if len(head) < 2:
+        return None
+    t0, t1 = head[0][1], head[-1][1]
+    steps = len(head) - 1
+
+    def inside(spans):
+        return sum(b - a for a, b in spans if a >= t0 and b <= t1)
+
+    total = t1 - t0
+    d, e, h = inside(dense), inside(exposed), inside(head[1:])
+    return {k: round(v * 1e3 / steps, 3) for k, v in
+            (("step", total), ("dense", d), ("exposed_wait", e), ("lm_head_and_sample", h),
+             ("other", total - d - e - h))}
 
 
 class LaminaBackend:
@@ -522,6 +543,19 @@ def report(res: dict, file=sys.stdout) -> None:
                                             "exposed_wait_ms", "lm_head_and_sample_ms")]
                 print(f"{batch:>5} {ctx:>8} {s:<14} " + " ".join(f"{v:>7.3f}" if v is not None else f"{'-':>7}"
                                                              for v in cells), file=file)
+    print("the compute thread's step from the trace (ms a step, means): dense spans, exposed attention waits, LM head "
+          "+ sampling, and the rest (sends, receives and the Python around them; the single process's attention "
+          "kernel calls too)", file=file)
+    print(f"{'batch':>5} {'context':>8} {'system':<14} {'step':>7} {'dense':>7} {'exposed':>7} {'head':>7} "
+          f"{'other':>7}", file=file)
+    for batch, bres in res["batches"].items():
+        for ctx, c in bres["contexts"].items():
+            for s, t in c.get("trace_per_layer", {}).items():
+                b = t.get("step_budget_ms")
+                if b:
+                    print(f"{batch:>5} {ctx:>8} {s:<14} " + " ".join(
+                        f"{b[k]:>7.2f}" for k in ("step", "dense", "exposed_wait", "lm_head_and_sample", "other")),
+                        file=file)
     print("targets (issue 11):", file=file)
     for batch, bres in res["batches"].items():
         for ctx, c in bres["contexts"].items():
