@@ -35,6 +35,7 @@ import torch
 
 from lamina_p2p.compute.errors import AttentionPeerError
 from lamina_p2p.compute.fanout import MicroBatch, build_requests, merge_results, plan_micro_batch
+from lamina_p2p.compute.local import LocalTransport
 from lamina_p2p.compute.placement import Placer
 from lamina_p2p.compute.sampling import sample
 from lamina_p2p.compute.sequence import SamplingParams, Sequence
@@ -95,6 +96,9 @@ class Engine:
         self.steps = 0
         self._failed_replicas: list[str] = []  # replicas that failed in the step being run
         self._peer_times = False  # the step being run asks the peers for their queue and kernel times
+        # A step of one micro-batch with attention in this process runs its layers in one compiled call where
+        # the model and transport allow it (model/fused_step.py); False: always the per-layer path.
+        self.fused_layers = True
 
     @property
     def tracer(self) -> Tracer | None:
@@ -251,12 +255,30 @@ class Engine:
         Returns (token id, logprob) per sampled sequence, in the order of the batches' sample_seqs.
         """
         self._enter_dense(threads)
+        watched = bool(self.observers)
+        self._peer_times = self.tracer is not None  # ask the peers for their queue and kernel times
+        fast = self._fused_layers(batches)
+        if fast is not None:
+            hidden = [self._run_fused_layers(*fast, batches[0], watched)]
+        else:
+            hidden = self._run_layers(batches, watched)
+        sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
+        if not watched:
+            return self._sample(sample_seqs, hidden)
+        t0 = now()
+        try:
+            return self._sample(sample_seqs, hidden)
+        finally:
+            t1 = now()
+            for o in self.observers:
+                o.on_dense(SAMPLE, -1, -1, len(sample_seqs), t0, t1)
+
+    def _run_layers(self, batches: list[MicroBatch], watched: bool) -> list[torch.Tensor]:
+        """The software pipeline over every layer of every micro-batch; each one's rows to sample."""
         last = self.cfg.num_layers - 1
         outstanding: list[dict] = [{} for _ in batches]  # per micro-batch: request index -> ticket in flight
         hidden = [None] * len(batches)
-        watched = bool(self.observers)
         dense = self._observed if watched else _call
-        self._peer_times = self.tracer is not None  # ask the peers for their queue and kernel times
         try:
             with torch.inference_mode():
                 xs = []
@@ -281,16 +303,58 @@ class Engine:
                     with contextlib.suppress(Exception):
                         self.transport.receive(ticket)
             raise
-        sample_seqs = [seq for mb in batches for seq in mb.sample_seqs]
-        if not watched:
-            return self._sample(sample_seqs, hidden)
+        return hidden
+
+    def _fused_layers(self, batches: list[MicroBatch]):
+        """(FusedLayers, the spin pool, held) when this step's layers can run in one compiled call
+        (model/fused_step.py): one micro-batch whose one request holds every row and head, attention in this
+        process on the spin pool, the fused bfloat16 layer; else None (the per-layer path)."""
+        if not self.fused_layers or len(batches) != 1 or not isinstance(self.transport, LocalTransport):
+            return None
+        mb = batches[0]
+        if not (mb.whole and len(mb.groups) == 1 and self.transport.pool_takes(mb.num_tokens)):
+            return None
+        runner = self.model.fused_layers()
+        pool = runner.pool(mb.num_tokens) if runner is not None else None
+        return None if pool is None else (runner, pool)
+
+    def _run_fused_layers(self, runner, pool, mb: MicroBatch, watched: bool) -> torch.Tensor:
+        """Every layer of the step's one micro-batch in one compiled call; its rows to sample. Observers get
+        the pieces the per-layer path gives them, from the call's stamps."""
+        mb.index = 0
         t0 = now()
         try:
-            return self._sample(sample_seqs, hidden)
+            with torch.inference_mode():
+                x = self.model.embed(mb.tokens)
+                q, k, v = runner.qkv_buffers(mb.num_tokens)
+                req = build_requests(self.owner, 0, mb, q, k, v, self.group_size)[0]
+                args = self.transport.kernel_args(req)  # the step's shard bookkeeping; raises KVFull, ShardError
+                anchor = runner.anchor()
+                x = runner.run(pool, x, *self.model.rope(mb.positions), args)
+                hidden = x.index_select(0, mb.sample_rows)
         finally:
-            t1 = now()
-            for o in self.observers:
-                o.on_dense(SAMPLE, -1, -1, len(sample_seqs), t0, t1)
+            pool.lock.release()
+        if watched:
+            self._report_fused_layers(runner, mb, t0, anchor, now())
+        return hidden
+
+    def _report_fused_layers(self, runner, mb: MicroBatch, t0: float, anchor: tuple[float, int], t_end: float) -> None:
+        """The observers' pieces of a fused-layers step: EMBED up to layer 0's attention, each layer's attention
+        (no wait: it ran on this thread), each layer's post and the next pre (LAYER), the last post (LAST)."""
+        from lamina_p2p.model.fused_step import ATTEND_END, ATTEND_START
+
+        t, last = mb.num_tokens, self.cfg.num_layers - 1
+        at = [(runner.cycles_to_s(a, anchor), runner.cycles_to_s(b, anchor))
+              for a, b in runner.stamps[:, [ATTEND_START, ATTEND_END]].tolist()]
+        tracer = self.transport.tracer if self._peer_times else None
+        for o in self.observers:
+            o.on_dense(EMBED, 0, 0, t, t0, at[0][0])
+            for layer, (a0, a1) in enumerate(at):
+                o.on_attention(layer, 0, t, 1, a0, a1, a1)
+                o.on_dense(LAYER if layer < last else LAST, layer, 0, t, a1, at[layer + 1][0] if layer < last else t_end)
+        if tracer is not None:
+            for layer, (a0, a1) in enumerate(at):
+                tracer.add("attention (in process)", "kernel", f"L{layer}", a0, a1, {"tokens": t})
 
     def _enter_dense(self, threads: int) -> None:
         """Set this thread up for dense work: pinned (dense_cpus, once), the compute thread count, the model's
@@ -313,7 +377,8 @@ class Engine:
         first request of a new length; here all of them compile at once (182 s there), or load from the cache
         in about half a second. Each dense call runs on
         zeros at one row and at one row more than the spin pool takes (the two sets of calls a step can
-        make), on the dense thread as set up for steps, then the transport's own (Transport.warm_up). No
+        make), on the dense thread as set up for steps, then the transport's own (Transport.warm_up) and the fused
+        layers' call (model/fused_step.py) where a step may take it. No
         sequence, KV block or peer is touched; the step counter stays at 0."""
         return await asyncio.get_running_loop().run_in_executor(self.dense, self._warm_up, compute_threads())
 
@@ -332,6 +397,13 @@ class Engine:
                 x = m.post(0, x, np.zeros((rows, cfg.num_heads, cfg.head_dim), np.float32))
                 sample(m.logits(x), [Sequence(0, [0], greedy)] * rows)
         self.transport.warm_up()
+        runner = m.fused_layers() if self.fused_layers and isinstance(self.transport, LocalTransport) else None
+        pool = runner.pool(1) if runner is not None else None
+        if pool is not None:  # the fused layers' one compiled call (see _fused_layers)
+            try:
+                runner.warm_up(pool)
+            finally:
+                pool.lock.release()
         return time.perf_counter() - t0
 
     def _observed(self, piece: str, layer: int, mb: MicroBatch, fn, *args):

@@ -117,9 +117,21 @@ class LocalTransport:
                             {"tokens": len(req.q)})
         return done
 
+    def pool_takes(self, tokens: int) -> bool:
+        """Whether a call of `tokens` query tokens runs on the engine's spin pool (when it has one and it is free)."""
+        return tokens <= self.pool_max_tokens and self.service.device == "cpu"
+
+    def kernel_args(self, req: AttendRequest) -> tuple:
+        """The arguments of lamina_kernels.append_attend for `req`, its shard bookkeeping done (service.kernel_args:
+        same errors), for a caller that runs the kernel itself: the engine's fused layers (model/fused_step.py), one
+        request made for a step's every layer. Counted in pooled_calls, one per layer."""
+        args = self.service.kernel_args(req)
+        self.pooled_calls += self.geometry["num_layers"] if self.geometry else 1
+        return args
+
     def _attend(self, req: AttendRequest):
         """service.attend, on the engine's spin pool when it has one, the call is small and the pool is free."""
-        if len(req.q) <= self.pool_max_tokens and self.service.device == "cpu":
+        if self.pool_takes(len(req.q)):
             if self._spin is None:
                 from lamina_p2p.model import pool_attention, spin_pool  # numba and torch: only once attending
 

@@ -93,7 +93,7 @@ def compiled_step(model: Transformer):
     def step(m, tokens, positions):
         x = m.embed(tokens)
         zeros = torch.zeros(tokens.shape[0], c.num_heads, c.head_dim, dtype=m.dtype)
-        cos, sin = m._rope(positions)
+        cos, sin = m.rope(positions)
         for L in m._layers:
             x, *_ = layer(x, zeros, cos, sin, L.input_norm, L.wqkv, L.wo, L.post_norm, L.w_gate_up, L.w_down,
                           c.rms_norm_eps, c.num_heads, c.num_heads + c.num_kv_heads)

@@ -32,10 +32,19 @@ from .spin_pool import A_AFTER, A_FN, A_OP, A_REC, OP_ATTEND, OP_PREFETCH, SEQ, 
 @njit(nogil=True, cache=True, error_model="numpy")
 def pool_attend(ctl, fn, align, read_ahead, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
                 kv_start, context_lens, layer, scale, bf16, n_threads, min_split, out, lse):
+    """attend_body, compiled for the kernel driver's two signatures only (see _compile)."""
+    return attend_body(ctl, fn, align, read_ahead, q, k_new, v_new, k_pool, v_pool, block_table, table_rows,
+                       q_start, kv_start, context_lens, layer, scale, bf16, n_threads, min_split, out, lse)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def attend_body(ctl, fn, align, read_ahead, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
+                kv_start, context_lens, layer, scale, bf16, n_threads, min_split, out, lse):
     """Check, plan and append (pooled.setup: nothing posted or written when the call is malformed),
     run the items on the pool (fn: pooled.item_fn()), merge. With read_ahead, an OP_PREFETCH left open
     (pool_pre's) goes on: on the workers once no unit is left, then reopened after the op until the next
-    (the post's first). Returns (error, sequence, wake mask); error as drivers.append_attend's."""
+    (the post's first). Returns (error, sequence, wake mask); error as drivers.append_attend's. Also
+    called by fused_step.decode_layers, with the inputs the kernel only reads typed read-only as here."""
     err, seq, rec, keep = KP.setup(q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
                                    kv_start, context_lens, layer, scale, bf16, n_threads, min_split,
                                    align, out, lse)

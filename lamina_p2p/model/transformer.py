@@ -134,10 +134,11 @@ class Transformer(torch.nn.Module):
         self._head: Linear | None = None
         # The fused bfloat16 path of layout "gemv" (fused.FusedDense), or None: then _linears is ().
         self._fused = None
+        self._fused_layers = None  # fused_step.FusedLayers, made on first use
         self._dense_pool = True  # see dense_pool
         self._inv_freq = rope_inv_freq(c)
         self._build_rope_table(c.max_position_embeddings)
-        # id(positions) -> (positions, (cos, sin)) of the step's micro-batches, see _rope()
+        # id(positions) -> (positions, (cos, sin)) of the step's micro-batches, see rope()
         self._rope_cs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---- weights in HF naming --------------------------------------------------------------
@@ -256,7 +257,7 @@ class Transformer(torch.nn.Module):
         self._cos = emb.cos().to(self.dtype).to(self.device)
         self._sin = sin.to(self.dtype).to(self.device)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, D] for these positions, growing the table if a position is past it."""
         # Every layer of a step passes each micro-batch's same positions tensor: gather once per
         # tensor (the bound check is a host sync on GPU), for every micro-batch of the step (with one
@@ -274,6 +275,17 @@ class Transformer(torch.nn.Module):
         self._rope_cs[id(positions)] = (positions, cs)
         return cs
 
+    def fused_layers(self):
+        """The runner of a step's layers in one compiled call (fused_step.FusedLayers) for the fused bfloat16
+        layer, made once; None for any other layout."""
+        if self._fused is None:
+            return None
+        if self._fused_layers is None:
+            from .fused_step import FusedLayers
+
+            self._fused_layers = FusedLayers(self)
+        return self._fused_layers
+
     # ---- the four entry points -------------------------------------------------------------
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -287,7 +299,7 @@ class Transformer(torch.nn.Module):
         lin = self._linears if self._linears is not None else self.prepare()._linears
         if self._fused is not None:
             if x.shape[0] < self._fused.wide_min_rows:
-                return self._fused.pre(layer, x, *self._rope(positions), wire=wire)
+                return self._fused.pre(layer, x, *self.rope(positions), wire=wire)
             lin = self._fused.prefill_linears
         L = self._layers[layer]
         eps = self.config.rms_norm_eps
@@ -296,7 +308,7 @@ class Transformer(torch.nn.Module):
         qk = qkv[:, : self._nqk]
         if L.qk_norm is not None:
             qk = rms_norm(qk, L.qk_norm, eps)
-        cos, sin = self._rope(positions)
+        cos, sin = self.rope(positions)
         qk = qk * cos + qk.roll(qk.shape[-1] // 2, -1) * sin
         q, k, v = qk[:, : self._nq], qk[:, self._nq :], qkv[:, self._nqk :]
         return q.contiguous(), k.contiguous(), v.contiguous()
