@@ -11,7 +11,9 @@ path (send/receive) belongs to the dense thread; the event loop only plans steps
 re-places shards after a failure and frees KV. One exception: a small step (at most
 INLINE_STEP_TOKENS tokens: decode at a small batch) with attention in this process and the
 dense work unpinned runs on the event loop's own thread, after giving the loop's other tasks
-their turn: the hop to the dense thread and back cost more than the step's Python work.
+their turn: the hop to the dense thread and back cost more than the step's Python work. And a
+step of one micro-batch with attention in this process on the spin pool runs all its layers in
+one compiled call (model/fused_step.py; `fused_layers`): no Python between a layer's pieces.
 
 The engine runs steps and nothing else: it does not decide when a sequence is
 finished, nor whether a failed step is retried. Both are the scheduler's
@@ -331,30 +333,14 @@ class Engine:
                 args = self.transport.kernel_args(req)  # the step's shard bookkeeping; raises KVFull, ShardError
                 anchor = runner.anchor()
                 x = runner.run(pool, x, *self.model.rope(mb.positions), args)
+                stamps = runner.stamps.copy() if watched else None  # the runner's: another engine may run next
                 hidden = x.index_select(0, mb.sample_rows)
         finally:
             pool.lock.release()
         if watched:
-            self._report_fused_layers(runner, mb, t0, anchor, now())
+            runner.report(self.observers, self.transport.tracer if self._peer_times else None, mb.num_tokens, stamps,
+                          anchor, t0, now())
         return hidden
-
-    def _report_fused_layers(self, runner, mb: MicroBatch, t0: float, anchor: tuple[float, int], t_end: float) -> None:
-        """The observers' pieces of a fused-layers step: EMBED up to layer 0's attention, each layer's attention
-        (no wait: it ran on this thread), each layer's post and the next pre (LAYER), the last post (LAST)."""
-        from lamina_p2p.model.fused_step import ATTEND_END, ATTEND_START
-
-        t, last = mb.num_tokens, self.cfg.num_layers - 1
-        at = [(runner.cycles_to_s(a, anchor), runner.cycles_to_s(b, anchor))
-              for a, b in runner.stamps[:, [ATTEND_START, ATTEND_END]].tolist()]
-        tracer = self.transport.tracer if self._peer_times else None
-        for o in self.observers:
-            o.on_dense(EMBED, 0, 0, t, t0, at[0][0])
-            for layer, (a0, a1) in enumerate(at):
-                o.on_attention(layer, 0, t, 1, a0, a1, a1)
-                o.on_dense(LAYER if layer < last else LAST, layer, 0, t, a1, at[layer + 1][0] if layer < last else t_end)
-        if tracer is not None:
-            for layer, (a0, a1) in enumerate(at):
-                tracer.add("attention (in process)", "kernel", f"L{layer}", a0, a1, {"tokens": t})
 
     def _enter_dense(self, threads: int) -> None:
         """Set this thread up for dense work: pinned (dense_cpus, once), the compute thread count, the model's

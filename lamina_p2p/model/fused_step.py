@@ -28,7 +28,7 @@ from numba.typed import List
 import lamina_kernels as lk
 from lamina_kernels import pooled as KP
 
-from lamina_p2p.trace import now
+from lamina_p2p.trace import EMBED, LAST, LAYER, now
 
 from .atomics import cycles
 from .fused import _as_bf16, _bits, _round_bf16
@@ -176,6 +176,26 @@ class FusedLayers:
     def cycles_to_s(self, c: int, anchor: tuple[float, int]) -> float:
         """A stamp as trace.now() seconds, given the anchor read before the call."""
         return anchor[0] + (int(c) - anchor[1]) / self.cycles_per_s
+
+    def report(self, observers, tracer, tokens: int, stamps: np.ndarray, anchor: tuple[float, int], t0: float,
+               t_end: float) -> None:
+        """A step's pieces, as the engine's per-layer path gives its observers (trace.StepObserver) and its
+        in-process tracer: EMBED from t0 (before the embedding) to layer 0's attention, each layer's attention
+        (sent and done at once: it ran on this thread), each layer's post and the next pre (LAYER), the last
+        post up to t_end (LAST); the kernel spans on `tracer` (None: none). stamps: a copy of `stamps` after
+        the call (`run`), anchor: `anchor()` before it."""
+        at = [(self.cycles_to_s(a, anchor), self.cycles_to_s(b, anchor))
+              for a, b in stamps[:, [ATTEND_START, ATTEND_END]].tolist()]
+        last = len(at) - 1
+        for o in observers:
+            o.on_dense(EMBED, 0, 0, tokens, t0, at[0][0])
+            for layer, (a0, a1) in enumerate(at):
+                o.on_attention(layer, 0, tokens, 1, a0, a1, a1)
+                o.on_dense(LAYER if layer < last else LAST, layer, 0, tokens, a1,
+                           at[layer + 1][0] if layer < last else t_end)
+        if tracer is not None:
+            for layer, (a0, a1) in enumerate(at):
+                tracer.add("attention (in process)", "kernel", f"L{layer}", a0, a1, {"tokens": tokens})
 
     def warm_up(self, pool) -> None:
         """Compile (or load) decode_layers for a step's argument types, running no layer."""
