@@ -11,7 +11,10 @@ same background load on a shared machine:
            (inline on the dense thread below cpu._INLINE_WORK, else over Numba's threads; the
            dense pool's read-ahead stays open through the call) -- main's path;
 - pool:    the call's items on the spin pool (model/pool_attention.py), read-ahead kept going;
-- pool-no-ra: the same with SpinPool.attend_read_ahead False (the call ends the read-ahead).
+- pool-no-ra: the same with SpinPool.attend_read_ahead False (the call ends the read-ahead);
+- fused:   every layer of a step in one compiled call (model/fused_step.py, Engine.fused_layers: the
+           engine's default where it applies; the three above run with it off). No per-layer times: no
+           Python runs between a layer's pieces to time them.
 
 Reported per variant: median tok/s over rounds, and the median per-layer attention call and dense
 time of the last round (timed around the transport's send and the fused layer's pre/post).
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 
-VARIANTS = ("kernel", "pool", "pool-no-ra")
+VARIANTS = ("kernel", "pool", "pool-no-ra", "fused")
 
 
 class _Timed:
@@ -53,6 +56,7 @@ class _Timed:
 
 
 def _set_variant(engine, pool, variant: str) -> None:
+    engine.fused_layers = variant == "fused"
     engine.transport.pool_max_tokens = 0 if variant == "kernel" else 1 << 30
     if pool is not None:
         pool.attend_read_ahead = variant != "pool-no-ra"
@@ -100,13 +104,13 @@ async def run_case(model, batch: int, ctx: int, args, log) -> dict:
                     t.on = False
                 if r:
                     rates[v].append(batch * args.steps / dt)
-                    layer[v] = {"attention_ms": statistics.median(send.times) * 1e3,
+                    layer[v] = {"attention_ms": statistics.median(send.times) * 1e3 if send.times else None,
                                 "dense_ms": (statistics.median(pre.times) + statistics.median(post.times)) * 1e3
-                                if pre is not None else None}
+                                if pre is not None and pre.times else None}
         row = {"batch": batch, "context": ctx, "pooled_calls": transport.pooled_calls,
                "tok_s": {v: statistics.median(x) for v, x in rates.items()}, "rounds": rates, "layer": layer}
         log(f"  B{batch} ctx {ctx}: " + "  ".join(
-            f"{v} {row['tok_s'][v]:.1f} tok/s (attn {layer[v]['attention_ms']:.3f} ms, dense "
+            f"{v} {row['tok_s'][v]:.1f} tok/s (attn {layer[v]['attention_ms'] or float('nan'):.3f} ms, dense "
             f"{layer[v]['dense_ms'] or float('nan'):.3f})" for v in VARIANTS))
         await engine.release(seqs)
         return row

@@ -1,4 +1,4 @@
-"""A single process's decode layers in one compiled call: each layer's pre, attention and post on the spin pool.
+"""A single process's step in one compiled call: each layer's pre, attention and post on the spin pool.
 
 Why: with attention in this process, a layer's Python between its three compiled calls (the fused pre,
 the attention call, the fused post) was ~15 Python calls, three Numba dispatches of 12 to 21 arguments,
@@ -6,7 +6,8 @@ a dozen small allocations and tensor views: ~35 us a layer in a loop, and more i
 each layer's weights have just streamed through the caches the interpreter's state lives in. At batch 1
 that is ~10 % of a step of SmolLM2 (a layer's dense work and attention take ~0.25 ms there).
 
-What: `decode_layers` runs the layers of one micro-batch on the spin pool: spin_pool.pool_pre, the
+What: `decode_layers` runs the layers of one micro-batch (decode rows, and prefill chunks up to the spin
+pool's 64 rows) on the spin pool: spin_pool.pool_pre, the
 attention call's body (pool_attention.attend_body: the same checks, plan, append, items and merge as
 LocalTransport's call), the output's rounding to bfloat16 (fused._round_bf16, as fused.post rounds a
 float32 attention output) and spin_pool.pool_post: the per-layer path's compiled functions, on the same
@@ -36,8 +37,8 @@ from .gemv import _JIT
 from .pool_attention import attend_body
 from .spin_pool import _cycles_per_s, _now_cycles, pool_post, pool_pre
 
-# stamps' columns: the cycle counter when a layer's attention started, ended, and its post ended.
-ATTEND_START, ATTEND_END, POST_END = range(3)
+# stamps' columns: the cycle counter when a layer's attention started and ended.
+ATTEND_START, ATTEND_END = range(2)
 
 
 @njit(**_JIT)
@@ -48,12 +49,12 @@ def decode_layers(ctl, start, x, x1, act, x2, qkv, q, k, v, out, lse, attn, stam
     """Layers start.. of one micro-batch of T rows: x [T, hidden] (bfloat16 bits, int16) in, the last
     layer's output in x on return. x1, act, x2, qkv: the fused layer's scratch; q, k, v int16 [T, H, D];
     out float32 [T, Hq, D], lse float32 [T, Hq], attn int16 [T, Hq * D]: the attention's; stamps int64
-    [n_layers, 3] (cycles(): ATTEND_START, ATTEND_END, POST_END). The lists: every layer's norms, packed
+    [n_layers, 2] (cycles(): ATTEND_START, ATTEND_END). The lists: every layer's norms, packed
     weights and QKV bias (FusedDense.layers); n_o, n_gate_up: pool_pre's read-ahead; fn ... min_split as
     pool_attention.attend passes them; k_pool ... scale: the call's, as LocalTransport's kernel_args
-    gives them (bf16: the storage is bfloat16). Returns (next layer, error, wake mask): next layer < n_layers after an op found a parked
-    worker (wake it, call again from there) or an attention error (error != 0, as
-    drivers.append_attend's: nothing was written for that layer)."""
+    gives them (bf16: the storage is bfloat16). Returns (next layer, error, wake mask): next layer <
+    n_layers after an op found a parked worker (wake it, call again from there) or an attention error
+    (error != 0, as drivers.append_attend's: nothing was written for that layer)."""
     n_layers = len(qkv_wbs)
     qr, kr, vr = KP._readonly(q.view(np.uint16)), KP._readonly(k.view(np.uint16)), KP._readonly(v.view(np.uint16))
     table, rows = KP._readonly(block_table), KP._readonly(table_rows)
@@ -74,7 +75,6 @@ def decode_layers(ctl, start, x, x1, act, x2, qkv, q, k, v, out, lse, attn, stam
         wake |= pool_post(ctl, attn, o_wbs[layer], zero, x, x1, norms1[layer], eps, gate_ups[layer], act,
                           down_wbs[layer], x2)
         x[:] = x2
-        stamps[layer, POST_END] = cycles()
         if wake != 0:
             return layer + 1, 0, wake
     return n_layers, 0, wake
@@ -96,7 +96,7 @@ class FusedLayers:
         self.n_layers = len(layers)
         self._scratch: dict[int, tuple[np.ndarray, ...]] = {}
         self.cycles_per_s = _cycles_per_s()
-        self.stamps = np.zeros((self.n_layers, 3), np.int64)
+        self.stamps = np.zeros((self.n_layers, 2), np.int64)
 
     def pool(self, t: int):
         """The shared spin pool, held (release its lock), for a step of t rows, or None: the per-layer path
@@ -137,8 +137,8 @@ class FusedLayers:
         """Every layer of one micro-batch: x [T, hidden] bfloat16 (the embedding), cos/sin [T, 1, D] (the
         step's rotary rows), kernel_args: LocalTransport.kernel_args of the step's request (made on
         qkv_buffers(T)). pool: from `pool(T)`, held. Returns the last layer's output [T, hidden] bfloat16
-        (a new tensor); `stamps` holds each layer's cycle stamps. Raises the kernel's error (ShardError,
-        KVFull ... as lamina_kernels.append_attend raises them) for a call the attention cannot take."""
+        (a new tensor); `stamps` holds each layer's cycle stamps. For a call the attention cannot take, raises
+        what lamina_kernels.append_attend raises for it (as the per-layer path's call does)."""
         f = self.fused
         t = x.shape[0]
         qkv, q, k, v, out, lse, attn, x1, act, x2 = self._buffers(t)
