@@ -85,14 +85,13 @@ def _load_rows(x, xs, norm_w, eps, use_norm, pairs):
     first half (pair p of panel row c at int32 g0 * in / 2 + p * width + c)."""
     rows, h = x.shape
     xf, x1, nw = flat(xs), flat(x), flat(norm_w)
-    inv = np.empty(PANEL, np.float32)  # not np.ones: see _zeros
     if pairs:
         # A row is normalised into a contiguous scratch row first (a loop that vectorises), then its
         # int32 pairs are scattered into the panel: written into the panel element by element, the strided
         # stores kept the normalisation scalar. This runs on the caller alone before an op is posted (Zen 5,
         # 16 rows x 576 with the norm: 17.6 -> 4.1 us; x 1536 without: 8.6 -> 6.5; PERFORMANCE_LOG stop 38).
         xi = xf.view(np.int32)
-        row = np.empty(h + (h & 1), np.int16)
+        row = np.empty(h, np.int16)  # h is even: pair-packed weights have an even input width
         row32 = row.view(np.int32)
         for g0 in range(0, rows, PANEL):
             width = min(PANEL, rows - g0)
@@ -100,11 +99,7 @@ def _load_rows(x, xs, norm_w, eps, use_norm, pairs):
             for c in range(width):
                 src = (g0 + c) * h
                 if use_norm:
-                    ss = 0.0
-                    for k in range(h):
-                        f = bf16_value(at(x1, src + k))
-                        ss += np.float64(f) * np.float64(f)
-                    s = np.float32(1.0) / np.sqrt(np.float32(ss / h) + np.float32(eps))
+                    s = _inv_rms(x1, src, h, eps)
                     for k in range(h):
                         put(row, k, bf16_bits(_round(bf16_value(at(x1, src + k)) * s) * bf16_value(at(nw, k))))
                 else:
@@ -113,17 +108,13 @@ def _load_rows(x, xs, norm_w, eps, use_norm, pairs):
                 for p in range(h // 2):
                     xi[q0 + p * width + c] = row32[p]
         return
+    inv = np.empty(PANEL, np.float32)  # not np.ones: see _zeros
     for g0 in range(0, rows, PANEL):
         width = min(PANEL, rows - g0)
         p0 = g0 * h
         if use_norm:
             for c in range(width):
-                src = (g0 + c) * h
-                ss = 0.0
-                for k in range(h):
-                    f = bf16_value(at(x1, src + k))
-                    ss += np.float64(f) * np.float64(f)
-                inv[c] = np.float32(1.0) / np.sqrt(np.float32(ss / h) + np.float32(eps))
+                inv[c] = _inv_rms(x1, (g0 + c) * h, h, eps)
         # A panel is written k-major, a row at a time: in tiles of LOAD_TILE inputs, so that the lines a row
         # writes are still in L1 for the next row (a whole panel at 1536 inputs is 98 kB: 7x slower untiled).
         for k0 in range(0, h, LOAD_TILE):
@@ -140,6 +131,16 @@ def _load_rows(x, xs, norm_w, eps, use_norm, pairs):
 
 
 LOAD_TILE = 64
+
+
+@njit(inline="always", **_JIT)
+def _inv_rms(x1, src, h, eps):
+    """1 / sqrt(mean(x^2) + eps) of the h bfloat16 bits at x1[src:] (the sum of squares in float64), float32."""
+    ss = 0.0
+    for k in range(h):
+        f = bf16_value(at(x1, src + k))
+        ss += np.float64(f) * np.float64(f)
+    return np.float32(1.0) / np.sqrt(np.float32(ss / h) + np.float32(eps))
 
 
 @njit(parallel=True, **_JIT)

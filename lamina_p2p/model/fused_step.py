@@ -35,7 +35,7 @@ from .atomics import cycles
 from .fused import _as_bf16, _bits, _round_bf16
 from .gemv import _JIT
 from .pool_attention import attend_body
-from .spin_pool import _cycles_per_s, _now_cycles, pool_post, pool_pre
+from .spin_pool import _cycles_per_s, _now_cycles, current, pool_post, pool_pre
 
 # stamps' columns: the cycle counter when a layer's attention started and ended.
 ATTEND_START, ATTEND_END = range(2)
@@ -101,12 +101,10 @@ class FusedLayers:
     def pool(self, t: int):
         """The shared spin pool, held (release its lock), for a step of t rows, or None: the per-layer path
         (one compute thread, more rows than the pool takes, or another caller holds it)."""
-        from . import spin_pool
-
         pool = self.fused._pool(t)
         if pool is None:
             return None
-        if pool is not spin_pool.current() or pool is self.fused._solo:
+        if pool is not current() or pool is self.fused._solo:
             pool.lock.release()
             return None
         return pool
@@ -134,7 +132,7 @@ class FusedLayers:
         return bufs
 
     def run(self, pool, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel_args: tuple) -> torch.Tensor:
-        """Every layer of one micro-batch: x [T, hidden] bfloat16 (the embedding), cos/sin [T, 1, D] (the
+        """Every layer of one micro-batch: x [T, hidden] bfloat16 (the embedding: overwritten), cos/sin [T, 1, D] (the
         step's rotary rows), kernel_args: LocalTransport.kernel_args of the step's request (made on
         qkv_buffers(T)). pool: from `pool(T)`, held. Returns the last layer's output [T, hidden] bfloat16
         (a new tensor); `stamps` holds each layer's cycle stamps. For a call the attention cannot take, raises
@@ -142,7 +140,7 @@ class FusedLayers:
         f = self.fused
         t = x.shape[0]
         qkv, q, k, v, out, lse, attn, x1, act, x2 = self._buffers(t)
-        xb = _bits(x).copy()  # written in place, layer by layer
+        xb = _bits(x)  # the embedding's own memory, written in place layer by layer
         cb, sb = _bits(cos.view(t, -1)), _bits(sin.view(t, -1))
         _, _, _, k_pool, v_pool, block_table, table_rows, q_start, kv_start, context_lens, _, scale, storage = \
             kernel_args
