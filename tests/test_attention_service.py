@@ -90,6 +90,33 @@ def test_ctx_past_the_cached_tokens_is_refused():
         svc.attend(request(ctx=(7,), n=(1,)))
 
 
+@pytest.mark.parametrize("bad,match", [
+    (dict(n=(0, 1)), "n_q > 0"),
+    (dict(h0=1, h1=2), "holds 2 kv heads here, request has 1"),
+    (dict(ctx=(4, 4)), "sequence 1: context_len 4 > 3 cached tokens"),
+    (dict(wrong_q=True), "q: expected"),
+])
+def test_a_decode_step_of_known_shards_is_refused_before_anything_is_written(bad, match):
+    """The shard-table work of a step whose entries all name shards held here (attention/shard_rows.py): the same
+    checks and errors as a first request's, and a refused step changes no shard's length or blocks."""
+    svc = AttentionService(1 << 20, block_size=4)
+    svc.register("o", **GEOM)
+    svc.attend(request(seq_ids=(1, 2), ctx=(0, 0), n=(3, 4)))
+    pool = svc._owners["o"].pool
+    lengths, capacity, used = pool.length.copy(), pool.capacity_tokens.copy(), svc.stats()["kv_used_bytes"]
+    wrong_q = bad.pop("wrong_q", False)
+    req = request(seq_ids=(1, 2), **{"ctx": (3, 4), "n": (2, 1), **bad})
+    if wrong_q:
+        req.q = req.q[:, :1]
+    with pytest.raises(ShardError, match=match):
+        svc.attend(req)
+    assert (pool.length == lengths).all() and (pool.capacity_tokens == capacity).all()
+    assert svc.stats()["kv_used_bytes"] == used
+    svc.attend(request(seq_ids=(1, 2), ctx=(3, 4), n=(2, 1)))  # the step itself: grows 1 past its first block
+    rows = [svc._owners["o"].table_rows[s] for s in (1, 2)]
+    assert pool.length[rows].tolist() == [5, 5] and pool.capacity_tokens[rows[0]] > capacity[rows[0]]
+
+
 def test_owners_are_isolated_and_dropping_one_frees_only_its_kv():
     svc = AttentionService(1 << 20)
     svc.register("a", **GEOM)

@@ -82,3 +82,40 @@ def test_merge_with_repeated_rows_is_the_exact_softmax():
     s_all, v_all = scores.reshape(-1), values.reshape(-1, 4)
     w = np.exp(s_all - s_all.max())
     np.testing.assert_allclose(merged[0, 0].numpy(), (w[:, None] * v_all).sum(0) / w.sum(), rtol=1e-5, atol=1e-6)
+
+
+def _covered_twice(mb) -> bool:
+    """The oracle: count every (row, kv head) each primary group's queries cover, from the plan's own rows."""
+    coverage = np.zeros((mb.num_tokens, 8), np.int64)
+    for g in mb.groups[: mb.num_primary]:
+        rows = np.arange(mb.num_tokens) if g.rows is None else g.rows.numpy()
+        np.add.at(coverage, (rows[:, None], np.arange(g.h0, g.h1)[None, :]), 1)
+    return bool((coverage > 1).any())
+
+
+def test_the_plan_says_when_rows_overlap_for_every_placement_and_step():
+    """`overlapping` (whether the merge needs the LSE) against the brute-force coverage: request, head and
+    sequence placement over 1-3 peers, replicas, prefill chunks and decode steps of several sequences."""
+    rng = np.random.default_rng(0)
+    seen = set()
+    for policy, shard_tokens, peers, replicas in (("request", 512, "ab", 1), ("head", 512, "abc", 1),
+                                                   ("sequence", 8, "ab", 1), ("sequence", 16, "abc", 2),
+                                                   ("sequence", 5, "a", 1)):
+        placer = Placer(policy, 8, shard_tokens, replicas=replicas)
+        placer.set_peers({p: 1.0 for p in peers})
+        seqs = [Sequence(i, list(range(3, 3 + int(rng.integers(1, 40)))), SamplingParams(max_tokens=16))
+                for i in range(3)]
+        for seq in seqs:
+            seq.shards = placer.place(seq.length + 16)
+        for _ in range(6):
+            counts = [min(seq.pending, int(rng.integers(1, 24))) for seq in seqs]
+            for seq, n in zip(seqs, counts):
+                placer.roll(seq.shards, seq.cached, seq.cached + n)
+            mb = plan_micro_batch(seqs, counts, 8)
+            assert mb.overlapping == _covered_twice(mb), (policy, shard_tokens, counts)
+            seen.add(mb.overlapping)
+            for seq, n in zip(seqs, counts):
+                seq.cached += n
+                if seq.cached == seq.length:
+                    seq.tokens.append(7)
+    assert seen == {True, False}  # both answers were asked for

@@ -23,6 +23,7 @@ from lamina_p2p.runtime import run_async
 # sampler's log-sum-exp.
 _PROBE = """
 import json, sys
+from lamina_p2p.attention import shard_rows
 from lamina_p2p.compute import argmax_lse
 from lamina_p2p.compute.engine import Engine
 from lamina_p2p.compute.local import LocalTransport
@@ -35,7 +36,8 @@ model = load_model(sys.argv[1])
 names = ["norm_linear", "norm_linear_f32", "linear_add", "norm_swiglu", "rope_split", "_round_bf16"]
 fns = {n: getattr(fused, n) for n in names}
 fns.update(pool_pre=spin_pool.pool_pre, pool_post=spin_pool.pool_post,
-           pool_norm_linear=spin_pool.pool_norm_linear, log_sum_exp_from_max=argmax_lse.log_sum_exp_from_max)
+           pool_norm_linear=spin_pool.pool_norm_linear, greedy_logprobs=argmax_lse.greedy_logprobs,
+           check_known=shard_rows.check_known, extend_lengths=shard_rows.extend_lengths)
 before = {n: len(f.signatures) for n, f in fns.items()}
 
 

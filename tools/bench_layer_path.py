@@ -110,7 +110,7 @@ class IsolatedKernel:
         self.req = AttendRequest("bench", 0, ids, full, one, one, 0, hkv, arr(batch, hq, d), arr(batch, hkv, d),
                                  arr(batch, hkv, d))  # rewrites position `context` each call
         self.reg = svc._owners["bench"]
-        self.table_rows = svc._prepare(self.reg, self.req)
+        self.table_rows = svc.kernel_args(self.req)[6]  # the shard-table work once, as a step's first layer
         self.starts = np.arange(batch + 1, dtype=np.int32)
         self.ctx32 = full.astype(np.int32)
         self.kernel: list[float] = []

@@ -109,6 +109,8 @@ class AttentionPeer:
             ids = np.array([1], np.int64)
             one = np.array([1], np.int64)
             self.service.attend(AttendRequest(owner, 0, ids, np.zeros(1, np.int64), one, one, 0, 1, q, kv, kv))
+            # ... and a decode step of it: the shard-table work of a known shard (attention/shard_rows.py)
+            self.service.attend(AttendRequest(owner, 0, ids, one, one, one, 0, 1, q, kv, kv))
             self.service.drop_owner(owner)
 
     def _start_kernel_thread(self) -> None:

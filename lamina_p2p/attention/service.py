@@ -17,10 +17,12 @@ import numpy as np
 
 import lamina_kernels as lk
 from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE, KVBudget, KVFull, KVPool, PoolKey, ShardError
+from lamina_p2p.attention.shard_rows import check_known, extend_lengths
 
 __all__ = ["AttentionService", "AttendRequest", "KVFull", "ShardError"]
 
 STORAGES = lk.STORAGES
+_BAD_ENTRY = "each sequence needs n_q > 0, context_len >= 0 and num_new_tokens equal to n_q or 0"
 
 
 @dataclass
@@ -230,9 +232,7 @@ class AttentionService:
             reg.plans_epoch = self._epoch
         plan = reg.plans.get(key)
         if plan is None:
-            table_rows = self._prepare(reg, req)
-            plan = reg.plans[key] = _Plan(table_rows, _offsets(req.n_q), _offsets(req.num_new_tokens),
-                                          req.context_lens.astype(np.int32), tuple(req.q.shape), tuple(req.k.shape))
+            plan = reg.plans[key] = self._prepare(reg, req, meta)
         dtype = np.float32 if reg.storage == "float32" else np.uint16
         if req.q.dtype != dtype or req.k.dtype != dtype or req.v.dtype != dtype or req.q.shape != plan.q_shape \
                 or req.k.shape != plan.kv_shape or req.v.shape != plan.kv_shape:
@@ -241,30 +241,24 @@ class AttentionService:
                              f"{req.v.dtype.name}{list(req.v.shape)}")
         return plan
 
-    def _prepare(self, reg: Registration, req: AttendRequest) -> np.ndarray:
-        """Check the request against the shard table, create and grow shards; returns table rows."""
+    def _prepare(self, reg: Registration, req: AttendRequest, meta: np.ndarray) -> _Plan:
+        """Check the request against the shard table, create and grow shards; returns the layout's _Plan.
+        meta: the request's columns stacked (AttendRequest.meta)."""
         n = len(req.seq_ids)
         heads = req.h1 - req.h0
-        group_size = reg.num_heads // reg.num_kv_heads
         context_lens, num_new = req.context_lens, req.num_new_tokens
         if not (0 <= req.h0 < req.h1 <= reg.num_kv_heads):
             raise ShardError(f"kv head range [{req.h0}, {req.h1}) outside 0..{reg.num_kv_heads}")
         if not (len(context_lens) == len(req.n_q) == len(num_new) == n) or n == 0:
             raise ShardError("seq_ids, context_lens, n_q and num_new_tokens must have one equal, non-zero length")
-        if np.any(req.n_q <= 0) or np.any(context_lens < 0) or np.any((num_new != 0) & (num_new != req.n_q)):
-            raise ShardError("each sequence needs n_q > 0, context_len >= 0 and num_new_tokens equal to n_q or 0")
-        dtype = np.float32 if reg.storage == "float32" else np.uint16
-        t_q, t_kv = int(req.n_q.sum()), int(num_new.sum())
-        D = reg.head_dim
-        for name, arr, shape in (("q", req.q, (t_q, heads * group_size, D)), ("k", req.k, (t_kv, heads, D)),
-                                 ("v", req.v, (t_kv, heads, D))):
-            if arr.dtype != dtype or arr.shape != shape:
-                raise ShardError(f"{name}: expected {np.dtype(dtype).name}{list(shape)}, "
-                                 f"got {arr.dtype.name}{list(arr.shape)}")
-        pool = reg.pool
         known = [reg.table_rows.get(sid) for sid in req.seq_ids.tolist()]
         if None not in known and len(set(known)) == n:
-            return self._prepare_known(reg, req, np.array(known, np.int32), heads)
+            return self._prepare_known(reg, req, np.require(meta, np.int64, ["C", "W"]), np.array(known, np.int32),
+                                       heads)
+        if np.any(req.n_q <= 0) or np.any(context_lens < 0) or np.any((num_new != 0) & (num_new != req.n_q)):
+            raise ShardError(_BAD_ENTRY)
+        self._check_qkv(reg, req, heads, int(req.n_q.sum()), int(num_new.sum()))
+        pool = reg.pool
         rows = np.empty(n, np.int32)
         # A request may name one shard in several entries (a prefill chunk that runs past the end of
         # a shard also attends over all of it): entries are read in order, and an attend-only entry
@@ -290,27 +284,40 @@ class AttentionService:
                 length[row] = max(cached, context_len + new)
         for row, end in length.items():
             pool.length[row] = end
-        return rows
+        return _Plan(rows, _offsets(req.n_q), _offsets(num_new), context_lens.astype(np.int32), tuple(req.q.shape),
+                     tuple(req.k.shape))
 
     @staticmethod
-    def _prepare_known(reg: Registration, req: AttendRequest, rows: np.ndarray, heads: int) -> np.ndarray:
-        """_prepare's common case (every decode step): each entry names a shard held here, once. Vectorised."""
+    def _check_qkv(reg: Registration, req: AttendRequest, heads: int, t_q: int, t_kv: int) -> None:
+        dtype = np.float32 if reg.storage == "float32" else np.uint16
+        D = reg.head_dim
+        group_size = reg.num_heads // reg.num_kv_heads
+        for name, arr, shape in (("q", req.q, (t_q, heads * group_size, D)), ("k", req.k, (t_kv, heads, D)),
+                                 ("v", req.v, (t_kv, heads, D))):
+            if arr.dtype != dtype or arr.shape != shape:
+                raise ShardError(f"{name}: expected {np.dtype(dtype).name}{list(shape)}, "
+                                 f"got {arr.dtype.name}{list(arr.shape)}")
+
+    def _prepare_known(self, reg: Registration, req: AttendRequest, meta: np.ndarray, rows: np.ndarray,
+                       heads: int) -> _Plan:
+        """_prepare's common case (every decode step): each entry names a shard held here, once (shard_rows.py).
+        The same checks in the same order, the same errors, nothing written before they pass."""
         pool = reg.pool
-        if np.any(pool.heads[rows] != heads):
-            bad = int(np.argmax(pool.heads[rows] != heads))
-            raise ShardError(f"sequence {int(req.seq_ids[bad])} holds {pool.heads[rows[bad]]} kv heads here, "
+        bad_entry, bad_heads, bad_context, need, q_start, kv_start, context_lens = check_known(
+            pool.heads, pool.length, pool.capacity_tokens, rows, heads, meta)
+        if bad_entry >= 0:
+            raise ShardError(_BAD_ENTRY)
+        self._check_qkv(reg, req, heads, int(q_start[-1]), int(kv_start[-1]))
+        if bad_heads >= 0:
+            raise ShardError(f"sequence {int(meta[bad_heads, 0])} holds {pool.heads[rows[bad_heads]]} kv heads here, "
                              f"request has {heads}")
-        length = pool.length[rows]
-        if np.any(req.context_lens > length):
-            bad = int(np.argmax(req.context_lens > length))
-            raise ShardError(f"sequence {int(req.seq_ids[bad])}: context_len {int(req.context_lens[bad])} > "
-                             f"{int(length[bad])} cached tokens")
-        end = req.context_lens + req.num_new_tokens
-        for i in np.nonzero(end > pool.capacity_tokens[rows])[0]:
-            pool.ensure(int(rows[i]), int(end[i]))
-        appending = req.num_new_tokens > 0
-        pool.length[rows[appending]] = np.maximum(length[appending], end[appending])
-        return rows
+        if bad_context >= 0:
+            raise ShardError(f"sequence {int(meta[bad_context, 0])}: context_len {int(meta[bad_context, 1])} > "
+                             f"{int(pool.length[rows[bad_context]])} cached tokens")
+        for i in need.tolist():
+            pool.ensure(int(rows[i]), int(meta[i, 1] + meta[i, 3]))
+        extend_lengths(pool.length, rows, meta)
+        return _Plan(rows, q_start, kv_start, context_lens, tuple(req.q.shape), tuple(req.k.shape))
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:

@@ -19,13 +19,19 @@ _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "c
 
 
 @njit(**_JIT)
-def log_sum_exp_from_max(logits, ids, out):
-    """out[r] = log(sum_i exp(logits[r, i] - logits[r, ids[r]])) for float32 logits [rows, vocab], where
-    logits[r, ids[r]] is the row's finite maximum (float32 out [rows]). Then logsumexp = max + out[r]."""
+def greedy_logprobs(logits, ids, out):
+    """out[r] = log p(ids[r]) = -log(sum_i exp(logits[r, i] - m)), m = logits[r, ids[r]], for float32 logits
+    [rows, vocab] whose row maxima are at ids (int64 [rows]; float32 out [rows]). Returns False, out unspecified,
+    when some row's m is NaN or infinite (the caller takes torch's path): the check and the sum in one call,
+    because a step's caches are cold here and each numpy call costs 20-40 us (tools/PERFORMANCE_LOG.md, stop 39)."""
+    for r in range(logits.shape[0]):
+        if not np.isfinite(logits[r, ids[r]]):
+            return False
     for r in range(logits.shape[0]):
         row = logits[r]
         m = row[ids[r]]
         s = np.float32(0.0)
         for i in range(row.shape[0]):
             s += exp_nonpos(row[i] - m)
-        out[r] = np.log(s)
+        out[r] = -np.log(s)
+    return True

@@ -327,14 +327,13 @@ class Engine:
         t0 = now()
         try:
             with torch.inference_mode():
-                x = self.model.embed(mb.tokens)
                 q, k, v = runner.qkv_buffers(mb.num_tokens)
                 req = build_requests(self.owner, 0, mb, q, k, v, self.group_size)[0]
                 args = self.transport.kernel_args(req)  # the step's shard bookkeeping; raises KVFull, ShardError
                 anchor = runner.anchor()
-                x = runner.run(pool, x, *self.model.rope(mb.positions), args)
+                x = runner.run(pool, mb.tokens.numpy(), mb.positions.numpy(), args)
                 stamps = runner.stamps.copy() if watched else None  # the runner's: another engine may run next
-                hidden = x.index_select(0, mb.sample_rows)
+                hidden = _sampled_rows(x, mb)
         finally:
             pool.lock.release()
         if watched:
@@ -458,7 +457,7 @@ class Engine:
 
     def _last(self, mb: MicroBatch, layer: int, x, results):
         """The last layer's post; returns the hidden rows to sample [S, hidden] (the LM head runs once per step)."""
-        return self._post(mb, layer, x, results).index_select(0, mb.sample_rows)
+        return _sampled_rows(self._post(mb, layer, x, results), mb)
 
     def _sample(self, seqs: list[Sequence], hidden: list[torch.Tensor]):
         # One LM head over every micro-batch's rows: at decode batch sizes it is weight-read bound,
@@ -496,6 +495,12 @@ class Engine:
 
     def close(self) -> None:
         self.dense.shutdown(wait=False, cancel_futures=True)
+
+
+def _sampled_rows(x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """The rows of x [T, hidden] whose logits are sampled: x itself when every row is (a decode step: each
+    sequence's one row, in order), else a copy of those rows."""
+    return x if len(mb.sample_seqs) == mb.num_tokens else x.index_select(0, mb.sample_rows)
 
 
 def _call(piece, layer, mb, fn, *args):

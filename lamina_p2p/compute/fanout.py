@@ -91,28 +91,38 @@ def plan_micro_batch(seqs: list[Sequence], n: list[int], num_kv_heads: int) -> M
                 (key, *e) for e in _slot_entries(shards, start, end, row))
         row += count
     T = row
-    groups = []
-    coverage = np.zeros((T, num_kv_heads), np.int32)
+    groups, primaries = [], []
     # Primaries first: their results are merged; replicas only keep a copy of the KV.
     for (peer, h0, h1, replica), members in sorted(by_group.items(), key=lambda kv: kv[0][3]):
-        seq_ids = np.array([m[0] for m in members], np.int64)
-        context_lens = np.array([m[1] for m in members], np.int64)
-        n_q = np.array([m[2] for m in members], np.int64)
-        num_new = np.array([m[3] for m in members], np.int64)
+        # One array for the group's columns (views of it): this runs once a step on caches a pass over the weights
+        # left cold, where each numpy call costs 5-40 us (tools/PERFORMANCE_LOG.md, stop 39).
+        meta = np.array([m[:4] for m in members], np.int64).reshape(len(members), 4)
+        seq_ids, context_lens, n_q, num_new = meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3]
+        appending = all(m[3] for m in members)
         rows = _rows([(m[4], m[2]) for m in members], T)
-        kv_rows = rows if num_new.all() else _rows([(m[4], m[2]) for m in members if m[3]], None)
-        groups.append(Group(peer, h0, h1, seq_ids, context_lens, n_q, num_new, rows, kv_rows, replica,
-                            np.stack([seq_ids, context_lens, n_q, num_new], axis=1),
-                            whole=rows is None and kv_rows is None and h0 == 0 and h1 == num_kv_heads
-                            and bool(num_new.all())))
-        if replica:
-            continue
-        for m in members:
-            coverage[m[4] : m[4] + m[2], h0:h1] += 1
-    overlapping = bool((coverage > 1).any())
+        kv_rows = rows if appending else _rows([(m[4], m[2]) for m in members if m[3]], None)
+        groups.append(Group(peer, h0, h1, seq_ids, context_lens, n_q, num_new, rows, kv_rows, replica, meta,
+                            whole=rows is None and kv_rows is None and h0 == 0 and h1 == num_kv_heads and appending))
+        if not replica:
+            primaries.append((h0, h1, members))
+    overlapping = _overlapping(primaries, T, num_kv_heads)
     return MicroBatch(seqs, n, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                       groups, overlapping, torch.tensor(sample_rows, dtype=torch.long), sample_seqs,
                       num_primary=sum(not g.replica for g in groups), whole=all(g.whole for g in groups))
+
+
+def _overlapping(primaries: list[tuple[int, int, list]], rows: int, num_kv_heads: int) -> bool:
+    """Whether some (row, kv head) is covered by more than one primary entry: the merge then needs the LSE.
+    primaries: (h0, h1, entries (key, context_len, n_q, num_new_tokens, first row)) per primary group. One group
+    (every head range the same): its entries' row spans compared in order; several: every (row, head) counted."""
+    if len(primaries) == 1:
+        spans = sorted((m[4], m[4] + m[2]) for m in primaries[0][2])
+        return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    coverage = np.zeros((rows, num_kv_heads), np.int32)
+    for h0, h1, members in primaries:
+        for m in members:
+            coverage[m[4] : m[4] + m[2], h0:h1] += 1
+    return bool((coverage > 1).any())
 
 
 def _slot_entries(shards: list[Shard], start: int, end: int, row: int) -> list[tuple[int, int, int, int]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 
+from lamina_p2p.attention import shard_rows
 from lamina_p2p.attention.kv_pool import DEFAULT_BLOCK_SIZE
 from lamina_p2p.attention.service import AttendRequest, AttentionService
 from lamina_p2p.model.config import geometry_kv_bytes_per_token
@@ -146,8 +147,10 @@ class LocalTransport:
         return self.service.attend(req)
 
     def warm_up(self) -> None:
-        """The spin pool's attention path (model/pool_attention.py), compiled now; the kernel's own variants
-        were compiled when the transport opened (launch.open_transport)."""
+        """The shard-table work of a decode step (attention/shard_rows.py) and the spin pool's attention path
+        (model/pool_attention.py), compiled now; the kernel's own variants were compiled when the transport opened
+        (launch.open_transport)."""
+        shard_rows.compile_now()
         if self.pool_max_tokens and self.service.device == "cpu":
             from lamina_p2p.model import pool_attention
 

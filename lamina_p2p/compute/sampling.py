@@ -53,20 +53,20 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
 
 def _greedy(logits: torch.Tensor) -> tuple[list[int], list[float]] | None:
     """Plain greedy rows on the CPU without torch's reductions (argmax_lse.py): numpy's argmax (the first
-    maximal index, as torch's max) and one compiled logsumexp pass. None (take the torch path) off the CPU,
-    for a non-contiguous input, or when a row's maximum is NaN or infinite."""
-    if logits.device.type != "cpu" or not logits.is_contiguous() or logits.dim() != 2 or logits.shape[1] == 0:
+    maximal index, as torch's max) and one compiled pass for the log-probabilities. None (take the torch path)
+    off the CPU, for a non-contiguous input, or when a row's maximum is NaN or infinite."""
+    if logits.device.type != "cpu":
         return None
-    from .argmax_lse import log_sum_exp_from_max
+    from .argmax_lse import greedy_logprobs
 
     x = logits.numpy()
-    ids = x.argmax(axis=1)
-    top = x[np.arange(len(ids)), ids]
-    if not np.isfinite(top).all():  # NaN wins numpy's argmax; +inf or an all -inf row: torch defines these
+    if x.ndim != 2 or x.shape[1] == 0 or not x.flags.c_contiguous:
         return None
-    lse = np.empty(len(ids), np.float32)
-    log_sum_exp_from_max(x, ids, lse)
-    return ids.tolist(), (-lse).tolist()
+    ids = x.argmax(axis=1)  # NaN wins numpy's argmax; +inf or an all -inf row: greedy_logprobs refuses them
+    lps = np.empty(len(ids), np.float32)
+    if not greedy_logprobs(x, ids, lps):
+        return None
+    return ids.tolist(), lps.tolist()
 
 
 def top_logprobs(row: torch.Tensor, n: int) -> list[tuple[int, float]]:

@@ -88,7 +88,10 @@ class FusedLayers:
     """
 
     def __init__(self, model):
+        self.model = model
         self.fused = fused = model._fused  # a Transformer with the fused layer (Transformer.fused_layers)
+        self.embed_bits = _bits(model.embed_weight)  # [vocab, hidden]: a step's rows are gathered from it
+        self._rope = (None, None, None)  # (the model's cos table, its bits, sin's bits): see _rope_bits
         layers = fused.layers
         self.lists = (List([L[0] for L in layers]), List([L[1].wb for L in layers]),
                       List([L[1].bias for L in layers]), List([L[2].wb for L in layers]),
@@ -131,17 +134,22 @@ class FusedLayers:
             self._scratch = {**self._scratch, t: bufs}
         return bufs
 
-    def run(self, pool, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel_args: tuple) -> torch.Tensor:
-        """Every layer of one micro-batch: x [T, hidden] bfloat16 (the embedding: overwritten), cos/sin [T, 1, D] (the
-        step's rotary rows), kernel_args: LocalTransport.kernel_args of the step's request (made on
-        qkv_buffers(T)). pool: from `pool(T)`, held. Returns the last layer's output [T, hidden] bfloat16
-        (a new tensor); `stamps` holds each layer's cycle stamps. For a call the attention cannot take, raises
-        what lamina_kernels.append_attend raises for it (as the per-layer path's call does)."""
+    def run(self, pool, tokens: np.ndarray, positions: np.ndarray, kernel_args: tuple) -> torch.Tensor:
+        """Every layer of one micro-batch: its token ids and positions (int64 [T]), kernel_args:
+        LocalTransport.kernel_args of the step's request (made on qkv_buffers(T)). pool: from `pool(T)`, held.
+        Returns the last layer's output [T, hidden] bfloat16 (a new tensor); `stamps` holds each layer's cycle
+        stamps. For a call the attention cannot take, raises what lamina_kernels.append_attend raises for it (as
+        the per-layer path's call does).
+
+        The embedding and the rotary rows are gathered from their tables' bits here (the same bits as
+        Transformer.embed and .rope give): one numpy index each, where the torch calls and views cost ~0.1 ms a
+        step on the cold caches a pass over the weights leaves (tools/PERFORMANCE_LOG.md, stop 39)."""
         f = self.fused
-        t = x.shape[0]
+        t = len(tokens)
         qkv, q, k, v, out, lse, attn, x1, act, x2 = self._buffers(t)
-        xb = _bits(x)  # the embedding's own memory, written in place layer by layer
-        cb, sb = _bits(cos.view(t, -1)), _bits(sin.view(t, -1))
+        xb = self.embed_bits[tokens]  # a new array each step: the returned tensor is its memory
+        cos_bits, sin_bits = self._rope_bits(int(positions.max()))
+        cb, sb = cos_bits[positions], sin_bits[positions]
         _, _, _, k_pool, v_pool, block_table, table_rows, q_start, kv_start, context_lens, _, scale, storage = \
             kernel_args
         _, _, o, _, gate_up, _ = f.layers[0]
@@ -165,6 +173,13 @@ class FusedLayers:
                              layer, scale, storage)
             raise RuntimeError(f"attention at layer {layer} failed (error {err}) but the kernel accepted the call")
         return _as_bf16(xb)
+
+    def _rope_bits(self, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """The model's rotary tables as bits [n, D], covering position `top` (the table grows as the model's)."""
+        cos, sin = self.model.rope_table(top)
+        if self._rope[0] is not cos:
+            self._rope = (cos, _bits(cos), _bits(sin))
+        return self._rope[1], self._rope[2]
 
     @staticmethod
     def anchor() -> tuple[float, int]:

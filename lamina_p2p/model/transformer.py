@@ -257,6 +257,13 @@ class Transformer(torch.nn.Module):
         self._cos = emb.cos().to(self.dtype).to(self.device)
         self._sin = sin.to(self.dtype).to(self.device)
 
+    def rope_table(self, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole rotary table, cos and sin [n, D] in the model dtype (sin with rotate_half's sign), grown first
+        when position `top` is past it. A grown table is a new tensor: a holder of the old one can tell."""
+        if top >= self._cos.shape[0]:
+            self._build_rope_table(max(top + 1, 2 * self._cos.shape[0]))
+        return self._cos, self._sin
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, D] for these positions, growing the table if a position is past it."""
         # Every layer of a step passes each micro-batch's same positions tensor: gather once per
@@ -266,9 +273,7 @@ class Transformer(torch.nn.Module):
         hit = self._rope_cs.get(id(positions))
         if hit is not None and hit[0] is positions:
             return hit[1]
-        top = int(positions.max()) if positions.numel() else 0
-        if top >= self._cos.shape[0]:
-            self._build_rope_table(max(top + 1, 2 * self._cos.shape[0]))
+        self.rope_table(int(positions.max()) if positions.numel() else 0)
         if len(self._rope_cs) >= 32:  # more than a step's micro-batches: older steps' tensors go
             self._rope_cs.clear()
         cs = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
