@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from lamina_p2p.options import ComputeOptions, EngineOptions
 
 READY_PREFIX = "READY "
+# Seconds a starting engine waits, past the peers it expects, for the registrations already under way with the
+# others membership named (Transport.wait_for_peers' settle_s): one round trip each, normally.
+STARTUP_SETTLE_S = 2.0
 
 
 class LaunchError(RuntimeError):

@@ -17,7 +17,7 @@ import signal
 
 from lamina_p2p.compute.engine import Engine
 from lamina_p2p.compute.sequence import SamplingParams
-from lamina_p2p.launch import open_transport
+from lamina_p2p.launch import STARTUP_SETTLE_S, open_transport
 from lamina_p2p.options import EngineOptions, GenerateOptions
 from lamina_p2p.runtime import freeze_heap, run_async, set_threads
 from lamina_p2p.trace import Tracer
@@ -91,7 +91,7 @@ async def _generate(opts: EngineOptions, model, prompts: list[list[int]], params
         engine = Engine(model, transport, **opts.engine_kwargs())
         stack.callback(engine.close)
         warm_up_s = await engine.warm_up()  # while any peers started here come up
-        await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
+        await transport.wait_for_peers(transport.expected_peers, timeout=60.0, settle_s=STARTUP_SETTLE_S)
         if freeze:
             freeze_heap()
         if trace:

@@ -70,7 +70,7 @@ class LocalTransport:
     def mark_failed(self, peer: str) -> None:
         pass  # this process cannot lose its own attention
 
-    async def wait_for_peers(self, count: int, timeout: float) -> None:
+    async def wait_for_peers(self, count: int, timeout: float, settle_s: float = 0.0) -> None:
         if count > 1:
             raise TimeoutError("in-process attention is one peer")
 

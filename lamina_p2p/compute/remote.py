@@ -192,7 +192,7 @@ class ClusterTransport:
     def block_bytes_per_token(self) -> float:
         return geometry_kv_bytes_per_token(self.geometry)
 
-    async def wait_for_peers(self, count: int, timeout: float) -> None:
+    async def wait_for_peers(self, count: int, timeout: float, settle_s: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while len(self.peers()) < count:
@@ -204,6 +204,11 @@ class ClusterTransport:
                 await asyncio.wait(pending, timeout=min(remaining, 0.5))
             else:
                 await asyncio.sleep(min(remaining, self.membership.heartbeat_interval))
+        # A joining engine expects one peer, but the seed's gossip may have named more, whose registrations are
+        # in flight: without this the first requests all went to whichever answered first, for their lifetime.
+        pending = [t for t in self._registered.values() if not t.done()]
+        if settle_s > 0 and pending:
+            await asyncio.wait(pending, timeout=min(settle_s, max(deadline - loop.time(), 0.0)))
 
     # -- data path: the engine's dense thread -----------------------------------------
     def _link(self, peer: str, nbytes: int) -> DataLink:

@@ -42,8 +42,10 @@ class Transport(Protocol):
     def mark_failed(self, peer: str) -> None:
         """Stop using a peer that failed a request, before membership declares it dead."""
 
-    async def wait_for_peers(self, count: int, timeout: float) -> None:
-        """Return once `count` peers are usable; TimeoutError after `timeout` seconds."""
+    async def wait_for_peers(self, count: int, timeout: float, settle_s: float = 0.0) -> None:
+        """Return once `count` peers are usable; TimeoutError after `timeout` seconds. With `settle_s`, then wait
+        up to that long more for the registrations already under way (peers membership knows), so that a
+        starting engine's first placement can use them too."""
 
     def block_size(self) -> int:
         """KV block size in tokens: the largest any usable peer reported at registration."""

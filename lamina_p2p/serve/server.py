@@ -14,7 +14,7 @@ import logging
 
 from aiohttp import web
 
-from lamina_p2p.launch import open_compute_transport
+from lamina_p2p.launch import STARTUP_SETTLE_S, open_compute_transport
 from lamina_p2p.options import ComputeOptions
 
 log = logging.getLogger("lamina.serve")
@@ -53,7 +53,7 @@ async def serve_compute(opts: ComputeOptions, stop: asyncio.Event, on_ready) -> 
         # Before any request: the first would otherwise wait for Numba's compiles (engine.warm_up).
         log.info("dense and attention code ready in %.1f s", await engine.warm_up())
         # Registration happens on bind: wait until it is done.
-        await transport.wait_for_peers(transport.expected_peers, timeout=60.0)
+        await transport.wait_for_peers(transport.expected_peers, timeout=60.0, settle_s=STARTUP_SETTLE_S)
         scheduler = Scheduler(engine, max_batch=opts.max_batch, reserve=opts.reserve, metrics=metrics,
                               peer_wait_timeout_s=opts.peer_wait_timeout_s)
         sched_stop = asyncio.Event()
