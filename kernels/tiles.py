@@ -44,7 +44,7 @@ tile: QK scores, online-softmax update, then PV into the row accumulators.
   gets a zero fourth row (_pad_row).
 - The next block's rows are prefetched a little at a time inside the QK/PV loops
   of the first query row(s): blocks may be scattered, so the hardware prefetcher stops at
-  every block edge (16-bit at head_dim 64: 32 keys ahead). A QK tile prefetches its
+  every block edge (16-bit at head_dim 64: 32 keys ahead; the rest one chunk, PF_KEYS). A QK tile prefetches its
   keys' lines in a burst before its loads (_prefetch_keys). Spreading them over the
   tile's column loop (a line of each key per column step) read 3-5 % faster on one
   machine (float32 G4 D128, G7 D128, one thread, B16 ctx 2048) but cost SmolLM2's
@@ -91,6 +91,15 @@ QUAD_ROWS_16 = 4
 QUAD_ROWS_F32 = 8
 # Query rows up to which a bfloat16 pool's V is read in place (see vdirect).
 VDIRECT_MAX = 8
+# How far ahead of a chunk (keys) its loops prefetch: 16-bit pools at head_dim 64 (NEAR), the rest.
+# The rest read a whole block (64 keys at the default block size) ahead until stop 40; one chunk
+# ahead read faster on a Zen 5 (calls alternating in one process, batch 16, ctx 2048, blocks in
+# runs, 2 threads, time a call one chunk ahead / a block ahead: 32/8/128 f16 0.78-0.84, bf16
+# 0.88-0.90, f32 0.94-0.97; 28/4/128 bf16 0.94, f32 0.90; 32/4/64 and 9/3/64 f32 0.92-0.95;
+# 32/32/128 f32 0.96-1.00; one thread 0.78-0.98; scattered blocks 0.96-1.01). For the NEAR
+# pools 16 keys ahead read 0.65-0.8x as fast as 32 (one thread) and 48 no faster.
+PF_NEAR = 32
+PF_KEYS = CHUNK
 
 
 @njit(inline="always", **_JIT)
@@ -254,7 +263,7 @@ def make_attend_rows(D):
     # them adds to the cold compile, and the generic body serves rare head_dims.
     QUADS = D != 0
     # The prefetch spread over the loops of whole chunks (the quad QK, the 4-row PV):
-    # 16-bit pools at head_dim 64: 32 keys ahead; the rest: a block ahead. Always the L2
+    # 16-bit pools at head_dim 64: PF_NEAR keys ahead; the rest: PF_KEYS. Always the L2
     # hint (simd.prefetch): prefetcht0 (into L1) was 5-10 % faster on a Zen 5 (one thread,
     # bf16 from DRAM, ns per key, into L2 a block ahead / into L1 32 keys ahead: G8 D64
     # 34.6 / 32.0, G3 D64 27.2 / 24.4) but twice as slow on a Zen 4 (one thread, batch 16,
@@ -355,10 +364,10 @@ def make_attend_rows(D):
             row0 = ((layer * nb + blk) * bs + t0) * d
             # Blocks may be scattered (taken one at a time in decode, or from a fragmented
             # pool): the hardware prefetcher stops at each such block edge, so the rows of
-            # the chunk 32 keys ahead (near, above; else the next block's at this chunk's
-            # offset) are prefetched a little at a time inside the loops (a burst of a whole
-            # block at once stalls the current block's loads).
-            pa = base + t0 + (32 if near else bs)
+            # the chunk PF_NEAR or PF_KEYS keys ahead (through the block table) are prefetched
+            # a little at a time inside the loops (a burst of a whole block at once stalls the
+            # current block's loads).
+            pa = base + t0 + (PF_NEAR if near else PF_KEYS)
             if pa < k1:
                 pf = ((layer * nb + bt_row[pa // bs]) * bs + pa % bs) * d
             elif pf_next >= 0 and pa - k1 < bs:
