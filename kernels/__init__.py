@@ -9,8 +9,15 @@ Public API:
 The pure-torch oracle lives in lamina_kernels.reference (imports torch).
 """
 
-from .merge import merge
-from .storage import STORAGES, storage_dtype, storage_itemsize, to_storage, widen
+from pathlib import Path as _Path
+
+from .cache_guard import keep_in_step as _keep_in_step
+
+# Before any cached kernel loads: Numba alone would keep running code compiled from older sources.
+_keep_in_step(_Path(__file__).parent)
+
+from .merge import merge  # noqa: E402
+from .storage import STORAGES, storage_dtype, storage_itemsize, to_storage, widen  # noqa: E402
 
 
 def __getattr__(name):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_JIT = dict(nogil=True, cache=True)
+from ..jit import CACHED as _JIT
 
 
 @njit(**_JIT)

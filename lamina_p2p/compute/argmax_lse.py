@@ -14,8 +14,7 @@ from numba import njit
 
 from lamina_kernels.softmax import exp_nonpos
 
-# reassoc lets the sum vectorise; no nnan/ninf: -inf logits (masked tokens) are valid input.
-_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
+from ..jit import FAST as _JIT  # reassoc lets the sum vectorise; no nnan/ninf: -inf logits (masked tokens) are valid
 
 
 @njit(**_JIT)

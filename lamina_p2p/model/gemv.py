@@ -38,9 +38,10 @@ from numba.extending import intrinsic
 
 from lamina_kernels.simd import prefetch_nta, vadd, vfma, vload, vstore, vzero
 
+from ..jit import FAST as _JIT
+
 BLOCK = 16
 PANEL = 16  # activation rows per panel (panel_index): the float32 values of one input k are one 64-byte line
-_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract", "arcp", "nsz", "afn"})
 
 
 @intrinsic

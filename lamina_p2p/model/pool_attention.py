@@ -26,10 +26,11 @@ from lamina_kernels.checks import DT
 from lamina_kernels.drivers import SIGNATURES
 from lamina_kernels.pointers import address
 
+from ..jit import CACHED
 from .spin_pool import A_AFTER, A_FN, A_OP, A_REC, OP_ATTEND, OP_PREFETCH, SEQ, _drive, reopen_prefetch
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@njit(**CACHED, error_model="numpy")
 def pool_attend(ctl, fn, align, read_ahead, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
                 kv_start, context_lens, layer, scale, bf16, n_threads, min_split, out, lse):
     """attend_body, compiled for the kernel driver's two signatures only (see _compile)."""
@@ -37,7 +38,7 @@ def pool_attend(ctl, fn, align, read_ahead, q, k_new, v_new, k_pool, v_pool, blo
                        q_start, kv_start, context_lens, layer, scale, bf16, n_threads, min_split, out, lse)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@njit(**CACHED, error_model="numpy")
 def attend_body(ctl, fn, align, read_ahead, q, k_new, v_new, k_pool, v_pool, block_table, table_rows, q_start,
                 kv_start, context_lens, layer, scale, bf16, n_threads, min_split, out, lse):
     """Check, plan and append (pooled.setup: nothing posted or written when the call is malformed),
