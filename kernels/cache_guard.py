@@ -38,8 +38,9 @@ def source_stamp(roots: Iterable[Path]) -> str:
 
 
 def keep_in_step(package_dir: Path, also: Iterable[Path] = ()) -> bool:
-    """Remove package_dir's Numba cache files if the sources under it or `also` changed since the last
-    call that removed them (module doc). Returns True when it removed them (or found none to keep)."""
+    """Remove package_dir's Numba cache files if the sources under it or `also` changed since the stamp
+    was saved (module doc). Returns True when the stamp had changed (whatever cache files there were are
+    gone), False when it had not or package_dir's __pycache__ cannot be written."""
     package_dir = Path(package_dir)
     cache_dir = package_dir / "__pycache__"
     try:

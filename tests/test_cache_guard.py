@@ -81,8 +81,10 @@ def test_a_cached_function_follows_a_change_in_a_function_it_calls_from_another_
         assert _g(tmp_path, pkg) == 11
         assert _cache_files(tmp_path / pkg)  # compiled and cached
         _touch_later(tmp_path / pkg / "callee.py", _CALLEE.format(2))
-    # Numba alone: the caller's cache entry is keyed on caller.py, which did not change.
-    assert _g(tmp_path, "plain") == 11
+    # Numba alone (0.60-0.68 at least): the caller's cache entry is keyed on caller.py, which did not change,
+    # so the old f runs. Not asserted: a Numba that follows dependencies itself would make this 12, and the
+    # guard merely redundant.
+    assert _g(tmp_path, "plain") in (11, 12)
     # With the guard the change is seen, and the new code is cached in turn.
     assert _g(tmp_path, "guarded") == 12
     assert _g(tmp_path, "guarded") == 12
