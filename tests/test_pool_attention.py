@@ -1,4 +1,4 @@
-"""Attention on the spin pool (model/pool_attention.py, kernels/pooled.py) against the kernel.
+"""Attention on the spin pool (model/pool_attention.py, kernels/lamina_kernels/pooled.py) against the kernel.
 
 Each planned item is computed wholly by one thread with the kernel's item code, so the result
 must not depend on who computed it: a spinning worker, a worker that parks after every op, and

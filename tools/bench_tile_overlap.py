@@ -1,6 +1,6 @@
 """Can one core overlap an attention tile loop's arithmetic with its DRAM stream?
 
-The decode kernel (kernels/tiles.py) reads each KV block once and does a few FMAs per loaded vector. Its
+The decode kernel (kernels/lamina_kernels/tiles.py) reads each KV block once and does a few FMAs per loaded vector. Its
 rate from DRAM has measured close to (its in-cache time) + (its bytes at the one-thread read rate) instead of
 the larger of the two: the arithmetic and the memory stream add. This tool asks whether that is the
 kernel's doing or the core's, with loops that read exactly what the kernel reads -- scattered 64-key blocks

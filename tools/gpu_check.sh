@@ -18,13 +18,11 @@ cuda.detect()
 assert cuda.is_available()
 PY
 
-# The kernels import as lamina_kernels (pyproject maps kernels/ to that name). If
-# this checkout is not pip-installed here, expose it through a symlink instead.
+# The kernels import as lamina_kernels (the folder kernels/lamina_kernels/). If this checkout is
+# not pip-installed here, put kernels/ on the path instead.
 if ! python -c "import lamina_kernels" 2>/dev/null; then
-    shim=$(mktemp -d)
-    ln -s "$PWD/kernels" "$shim/lamina_kernels"
-    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-    echo "using lamina_kernels from $PWD/kernels via $shim"
+    export PYTHONPATH="$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
+    echo "using lamina_kernels from $PWD/kernels/lamina_kernels"
 fi
 
 echo "== tests/test_kernels_cuda.py on the GPU"
