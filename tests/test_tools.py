@@ -207,11 +207,14 @@ def test_bench_layer_path_json_shape(tiny):
 
 
 def test_bench_gemv_json_shape():
-    res = run_tool(str(TOOLS / "bench_gemv.py"), "--mb", "2", "--rows", "1,3", "--reps", "1", "--json")
+    res = run_tool(str(TOOLS / "bench_gemv.py"), "--mb", "2", "--rows", "1,3", "--reps", "1", "--reuse-mb", "0.5",
+                   "--json")
     assert [(r["rows"], r["layout"]) for r in res["results"]] == [(1, "pairs"), (1, "widened"), (3, "pairs"),
                                                                   (3, "widened")]
     assert all(r["one_thread_gbps"] > 0 and r["two_threads_gbps"] > 0 for r in res["results"])
     assert res["stream_read_gbps"] > 0
+    assert [r["rows"] for r in res["reuse"]] == [1, 3]
+    assert all(0.4 < r["slice_mb"] <= 0.5 and r["first_us"] > 0 and r["second_us"] > 0 for r in res["reuse"])
 
 
 def test_bench_tile_overlap_json_shape(tmp_path):
