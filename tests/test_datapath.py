@@ -219,6 +219,59 @@ def test_the_one_struct_framing_of_an_attend_and_its_reply_is_the_general_one(dt
     assert stream.pack_attend_reply(1, out[:, ::2], lse[:, ::2], None) is None
 
 
+def test_unix_writes_go_out_in_pieces_and_arrive_whole():
+    """send_buffers and write_some write a Unix socket in pieces of at most UNIX_PIECE_BYTES (net/stream.py): every
+    message, of buffers of any sizes, arrives byte for byte, including when the socket takes only part of a piece
+    (a send buffer smaller than the message) and the writer waits for it."""
+    import select
+    import socket
+
+    rng = np.random.default_rng(5)
+    sizes = [1, stream.UNIX_PIECE_BYTES - 1, stream.UNIX_PIECE_BYTES, stream.UNIX_PIECE_BYTES + 1, 31_312, 37_496,
+             700_000]
+    msgs = [[rng.integers(0, 256, int(rng.integers(1, 40)), np.uint8).tobytes(),
+             rng.integers(0, 256, n, np.uint8).tobytes(), rng.integers(0, 256, n // 3 + 1, np.uint8).tobytes()]
+            for n in sizes]
+    a, b = socket.socketpair()
+    try:
+        stream.tune(a), stream.tune(b)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)  # a large message waits for the reader
+        reader, got = stream.FrameReader(b), []
+        pieces = []
+        real = a.sendmsg
+
+        class Counting:  # the piece sizes a.sendmsg is given
+            family = a.family
+            fileno = a.fileno
+
+            def sendmsg(self, bufs):
+                pieces.append(sum(memoryview(x).nbytes for x in bufs))
+                return real(bufs)
+
+        done = threading.Event()
+
+        def read_all():
+            while len(got) < len(msgs):
+                if stream.wait(b, select.POLLIN, 5.0):
+                    got.extend(reader.read())
+            done.set()
+
+        t = threading.Thread(target=read_all, daemon=True)
+        t.start()
+        for m in msgs[:4]:
+            assert stream.send_buffers(Counting(), stream.pack(m), 10.0) == sum(len(f) for f in m) + 8 + 4 * len(m)
+        for m in msgs[4:]:  # the kernel thread's way: what the socket does not take now is written later
+            left = stream.write_some(Counting(), stream.pack(m))
+            while left:
+                stream.wait(a, select.POLLOUT, 5.0)
+                left = stream.write_some(Counting(), left)
+        assert done.wait(30)
+        assert [[bytes(f) for f in m] for m in got] == msgs and reader.error is None
+        assert max(pieces) <= stream.UNIX_PIECE_BYTES and sum(pieces) >= sum(sum(map(len, m)) for m in msgs)
+    finally:
+        a.close(), b.close()
+
+
 def test_the_stream_reader_returns_messages_of_any_size_in_order_however_they_arrive():
     """Whole messages are parsed straight from the read chunk, a partial one's start kept until the rest
     arrives (net/stream.py FrameReader): messages smaller and larger than the chunk, cut anywhere."""

@@ -217,6 +217,16 @@ def test_bench_gemv_json_shape():
     assert all(0.4 < r["slice_mb"] <= 0.5 and r["first_us"] > 0 and r["second_us"] > 0 for r in res["reuse"])
 
 
+def test_bench_unix_send_json_shape():
+    res = run_tool(str(TOOLS / "bench_unix_send.py"), "--pieces", "65536,16384", "--messages", "40", "--rounds", "2",
+                   "--flush-mb", "0.1", "--json")
+    assert [r["piece_bytes"] for r in res["rows"]] == [65536, 16384]
+    for r in res["rows"]:
+        for k in ("compute_write_us", "peer_write_us", "round_trip_us"):
+            assert 0 < r[k]["median"] <= r[k]["p90"]
+    assert all(r["round_trip_us"]["median"] > r["compute_write_us"]["median"] for r in res["rows"])
+
+
 def test_bench_tile_overlap_json_shape(tmp_path):
     res = run_tool(str(TOOLS / "bench_tile_overlap.py"), "--dram-mb", "4", "--l2-kb", "512", "--reps", "1",
                    "--kernel-context", "128", "--json", "--plot", str(tmp_path))

@@ -43,6 +43,11 @@ TCP_SCHEME = "tcp://"
 # Bytes in flight per direction: a prefill layer's attend is megabytes, and the default (~200 kB) makes
 # each one hundreds of wake-up ping-pongs. The kernel caps it at net.core.wmem_max without privileges.
 SEND_BUFFER_BYTES = 4 << 20
+# A write to a Unix socket goes out in pieces of at most this many bytes, one sendmsg each. Linux builds a larger
+# Unix stream write from 32 KB page blocks, and on the 2-vCPU Zen 5 VMs such writes took 40-100 us for runs of
+# hundreds of messages (a batch-16 decode step's 31 KB attend, its 37 KB reply), where the same bytes in 16 KB
+# pieces took 6-16 us, steadily (tools/bench_unix_send.py; tools/PERFORMANCE_LOG.md, stop 41).
+UNIX_PIECE_BYTES = 16 << 10
 
 
 def tune(sock: socket.socket) -> socket.socket:
@@ -131,13 +136,50 @@ def write_some(sock: socket.socket, bufs: list[memoryview]) -> list[memoryview]:
     bufs = [b for b in bufs if b.nbytes]
     while bufs:
         try:
-            n = sock.sendmsg(bufs[:512])  # (IOV_MAX is 1024)
+            n = _sendmsg(sock, bufs)
         except (BlockingIOError, InterruptedError):
             return bufs
         if n == 0:
             return bufs
         bufs = _unsent(bufs, n)
     return bufs
+
+
+def _sendmsg(sock: socket.socket, bufs: list[memoryview]) -> int:
+    """sock.sendmsg of the start of `bufs` (byte views), on a Unix socket in pieces of at most UNIX_PIECE_BYTES,
+    one call each, until one is not taken whole; the bytes sent. Raises as sendmsg when nothing was sent."""
+    if sock.family != socket.AF_UNIX:
+        return sock.sendmsg(bufs[:512])  # (IOV_MAX is 1024)
+    sent = 0
+    while bufs:
+        piece, bufs = _split(bufs, UNIX_PIECE_BYTES)
+        try:
+            n = sock.sendmsg(piece)
+        except (BlockingIOError, InterruptedError):
+            if sent:
+                return sent
+            raise
+        sent += n
+        if n < sum(b.nbytes for b in piece):
+            return sent
+    return sent
+
+
+def _split(bufs: list[memoryview], limit: int) -> tuple[list[memoryview], list[memoryview]]:
+    """(the first `limit` bytes of `bufs`, in at most 512 buffers; the rest)."""
+    piece, size = [], 0
+    for i, b in enumerate(bufs):
+        if len(piece) == 512:
+            return piece, bufs[i:]
+        if size + b.nbytes <= limit:
+            piece.append(b)
+            size += b.nbytes
+            continue
+        cut = limit - size
+        if cut:
+            piece.append(b[:cut])
+        return piece, [b[cut:], *bufs[i + 1:]]
+    return piece, []
 
 
 def _unsent(bufs: list[memoryview], n: int) -> list[memoryview]:
@@ -162,7 +204,7 @@ def send_buffers(sock: socket.socket, bufs: list, timeout_s: float) -> int:
     """`send_frames` for a message already framed (`pack`, `pack_attend`)."""
     total = sum(b.nbytes for b in bufs)
     try:  # the usual case first: the socket takes it all at once
-        n = sock.sendmsg(bufs) if len(bufs) <= 512 else 0
+        n = _sendmsg(sock, bufs)
     except (BlockingIOError, InterruptedError):
         n = 0
     if n == total:
