@@ -32,9 +32,12 @@ def _read(sock: socket.socket, n: int, buf: bytearray, poll) -> None:
         while not poll.poll(0):  # busy-poll, as the data path's both sides do
             pass
         try:
-            got += sock.recv_into(view[got:n])
+            n_read = sock.recv_into(view[got:n])
         except BlockingIOError:
-            pass
+            continue
+        if n_read == 0:
+            raise ConnectionError("the other side closed the socket")
+        got += n_read
 
 
 def _side(sock, cpu, first: bool, send_n: int, recv_n: int, messages: int, flush_mb: float) -> np.ndarray:
@@ -71,20 +74,27 @@ def exchange(piece: int, messages: int, flush_mb: float) -> dict:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        a.close()
-        t = _side(b, cpus[1] if len(cpus) > 1 else None, False, REPLY, REQUEST, messages, flush_mb)
-        os.write(w, np.ascontiguousarray(t[:, 0]).tobytes())
-        os._exit(0)
-    b.close()
+        code = 1
+        try:
+            a.close()
+            t = _side(b, cpus[1] if len(cpus) > 1 else None, False, REPLY, REQUEST, messages, flush_mb)
+            os.write(w, np.ascontiguousarray(t[:, 0]).tobytes())
+            code = 0
+        finally:
+            os._exit(code)  # (closing the socket: the parent's read then fails instead of waiting)
+    b.close(), os.close(w)  # (the child's end only: a read then ends when the child does)
     try:
         t = _side(a, cpus[0] if len(cpus) > 1 else None, True, REQUEST, REPLY, messages, flush_mb)
         raw = b""
         while len(raw) < messages * 8:
-            raw += os.read(r, messages * 8 - len(raw))
+            chunk = os.read(r, messages * 8 - len(raw))
+            if not chunk:
+                raise RuntimeError("the peer process ended without its times")
+            raw += chunk
         os.waitpid(pid, 0)
     finally:
         os.sched_setaffinity(0, set(cpus))
-        a.close(), os.close(r), os.close(w)
+        a.close(), os.close(r)
     return {"compute_write_s": t[:, 0], "peer_write_s": np.frombuffer(raw, np.float64), "round_trip_s": t[:, 1]}
 
 

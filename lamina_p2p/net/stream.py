@@ -43,10 +43,11 @@ TCP_SCHEME = "tcp://"
 # Bytes in flight per direction: a prefill layer's attend is megabytes, and the default (~200 kB) makes
 # each one hundreds of wake-up ping-pongs. The kernel caps it at net.core.wmem_max without privileges.
 SEND_BUFFER_BYTES = 4 << 20
-# A write to a Unix socket goes out in pieces of at most this many bytes, one sendmsg each. Linux builds a larger
-# Unix stream write from 32 KB page blocks, and on the 2-vCPU Zen 5 VMs such writes took 40-100 us for runs of
-# hundreds of messages (a batch-16 decode step's 31 KB attend, its 37 KB reply), where the same bytes in 16 KB
-# pieces took 6-16 us, steadily (tools/bench_unix_send.py; tools/PERFORMANCE_LOG.md, stop 41).
+# A write to a Unix socket goes out in pieces of at most this many bytes, one sendmsg each. Linux allocates a larger
+# Unix stream write's data in page blocks of up to 32 KB (af_unix.c, UNIX_SKB_FRAGS_SZ), and on the 2-vCPU Zen 5 VMs
+# such writes took 40-150 us for runs of hundreds of messages (a batch-16 decode step's 31 KB attend, its 37 KB
+# reply), where the same bytes in 16 KB pieces took 6-16 us standalone, 20-50 in the pipeline (tools/bench_unix_send.py;
+# tools/PERFORMANCE_LOG.md, stop 41). TCP writes were steady whole: they are left as they are.
 UNIX_PIECE_BYTES = 16 << 10
 
 
