@@ -153,7 +153,7 @@ def _sendmsg(sock: socket.socket, bufs: list[memoryview]) -> int:
         return sock.sendmsg(bufs[:512])  # (IOV_MAX is 1024)
     sent = 0
     while bufs:
-        piece, bufs = _split(bufs, UNIX_PIECE_BYTES)
+        piece, size, bufs = _split(bufs, UNIX_PIECE_BYTES)
         try:
             n = sock.sendmsg(piece)
         except (BlockingIOError, InterruptedError):
@@ -161,17 +161,17 @@ def _sendmsg(sock: socket.socket, bufs: list[memoryview]) -> int:
                 return sent
             raise
         sent += n
-        if n < sum(b.nbytes for b in piece):
+        if n < size:
             return sent
     return sent
 
 
-def _split(bufs: list[memoryview], limit: int) -> tuple[list[memoryview], list[memoryview]]:
-    """(the first `limit` bytes of `bufs`, in at most 512 buffers; the rest)."""
+def _split(bufs: list[memoryview], limit: int) -> tuple[list[memoryview], int, list[memoryview]]:
+    """(the first `limit` bytes of `bufs` in at most 512 buffers, their byte count, the rest)."""
     piece, size = [], 0
     for i, b in enumerate(bufs):
         if len(piece) == 512:
-            return piece, bufs[i:]
+            return piece, size, bufs[i:]
         if size + b.nbytes <= limit:
             piece.append(b)
             size += b.nbytes
@@ -179,8 +179,8 @@ def _split(bufs: list[memoryview], limit: int) -> tuple[list[memoryview], list[m
         cut = limit - size
         if cut:
             piece.append(b[:cut])
-        return piece, [b[cut:], *bufs[i + 1:]]
-    return piece, []
+        return piece, limit, [b[cut:], *bufs[i + 1:]]
+    return piece, size, []
 
 
 def _unsent(bufs: list[memoryview], n: int) -> list[memoryview]:
